@@ -1,0 +1,295 @@
+// cache_index bodies. Lock order: record -> shard -> lru. The LRU walk takes record
+// locks only with try_lock, so it can never wait in the other direction.
+#pragma once
+
+namespace attnstore {
+
+inline cache_index::cache_index(const cache_index_options& o)
+    : tokens_per_block_(o.tokens_per_block),
+      records_(o.max_sessions),
+      record_pool_(o.max_sessions),
+      blocks_(o.max_blocks),
+      block_pool_(o.max_blocks) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("cache_index_options: " + m); };
+  if (o.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
+  if (o.max_blocks == 0) fail("max_blocks is 0, must be at least 1");
+  if (o.tokens_per_block == 0) fail("tokens_per_block is 0, must be at least 1");
+  if (o.shards == 0 || (o.shards & (o.shards - 1))) fail("shards is " + std::to_string(o.shards) + ", must be a power of two");
+  tokens_.resize(std::size_t(o.max_blocks) * o.tokens_per_block);
+  shards_ = std::vector<shard>(o.shards);
+  shard_mask_ = o.shards - 1;
+  std::uint32_t per = 16;
+  while (per < 2 * (o.max_sessions / o.shards + 8)) per *= 2;
+  for (auto& s : shards_) {
+    s.keys.assign(per, hash128{});
+    s.values.assign(per, no_slot);
+    s.mask = per - 1;
+  }
+}
+
+inline std::uint32_t cache_index::find_in(shard& s, const session_hash& k) const noexcept {
+  for (std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;; i = (i + 1) & s.mask) {
+    if (s.values[i] == no_slot) return no_slot;
+    if (s.keys[i] == k.value) return s.values[i];
+  }
+}
+
+inline void cache_index::insert_in(shard& s, const session_hash& k, std::uint32_t rec) noexcept {
+  std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;
+  while (s.values[i] != no_slot) i = (i + 1) & s.mask;
+  s.keys[i] = k.value;
+  s.values[i] = rec;
+}
+
+inline void cache_index::erase_in(shard& s, const session_hash& k) noexcept {
+  std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;
+  while (s.values[i] != no_slot && !(s.keys[i] == k.value)) i = (i + 1) & s.mask;
+  if (s.values[i] == no_slot) return;
+  // Backward-shift deletion keeps probe chains intact without tombstones.
+  for (std::uint32_t j = (i + 1) & s.mask; s.values[j] != no_slot; j = (j + 1) & s.mask) {
+    std::uint32_t home = std::uint32_t(s.keys[j].lo) & s.mask;
+    bool movable = i <= j ? (home <= i || home > j) : (home <= i && home > j);
+    if (movable) {
+      s.keys[i] = s.keys[j];
+      s.values[i] = s.values[j];
+      i = j;
+    }
+  }
+  s.values[i] = no_slot;
+}
+
+inline void cache_index::release_record(std::uint32_t rec) noexcept {
+  record& r = records_[rec];
+  if (r.refs.fetch_sub(1, std::memory_order_acq_rel) == 1 && !r.live) {
+    r.head = r.tail = no_slot;
+    r.count = 0;
+    r.tokens = 0;
+    r.dram_blocks = r.ssd_blocks = r.pins = 0;
+    record_pool_.release(rec);
+  }
+}
+
+inline void cache_index::lru_unlink(std::uint32_t rec) noexcept {
+  record& r = records_[rec];
+  if (r.lru_prev != no_slot) records_[r.lru_prev].lru_next = r.lru_next; else lru_head_ = r.lru_next;
+  if (r.lru_next != no_slot) records_[r.lru_next].lru_prev = r.lru_prev; else lru_tail_ = r.lru_prev;
+  r.lru_prev = r.lru_next = no_slot;
+}
+
+inline void cache_index::lru_push_front(std::uint32_t rec) noexcept {
+  record& r = records_[rec];
+  r.lru_prev = no_slot;
+  r.lru_next = lru_head_;
+  if (lru_head_ != no_slot) records_[lru_head_].lru_prev = rec; else lru_tail_ = rec;
+  lru_head_ = rec;
+}
+
+inline locked_session cache_index::open(const session_hash& key, bool create) noexcept {
+  for (;;) {
+    shard& s = shard_of(key);
+    std::uint32_t rec;
+    {
+      std::lock_guard lock(s.mutex);
+      rec = find_in(s, key);
+      if (rec == no_slot) {
+        if (!create) return {};
+        rec = record_pool_.allocate();
+        if (rec == no_slot) return {};
+        record& r = records_[rec];
+        r.key = key;
+        r.live = true;
+        r.refs.store(1, std::memory_order_relaxed);
+        insert_in(s, key, rec);
+        live_.fetch_add(1, std::memory_order_relaxed);
+        std::lock_guard lru(lru_mutex_);
+        lru_push_front(rec);
+      } else {
+        records_[rec].refs.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    records_[rec].mutex.lock();
+    if (records_[rec].live) return locked_session(this, rec);
+    records_[rec].mutex.unlock();  // erased while we waited: look again
+    release_record(rec);
+  }
+}
+
+inline locked_session cache_index::try_open_record(std::uint32_t rec) noexcept {
+  record& r = records_[rec];
+  if (!r.mutex.try_lock()) return {};
+  if (!r.live) {
+    r.mutex.unlock();
+    return {};
+  }
+  r.refs.fetch_add(1, std::memory_order_relaxed);
+  return locked_session(this, rec);
+}
+
+template <class Visit>
+void cache_index::for_each_lru(Visit&& visit) noexcept {
+  std::lock_guard lock(lru_mutex_);
+  for (std::uint32_t rec = lru_tail_; rec != no_slot; rec = records_[rec].lru_prev) {
+    if (visit(rec)) return;
+  }
+}
+
+inline lookup_result cache_index::lookup(const session_hash& key, const model_id& model,
+                                         std::span<const token_id> prompt, std::span<block_location> out) noexcept {
+  locked_session s = open(key, false);
+  if (!s) return {};
+  return lookup(s, model, prompt, out);
+}
+
+inline lookup_result cache_index::lookup(locked_session& s, const model_id& model, std::span<const token_id> prompt,
+                                         std::span<block_location> out) noexcept {
+  lookup_result res;
+  hash128 prev{};
+  std::size_t pos = 0;
+  auto note = [&](const block_meta& m, std::uint32_t matched) {
+    tier t = m.fastest();
+    if (res.blocks < out.size())
+      out[res.blocks] = {t, t == tier::dram ? m.dram_slot : m.ssd_slot, matched};
+    ++res.blocks;
+    if (t == tier::dram) ++res.dram_blocks; else ++res.ssd_blocks;
+    res.tokens += matched;
+  };
+  for (std::uint32_t b = s.first_block(); b != no_slot && pos < prompt.size();) {
+    const block_meta& m = blocks_[b];
+    const std::size_t remaining = prompt.size() - pos;
+    if (remaining >= m.tokens) {
+      hash128 h = chain_hash(prev, model, prompt.subspan(pos, m.tokens));
+      if (h == m.chain) {
+        note(m, m.tokens);
+        pos += m.tokens;
+        prev = h;
+        b = m.next;
+        continue;
+      }
+    }
+    // The block differs (an edit) or the prompt ends inside it: its KV is still valid
+    // for the tokens before the first difference, since KV of a token depends only on
+    // the tokens up to it.
+    auto stored = s.tokens_of(b);
+    std::uint32_t k = 0;
+    const std::size_t limit = std::min<std::size_t>(remaining, m.tokens);
+    while (k < limit && stored[k] == prompt[pos + k]) ++k;
+    if (k > 0) note(m, k);
+    break;
+  }
+  s.touch();
+  return res;
+}
+
+// ---- locked_session ----
+
+inline locked_session& locked_session::operator=(locked_session&& o) noexcept {
+  if (this != &o) {
+    reset();
+    index_ = o.index_;
+    record_ = o.record_;
+    o.index_ = nullptr;
+  }
+  return *this;
+}
+
+inline void locked_session::reset() noexcept {
+  if (!index_) return;
+  index_->records_[record_].mutex.unlock();
+  index_->release_record(record_);
+  index_ = nullptr;
+}
+
+inline std::uint32_t locked_session::block_count() const noexcept { return index_->records_[record_].count; }
+inline std::uint64_t locked_session::token_count() const noexcept { return index_->records_[record_].tokens; }
+inline std::uint32_t locked_session::pins() const noexcept { return index_->records_[record_].pins; }
+inline const session_hash& locked_session::key() const noexcept { return index_->records_[record_].key; }
+inline std::uint32_t locked_session::first_block() const noexcept { return index_->records_[record_].head; }
+inline std::uint32_t locked_session::dram_blocks() const noexcept { return index_->records_[record_].dram_blocks; }
+inline std::uint32_t locked_session::ssd_blocks() const noexcept { return index_->records_[record_].ssd_blocks; }
+inline block_meta& locked_session::meta(std::uint32_t block) const noexcept { return index_->blocks_[block]; }
+
+inline std::uint32_t locked_session::block_at(std::uint32_t i) const noexcept {
+  std::uint32_t b = first_block();
+  while (b != no_slot && i-- > 0) b = index_->blocks_[b].next;
+  return b;
+}
+
+inline std::span<const token_id> locked_session::tokens_of(std::uint32_t block) const noexcept {
+  return {index_->tokens_.data() + std::size_t(block) * index_->tokens_per_block_, index_->blocks_[block].tokens};
+}
+
+inline std::uint32_t locked_session::new_block(std::span<const token_id> tokens) noexcept {
+  std::uint32_t b = index_->block_pool_.allocate();
+  if (b == no_slot) return no_slot;
+  index_->blocks_[b] = block_meta{};
+  index_->blocks_[b].tokens = std::uint32_t(tokens.size());
+  std::memcpy(index_->tokens_.data() + std::size_t(b) * index_->tokens_per_block_, tokens.data(),
+              tokens.size() * sizeof(token_id));
+  return b;
+}
+
+inline void locked_session::free_block(std::uint32_t block) noexcept { index_->block_pool_.release(block); }
+
+inline std::uint32_t locked_session::publish(std::uint32_t from, std::uint32_t first, std::uint32_t count) noexcept {
+  auto& r = index_->records_[record_];
+  auto& blocks = index_->blocks_;
+  std::uint32_t prev = no_slot, cur = r.head;
+  for (std::uint32_t i = 0; i < from && cur != no_slot; ++i) {
+    prev = cur;
+    cur = blocks[cur].next;
+  }
+  const std::uint32_t detached = cur;
+  if (prev == no_slot) r.head = first; else blocks[prev].next = first;
+  std::uint32_t tail = prev;
+  for (std::uint32_t b = first; b != no_slot; b = blocks[b].next) tail = b;
+  r.tail = tail;
+  // Recount: O(blocks), on the put/demote path only.
+  r.count = 0;
+  r.tokens = 0;
+  for (std::uint32_t b = r.head; b != no_slot; b = blocks[b].next) {
+    ++r.count;
+    r.tokens += blocks[b].tokens;
+  }
+  (void)count;
+  count_tiers();
+  return detached;
+}
+
+inline void locked_session::count_tiers() noexcept {
+  auto& r = index_->records_[record_];
+  r.dram_blocks = r.ssd_blocks = 0;
+  for (std::uint32_t b = r.head; b != no_slot; b = index_->blocks_[b].next) {
+    if (index_->blocks_[b].dram_slot != no_slot) ++r.dram_blocks;
+    if (index_->blocks_[b].ssd_slot != no_slot) ++r.ssd_blocks;
+  }
+}
+
+inline void locked_session::pin() noexcept { ++index_->records_[record_].pins; }
+inline void locked_session::unpin() noexcept {
+  auto& p = index_->records_[record_].pins;
+  if (p) --p;
+}
+
+inline void locked_session::touch() noexcept {
+  std::lock_guard lock(index_->lru_mutex_);
+  index_->lru_unlink(record_);
+  index_->lru_push_front(record_);
+}
+
+inline void locked_session::erase() noexcept {
+  auto& r = index_->records_[record_];
+  if (!r.live) return;
+  {
+    auto& s = index_->shard_of(r.key);
+    std::lock_guard lock(s.mutex);
+    index_->erase_in(s, r.key);
+    r.live = false;
+  }
+  {
+    std::lock_guard lock(index_->lru_mutex_);
+    index_->lru_unlink(record_);
+  }
+  index_->live_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+}  // namespace attnstore

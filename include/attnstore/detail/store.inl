@@ -1,0 +1,841 @@
+// store bodies. Every record lock taken while another is held is a try_lock (through
+// cache_index::try_open_record), so no two operations can wait on each other.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "attnstore/io/posix_device.hpp"
+#include "attnstore/io/uring_device.hpp"
+
+namespace attnstore {
+
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                   \
+  X(lookups) X(lookup_hits) X(lookup_misses) X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) \
+  X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found)                  \
+  X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)         \
+  X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks)              \
+  X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)                    \
+  X(recovered_blocks) X(recovery_dropped_blocks)
+
+struct store::counters {
+#define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
+  ATTNSTORE_STORE_COUNTERS(ATTNSTORE_X)
+#undef ATTNSTORE_X
+};
+
+namespace detail {
+inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+  c.fetch_add(n, std::memory_order_relaxed);
+}
+inline std::string hex128(const hash128& h) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%016" PRIx64 "%016" PRIx64, h.hi, h.lo);
+  return buf;
+}
+}  // namespace detail
+
+inline store::store(store_config c) : config_(std::move(c)) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("store_config: " + m); };
+  geometry_ = config_.geometry.validated();
+  if (config_.model_name.empty()) fail("model_name is empty; give the model name or its weights checksum");
+  if (config_.tp_size == 0 || config_.tp_rank >= config_.tp_size)
+    fail("tp_rank is " + std::to_string(config_.tp_rank) + " with tp_size " + std::to_string(config_.tp_size) +
+         "; need tp_size >= 1 and tp_rank < tp_size");
+  if (config_.queue_depth == 0 || config_.queue_depth > 1024)
+    fail("queue_depth is " + std::to_string(config_.queue_depth) + ", allowed 1..1024");
+  if (config_.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
+  model_ = make_model_id({config_.model_name, geometry_, config_.rope, config_.keys_pre_rope, config_.tp_rank,
+                          config_.tp_size});
+  header_bytes_ = format::header_bytes(geometry_.tokens_per_block);
+  slot_bytes_ = format::slot_bytes(geometry_);
+  if (config_.dram_bytes < slot_bytes_)
+    fail("dram_bytes is " + std::to_string(config_.dram_bytes) + ", must hold at least one block (" +
+         std::to_string(slot_bytes_) + " bytes with its header)");
+  if (config_.ssd_directory.empty() && config_.ssd_bytes > 0)
+    fail("ssd_bytes is set but ssd_directory is empty");
+  if (!config_.ssd_directory.empty() && config_.ssd_bytes < slot_bytes_)
+    fail("ssd_bytes is " + std::to_string(config_.ssd_bytes) + ", must hold at least one block (" +
+         std::to_string(slot_bytes_) + " bytes with its header)");
+
+  const bool pin = config_.pin_host_memory;
+  dram_ = std::make_unique<host_arena>(
+      host_arena_options{slot_bytes_, config_.dram_bytes, format::sector, std::size_t(1) << 30, pin, pin, false,
+                         config_.log});
+  std::uint32_t ssd_slots = 0;
+  if (!config_.ssd_directory.empty()) {
+    const unsigned staging = config_.staging_blocks ? config_.staging_blocks : config_.queue_depth;
+    staging_ = std::make_unique<host_arena>(host_arena_options{
+        slot_bytes_, std::size_t(staging) * slot_bytes_, format::sector, std::size_t(1) << 30, pin, pin, false,
+        attnstore::logger{&logger::quiet, nullptr}});
+    ssd_ = std::make_unique<ssd_space>(ssd_space_options{config_.ssd_directory, slot_bytes_, config_.ssd_bytes,
+                                                         std::uint64_t(16) << 30, config_.direct_io,
+                                                         config_.require_direct_io, true, config_.log});
+    ssd_slots = ssd_->capacity();
+    std::string why;
+    if (config_.backend != io_backend::posix) {
+      device_ = make_uring_device(ssd_->fds(), uring_options{std::max(config_.queue_depth, 8u), true, true, 4096},
+                                  &why);
+      if (!device_) {
+        if (config_.backend == io_backend::io_uring)
+          throw std::runtime_error("store: io_uring requested but unavailable: " + why);
+        config_.log(log_level::warning, "store: io_uring unavailable (" + why + "); using pread/pwrite");
+      }
+    }
+    if (!device_)
+      device_ = make_posix_device(ssd_->fds(), posix_options{config_.posix_threads, config_.queue_depth, 4096});
+    if (config_.wrap_device) device_ = config_.wrap_device(std::move(device_), *ssd_);
+    std::vector<iovec> regions(dram_->regions().begin(), dram_->regions().end());
+    staging_buffer_base_ = std::int32_t(regions.size());
+    regions.insert(regions.end(), staging_->regions().begin(), staging_->regions().end());
+    if (!device_->register_buffers(regions, &why)) config_.log(log_level::info, "store: " + why);
+  }
+  zero_page_ = std::aligned_alloc(format::sector, format::sector);
+  if (!zero_page_) throw std::bad_alloc();
+  std::memset(zero_page_, 0, format::sector);
+  counters_ = std::make_unique<counters>();
+  // A block always holds a slot; the extra DRAM-sized share covers blocks being
+  // replaced (old and new both exist until the new ones are published).
+  const std::uint64_t max_blocks = std::uint64_t(dram_->capacity()) * 2 + ssd_slots + 64;
+  if (max_blocks >= no_slot) fail("dram_bytes and ssd_bytes hold too many blocks (max 2^31)");
+  index_ = std::make_unique<cache_index>(
+      cache_index_options{config_.max_sessions, std::uint32_t(max_blocks), geometry_.tokens_per_block, 64});
+  if (ssd_) {
+    write_or_check_manifest();
+    recover();
+  }
+}
+
+inline store::~store() { std::free(zero_page_); }
+
+inline std::string_view store::io_backend_name() const noexcept { return device_ ? device_->name() : "none"; }
+
+inline store_stats store::stats() const noexcept {
+  store_stats s;
+#define ATTNSTORE_X(name) s.name = counters_->name.load(std::memory_order_relaxed);
+  ATTNSTORE_STORE_COUNTERS(ATTNSTORE_X)
+#undef ATTNSTORE_X
+  s.dram_used_bytes = std::uint64_t(dram_->used()) * slot_bytes_;
+  s.dram_capacity_bytes = std::uint64_t(dram_->capacity()) * slot_bytes_;
+  if (ssd_) {
+    s.ssd_used_bytes = std::uint64_t(ssd_->used()) * slot_bytes_;
+    s.ssd_capacity_bytes = std::uint64_t(ssd_->capacity()) * slot_bytes_;
+  }
+  s.sessions = index_->live_sessions();
+  return s;
+}
+
+// ---------------------------------------------------------------- lookup
+
+inline lookup_result store::lookup(const session_key& key, std::span<const token_id> prompt,
+                                   std::span<block_location> out) noexcept {
+  detail::bump(counters_->lookups);
+  lookup_result r = index_->lookup(hash_session(key), model_, prompt, out);
+  if (r.tokens > 0) {
+    detail::bump(counters_->lookup_hits);
+    detail::bump(counters_->tokens_reusable, r.tokens);
+  } else {
+    detail::bump(counters_->lookup_misses);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- eviction helpers
+
+inline void store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept {
+  // Zero the header sector first so a restart cannot bring the block back.
+  for (std::size_t base = 0; base < slots.size(); base += batch_max) {
+    io_request reqs[batch_max];
+    const std::size_t n = std::min<std::size_t>(batch_max, slots.size() - base);
+    for (std::size_t i = 0; i < n; ++i)
+      reqs[i] = io_request{io_op::write, ssd_->file_of(slots[base + i]), ssd_->offset_of(slots[base + i]), zero_page_,
+                           std::uint32_t(format::sector), -1, 0};
+    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) detail::bump(counters_->io_errors);
+    for (std::size_t i = 0; i < n; ++i) ssd_->release(slots[base + i]);
+  }
+}
+
+inline void store::release_chain(std::uint32_t first) noexcept {
+  // Called with the owning record locked; blocks are already detached from it.
+  std::uint32_t ssd_slots[batch_max];
+  std::size_t n = 0;
+  for (std::uint32_t b = first; b != no_slot;) {
+    block_meta& m = index_->block(b);
+    const std::uint32_t next = m.next;
+    if (m.dram_slot != no_slot) dram_->release(m.dram_slot);
+    if (m.ssd_slot != no_slot) {
+      ssd_slots[n++] = m.ssd_slot;
+      if (n == batch_max) {
+        invalidate_ssd(std::span(ssd_slots, n));
+        n = 0;
+      }
+    }
+    index_->release_block(b);
+    b = next;
+  }
+  if (n) invalidate_ssd(std::span(ssd_slots, n));
+}
+
+inline void store::drop_locked(locked_session& s) noexcept {
+  release_chain(s.truncate(0));
+  s.erase();
+}
+
+inline bool store::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
+  locked_session victim;
+  index_->for_each_lru([&](std::uint32_t rec) {
+    if (rec == exclude_a || rec == exclude_b) return false;
+    locked_session h = index_->try_open_record(rec);
+    if (!h || h.ssd_blocks() == 0 || h.pins() > 0) return false;
+    victim = std::move(h);
+    return true;
+  });
+  if (!victim) return false;
+  detail::bump(counters_->evicted_sessions);
+  detail::bump(counters_->evicted_blocks, victim.block_count());
+  drop_locked(victim);
+  return true;
+}
+
+inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    std::uint32_t slot = ssd_->allocate();
+    if (slot != no_slot) return slot;
+    if (!evict_some_ssd_victim(exclude_a, exclude_b)) break;
+  }
+  return no_slot;
+}
+
+inline errc store::write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
+                                    std::span<const std::uint32_t> positions, std::span<const std::uint32_t> ssd_slots,
+                                    std::span<std::int32_t> results) noexcept {
+  errc first = errc::ok;
+  for (std::size_t base = 0; base < blocks.size(); base += batch_max) {
+    io_request reqs[batch_max];
+    std::uint64_t seqs[batch_max];
+    const std::size_t n = std::min<std::size_t>(batch_max, blocks.size() - base);
+    for (std::size_t i = 0; i < n; ++i) {
+      block_meta& m = s.meta(blocks[base + i]);
+      seqs[i] = sequence_.fetch_add(1, std::memory_order_relaxed);
+      format::block_header h{};
+      h.header_bytes = std::uint32_t(header_bytes_);
+      h.model = model_.value;
+      h.session = s.key().value;
+      h.block_index = positions[base + i];
+      h.chain = m.chain;
+      h.payload_bytes = geometry_.block_bytes();
+      h.payload_checksum = m.checksum;
+      h.sequence = seqs[i];
+      h.tokens_per_block = geometry_.tokens_per_block;
+      format::write_header(dram_->data(m.dram_slot), h, s.tokens_of(blocks[base + i]));
+      const std::uint32_t ss = ssd_slots[base + i];
+      reqs[i] = io_request{io_op::write, ssd_->file_of(ss), ssd_->offset_of(ss), dram_->data(m.dram_slot),
+                           std::uint32_t(slot_bytes_), dram_->region_of(m.dram_slot), 0};
+    }
+    errc e = device_->execute(std::span(reqs, n), config_.queue_depth);
+    if (e != errc::ok && first == errc::ok) first = e;
+    for (std::size_t i = 0; i < n; ++i) {
+      results[base + i] = reqs[i].result;
+      if (reqs[i].result == std::int32_t(slot_bytes_)) {
+        s.meta(blocks[base + i]).sequence = seqs[i];
+        detail::bump(counters_->ssd_bytes_written, slot_bytes_);
+      } else {
+        detail::bump(counters_->io_errors);
+      }
+    }
+  }
+  return first;
+}
+
+inline errc store::demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude) noexcept {
+  if (!ssd_) return errc::unsupported;
+  std::uint32_t blocks[batch_max], positions[batch_max], slots[batch_max];
+  std::int32_t results[batch_max];
+  errc status = errc::ok;
+  std::uint32_t pos = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot && pos < until_position && status == errc::ok;) {
+    // Gather up to batch_max DRAM-only blocks, then write them as one batch.
+    std::size_t n = 0;
+    for (; b != no_slot && pos < until_position && n < batch_max; b = s.meta(b).next, ++pos) {
+      block_meta& m = s.meta(b);
+      if (m.dram_slot == no_slot) continue;
+      if (m.ssd_slot != no_slot) {  // already durable: the DRAM copy just goes
+        dram_->release(m.dram_slot);
+        m.dram_slot = no_slot;
+        detail::bump(counters_->demoted_blocks);
+        continue;
+      }
+      std::uint32_t ss = alloc_ssd(s.record_id(), exclude);
+      if (ss == no_slot) {
+        status = errc::no_space;
+        break;
+      }
+      blocks[n] = b;
+      positions[n] = pos;
+      slots[n] = ss;
+      ++n;
+    }
+    if (n == 0) continue;
+    errc e = write_ssd_blocks(s, std::span(blocks, n), std::span(positions, n), std::span(slots, n),
+                              std::span(results, n));
+    for (std::size_t i = 0; i < n; ++i) {
+      block_meta& m = s.meta(blocks[i]);
+      if (results[i] == std::int32_t(slot_bytes_)) {
+        m.ssd_slot = slots[i];
+        dram_->release(m.dram_slot);
+        m.dram_slot = no_slot;
+        detail::bump(counters_->demoted_blocks);
+      } else {
+        invalidate_ssd(std::span(&slots[i], 1));  // the DRAM copy stays: nothing is lost
+      }
+    }
+    if (e != errc::ok) status = e;
+  }
+  s.count_tiers();
+  return status;
+}
+
+inline bool store::demote_some_victim(std::uint32_t exclude) noexcept {
+  locked_session victim;
+  index_->for_each_lru([&](std::uint32_t rec) {
+    if (rec == exclude) return false;
+    locked_session h = index_->try_open_record(rec);
+    if (!h || h.dram_blocks() == 0 || h.pins() > 0) return false;
+    victim = std::move(h);
+    return true;
+  });
+  if (!victim) return false;
+  if (demote_locked(victim, no_slot, exclude) != errc::ok && victim.dram_blocks() > 0) {
+    // No SSD tier, SSD full of protected data, or an I/O error: the cache gives the
+    // least recently used session up rather than refusing the new one.
+    detail::bump(counters_->evicted_sessions);
+    detail::bump(counters_->evicted_blocks, victim.block_count());
+    drop_locked(victim);
+  }
+  return true;
+}
+
+inline std::uint32_t store::alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    std::uint32_t slot = dram_->allocate();
+    if (slot != no_slot) return slot;
+    if (demote_some_victim(self ? self.record_id() : no_slot)) continue;
+    // Nobody else to demote: move this session's own older blocks down.
+    if (self && self_keep_from > 0 && self.dram_blocks() > 0 && ssd_) {
+      const std::uint32_t before = dram_->used();
+      (void)demote_locked(self, self_keep_from, no_slot);
+      if (dram_->used() < before) continue;
+    }
+    break;
+  }
+  return no_slot;
+}
+
+inline locked_session store::open_or_evict(const session_hash& key) noexcept {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    locked_session s = index_->open(key, true);
+    if (s) return s;
+    // Every record is live: evict the least recently used unpinned session.
+    locked_session victim;
+    index_->for_each_lru([&](std::uint32_t rec) {
+      locked_session h = index_->try_open_record(rec);
+      if (!h || h.pins() > 0) return false;
+      victim = std::move(h);
+      return true;
+    });
+    if (!victim) return {};
+    detail::bump(counters_->evicted_sessions);
+    detail::bump(counters_->evicted_blocks, victim.block_count());
+    drop_locked(victim);
+  }
+  return {};
+}
+
+// ---------------------------------------------------------------- put
+
+inline errc store::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                       std::span<const std::byte> blocks) noexcept {
+  detail::bump(counters_->puts);
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::uint32_t total = geometry_.blocks_for(tokens.size());
+  const std::size_t bb = geometry_.block_bytes();
+  if (tokens.empty() || first_block >= total || blocks.size() != std::size_t(total - first_block) * bb) {
+    config_.log(log_level::error,
+                "store::put: got " + std::to_string(tokens.size()) + " tokens (" + std::to_string(total) +
+                    " blocks), first_block " + std::to_string(first_block) + " and " + std::to_string(blocks.size()) +
+                    " bytes; need tokens non-empty, first_block < blocks and (blocks - first_block) x " +
+                    std::to_string(bb) + " bytes");
+    detail::bump(counters_->put_failed);
+    return errc::invalid_argument;
+  }
+  locked_session s = open_or_evict(hash_session(key));
+  if (!s) {
+    detail::bump(counters_->no_space);
+    detail::bump(counters_->put_failed);
+    return errc::no_space;
+  }
+  // The stored prefix must be these tokens' blocks.
+  hash128 prev{};
+  {
+    std::uint32_t b = s.first_block();
+    for (std::uint32_t i = 0; i < first_block; ++i, b = s.meta(b).next) {
+      if (b == no_slot || s.meta(b).tokens != tpb ||
+          !(s.meta(b).chain == chain_hash(prev, model_, tokens.subspan(std::size_t(i) * tpb, tpb)))) {
+        detail::bump(counters_->put_rejected);
+        return errc::rejected;
+      }
+      prev = s.meta(b).chain;
+    }
+  }
+  const bool new_session = s.block_count() == 0;
+  std::uint32_t head = no_slot, tail = no_slot;
+  auto abandon = [&](errc e) {
+    for (std::uint32_t b = head; b != no_slot;) {
+      std::uint32_t next = index_->block(b).next;
+      if (index_->block(b).dram_slot != no_slot) dram_->release(index_->block(b).dram_slot);
+      if (index_->block(b).ssd_slot != no_slot) invalidate_ssd(std::span(&index_->block(b).ssd_slot, 1));
+      s.free_block(b);
+      b = next;
+    }
+    if (new_session && s.block_count() == 0) s.erase();
+    if (e == errc::no_space) detail::bump(counters_->no_space);
+    detail::bump(counters_->put_failed);
+    return e;
+  };
+  for (std::uint32_t i = first_block; i < total; ++i) {
+    const std::size_t begin = std::size_t(i) * tpb;
+    const auto toks = tokens.subspan(begin, std::min<std::size_t>(tpb, tokens.size() - begin));
+    std::uint32_t b = s.new_block(toks);
+    if (b == no_slot) return abandon(errc::no_space);
+    block_meta& m = s.meta(b);
+    if (tail == no_slot) head = b; else s.meta(tail).next = b;
+    tail = b;
+    m.chain = chain_hash(prev, model_, toks);
+    prev = m.chain;
+    m.dram_slot = alloc_dram(s, first_block);
+    if (m.dram_slot == no_slot) return abandon(errc::no_space);
+    m.checksum = copy_with_checksum(dram_payload(m.dram_slot), blocks.data() + std::size_t(i - first_block) * bb, bb);
+  }
+  if (config_.write_through && ssd_) {
+    std::uint32_t bl[batch_max], pos[batch_max], slots[batch_max];
+    std::int32_t results[batch_max];
+    std::uint32_t i = first_block;
+    for (std::uint32_t b = head; b != no_slot;) {
+      std::size_t n = 0;
+      for (; b != no_slot && n < batch_max; b = s.meta(b).next, ++i, ++n) {
+        slots[n] = alloc_ssd(s.record_id(), no_slot);
+        if (slots[n] == no_slot) {
+          invalidate_ssd(std::span(slots, n));
+          return abandon(errc::no_space);
+        }
+        bl[n] = b;
+        pos[n] = i;
+      }
+      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n));
+      for (std::size_t k = 0; k < n; ++k) {
+        if (results[k] == std::int32_t(slot_bytes_)) s.meta(bl[k]).ssd_slot = slots[k];
+        else invalidate_ssd(std::span(&slots[k], 1));
+      }
+      if (e != errc::ok) return abandon(e);
+    }
+    if (errc e = device_->sync(); e != errc::ok) return abandon(e);
+  }
+  release_chain(s.publish(first_block, head, total - first_block));
+  detail::bump(counters_->put_blocks, total - first_block);
+  s.touch();
+  return errc::ok;
+}
+
+// ---------------------------------------------------------------- get
+
+inline get_result store::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
+                             std::uint32_t block_count, std::span<std::byte> out) noexcept {
+  detail::bump(counters_->gets);
+  const std::size_t bb = geometry_.block_bytes();
+  if (out.size() != std::size_t(block_count) * bb) {
+    config_.log(log_level::error, "store::get: out is " + std::to_string(out.size()) + " bytes, need block_count x " +
+                                      std::to_string(bb));
+    return {errc::invalid_argument, 0, 0};
+  }
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) {
+    detail::bump(counters_->miss_not_found);
+    return {errc::not_found, 0, 0};
+  }
+  get_result res;
+  const std::uint32_t end = first_block + block_count;
+
+  // SSD blocks are read in batches; each pending read remembers where it goes.
+  struct pending_read {
+    std::uint32_t block, position, buffer_slot;
+    bool promoted;
+    std::uint32_t matched;
+  };
+  pending_read pending[batch_max];
+  std::size_t npending = 0;
+  bool failed = false;  // a block failed: the verified prefix ends there
+
+  auto fail_at = [&](std::uint32_t position, errc why) {
+    if (failed) return;
+    failed = true;
+    res.status = why;
+    res.blocks = position - first_block;
+    // Every block before the failing one matched whole, and only a session's last
+    // block can be partial, so those blocks hold exactly tokens_per_block tokens each.
+    res.tokens = std::uint64_t(res.blocks) * geometry_.tokens_per_block;
+    if (why == errc::checksum_error) {
+      detail::bump(counters_->checksum_failures);
+      detail::bump(counters_->miss_checksum);
+      release_chain(s.truncate(position));  // never served, never kept
+    } else {
+      detail::bump(counters_->miss_io_error);
+    }
+  };
+  auto flush = [&] {
+    if (npending == 0) return;
+    io_request reqs[batch_max];
+    for (std::size_t i = 0; i < npending; ++i) {
+      const pending_read& p = pending[i];
+      const block_meta& m = s.meta(p.block);
+      host_arena& arena = p.promoted ? *dram_ : *staging_;
+      const std::int32_t region = p.promoted ? dram_->region_of(p.buffer_slot)
+                                             : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
+      reqs[i] = io_request{io_op::read, ssd_->file_of(m.ssd_slot), ssd_->offset_of(m.ssd_slot),
+                           arena.data(p.buffer_slot), std::uint32_t(slot_bytes_), region, 0};
+    }
+    (void)device_->execute(std::span(reqs, npending), config_.queue_depth);
+    for (std::size_t i = 0; i < npending; ++i) {
+      const pending_read& p = pending[i];
+      host_arena& arena = p.promoted ? *dram_ : *staging_;
+      const std::byte* area = arena.data(p.buffer_slot);
+      bool keep = false;
+      if (!failed) {
+        block_meta& m = s.meta(p.block);
+        format::block_header h;
+        if (reqs[i].result != std::int32_t(slot_bytes_)) {
+          detail::bump(counters_->io_errors);
+          fail_at(p.position, errc::device_error);
+        } else {
+          detail::bump(counters_->ssd_bytes_read, slot_bytes_);
+          std::uint64_t cs = copy_with_checksum(out.data() + std::size_t(p.position - first_block) * bb,
+                                                area + header_bytes_, bb);
+          bool ok = format::read_header(area, header_bytes_, geometry_.tokens_per_block, &h) ==
+                        format::header_status::ok &&
+                    h.model == model_.value && h.session == s.key().value && h.block_index == p.position &&
+                    h.sequence == m.sequence && h.chain == m.chain && h.payload_checksum == m.checksum &&
+                    cs == m.checksum;
+          if (!ok) {
+            fail_at(p.position, errc::checksum_error);
+          } else {
+            detail::bump(counters_->blocks_served_ssd);
+            res.tokens += p.matched;
+            if (p.promoted) {
+              m.dram_slot = p.buffer_slot;
+              detail::bump(counters_->promoted_blocks);
+              keep = true;
+            }
+          }
+        }
+      }
+      if (!keep) arena.release(p.buffer_slot);
+    }
+    npending = 0;
+  };
+
+  hash128 prev{};
+  std::size_t pos_tok = 0;
+  std::uint32_t i = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot && i < end && pos_tok < prompt.size() && !failed; ++i) {
+    block_meta& m = s.meta(b);
+    const std::size_t remaining = prompt.size() - pos_tok;
+    std::uint32_t matched = 0;
+    bool whole = false;
+    if (remaining >= m.tokens && chain_hash(prev, model_, prompt.subspan(pos_tok, m.tokens)) == m.chain) {
+      matched = m.tokens;
+      whole = true;
+    } else {
+      auto stored = s.tokens_of(b);
+      const std::size_t limit = std::min<std::size_t>(remaining, m.tokens);
+      while (matched < limit && stored[matched] == prompt[pos_tok + matched]) ++matched;
+    }
+    if (matched == 0) break;
+    if (i >= first_block) {
+      std::byte* dst = out.data() + std::size_t(i - first_block) * bb;
+      if (m.dram_slot != no_slot) {
+        bool ok = true;
+        if (config_.verify_dram_reads)
+          ok = copy_with_checksum(dst, dram_payload(m.dram_slot), bb) == m.checksum;
+        else
+          std::memcpy(dst, dram_payload(m.dram_slot), bb);
+        if (!ok) {
+          flush();
+          fail_at(i, errc::checksum_error);
+          break;
+        }
+        detail::bump(counters_->blocks_served_dram);
+        res.tokens += matched;
+      } else {
+        std::uint32_t buf = dram_->allocate();  // promote when DRAM has room; never demote for a read
+        bool promoted = buf != no_slot;
+        if (!promoted) {
+          buf = staging_->allocate();
+          if (buf == no_slot) {
+            flush();
+            buf = staging_->allocate();
+          }
+          if (buf == no_slot) {
+            fail_at(i, errc::retry);  // all staging in use by other readers
+            break;
+          }
+        }
+        pending[npending++] = {b, i, buf, promoted, matched};
+        if (npending == batch_max) flush();
+      }
+    }
+    if (!whole) {
+      ++i;
+      break;
+    }
+    prev = m.chain;
+    pos_tok += matched;
+    b = m.next;
+  }
+  flush();
+  if (!failed) {
+    res.blocks = (i > first_block ? i : first_block) - first_block;
+    if (res.blocks < block_count) res.status = errc::not_found;
+    if (res.blocks == 0) detail::bump(counters_->miss_prefix_mismatch);
+  }
+  s.count_tiers();
+  s.touch();
+  return res;
+}
+
+// ---------------------------------------------------------------- drop, pin, demote, flush
+
+inline errc store::drop(const session_key& key) noexcept {
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) return errc::not_found;
+  drop_locked(s);
+  detail::bump(counters_->dropped_sessions);
+  return errc::ok;
+}
+
+inline errc store::pin(const session_key& key) noexcept {
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) return errc::not_found;
+  s.pin();
+  return errc::ok;
+}
+
+inline errc store::unpin(const session_key& key) noexcept {
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) return errc::not_found;
+  s.unpin();
+  return errc::ok;
+}
+
+inline errc store::demote(const session_key& key) noexcept {
+  if (!ssd_) return errc::unsupported;
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) return errc::not_found;
+  return demote_locked(s, no_slot, no_slot);
+}
+
+inline errc store::flush() noexcept { return device_ ? device_->sync() : errc::unsupported; }
+
+// ---------------------------------------------------------------- manifest and recovery
+
+inline void store::write_or_check_manifest() {
+  const std::string path = config_.ssd_directory + "/MANIFEST";
+  std::map<std::string, std::string> want{
+      {"format_version", std::to_string(format::format_version)},
+      {"num_layers", std::to_string(geometry_.num_layers)},
+      {"num_kv_heads", std::to_string(geometry_.num_kv_heads)},
+      {"head_dim", std::to_string(geometry_.head_dim)},
+      {"dtype", std::string(to_string(geometry_.dtype))},
+      {"tokens_per_block", std::to_string(geometry_.tokens_per_block)},
+      {"slot_bytes", std::to_string(slot_bytes_)},
+      {"model_id", detail::hex128(model_.value)},
+  };
+  std::ifstream in(path);
+  if (in) {
+    std::map<std::string, std::string> have;
+    std::string line;
+    while (std::getline(in, line)) {
+      auto eq = line.find('=');
+      if (eq != std::string::npos) have[line.substr(0, eq)] = line.substr(eq + 1);
+    }
+    for (const auto& [k, v] : want) {
+      auto it = have.find(k);
+      const std::string got = it == have.end() ? "(missing)" : it->second;
+      if (got == v) continue;
+      if (k == "model_id")
+        throw std::runtime_error("store: " + config_.ssd_directory + " holds KV of another model (model_id " + got +
+                                 ", this store's is " + v +
+                                 "): model name, RoPE spec, keys_pre_rope or tensor-parallel rank differ. Use "
+                                 "another directory or remove this one.");
+      throw std::runtime_error("store: " + config_.ssd_directory + " was written with " + k + "=" + got +
+                               " but this store is configured with " + k + "=" + v +
+                               ". Use another directory or remove this one.");
+    }
+    return;
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << "# attnstore store manifest: do not edit\n";
+    for (const auto& [k, v] : want) out << k << '=' << v << '\n';
+    if (!out) throw std::runtime_error("store: cannot write " + tmp);
+  }
+  int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+  ::chmod(tmp.c_str(), 0600);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("store: cannot create " + path);
+  fd = ::open(config_.ssd_directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+inline void store::recover() {
+  struct candidate {
+    hash128 session;
+    std::uint32_t index;
+    std::uint64_t sequence;
+    std::uint32_t slot;
+    hash128 chain;
+    std::uint64_t checksum;
+    std::size_t token_offset;
+    std::uint32_t token_count;
+  };
+  std::vector<candidate> cands;
+  std::vector<token_id> token_store;
+  std::vector<std::uint32_t> stale;  // slots with a header that will not be indexed
+  const std::uint32_t slots = ssd_->capacity();
+  std::uint64_t max_sequence = 0;
+
+  std::vector<std::uint32_t> buffers;
+  for (std::uint32_t b; (b = staging_->allocate()) != no_slot;) buffers.push_back(b);
+  const std::uint32_t batch = std::min<std::uint32_t>(std::uint32_t(buffers.size()), batch_max);
+  for (std::uint32_t base = 0; base < slots; base += batch) {
+    const std::uint32_t n = std::min(batch, slots - base);
+    io_request reqs[batch_max];
+    for (std::uint32_t i = 0; i < n; ++i)
+      reqs[i] = io_request{io_op::read, ssd_->file_of(base + i), ssd_->offset_of(base + i),
+                           staging_->data(buffers[i]), std::uint32_t(slot_bytes_),
+                           staging_buffer_base_ + staging_->region_of(buffers[i]), 0};
+    (void)device_->execute(std::span(reqs, n), config_.queue_depth);
+    for (std::uint32_t i = 0; i < n; ++i) {
+      const std::byte* area = staging_->data(buffers[i]);
+      format::block_header h;
+      if (reqs[i].result != std::int32_t(slot_bytes_)) {
+        detail::bump(counters_->io_errors);
+        stale.push_back(base + i);
+        continue;
+      }
+      auto st = format::read_header(area, header_bytes_, geometry_.tokens_per_block, &h);
+      if (st == format::header_status::empty) continue;
+      if (st != format::header_status::ok || !(h.model == model_.value) ||
+          h.payload_bytes != geometry_.block_bytes() || checksum64(area + header_bytes_, h.payload_bytes) != h.payload_checksum) {
+        detail::bump(counters_->recovery_dropped_blocks);  // torn or foreign: never served
+        stale.push_back(base + i);
+        continue;
+      }
+      max_sequence = std::max(max_sequence, h.sequence);
+      const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
+      cands.push_back({h.session, h.block_index, h.sequence, base + i, h.chain, h.payload_checksum,
+                       token_store.size(), h.token_count});
+      token_store.insert(token_store.end(), toks, toks + h.token_count);
+    }
+  }
+  for (auto b : buffers) staging_->release(b);
+
+  std::sort(cands.begin(), cands.end(), [](const candidate& a, const candidate& b) {
+    if (!(a.session == b.session)) return a.session.hi != b.session.hi ? a.session.hi < b.session.hi : a.session.lo < b.session.lo;
+    if (a.index != b.index) return a.index < b.index;
+    return a.sequence > b.sequence;  // newest version of a block first
+  });
+  std::vector<std::uint8_t> used(slots, 0);
+  for (std::size_t g = 0; g < cands.size();) {
+    std::size_t end = g;
+    while (end < cands.size() && cands[end].session == cands[g].session) ++end;
+    // Walk indices 0,1,2...: take the newest version whose chain hash verifies.
+    std::vector<const candidate*> chosen;
+    hash128 prev{};
+    std::size_t k = g;
+    for (std::uint32_t index = 0; k < end && cands[k].index == index; ++index) {
+      const candidate* pick = nullptr;
+      for (; k < end && cands[k].index == index; ++k) {
+        const candidate& c = cands[k];
+        std::span<const token_id> toks(token_store.data() + c.token_offset, c.token_count);
+        if (!pick && c.chain == chain_hash(prev, model_, toks)) pick = &c;
+      }
+      if (!pick) break;
+      chosen.push_back(pick);
+      prev = pick->chain;
+      if (pick->token_count < geometry_.tokens_per_block) break;  // a partial block ends the session
+    }
+    locked_session s = chosen.empty() ? locked_session{} : index_->open(session_hash{cands[g].session}, true);
+    std::uint32_t head = no_slot, tail = no_slot, count = 0;
+    if (s) {
+      for (const candidate* c : chosen) {
+        std::uint32_t b = s.new_block(std::span<const token_id>(token_store.data() + c->token_offset, c->token_count));
+        if (b == no_slot) break;
+        block_meta& m = s.meta(b);
+        m.chain = c->chain;
+        m.checksum = c->checksum;
+        m.sequence = c->sequence;
+        m.ssd_slot = c->slot;
+        used[c->slot] = 1;
+        if (tail == no_slot) head = b; else s.meta(tail).next = b;
+        tail = b;
+        ++count;
+      }
+      s.publish(0, head, count);
+      detail::bump(counters_->recovered_sessions);
+      detail::bump(counters_->recovered_blocks, count);
+    }
+    for (std::size_t i = g; i < end; ++i)
+      if (!used[cands[i].slot]) {
+        stale.push_back(cands[i].slot);
+        detail::bump(counters_->recovery_dropped_blocks);
+      }
+    g = end;
+  }
+  sequence_.store(max_sequence + 1);
+  ssd_->rebuild(used);
+  // Stale headers are zeroed so a later restart cannot mistake them for live blocks.
+  for (std::size_t base = 0; base < stale.size(); base += batch_max) {
+    io_request reqs[batch_max];
+    const std::size_t n = std::min<std::size_t>(batch_max, stale.size() - base);
+    for (std::size_t i = 0; i < n; ++i)
+      reqs[i] = io_request{io_op::write, ssd_->file_of(stale[base + i]), ssd_->offset_of(stale[base + i]), zero_page_,
+                           std::uint32_t(format::sector), -1, 0};
+    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) detail::bump(counters_->io_errors);
+  }
+  if (!stale.empty()) (void)device_->sync();
+  if (counters_->recovered_blocks.load() || counters_->recovery_dropped_blocks.load())
+    config_.log(log_level::info, "store: recovered " + std::to_string(counters_->recovered_blocks.load()) +
+                                     " blocks of " + std::to_string(counters_->recovered_sessions.load()) +
+                                     " sessions from " + config_.ssd_directory + "; dropped " +
+                                     std::to_string(counters_->recovery_dropped_blocks.load()) + " torn or stale");
+}
+
+#undef ATTNSTORE_STORE_COUNTERS
+
+}  // namespace attnstore

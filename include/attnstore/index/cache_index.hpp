@@ -1,0 +1,208 @@
+// cache_index: session-keyed, sharded index of stored blocks.
+//
+// session_hash -> session_record {blocks in order, each with its tier slots, chain hash,
+// payload checksum and token ids; pin count; last access}. Every table is sized at
+// construction: nothing allocates afterwards. A record is changed only while its own
+// mutex is held (through a locked_session), so blocks being written are invisible
+// until the writer publishes them, and lookups of one session never wait for another.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attnstore/detail/slot_pool.hpp"
+#include "attnstore/hash.hpp"
+#include "attnstore/types.hpp"
+
+namespace attnstore {
+
+/// Which tier holds a block.
+enum class tier : std::uint8_t { none = 0, dram = 1, ssd = 2 };
+
+constexpr std::uint32_t no_slot = ~0u;
+
+/// One stored block of a session.
+struct block_meta {
+  hash128 chain;                    ///< chain hash through this block
+  std::uint64_t checksum = 0;       ///< XXH3-64 of the payload
+  std::uint64_t sequence = 0;       ///< sequence number of its SSD copy (0: none)
+  std::uint32_t dram_slot = no_slot;
+  std::uint32_t ssd_slot = no_slot;
+  std::uint32_t tokens = 0;         ///< tokens in this block (last block may be partial)
+  std::uint32_t next = no_slot;     ///< next block of the session (block table index)
+
+  tier fastest() const noexcept {
+    return dram_slot != no_slot ? tier::dram : ssd_slot != no_slot ? tier::ssd : tier::none;
+  }
+};
+
+/// Where one reusable block lives (filled by lookup()).
+struct block_location {
+  tier where = tier::none;
+  std::uint32_t slot = no_slot;
+  std::uint32_t tokens = 0;  ///< tokens of this block that match the prompt
+};
+
+/// What lookup() found.
+struct lookup_result {
+  std::uint64_t tokens = 0;       ///< reusable prefix length in tokens
+  std::uint32_t blocks = 0;       ///< blocks holding it (the last may match partially)
+  std::uint32_t dram_blocks = 0;  ///< of which in DRAM
+  std::uint32_t ssd_blocks = 0;   ///< of which only on SSD
+};
+
+struct cache_index_options {
+  std::uint32_t max_sessions = 4096;  ///< live session records
+  std::uint32_t max_blocks = 0;       ///< stored blocks, all tiers (DRAM slots + SSD slots)
+  std::uint32_t tokens_per_block = 0;
+  std::uint32_t shards = 64;          ///< power of two
+};
+
+class cache_index;
+
+/// A session record, locked. Obtained from cache_index::open(); unlocks and releases
+/// the record when destroyed. All block operations of a session go through it.
+class locked_session {
+ public:
+  locked_session() = default;
+  locked_session(locked_session&& o) noexcept : index_(o.index_), record_(o.record_) { o.index_ = nullptr; }
+  locked_session& operator=(locked_session&& o) noexcept;
+  locked_session(const locked_session&) = delete;
+  ~locked_session() { reset(); }
+
+  explicit operator bool() const noexcept { return index_ != nullptr; }
+  void reset() noexcept;
+
+  std::uint32_t block_count() const noexcept;
+  std::uint64_t token_count() const noexcept;
+  std::uint32_t pins() const noexcept;
+  std::uint32_t record_id() const noexcept { return record_; }
+  const session_hash& key() const noexcept;
+
+  /// Block table index of the session's i-th block (O(i)), or no_slot.
+  std::uint32_t block_at(std::uint32_t i) const noexcept;
+  /// First block (table index) or no_slot; follow block_meta::next.
+  std::uint32_t first_block() const noexcept;
+  block_meta& meta(std::uint32_t block) const noexcept;
+  std::span<const token_id> tokens_of(std::uint32_t block) const noexcept;
+
+  /// Takes a free block table entry, fills its tokens; it is not yet part of the
+  /// session (invisible) until publish(). Returns no_slot when the table is full.
+  std::uint32_t new_block(std::span<const token_id> tokens) noexcept;
+  /// Returns an unpublished (or detached) block entry to the table.
+  void free_block(std::uint32_t block) noexcept;
+  /// Replaces the session's blocks from position `from` on with the chain `first`
+  /// (linked through next, `count` blocks). The old blocks from `from` on are detached
+  /// and returned as a chain (their slots are still owned by the caller to release).
+  std::uint32_t publish(std::uint32_t from, std::uint32_t first, std::uint32_t count) noexcept;
+  /// Detaches blocks from position `from` to the end; returns their chain.
+  std::uint32_t truncate(std::uint32_t from) noexcept { return publish(from, no_slot, 0); }
+  /// Tier counters kept per record so victims are found without walking blocks.
+  void count_tiers() noexcept;
+  std::uint32_t dram_blocks() const noexcept;
+  std::uint32_t ssd_blocks() const noexcept;
+
+  void pin() noexcept;
+  void unpin() noexcept;
+  /// Marks as most recently used.
+  void touch() noexcept;
+  /// Removes the session from the index. The caller must have released every block's
+  /// slots (truncate(0) first). The handle stays valid (and locked) until destroyed.
+  void erase() noexcept;
+
+ private:
+  friend class cache_index;
+  locked_session(cache_index* index, std::uint32_t record) : index_(index), record_(record) {}
+  cache_index* index_ = nullptr;
+  std::uint32_t record_ = 0;
+};
+
+class cache_index {
+ public:
+  /// Throws std::invalid_argument naming a bad field.
+  explicit cache_index(const cache_index_options& options);
+  cache_index(const cache_index&) = delete;
+  cache_index& operator=(const cache_index&) = delete;
+
+  /// Opens and locks a session's record; creates it when `create` and it does not
+  /// exist. Returns an empty handle when it does not exist (or, creating, when all
+  /// max_sessions records are live: the caller evicts and retries).
+  locked_session open(const session_hash& key, bool create) noexcept;
+  /// Like open() but never blocks on the record mutex (eviction uses this).
+  locked_session try_open_record(std::uint32_t record) noexcept;
+
+  /// Longest prefix of `prompt` whose blocks are stored with matching chain hashes;
+  /// the last block may match partially (token ids compared inside it). Writes up to
+  /// out.size() locations. Allocation-free. Touches the session.
+  lookup_result lookup(const session_hash& key, const model_id& model, std::span<const token_id> prompt,
+                       std::span<block_location> out = {}) noexcept;
+  /// The same on a session already locked.
+  lookup_result lookup(locked_session& s, const model_id& model, std::span<const token_id> prompt,
+                       std::span<block_location> out = {}) noexcept;
+
+  /// Visits records from least to most recently used; `visit(record_id, dram_blocks,
+  /// ssd_blocks, pins)` returns true to stop. Holds the LRU lock: visit must not block.
+  template <class Visit>
+  void for_each_lru(Visit&& visit) noexcept;
+
+  /// A block table entry. The caller holds the owning session's lock, or owns the
+  /// block because it was detached from its session (publish/truncate).
+  block_meta& block(std::uint32_t b) noexcept { return blocks_[b]; }
+  /// Returns a detached block table entry.
+  void release_block(std::uint32_t b) noexcept { block_pool_.release(b); }
+
+  std::uint32_t live_sessions() const noexcept { return live_.load(std::memory_order_relaxed); }
+  std::uint32_t max_sessions() const noexcept { return std::uint32_t(records_.size()); }
+  std::uint32_t tokens_per_block() const noexcept { return tokens_per_block_; }
+  std::uint32_t free_blocks() const noexcept { return block_pool_.capacity() - block_pool_.used(); }
+
+ private:
+  friend class locked_session;
+  struct record {
+    std::mutex mutex;
+    session_hash key{};
+    std::uint32_t head = no_slot, tail = no_slot, count = 0;
+    std::uint64_t tokens = 0;
+    std::uint32_t dram_blocks = 0, ssd_blocks = 0, pins = 0;
+    std::atomic<std::uint32_t> refs{0};
+    bool live = false;
+    std::uint32_t lru_prev = no_slot, lru_next = no_slot;
+  };
+  struct shard {
+    std::mutex mutex;
+    std::vector<hash128> keys;
+    std::vector<std::uint32_t> values;  // record id, or no_slot for empty
+    std::uint32_t mask = 0;
+  };
+
+  shard& shard_of(const session_hash& k) noexcept { return shards_[k.value.hi & shard_mask_]; }
+  std::uint32_t find_in(shard& s, const session_hash& k) const noexcept;
+  void insert_in(shard& s, const session_hash& k, std::uint32_t rec) noexcept;
+  void erase_in(shard& s, const session_hash& k) noexcept;
+  void release_record(std::uint32_t rec) noexcept;
+  void lru_unlink(std::uint32_t rec) noexcept;
+  void lru_push_front(std::uint32_t rec) noexcept;
+
+  std::uint32_t tokens_per_block_;
+  std::vector<record> records_;
+  detail::slot_pool record_pool_;
+  std::vector<shard> shards_;
+  std::uint64_t shard_mask_;
+  std::vector<block_meta> blocks_;
+  std::vector<token_id> tokens_;
+  detail::slot_pool block_pool_;
+  std::mutex lru_mutex_;
+  std::uint32_t lru_head_ = no_slot, lru_tail_ = no_slot;  // head = most recent
+  std::atomic<std::uint32_t> live_{0};
+};
+
+}  // namespace attnstore
+
+#include "attnstore/detail/cache_index.inl"

@@ -1,0 +1,177 @@
+// store: the hierarchical KV store. DRAM (host_arena) over SSD (ssd_space + a
+// block_device), indexed by session (cache_index), verified end to end.
+//
+// Threading: every member is thread-safe. Operations on one session serialize on that
+// session's record; operations on different sessions run in parallel.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "attnstore/format/block_header.hpp"
+#include "attnstore/index/cache_index.hpp"
+#include "attnstore/io/block_device.hpp"
+#include "attnstore/log.hpp"
+#include "attnstore/status.hpp"
+#include "attnstore/tier/host_arena.hpp"
+#include "attnstore/tier/ssd_space.hpp"
+#include "attnstore/types.hpp"
+
+namespace attnstore {
+
+/// Which block I/O backend the SSD tier uses.
+enum class io_backend : std::uint8_t {
+  automatic,  ///< io_uring, else pread/pwrite (the reason is logged)
+  io_uring,   ///< io_uring or fail at construction
+  posix,      ///< pread/pwrite thread pool
+};
+
+struct store_config {
+  kv_geometry geometry;               ///< validated by the store; tokens_per_block 0 = auto
+  std::string model_name;             ///< with geometry etc. forms the model_id
+  std::string rope = "none";          ///< positional-encoding spec (part of the model_id)
+  bool keys_pre_rope = false;
+  std::uint32_t tp_rank = 0, tp_size = 1;
+
+  std::uint64_t dram_bytes = 0;       ///< DRAM tier capacity; at least one block
+  std::string ssd_directory;          ///< empty: no SSD tier (DRAM eviction drops)
+  std::uint64_t ssd_bytes = 0;        ///< SSD tier capacity; at least one block if a directory is set
+
+  io_backend backend = io_backend::automatic;
+  unsigned queue_depth = 32;          ///< I/O pieces in flight per batch, 1..1024
+  unsigned posix_threads = 8;         ///< workers of the pread/pwrite backend
+  bool direct_io = true;              ///< O_DIRECT on the SSD files
+  bool require_direct_io = true;      ///< refuse a file system without O_DIRECT
+  bool write_through = false;         ///< put() returns only once the blocks are durable on SSD
+  bool verify_dram_reads = true;      ///< re-check payload checksums when serving from DRAM
+  bool pin_host_memory = true;        ///< cudaHostAlloc / mlock the DRAM tier (best effort)
+  std::uint32_t max_sessions = 4096;  ///< live sessions indexed at once
+  unsigned staging_blocks = 0;        ///< SSD read staging slots (0: queue_depth)
+
+  attnstore::logger log{};
+  /// Tests and embedders may wrap or replace the SSD device (fault injection, an
+  /// in-memory device). Called once at construction with the real device.
+  std::function<std::unique_ptr<block_device>(std::unique_ptr<block_device>, const ssd_space&)> wrap_device;
+};
+
+/// Counters since construction (snapshot).
+struct store_stats {
+  std::uint64_t lookups = 0, lookup_hits = 0, lookup_misses = 0, tokens_reusable = 0;
+  std::uint64_t puts = 0, put_blocks = 0, put_rejected = 0, put_failed = 0;
+  std::uint64_t gets = 0, blocks_served_dram = 0, blocks_served_ssd = 0;
+  std::uint64_t miss_not_found = 0, miss_prefix_mismatch = 0, miss_checksum = 0, miss_io_error = 0;
+  std::uint64_t checksum_failures = 0, io_errors = 0, no_space = 0;
+  std::uint64_t demoted_blocks = 0, promoted_blocks = 0, evicted_sessions = 0, evicted_blocks = 0;
+  std::uint64_t dropped_sessions = 0;
+  std::uint64_t ssd_bytes_written = 0, ssd_bytes_read = 0;
+  std::uint64_t recovered_sessions = 0, recovered_blocks = 0, recovery_dropped_blocks = 0;
+  std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;
+  std::uint64_t sessions = 0;
+};
+
+/// What get() delivered.
+struct get_result {
+  errc status = errc::ok;      ///< ok, not_found, checksum_error, device_error, invalid_argument, no_space
+  std::uint32_t blocks = 0;    ///< blocks written to the output, from first_block on
+  std::uint64_t tokens = 0;    ///< tokens they hold that match the prompt
+};
+
+class store {
+ public:
+  /// Opens (or creates) a store. With an SSD directory, an existing store there is
+  /// recovered: every committed, verified block is indexed again; torn ones are
+  /// dropped. Throws std::invalid_argument (a field out of range, named) or
+  /// std::runtime_error (directory unusable, O_DIRECT missing, geometry or model
+  /// differs from what the directory holds).
+  explicit store(store_config config);
+  ~store();
+  store(const store&) = delete;
+  store& operator=(const store&) = delete;
+
+  /// Longest reusable prefix of `prompt` for the session. Allocation-free.
+  /// Fills up to out.size() block locations.
+  lookup_result lookup(const session_key& key, std::span<const token_id> prompt,
+                       std::span<block_location> out = {}) noexcept;
+
+  /// Stores KV for the session whose history is `tokens`. `blocks` holds blocks
+  /// [first_block, blocks_for(tokens.size())) back to back, block_bytes() each, in the
+  /// layer-major block layout; blocks before first_block must already be stored for
+  /// these tokens (an incremental save passes only the new and the partial last block).
+  /// Stored blocks from first_block on are replaced. The new blocks become visible
+  /// together, once all are written (and, in write-through mode, durable).
+  /// Returns ok, invalid_argument (sizes; logged), rejected (blocks before first_block
+  /// are not stored for these tokens), no_space (nothing evictable), device_error.
+  [[nodiscard]] errc put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                         std::span<const std::byte> blocks) noexcept;
+
+  /// Copies blocks [first_block, first_block + block_count) of the session into `out`
+  /// (block_bytes() each), after checking that they belong to `prompt` (chain hashes)
+  /// and verifying their payload checksums. Delivers a verified prefix of the range:
+  /// a block that fails verification is dropped from the store and ends the copy.
+  get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
+                 std::uint32_t block_count, std::span<std::byte> out) noexcept;
+
+  /// Removes a session from every tier. Returns ok or not_found.
+  errc drop(const session_key& key) noexcept;
+  /// Pinned sessions are never demoted or evicted. Returns ok or not_found.
+  errc pin(const session_key& key) noexcept;
+  errc unpin(const session_key& key) noexcept;
+  /// Moves a session's DRAM blocks to SSD now. Returns ok, not_found, unsupported (no
+  /// SSD tier), no_space, device_error.
+  errc demote(const session_key& key) noexcept;
+  /// Makes every SSD write so far durable. Returns ok, device_error, unsupported.
+  errc flush() noexcept;
+
+  store_stats stats() const noexcept;
+  const kv_geometry& geometry() const noexcept { return geometry_; }
+  const model_id& model() const noexcept { return model_; }
+  std::size_t block_bytes() const noexcept { return geometry_.block_bytes(); }
+  /// "io_uring", "posix", ... or "none" without an SSD tier.
+  std::string_view io_backend_name() const noexcept;
+  /// "cuda_pinned", "locked" or "unlocked".
+  std::string_view dram_pinning() const noexcept { return dram_->pinning(); }
+  bool has_ssd() const noexcept { return ssd_ != nullptr; }
+
+ private:
+  struct counters;
+  static constexpr unsigned batch_max = 64;
+
+  std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
+  std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
+  std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
+  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude) noexcept;
+  bool demote_some_victim(std::uint32_t exclude) noexcept;
+  bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
+  void release_chain(std::uint32_t first) noexcept;
+  void drop_locked(locked_session& s) noexcept;
+  void invalidate_ssd(std::span<const std::uint32_t> slots) noexcept;
+  errc write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
+                        std::span<const std::uint32_t> positions, std::span<const std::uint32_t> ssd_slots,
+                        std::span<std::int32_t> results) noexcept;
+  void recover();
+  void write_or_check_manifest();
+  locked_session open_or_evict(const session_hash& key) noexcept;
+
+  store_config config_;
+  kv_geometry geometry_;
+  model_id model_;
+  std::size_t header_bytes_ = 0;
+  std::size_t slot_bytes_ = 0;
+  std::unique_ptr<host_arena> dram_;
+  std::unique_ptr<host_arena> staging_;
+  std::unique_ptr<ssd_space> ssd_;
+  std::unique_ptr<block_device> device_;
+  std::unique_ptr<cache_index> index_;
+  std::int32_t staging_buffer_base_ = 0;  // registered-buffer index of staging region 0
+  std::atomic<std::uint64_t> sequence_{1};
+  std::unique_ptr<counters> counters_;
+  void* zero_page_ = nullptr;
+};
+
+}  // namespace attnstore
+
+#include "attnstore/detail/store.inl"

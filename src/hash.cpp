@@ -1,0 +1,111 @@
+// Run-time choice of the XXH3 kernel, and the hashes built on it.
+#include "attnstore/hash.hpp"
+
+#include <cstring>
+
+namespace attnstore {
+namespace detail {
+
+#define ATTNSTORE_DECLARE_KERNEL(ns)                                                        \
+  namespace ns {                                                                            \
+  std::uint64_t checksum64(const void*, std::size_t) noexcept;                              \
+  hash128 hash_bytes128(const void*, std::size_t) noexcept;                                 \
+  hash128 chain_hash(hash128, const hash128&, const token_id*, std::size_t) noexcept;       \
+  std::uint64_t copy_with_checksum(void*, const void*, std::size_t) noexcept;               \
+  }
+ATTNSTORE_DECLARE_KERNEL(sse2)
+ATTNSTORE_DECLARE_KERNEL(avx2)
+ATTNSTORE_DECLARE_KERNEL(avx512)
+#undef ATTNSTORE_DECLARE_KERNEL
+
+namespace {
+struct hash_kernels {
+  std::string_view name;
+  std::uint64_t (*checksum64)(const void*, std::size_t) noexcept;
+  hash128 (*hash_bytes128)(const void*, std::size_t) noexcept;
+  hash128 (*chain_hash)(hash128, const hash128&, const token_id*, std::size_t) noexcept;
+  std::uint64_t (*copy_with_checksum)(void*, const void*, std::size_t) noexcept;
+};
+
+hash_kernels pick() noexcept {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return {"avx512", avx512::checksum64, avx512::hash_bytes128, avx512::chain_hash,
+            avx512::copy_with_checksum};
+  if (__builtin_cpu_supports("avx2"))
+    return {"avx2", avx2::checksum64, avx2::hash_bytes128, avx2::chain_hash,
+            avx2::copy_with_checksum};
+  return {"sse2", sse2::checksum64, sse2::hash_bytes128, sse2::chain_hash,
+          sse2::copy_with_checksum};
+}
+
+const hash_kernels& kernels() noexcept {
+  static const hash_kernels k = pick();
+  return k;
+}
+}  // namespace
+}  // namespace detail
+
+std::uint64_t checksum64(const void* data, std::size_t bytes) noexcept {
+  return detail::kernels().checksum64(data, bytes);
+}
+
+hash128 hash_bytes128(const void* data, std::size_t bytes) noexcept {
+  return detail::kernels().hash_bytes128(data, bytes);
+}
+
+hash128 chain_hash(hash128 previous, const model_id& model, std::span<const token_id> tokens) noexcept {
+  return detail::kernels().chain_hash(previous, model.value, tokens.data(), tokens.size());
+}
+
+std::uint64_t copy_with_checksum(void* dst, const void* src, std::size_t bytes) noexcept {
+  return detail::kernels().copy_with_checksum(dst, src, bytes);
+}
+
+std::string_view hash_kernel_name() noexcept { return detail::kernels().name; }
+
+namespace {
+// Appends fixed-width little-endian fields and length-prefixed strings to a small
+// stack buffer; the hash of the buffer is the identity. Long strings are pre-hashed.
+struct field_writer {
+  unsigned char buf[256];
+  std::size_t n = 0;
+  void u64(std::uint64_t v) noexcept {
+    for (int i = 0; i < 8; ++i) buf[n++] = static_cast<unsigned char>(v >> (8 * i));
+  }
+  void str(std::string_view s) noexcept {
+    hash128 h = hash_bytes128(s.data(), s.size());
+    u64(s.size());
+    u64(h.lo);
+    u64(h.hi);
+  }
+  hash128 digest() const noexcept { return hash_bytes128(buf, n); }
+};
+}  // namespace
+
+session_hash hash_session(const session_key& key) noexcept {
+  field_writer w;
+  w.u64(0x5e55'10'4e'4b'45'59ull);  // domain tag: session keys
+  w.str(key.tenant);
+  w.str(key.session);
+  return {w.digest()};
+}
+
+model_id make_model_id(const model_descriptor& d) noexcept {
+  field_writer w;
+  w.u64(0x4d'4f'44'45'4c'49'44ull);  // domain tag: model ids
+  w.str(d.name);
+  const kv_geometry& g = d.geometry;
+  w.u64(g.num_layers);
+  w.u64(g.num_kv_heads);
+  w.u64(g.head_dim);
+  w.u64(static_cast<std::uint64_t>(g.dtype));
+  w.u64(g.tokens_per_block);
+  w.str(d.rope);
+  w.u64(d.keys_pre_rope ? 1 : 0);
+  w.u64(d.tp_rank);
+  w.u64(d.tp_size);
+  return {w.digest()};
+}
+
+}  // namespace attnstore

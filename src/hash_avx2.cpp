@@ -1,0 +1,2 @@
+#define ATTNSTORE_HASH_NS avx2
+#include "hash_kernel.inl"

@@ -1,0 +1,109 @@
+#include "attnstore/tier/ssd_space.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+
+namespace attnstore {
+namespace {
+std::string sys_error(const std::string& what, int err) {
+  return what + ": " + std::strerror(err) + " (errno " + std::to_string(err) + ")";
+}
+}  // namespace
+
+std::uint32_t ssd_space::check(const ssd_space_options& o) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("ssd_space_options: " + m); };
+  if (o.directory.empty()) fail("directory is empty; give a directory on the SSD");
+  if (o.slot_bytes == 0 || o.slot_bytes % 4096)
+    fail("slot_bytes is " + std::to_string(o.slot_bytes) + ", must be a positive multiple of 4096");
+  if (o.max_file_bytes < o.slot_bytes)
+    fail("max_file_bytes is " + std::to_string(o.max_file_bytes) + ", must hold at least one slot");
+  if (o.capacity_bytes < o.slot_bytes)
+    fail("capacity_bytes is " + std::to_string(o.capacity_bytes) + ", must hold at least one block slot of " +
+         std::to_string(o.slot_bytes) + " bytes");
+  std::uint64_t n = o.capacity_bytes / o.slot_bytes;
+  if (n >= tier_allocator::no_slot) fail("capacity_bytes holds too many slots (max 2^32-2)");
+  return std::uint32_t(n);
+}
+
+ssd_space::ssd_space(const ssd_space_options& o)
+    : slots_(check(o)), directory_(o.directory), slot_bytes_(o.slot_bytes), direct_io_(o.direct_io) {
+  if (::mkdir(directory_.c_str(), 0700) != 0 && errno != EEXIST)
+    throw std::runtime_error(sys_error("ssd_space: cannot create directory " + directory_, errno));
+  if (::access(directory_.c_str(), W_OK | X_OK) != 0)
+    throw std::runtime_error(sys_error("ssd_space: directory " + directory_ + " is not writable", errno));
+
+  lock_fd_ = ::open((directory_ + "/LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock_fd_ < 0) throw std::runtime_error(sys_error("ssd_space: cannot create " + directory_ + "/LOCK", errno));
+  if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    ::close(lock_fd_);
+    throw std::runtime_error(sys_error("ssd_space: " + directory_ + " is in use by another store", err));
+  }
+
+  slots_per_file_ = std::uint32_t(std::min<std::uint64_t>(o.max_file_bytes / slot_bytes_, slots_.capacity()));
+  const std::uint32_t files = (slots_.capacity() + slots_per_file_ - 1) / slots_per_file_;
+  auto cleanup = [&] {
+    for (int fd : fds_) ::close(fd);
+    fds_.clear();
+    ::close(lock_fd_);
+  };
+  for (std::uint32_t f = 0; f < files; ++f) {
+    char name[32];
+    std::snprintf(name, sizeof(name), "/blocks-%04u.dat", f);
+    const std::string path = directory_ + name;
+    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (direct_io_ ? O_DIRECT : 0);
+    int fd = ::open(path.c_str(), flags, 0600);
+    if (fd < 0 && errno == EINVAL && direct_io_) {
+      if (o.require_direct_io) {
+        cleanup();
+        throw std::runtime_error("ssd_space: the file system of " + directory_ +
+                                 " does not support O_DIRECT; choose another directory or set "
+                                 "direct_io=false (page-cache I/O)");
+      }
+      o.log(log_level::warning, "ssd_space: O_DIRECT unsupported on " + directory_ + "; using page-cache I/O");
+      direct_io_ = false;
+      fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    }
+    if (fd < 0) {
+      int err = errno;
+      cleanup();
+      throw std::runtime_error(sys_error("ssd_space: cannot open " + path, err));
+    }
+    fds_.push_back(fd);
+    const std::uint32_t in_file = std::min(slots_per_file_, slots_.capacity() - f * slots_per_file_);
+    const std::uint64_t bytes = std::uint64_t(in_file) * slot_bytes_;
+    struct stat st {};
+    ::fstat(fd, &st);
+    if (std::uint64_t(st.st_size) < bytes) {
+      int err = o.preallocate ? ::posix_fallocate(fd, 0, off_t(bytes)) : EOPNOTSUPP;
+      if (err == EOPNOTSUPP || err == ENOSYS) {
+        if (::ftruncate(fd, off_t(bytes)) != 0) err = errno; else err = 0;
+      }
+      if (err != 0) {
+        struct statvfs vfs {};
+        std::string free_note;
+        if (::statvfs(directory_.c_str(), &vfs) == 0)
+          free_note = "; " + std::to_string(std::uint64_t(vfs.f_bavail) * vfs.f_frsize) + " bytes free";
+        cleanup();
+        throw std::runtime_error(sys_error("ssd_space: cannot reserve " + std::to_string(bytes) + " bytes in " +
+                                               path + free_note + " (capacity_bytes too large for this disk?)",
+                                           err));
+      }
+    }
+    file_sizes_.push_back(bytes);
+  }
+}
+
+ssd_space::~ssd_space() {
+  for (int fd : fds_) ::close(fd);
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+}  // namespace attnstore

@@ -1,0 +1,34 @@
+// A fresh directory for one test, removed afterwards.
+#pragma once
+
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <string>
+
+namespace attnstore::testing {
+
+class temp_dir {
+ public:
+  explicit temp_dir(const std::string& tag = "t") {
+    const char* base = std::getenv("ATTNSTORE_TEST_TMP");
+    std::filesystem::path root = base && *base ? base : std::filesystem::temp_directory_path();
+    std::filesystem::create_directories(root);
+    std::random_device rd;
+    path_ = root / (tag + "-" + std::to_string(rd()) + std::to_string(rd()));
+    std::filesystem::create_directories(path_);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  std::string str() const { return path_.string(); }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+}  // namespace attnstore::testing
