@@ -50,7 +50,7 @@ struct store_config {
   bool verify_dram_reads = true;      ///< re-check payload checksums when serving from DRAM
   bool pin_host_memory = true;        ///< cudaHostAlloc / mlock the DRAM tier (best effort)
   std::uint32_t max_sessions = 4096;  ///< live sessions indexed at once
-  unsigned staging_blocks = 0;        ///< SSD read staging slots (0: queue_depth)
+  unsigned staging_blocks = 0;        ///< SSD read staging slots (0: 2 x queue_depth)
 
   attnstore::logger log{};
   /// Tests and embedders may wrap or replace the SSD device (fault injection, an
@@ -138,7 +138,7 @@ class store {
 
  private:
   struct counters;
-  static constexpr unsigned batch_max = 64;
+  static constexpr unsigned batch_max = 256;  // I/O requests per device batch
 
   std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
   std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;

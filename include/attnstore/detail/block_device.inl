@@ -30,7 +30,8 @@ inline void block_device::return_channel(std::unique_ptr<io_channel> channel) no
   }
 }
 
-inline errc block_device::execute(std::span<io_request> requests, unsigned queue_depth) noexcept {
+inline errc block_device::execute(std::span<io_request> requests, unsigned queue_depth,
+                                  void (*on_complete)(void*, std::size_t), void* context) noexcept {
   if (requests.empty()) return errc::ok;
   std::unique_ptr<io_channel> channel = lease_channel();
   if (!channel) return errc::device_error;
@@ -56,17 +57,19 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
                              r.buffer_index});
     ++in_flight;
   };
-  auto fail = [&](io_request& r, int err) {
-    r.result = -err;
+  auto fail = [&](std::uint32_t index, int err) {
+    requests[index].result = -err;
     ++finished;
     if (first_error == errc::ok) first_error = errc_from_errno(err);
+    if (on_complete) on_complete(context, index);
   };
 
   while (finished < n) {
     while (in_flight < depth && next < n) {
       if (requests[next].bytes == 0) {
-        ++next;
         ++finished;
+        if (on_complete) on_complete(context, next);
+        ++next;
         continue;
       }
       submit_piece(static_cast<std::uint32_t>(next++), 0);
@@ -90,14 +93,15 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
         if ((res == -EAGAIN || res == -EINTR) && retries < max_retries) {
           submit_piece(index, retries + 1);
         } else {
-          fail(r, -res);
+          fail(index, -res);
         }
       } else if (res == 0) {
-        fail(r, r.op == io_op::read ? ENODATA : EIO);  // EOF or a device that wrote nothing
+        fail(index, r.op == io_op::read ? ENODATA : EIO);  // EOF or a device that wrote nothing
       } else {
         r.result += res;
         if (std::uint32_t(r.result) >= r.bytes) {
           ++finished;
+          if (on_complete) on_complete(context, index);
         } else {
           submit_piece(index, retries);  // short transfer: continue where it stopped
         }

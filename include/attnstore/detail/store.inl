@@ -74,7 +74,7 @@ inline store::store(store_config c) : config_(std::move(c)) {
                          config_.log});
   std::uint32_t ssd_slots = 0;
   if (!config_.ssd_directory.empty()) {
-    const unsigned staging = config_.staging_blocks ? config_.staging_blocks : config_.queue_depth;
+    const unsigned staging = config_.staging_blocks ? config_.staging_blocks : 2 * config_.queue_depth;
     staging_ = std::make_unique<host_arena>(host_arena_options{
         slot_bytes_, std::size_t(staging) * slot_bytes_, format::sector, std::size_t(1) << 30, pin, pin, false,
         attnstore::logger{&logger::quiet, nullptr}});
@@ -475,14 +475,25 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
   get_result res;
   const std::uint32_t end = first_block + block_count;
 
-  // SSD blocks are read in batches; each pending read remembers where it goes.
+  // SSD blocks are read in batches; each pending read remembers where it goes. Each
+  // block is verified and copied out by the completion callback while the device
+  // still works on the rest of the batch.
   struct pending_read {
     std::uint32_t block, position, buffer_slot;
     bool promoted;
     std::uint32_t matched;
+    errc verdict;
   };
-  pending_read pending[batch_max];
-  std::size_t npending = 0;
+  struct read_batch {
+    store* self;
+    locked_session* session;
+    pending_read pending[batch_max];
+    io_request reqs[batch_max];
+    std::byte* out;
+    std::uint32_t first_block;
+    std::size_t count = 0;
+  };
+  read_batch rb{this, &s, {}, {}, out.data(), first_block};
   bool failed = false;  // a block failed: the verified prefix ends there
 
   auto fail_at = [&](std::uint32_t position, errc why) {
@@ -501,55 +512,61 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
       detail::bump(counters_->miss_io_error);
     }
   };
+  auto verify_one = [](void* ctx, std::size_t i) noexcept {
+    auto& b = *static_cast<read_batch*>(ctx);
+    store& st = *b.self;
+    pending_read& p = b.pending[i];
+    const block_meta& m = b.session->meta(p.block);
+    if (b.reqs[i].result != std::int32_t(st.slot_bytes_)) {
+      p.verdict = errc::device_error;
+      return;
+    }
+    const std::byte* area = static_cast<const std::byte*>(b.reqs[i].buffer);
+    const std::size_t bb = st.geometry_.block_bytes();
+    format::block_header h;
+    std::uint64_t cs =
+        copy_with_checksum(b.out + std::size_t(p.position - b.first_block) * bb, area + st.header_bytes_, bb);
+    bool ok = format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) ==
+                  format::header_status::ok &&
+              h.model == st.model_.value && h.session == b.session->key().value && h.block_index == p.position &&
+              h.sequence == m.sequence && h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
+    p.verdict = ok ? errc::ok : errc::checksum_error;
+  };
   auto flush = [&] {
-    if (npending == 0) return;
-    io_request reqs[batch_max];
-    for (std::size_t i = 0; i < npending; ++i) {
-      const pending_read& p = pending[i];
+    if (rb.count == 0) return;
+    for (std::size_t i = 0; i < rb.count; ++i) {
+      const pending_read& p = rb.pending[i];
       const block_meta& m = s.meta(p.block);
       host_arena& arena = p.promoted ? *dram_ : *staging_;
       const std::int32_t region = p.promoted ? dram_->region_of(p.buffer_slot)
                                              : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
-      reqs[i] = io_request{io_op::read, ssd_->file_of(m.ssd_slot), ssd_->offset_of(m.ssd_slot),
-                           arena.data(p.buffer_slot), std::uint32_t(slot_bytes_), region, 0};
+      rb.reqs[i] = io_request{io_op::read, ssd_->file_of(m.ssd_slot), ssd_->offset_of(m.ssd_slot),
+                              arena.data(p.buffer_slot), std::uint32_t(slot_bytes_), region, 0};
     }
-    (void)device_->execute(std::span(reqs, npending), config_.queue_depth);
-    for (std::size_t i = 0; i < npending; ++i) {
-      const pending_read& p = pending[i];
+    (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
+    // Blocks complete in any order; outcomes are applied in position order.
+    for (std::size_t i = 0; i < rb.count; ++i) {
+      const pending_read& p = rb.pending[i];
       host_arena& arena = p.promoted ? *dram_ : *staging_;
-      const std::byte* area = arena.data(p.buffer_slot);
       bool keep = false;
+      if (p.verdict != errc::device_error) detail::bump(counters_->ssd_bytes_read, slot_bytes_);
+      else detail::bump(counters_->io_errors);
       if (!failed) {
-        block_meta& m = s.meta(p.block);
-        format::block_header h;
-        if (reqs[i].result != std::int32_t(slot_bytes_)) {
-          detail::bump(counters_->io_errors);
-          fail_at(p.position, errc::device_error);
+        if (p.verdict != errc::ok) {
+          fail_at(p.position, p.verdict);
         } else {
-          detail::bump(counters_->ssd_bytes_read, slot_bytes_);
-          std::uint64_t cs = copy_with_checksum(out.data() + std::size_t(p.position - first_block) * bb,
-                                                area + header_bytes_, bb);
-          bool ok = format::read_header(area, header_bytes_, geometry_.tokens_per_block, &h) ==
-                        format::header_status::ok &&
-                    h.model == model_.value && h.session == s.key().value && h.block_index == p.position &&
-                    h.sequence == m.sequence && h.chain == m.chain && h.payload_checksum == m.checksum &&
-                    cs == m.checksum;
-          if (!ok) {
-            fail_at(p.position, errc::checksum_error);
-          } else {
-            detail::bump(counters_->blocks_served_ssd);
-            res.tokens += p.matched;
-            if (p.promoted) {
-              m.dram_slot = p.buffer_slot;
-              detail::bump(counters_->promoted_blocks);
-              keep = true;
-            }
+          detail::bump(counters_->blocks_served_ssd);
+          res.tokens += p.matched;
+          if (p.promoted) {
+            s.meta(p.block).dram_slot = p.buffer_slot;
+            detail::bump(counters_->promoted_blocks);
+            keep = true;
           }
         }
       }
       if (!keep) arena.release(p.buffer_slot);
     }
-    npending = 0;
+    rb.count = 0;
   };
 
   hash128 prev{};
@@ -598,8 +615,8 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
             break;
           }
         }
-        pending[npending++] = {b, i, buf, promoted, matched};
-        if (npending == batch_max) flush();
+        rb.pending[rb.count++] = {b, i, buf, promoted, matched, errc::ok};
+        if (rb.count == batch_max) flush();
       }
     }
     if (!whole) {
@@ -628,6 +645,8 @@ inline errc store::drop(const session_key& key) noexcept {
   if (!s) return errc::not_found;
   drop_locked(s);
   detail::bump(counters_->dropped_sessions);
+  // In write-through mode a drop is durable too: the zeroed headers reach the disk.
+  if (config_.write_through && ssd_ && device_->sync() != errc::ok) detail::bump(counters_->io_errors);
   return errc::ok;
 }
 

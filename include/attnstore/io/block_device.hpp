@@ -90,7 +90,13 @@ class block_device {
   /// stopped; EAGAIN/EINTR are retried a bounded number of times.
   /// Returns ok when all succeeded, else the code of the first failure (each request's
   /// `result` says which): device_error, no_space, unsupported, retry, bad_state.
-  [[nodiscard]] errc execute(std::span<io_request> requests, unsigned queue_depth = 0) noexcept;
+  ///
+  /// `on_complete(context, index)` (optional) runs as soon as request `index` has
+  /// finished (successfully or not), while later requests are still in flight: the
+  /// caller can verify or copy a block while the device works on the next ones.
+  [[nodiscard]] errc execute(std::span<io_request> requests, unsigned queue_depth = 0,
+                             void (*on_complete)(void* context, std::size_t index) = nullptr,
+                             void* context = nullptr) noexcept;
 
  private:
   struct channel_pool {
