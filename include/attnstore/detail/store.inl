@@ -677,7 +677,8 @@ inline errc store::flush() noexcept { return device_ ? device_->sync() : errc::u
 
 inline void store::write_or_check_manifest() {
   const std::string path = config_.ssd_directory + "/MANIFEST";
-  std::map<std::string, std::string> want{
+  // Checked in this order: geometry first (the clearer message), the model id last.
+  const std::vector<std::pair<std::string, std::string>> want{
       {"format_version", std::to_string(format::format_version)},
       {"num_layers", std::to_string(geometry_.num_layers)},
       {"num_kv_heads", std::to_string(geometry_.num_kv_heads)},
