@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <stdexcept>
 
 namespace attnstore {
@@ -29,11 +30,36 @@ std::uint32_t ssd_space::check(const ssd_space_options& o) {
          std::to_string(o.slot_bytes) + " bytes");
   std::uint64_t n = o.capacity_bytes / o.slot_bytes;
   if (n >= tier_allocator::no_slot) fail("capacity_bytes holds too many slots (max 2^32-2)");
+  if (o.preallocate) {
+    // Before any table is sized: is there room? Files already there count as room.
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    fs::path probe = o.directory;
+    while (!probe.empty() && !fs::exists(probe, ec)) probe = probe.parent_path();
+    std::uint64_t have = 0;
+    if (fs::is_directory(o.directory, ec))
+      for (const auto& e : fs::directory_iterator(o.directory, ec))
+        if (e.path().filename().string().rfind("blocks-", 0) == 0) have += e.file_size(ec);
+    struct statvfs vfs {};
+    if (!probe.empty() && ::statvfs(probe.c_str(), &vfs) == 0 && vfs.f_blocks > 0) {
+      const std::uint64_t free_bytes = std::uint64_t(vfs.f_bavail) * vfs.f_frsize;
+      if (n * o.slot_bytes > free_bytes + have)
+        throw std::runtime_error("ssd_space: cannot reserve " + std::to_string(n * o.slot_bytes) + " bytes in " +
+                                 o.directory + "; " + std::to_string(free_bytes) +
+                                 " bytes free (capacity_bytes too large for this disk?)");
+    }
+  }
   return std::uint32_t(n);
 }
 
 ssd_space::ssd_space(const ssd_space_options& o)
     : slots_(check(o)), directory_(o.directory), slot_bytes_(o.slot_bytes), direct_io_(o.direct_io) {
+  // Parents are created as mkdir -p would; the store's own directory is 0700.
+  {
+    std::error_code ec;
+    auto parent = std::filesystem::path(directory_).parent_path();
+    if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+  }
   if (::mkdir(directory_.c_str(), 0700) != 0 && errno != EEXIST)
     throw std::runtime_error(sys_error("ssd_space: cannot create directory " + directory_, errno));
   if (::access(directory_.c_str(), W_OK | X_OK) != 0)
@@ -82,12 +108,17 @@ ssd_space::ssd_space(const ssd_space_options& o)
     struct stat st {};
     ::fstat(fd, &st);
     if (std::uint64_t(st.st_size) < bytes) {
-      int err = o.preallocate ? ::posix_fallocate(fd, 0, off_t(bytes)) : EOPNOTSUPP;
-      if (err == EOPNOTSUPP || err == ENOSYS) {
+      // Refuse up front rather than let fallocate fill the disk and then fail.
+      struct statvfs vfs {};
+      int err = 0;
+      if (o.preallocate && ::statvfs(directory_.c_str(), &vfs) == 0 &&
+          std::uint64_t(vfs.f_bavail) * vfs.f_frsize < bytes - std::uint64_t(st.st_size))
+        err = ENOSPC;
+      if (err == 0) err = o.preallocate ? ::posix_fallocate(fd, 0, off_t(bytes)) : EOPNOTSUPP;
+      if (err == EOPNOTSUPP || err == ENOSYS || (err == EINVAL && !o.preallocate)) {
         if (::ftruncate(fd, off_t(bytes)) != 0) err = errno; else err = 0;
       }
       if (err != 0) {
-        struct statvfs vfs {};
         std::string free_note;
         if (::statvfs(directory_.c_str(), &vfs) == 0)
           free_note = "; " + std::to_string(std::uint64_t(vfs.f_bavail) * vfs.f_frsize) + " bytes free";
