@@ -73,6 +73,24 @@ struct store_stats {
   std::uint64_t sessions = 0;
 };
 
+/// An open layer-wise save: DRAM blocks reserved for a session, filled by the caller
+/// (or its copy engine), then committed or aborted. Movable value; see store::reserve.
+struct save_reservation {
+  session_hash key{};
+  std::uint32_t first_block = 0;
+  std::uint32_t blocks = 0;
+  std::uint32_t head = no_slot;  ///< first reserved block (block table index)
+  hash128 prev_chain{};          ///< chain hash of block first_block - 1 when reserved
+  explicit operator bool() const noexcept { return head != no_slot; }
+};
+
+/// A block made resident in DRAM by store::acquire: its payload in the layer-major
+/// block layout, and how many of its tokens match the prompt.
+struct block_view {
+  const std::byte* payload = nullptr;
+  std::uint32_t tokens = 0;
+};
+
 /// What get() delivered.
 struct get_result {
   errc status = errc::ok;      ///< ok, not_found, checksum_error, device_error, invalid_argument, no_space
@@ -115,6 +133,31 @@ class store {
   get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
                  std::uint32_t block_count, std::span<std::byte> out) noexcept;
 
+  /// Makes the blocks of the session that match `prompt` resident in DRAM (reading SSD
+  /// blocks, demoting other sessions for room), pins the session so they stay there,
+  /// and describes up to views.size() of them. For layer-wise loads that copy straight
+  /// from the DRAM tier. Returns ok (result.blocks may be 0), not_found (no session),
+  /// checksum_error or device_error (result.blocks is the verified prefix), no_space.
+  /// When result.blocks > 0 the caller must call release() once done with the views.
+  get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views) noexcept;
+  /// Ends an acquire(): unpins the session.
+  void release(const session_key& key) noexcept;
+
+  /// Starts a save whose payloads the caller fills itself (layer by layer, by DMA...):
+  /// reserves DRAM blocks [first_block, blocks_for(tokens.size())) and writes their
+  /// payload addresses to `payloads`. Nothing is visible until commit(). The session
+  /// is pinned meanwhile. Returns ok, invalid_argument, rejected (the stored prefix is
+  /// not these tokens), no_space.
+  [[nodiscard]] errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                             std::span<std::byte*> payloads, save_reservation& reservation) noexcept;
+  /// Checksums the filled blocks, writes them through to SSD if configured, and
+  /// publishes them. Returns ok, rejected (the prefix changed meanwhile), not_found
+  /// (the session was dropped), no_space, device_error, bad_state (empty reservation).
+  /// The reservation is empty afterwards, whatever the outcome.
+  [[nodiscard]] errc commit(save_reservation& reservation) noexcept;
+  /// Gives reserved blocks back unpublished.
+  void abort(save_reservation& reservation) noexcept;
+
   /// Removes a session from every tier. Returns ok or not_found.
   errc drop(const session_key& key) noexcept;
   /// Pinned sessions are never demoted or evicted. Returns ok or not_found.
@@ -144,6 +187,11 @@ class store {
   std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
   std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
   errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude) noexcept;
+  errc reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
+                      save_reservation& r) noexcept;
+  errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
+  get_result serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
+                          std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views) noexcept;
   bool demote_some_victim(std::uint32_t exclude) noexcept;
   bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
   void release_chain(std::uint32_t first) noexcept;

@@ -361,12 +361,154 @@ inline locked_session store::open_or_evict(const session_hash& key) noexcept {
   return {};
 }
 
+// ---------------------------------------------------------------- save: reserve, commit, abort
+
+inline errc store::reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
+                                  save_reservation& r) noexcept {
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::uint32_t total = geometry_.blocks_for(tokens.size());
+  if (tokens.empty() || first_block >= total) {
+    config_.log(log_level::error, "store: save of " + std::to_string(tokens.size()) + " tokens (" +
+                                      std::to_string(total) + " blocks) from first_block " +
+                                      std::to_string(first_block) + "; need tokens and first_block < blocks");
+    return errc::invalid_argument;
+  }
+  // The stored prefix must be these tokens' blocks.
+  hash128 prev{};
+  std::uint32_t b = s.first_block();
+  for (std::uint32_t i = 0; i < first_block; ++i, b = s.meta(b).next) {
+    if (b == no_slot || s.meta(b).tokens != tpb ||
+        !(s.meta(b).chain == chain_hash(prev, model_, tokens.subspan(std::size_t(i) * tpb, tpb))))
+      return errc::rejected;
+    prev = s.meta(b).chain;
+  }
+  r = save_reservation{};
+  r.key = s.key();
+  r.first_block = first_block;
+  r.blocks = total - first_block;
+  r.prev_chain = prev;
+  std::uint32_t tail = no_slot;
+  for (std::uint32_t i = first_block; i < total; ++i) {
+    const std::size_t begin = std::size_t(i) * tpb;
+    const auto toks = tokens.subspan(begin, std::min<std::size_t>(tpb, tokens.size() - begin));
+    std::uint32_t nb = s.new_block(toks);
+    if (nb != no_slot) {
+      if (tail == no_slot) r.head = nb; else s.meta(tail).next = nb;
+      tail = nb;
+      block_meta& m = s.meta(nb);
+      m.chain = prev = chain_hash(prev, model_, toks);
+      m.dram_slot = alloc_dram(s, first_block);
+    }
+    if (nb == no_slot || s.meta(nb).dram_slot == no_slot) {
+      release_chain(r.head);
+      r = save_reservation{};
+      return errc::no_space;
+    }
+  }
+  s.pin();  // the session cannot be evicted under an open save
+  return errc::ok;
+}
+
+inline errc store::commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept {
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::size_t bb = geometry_.block_bytes();
+  auto fail = [&](errc e) {
+    release_chain(r.head);
+    s.unpin();
+    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    if (e == errc::no_space) detail::bump(counters_->no_space);
+    if (e == errc::rejected) detail::bump(counters_->put_rejected); else detail::bump(counters_->put_failed);
+    r = save_reservation{};
+    return e;
+  };
+  // The prefix the reservation extends may have changed since (an edit, a drop).
+  if (r.first_block > 0) {
+    std::uint32_t b = s.block_at(r.first_block - 1);
+    if (b == no_slot || s.meta(b).tokens != tpb || !(s.meta(b).chain == r.prev_chain)) return fail(errc::rejected);
+  }
+  if (!checksums_known)
+    for (std::uint32_t b = r.head; b != no_slot; b = s.meta(b).next)
+      s.meta(b).checksum = checksum64(dram_payload(s.meta(b).dram_slot), bb);
+  if (config_.write_through && ssd_) {
+    std::uint32_t bl[batch_max], pos[batch_max], slots[batch_max];
+    std::int32_t results[batch_max];
+    std::uint32_t i = r.first_block;
+    for (std::uint32_t b = r.head; b != no_slot;) {
+      std::size_t n = 0;
+      for (; b != no_slot && n < batch_max; b = s.meta(b).next, ++i, ++n) {
+        slots[n] = alloc_ssd(s.record_id(), no_slot);
+        if (slots[n] == no_slot) {
+          invalidate_ssd(std::span(slots, n));
+          return fail(errc::no_space);
+        }
+        bl[n] = b;
+        pos[n] = i;
+      }
+      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n));
+      for (std::size_t k = 0; k < n; ++k) {
+        if (results[k] == std::int32_t(slot_bytes_)) s.meta(bl[k]).ssd_slot = slots[k];
+        else invalidate_ssd(std::span(&slots[k], 1));
+      }
+      if (e != errc::ok) return fail(e);
+    }
+    if (errc e = device_->sync(); e != errc::ok) return fail(e);
+  }
+  release_chain(s.publish(r.first_block, r.head, r.blocks));
+  detail::bump(counters_->put_blocks, r.blocks);
+  s.unpin();
+  s.touch();
+  r = save_reservation{};
+  return errc::ok;
+}
+
+inline errc store::reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                           std::span<std::byte*> payloads, save_reservation& r) noexcept {
+  const std::uint32_t total = geometry_.blocks_for(tokens.size());
+  if (first_block < total && payloads.size() < total - first_block) {
+    config_.log(log_level::error, "store::reserve: payloads has " + std::to_string(payloads.size()) +
+                                      " entries, need " + std::to_string(total - first_block));
+    return errc::invalid_argument;
+  }
+  locked_session s = open_or_evict(hash_session(key));
+  if (!s) return errc::no_space;
+  errc e = reserve_locked(s, tokens, first_block, r);
+  if (e != errc::ok) {
+    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    return e;
+  }
+  std::size_t i = 0;
+  for (std::uint32_t b = r.head; b != no_slot; b = s.meta(b).next) payloads[i++] = dram_payload(s.meta(b).dram_slot);
+  return errc::ok;
+}
+
+inline errc store::commit(save_reservation& r) noexcept {
+  if (!r) return errc::bad_state;
+  detail::bump(counters_->puts);
+  locked_session s = index_->open(r.key, false);
+  if (!s) {  // dropped meanwhile: the reserved blocks go
+    release_chain(r.head);
+    r = save_reservation{};
+    return errc::not_found;
+  }
+  return commit_locked(s, r, false);
+}
+
+inline void store::abort(save_reservation& r) noexcept {
+  if (!r) return;
+  locked_session s = index_->open(r.key, false);
+  release_chain(r.head);
+  if (s) {
+    s.unpin();
+    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+  }
+  r = save_reservation{};
+}
+
 // ---------------------------------------------------------------- put
 
 inline errc store::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                        std::span<const std::byte> blocks) noexcept {
   detail::bump(counters_->puts);
-  const std::uint32_t tpb = geometry_.tokens_per_block;
   const std::uint32_t total = geometry_.blocks_for(tokens.size());
   const std::size_t bb = geometry_.block_bytes();
   if (tokens.empty() || first_block >= total || blocks.size() != std::size_t(total - first_block) * bb) {
@@ -384,87 +526,29 @@ inline errc store::put(const session_key& key, std::span<const token_id> tokens,
     detail::bump(counters_->put_failed);
     return errc::no_space;
   }
-  // The stored prefix must be these tokens' blocks.
-  hash128 prev{};
-  {
-    std::uint32_t b = s.first_block();
-    for (std::uint32_t i = 0; i < first_block; ++i, b = s.meta(b).next) {
-      if (b == no_slot || s.meta(b).tokens != tpb ||
-          !(s.meta(b).chain == chain_hash(prev, model_, tokens.subspan(std::size_t(i) * tpb, tpb)))) {
-        detail::bump(counters_->put_rejected);
-        return errc::rejected;
-      }
-      prev = s.meta(b).chain;
-    }
-  }
-  const bool new_session = s.block_count() == 0;
-  std::uint32_t head = no_slot, tail = no_slot;
-  auto abandon = [&](errc e) {
-    for (std::uint32_t b = head; b != no_slot;) {
-      std::uint32_t next = index_->block(b).next;
-      if (index_->block(b).dram_slot != no_slot) dram_->release(index_->block(b).dram_slot);
-      if (index_->block(b).ssd_slot != no_slot) invalidate_ssd(std::span(&index_->block(b).ssd_slot, 1));
-      s.free_block(b);
-      b = next;
-    }
-    if (new_session && s.block_count() == 0) s.erase();
+  save_reservation r;
+  if (errc e = reserve_locked(s, tokens, first_block, r); e != errc::ok) {
+    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    detail::bump(e == errc::rejected ? counters_->put_rejected : counters_->put_failed);
     if (e == errc::no_space) detail::bump(counters_->no_space);
-    detail::bump(counters_->put_failed);
     return e;
-  };
-  for (std::uint32_t i = first_block; i < total; ++i) {
-    const std::size_t begin = std::size_t(i) * tpb;
-    const auto toks = tokens.subspan(begin, std::min<std::size_t>(tpb, tokens.size() - begin));
-    std::uint32_t b = s.new_block(toks);
-    if (b == no_slot) return abandon(errc::no_space);
-    block_meta& m = s.meta(b);
-    if (tail == no_slot) head = b; else s.meta(tail).next = b;
-    tail = b;
-    m.chain = chain_hash(prev, model_, toks);
-    prev = m.chain;
-    m.dram_slot = alloc_dram(s, first_block);
-    if (m.dram_slot == no_slot) return abandon(errc::no_space);
-    m.checksum = copy_with_checksum(dram_payload(m.dram_slot), blocks.data() + std::size_t(i - first_block) * bb, bb);
   }
-  if (config_.write_through && ssd_) {
-    std::uint32_t bl[batch_max], pos[batch_max], slots[batch_max];
-    std::int32_t results[batch_max];
-    std::uint32_t i = first_block;
-    for (std::uint32_t b = head; b != no_slot;) {
-      std::size_t n = 0;
-      for (; b != no_slot && n < batch_max; b = s.meta(b).next, ++i, ++n) {
-        slots[n] = alloc_ssd(s.record_id(), no_slot);
-        if (slots[n] == no_slot) {
-          invalidate_ssd(std::span(slots, n));
-          return abandon(errc::no_space);
-        }
-        bl[n] = b;
-        pos[n] = i;
-      }
-      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n));
-      for (std::size_t k = 0; k < n; ++k) {
-        if (results[k] == std::int32_t(slot_bytes_)) s.meta(bl[k]).ssd_slot = slots[k];
-        else invalidate_ssd(std::span(&slots[k], 1));
-      }
-      if (e != errc::ok) return abandon(e);
-    }
-    if (errc e = device_->sync(); e != errc::ok) return abandon(e);
-  }
-  release_chain(s.publish(first_block, head, total - first_block));
-  detail::bump(counters_->put_blocks, total - first_block);
-  s.touch();
-  return errc::ok;
+  const std::byte* src = blocks.data();
+  for (std::uint32_t b = r.head; b != no_slot; b = s.meta(b).next, src += bb)
+    s.meta(b).checksum = copy_with_checksum(dram_payload(s.meta(b).dram_slot), src, bb);  // one pass: copy + hash
+  return commit_locked(s, r, true);
 }
 
-// ---------------------------------------------------------------- get
+// ---------------------------------------------------------------- get and acquire
 
 inline get_result store::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
                              std::uint32_t block_count, std::span<std::byte> out) noexcept {
   detail::bump(counters_->gets);
   const std::size_t bb = geometry_.block_bytes();
-  if (out.size() != std::size_t(block_count) * bb) {
-    config_.log(log_level::error, "store::get: out is " + std::to_string(out.size()) + " bytes, need block_count x " +
-                                      std::to_string(bb));
+  if (out.size() != std::size_t(block_count) * bb || block_count == 0) {
+    config_.log(log_level::error, "store::get: out is " + std::to_string(out.size()) + " bytes for " +
+                                      std::to_string(block_count) + " blocks; need block_count >= 1 and block_count x " +
+                                      std::to_string(bb) + " bytes");
     return {errc::invalid_argument, 0, 0};
   }
   locked_session s = index_->open(hash_session(key), false);
@@ -472,12 +556,40 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
     detail::bump(counters_->miss_not_found);
     return {errc::not_found, 0, 0};
   }
+  return serve_locked(s, prompt, first_block, block_count, out, {});
+}
+
+inline get_result store::acquire(const session_key& key, std::span<const token_id> prompt,
+                                 std::span<block_view> views) noexcept {
+  detail::bump(counters_->gets);
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) {
+    detail::bump(counters_->miss_not_found);
+    return {errc::not_found, 0, 0};
+  }
+  get_result res = serve_locked(s, prompt, 0, std::uint32_t(views.size()), {}, views);
+  if (res.status == errc::not_found) res.status = errc::ok;  // fewer blocks than views is normal here
+  if (res.blocks > 0) s.pin();
+  return res;
+}
+
+inline void store::release(const session_key& key) noexcept {
+  locked_session s = index_->open(hash_session(key), false);
+  if (s) s.unpin();
+}
+
+inline get_result store::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
+                                      std::uint32_t block_count, std::span<std::byte> out,
+                                      std::span<block_view> views) noexcept {
+  // Two modes: copy blocks into `out` (get), or make them resident in DRAM and describe
+  // them in `views` (acquire, for layer-wise loads straight from the DRAM tier).
+  const bool resident = out.empty();
+  const std::size_t bb = geometry_.block_bytes();
   get_result res;
   const std::uint32_t end = first_block + block_count;
 
-  // SSD blocks are read in batches; each pending read remembers where it goes. Each
-  // block is verified and copied out by the completion callback while the device
-  // still works on the rest of the batch.
+  // SSD blocks are read in batches; each block is verified (and, when copying, copied
+  // out) by the completion callback while the device still works on the rest.
   struct pending_read {
     std::uint32_t block, position, buffer_slot;
     bool promoted;
@@ -508,7 +620,7 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
       detail::bump(counters_->checksum_failures);
       detail::bump(counters_->miss_checksum);
       release_chain(s.truncate(position));  // never served, never kept
-    } else {
+    } else if (why == errc::device_error) {
       detail::bump(counters_->miss_io_error);
     }
   };
@@ -522,10 +634,11 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
       return;
     }
     const std::byte* area = static_cast<const std::byte*>(b.reqs[i].buffer);
-    const std::size_t bb = st.geometry_.block_bytes();
+    const std::size_t bytes = st.geometry_.block_bytes();
+    std::uint64_t cs = b.out ? copy_with_checksum(b.out + std::size_t(p.position - b.first_block) * bytes,
+                                                  area + st.header_bytes_, bytes)
+                             : checksum64(area + st.header_bytes_, bytes);
     format::block_header h;
-    std::uint64_t cs =
-        copy_with_checksum(b.out + std::size_t(p.position - b.first_block) * bb, area + st.header_bytes_, bb);
     bool ok = format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) ==
                   format::header_status::ok &&
               h.model == st.model_.value && h.session == b.session->key().value && h.block_index == p.position &&
@@ -561,6 +674,7 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
             s.meta(p.block).dram_slot = p.buffer_slot;
             detail::bump(counters_->promoted_blocks);
             keep = true;
+            if (resident) views[p.position - first_block] = {dram_payload(p.buffer_slot), p.matched};
           }
         }
       }
@@ -587,13 +701,17 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
     }
     if (matched == 0) break;
     if (i >= first_block) {
-      std::byte* dst = out.data() + std::size_t(i - first_block) * bb;
       if (m.dram_slot != no_slot) {
         bool ok = true;
-        if (config_.verify_dram_reads)
-          ok = copy_with_checksum(dst, dram_payload(m.dram_slot), bb) == m.checksum;
-        else
-          std::memcpy(dst, dram_payload(m.dram_slot), bb);
+        if (resident) {
+          views[i - first_block] = {dram_payload(m.dram_slot), matched};
+        } else {
+          std::byte* dst = out.data() + std::size_t(i - first_block) * bb;
+          if (config_.verify_dram_reads)
+            ok = copy_with_checksum(dst, dram_payload(m.dram_slot), bb) == m.checksum;
+          else
+            std::memcpy(dst, dram_payload(m.dram_slot), bb);
+        }
         if (!ok) {
           flush();
           fail_at(i, errc::checksum_error);
@@ -602,18 +720,21 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
         detail::bump(counters_->blocks_served_dram);
         res.tokens += matched;
       } else {
-        std::uint32_t buf = dram_->allocate();  // promote when DRAM has room; never demote for a read
+        // Reading for a copy promotes only into free DRAM; making a block resident
+        // may demote other sessions for room (never this one's).
+        std::uint32_t buf = resident ? alloc_dram(s, 0) : dram_->allocate();
         bool promoted = buf != no_slot;
-        if (!promoted) {
+        if (!promoted && !resident) {
           buf = staging_->allocate();
           if (buf == no_slot) {
             flush();
             buf = staging_->allocate();
           }
-          if (buf == no_slot) {
-            fail_at(i, errc::retry);  // all staging in use by other readers
-            break;
-          }
+        }
+        if (buf == no_slot) {
+          flush();
+          fail_at(i, resident ? errc::no_space : errc::retry);
+          break;
         }
         rb.pending[rb.count++] = {b, i, buf, promoted, matched, errc::ok};
         if (rb.count == batch_max) flush();
