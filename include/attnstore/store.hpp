@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <vector>
 #include <span>
 #include <string>
 
@@ -50,6 +52,7 @@ struct store_config {
   bool verify_dram_reads = true;      ///< re-check payload checksums when serving from DRAM
   bool pin_host_memory = true;        ///< cudaHostAlloc / mlock the DRAM tier (best effort)
   std::uint32_t max_sessions = 4096;  ///< live sessions indexed at once
+  std::uint32_t queue_window = 1024;  ///< entries of the engine queue set_queue() keeps
   unsigned staging_blocks = 0;        ///< SSD read staging slots (0: 2 x queue_depth)
 
   attnstore::logger log{};
@@ -141,7 +144,8 @@ class store {
   /// When result.blocks > 0 the caller must call release() once done with the views.
   get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views) noexcept;
   /// Ends an acquire(): unpins the session.
-  void release(const session_key& key) noexcept;
+  void release(const session_key& key) noexcept { release(hash_session(key)); }
+  void release(const session_hash& key) noexcept;
 
   /// Starts a save whose payloads the caller fills itself (layer by layer, by DMA...):
   /// reserves DRAM blocks [first_block, blocks_for(tokens.size())) and writes their
@@ -163,6 +167,11 @@ class store {
   /// Pinned sessions are never demoted or evicted. Returns ok or not_found.
   errc pin(const session_key& key) noexcept;
   errc unpin(const session_key& key) noexcept;
+  /// The engine's waiting queue, first to run first. Queued sessions are demoted or
+  /// evicted only when no other session can be; past queue_window entries the rest of
+  /// the queue is ignored. Replaces the previous queue.
+  void set_queue(std::span<const session_key> waiting) noexcept;
+
   /// Moves a session's DRAM blocks to SSD now. Returns ok, not_found, unsupported (no
   /// SSD tier), no_space, device_error.
   errc demote(const session_key& key) noexcept;
@@ -203,6 +212,11 @@ class store {
   void recover();
   void write_or_check_manifest();
   locked_session open_or_evict(const session_hash& key) noexcept;
+  /// Least recently used session that `want` accepts, locked; sessions in the engine's
+  /// queue only when no other qualifies. Never one of the two excluded records.
+  template <class Want>
+  locked_session pick_victim(Want&& want, std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
+  bool in_queue(const session_hash& key) noexcept;
 
   store_config config_;
   kv_geometry geometry_;
@@ -218,6 +232,9 @@ class store {
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
   void* zero_page_ = nullptr;
+  std::mutex queue_mutex_;
+  std::vector<hash128> queue_set_;  // open addressing; zero = empty
+  std::atomic<std::uint32_t> queue_size_{0};
 };
 
 }  // namespace attnstore

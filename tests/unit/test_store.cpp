@@ -450,3 +450,26 @@ TEST_CASE("store: many sessions beyond max_sessions evict the least recently use
   auto t0 = conversation{0, 10}.toks();
   CHECK(s.lookup({"t", "s0"}, t0).tokens == 0);
 }
+
+TEST_CASE("store: sessions in the engine's queue are evicted only when nothing else can go") {
+  store s(small_config("", 6, 0));
+  conversation a{1, 64}, b{2, 64}, c{3, 64}, d{4, 64}, e{5, 64};  // 2 blocks each
+  REQUIRE(put_all(s, a) == errc::ok);
+  REQUIRE(put_all(s, b) == errc::ok);
+  REQUIRE(put_all(s, c) == errc::ok);
+  const std::string an = a.name(), bn = b.name(), cn = c.name();
+  session_key queue[] = {{"t", an}, {"t", cn}};
+  s.set_queue(queue);
+  REQUIRE(put_all(s, d) == errc::ok);  // a is least recent but queued: b goes
+  auto ta = a.toks(), tb = b.toks(), tc = c.toks();
+  CHECK(s.lookup({"t", an}, ta).tokens == 64);
+  CHECK(s.lookup({"t", bn}, tb).tokens == 0);
+  REQUIRE(put_all(s, e) == errc::ok);  // d is the only unqueued one left: it goes
+  auto td = d.toks();
+  CHECK(s.lookup({"t", d.name()}, td).tokens == 0);
+  CHECK(s.lookup({"t", cn}, tc).tokens == 64);
+  s.set_queue({});
+  conversation f{6, 64};
+  REQUIRE(put_all(s, f) == errc::ok);  // queue cleared: plain LRU again (a, the oldest touched first)
+  CHECK(s.stats().evicted_sessions == 3);
+}

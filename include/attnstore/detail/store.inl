@@ -100,6 +100,13 @@ inline store::store(store_config c) : config_(std::move(c)) {
     regions.insert(regions.end(), staging_->regions().begin(), staging_->regions().end());
     if (!device_->register_buffers(regions, &why)) config_.log(log_level::info, "store: " + why);
   }
+  if (config_.queue_window == 0 || config_.queue_window > (1u << 20))
+    fail("queue_window is " + std::to_string(config_.queue_window) + ", allowed 1..1048576");
+  {
+    std::size_t cap = 16;
+    while (cap < 2 * std::size_t(config_.queue_window)) cap *= 2;
+    queue_set_.assign(cap, hash128{});
+  }
   zero_page_ = std::aligned_alloc(format::sector, format::sector);
   if (!zero_page_) throw std::bad_alloc();
   std::memset(zero_page_, 0, format::sector);
@@ -192,19 +199,61 @@ inline void store::drop_locked(locked_session& s) noexcept {
 }
 
 inline bool store::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
-  locked_session victim;
-  index_->for_each_lru([&](std::uint32_t rec) {
-    if (rec == exclude_a || rec == exclude_b) return false;
-    locked_session h = index_->try_open_record(rec);
-    if (!h || h.ssd_blocks() == 0 || h.pins() > 0) return false;
-    victim = std::move(h);
-    return true;
-  });
+  locked_session victim =
+      pick_victim([](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
   if (!victim) return false;
   detail::bump(counters_->evicted_sessions);
   detail::bump(counters_->evicted_blocks, victim.block_count());
   drop_locked(victim);
   return true;
+}
+
+template <class Want>
+locked_session store::pick_victim(Want&& want, std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
+  locked_session victim;
+  for (int pass = 0; pass < 2 && !victim; ++pass) {
+    const bool queue = queue_size_.load(std::memory_order_relaxed) > 0;
+    const bool spare_queued = pass == 0 && queue;
+    if (pass == 1 && !queue) break;
+    index_->for_each_lru([&](std::uint32_t rec) {
+      if (rec == exclude_a || rec == exclude_b) return false;
+      locked_session h = index_->try_open_record(rec);
+      if (!h || h.pins() > 0 || !want(h)) return false;
+      if (spare_queued && in_queue(h.key())) return false;
+      victim = std::move(h);
+      return true;
+    });
+  }
+  return victim;
+}
+
+inline bool store::in_queue(const session_hash& key) noexcept {
+  hash128 h = key.value;
+  if (h.is_zero()) h.lo = 1;  // as set_queue stores it
+  std::lock_guard lock(queue_mutex_);
+  if (queue_size_.load(std::memory_order_relaxed) == 0) return false;
+  const std::size_t mask = queue_set_.size() - 1;
+  for (std::size_t i = h.lo & mask;; i = (i + 1) & mask) {
+    if (queue_set_[i].is_zero()) return false;
+    if (queue_set_[i] == h) return true;
+  }
+}
+
+inline void store::set_queue(std::span<const session_key> waiting) noexcept {
+  const std::size_t n = std::min<std::size_t>(waiting.size(), config_.queue_window);
+  std::lock_guard lock(queue_mutex_);
+  std::fill(queue_set_.begin(), queue_set_.end(), hash128{});
+  const std::size_t mask = queue_set_.size() - 1;
+  std::uint32_t size = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    hash128 h = hash_session(waiting[k]).value;
+    if (h.is_zero()) h.lo = 1;  // zero marks an empty slot
+    std::size_t i = h.lo & mask;
+    while (!queue_set_[i].is_zero() && !(queue_set_[i] == h)) i = (i + 1) & mask;
+    if (queue_set_[i].is_zero()) ++size;
+    queue_set_[i] = h;
+  }
+  queue_size_.store(size, std::memory_order_relaxed);
 }
 
 inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
@@ -306,14 +355,7 @@ inline errc store::demote_locked(locked_session& s, std::uint32_t until_position
 }
 
 inline bool store::demote_some_victim(std::uint32_t exclude) noexcept {
-  locked_session victim;
-  index_->for_each_lru([&](std::uint32_t rec) {
-    if (rec == exclude) return false;
-    locked_session h = index_->try_open_record(rec);
-    if (!h || h.dram_blocks() == 0 || h.pins() > 0) return false;
-    victim = std::move(h);
-    return true;
-  });
+  locked_session victim = pick_victim([](locked_session& h) { return h.dram_blocks() > 0; }, exclude, no_slot);
   if (!victim) return false;
   if (demote_locked(victim, no_slot, exclude) != errc::ok && victim.dram_blocks() > 0) {
     // No SSD tier, SSD full of protected data, or an I/O error: the cache gives the
@@ -346,13 +388,7 @@ inline locked_session store::open_or_evict(const session_hash& key) noexcept {
     locked_session s = index_->open(key, true);
     if (s) return s;
     // Every record is live: evict the least recently used unpinned session.
-    locked_session victim;
-    index_->for_each_lru([&](std::uint32_t rec) {
-      locked_session h = index_->try_open_record(rec);
-      if (!h || h.pins() > 0) return false;
-      victim = std::move(h);
-      return true;
-    });
+    locked_session victim = pick_victim([](locked_session&) { return true; }, no_slot, no_slot);
     if (!victim) return {};
     detail::bump(counters_->evicted_sessions);
     detail::bump(counters_->evicted_blocks, victim.block_count());
@@ -573,8 +609,8 @@ inline get_result store::acquire(const session_key& key, std::span<const token_i
   return res;
 }
 
-inline void store::release(const session_key& key) noexcept {
-  locked_session s = index_->open(hash_session(key), false);
+inline void store::release(const session_hash& key) noexcept {
+  locked_session s = index_->open(key, false);
   if (s) s.unpin();
 }
 

@@ -1,0 +1,268 @@
+// hooks bodies. Per-handle state (block views, payload pointers, events, a segment
+// buffer) is allocated once at construction; start/wait/save/finish only index it.
+#pragma once
+
+#include <algorithm>
+
+namespace attnstore {
+
+struct hooks::load_state {
+  session_hash key{};
+  std::vector<block_view> views;
+  std::vector<event_id> events;  // one per layer: layer copied into engine memory
+  std::vector<copy_segment> segments;
+  kv_target target{};
+  std::optional<stream_ref> compute;
+  std::uint32_t read_stream = 0;
+  std::uint32_t blocks = 0;
+  std::uint32_t queued_layers = 0;
+  bool active = false;
+};
+
+struct hooks::save_state {
+  save_reservation reservation;
+  std::vector<std::byte*> payloads;
+  std::vector<event_id> written;   // one per layer: layer copied into DRAM
+  std::vector<event_id> computed;  // one per layer: recorded on the compute stream
+  std::vector<std::uint8_t> saved;
+  std::vector<copy_segment> segments;
+  kv_source source{};
+  std::optional<stream_ref> compute;
+  std::uint64_t tokens = 0;
+  bool active = false;
+};
+
+inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
+    : store_(kv),
+      copier_(copier),
+      config_(config),
+      geometry_(kv.geometry()),
+      load_pool_(config.max_loads),
+      save_pool_(config.max_saves) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("hooks_config: " + m); };
+  if (config.max_loads == 0 || config.max_saves == 0) fail("max_loads and max_saves must be at least 1");
+  if (config.max_blocks_per_request == 0) fail("max_blocks_per_request is 0");
+  if (config.read_streams == 0 || config.read_streams > 8) fail("read_streams is " + std::to_string(config.read_streams) + ", allowed 1..8");
+  const std::size_t per_block = 2 * std::size_t(geometry_.tokens_per_block) * geometry_.num_kv_heads;
+  if (config.segment_buffer < per_block)
+    fail("segment_buffer is " + std::to_string(config.segment_buffer) + ", must hold one block's layer (" +
+         std::to_string(per_block) + " segments)");
+  for (std::uint32_t i = 0; i < config.read_streams; ++i) read_streams_.push_back(copier.create_stream());
+  write_stream_ = copier.create_stream();
+  auto take_events = [&](std::vector<event_id>& ev) {
+    ev.resize(geometry_.num_layers);
+    for (auto& e : ev) {
+      e = copier.acquire_event();
+      if (e == no_event) throw std::invalid_argument("hooks: the copy backend's event pool is too small for max_loads/max_saves x layers");
+    }
+  };
+  loads_.resize(config.max_loads);
+  for (auto& L : loads_) {
+    L.views.resize(config.max_blocks_per_request);
+    L.segments.resize(config.segment_buffer);
+    take_events(L.events);
+  }
+  saves_.resize(config.max_saves);
+  for (auto& S : saves_) {
+    S.payloads.resize(config.max_blocks_per_request);
+    S.segments.resize(config.segment_buffer);
+    S.saved.resize(geometry_.num_layers);
+    take_events(S.written);
+    take_events(S.computed);
+  }
+}
+
+inline hooks::~hooks() {
+  for (std::uint32_t h = 0; h < loads_.size(); ++h)
+    if (loads_[h].active) (void)finish_load(h);
+  for (std::uint32_t h = 0; h < saves_.size(); ++h)
+    if (saves_[h].active) abort_save(h);
+  for (auto& L : loads_)
+    for (auto e : L.events) copier_.release_event(e);
+  for (auto& S : saves_) {
+    for (auto e : S.written) copier_.release_event(e);
+    for (auto e : S.computed) copier_.release_event(e);
+  }
+}
+
+inline void hooks::set_queue(std::span<const session_key> waiting) noexcept { store_.set_queue(waiting); }
+
+inline errc hooks::flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept {
+  if (used == 0) return errc::ok;
+  errc e = copier_.copy_async(buf.first(used), s);
+  used = 0;
+  return e;
+}
+
+inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept {
+  const stream_ref stream = read_streams_[L.read_stream];
+  const std::size_t need = max_layer_segments(geometry_, *L.target.layout);
+  std::size_t used = 0;
+  for (std::uint32_t b = 0; b < L.blocks; ++b) {
+    if (L.segments.size() - used < need)
+      if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
+    used += layer_segments(geometry_, L.views[b].payload, layer, std::uint64_t(b) * geometry_.tokens_per_block,
+                           L.views[b].tokens, L.target, copy_direction::to_engine,
+                           std::span(L.segments).subspan(used));
+  }
+  if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
+  L.queued_layers = layer + 1;
+  return copier_.record(L.events[layer], stream);
+}
+
+inline load_info hooks::start_load(const session_key& session, std::span<const token_id> prompt,
+                                   const kv_target& target, std::optional<stream_ref> compute) noexcept {
+  if (!target.layout) return {errc::invalid_argument};
+  try {
+    target.layout->check_against(geometry_);
+  } catch (const std::exception&) {
+    return {errc::invalid_argument};
+  }
+  const load_handle h = load_pool_.allocate();
+  if (h == no_handle) return {errc::retry};
+  load_state& L = loads_[h];
+  get_result got = store_.acquire(session, prompt, L.views);
+  if (got.blocks == 0) {
+    load_pool_.release(h);
+    return {got.status == errc::not_found ? errc::ok : got.status};
+  }
+  if (std::uint64_t(target.pages.size()) * target.layout->page_size < got.tokens) {
+    store_.release(session);
+    load_pool_.release(h);
+    return {errc::invalid_argument};
+  }
+  L.key = hash_session(session);
+  L.target = target;
+  L.compute = compute;
+  L.read_stream = next_read_stream_.fetch_add(1, std::memory_order_relaxed) % std::uint32_t(read_streams_.size());
+  L.blocks = got.blocks;
+  L.queued_layers = 0;
+  L.active = true;
+  const std::uint32_t first = std::min(config_.preload_layers, geometry_.num_layers);
+  for (std::uint32_t l = 0; l < first; ++l)
+    if (errc e = queue_load_layer(L, l); e != errc::ok) {
+      (void)finish_load(h);
+      return {e};
+    }
+  return {got.status, h, got.tokens, got.blocks};
+}
+
+inline errc hooks::wait_layer(load_handle h, std::uint32_t layer) noexcept {
+  if (h >= loads_.size() || !loads_[h].active || layer >= geometry_.num_layers) return errc::invalid_argument;
+  load_state& L = loads_[h];
+  // Keep `preload_layers` layers queued ahead of the one about to compute.
+  const std::uint32_t upto = std::min(geometry_.num_layers, layer + 1 + config_.preload_layers);
+  while (L.queued_layers < upto)
+    if (errc e = queue_load_layer(L, L.queued_layers); e != errc::ok) return e;
+  return L.compute ? copier_.wait(*L.compute, L.events[layer]) : copier_.synchronize(L.events[layer]);
+}
+
+inline errc hooks::finish_load(load_handle h) noexcept {
+  if (h >= loads_.size() || !loads_[h].active) return errc::invalid_argument;
+  load_state& L = loads_[h];
+  errc status = errc::ok;
+  for (std::uint32_t l = 0; l < L.queued_layers; ++l)
+    if (errc e = copier_.synchronize(L.events[l]); e != errc::ok && status == errc::ok) status = e;
+  store_.release(L.key);
+  L.active = false;
+  load_pool_.release(h);
+  return status;
+}
+
+inline void hooks::sync_loads_of(const session_hash& key) noexcept {
+  for (auto& L : loads_)
+    if (L.active && L.key == key)
+      for (std::uint32_t l = 0; l < L.queued_layers; ++l) (void)copier_.synchronize(L.events[l]);
+}
+
+inline save_handle hooks::start_save(const session_key& session, std::span<const token_id> tokens,
+                                     std::uint64_t from_token, const kv_source& source,
+                                     std::optional<stream_ref> compute, errc* status) noexcept {
+  auto fail = [&](errc e) {
+    if (status) *status = e;
+    return no_handle;
+  };
+  if (!source.layout || from_token >= tokens.size()) return fail(errc::invalid_argument);
+  try {
+    source.layout->check_against(geometry_);
+  } catch (const std::exception&) {
+    return fail(errc::invalid_argument);
+  }
+  if (std::uint64_t(source.pages.size()) * source.layout->page_size < tokens.size()) return fail(errc::invalid_argument);
+  const std::uint32_t first_block = std::uint32_t(from_token / geometry_.tokens_per_block);
+  const std::uint32_t count = geometry_.blocks_for(tokens.size()) - first_block;
+  if (count > config_.max_blocks_per_request) return fail(errc::invalid_argument);
+  const save_handle h = save_pool_.allocate();
+  if (h == no_handle) return fail(errc::retry);
+  save_state& S = saves_[h];
+  if (errc e = store_.reserve(session, tokens, first_block, S.payloads, S.reservation); e != errc::ok) {
+    save_pool_.release(h);
+    return fail(e);
+  }
+  S.source = source;
+  S.compute = compute;
+  S.tokens = tokens.size();
+  std::fill(S.saved.begin(), S.saved.end(), 0);
+  S.active = true;
+  if (status) *status = errc::ok;
+  return h;
+}
+
+inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
+  if (h >= saves_.size() || !saves_[h].active || layer >= geometry_.num_layers) return errc::invalid_argument;
+  save_state& S = saves_[h];
+  const stream_ref stream = *write_stream_;
+  if (S.compute) {  // the copy starts only after the compute that wrote this layer
+    if (errc e = copier_.record(S.computed[layer], *S.compute); e != errc::ok) return e;
+    if (errc e = copier_.wait(stream, S.computed[layer]); e != errc::ok) return e;
+  }
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::size_t need = max_layer_segments(geometry_, *S.source.layout);
+  std::size_t used = 0;
+  for (std::uint32_t i = 0; i < S.reservation.blocks; ++i) {
+    const std::uint64_t first_token = std::uint64_t(S.reservation.first_block + i) * tpb;
+    const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(tpb, S.tokens - first_token));
+    if (S.segments.size() - used < need)
+      if (errc e = flush_segments(S.segments, used, stream); e != errc::ok) return e;
+    used += layer_segments(geometry_, S.payloads[i], layer, first_token, n, S.source, copy_direction::from_engine,
+                           std::span(S.segments).subspan(used));
+  }
+  if (errc e = flush_segments(S.segments, used, stream); e != errc::ok) return e;
+  S.saved[layer] = 1;
+  return copier_.record(S.written[layer], stream);
+}
+
+inline errc hooks::finish_save(save_handle h) noexcept {
+  if (h >= saves_.size() || !saves_[h].active) return errc::invalid_argument;
+  save_state& S = saves_[h];
+  for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
+    if (!S.saved[l]) {
+      abort_save(h);
+      return errc::bad_state;
+    }
+  errc status = errc::ok;
+  for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
+    if (errc e = copier_.synchronize(S.written[l]); e != errc::ok && status == errc::ok) status = e;
+  if (status != errc::ok) {
+    abort_save(h);
+    return status;
+  }
+  // A load of this session may still read the blocks this save replaces.
+  sync_loads_of(S.reservation.key);
+  status = store_.commit(S.reservation);
+  S.active = false;
+  save_pool_.release(h);
+  return status;
+}
+
+inline void hooks::abort_save(save_handle h) noexcept {
+  if (h >= saves_.size() || !saves_[h].active) return;
+  save_state& S = saves_[h];
+  for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
+    if (S.saved[l]) (void)copier_.synchronize(S.written[l]);
+  store_.abort(S.reservation);
+  S.active = false;
+  save_pool_.release(h);
+}
+
+}  // namespace attnstore

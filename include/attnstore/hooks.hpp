@@ -1,0 +1,141 @@
+// hooks: the small API an inference engine calls, split the way serving engines split
+// their work. The scheduler side asks what a prompt can reuse and closes sessions; the
+// worker side loads a session's history into engine KV memory layer by layer while
+// earlier layers compute, and saves the new tokens' KV layer by layer while later
+// layers compute.
+//
+// A prefill with attnstore, per request:
+//   h = start_load(session, prompt, target)          // queues the first layers now
+//   for l in layers: wait_layer(h, l); compute(l); save_layer(s, l)
+//   finish_load(h); finish_save(s)                    // s from start_save(...)
+//
+// Every call is noexcept and returns errc; nothing allocates per layer.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "attnstore/copy/copy_backend.hpp"
+#include "attnstore/kv_layout.hpp"
+#include "attnstore/store.hpp"
+
+namespace attnstore {
+
+struct hooks_config {
+  /// Layers whose copies are queued ahead of compute: start_load queues layers
+  /// [0, P), wait_layer(l) queues layer l + P. Use num_layers to load everything at
+  /// once (e.g. when start_load is called while the previous batch computes).
+  std::uint32_t preload_layers = 2;
+  std::uint32_t max_loads = 32;             ///< load handles open at once
+  std::uint32_t max_saves = 32;             ///< save handles open at once
+  std::uint32_t max_blocks_per_request = 1024;  ///< blocks one load or save may span
+  std::uint32_t read_streams = 2;           ///< loads of different requests overlap across these
+  std::size_t segment_buffer = 8192;        ///< copy segments built per copy_async call
+};
+
+using load_handle = std::uint32_t;
+using save_handle = std::uint32_t;
+inline constexpr std::uint32_t no_handle = ~0u;
+
+/// What start_load found and began loading.
+struct load_info {
+  errc status = errc::ok;
+  load_handle handle = no_handle;  ///< no_handle when nothing is loaded
+  std::uint64_t tokens = 0;        ///< history tokens being loaded (positions [0, tokens))
+  std::uint32_t blocks = 0;
+};
+
+class hooks {
+ public:
+  /// The store and backend must outlive the hooks. Throws std::invalid_argument for a
+  /// bad configuration.
+  hooks(store& kv, copy_backend& copier, const hooks_config& config = {});
+  ~hooks();
+  hooks(const hooks&) = delete;
+  hooks& operator=(const hooks&) = delete;
+
+  // ---------------------------------------------------------------- scheduler side
+
+  /// How much of `prompt` the session can reuse, and where it is.
+  lookup_result lookup(const session_key& session, std::span<const token_id> prompt) noexcept {
+    return store_.lookup(session, prompt);
+  }
+  /// The engine's waiting queue, first to run first. The store keeps these sessions'
+  /// KV out of eviction's way while others can go (see store::set_queue).
+  void set_queue(std::span<const session_key> waiting) noexcept;
+  /// A turn has ended (its save finished): nothing to hold for it any more.
+  void on_turn_finished(const session_key& session) noexcept { (void)store_.lookup(session, {}); }
+  /// The conversation is over: its KV is dropped from every tier.
+  errc close_session(const session_key& session) noexcept { return store_.drop(session); }
+
+  // ---------------------------------------------------------------- worker side
+
+  /// Begins loading the reusable prefix of `prompt` into engine memory `target`
+  /// (token positions [0, info.tokens)). The session's blocks are made resident in
+  /// DRAM first (SSD reads happen here, before any layer), then the copies of layers
+  /// [0, preload_layers) are queued. `compute` is the stream the engine computes on,
+  /// or nullopt for an engine that computes on the calling host thread.
+  /// The target's pages must stay valid and unused by others until finish_load.
+  /// Returns status ok (tokens may be 0 and handle no_handle: nothing to load),
+  /// invalid_argument (layout does not match the store), retry (all handles busy),
+  /// no_space, checksum_error/device_error (the verified prefix is still loaded).
+  load_info start_load(const session_key& session, std::span<const token_id> prompt, const kv_target& target,
+                       std::optional<stream_ref> compute = std::nullopt) noexcept;
+  /// Layer `layer`'s history is in engine memory before compute uses it: on a GPU the
+  /// compute stream waits for an event (no host block); on the host this blocks until
+  /// the copy is done. Also queues layer layer + preload_layers.
+  /// Returns ok, invalid_argument (bad handle or layer), device_error.
+  errc wait_layer(load_handle h, std::uint32_t layer) noexcept;
+  /// Waits for every queued layer and frees the handle (the blocks may move again).
+  errc finish_load(load_handle h) noexcept;
+
+  /// Begins saving the session's KV for `tokens` (its whole history after this
+  /// prefill) from engine memory `source`, for positions from `from_token` on (the
+  /// first block re-saved is the one holding from_token). DRAM blocks are reserved
+  /// now; nothing is visible until finish_save.
+  /// Returns the handle, or no_handle with `status` set (invalid_argument, rejected:
+  /// positions before from_token are not stored, no_space, retry: handles busy).
+  save_handle start_save(const session_key& session, std::span<const token_id> tokens, std::uint64_t from_token,
+                         const kv_source& source, std::optional<stream_ref> compute = std::nullopt,
+                         errc* status = nullptr) noexcept;
+  /// Layer `layer` of the new KV is in engine memory: queue its copy to DRAM behind
+  /// the compute that produced it. Returns ok, invalid_argument, device_error.
+  errc save_layer(save_handle h, std::uint32_t layer) noexcept;
+  /// Waits for every layer's copy, verifies and publishes the blocks (checksums; SSD
+  /// write-through if configured), frees the handle. Every layer must have been saved
+  /// (else bad_state and nothing is published). Returns the store's commit codes.
+  errc finish_save(save_handle h) noexcept;
+  /// Gives a save up unpublished.
+  void abort_save(save_handle h) noexcept;
+
+  copy_backend& copier() noexcept { return copier_; }
+  const hooks_config& config() const noexcept { return config_; }
+
+ private:
+  struct load_state;
+  struct save_state;
+  errc queue_load_layer(load_state& L, std::uint32_t layer) noexcept;
+  errc flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept;
+  void sync_loads_of(const session_hash& key) noexcept;
+
+  store& store_;
+  copy_backend& copier_;
+  hooks_config config_;
+  kv_geometry geometry_;
+  std::vector<stream_ref> read_streams_;
+  std::optional<stream_ref> write_stream_;
+  std::vector<load_state> loads_;
+  std::vector<save_state> saves_;
+  detail::slot_pool load_pool_;
+  detail::slot_pool save_pool_;
+  std::atomic<std::uint32_t> next_read_stream_{0};
+};
+
+}  // namespace attnstore
+
+#include "attnstore/detail/hooks.inl"
