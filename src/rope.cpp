@@ -1,0 +1,102 @@
+// CPU re-rotation. A vectorised path (AVX2 + F16C, 8 pairs at a time) for the common
+// case, the shared scalar core (detail/rope_core.hpp) for the rest; both compute
+// x0*c - x1*s and x0*s + x1*c in fp32 with separate multiply and add (no FMA), so the
+// two paths give identical results.
+#include "attnstore/rope.hpp"
+
+#include <immintrin.h>
+
+#include "attnstore/config.hpp"
+#include "attnstore/status.hpp"
+
+namespace attnstore {
+namespace {
+
+int dtype_code(dtype d) { return d == dtype::f32 ? 0 : d == dtype::f16 ? 1 : 2; }
+
+__attribute__((target("avx2,f16c"))) __m256 load8(const std::byte* p, int code) {
+  if (code == 0) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (code == 1) return _mm256_cvtph_ps(v);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+__attribute__((target("avx2,f16c"))) void store8(std::byte* p, int code, __m256 x) {
+  if (code == 0) {
+    _mm256_storeu_ps(reinterpret_cast<float*>(p), x);
+    return;
+  }
+  if (code == 1) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    return;
+  }
+  // bf16, round to nearest even (NaNs are not produced by a rotation of finite keys;
+  // non-finite inputs take the scalar path below).
+  __m256i b = _mm256_castps_si256(x);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  b = _mm256_srli_epi32(b, 16);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+__attribute__((target("avx2,f16c"))) bool all_finite(__m256 a, __m256 b) {
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 ma = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a), inf, _CMP_LT_OQ);
+  __m256 mb = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), b), inf, _CMP_LT_OQ);
+  return _mm256_movemask_ps(_mm256_and_ps(ma, mb)) == 0xFF;
+}
+
+// neox heads with rotary/2 a multiple of 8: pairs (i, i+half) are 8-wide vectors.
+__attribute__((target("avx2,f16c"))) bool rotate_head_avx2(std::byte* head, int code, std::uint32_t half,
+                                                           const float* c, const float* s) {
+  const std::size_t e = code == 0 ? 4 : 2;
+  for (std::uint32_t i = 0; i < half; i += 8) {
+    std::byte* pa = head + i * e;
+    std::byte* pb = head + (i + half) * e;
+    __m256 x0 = load8(pa, code), x1 = load8(pb, code);
+    __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+    __m256 y0 = _mm256_sub_ps(_mm256_mul_ps(x0, cv), _mm256_mul_ps(x1, sv));
+    __m256 y1 = _mm256_add_ps(_mm256_mul_ps(x0, sv), _mm256_mul_ps(x1, cv));
+    if (code == 2 && !all_finite(y0, y1)) return false;
+    store8(pa, code, y0);
+    store8(pb, code, y1);
+  }
+  return true;
+}
+
+bool have_avx2() {
+  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return v;
+}
+
+}  // namespace
+
+errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
+              std::size_t head_stride, const rope_angles& angles) noexcept {
+  if (dt == dtype::fp8_e4m3) return errc::unsupported;
+  const rope_spec& spec = angles.spec();
+  const int code = dtype_code(dt);
+  const bool neox = spec.style == rope_style::neox;
+  const std::uint32_t half = spec.rotary() / 2;
+  const bool fast = neox && half % 8 == 0 && have_avx2();
+  for (std::size_t t = 0; t < tokens; ++t) {
+    const float* c = angles.cos_row(t);
+    const float* s = angles.sin_row(t);
+    for (std::uint32_t h = 0; h < heads; ++h) {
+      std::byte* head = keys + t * token_stride + h * head_stride;
+      if (!(fast && rotate_head_avx2(head, code, half, c, s)))
+        detail::rotate_head(head, code, neox, spec.rotary(), c, s);
+    }
+  }
+  return errc::ok;
+}
+
+#if !ATTNSTORE_HAS_CUDA
+errc rerotate_cuda(std::byte*, dtype, std::size_t, std::uint32_t, std::size_t, std::size_t, const float*, const float*,
+                   bool, const rope_spec&, void*) noexcept {
+  return errc::unsupported;
+}
+#endif
+
+}  // namespace attnstore
