@@ -16,6 +16,15 @@ namespace {
 std::string sys_error(const std::string& what, int err) {
   return what + ": " + std::strerror(err) + " (errno " + std::to_string(err) + ")";
 }
+// flock(LOCK_EX) with a bounded wait (a dead writer's in-flight I/O takes a few tens
+// of milliseconds to drain).
+bool lock_within(int fd, unsigned wait_ms) {
+  for (unsigned waited = 0;; waited += 10) {
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return true;
+    if (errno != EWOULDBLOCK || waited >= wait_ms) return false;
+    ::usleep(10000);
+  }
+}
 }  // namespace
 
 std::uint32_t ssd_space::check(const ssd_space_options& o) {
@@ -67,7 +76,7 @@ ssd_space::ssd_space(const ssd_space_options& o)
 
   lock_fd_ = ::open((directory_ + "/LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (lock_fd_ < 0) throw std::runtime_error(sys_error("ssd_space: cannot create " + directory_ + "/LOCK", errno));
-  if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+  if (!lock_within(lock_fd_, o.lock_wait_ms)) {
     int err = errno;
     ::close(lock_fd_);
     throw std::runtime_error(sys_error("ssd_space: " + directory_ + " is in use by another store", err));
@@ -101,6 +110,15 @@ ssd_space::ssd_space(const ssd_space_options& o)
       int err = errno;
       cleanup();
       throw std::runtime_error(sys_error("ssd_space: cannot open " + path, err));
+    }
+    // The data files are locked too: a killed writer's io_uring keeps its files (and
+    // their locks) until its last in-flight write lands, so taking these locks means
+    // no write of a dead writer can arrive after recovery has read the files.
+    if (!lock_within(fd, o.lock_wait_ms)) {
+      int err = errno;
+      ::close(fd);
+      cleanup();
+      throw std::runtime_error(sys_error("ssd_space: " + path + " is still in use (a previous writer's I/O?)", err));
     }
     fds_.push_back(fd);
     const std::uint32_t in_file = std::min(slots_per_file_, slots_.capacity() - f * slots_per_file_);

@@ -25,6 +25,14 @@
 
 namespace attnstore {
 
+namespace detail {
+/// Blocks at consecutive positions written by one put (see store::write_ssd_blocks).
+struct put_group {
+  std::uint64_t first_sequence = 0;
+  std::uint32_t first_block = 0, blocks = 0;
+};
+}  // namespace detail
+
 /// Which block I/O backend the SSD tier uses.
 enum class io_backend : std::uint8_t {
   automatic,  ///< io_uring, else pread/pwrite (the reason is logged)
@@ -53,7 +61,7 @@ struct store_config {
   bool pin_host_memory = true;        ///< cudaHostAlloc / mlock the DRAM tier (best effort)
   std::uint32_t max_sessions = 4096;  ///< live sessions indexed at once
   std::uint32_t queue_window = 1024;  ///< entries of the engine queue set_queue() keeps
-  unsigned staging_blocks = 0;        ///< SSD read staging slots (0: 2 x queue_depth)
+  unsigned staging_blocks = 0;        ///< SSD read staging slots (0: 4 x queue_depth)
 
   attnstore::logger log{};
   /// Tests and embedders may wrap or replace the SSD device (fault injection, an
@@ -72,6 +80,7 @@ struct store_stats {
   std::uint64_t dropped_sessions = 0;
   std::uint64_t ssd_bytes_written = 0, ssd_bytes_read = 0;
   std::uint64_t recovered_sessions = 0, recovered_blocks = 0, recovery_dropped_blocks = 0;
+  std::uint64_t quarantined_slots = 0;  ///< SSD slots not reused: their header could not be erased
   std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;
   std::uint64_t sessions = 0;
 };
@@ -96,7 +105,9 @@ struct block_view {
 
 /// What get() delivered.
 struct get_result {
-  errc status = errc::ok;      ///< ok, not_found, checksum_error, device_error, invalid_argument, no_space
+  /// ok, not_found, checksum_error, device_error, invalid_argument, no_space, or retry
+  /// (every SSD staging buffer is in use by other readers and DRAM is full: try again).
+  errc status = errc::ok;
   std::uint32_t blocks = 0;    ///< blocks written to the output, from first_block on
   std::uint64_t tokens = 0;    ///< tokens they hold that match the prompt
 };
@@ -162,7 +173,9 @@ class store {
   /// Gives reserved blocks back unpublished.
   void abort(save_reservation& reservation) noexcept;
 
-  /// Removes a session from every tier. Returns ok or not_found.
+  /// Removes a session from every tier. Returns ok or not_found; device_error when an
+  /// SSD copy could not be erased and the tombstone that keeps it from coming back
+  /// after a restart could not be written either (the session is no longer served).
   errc drop(const session_key& key) noexcept;
   /// Pinned sessions are never demoted or evicted. Returns ok or not_found.
   errc pin(const session_key& key) noexcept;
@@ -203,13 +216,18 @@ class store {
                           std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views) noexcept;
   bool demote_some_victim(std::uint32_t exclude) noexcept;
   bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
-  void release_chain(std::uint32_t first) noexcept;
-  void drop_locked(locked_session& s) noexcept;
-  void invalidate_ssd(std::span<const std::uint32_t> slots) noexcept;
+  errc release_chain(std::uint32_t first) noexcept;
+  errc drop_locked(locked_session& s) noexcept;
+  errc invalidate_ssd(std::span<const std::uint32_t> slots) noexcept;
+  /// Writes blocks to SSD. A put group (first_sequence != 0) is blocks at consecutive
+  /// positions written by one put: recovery accepts its blocks only if all of them
+  /// arrived. Without one, each block is its own group.
+  using put_group = detail::put_group;
   errc write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
                         std::span<const std::uint32_t> positions, std::span<const std::uint32_t> ssd_slots,
-                        std::span<std::int32_t> results) noexcept;
+                        std::span<std::int32_t> results, const put_group& group = {}) noexcept;
   void recover();
+  bool write_tombstone(const session_hash& key) noexcept;
   void write_or_check_manifest();
   locked_session open_or_evict(const session_hash& key) noexcept;
   /// Least recently used session that `want` accepts, locked; sessions in the engine's

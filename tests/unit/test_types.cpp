@@ -162,6 +162,8 @@ TEST_CASE("block header round-trips and rejects any flipped byte") {
   h.payload_checksum = 8;
   h.sequence = 9;
   h.tokens_per_block = tpb;
+  h.put_first_block = 3;
+  h.put_blocks = 4;
   format::write_header(area.data(), h, toks);
   format::block_header got;
   REQUIRE(format::read_header(area.data(), hb, tpb, &got) == format::header_status::ok);

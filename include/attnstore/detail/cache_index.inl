@@ -60,7 +60,8 @@ inline void cache_index::erase_in(shard& s, const session_hash& k) noexcept {
 
 inline void cache_index::release_record(std::uint32_t rec) noexcept {
   record& r = records_[rec];
-  if (r.refs.fetch_sub(1, std::memory_order_acq_rel) == 1 && !r.live) {
+  // 2 = one handle and not live: this was the last handle of an erased record.
+  if (r.state.fetch_sub(2, std::memory_order_acq_rel) == 2) {
     r.head = r.tail = no_slot;
     r.count = 0;
     r.tokens = 0;
@@ -97,18 +98,17 @@ inline locked_session cache_index::open(const session_hash& key, bool create) no
         if (rec == no_slot) return {};
         record& r = records_[rec];
         r.key = key;
-        r.live = true;
-        r.refs.store(1, std::memory_order_relaxed);
+        r.state.store(1u | 2u, std::memory_order_release);  // live, one handle
         insert_in(s, key, rec);
         live_.fetch_add(1, std::memory_order_relaxed);
         std::lock_guard lru(lru_mutex_);
         lru_push_front(rec);
       } else {
-        records_[rec].refs.fetch_add(1, std::memory_order_relaxed);
+        records_[rec].state.fetch_add(2, std::memory_order_acq_rel);  // indexed, so live
       }
     }
     records_[rec].mutex.lock();
-    if (records_[rec].live) return locked_session(this, rec);
+    if (records_[rec].live()) return locked_session(this, rec);
     records_[rec].mutex.unlock();  // erased while we waited: look again
     release_record(rec);
   }
@@ -116,12 +116,20 @@ inline locked_session cache_index::open(const session_hash& key, bool create) no
 
 inline locked_session cache_index::try_open_record(std::uint32_t rec) noexcept {
   record& r = records_[rec];
-  if (!r.mutex.try_lock()) return {};
-  if (!r.live) {
-    r.mutex.unlock();
+  // Take a handle only while the record is live, then the lock without waiting.
+  std::uint32_t st = r.state.load(std::memory_order_acquire);
+  do {
+    if (!(st & 1u)) return {};
+  } while (!r.state.compare_exchange_weak(st, st + 2, std::memory_order_acq_rel));
+  if (!r.mutex.try_lock()) {
+    release_record(rec);
     return {};
   }
-  r.refs.fetch_add(1, std::memory_order_relaxed);
+  if (!r.live()) {
+    r.mutex.unlock();
+    release_record(rec);
+    return {};
+  }
   return locked_session(this, rec);
 }
 
@@ -278,12 +286,12 @@ inline void locked_session::touch() noexcept {
 
 inline void locked_session::erase() noexcept {
   auto& r = index_->records_[record_];
-  if (!r.live) return;
+  if (!r.live()) return;
   {
     auto& s = index_->shard_of(r.key);
     std::lock_guard lock(s.mutex);
     index_->erase_in(s, r.key);
-    r.live = false;
+    r.state.fetch_and(~1u, std::memory_order_acq_rel);
   }
   {
     std::lock_guard lock(index_->lru_mutex_);

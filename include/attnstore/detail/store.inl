@@ -26,7 +26,7 @@ namespace attnstore {
   X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)         \
   X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks)              \
   X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)                    \
-  X(recovered_blocks) X(recovery_dropped_blocks)
+  X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -74,13 +74,13 @@ inline store::store(store_config c) : config_(std::move(c)) {
                          config_.log});
   std::uint32_t ssd_slots = 0;
   if (!config_.ssd_directory.empty()) {
-    const unsigned staging = config_.staging_blocks ? config_.staging_blocks : 2 * config_.queue_depth;
+    const unsigned staging = config_.staging_blocks ? config_.staging_blocks : 4 * config_.queue_depth;
     staging_ = std::make_unique<host_arena>(host_arena_options{
         slot_bytes_, std::size_t(staging) * slot_bytes_, format::sector, std::size_t(1) << 30, pin, pin, false,
         attnstore::logger{&logger::quiet, nullptr}});
     ssd_ = std::make_unique<ssd_space>(ssd_space_options{config_.ssd_directory, slot_bytes_, config_.ssd_bytes,
                                                          std::uint64_t(16) << 30, config_.direct_io,
-                                                         config_.require_direct_io, true, config_.log});
+                                                         config_.require_direct_io, true, 2000, config_.log});
     ssd_slots = ssd_->capacity();
     std::string why;
     if (config_.backend != io_backend::posix) {
@@ -159,23 +159,38 @@ inline lookup_result store::lookup(const session_key& key, std::span<const token
 
 // ---------------------------------------------------------------- eviction helpers
 
-inline void store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept {
-  // Zero the header sector first so a restart cannot bring the block back.
+inline errc store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept {
+  // Zero the header sector first so a restart cannot bring the block back. A slot whose
+  // header cannot be erased (after one retry) is quarantined, not reused: reusing it
+  // would let a later partial write pair its old header with new data.
+  errc status = errc::ok;
   for (std::size_t base = 0; base < slots.size(); base += batch_max) {
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, slots.size() - base);
     for (std::size_t i = 0; i < n; ++i)
       reqs[i] = io_request{io_op::write, ssd_->file_of(slots[base + i]), ssd_->offset_of(slots[base + i]), zero_page_,
                            std::uint32_t(format::sector), -1, 0};
-    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) detail::bump(counters_->io_errors);
-    for (std::size_t i = 0; i < n; ++i) ssd_->release(slots[base + i]);
+    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok)
+      for (std::size_t i = 0; i < n; ++i)
+        if (reqs[i].result != std::int32_t(format::sector)) (void)device_->execute(std::span(&reqs[i], 1));
+    for (std::size_t i = 0; i < n; ++i) {
+      if (reqs[i].result == std::int32_t(format::sector)) {
+        ssd_->release(slots[base + i]);
+      } else {
+        detail::bump(counters_->io_errors);
+        detail::bump(counters_->quarantined_slots);
+        status = errc::device_error;
+      }
+    }
   }
+  return status;
 }
 
-inline void store::release_chain(std::uint32_t first) noexcept {
-  // Called with the owning record locked; blocks are already detached from it.
+inline errc store::release_chain(std::uint32_t first) noexcept {
+  // The blocks are detached from their session (or never were in one).
   std::uint32_t ssd_slots[batch_max];
   std::size_t n = 0;
+  errc status = errc::ok;
   for (std::uint32_t b = first; b != no_slot;) {
     block_meta& m = index_->block(b);
     const std::uint32_t next = m.next;
@@ -183,19 +198,21 @@ inline void store::release_chain(std::uint32_t first) noexcept {
     if (m.ssd_slot != no_slot) {
       ssd_slots[n++] = m.ssd_slot;
       if (n == batch_max) {
-        invalidate_ssd(std::span(ssd_slots, n));
+        if (invalidate_ssd(std::span(ssd_slots, n)) != errc::ok) status = errc::device_error;
         n = 0;
       }
     }
     index_->release_block(b);
     b = next;
   }
-  if (n) invalidate_ssd(std::span(ssd_slots, n));
+  if (n && invalidate_ssd(std::span(ssd_slots, n)) != errc::ok) status = errc::device_error;
+  return status;
 }
 
-inline void store::drop_locked(locked_session& s) noexcept {
-  release_chain(s.truncate(0));
+inline errc store::drop_locked(locked_session& s) noexcept {
+  errc e = release_chain(s.truncate(0));
   s.erase();
+  return e;
 }
 
 inline bool store::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
@@ -267,7 +284,7 @@ inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exc
 
 inline errc store::write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
                                     std::span<const std::uint32_t> positions, std::span<const std::uint32_t> ssd_slots,
-                                    std::span<std::int32_t> results) noexcept {
+                                    std::span<std::int32_t> results, const put_group& group) noexcept {
   errc first = errc::ok;
   for (std::size_t base = 0; base < blocks.size(); base += batch_max) {
     io_request reqs[batch_max];
@@ -275,14 +292,23 @@ inline errc store::write_ssd_blocks(locked_session& s, std::span<const std::uint
     const std::size_t n = std::min<std::size_t>(batch_max, blocks.size() - base);
     for (std::size_t i = 0; i < n; ++i) {
       block_meta& m = s.meta(blocks[base + i]);
-      seqs[i] = sequence_.fetch_add(1, std::memory_order_relaxed);
+      const std::uint32_t pos = positions[base + i];
       format::block_header h{};
+      if (group.first_sequence) {
+        seqs[i] = group.first_sequence + (pos - group.first_block);
+        h.put_first_block = group.first_block;
+        h.put_blocks = group.blocks;
+      } else {
+        seqs[i] = sequence_.fetch_add(1, std::memory_order_relaxed);
+        h.put_first_block = pos;
+        h.put_blocks = 1;
+      }
       h.header_bytes = std::uint32_t(header_bytes_);
       h.model = model_.value;
       h.session = s.key().value;
       h.block_index = positions[base + i];
       h.chain = m.chain;
-      h.payload_bytes = geometry_.block_bytes();
+      h.payload_bytes = std::uint32_t(geometry_.block_bytes());
       h.payload_checksum = m.checksum;
       h.sequence = seqs[i];
       h.tokens_per_block = geometry_.tokens_per_block;
@@ -418,6 +444,17 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
       return errc::rejected;
     prev = s.meta(b).chain;
   }
+  // The blocks this save replaces stay published until commit. Those already on SSD
+  // give their DRAM copy up now, so a session that fills most of DRAM can still be
+  // replaced; nothing is lost if the save fails.
+  for (std::uint32_t o = b; o != no_slot; o = s.meta(o).next) {
+    block_meta& m = s.meta(o);
+    if (m.dram_slot != no_slot && m.ssd_slot != no_slot) {
+      dram_->release(m.dram_slot);
+      m.dram_slot = no_slot;
+    }
+  }
+  s.count_tiers();
   r = save_reservation{};
   r.key = s.key();
   r.first_block = first_block;
@@ -433,7 +470,7 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
       tail = nb;
       block_meta& m = s.meta(nb);
       m.chain = prev = chain_hash(prev, model_, toks);
-      m.dram_slot = alloc_dram(s, first_block);
+      m.dram_slot = alloc_dram(s, no_slot);  // may demote any of this session's published blocks
     }
     if (nb == no_slot || s.meta(nb).dram_slot == no_slot) {
       release_chain(r.head);
@@ -469,6 +506,9 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
     std::uint32_t bl[batch_max], pos[batch_max], slots[batch_max];
     std::int32_t results[batch_max];
     std::uint32_t i = r.first_block;
+    // The whole put is one group: after a crash either all its blocks count or none,
+    // so a replaced history is never cut down to the new version's first blocks.
+    const put_group group{sequence_.fetch_add(r.blocks, std::memory_order_relaxed), r.first_block, r.blocks};
     for (std::uint32_t b = r.head; b != no_slot;) {
       std::size_t n = 0;
       for (; b != no_slot && n < batch_max; b = s.meta(b).next, ++i, ++n) {
@@ -480,7 +520,8 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
         bl[n] = b;
         pos[n] = i;
       }
-      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n));
+      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n),
+                                group);
       for (std::size_t k = 0; k < n; ++k) {
         if (results[k] == std::int32_t(slot_bytes_)) s.meta(bl[k]).ssd_slot = slots[k];
         else invalidate_ssd(std::span(&slots[k], 1));
@@ -798,13 +839,20 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
 // ---------------------------------------------------------------- drop, pin, demote, flush
 
 inline errc store::drop(const session_key& key) noexcept {
-  locked_session s = index_->open(hash_session(key), false);
+  const session_hash h = hash_session(key);
+  locked_session s = index_->open(h, false);
   if (!s) return errc::not_found;
-  drop_locked(s);
+  errc e = drop_locked(s);
   detail::bump(counters_->dropped_sessions);
+  // A header that could not be zeroed would bring the session back at the next
+  // restart: a tombstone (session, sequence bound) tells recovery to ignore it.
+  if (e != errc::ok) e = write_tombstone(h) ? errc::ok : errc::device_error;
   // In write-through mode a drop is durable too: the zeroed headers reach the disk.
-  if (config_.write_through && ssd_ && device_->sync() != errc::ok) detail::bump(counters_->io_errors);
-  return errc::ok;
+  if (config_.write_through && ssd_ && device_->sync() != errc::ok) {
+    detail::bump(counters_->io_errors);
+    e = errc::device_error;
+  }
+  return e;
 }
 
 inline errc store::pin(const session_key& key) noexcept {
@@ -826,6 +874,16 @@ inline errc store::demote(const session_key& key) noexcept {
   locked_session s = index_->open(hash_session(key), false);
   if (!s) return errc::not_found;
   return demote_locked(s, no_slot, no_slot);
+}
+
+inline bool store::write_tombstone(const session_hash& key) noexcept {
+  const std::string path = config_.ssd_directory + "/TOMBSTONES";
+  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return false;
+  const std::uint64_t rec[3] = {key.value.lo, key.value.hi, sequence_.load()};
+  const bool ok = ::write(fd, rec, sizeof(rec)) == ssize_t(sizeof(rec)) && ::fdatasync(fd) == 0;
+  ::close(fd);
+  return ok;
 }
 
 inline errc store::flush() noexcept { return device_ ? device_->sync() : errc::unsupported; }
@@ -899,6 +957,8 @@ inline void store::recover() {
     std::uint64_t checksum;
     std::size_t token_offset;
     std::uint32_t token_count;
+    std::uint32_t put_first_block, put_blocks;
+    std::uint64_t put_id() const noexcept { return sequence - (index - put_first_block); }
   };
   std::vector<candidate> cands;
   std::vector<token_id> token_store;
@@ -936,12 +996,91 @@ inline void store::recover() {
       max_sequence = std::max(max_sequence, h.sequence);
       const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
       cands.push_back({h.session, h.block_index, h.sequence, base + i, h.chain, h.payload_checksum,
-                       token_store.size(), h.token_count});
+                       token_store.size(), h.token_count, h.put_first_block, h.put_blocks});
       token_store.insert(token_store.end(), toks, toks + h.token_count);
     }
   }
   for (auto b : buffers) staging_->release(b);
 
+  // Sessions dropped while their headers could not be erased: blocks older than the
+  // tombstone's sequence bound are gone.
+  const std::string tomb_path = config_.ssd_directory + "/TOMBSTONES";
+  {
+    std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t> tombs;
+    if (std::FILE* f = std::fopen(tomb_path.c_str(), "rb")) {
+      std::uint64_t rec[3];
+      while (std::fread(rec, sizeof(rec), 1, f) == 1) {
+        auto& bound = tombs[{rec[1], rec[0]}];
+        bound = std::max(bound, rec[2]);
+      }
+      std::fclose(f);
+    }
+    if (!tombs.empty()) {
+      std::vector<candidate> kept;
+      for (const auto& c : cands) {
+        auto t = tombs.find({c.session.hi, c.session.lo});
+        if (t != tombs.end() && c.sequence < t->second) {
+          stale.push_back(c.slot);
+          detail::bump(counters_->recovery_dropped_blocks);
+        } else {
+          kept.push_back(c);
+        }
+      }
+      cands.swap(kept);
+    }
+  }
+  // A put's blocks count only if the whole put arrived. A member may be missing
+  // legitimately: a later, valid put replaced that block and its old slot was erased.
+  // So a put is valid when each of its positions holds either its own block or a newer
+  // block of a valid put. Puts are judged newest first (sequence ranges are disjoint
+  // and increase, so every put that can supersede one is judged before it); a put that
+  // fails (a crash mid-write) leaves the previous version of those blocks in place.
+  {
+    using skey = std::pair<std::uint64_t, std::uint64_t>;
+    struct put_info {
+      skey session;
+      std::uint32_t first, blocks;
+      std::vector<std::uint8_t> present;
+      bool valid = false;
+    };
+    std::map<std::pair<skey, std::uint64_t>, put_info> puts;  // (session, put id)
+    for (const auto& c : cands) {
+      auto& p = puts[{{c.session.hi, c.session.lo}, c.put_id()}];
+      if (p.present.empty()) {
+        p = put_info{{c.session.hi, c.session.lo}, c.put_first_block, c.put_blocks,
+                     std::vector<std::uint8_t>(c.put_blocks, 0)};
+      }
+      if (c.put_first_block == p.first && c.put_blocks == p.blocks) p.present[c.index - p.first] = 1;
+    }
+    std::map<std::pair<skey, std::uint32_t>, std::uint64_t> newest;  // (session, index) -> newest valid sequence
+    for (auto it = puts.rbegin(); it != puts.rend(); ++it) {
+      put_info& p = it->second;
+      const std::uint64_t id = it->first.second;
+      p.valid = true;
+      for (std::uint32_t i = 0; i < p.blocks && p.valid; ++i) {
+        if (p.present[i]) continue;
+        auto n = newest.find({p.session, p.first + i});
+        p.valid = n != newest.end() && n->second > id + i;
+      }
+      if (!p.valid) continue;
+      for (std::uint32_t i = 0; i < p.blocks; ++i)
+        if (p.present[i]) {
+          auto& v = newest[{p.session, p.first + i}];
+          v = std::max(v, id + i);
+        }
+    }
+    std::vector<candidate> kept;
+    for (const auto& c : cands) {
+      const put_info& p = puts[{{c.session.hi, c.session.lo}, c.put_id()}];
+      if (p.valid && c.put_first_block == p.first && c.put_blocks == p.blocks) {
+        kept.push_back(c);
+      } else {
+        stale.push_back(c.slot);
+        detail::bump(counters_->recovery_dropped_blocks);
+      }
+    }
+    cands.swap(kept);
+  }
   std::sort(cands.begin(), cands.end(), [](const candidate& a, const candidate& b) {
     if (!(a.session == b.session)) return a.session.hi != b.session.hi ? a.session.hi < b.session.hi : a.session.lo < b.session.lo;
     if (a.index != b.index) return a.index < b.index;
@@ -997,15 +1136,21 @@ inline void store::recover() {
   sequence_.store(max_sequence + 1);
   ssd_->rebuild(used);
   // Stale headers are zeroed so a later restart cannot mistake them for live blocks.
+  bool erased_all = true;
   for (std::size_t base = 0; base < stale.size(); base += batch_max) {
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, stale.size() - base);
     for (std::size_t i = 0; i < n; ++i)
       reqs[i] = io_request{io_op::write, ssd_->file_of(stale[base + i]), ssd_->offset_of(stale[base + i]), zero_page_,
                            std::uint32_t(format::sector), -1, 0};
-    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) detail::bump(counters_->io_errors);
+    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) {
+      detail::bump(counters_->io_errors);
+      erased_all = false;
+    }
   }
-  if (!stale.empty()) (void)device_->sync();
+  if (!stale.empty() && device_->sync() != errc::ok) erased_all = false;
+  // Every block a tombstone covered is erased now; the tombstones can go.
+  if (erased_all) std::remove(tomb_path.c_str());
   if (counters_->recovered_blocks.load() || counters_->recovery_dropped_blocks.load())
     config_.log(log_level::info, "store: recovered " + std::to_string(counters_->recovered_blocks.load()) +
                                      " blocks of " + std::to_string(counters_->recovered_sessions.load()) +

@@ -43,11 +43,12 @@ struct block_header {
   std::uint32_t block_index;      //  48
   std::uint32_t token_count;      //  52
   hash128 chain;                  //  56
-  std::uint64_t payload_bytes;    //  72
+  std::uint32_t payload_bytes;    //  72
+  std::uint32_t put_first_block;  //  76: block_index of the first block its put wrote
   std::uint64_t payload_checksum; //  80
-  std::uint64_t sequence;         //  88
+  std::uint64_t sequence;         //  88: the put's blocks have consecutive sequences
   std::uint32_t tokens_per_block; //  96
-  std::uint32_t reserved;         // 100
+  std::uint32_t put_blocks;       // 100: blocks its put wrote (all or none are valid)
   std::uint64_t header_checksum;  // 104: XXH3-64 of bytes [0,104) and the token ids
 };
 static_assert(sizeof(block_header) == fixed_header_bytes);
@@ -71,7 +72,6 @@ inline void write_header(std::byte* area, const block_header& fields, std::span<
   h.magic = block_magic;
   h.version = format_version;
   h.token_count = std::uint32_t(tokens.size());
-  h.reserved = 0;
   h.header_checksum = 0;
   std::memset(area, 0, h.header_bytes);
   std::memcpy(area, &h, sizeof(h));
@@ -93,7 +93,9 @@ inline header_status read_header(const std::byte* area, std::size_t expect_heade
   if (h.magic != block_magic) return header_status::bad_magic;
   if (h.version != format_version) return header_status::bad_version;
   if (h.header_bytes != expect_header_bytes || h.tokens_per_block != tokens_per_block ||
-      h.token_count == 0 || h.token_count > tokens_per_block)
+      h.token_count == 0 || h.token_count > tokens_per_block || h.put_blocks == 0 ||
+      h.block_index < h.put_first_block || h.block_index - h.put_first_block >= h.put_blocks ||
+      h.sequence < h.block_index - h.put_first_block)
     return header_status::bad_fields;
   if (compute_header_checksum(area) != h.header_checksum) return header_status::bad_checksum;
   *out = h;

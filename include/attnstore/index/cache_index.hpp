@@ -171,8 +171,10 @@ class cache_index {
     std::uint32_t head = no_slot, tail = no_slot, count = 0;
     std::uint64_t tokens = 0;
     std::uint32_t dram_blocks = 0, ssd_blocks = 0, pins = 0;
-    std::atomic<std::uint32_t> refs{0};
-    bool live = false;
+    // bit 0: live (indexed); bits 1..: handles held. One word, so "the last handle of
+    // an erased record" is decided by a single read-modify-write.
+    std::atomic<std::uint32_t> state{0};
+    bool live() const noexcept { return state.load(std::memory_order_acquire) & 1u; }
     std::uint32_t lru_prev = no_slot, lru_next = no_slot;
   };
   struct shard {

@@ -21,6 +21,7 @@ struct ssd_space_options {
   bool direct_io = true;                 ///< open with O_DIRECT
   bool require_direct_io = true;         ///< fail (rather than fall back to buffered I/O) without it
   bool preallocate = true;               ///< fallocate the files now (ENOSPC at open, not later)
+  unsigned lock_wait_ms = 2000;          ///< wait this long for another user of the files to go
   attnstore::logger log{};
 };
 
