@@ -30,9 +30,10 @@ hash128 chain_hash(hash128 previous, const hash128& model, const token_id* token
 }
 
 std::uint64_t copy_with_checksum(void* dst, const void* src, std::size_t bytes) noexcept {
-  // 32 KiB chunks: the copy leaves each chunk in L1/L2 and the hash reads it from there,
-  // so main memory sees one read and one write per byte, as a bare memcpy does.
-  constexpr std::size_t chunk = 32 * 1024;
+  // 16 KiB chunks: source and destination chunk both stay in the 48 KiB L1 while the
+  // hash reads the copy, so memory sees one read and one write per byte, as a bare
+  // memcpy does. (32 KiB chunks measured 0.86 of memcpy here, 16 KiB 0.97.)
+  constexpr std::size_t chunk = 16 * 1024;
   if (bytes <= chunk) {
     std::memcpy(dst, src, bytes);
     return XXH3_64bits(dst, bytes);

@@ -74,6 +74,7 @@ class uring_channel final : public io_channel {
     return n;
   }
 
+  void flush() noexcept override { io_uring_submit(&ring_); }
   unsigned depth() const noexcept override { return depth_; }
 
  private:

@@ -57,14 +57,12 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
                              r.buffer_index});
     ++in_flight;
   };
-  auto fail = [&](std::uint32_t index, int err) {
-    requests[index].result = -err;
-    ++finished;
-    if (first_error == errc::ok) first_error = errc_from_errno(err);
-    if (on_complete) on_complete(context, index);
-  };
 
-  while (finished < n) {
+  // Completed requests whose callback is still to run: the device is refilled first,
+  // so a slow callback (verifying a block) never leaves the queue short.
+  std::uint32_t ready[batch];
+  int nready = 0;
+  auto top_up = [&] {
     while (in_flight < depth && next < n) {
       if (requests[next].bytes == 0) {
         ++finished;
@@ -74,6 +72,9 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
       }
       submit_piece(static_cast<std::uint32_t>(next++), 0);
     }
+  };
+  while (finished < n) {
+    top_up();
     if (in_flight == 0) continue;
     int got = channel->reap(done, batch, 1);
     if (got < 0) {  // the channel broke: every outstanding piece is lost
@@ -83,6 +84,7 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
       channel.reset();  // not returned to the pool
       return errc::device_error;
     }
+    nready = 0;
     for (int c = 0; c < got; ++c) {
       --in_flight;
       const std::uint32_t index = done[c].tag & 0xFFFFFFu;
@@ -93,20 +95,31 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
         if ((res == -EAGAIN || res == -EINTR) && retries < max_retries) {
           submit_piece(index, retries + 1);
         } else {
-          fail(index, -res);
+          r.result = res;
+          ++finished;
+          if (first_error == errc::ok) first_error = errc_from_errno(-res);
+          ready[nready++] = index;
         }
       } else if (res == 0) {
-        fail(index, r.op == io_op::read ? ENODATA : EIO);  // EOF or a device that wrote nothing
+        const int err = r.op == io_op::read ? ENODATA : EIO;  // EOF, or a device that wrote nothing
+        r.result = -err;
+        ++finished;
+        if (first_error == errc::ok) first_error = errc_from_errno(err);
+        ready[nready++] = index;
       } else {
         r.result += res;
         if (std::uint32_t(r.result) >= r.bytes) {
           ++finished;
-          if (on_complete) on_complete(context, index);
+          ready[nready++] = index;
         } else {
           submit_piece(index, retries);  // short transfer: continue where it stopped
         }
       }
     }
+    top_up();
+    channel->flush();
+    if (on_complete)
+      for (int k = 0; k < nready; ++k) on_complete(context, ready[k]);
   }
   return_channel(std::move(channel));
   return first_error;

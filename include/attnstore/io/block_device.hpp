@@ -58,6 +58,9 @@ class io_channel {
   /// writes up to `max` of them. Returns the count, or a negative errno if the
   /// channel itself failed.
   virtual int reap(io_completion* out, int max, int min_wait) noexcept = 0;
+  /// Sends what was queued without waiting (backends that start each piece at
+  /// submit() need not do anything).
+  virtual void flush() noexcept {}
   virtual unsigned depth() const noexcept = 0;
 };
 

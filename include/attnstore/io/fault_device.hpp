@@ -106,6 +106,7 @@ class fault_device final : public block_device {
       inner_outstanding_ -= unsigned(got);
       return n + got;
     }
+    void flush() noexcept override { inner_->flush(); }
     unsigned depth() const noexcept override { return inner_->depth(); }
 
    private:
