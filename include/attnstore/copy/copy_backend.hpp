@@ -71,7 +71,7 @@ class copy_backend {
 };
 
 struct host_copy_options {
-  unsigned events = 4096;             ///< event pool size
+  unsigned events = 16384;            ///< event pool size
   std::size_t max_segments = 1 << 16; ///< segments one stream can hold queued
   unsigned max_streams = 16;
   /// Testing only: each queued item sleeps up to this long before it runs, and the

@@ -1,0 +1,208 @@
+// The comparison run shared by the mini_engine demo and bench/e2e.
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <unistd.h>
+
+#include "driver.hpp"
+
+namespace mini {
+
+compare_result run_compare(const compare_options& o) {
+  llama_model model = o.model_dir.empty() ? llama_model::random(llama_config{}, o.model_seed)
+                                          : llama_model::load(o.model_dir);
+  const auto& cfg = model.config();
+  std::vector<request> work =
+      o.trace.empty() ? make_workload(o.workload, cfg.vocab_size) : load_jsonl(o.trace, cfg.vocab_size);
+  std::size_t max_tokens = 0;
+  {
+    std::map<std::string, std::size_t> len;
+    for (const auto& r : work) max_tokens = std::max(max_tokens, len[r.session] += r.user_tokens.size() + r.reply_tokens);
+  }
+  if (max_tokens + 1 > std::size_t(cfg.max_seq))
+    throw std::runtime_error("workload: a conversation reaches " + std::to_string(max_tokens) +
+                             " tokens, beyond the model's max_seq " + std::to_string(cfg.max_seq));
+  const std::uint32_t page_size = 16;
+  const std::uint32_t pages = std::uint32_t(4 * (max_tokens / page_size + 4));  // current + prefetched request + slack
+
+  compare_result result;
+  std::vector<std::vector<std::vector<std::uint32_t>>> replies;
+  for (const auto& mode : o.modes) {
+    engine_options eo;
+    eo.page_size = page_size;
+    eo.num_pages = mode == "resident" ? std::uint32_t(pages * std::max(1, o.workload.sessions)) : pages;
+    std::unique_ptr<attnstore::store> kv;
+    std::unique_ptr<attnstore::copy_backend> copier;
+    std::unique_ptr<attnstore::hooks> hk;
+    std::string dir;
+    if (mode == "recompute") {
+      eo.mode = kv_mode::recompute;
+    } else if (mode == "resident") {
+      eo.mode = kv_mode::resident;
+    } else if (mode == "store-dram" || mode == "store-ssd") {
+      eo.mode = kv_mode::store;
+      attnstore::store_config sc;
+      sc.geometry = kv_geometry_of(cfg);
+      sc.model_name = o.model_dir.empty() ? "mini-llama-seed-" + std::to_string(o.model_seed) : o.model_dir;
+      sc.rope = "neox:" + std::to_string(cfg.head_dim) + ":" + std::to_string(cfg.rope_theta);
+      sc.dram_bytes = o.dram_mib << 20;
+      dir = o.ssd_dir.empty() ? (std::filesystem::temp_directory_path() /
+                                 ("attnstore-mini-" + std::to_string(::getpid()) + "-" + mode)).string()
+                              : o.ssd_dir + "/" + mode;
+      std::filesystem::remove_all(dir);
+      sc.ssd_directory = dir;
+      sc.ssd_bytes = o.ssd_mib << 20;
+      kv = std::make_unique<attnstore::store>(sc);
+      std::string why;
+      copier = attnstore::make_copy_backend(&why);
+      attnstore::hooks_config hc;
+      hc.preload_layers = o.preload_layers;
+      hk = std::make_unique<attnstore::hooks>(*kv, *copier, hc);
+      eo.hooks = hk.get();
+      eo.store = kv.get();
+      eo.demote_after_turn = mode == "store-ssd";
+      result.copy_backend = std::string(copier->name());
+      result.io_backend = std::string(kv->io_backend_name());
+      result.dram_pinning = std::string(kv->dram_pinning());
+    } else {
+      throw std::invalid_argument("unknown mode '" + mode + "' (recompute, resident, store-dram, store-ssd)");
+    }
+    engine eng(model, eo);
+    if (o.verbose) std::printf("\n[%s]\n", mode.c_str());
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<turn_result> turns;
+    std::vector<std::vector<std::uint32_t>> mode_replies;
+    for (std::size_t i = 0; i < work.size();) {
+      // One queue per round of turns: what a scheduler would hold at once.
+      std::size_t j = i;
+      std::map<std::string, int> in_round;
+      while (j < work.size() && !in_round[work[j].session]++) ++j;
+      auto res = eng.run_queue(std::span(work).subspan(i, j - i));
+      for (std::size_t k = 0; k < res.size(); ++k) {
+        const auto& t = res[k];
+        if (o.verbose)
+          std::printf("  %-11s history %5zu  prompt %5zu  reused %5zu (DRAM %3u / SSD %3u blocks)  prefilled %5zu  "
+                      "TTFT %8.1f ms%s\n",
+                      work[i + k].session.c_str(), t.history_tokens, t.prompt_tokens, t.reused_tokens, t.dram_blocks,
+                      t.ssd_blocks, t.prefill_tokens, t.ttft_ms,
+                      t.save_status == attnstore::errc::ok || eo.mode != kv_mode::store
+                          ? ""
+                          : ("  save: " + std::string(attnstore::to_string(t.save_status))).c_str());
+        mode_replies.push_back(t.reply);
+      }
+      turns.insert(turns.end(), res.begin(), res.end());
+      i = j;
+    }
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    result.runs.push_back(summarize(mode, std::move(turns), wall, o.long_history));
+    if (!replies.empty() && mode_replies != replies.front()) result.outputs_identical = false;
+    replies.push_back(std::move(mode_replies));
+    hk.reset();
+    kv.reset();
+    if (!dir.empty() && o.ssd_dir.empty()) std::filesystem::remove_all(dir);
+  }
+  return result;
+}
+
+bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
+  auto usage = [&](FILE* f) {
+    std::fprintf(f,
+                 "usage: %s [--sessions N] [--turns N] [--first-tokens N] [--trace FILE.jsonl] [--model DIR]\n"
+                 "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
+                 "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--quiet] [--json]\n",
+                 argv[0]);
+  };
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
+      return argv[++i];
+    };
+    try {
+      if (a == "--sessions") o.workload.sessions = std::stoi(next());
+      else if (a == "--turns") o.workload.turns = std::stoi(next());
+      else if (a == "--first-tokens") o.workload.first_user_tokens = std::stoul(next());
+      else if (a == "--trace") o.trace = next();
+      else if (a == "--model") o.model_dir = next();
+      else if (a == "--dram-mib") o.dram_mib = std::stoull(next());
+      else if (a == "--ssd-mib") o.ssd_mib = std::stoull(next());
+      else if (a == "--ssd-dir") o.ssd_dir = next();
+      else if (a == "--preload-layers") o.preload_layers = std::uint32_t(std::stoul(next()));
+      else if (a == "--seed") o.workload.seed = std::stoull(next());
+      else if (a == "--quiet") o.verbose = false;
+      else if (a == "--json") o.verbose = false;
+      else if (a == "--modes") {
+        o.modes.clear();
+        std::string m = next();
+        for (std::size_t p = 0; p <= m.size();) {
+          std::size_t c = m.find(',', p);
+          if (c == std::string::npos) c = m.size();
+          if (c > p) o.modes.push_back(m.substr(p, c - p));
+          p = c + 1;
+        }
+      } else if (a == "--help" || a == "-h") {
+        usage(stdout);
+        code = 0;
+        return false;
+      } else {
+        throw std::invalid_argument("unknown option " + a);
+      }
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
+      usage(stderr);
+      code = 2;
+      return false;
+    }
+  }
+  return true;
+}
+
+void print_compare(const compare_result& r, const compare_options& o) {
+  std::printf("\nKV copies: %s backend; SSD I/O: %s; DRAM tier: %s\n", r.copy_backend.c_str(), r.io_backend.c_str(),
+              r.dram_pinning.c_str());
+  std::printf("%-11s %10s %10s %9s %9s %15s %14s %8s\n", "mode", "prefilled", "reused", "DRAM blk", "SSD blk",
+              "TTFT>=2K (ms)", "prompt tok/s", "wall s");
+  const run_summary* base = nullptr;
+  for (const auto& s : r.runs) {
+    if (s.mode == "recompute") base = &s;
+    std::printf("%-11s %10zu %10zu %9zu %9zu %15.1f %14.0f %8.1f\n", s.mode.c_str(), s.prefill_tokens,
+                s.reused_tokens, s.reused_dram_blocks, s.reused_ssd_blocks, s.ttft_median_long_ms,
+                s.prompt_tokens_per_s, s.wall_s);
+  }
+  if (base && base->long_turns)
+    for (const auto& s : r.runs)
+      if (&s != base && s.long_turns)
+        std::printf("%s: median TTFT of turns with >= %zu history tokens %.1f%% lower than recompute (%zu turns)\n",
+                    s.mode.c_str(), o.long_history, 100.0 * (1 - s.ttft_median_long_ms / base->ttft_median_long_ms),
+                    s.long_turns);
+  std::printf("greedy replies identical across modes: %s\n", r.outputs_identical ? "yes" : "NO");
+}
+
+void print_compare_json(const compare_result& r) {
+  auto find = [&](const char* m) -> const run_summary* {
+    for (const auto& s : r.runs)
+      if (s.mode == m) return &s;
+    return nullptr;
+  };
+  const run_summary* rc = find("recompute");
+  const run_summary* rd = find("store-dram");
+  const run_summary* rs = find("store-ssd");
+  auto num = [](const run_summary* s, double run_summary::*f) { return s ? s->*f : -1.0; };
+  std::printf("{\"ttft_recompute_ms\": %.3f, \"ttft_reuse_dram_ms\": %.3f, \"ttft_reuse_ssd_ms\": %.3f, ",
+              num(rc, &run_summary::ttft_median_long_ms), num(rd, &run_summary::ttft_median_long_ms),
+              num(rs, &run_summary::ttft_median_long_ms));
+  std::printf("\"prefill_tokens_recompute\": %zu, \"prefill_tokens_reuse\": %zu, ", rc ? rc->prefill_tokens : 0,
+              rd ? rd->prefill_tokens : (rs ? rs->prefill_tokens : 0));
+  std::printf("\"long_turns\": %zu, \"prompt_tokens_per_s_recompute\": %.1f, \"prompt_tokens_per_s_reuse_dram\": %.1f, "
+              "\"prompt_tokens_per_s_reuse_ssd\": %.1f, \"outputs_identical\": %s, \"copy_backend\": \"%s\", "
+              "\"io_backend\": \"%s\"}\n",
+              rc ? rc->long_turns : 0, num(rc, &run_summary::prompt_tokens_per_s),
+              num(rd, &run_summary::prompt_tokens_per_s), num(rs, &run_summary::prompt_tokens_per_s),
+              r.outputs_identical ? "true" : "false", r.copy_backend.c_str(), r.io_backend.c_str());
+}
+
+}  // namespace mini

@@ -1,0 +1,79 @@
+// Workloads and measurement for the mini engine: multi-turn conversations (generated or
+// read from JSON lines), run in each KV mode, summarised the same way for the demo and
+// for bench/e2e.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "engine.hpp"
+
+namespace mini {
+
+struct workload_options {
+  int sessions = 4;
+  int turns = 6;
+  std::size_t first_user_tokens = 500;  ///< system prompt + first message
+  std::size_t user_min = 60, user_max = 240;
+  std::size_t reply_min = 40, reply_max = 200;
+  std::uint64_t seed = 1;
+};
+
+/// Turn-major interleaving (every session's turn 1, then turn 2...), so several
+/// sessions are in flight and each one's history must survive the others' turns.
+std::vector<request> make_workload(const workload_options& o, int vocab_size);
+
+/// JSON lines: {"session": "...", "turn": 1, "input_tokens": 120, "output_tokens": 80}
+/// (other keys, e.g. "timestamp", ignored), in arrival order. Token ids are synthesized
+/// (logs carry counts, not text). Throws std::runtime_error naming the line.
+std::vector<request> load_jsonl(const std::string& path, int vocab_size);
+
+struct run_summary {
+  std::string mode;
+  std::vector<turn_result> turns;
+  double wall_s = 0;
+  std::size_t prefill_tokens = 0, reused_tokens = 0, prompt_tokens = 0;
+  std::size_t reused_dram_blocks = 0, reused_ssd_blocks = 0;
+  double ttft_median_long_ms = 0;  ///< median TTFT over turns with >= long_history tokens
+  std::size_t long_turns = 0;
+  double prefill_s = 0;            ///< sum of TTFTs
+  double prompt_tokens_per_s = 0;  ///< prompt tokens served per second of TTFT
+};
+
+run_summary summarize(const std::string& mode, std::vector<turn_result> turns, double wall_s,
+                      std::size_t long_history = 2048);
+
+}  // namespace mini
+
+namespace mini {
+
+/// Everything one comparison run needs; the mini_engine demo and bench/e2e share it.
+struct compare_options {
+  workload_options workload;
+  std::string trace;                       ///< JSON-lines file instead of the generator
+  std::string model_dir;                   ///< checkpoint instead of seeded weights
+  std::uint64_t model_seed = 7;
+  std::vector<std::string> modes{"recompute", "store-dram", "store-ssd"};  ///< also "resident"
+  std::uint64_t dram_mib = 512;
+  std::uint64_t ssd_mib = 2048;
+  std::string ssd_dir;                     ///< default: a fresh directory under /tmp
+  std::uint32_t preload_layers = 2;
+  std::size_t long_history = 2048;
+  bool verbose = true;                     ///< per-turn lines
+};
+
+struct compare_result {
+  std::vector<run_summary> runs;
+  bool outputs_identical = true;  ///< every turn's reply equal across modes
+  std::string copy_backend, io_backend, dram_pinning;
+};
+
+/// Runs the workload once per mode on fresh stores and engines.
+compare_result run_compare(const compare_options& o);
+/// Parses the shared command line (see --help). Returns false to exit with `code`.
+bool parse_compare_args(int argc, char** argv, compare_options& o, int& code);
+void print_compare(const compare_result& r, const compare_options& o);
+void print_compare_json(const compare_result& r);
+
+}  // namespace mini

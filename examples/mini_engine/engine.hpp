@@ -1,0 +1,107 @@
+// mini engine: a request loop around mini::llama_model with a paged KV cache, and the
+// attnstore hooks wired in (the worked example of docs/integration.md).
+//
+// Three ways to run a turn, for comparison:
+//  * recompute: every turn prefills the whole conversation (no reuse);
+//  * resident:  a session keeps its KV pages in engine memory between turns (an
+//               upper bound no real engine can afford for every session);
+//  * store:     pages are freed after each turn; the next turn loads the history back
+//               from attnstore layer by layer and prefills only the new tokens.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "attnstore/hooks.hpp"
+#include "llama.hpp"
+
+namespace mini {
+
+enum class kv_mode { recompute, resident, store };
+
+struct engine_options {
+  kv_mode mode = kv_mode::store;
+  std::uint32_t page_size = 16;
+  std::uint32_t num_pages = 2048;
+  attnstore::hooks* hooks = nullptr;  ///< required in store mode
+  attnstore::store* store = nullptr;  ///< the hooks' store (for demote_after_turn)
+  /// Reply tokens decoded one by one; the rest of a reply (when the trace gives a
+  /// longer one) is appended as one forward call, so long traces stay fast.
+  std::size_t max_decode_steps = 8;
+  /// Store mode: move the session's KV to SSD after each turn, so the next turn's
+  /// reuse is measured from SSD.
+  bool demote_after_turn = false;
+};
+
+struct turn_result {
+  std::size_t history_tokens = 0;  ///< conversation length before this turn's message
+  std::size_t prompt_tokens = 0;   ///< history + the new message
+  std::size_t reused_tokens = 0;   ///< not prefilled: loaded from attnstore or resident
+  std::size_t prefill_tokens = 0;  ///< prefilled by the model
+  std::uint32_t dram_blocks = 0, ssd_blocks = 0;  ///< where the reused blocks came from
+  double ttft_ms = 0;              ///< turn start to the first token's logits
+  double prefill_gflop = 0;
+  std::vector<float> first_logits;
+  std::vector<std::uint32_t> reply;
+  attnstore::errc save_status = attnstore::errc::ok;
+};
+
+struct request {
+  std::string session;
+  std::vector<std::uint32_t> user_tokens;
+  std::size_t reply_tokens = 16;  ///< reply length (greedy tokens, then trace filler)
+};
+
+class engine {
+ public:
+  engine(const llama_model& model, const engine_options& options);
+
+  /// Runs one turn of a session: prompt = its history + user_tokens.
+  turn_result run_turn(const request& r);
+  /// Runs requests in order, as a serving loop would: the store is told the waiting
+  /// queue, and the next request's history starts loading while the current one
+  /// computes. Returns one result per request.
+  std::vector<turn_result> run_queue(std::span<const request> queue);
+  /// Forgets a session (and drops its KV from the store).
+  void end_session(const std::string& session);
+
+  const std::vector<std::uint32_t>& history(const std::string& session) { return sessions_[session].history; }
+  const attnstore::kv_layout& layout() const { return layout_; }
+  paged_kv_cache& cache() { return cache_; }
+
+ private:
+  struct session_state {
+    std::vector<std::uint32_t> history;  ///< every token of the conversation so far
+    sequence resident;                   ///< resident mode: pages kept between turns
+  };
+  struct prepared {  // a turn whose pages are allocated and whose load has started
+    const request* req = nullptr;
+    std::vector<std::uint32_t> prompt;
+    sequence seq;
+    attnstore::load_info load;
+    attnstore::lookup_result found;
+    std::size_t start = 0;
+    bool valid = false;
+  };
+  void prepare(const request& r, prepared& p);
+  turn_result execute(prepared& p, double prepare_ms);
+  void release_pages(sequence& seq);
+  attnstore::errc save_range(const std::string& session, std::span<const std::uint32_t> tokens, std::size_t from,
+                             const sequence& seq);
+
+  const llama_model& model_;
+  engine_options options_;
+  paged_kv_cache cache_;
+  std::vector<std::byte*> k_base_, v_base_;
+  attnstore::kv_layout layout_;
+  std::unordered_map<std::string, session_state> sessions_;
+};
+
+/// A kv_geometry matching the model's KV cache (f32), for the store.
+attnstore::kv_geometry kv_geometry_of(const llama_config& c, std::uint32_t tokens_per_block = 256);
+
+}  // namespace mini
