@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -249,6 +250,10 @@ class store {
   std::int32_t staging_buffer_base_ = 0;  // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
+  struct free_deleter {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<void, free_deleter> zero_page_holder_;  // freed even if the constructor throws
   void* zero_page_ = nullptr;
   std::mutex queue_mutex_;
   std::vector<hash128> queue_set_;  // open addressing; zero = empty

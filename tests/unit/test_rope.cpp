@@ -12,11 +12,6 @@
 using namespace attnstore;
 
 namespace {
-float round_to(dtype dt, float v) {
-  if (dt == dtype::f16) return detail::half_to_float(detail::float_to_half(v));
-  if (dt == dtype::bf16) return detail::bf16_to_float(detail::float_to_bf16(v));
-  return v;
-}
 int code_of(dtype dt) { return dt == dtype::f32 ? 0 : dt == dtype::f16 ? 1 : 2; }
 
 // Keys in dtype `dt`: tokens x heads x head_dim, dense.

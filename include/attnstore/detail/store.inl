@@ -107,7 +107,8 @@ inline store::store(store_config c) : config_(std::move(c)) {
     while (cap < 2 * std::size_t(config_.queue_window)) cap *= 2;
     queue_set_.assign(cap, hash128{});
   }
-  zero_page_ = std::aligned_alloc(format::sector, format::sector);
+  zero_page_holder_.reset(std::aligned_alloc(format::sector, format::sector));
+  zero_page_ = zero_page_holder_.get();
   if (!zero_page_) throw std::bad_alloc();
   std::memset(zero_page_, 0, format::sector);
   counters_ = std::make_unique<counters>();
@@ -123,7 +124,7 @@ inline store::store(store_config c) : config_(std::move(c)) {
   }
 }
 
-inline store::~store() { std::free(zero_page_); }
+inline store::~store() = default;
 
 inline std::string_view store::io_backend_name() const noexcept { return device_ ? device_->name() : "none"; }
 
