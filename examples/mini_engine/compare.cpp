@@ -65,6 +65,7 @@ compare_result run_compare(const compare_options& o) {
       eo.hooks = hk.get();
       eo.store = kv.get();
       eo.demote_after_turn = mode == "store-ssd";
+      eo.overlap_next = o.overlap_next;
       result.copy_backend = std::string(copier->name());
       result.io_backend = std::string(kv->io_backend_name());
       result.dram_pinning = std::string(kv->dram_pinning());
@@ -113,7 +114,7 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
     std::fprintf(f,
                  "usage: %s [--sessions N] [--turns N] [--first-tokens N] [--trace FILE.jsonl] [--model DIR]\n"
                  "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
-                 "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--quiet] [--json]\n",
+                 "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--quiet] [--json]\n",
                  argv[0]);
   };
   for (int i = 1; i < argc; ++i) {
@@ -134,6 +135,7 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
       else if (a == "--preload-layers") o.preload_layers = std::uint32_t(std::stoul(next()));
       else if (a == "--seed") o.workload.seed = std::stoull(next());
       else if (a == "--quiet") o.verbose = false;
+      else if (a == "--no-overlap") o.overlap_next = false;
       else if (a == "--json") o.verbose = false;
       else if (a == "--modes") {
         o.modes.clear();
@@ -169,9 +171,10 @@ void print_compare(const compare_result& r, const compare_options& o) {
   const run_summary* base = nullptr;
   for (const auto& s : r.runs) {
     if (s.mode == "recompute") base = &s;
-    std::printf("%-11s %10zu %10zu %9zu %9zu %15.1f %14.0f %8.1f\n", s.mode.c_str(), s.prefill_tokens,
-                s.reused_tokens, s.reused_dram_blocks, s.reused_ssd_blocks, s.ttft_median_long_ms,
-                s.prompt_tokens_per_s, s.wall_s);
+    char ttft[32] = "-";
+    if (s.long_turns) std::snprintf(ttft, sizeof(ttft), "%.1f", s.ttft_median_long_ms);
+    std::printf("%-11s %10zu %10zu %9zu %9zu %15s %14.0f %8.1f\n", s.mode.c_str(), s.prefill_tokens, s.reused_tokens,
+                s.reused_dram_blocks, s.reused_ssd_blocks, ttft, s.prompt_tokens_per_s, s.wall_s);
   }
   if (base && base->long_turns)
     for (const auto& s : r.runs)

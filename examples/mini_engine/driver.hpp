@@ -14,7 +14,7 @@ namespace mini {
 struct workload_options {
   int sessions = 4;
   int turns = 6;
-  std::size_t first_user_tokens = 500;  ///< system prompt + first message
+  std::size_t first_user_tokens = 1600;  ///< system prompt + first message (a long system prompt or document)
   std::size_t user_min = 60, user_max = 240;
   std::size_t reply_min = 40, reply_max = 200;
   std::uint64_t seed = 1;
@@ -60,6 +60,7 @@ struct compare_options {
   std::string ssd_dir;                     ///< default: a fresh directory under /tmp
   std::uint32_t preload_layers = 2;
   std::size_t long_history = 2048;
+  bool overlap_next = true;                ///< --no-overlap: loads never overlap the previous request
   bool verbose = true;                     ///< per-turn lines
 };
 

@@ -98,7 +98,7 @@ attnstore::errc engine::save_range(const std::string& session, std::span<const s
   return options_.hooks->finish_save(h);
 }
 
-turn_result engine::execute(prepared& p, double prepare_ms) {
+turn_result engine::execute(prepared& p, double prepare_ms, const std::function<void()>& after_first_token) {
   const request& r = *p.req;
   session_state& s = sessions_[r.session];
   const auto& cfg = model_.config();
@@ -132,6 +132,7 @@ turn_result engine::execute(prepared& p, double prepare_ms) {
                                                           : attnstore::errc::bad_state;
     if (bridge.first_error != attnstore::errc::ok) out.save_status = bridge.first_error;
   }
+  if (after_first_token) after_first_token();
 
   // The reply: greedy tokens, then (for long trace replies) a deterministic filler
   // appended in one forward call.
@@ -213,10 +214,13 @@ std::vector<turn_result> engine::run_queue(std::span<const request> queue) {
       next = prepared{};
       cur_prepare_ms = 0;  // its load ran behind the previous request's compute
     }
-    // Start the next request's load now, unless it is the same session (its history
-    // is not complete until this turn ends).
-    if (i + 1 < queue.size() && queue[i + 1].session != queue[i].session) prepare(queue[i + 1], next);
-    results.push_back(execute(cur, cur_prepare_ms));
+    // Start the next request's load once this one has its first token, so the SSD
+    // reads and the first layers' copies overlap this request's decode. Not for the
+    // same session: its history is complete only when this turn ends.
+    std::function<void()> start_next;
+    if (options_.overlap_next && i + 1 < queue.size() && queue[i + 1].session != queue[i].session)
+      start_next = [&, i] { prepare(queue[i + 1], next); };
+    results.push_back(execute(cur, cur_prepare_ms, start_next));
   }
   return results;
 }

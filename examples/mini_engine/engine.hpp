@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -35,6 +36,9 @@ struct engine_options {
   /// Store mode: move the session's KV to SSD after each turn, so the next turn's
   /// reuse is measured from SSD.
   bool demote_after_turn = false;
+  /// run_queue: start the next request's load during this one's decode. Off: every
+  /// load runs inside its own request's TTFT.
+  bool overlap_next = true;
 };
 
 struct turn_result {
@@ -88,7 +92,9 @@ class engine {
     bool valid = false;
   };
   void prepare(const request& r, prepared& p);
-  turn_result execute(prepared& p, double prepare_ms);
+  /// Runs a prepared turn; `after_first_token` runs once the first token's logits
+  /// exist (the next request's load starts there, overlapping this one's decode).
+  turn_result execute(prepared& p, double prepare_ms, const std::function<void()>& after_first_token = {});
   void release_pages(sequence& seq);
   attnstore::errc save_range(const std::string& session, std::span<const std::uint32_t> tokens, std::size_t from,
                              const sequence& seq);
