@@ -73,6 +73,20 @@ class host_copy_backend final : public copy_backend {
                                                      options_.chaos_seed + streams_.size()));
     return stream_ref(streams_.back().get());
   }
+  void destroy_stream(stream_ref s) noexcept override {
+    std::unique_ptr<host_stream> victim;
+    {
+      std::lock_guard lock(streams_mutex_);
+      for (auto& p : streams_)
+        if (p.get() == s.get()) {
+          victim = std::move(p);
+          p = std::move(streams_.back());
+          streams_.pop_back();
+          break;
+        }
+    }
+    // ~host_stream drains: its worker finishes the queued items, then joins.
+  }
   errc copy_async(std::span<const copy_segment> segs, stream_ref s) noexcept override {
     return static_cast<host_stream*>(s.get())->push_copy(segs);
   }
@@ -138,7 +152,8 @@ host_stream::host_stream(host_copy_backend& owner, std::size_t max_segments, std
 
 host_stream::~host_stream() {
   {
-    std::lock_guard lock(mutex_);
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return item_count_ == 0; });  // queued work completes first
     stop_ = true;
   }
   cv_.notify_all();

@@ -35,16 +35,19 @@ class cuda_copy_backend final : public copy_backend {
         throw std::runtime_error("cuda_copy_backend: cudaEventCreate failed");
   }
   ~cuda_copy_backend() override {
-    for (auto& s : streams_) {
-      cudaStreamSynchronize(s.stream);
-      cudaStreamDestroy(s.stream);
-    }
+    for (auto& s : streams_)
+      if (s.stream) {
+        cudaStreamSynchronize(s.stream);
+        cudaStreamDestroy(s.stream);
+      }
     for (auto e : events_) cudaEventDestroy(e);
   }
   std::string_view name() const noexcept override { return "cuda"; }
   bool supports_device_memory() const noexcept override { return true; }
   stream_ref create_stream() override {
     std::lock_guard lock(mutex_);
+    if (streams_.size() == streams_.capacity())
+      throw std::runtime_error("cuda_copy_backend: stream table full (" + std::to_string(streams_.size()) + ")");
     cudaStream_t s = nullptr;
     if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess)
       throw std::runtime_error("cuda_copy_backend: cudaStreamCreate failed");
@@ -54,6 +57,16 @@ class cuda_copy_backend final : public copy_backend {
     st.srcs.resize(batch_capacity);
     st.sizes.resize(batch_capacity);
     return stream_ref(s);
+  }
+  void destroy_stream(stream_ref s) noexcept override {
+    auto stream = static_cast<cudaStream_t>(s.get());
+    cudaStreamSynchronize(stream);
+    std::lock_guard lock(mutex_);
+    for (auto& st : streams_)
+      if (st.stream == stream) {
+        cudaStreamDestroy(stream);
+        st.stream = nullptr;  // the entry stays: other streams' entries must not move
+      }
   }
   errc copy_async(std::span<const copy_segment> segs, stream_ref s) noexcept override {
     auto stream = static_cast<cudaStream_t>(s.get());

@@ -49,6 +49,8 @@ class copy_backend {
 
   /// Makes a stream owned by the backend (cold path). Throws on failure.
   virtual stream_ref create_stream() = 0;
+  /// Waits for a stream's queued work and frees it (cold path).
+  virtual void destroy_stream(stream_ref stream) noexcept = 0;
 
   /// Queues the copies after everything already queued on `stream`. The segment list
   /// is consumed before the call returns (the caller may reuse it); the memory it

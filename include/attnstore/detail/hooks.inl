@@ -83,6 +83,8 @@ inline hooks::~hooks() {
     for (auto e : S.written) copier_.release_event(e);
     for (auto e : S.computed) copier_.release_event(e);
   }
+  for (auto s : read_streams_) copier_.destroy_stream(s);
+  if (write_stream_) copier_.destroy_stream(*write_stream_);
 }
 
 inline void hooks::set_queue(std::span<const session_key> waiting) noexcept { store_.set_queue(waiting); }

@@ -1,0 +1,424 @@
+// Trace generator, presets, JSON-lines importer and statistics.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <ostream>
+#include <stdexcept>
+#include <unordered_map>
+
+namespace attnstore::trace {
+
+namespace detail {
+
+/// xoshiro256** seeded by splitmix64: fast, and the same stream on every platform
+/// (std:: distributions are not specified bit for bit).
+class rng {
+ public:
+  explicit rng(std::uint64_t seed) {
+    for (auto& w : s_) {
+      seed += 0x9e3779b97f4a7c15ull;
+      std::uint64_t z = seed;
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      w = z ^ (z >> 31);
+    }
+  }
+  std::uint64_t next() noexcept {
+    const std::uint64_t result = rotl(s_[1] * 5, 7) * 9;
+    const std::uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0];
+    s_[3] ^= s_[1];
+    s_[1] ^= s_[2];
+    s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = rotl(s_[3], 45);
+    return result;
+  }
+  /// Uniform in (0, 1).
+  double uniform() noexcept { return (double(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+  double normal() noexcept {
+    if (have_spare_) {
+      have_spare_ = false;
+      return spare_;
+    }
+    const double u = uniform(), v = uniform();
+    const double r = std::sqrt(-2.0 * std::log(u));
+    spare_ = r * std::sin(6.283185307179586 * v);
+    have_spare_ = true;
+    return r * std::cos(6.283185307179586 * v);
+  }
+  double exponential(double mean) noexcept { return -mean * std::log(uniform()); }
+  double sample(const lognormal& d) noexcept {
+    const double x = d.median * std::exp(d.sigma * normal());
+    return std::clamp(x, d.min, d.max);
+  }
+
+ private:
+  static std::uint64_t rotl(std::uint64_t x, int k) noexcept { return (x << k) | (x >> (64 - k)); }
+  std::array<std::uint64_t, 4> s_{};
+  double spare_ = 0;
+  bool have_spare_ = false;
+};
+
+inline void check_lognormal(const lognormal& d, const char* field) {
+  if (!(d.median > 0) || !(d.sigma >= 0) || !(d.min <= d.max))
+    throw std::invalid_argument(std::string("generator_options: ") + field +
+                                " needs median > 0, sigma >= 0, min <= max");
+}
+
+}  // namespace detail
+
+inline std::span<const std::string_view> preset_names() noexcept {
+  static constexpr std::string_view names[] = {"paper", "light", "heavy", "long"};
+  return names;
+}
+
+inline generator_options preset(std::string_view name) {
+  generator_options o;
+  o.name = std::string(name);
+  // ShareGPT-like conversations (PAPER.md: 73% multi-turn, mean 5.75 turns, ~30% of
+  // conversations beyond 4K tokens, most beyond 2K). Per turn: a short follow-up prompt
+  // with a heavy tail (pasted text), a reply of a few hundred tokens.
+  o.session_rate = 1.0;
+  o.single_turn_fraction = 0.27;
+  o.mean_turns = 5.75;
+  o.max_turns = 64;
+  o.first_input = {200, 1.0, 4, 3000};
+  o.input = {100, 1.2, 1, 2000};
+  o.output = {250, 0.7, 8, 1500};
+  // Think time is not published; ours: median 1 min, mean ~3 min, up to 2 h (log-normal).
+  o.think = {60, 1.5, 2, 7200};
+  if (name == "paper") return o;
+  if (name == "light") {
+    o.session_rate = 0.5;
+    return o;
+  }
+  if (name == "heavy") {
+    o.session_rate = 1.25;
+    return o;
+  }
+  if (name == "long") {
+    // Document Q&A: fewer turns, a long first prompt, short follow-ups.
+    o.single_turn_fraction = 0.2;
+    o.mean_turns = 4.0;
+    o.first_input = {1500, 0.6, 200, 3000};
+    o.input = {40, 1.0, 1, 1000};
+    o.output = {250, 0.6, 8, 1200};
+    o.session_rate = 0.8;
+    return o;
+  }
+  std::string all;
+  for (auto n : preset_names()) all += (all.empty() ? "" : ", ") + std::string(n);
+  throw std::invalid_argument("trace preset '" + std::string(name) + "' is unknown; presets: " + all);
+}
+
+inline workload generate(const generator_options& o) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("generator_options: " + m); };
+  if (o.requests == 0 && o.sessions == 0) fail("requests and sessions are both 0; set one");
+  if (!(o.session_rate > 0)) fail("session_rate must be > 0");
+  if (!(o.single_turn_fraction >= 0 && o.single_turn_fraction < 1)) fail("single_turn_fraction must be in [0, 1)");
+  if (o.max_turns < 2) fail("max_turns must be at least 2");
+  const double multi_mean = (o.mean_turns - o.single_turn_fraction) / (1 - o.single_turn_fraction);
+  if (!(multi_mean >= 2)) fail("mean_turns too small for single_turn_fraction (multi-turn sessions need >= 2 turns)");
+  detail::check_lognormal(o.first_input, "first_input");
+  detail::check_lognormal(o.input, "input");
+  detail::check_lognormal(o.output, "output");
+  detail::check_lognormal(o.think, "think");
+  // Extra turns beyond 2 are geometric on {0, 1, ...} with mean multi_mean - 2.
+  const double extra_mean = multi_mean - 2;
+  const double p_stop = 1.0 / (extra_mean + 1.0);
+
+  workload w;
+  w.name = o.name;
+  w.open_loop = false;
+  detail::rng g(o.seed);
+  const std::uint64_t limit = o.requests ? o.requests : ~0ull;
+  if (o.requests) w.requests.reserve(o.requests);
+  double t = 0;
+  for (std::uint32_t s = 0; o.sessions == 0 || s < o.sessions; ++s) {
+    if (w.requests.size() >= limit) break;
+    t += g.exponential(1.0 / o.session_rate);
+    std::uint32_t turns = 1;
+    if (g.uniform() >= o.single_turn_fraction) {
+      turns = 2;
+      while (turns < o.max_turns && g.uniform() >= p_stop) ++turns;
+    }
+    w.first.push_back(std::uint32_t(w.requests.size()));
+    double arrival = t;
+    for (std::uint32_t k = 0; k < turns && w.requests.size() < limit; ++k) {
+      request r;
+      r.session = s;
+      r.turn = k;
+      r.input_tokens = std::uint32_t(std::lround(g.sample(k == 0 ? o.first_input : o.input)));
+      r.output_tokens = std::uint32_t(std::lround(g.sample(o.output)));
+      if (k > 0) {
+        r.think = g.sample(o.think);
+        arrival += w.requests.back().output_tokens * o.nominal_seconds_per_output_token + r.think;
+      }
+      r.arrival = arrival;
+      w.requests.push_back(r);
+    }
+  }
+  w.first.push_back(std::uint32_t(w.requests.size()));
+  return w;
+}
+
+// ---- JSON lines
+
+namespace detail {
+
+struct json_cursor {
+  std::string_view s;
+  std::size_t i = 0;
+  void ws() noexcept {
+    while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r' || s[i] == '\n')) ++i;
+  }
+  bool eat(char c) noexcept {
+    ws();
+    if (i < s.size() && s[i] == c) {
+      ++i;
+      return true;
+    }
+    return false;
+  }
+  bool string(std::string& out) {
+    ws();
+    if (i >= s.size() || s[i] != '"') return false;
+    ++i;
+    out.clear();
+    while (i < s.size() && s[i] != '"') {
+      if (s[i] == '\\') {
+        if (++i >= s.size()) return false;
+        switch (s[i]) {
+          case 'n': out += '\n'; break;
+          case 't': out += '\t'; break;
+          case 'r': out += '\r'; break;
+          case 'b': out += '\b'; break;
+          case 'f': out += '\f'; break;
+          case 'u':  // keep the escape as text: ids only need to be distinct
+            out += "\\u";
+            break;
+          default: out += s[i];
+        }
+        ++i;
+        continue;
+      }
+      out += s[i++];
+    }
+    if (i >= s.size()) return false;
+    ++i;
+    return true;
+  }
+  bool number(double& out) {
+    ws();
+    const char* b = s.data() + i;
+    char* e = nullptr;
+    std::string tmp(b, std::min<std::size_t>(64, s.size() - i));
+    out = std::strtod(tmp.c_str(), &e);
+    if (e == tmp.c_str()) return false;
+    i += std::size_t(e - tmp.c_str());
+    return std::isfinite(out);
+  }
+  /// Skips any JSON value (for ignored keys).
+  bool skip() {
+    ws();
+    if (i >= s.size()) return false;
+    const char c = s[i];
+    if (c == '"') {
+      std::string tmp;
+      return string(tmp);
+    }
+    if (c == '{' || c == '[') {
+      const char close = c == '{' ? '}' : ']';
+      ++i;
+      if (eat(close)) return true;
+      for (;;) {
+        if (c == '{') {
+          std::string k;
+          if (!string(k) || !eat(':')) return false;
+        }
+        if (!skip()) return false;
+        if (eat(close)) return true;
+        if (!eat(',')) return false;
+      }
+    }
+    for (std::string_view lit : {"true", "false", "null"}) {
+      if (s.substr(i, lit.size()) == lit) {
+        i += lit.size();
+        return true;
+      }
+    }
+    double d;
+    return number(d);
+  }
+};
+
+}  // namespace detail
+
+inline result<workload> read_jsonl(std::istream& in, std::string* error) {
+  struct row {
+    std::string session;
+    double turn = -1;
+    double input = -1, output = -1, ts = 0;
+    bool has_ts = false;
+    std::uint64_t line = 0;
+  };
+  auto bad = [&](std::uint64_t line, const std::string& what) -> result<workload> {
+    if (error) *error = "line " + std::to_string(line) + ": " + what;
+    return errc::invalid_argument;
+  };
+  std::vector<row> rows;
+  std::string text, key, sval;
+  std::uint64_t line_no = 0;
+  while (std::getline(in, text)) {
+    ++line_no;
+    detail::json_cursor c{text};
+    c.ws();
+    if (c.i == text.size() || text[c.i] == '#') continue;
+    if (!c.eat('{')) return bad(line_no, "expected a JSON object");
+    row r;
+    r.line = line_no;
+    bool has_session = false;
+    if (!c.eat('}')) {
+      for (;;) {
+        if (!c.string(key) || !c.eat(':')) return bad(line_no, "expected \"key\":");
+        auto num = [&](double& out) { return c.number(out); };
+        if (key == "session") {
+          c.ws();
+          if (c.i < text.size() && text[c.i] == '"') {
+            if (!c.string(sval)) return bad(line_no, "bad string for \"session\"");
+            r.session = "s:" + sval;
+          } else {
+            double d;
+            if (!num(d)) return bad(line_no, "\"session\" must be a string or an integer");
+            r.session = "n:" + std::to_string(std::int64_t(d));
+          }
+          has_session = true;
+        } else if (key == "turn") {
+          if (!num(r.turn) || r.turn < 0) return bad(line_no, "\"turn\" must be a non-negative integer");
+        } else if (key == "input_tokens") {
+          if (!num(r.input) || r.input < 0 || r.input > 4e9) return bad(line_no, "\"input_tokens\" must be 0..4e9");
+        } else if (key == "output_tokens") {
+          if (!num(r.output) || r.output < 0 || r.output > 4e9) return bad(line_no, "\"output_tokens\" must be 0..4e9");
+        } else if (key == "timestamp") {
+          if (!num(r.ts)) return bad(line_no, "\"timestamp\" must be a number (seconds)");
+          r.has_ts = true;
+        } else if (!c.skip()) {
+          return bad(line_no, "bad value for \"" + key + "\"");
+        }
+        if (c.eat('}')) break;
+        if (!c.eat(',')) return bad(line_no, "expected ',' or '}'");
+      }
+    }
+    c.ws();
+    if (c.i != text.size()) return bad(line_no, "text after the object");
+    if (!has_session) return bad(line_no, "missing \"session\"");
+    if (r.input < 0) return bad(line_no, "missing \"input_tokens\"");
+    if (r.output < 0) return bad(line_no, "missing \"output_tokens\"");
+    if (!r.has_ts) return bad(line_no, "missing \"timestamp\"");
+    rows.push_back(std::move(r));
+  }
+  // Group by session; order turns by turn number (when given) then timestamp; order
+  // sessions by their first prompt.
+  std::unordered_map<std::string, std::uint32_t> ids;
+  std::vector<std::vector<std::uint32_t>> by_session;
+  for (std::uint32_t i = 0; i < rows.size(); ++i) {
+    auto [it, fresh] = ids.try_emplace(rows[i].session, std::uint32_t(by_session.size()));
+    if (fresh) by_session.emplace_back();
+    by_session[it->second].push_back(i);
+  }
+  double t0 = 0;
+  bool any = false;
+  for (auto& turns : by_session) {
+    std::stable_sort(turns.begin(), turns.end(), [&](std::uint32_t a, std::uint32_t b) {
+      if (rows[a].turn >= 0 && rows[b].turn >= 0 && rows[a].turn != rows[b].turn) return rows[a].turn < rows[b].turn;
+      return rows[a].ts < rows[b].ts;
+    });
+    for (std::size_t k = 1; k < turns.size(); ++k) {
+      if (rows[turns[k]].ts < rows[turns[k - 1]].ts)
+        return bad(rows[turns[k]].line, "timestamp goes back in time within its session");
+    }
+    const double first_ts = rows[turns.front()].ts;
+    if (!any || first_ts < t0) t0 = first_ts;
+    any = true;
+  }
+  std::vector<std::uint32_t> order(by_session.size());
+  for (std::uint32_t s = 0; s < order.size(); ++s) order[s] = s;
+  std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
+    return rows[by_session[a].front()].ts < rows[by_session[b].front()].ts;
+  });
+  workload w;
+  w.name = "imported";
+  w.open_loop = true;
+  w.requests.reserve(rows.size());
+  for (std::uint32_t s = 0; s < order.size(); ++s) {
+    w.first.push_back(std::uint32_t(w.requests.size()));
+    const auto& turns = by_session[order[s]];
+    for (std::uint32_t k = 0; k < turns.size(); ++k) {
+      const row& r = rows[turns[k]];
+      request q;
+      q.session = s;
+      q.turn = k;
+      q.input_tokens = std::uint32_t(r.input);
+      q.output_tokens = std::uint32_t(r.output);
+      q.arrival = r.ts - t0;
+      q.think = k ? r.ts - rows[turns[k - 1]].ts : 0;
+      w.requests.push_back(q);
+    }
+  }
+  w.first.push_back(std::uint32_t(w.requests.size()));
+  return w;
+}
+
+inline void write_jsonl(const workload& w, std::ostream& out) {
+  char buf[192];
+  for (const request& r : w.requests) {
+    std::snprintf(buf, sizeof buf,
+                  "{\"session\": %u, \"turn\": %u, \"input_tokens\": %u, \"output_tokens\": %u, \"timestamp\": %.3f}\n",
+                  r.session, r.turn, r.input_tokens, r.output_tokens, r.arrival);
+    out << buf;
+  }
+}
+
+inline workload_stats describe(const workload& w) {
+  workload_stats st;
+  st.sessions = w.sessions();
+  st.requests = w.requests.size();
+  if (!st.sessions) return st;
+  double in = 0, outp = 0, think = 0, think_n = 0, tokens = 0, multi = 0, over2 = 0, over4 = 0;
+  for (std::uint32_t s = 0; s < st.sessions; ++s) {
+    auto turns = w.session(s);
+    double sum = 0;
+    for (const request& r : turns) {
+      sum += r.input_tokens + r.output_tokens;
+      in += r.input_tokens;
+      outp += r.output_tokens;
+      if (r.turn > 0) {
+        think += r.think;
+        think_n += 1;
+      }
+    }
+    tokens += sum;
+    if (turns.size() > 1) multi += 1;
+    if (sum > 2048) over2 += 1;
+    if (sum > 4096) over4 += 1;
+    st.duration = std::max(st.duration, turns.empty() ? 0.0 : turns.front().arrival);
+  }
+  const double n = double(st.sessions);
+  st.mean_turns = double(st.requests) / n;
+  st.multi_turn_fraction = multi / n;
+  st.mean_input = st.requests ? in / double(st.requests) : 0;
+  st.mean_output = st.requests ? outp / double(st.requests) : 0;
+  st.mean_think = think_n ? think / think_n : 0;
+  st.mean_session_tokens = tokens / n;
+  st.sessions_over_2k = over2 / n;
+  st.sessions_over_4k = over4 / n;
+  return st;
+}
+
+}  // namespace attnstore::trace

@@ -1,0 +1,118 @@
+// Workload traces of multi-turn conversations: a generator with presets that match the
+// ShareGPT statistics the CachedAttention paper reports, and an importer for JSON-lines
+// conversation logs. The trace simulator (bench/sim) replays them; docs/traces.md
+// describes both.
+//
+// A trace is a list of sessions, each a list of turns: tokens of the new prompt, tokens
+// of the reply, when the prompt was sent. Replay modes:
+//   closed loop  turn k+1 is sent `think` seconds after turn k's reply is complete (the
+//                generator's default: a user reads the reply, then answers).
+//   open loop    turn k+1 is sent at its `arrival` timestamp, but never before turn k's
+//                reply is complete (imported logs).
+// Cold path code: it allocates and may throw (std::invalid_argument for bad options).
+#pragma once
+
+#include <cstdint>
+#include <istream>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "attnstore/status.hpp"
+
+namespace attnstore::trace {
+
+/// One turn of one session.
+struct request {
+  std::uint32_t session = 0;        ///< dense session number (0..sessions-1)
+  std::uint32_t turn = 0;           ///< 0-based turn number within the session
+  std::uint32_t input_tokens = 0;   ///< new prompt tokens of this turn (history excluded)
+  std::uint32_t output_tokens = 0;  ///< reply tokens
+  double arrival = 0;               ///< seconds from the trace start when the prompt is sent
+  double think = 0;                 ///< seconds from the previous reply's end (0 for turn 0)
+};
+
+/// Sessions, each a contiguous run of requests in turn order; sessions are ordered by
+/// the arrival of their first turn.
+struct workload {
+  std::string name;
+  std::vector<request> requests;
+  std::vector<std::uint32_t> first;  ///< session s is requests[first[s], first[s+1])
+  bool open_loop = false;            ///< replay by `arrival` (imported logs) or by `think`
+
+  std::uint32_t sessions() const noexcept { return first.empty() ? 0 : std::uint32_t(first.size() - 1); }
+  std::span<const request> session(std::uint32_t s) const noexcept {
+    return {requests.data() + first[s], requests.data() + first[s + 1]};
+  }
+};
+
+/// A log-normal distribution given by its median and shape, clipped to [min, max].
+/// Mean = median * exp(sigma^2 / 2) before clipping.
+struct lognormal {
+  double median = 1;
+  double sigma = 0;
+  double min = 0;
+  double max = 1e300;
+};
+
+struct generator_options {
+  std::string name = "custom";
+  std::uint64_t seed = 1;
+  /// Trace length: sessions are generated until this many requests exist (the last
+  /// session is cut), or until `sessions` sessions when requests is 0.
+  std::uint64_t requests = 0;
+  std::uint32_t sessions = 0;
+  double session_rate = 1.0;           ///< new sessions per second (Poisson)
+  /// Turns per session: single-turn with this probability, else 2 + a geometric number
+  /// chosen so that the mean over all sessions is mean_turns; at most max_turns.
+  double single_turn_fraction = 0.27;
+  double mean_turns = 5.75;
+  std::uint32_t max_turns = 64;
+  lognormal first_input{};             ///< prompt tokens of turn 0 (system prompt + question)
+  lognormal input{};                   ///< prompt tokens of later turns
+  lognormal output{};                  ///< reply tokens
+  lognormal think{};                   ///< seconds between a reply and the next prompt
+  /// Open-loop timestamps: arrival of turn k+1 = arrival of turn k + output tokens of
+  /// turn k * this + think. Used only for open-loop replay.
+  double nominal_seconds_per_output_token = 0.03;
+};
+
+/// Preset names: "paper" (ShareGPT-like, the paper's setup), "light" (the same
+/// conversations at half the arrival rate), "heavy" (1.25x the rate), "long" (fewer,
+/// longer turns: pasted documents).
+std::span<const std::string_view> preset_names() noexcept;
+/// Options of a preset. Throws std::invalid_argument naming the allowed presets.
+generator_options preset(std::string_view name);
+/// Generates a trace. Deterministic for given options (own PRNG and samplers, the same
+/// on every platform). Throws std::invalid_argument naming a bad field.
+workload generate(const generator_options& options);
+
+/// Reads a JSON-lines conversation log: one object per line with
+///   "session"        string or integer (required)
+///   "turn"           integer (optional; turns are ordered by it, else by timestamp)
+///   "input_tokens"   integer (required): new prompt tokens of the turn
+///   "output_tokens"  integer (required): reply tokens
+///   "timestamp"      number, seconds (required): when the prompt was sent
+/// Other keys are ignored; blank lines and lines starting with '#' are skipped. The
+/// result replays open loop; think = gap between consecutive prompts of a session.
+/// Returns invalid_argument on a malformed line, with "line N: what" in *error.
+result<workload> read_jsonl(std::istream& in, std::string* error = nullptr);
+/// Writes a trace in the same format (session as an integer, turn, tokens, timestamp).
+void write_jsonl(const workload& w, std::ostream& out);
+
+/// Summary statistics (the checks against PAPER.md). Session tokens = sum of input and
+/// output tokens over its turns, before any truncation.
+struct workload_stats {
+  std::uint64_t sessions = 0, requests = 0;
+  double mean_turns = 0, multi_turn_fraction = 0;
+  double mean_input = 0, mean_output = 0, mean_think = 0;
+  double mean_session_tokens = 0;
+  double sessions_over_2k = 0, sessions_over_4k = 0;  ///< fractions of sessions
+  double duration = 0;                                ///< seconds to the last session's arrival
+};
+workload_stats describe(const workload& w);
+
+}  // namespace attnstore::trace
+
+#include "attnstore/detail/trace.inl"
