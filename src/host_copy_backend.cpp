@@ -30,14 +30,17 @@ class host_stream {
   errc push_copy(std::span<const copy_segment> segs) noexcept;
   errc push_record(event_id e, std::uint64_t gen) noexcept;
   errc push_wait(event_id e, std::uint64_t gen) noexcept;
+  errc push_fn(void (*fn)(void*), void* ctx) noexcept;
 
  private:
-  enum class kind : std::uint8_t { copy, record, wait };
+  enum class kind : std::uint8_t { copy, record, wait, fn };
   struct item {
     kind what;
     event_id event;
     std::uint64_t gen;
     std::size_t seg_begin, seg_count;
+    void (*fn)(void*) = nullptr;
+    void* ctx = nullptr;
   };
   static constexpr std::size_t item_capacity = 8192;
   errc push(item it, std::span<const copy_segment> segs) noexcept;
@@ -89,6 +92,9 @@ class host_copy_backend final : public copy_backend {
   }
   errc copy_async(std::span<const copy_segment> segs, stream_ref s) noexcept override {
     return static_cast<host_stream*>(s.get())->push_copy(segs);
+  }
+  errc launch_host_fn(void (*fn)(void*), void* ctx, stream_ref s) noexcept override {
+    return static_cast<host_stream*>(s.get())->push_fn(fn, ctx);
   }
   event_id acquire_event() noexcept override {
     event_id e = event_pool_.allocate();
@@ -182,6 +188,9 @@ errc host_stream::push_copy(std::span<const copy_segment> segs) noexcept {
 }
 errc host_stream::push_record(event_id e, std::uint64_t gen) noexcept { return push(item{kind::record, e, gen, 0, 0}, {}); }
 errc host_stream::push_wait(event_id e, std::uint64_t gen) noexcept { return push(item{kind::wait, e, gen, 0, 0}, {}); }
+errc host_stream::push_fn(void (*fn)(void*), void* ctx) noexcept {
+  return push(item{kind::fn, no_event, 0, 0, 0, fn, ctx}, {});
+}
 
 void host_stream::run() {
   for (;;) {
@@ -211,6 +220,7 @@ void host_stream::run() {
       }
       case kind::record: owner_.complete(it.event, it.gen); break;
       case kind::wait: owner_.wait_for(it.event, it.gen); break;
+      case kind::fn: it.fn(it.ctx); break;
     }
     {
       std::lock_guard lock(mutex_);

@@ -74,15 +74,21 @@ bool have_avx2() {
 
 errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
               std::size_t head_stride, const rope_angles& angles) noexcept {
+  return rerotate(keys, dt, tokens, heads, token_stride, head_stride, angles.spec(), angles.cos_row(0),
+                  angles.sin_row(0), angles.shared());
+}
+
+errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
+              std::size_t head_stride, const rope_spec& spec, const float* cos, const float* sin,
+              bool shared_row) noexcept {
   if (dt == dtype::fp8_e4m3) return errc::unsupported;
-  const rope_spec& spec = angles.spec();
   const int code = dtype_code(dt);
   const bool neox = spec.style == rope_style::neox;
   const std::uint32_t half = spec.rotary() / 2;
   const bool fast = neox && half % 8 == 0 && have_avx2();
   for (std::size_t t = 0; t < tokens; ++t) {
-    const float* c = angles.cos_row(t);
-    const float* s = angles.sin_row(t);
+    const float* c = cos + (shared_row ? 0 : t * half);
+    const float* s = sin + (shared_row ? 0 : t * half);
     for (std::uint32_t h = 0; h < heads; ++h) {
       std::byte* head = keys + t * token_stride + h * head_stride;
       if (!(fast && rotate_head_avx2(head, code, half, c, s)))

@@ -22,6 +22,7 @@
 
 #include "attnstore/copy/copy_backend.hpp"
 #include "attnstore/kv_layout.hpp"
+#include "attnstore/rope.hpp"
 #include "attnstore/store.hpp"
 
 namespace attnstore {
@@ -36,6 +37,14 @@ struct hooks_config {
   std::uint32_t max_blocks_per_request = 1024;  ///< blocks one load or save may span
   std::uint32_t read_streams = 2;           ///< loads of different requests overlap across these
   std::size_t segment_buffer = 8192;        ///< copy segments built per copy_async call
+  /// The model's RoPE. Needed to load a truncated view (its keys move to new
+  /// positions) and for keys stored before RoPE; without it such loads are refused.
+  std::optional<rope_spec> rope;
+  /// Store keys without RoPE: saves strip it (R(-position), on the DRAM copy) and loads
+  /// apply R(position). Truncation then never needs a delta; f16/bf16 keys see one more
+  /// rounding than with keys stored after RoPE (the default, exact when nothing moves).
+  bool keys_pre_rope = false;
+  std::uint32_t max_positions = 16384;      ///< angle table size for keys_pre_rope
 };
 
 using load_handle = std::uint32_t;
@@ -81,9 +90,13 @@ class hooks {
   /// [0, preload_layers) are queued. `compute` is the stream the engine computes on,
   /// or nullopt for an engine that computes on the calling host thread.
   /// The target's pages must stay valid and unused by others until finish_load.
+  /// A truncated view is placed at its new positions and its keys re-rotated there,
+  /// in stream order, before the layer's event (host memory; see hooks_config::rope).
   /// Returns status ok (tokens may be 0 and handle no_handle: nothing to load),
   /// invalid_argument (layout does not match the store), retry (all handles busy),
-  /// no_space, checksum_error/device_error (the verified prefix is still loaded).
+  /// unsupported (keys must move but no rope spec is configured, or they live in GPU
+  /// memory, which this version re-rotates only on the host), no_space,
+  /// checksum_error/device_error (the verified prefix is still loaded).
   load_info start_load(const session_key& session, std::span<const token_id> prompt, const kv_target& target,
                        std::optional<stream_ref> compute = std::nullopt) noexcept;
   /// Layer `layer`'s history is in engine memory before compute uses it: on a GPU the
@@ -119,7 +132,11 @@ class hooks {
  private:
   struct load_state;
   struct save_state;
+  static constexpr std::size_t max_shifts = 8;  // distinct position shifts in one loaded view
   errc queue_load_layer(load_state& L, std::uint32_t layer) noexcept;
+  struct rotate_job;
+  static void rotate_layer(void* job) noexcept;
+  static void strip_layer(void* job) noexcept;
   errc flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept;
   void sync_loads_of(const session_hash& key) noexcept;
 
@@ -134,6 +151,8 @@ class hooks {
   detail::slot_pool load_pool_;
   detail::slot_pool save_pool_;
   std::atomic<std::uint32_t> next_read_stream_{0};
+  std::optional<rope_angles> position_angles_;  // keys_pre_rope: row p = R(p)
+  std::optional<rope_angles> strip_angles_;     // keys_pre_rope: row p = R(-p)
 };
 
 }  // namespace attnstore

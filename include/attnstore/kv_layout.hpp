@@ -65,15 +65,15 @@ using kv_source = kv_target;
 /// Direction of a block <-> engine copy.
 enum class copy_direction : std::uint8_t { to_engine, from_engine };
 
-/// Appends to `out` the segments that move layer `layer` of one stored block (payload
-/// at `block_payload`, in attnstore's [layer][K|V][token][head][dim] layout) holding
-/// tokens [first_token, first_token + tokens) of the sequence, to or from the engine
-/// memory in `t`. Consecutive tokens of one page merge into one segment when the
+/// Appends to `out` the segments that move layer `layer` of tokens [block_first,
+/// block_first + tokens) of one stored block (payload at `block_payload`, in
+/// attnstore's [layer][K|V][token][head][dim] layout) to or from sequence positions
+/// [first_token, first_token + tokens) of the engine memory in `t`. Consecutive tokens of one page merge into one segment when the
 /// engine packs heads and tokens densely. Returns the number of segments written, or
 /// 0 if `out` is too small. Allocation-free.
 std::size_t layer_segments(const kv_geometry& g, const std::byte* block_payload, std::uint32_t layer,
-                           std::uint64_t first_token, std::uint32_t tokens, const kv_target& t, copy_direction dir,
-                           std::span<copy_segment> out) noexcept;
+                           std::uint32_t block_first, std::uint64_t first_token, std::uint32_t tokens,
+                           const kv_target& t, copy_direction dir, std::span<copy_segment> out) noexcept;
 
 /// Upper bound of segments layer_segments() produces for one block and one layer.
 inline std::size_t max_layer_segments(const kv_geometry& g, const kv_layout& l) noexcept {
@@ -84,14 +84,13 @@ inline std::size_t max_layer_segments(const kv_geometry& g, const kv_layout& l) 
 }
 
 inline std::size_t layer_segments(const kv_geometry& g, const std::byte* block_payload, std::uint32_t layer,
-                                  std::uint64_t first_token, std::uint32_t tokens, const kv_target& t,
-                                  copy_direction dir, std::span<copy_segment> out) noexcept {
+                                  std::uint32_t block_first, std::uint64_t first_token, std::uint32_t tokens,
+                                  const kv_target& t, copy_direction dir, std::span<copy_segment> out) noexcept {
   const kv_layout& L = *t.layout;
   const std::size_t elem = g.element_bytes();
   const std::size_t head_bytes = std::size_t(g.head_dim) * elem;
   const std::size_t token_bytes = head_bytes * g.num_kv_heads;  // one token, one of K/V, in the block
   const bool dense_heads = L.head_stride == head_bytes;
-  const bool dense_tokens = dense_heads && L.token_stride == token_bytes;
   std::size_t n = 0;
   auto emit = [&](const std::byte* block_side, std::byte* engine_side, std::size_t bytes) {
     if (n == out.size()) return false;
@@ -117,7 +116,7 @@ inline std::size_t layer_segments(const kv_geometry& g, const std::byte* block_p
       const std::uint64_t pos = first_token + i;
       std::byte* tok = engine_layer + std::size_t(t.pages[pos / L.page_size]) * L.page_stride +
                        std::size_t(pos % L.page_size) * L.token_stride;
-      const std::byte* btok = src_side + std::size_t(i) * token_bytes;
+      const std::byte* btok = src_side + std::size_t(block_first + i) * token_bytes;
       if (dense_heads) {
         if (!emit(btok, tok, token_bytes)) return 0;
       } else {
@@ -125,7 +124,6 @@ inline std::size_t layer_segments(const kv_geometry& g, const std::byte* block_p
           if (!emit(btok + h * head_bytes, tok + std::size_t(h) * L.head_stride, head_bytes)) return 0;
       }
     }
-    (void)dense_tokens;
   }
   return n;
 }

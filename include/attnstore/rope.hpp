@@ -136,6 +136,12 @@ class rope_angles {
 errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
               std::size_t head_stride, const rope_angles& angles) noexcept;
 
+/// The same with explicit angle rows: row t at cos + t*pairs (or row 0 for every token
+/// when `shared_row`).
+errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
+              std::size_t head_stride, const rope_spec& spec, const float* cos, const float* sin,
+              bool shared_row) noexcept;
+
 /// The same on a GPU stream (CUDA part only; unsupported elsewhere). `angles_device`
 /// holds the angle rows copied to device memory: cos rows then sin rows.
 errc rerotate_cuda(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,

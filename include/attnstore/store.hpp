@@ -22,6 +22,7 @@
 #include "attnstore/status.hpp"
 #include "attnstore/tier/host_arena.hpp"
 #include "attnstore/tier/ssd_space.hpp"
+#include "attnstore/truncate.hpp"
 #include "attnstore/types.hpp"
 
 namespace attnstore {
@@ -93,7 +94,8 @@ struct save_reservation {
   std::uint32_t first_block = 0;
   std::uint32_t blocks = 0;
   std::uint32_t head = no_slot;  ///< first reserved block (block table index)
-  hash128 prev_chain{};          ///< chain hash of block first_block - 1 when reserved
+  hash128 prev_chain{};          ///< chain hash of the entry before the first replaced one
+  std::uint32_t from_entry = 0;  ///< index of the first replaced entry in the session's view
   explicit operator bool() const noexcept { return head != no_slot; }
 };
 
@@ -101,7 +103,10 @@ struct save_reservation {
 /// block layout, and how many of its tokens match the prompt.
 struct block_view {
   const std::byte* payload = nullptr;
-  std::uint32_t tokens = 0;
+  std::uint32_t tokens = 0;    ///< tokens of the block used, from `first` on
+  std::uint32_t first = 0;     ///< first of them inside the block (non-zero only in a truncated view)
+  std::uint64_t position = 0;  ///< view position of the first of them
+  std::int64_t shift = 0;      ///< view position - position it was saved at (keys need R(shift))
 };
 
 /// What get() delivered.
@@ -181,6 +186,17 @@ class store {
   /// Pinned sessions are never demoted or evicted. Returns ok or not_found.
   errc pin(const session_key& key) noexcept;
   errc unpin(const session_key& key) noexcept;
+  /// Applies a truncation plan (plan_truncation) to the session's view: positions
+  /// [sink, sink + drop) go (blocks entirely inside are freed), later tokens move back
+  /// by drop. `history` must be the session's current view (its token ids are checked
+  /// against the plan's range, so a stale plan cannot cut the wrong tokens).
+  /// Truncated views are not persisted: after a restart the session recovers only up
+  /// to its first dropped block. Returns ok, not_found, invalid_argument (plan or
+  /// history does not match the view), rejected (the session is pinned: a load or
+  /// save is using it).
+  [[nodiscard]] errc truncate(const session_key& key, std::span<const token_id> history,
+                              const truncation_plan& plan) noexcept;
+
   /// The engine's waiting queue, first to run first. Queued sessions are demoted or
   /// evicted only when no other session can be; past queue_window entries the rest of
   /// the queue is ignored. Replaces the previous queue.

@@ -103,6 +103,9 @@ class cuda_copy_backend final : public copy_backend {
     }
     return errc::ok;
   }
+  errc launch_host_fn(void (*fn)(void*), void* ctx, stream_ref s) noexcept override {
+    return to_errc(cudaLaunchHostFunc(static_cast<cudaStream_t>(s.get()), fn, ctx));
+  }
   event_id acquire_event() noexcept override { return pool_.allocate(); }
   void release_event(event_id e) noexcept override {
     if (e != no_event) pool_.release(e);

@@ -58,6 +58,11 @@ class copy_backend {
   /// Returns ok, invalid_argument (too many segments for one call), device_error.
   [[nodiscard]] virtual errc copy_async(std::span<const copy_segment> segments, stream_ref stream) noexcept = 0;
 
+  /// Queues a host function after everything already queued on `stream` (it runs on
+  /// a backend thread; for CUDA, cudaLaunchHostFunc). For work on host memory in
+  /// stream order, e.g. re-rotating keys a copy just placed.
+  [[nodiscard]] virtual errc launch_host_fn(void (*fn)(void*), void* context, stream_ref stream) noexcept = 0;
+
   /// Takes an event from the pool (no_event when all are in use). Cold-ish: callers
   /// keep events for the life of a request.
   [[nodiscard]] virtual event_id acquire_event() noexcept = 0;

@@ -66,6 +66,7 @@ inline void cache_index::release_record(std::uint32_t rec) noexcept {
     r.count = 0;
     r.tokens = 0;
     r.dram_blocks = r.ssd_blocks = r.pins = 0;
+    r.truncated = false;
     record_pool_.release(rec);
   }
 }
@@ -151,41 +152,51 @@ inline lookup_result cache_index::lookup(const session_hash& key, const model_id
 inline lookup_result cache_index::lookup(locked_session& s, const model_id& model, std::span<const token_id> prompt,
                                          std::span<block_location> out) noexcept {
   lookup_result res;
-  hash128 prev{};
-  std::size_t pos = 0;
-  auto note = [&](const block_meta& m, std::uint32_t matched) {
-    tier t = m.fastest();
-    if (res.blocks < out.size())
-      out[res.blocks] = {t, t == tier::dram ? m.dram_slot : m.ssd_slot, matched};
+  res.tokens = match_prompt(s, model, prompt, [&](const block_match& bm) {
+    const block_meta& m = blocks_[bm.block];
+    const tier t = m.fastest();
+    if (res.blocks < out.size()) out[res.blocks] = {t, t == tier::dram ? m.dram_slot : m.ssd_slot, bm.tokens};
     ++res.blocks;
     if (t == tier::dram) ++res.dram_blocks; else ++res.ssd_blocks;
-    res.tokens += matched;
-  };
-  for (std::uint32_t b = s.first_block(); b != no_slot && pos < prompt.size();) {
-    const block_meta& m = blocks_[b];
-    const std::size_t remaining = prompt.size() - pos;
-    if (remaining >= m.tokens) {
-      hash128 h = chain_hash(prev, model, prompt.subspan(pos, m.tokens));
-      if (h == m.chain) {
-        note(m, m.tokens);
-        pos += m.tokens;
-        prev = h;
-        b = m.next;
-        continue;
-      }
-    }
-    // The block differs (an edit) or the prompt ends inside it: its KV is still valid
-    // for the tokens before the first difference, since KV of a token depends only on
-    // the tokens up to it.
-    auto stored = s.tokens_of(b);
-    std::uint32_t k = 0;
-    const std::size_t limit = std::min<std::size_t>(remaining, m.tokens);
-    while (k < limit && stored[k] == prompt[pos + k]) ++k;
-    if (k > 0) note(m, k);
-    break;
-  }
+    return true;
+  });
   s.touch();
   return res;
+}
+
+template <class Visit>
+std::uint64_t cache_index::match_prompt(locked_session& s, const model_id& model, std::span<const token_id> prompt,
+                                        Visit&& visit) noexcept {
+  const bool by_tokens = s.truncated();
+  hash128 prev{};
+  std::uint64_t pos = 0;
+  std::uint32_t index = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot && pos < prompt.size(); b = blocks_[b].next, ++index) {
+    const block_meta& m = blocks_[b];
+    const std::size_t remaining = prompt.size() - pos;
+    const auto stored = s.tokens_of(b).subspan(m.view_first, m.view_count);
+    std::uint32_t matched = 0;
+    bool chained = false;
+    if (!by_tokens && remaining >= m.view_count &&
+        chain_hash(prev, model, prompt.subspan(pos, m.view_count)) == m.chain) {
+      matched = m.view_count;
+      prev = m.chain;
+      chained = true;
+    } else {
+      // The block differs (an edit), the prompt ends inside it, or the view is
+      // truncated: its KV is valid for the tokens before the first difference, since
+      // KV of a token depends only on the tokens up to it.
+      const std::size_t limit = std::min<std::size_t>(remaining, m.view_count);
+      while (matched < limit && stored[matched] == prompt[pos + matched]) ++matched;
+    }
+    if (matched == 0) break;
+    // Past a chain-hash mismatch nothing further can match (untruncated views).
+    const bool whole = matched == m.view_count && (chained || by_tokens);
+    if (!visit(block_match{b, index, pos, m.view_first, matched, whole})) return pos + matched;
+    pos += matched;
+    if (!whole) break;
+  }
+  return pos;
 }
 
 // ---- locked_session ----
@@ -231,6 +242,7 @@ inline std::uint32_t locked_session::new_block(std::span<const token_id> tokens)
   if (b == no_slot) return no_slot;
   index_->blocks_[b] = block_meta{};
   index_->blocks_[b].tokens = std::uint32_t(tokens.size());
+  index_->blocks_[b].view_count = std::uint32_t(tokens.size());
   std::memcpy(index_->tokens_.data() + std::size_t(b) * index_->tokens_per_block_, tokens.data(),
               tokens.size() * sizeof(token_id));
   return b;
@@ -251,17 +263,33 @@ inline std::uint32_t locked_session::publish(std::uint32_t from, std::uint32_t f
   std::uint32_t tail = prev;
   for (std::uint32_t b = first; b != no_slot; b = blocks[b].next) tail = b;
   r.tail = tail;
-  // Recount: O(blocks), on the put/demote path only.
-  r.count = 0;
-  r.tokens = 0;
-  for (std::uint32_t b = r.head; b != no_slot; b = blocks[b].next) {
-    ++r.count;
-    r.tokens += blocks[b].tokens;
-  }
   (void)count;
-  count_tiers();
+  recount();
   return detached;
 }
+
+inline void locked_session::relink(std::uint32_t head) noexcept {
+  auto& r = index_->records_[record_];
+  r.head = head;
+  r.tail = no_slot;
+  for (std::uint32_t b = head; b != no_slot; b = index_->blocks_[b].next) r.tail = b;
+  recount();
+}
+
+inline void locked_session::recount() noexcept {
+  // O(blocks), on the put/demote/truncate path only.
+  auto& r = index_->records_[record_];
+  r.count = 0;
+  r.tokens = 0;
+  for (std::uint32_t b = r.head; b != no_slot; b = index_->blocks_[b].next) {
+    ++r.count;
+    r.tokens += index_->blocks_[b].view_count;
+  }
+  count_tiers();
+}
+
+inline bool locked_session::truncated() const noexcept { return index_->records_[record_].truncated; }
+inline void locked_session::set_truncated(bool t) noexcept { index_->records_[record_].truncated = t; }
 
 inline void locked_session::count_tiers() noexcept {
   auto& r = index_->records_[record_];

@@ -6,7 +6,19 @@
 
 namespace attnstore {
 
+struct hooks::rotate_job {
+  hooks* self = nullptr;
+  load_state* load = nullptr;
+  std::uint32_t layer = 0;
+  save_state* save = nullptr;
+};
+
 struct hooks::load_state {
+  std::vector<rotate_job> rotations;  // one per layer
+  std::vector<std::uint8_t> shift_of; // per view: index into shift_angles
+  std::vector<rope_angles> shift_angles;
+  std::vector<std::int64_t> shifts;
+  bool rotate = false;
   session_hash key{};
   std::vector<block_view> views;
   std::vector<event_id> events;  // one per layer: layer copied into engine memory
@@ -20,6 +32,7 @@ struct hooks::load_state {
 };
 
 struct hooks::save_state {
+  std::vector<rotate_job> strips;  // one per layer (keys_pre_rope)
   save_reservation reservation;
   std::vector<std::byte*> payloads;
   std::vector<event_id> written;   // one per layer: layer copied into DRAM
@@ -56,14 +69,31 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
       if (e == no_event) throw std::invalid_argument("hooks: the copy backend's event pool is too small for max_loads/max_saves x layers");
     }
   };
+  if (config.rope) {
+    config.rope->validate();
+    if (config.keys_pre_rope) {
+      position_angles_.emplace(*config.rope, config.max_positions);
+      position_angles_->fill(0, 1, config.max_positions);
+      strip_angles_.emplace(*config.rope, config.max_positions);
+      strip_angles_->fill(0, -1, config.max_positions);
+    }
+  } else if (config.keys_pre_rope) {
+    fail("keys_pre_rope needs the rope spec");
+  }
   loads_.resize(config.max_loads);
   for (auto& L : loads_) {
     L.views.resize(config.max_blocks_per_request);
+    L.rotations.resize(geometry_.num_layers);
+    for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) L.rotations[l] = {this, &L, l};
+    L.shift_of.resize(config.max_blocks_per_request);
+    if (config.rope) L.shift_angles.assign(max_shifts, rope_angles(*config.rope, 1));
     L.segments.resize(config.segment_buffer);
     take_events(L.events);
   }
   saves_.resize(config.max_saves);
   for (auto& S : saves_) {
+    S.strips.resize(geometry_.num_layers);
+    for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) S.strips[l] = {this, nullptr, l, &S};
     S.payloads.resize(config.max_blocks_per_request);
     S.segments.resize(config.segment_buffer);
     S.saved.resize(geometry_.num_layers);
@@ -103,11 +133,13 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
   for (std::uint32_t b = 0; b < L.blocks; ++b) {
     if (L.segments.size() - used < need)
       if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
-    used += layer_segments(geometry_, L.views[b].payload, layer, std::uint64_t(b) * geometry_.tokens_per_block,
+    used += layer_segments(geometry_, L.views[b].payload, layer, L.views[b].first, L.views[b].position,
                            L.views[b].tokens, L.target, copy_direction::to_engine,
                            std::span(L.segments).subspan(used));
   }
   if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
+  if (L.rotate)  // keys moved to new positions: re-rotate them right after their copy
+    if (errc e = copier_.launch_host_fn(&hooks::rotate_layer, &L.rotations[layer], stream); e != errc::ok) return e;
   L.queued_layers = layer + 1;
   return copier_.record(L.events[layer], stream);
 }
@@ -133,6 +165,30 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     load_pool_.release(h);
     return {errc::invalid_argument};
   }
+  // Keys that move (a truncated view) or lack RoPE are rotated on load.
+  L.rotate = config_.keys_pre_rope;
+  L.shifts.clear();
+  for (std::uint32_t b = 0; b < got.blocks && !config_.keys_pre_rope; ++b) {
+    const std::int64_t sh = L.views[b].shift;
+    if (sh == 0) continue;
+    L.rotate = true;
+    auto it = std::find(L.shifts.begin(), L.shifts.end(), sh);
+    if (it == L.shifts.end()) {
+      if (L.shifts.size() == max_shifts || !config_.rope) break;
+      L.shifts.push_back(sh);
+      it = L.shifts.end() - 1;
+    }
+    L.shift_of[b] = std::uint8_t(it - L.shifts.begin());
+  }
+  const bool can_rotate = config_.rope && target.layout->where == memory_space::host &&
+                          geometry_.dtype != dtype::fp8_e4m3 && L.shifts.size() <= max_shifts &&
+                          (!config_.keys_pre_rope || got.tokens <= config_.max_positions);
+  if (L.rotate && !can_rotate) {
+    store_.release(session);
+    load_pool_.release(h);
+    return {errc::unsupported};
+  }
+  for (std::size_t i = 0; i < L.shifts.size(); ++i) (void)L.shift_angles[i].fill(L.shifts[i], 0, 1);
   L.key = hash_session(session);
   L.target = target;
   L.compute = compute;
@@ -147,6 +203,53 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
       return {e};
     }
   return {got.status, h, got.tokens, got.blocks};
+}
+
+inline void hooks::rotate_layer(void* job) noexcept {
+  const rotate_job& j = *static_cast<const rotate_job*>(job);
+  const hooks& H = *j.self;
+  const load_state& L = *j.load;
+  const kv_layout& lay = *L.target.layout;
+  const rope_spec& spec = *H.config_.rope;
+  const std::uint32_t pairs = spec.rotary() / 2;
+  for (std::uint32_t b = 0; b < L.blocks; ++b) {
+    const block_view& v = L.views[b];
+    if (!H.config_.keys_pre_rope && v.shift == 0) continue;
+    // Runs of tokens within one page share a stride.
+    for (std::uint32_t done = 0; done < v.tokens;) {
+      const std::uint64_t pos = v.position + done;
+      const std::uint32_t in_page = std::uint32_t(pos % lay.page_size);
+      const std::uint32_t run = std::min<std::uint32_t>(v.tokens - done, lay.page_size - in_page);
+      std::byte* keys = lay.k_base[j.layer] + std::size_t(L.target.pages[pos / lay.page_size]) * lay.page_stride +
+                        std::size_t(in_page) * lay.token_stride;
+      if (H.config_.keys_pre_rope) {
+        const rope_angles& a = *H.position_angles_;
+        (void)rerotate(keys, H.geometry_.dtype, run, H.geometry_.num_kv_heads, lay.token_stride, lay.head_stride, spec,
+                       a.cos_row(0) + pos * pairs, a.sin_row(0) + pos * pairs, false);
+      } else {
+        const rope_angles& a = L.shift_angles[L.shift_of[b]];
+        (void)rerotate(keys, H.geometry_.dtype, run, H.geometry_.num_kv_heads, lay.token_stride, lay.head_stride, spec,
+                       a.cos_row(0), a.sin_row(0), true);
+      }
+      done += run;
+    }
+  }
+}
+
+inline void hooks::strip_layer(void* job) noexcept {
+  const rotate_job& j = *static_cast<const rotate_job*>(job);
+  const hooks& H = *j.self;
+  const save_state& S = *j.save;
+  const kv_geometry& g = H.geometry_;
+  const std::uint32_t pairs = H.config_.rope->rotary() / 2;
+  const std::size_t head_bytes = std::size_t(g.head_dim) * g.element_bytes();
+  for (std::uint32_t i = 0; i < S.reservation.blocks; ++i) {
+    const std::uint64_t first = std::uint64_t(S.reservation.first_block + i) * g.tokens_per_block;
+    const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(g.tokens_per_block, S.tokens - first));
+    std::byte* keys = S.payloads[i] + std::size_t(j.layer) * g.layer_bytes();  // K comes first in a layer
+    (void)rerotate(keys, g.dtype, n, g.num_kv_heads, head_bytes * g.num_kv_heads, head_bytes, *H.config_.rope,
+                   H.strip_angles_->cos_row(0) + first * pairs, H.strip_angles_->sin_row(0) + first * pairs, false);
+  }
 }
 
 inline errc hooks::wait_layer(load_handle h, std::uint32_t layer) noexcept {
@@ -194,6 +297,7 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   const std::uint32_t first_block = std::uint32_t(from_token / geometry_.tokens_per_block);
   const std::uint32_t count = geometry_.blocks_for(tokens.size()) - first_block;
   if (count > config_.max_blocks_per_request) return fail(errc::invalid_argument);
+  if (config_.keys_pre_rope && tokens.size() > config_.max_positions) return fail(errc::invalid_argument);
   const save_handle h = save_pool_.allocate();
   if (h == no_handle) return fail(errc::retry);
   save_state& S = saves_[h];
@@ -226,10 +330,12 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
     const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(tpb, S.tokens - first_token));
     if (S.segments.size() - used < need)
       if (errc e = flush_segments(S.segments, used, stream); e != errc::ok) return e;
-    used += layer_segments(geometry_, S.payloads[i], layer, first_token, n, S.source, copy_direction::from_engine,
+    used += layer_segments(geometry_, S.payloads[i], layer, 0, first_token, n, S.source, copy_direction::from_engine,
                            std::span(S.segments).subspan(used));
   }
   if (errc e = flush_segments(S.segments, used, stream); e != errc::ok) return e;
+  if (config_.keys_pre_rope)  // store keys without RoPE
+    if (errc e = copier_.launch_host_fn(&hooks::strip_layer, &S.strips[layer], stream); e != errc::ok) return e;
   S.saved[layer] = 1;
   return copier_.record(S.written[layer], stream);
 }

@@ -357,7 +357,7 @@ inline errc store::demote_locked(locked_session& s, std::uint32_t until_position
         break;
       }
       blocks[n] = b;
-      positions[n] = pos;
+      positions[n] = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);  // the header's block_index
       slots[n] = ss;
       ++n;
     }
@@ -436,15 +436,27 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
                                       std::to_string(first_block) + "; need tokens and first_block < blocks");
     return errc::invalid_argument;
   }
-  // The stored prefix must be these tokens' blocks.
+  // The stored view up to position first_block x tokens_per_block must be these
+  // tokens: chain hashes for untruncated blocks, token ids in a truncated view.
+  const std::uint64_t boundary = std::uint64_t(first_block) * tpb;
   hash128 prev{};
+  std::uint64_t pos = 0;
+  std::uint32_t from = 0;
   std::uint32_t b = s.first_block();
-  for (std::uint32_t i = 0; i < first_block; ++i, b = s.meta(b).next) {
-    if (b == no_slot || s.meta(b).tokens != tpb ||
-        !(s.meta(b).chain == chain_hash(prev, model_, tokens.subspan(std::size_t(i) * tpb, tpb))))
+  for (; b != no_slot && pos < boundary; b = s.meta(b).next, ++from) {
+    const block_meta& m = s.meta(b);
+    if (pos + m.view_count > boundary || pos + m.view_count > tokens.size()) return errc::rejected;
+    const auto want = tokens.subspan(pos, m.view_count);
+    if (s.truncated()) {
+      const auto have = s.tokens_of(b).subspan(m.view_first, m.view_count);
+      if (!std::equal(have.begin(), have.end(), want.begin())) return errc::rejected;
+    } else if (!(m.chain == chain_hash(prev, model_, want))) {
       return errc::rejected;
-    prev = s.meta(b).chain;
+    }
+    prev = m.chain;
+    pos += m.view_count;
   }
+  if (pos != boundary) return errc::rejected;
   // The blocks this save replaces stay published until commit. Those already on SSD
   // give their DRAM copy up now, so a session that fills most of DRAM can still be
   // replaced; nothing is lost if the save fails.
@@ -461,6 +473,7 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
   r.first_block = first_block;
   r.blocks = total - first_block;
   r.prev_chain = prev;
+  r.from_entry = from;
   std::uint32_t tail = no_slot;
   for (std::uint32_t i = first_block; i < total; ++i) {
     const std::size_t begin = std::size_t(i) * tpb;
@@ -470,6 +483,7 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
       if (tail == no_slot) r.head = nb; else s.meta(tail).next = nb;
       tail = nb;
       block_meta& m = s.meta(nb);
+      m.saved_pos = begin;
       m.chain = prev = chain_hash(prev, model_, toks);
       m.dram_slot = alloc_dram(s, no_slot);  // may demote any of this session's published blocks
     }
@@ -495,10 +509,14 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
     r = save_reservation{};
     return e;
   };
-  // The prefix the reservation extends may have changed since (an edit, a drop).
-  if (r.first_block > 0) {
-    std::uint32_t b = s.block_at(r.first_block - 1);
-    if (b == no_slot || s.meta(b).tokens != tpb || !(s.meta(b).chain == r.prev_chain)) return fail(errc::rejected);
+  // The prefix the reservation extends may have changed since (an edit, a drop, a
+  // truncation).
+  if (r.from_entry > 0) {
+    std::uint32_t b = s.block_at(r.from_entry - 1);
+    if (b == no_slot || !(s.meta(b).chain == r.prev_chain) ||
+        s.meta(b).saved_pos + s.meta(b).view_first + s.meta(b).view_count + s.meta(b).shift !=
+            std::uint64_t(r.first_block) * tpb)
+      return fail(errc::rejected);
   }
   if (!checksums_known)
     for (std::uint32_t b = r.head; b != no_slot; b = s.meta(b).next)
@@ -531,7 +549,8 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
     }
     if (errc e = device_->sync(); e != errc::ok) return fail(e);
   }
-  release_chain(s.publish(r.first_block, r.head, r.blocks));
+  release_chain(s.publish(r.from_entry, r.head, r.blocks));
+  if (r.from_entry == 0) s.set_truncated(false);  // the whole view is new
   detail::bump(counters_->put_blocks, r.blocks);
   s.unpin();
   s.touch();
@@ -634,6 +653,9 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
     detail::bump(counters_->miss_not_found);
     return {errc::not_found, 0, 0};
   }
+  // A truncated view is not whole blocks at block-aligned positions: it is loaded
+  // through acquire() (the hooks), which places and re-rotates each kept range.
+  if (s.truncated()) return {errc::unsupported, 0, 0};
   return serve_locked(s, prompt, first_block, block_count, out, {});
 }
 
@@ -669,10 +691,12 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
   // SSD blocks are read in batches; each block is verified (and, when copying, copied
   // out) by the completion callback while the device still works on the rest.
   struct pending_read {
-    std::uint32_t block, position, buffer_slot;
+    std::uint32_t block, position, buffer_slot;  // position: entry index in the view
     bool promoted;
     std::uint32_t matched;
     errc verdict;
+    std::uint32_t first;         // first used token inside the block
+    std::uint64_t view_position;  // view position of that token
   };
   struct read_batch {
     store* self;
@@ -719,7 +743,7 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
     format::block_header h;
     bool ok = format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) ==
                   format::header_status::ok &&
-              h.model == st.model_.value && h.session == b.session->key().value && h.block_index == p.position &&
+              h.model == st.model_.value && h.session == b.session->key().value && h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) &&
               h.sequence == m.sequence && h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
     p.verdict = ok ? errc::ok : errc::checksum_error;
   };
@@ -752,7 +776,9 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
             s.meta(p.block).dram_slot = p.buffer_slot;
             detail::bump(counters_->promoted_blocks);
             keep = true;
-            if (resident) views[p.position - first_block] = {dram_payload(p.buffer_slot), p.matched};
+            if (resident)
+              views[p.position - first_block] = {dram_payload(p.buffer_slot), p.matched, p.first, p.view_position,
+                                                 s.meta(p.block).shift};
           }
         }
       }
@@ -761,71 +787,53 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
     rb.count = 0;
   };
 
-  hash128 prev{};
-  std::size_t pos_tok = 0;
-  std::uint32_t i = 0;
-  for (std::uint32_t b = s.first_block(); b != no_slot && i < end && pos_tok < prompt.size() && !failed; ++i) {
-    block_meta& m = s.meta(b);
-    const std::size_t remaining = prompt.size() - pos_tok;
-    std::uint32_t matched = 0;
-    bool whole = false;
-    if (remaining >= m.tokens && chain_hash(prev, model_, prompt.subspan(pos_tok, m.tokens)) == m.chain) {
-      matched = m.tokens;
-      whole = true;
-    } else {
-      auto stored = s.tokens_of(b);
-      const std::size_t limit = std::min<std::size_t>(remaining, m.tokens);
-      while (matched < limit && stored[matched] == prompt[pos_tok + matched]) ++matched;
-    }
-    if (matched == 0) break;
-    if (i >= first_block) {
-      if (m.dram_slot != no_slot) {
-        bool ok = true;
-        if (resident) {
-          views[i - first_block] = {dram_payload(m.dram_slot), matched};
-        } else {
-          std::byte* dst = out.data() + std::size_t(i - first_block) * bb;
-          if (config_.verify_dram_reads)
-            ok = copy_with_checksum(dst, dram_payload(m.dram_slot), bb) == m.checksum;
-          else
-            std::memcpy(dst, dram_payload(m.dram_slot), bb);
-        }
-        if (!ok) {
-          flush();
-          fail_at(i, errc::checksum_error);
-          break;
-        }
-        detail::bump(counters_->blocks_served_dram);
-        res.tokens += matched;
+  std::uint32_t i = 0;  // entries walked
+  index_->match_prompt(s, model_, prompt, [&](const block_match& bm) {
+    if (bm.index >= end || failed) return false;
+    i = bm.index + 1;
+    if (bm.index < first_block) return true;
+    block_meta& m = s.meta(bm.block);
+    const std::uint32_t matched = bm.tokens;
+    if (m.dram_slot != no_slot) {
+      bool ok = true;
+      if (resident) {
+        views[bm.index - first_block] = {dram_payload(m.dram_slot), matched, bm.first, bm.position, m.shift};
       } else {
-        // Reading for a copy promotes only into free DRAM; making a block resident
-        // may demote other sessions for room (never this one's).
-        std::uint32_t buf = resident ? alloc_dram(s, 0) : dram_->allocate();
-        bool promoted = buf != no_slot;
-        if (!promoted && !resident) {
-          buf = staging_->allocate();
-          if (buf == no_slot) {
-            flush();
-            buf = staging_->allocate();
-          }
-        }
-        if (buf == no_slot) {
-          flush();
-          fail_at(i, resident ? errc::no_space : errc::retry);
-          break;
-        }
-        rb.pending[rb.count++] = {b, i, buf, promoted, matched, errc::ok};
-        if (rb.count == batch_max) flush();
+        std::byte* dst = out.data() + std::size_t(bm.index - first_block) * bb;
+        if (config_.verify_dram_reads)
+          ok = copy_with_checksum(dst, dram_payload(m.dram_slot), bb) == m.checksum;
+        else
+          std::memcpy(dst, dram_payload(m.dram_slot), bb);
+      }
+      if (!ok) {
+        flush();
+        fail_at(bm.index, errc::checksum_error);
+        return false;
+      }
+      detail::bump(counters_->blocks_served_dram);
+      res.tokens += matched;
+      return true;
+    }
+    // Reading for a copy promotes only into free DRAM; making a block resident may
+    // demote other sessions for room (never this one's).
+    std::uint32_t buf = resident ? alloc_dram(s, 0) : dram_->allocate();
+    const bool promoted = buf != no_slot;
+    if (!promoted && !resident) {
+      buf = staging_->allocate();
+      if (buf == no_slot) {
+        flush();
+        buf = staging_->allocate();
       }
     }
-    if (!whole) {
-      ++i;
-      break;
+    if (buf == no_slot) {
+      flush();
+      fail_at(bm.index, resident ? errc::no_space : errc::retry);
+      return false;
     }
-    prev = m.chain;
-    pos_tok += matched;
-    b = m.next;
-  }
+    rb.pending[rb.count++] = {bm.block, bm.index, buf, promoted, matched, errc::ok, bm.first, bm.position};
+    if (rb.count == batch_max) flush();
+    return true;
+  });
   flush();
   if (!failed) {
     res.blocks = (i > first_block ? i : first_block) - first_block;
@@ -854,6 +862,64 @@ inline errc store::drop(const session_key& key) noexcept {
     e = errc::device_error;
   }
   return e;
+}
+
+inline errc store::truncate(const session_key& key, std::span<const token_id> history,
+                            const truncation_plan& plan) noexcept {
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  if (!plan.needed || plan.drop == 0 || plan.drop % tpb || plan.sink + plan.drop > plan.history)
+    return errc::invalid_argument;
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) return errc::not_found;
+  if (s.pins() > 0) return errc::rejected;
+  if (s.token_count() != plan.history || history.size() < plan.history) return errc::invalid_argument;
+  // The view must be `history` (token by token) before any of it is cut.
+  {
+    std::uint64_t pos = 0;
+    for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) {
+      const block_meta& m = s.meta(b);
+      const auto have = s.tokens_of(b).subspan(m.view_first, m.view_count);
+      if (!std::equal(have.begin(), have.end(), history.begin() + std::ptrdiff_t(pos))) return errc::invalid_argument;
+      pos += m.view_count;
+    }
+  }
+  const std::uint64_t cut_begin = plan.sink, cut_end = plan.sink + plan.drop;
+  std::uint32_t kept_head = no_slot, kept_tail = no_slot, gone_head = no_slot, gone_tail = no_slot;
+  auto append = [&](std::uint32_t& head, std::uint32_t& tail, std::uint32_t b) {
+    s.meta(b).next = no_slot;
+    if (tail == no_slot) head = b; else s.meta(tail).next = b;
+    tail = b;
+  };
+  std::uint64_t pos = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot;) {
+    block_meta& m = s.meta(b);
+    const std::uint32_t next = m.next;
+    const std::uint64_t vs = pos, ve = pos + m.view_count;
+    pos = ve;
+    if (ve <= cut_begin) {
+      append(kept_head, kept_tail, b);  // inside the sink
+    } else if (vs >= cut_end) {
+      m.shift -= std::int64_t(plan.drop);  // after the cut: moves back
+      append(kept_head, kept_tail, b);
+    } else if (vs >= cut_begin && ve <= cut_end) {
+      append(gone_head, gone_tail, b);  // entirely cut
+    } else if (vs < cut_begin) {
+      m.view_count = std::uint32_t(cut_begin - vs);  // the sink's boundary block keeps its head
+      append(kept_head, kept_tail, b);
+    } else {
+      const std::uint32_t skip = std::uint32_t(cut_end - vs);  // keeps its tail, moved back
+      m.view_first += skip;
+      m.view_count -= skip;
+      m.shift -= std::int64_t(plan.drop);
+      append(kept_head, kept_tail, b);
+    }
+    b = next;
+  }
+  s.relink(kept_head);
+  s.set_truncated(true);
+  (void)release_chain(gone_head);
+  s.touch();
+  return errc::ok;
 }
 
 inline errc store::pin(const session_key& key) noexcept {
@@ -1118,6 +1184,7 @@ inline void store::recover() {
         m.checksum = c->checksum;
         m.sequence = c->sequence;
         m.ssd_slot = c->slot;
+        m.saved_pos = std::uint64_t(c->index) * geometry_.tokens_per_block;
         used[c->slot] = 1;
         if (tail == no_slot) head = b; else s.meta(tail).next = b;
         tail = b;

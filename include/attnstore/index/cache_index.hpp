@@ -35,8 +35,15 @@ struct block_meta {
   std::uint64_t sequence = 0;       ///< sequence number of its SSD copy (0: none)
   std::uint32_t dram_slot = no_slot;
   std::uint32_t ssd_slot = no_slot;
-  std::uint32_t tokens = 0;         ///< tokens in this block (last block may be partial)
+  std::uint32_t tokens = 0;         ///< tokens stored in this block (last block may be partial)
   std::uint32_t next = no_slot;     ///< next block of the session (block table index)
+  // The block's part of the session's current view. Untruncated: all its tokens, at
+  // the positions they were saved at. After truncation a block may keep a sub-range,
+  // and its tokens move: view position = saved position + shift (see truncate.hpp).
+  std::uint32_t view_first = 0;     ///< first token of the block in the view
+  std::uint32_t view_count = 0;     ///< tokens of the block in the view
+  std::uint64_t saved_pos = 0;      ///< position of token 0 when the block was saved
+  std::int64_t shift = 0;           ///< view position - saved position
 
   tier fastest() const noexcept {
     return dram_slot != no_slot ? tier::dram : ssd_slot != no_slot ? tier::ssd : tier::none;
@@ -48,6 +55,16 @@ struct block_location {
   tier where = tier::none;
   std::uint32_t slot = no_slot;
   std::uint32_t tokens = 0;  ///< tokens of this block that match the prompt
+};
+
+/// One step of matching a prompt against a session's view (match_prompt).
+struct block_match {
+  std::uint32_t block;     ///< block table index
+  std::uint32_t index;     ///< entry index in the session's view
+  std::uint64_t position;  ///< view position of the first matched token
+  std::uint32_t first;     ///< its offset inside the block
+  std::uint32_t tokens;    ///< tokens matched in this entry
+  bool whole;              ///< the entry matched entirely (not the last, partial match)
 };
 
 /// What lookup() found.
@@ -102,8 +119,17 @@ class locked_session {
   /// (linked through next, `count` blocks). The old blocks from `from` on are detached
   /// and returned as a chain (their slots are still owned by the caller to release).
   std::uint32_t publish(std::uint32_t from, std::uint32_t first, std::uint32_t count) noexcept;
+  /// Makes `head` (linked through next) the session's whole view; the caller owns any
+  /// block no longer linked from it.
+  void relink(std::uint32_t head) noexcept;
   /// Detaches blocks from position `from` to the end; returns their chain.
   std::uint32_t truncate(std::uint32_t from) noexcept { return publish(from, no_slot, 0); }
+  /// True once truncate() dropped tokens from the middle: the view is then matched by
+  /// token ids (chain hashes cover the original history).
+  bool truncated() const noexcept;
+  void set_truncated(bool truncated) noexcept;
+  /// Rebuilds the count of tokens from the view (after a view changed).
+  void recount() noexcept;
   /// Tier counters kept per record so victims are found without walking blocks.
   void count_tiers() noexcept;
   std::uint32_t dram_blocks() const noexcept;
@@ -147,6 +173,15 @@ class cache_index {
   lookup_result lookup(locked_session& s, const model_id& model, std::span<const token_id> prompt,
                        std::span<block_location> out = {}) noexcept;
 
+  /// Walks the longest prefix of `prompt` that the session's view holds: chain hashes
+  /// for whole untruncated blocks, token ids inside the first block that differs and
+  /// everywhere in a truncated view. Calls visit(const block_match&) for each matched
+  /// entry, in order; visit returns false to stop. Returns the tokens matched up to
+  /// where the walk stopped. Allocation-free.
+  template <class Visit>
+  std::uint64_t match_prompt(locked_session& s, const model_id& model, std::span<const token_id> prompt,
+                             Visit&& visit) noexcept;
+
   /// Visits records from least to most recently used; `visit(record_id, dram_blocks,
   /// ssd_blocks, pins)` returns true to stop. Holds the LRU lock: visit must not block.
   template <class Visit>
@@ -171,6 +206,7 @@ class cache_index {
     std::uint32_t head = no_slot, tail = no_slot, count = 0;
     std::uint64_t tokens = 0;
     std::uint32_t dram_blocks = 0, ssd_blocks = 0, pins = 0;
+    bool truncated = false;
     // bit 0: live (indexed); bits 1..: handles held. One word, so "the last handle of
     // an erased record" is decided by a single read-modify-write.
     std::atomic<std::uint32_t> state{0};

@@ -59,7 +59,8 @@ class prefetcher {
     if (o_.window) return o_.window;
     const double mean = p.mean_session_blocks();
     if (mean <= 0) return 0;
-    return paper_prefetch_window(o_.dram_for_prefetch_bytes, std::uint64_t(mean * double(o_.block_bytes)) + 1);
+    return paper_prefetch_window(o_.dram_for_prefetch_bytes,
+                                 std::max<std::uint64_t>(1, std::uint64_t(mean * double(o_.block_bytes))));
   }
 
   /// Starts promotions for the sessions in the window, front first, while the byte
