@@ -1,5 +1,7 @@
 // The comparison run shared by the mini_engine demo and bench/e2e.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -31,6 +33,7 @@ compare_result run_compare(const compare_options& o) {
 
   compare_result result;
   std::vector<std::vector<std::vector<std::uint32_t>>> replies;
+  std::vector<std::vector<std::pair<std::vector<float>, std::size_t>>> logits_by_mode;
   for (const auto& mode : o.modes) {
     engine_options eo;
     eo.page_size = page_size;
@@ -48,7 +51,7 @@ compare_result run_compare(const compare_options& o) {
       attnstore::store_config sc;
       sc.geometry = kv_geometry_of(cfg);
       sc.model_name = o.model_dir.empty() ? "mini-llama-seed-" + std::to_string(o.model_seed) : o.model_dir;
-      sc.rope = "neox:" + std::to_string(cfg.head_dim) + ":" + std::to_string(cfg.rope_theta);
+      sc.rope = attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(cfg.head_dim), 0, cfg.rope_theta}.to_string();
       sc.dram_bytes = o.dram_mib << 20;
       dir = o.ssd_dir.empty() ? (std::filesystem::temp_directory_path() /
                                  ("attnstore-mini-" + std::to_string(::getpid()) + "-" + mode)).string()
@@ -61,6 +64,7 @@ compare_result run_compare(const compare_options& o) {
       copier = attnstore::make_copy_backend(&why);
       attnstore::hooks_config hc;
       hc.preload_layers = o.preload_layers;
+      hc.rope = attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(cfg.head_dim), 0, cfg.rope_theta};
       hk = std::make_unique<attnstore::hooks>(*kv, *copier, hc);
       eo.hooks = hk.get();
       eo.store = kv.get();
@@ -72,6 +76,9 @@ compare_result run_compare(const compare_options& o) {
     } else {
       throw std::invalid_argument("unknown mode '" + mode + "' (recompute, resident, store-dram, store-ssd)");
     }
+    eo.context_limit = o.context_limit;
+    eo.sink_tokens = o.sink_tokens;
+    eo.forced_replies = o.context_limit > 0;  // same conversation in every mode, to compare logits
     engine eng(model, eo);
     if (o.verbose) std::printf("\n[%s]\n", mode.c_str());
     const auto t0 = std::chrono::steady_clock::now();
@@ -99,12 +106,55 @@ compare_result run_compare(const compare_options& o) {
       i = j;
     }
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (o.verbose)
+      for (const auto& t : turns)
+        if (t.truncated) {
+          std::printf("  (truncations happened in this run: the conversation outgrew the %zu-token window)\n",
+                      o.context_limit);
+          break;
+        }
     result.runs.push_back(summarize(mode, std::move(turns), wall, o.long_history));
     if (!replies.empty() && mode_replies != replies.front()) result.outputs_identical = false;
     replies.push_back(std::move(mode_replies));
+    logits_by_mode.push_back({});
+    for (const auto& t : result.runs.back().turns) logits_by_mode.back().push_back({t.first_logits, t.truncations});
     hk.reset();
     kv.reset();
     if (!dir.empty() && o.ssd_dir.empty()) std::filesystem::remove_all(dir);
+  }
+  // Reuse against recompute over the same kept tokens, on truncated conversations.
+  auto index_of = [&](const char* m) -> int {
+    for (std::size_t i = 0; i < o.modes.size(); ++i)
+      if (o.modes[i] == m) return int(i);
+    return -1;
+  };
+  const int rc = index_of("recompute"), rd = index_of("store-dram");
+  if (o.context_limit && rc >= 0 && rd >= 0) {
+    double kl_sum = 0;
+    std::size_t agree = 0;
+    for (std::size_t t = 0; t < logits_by_mode[rd].size(); ++t) {
+      if (logits_by_mode[rd][t].second == 0) continue;
+      const auto& a = logits_by_mode[rc][t].first;  // recompute: the reference
+      const auto& b = logits_by_mode[rd][t].first;
+      auto log_softmax = [](const std::vector<float>& x) {
+        double m = *std::max_element(x.begin(), x.end()), z = 0;
+        for (float v : x) z += std::exp(double(v) - m);
+        std::vector<double> out(x.size());
+        for (std::size_t i = 0; i < x.size(); ++i) out[i] = double(x[i]) - m - std::log(z);
+        return out;
+      };
+      const auto la = log_softmax(a), lb = log_softmax(b);
+      double kl = 0;
+      for (std::size_t i = 0; i < la.size(); ++i) kl += std::exp(la[i]) * (la[i] - lb[i]);
+      kl_sum += kl;
+      result.kl_max = std::max(result.kl_max, kl);
+      agree += argmax(a) == argmax(b);
+      ++result.truncated_turns;
+    }
+    if (result.truncated_turns) {
+      result.top1_agreement = double(agree) / double(result.truncated_turns);
+      result.kl_mean = kl_sum / double(result.truncated_turns);
+    }
   }
   return result;
 }
@@ -114,7 +164,8 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
     std::fprintf(f,
                  "usage: %s [--sessions N] [--turns N] [--first-tokens N] [--trace FILE.jsonl] [--model DIR]\n"
                  "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
-                 "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--quiet] [--json]\n",
+                 "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--context N [--sink N]]\n"
+                 "          [--quiet] [--json]\n",
                  argv[0]);
   };
   for (int i = 1; i < argc; ++i) {
@@ -136,6 +187,8 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
       else if (a == "--seed") o.workload.seed = std::stoull(next());
       else if (a == "--quiet") o.verbose = false;
       else if (a == "--no-overlap") o.overlap_next = false;
+      else if (a == "--context") o.context_limit = std::stoul(next());
+      else if (a == "--sink") o.sink_tokens = std::stoul(next());
       else if (a == "--json") o.verbose = false;
       else if (a == "--modes") {
         o.modes.clear();
@@ -182,7 +235,15 @@ void print_compare(const compare_result& r, const compare_options& o) {
         std::printf("%s: median TTFT of turns with >= %zu history tokens %.1f%% lower than recompute (%zu turns)\n",
                     s.mode.c_str(), o.long_history, 100.0 * (1 - s.ttft_median_long_ms / base->ttft_median_long_ms),
                     s.long_turns);
-  std::printf("greedy replies identical across modes: %s\n", r.outputs_identical ? "yes" : "NO");
+  if (o.context_limit) {
+    std::printf("replies are forced from the trace (--context): every mode sees the same conversation\n");
+    if (r.truncated_turns)
+      std::printf("after truncation (%zu turns): reuse vs recompute over the same kept tokens: top-1 agreement "
+                  "%.1f%%, KL mean %.4f, max %.4f nats\n",
+                  r.truncated_turns, 100 * r.top1_agreement, r.kl_mean, r.kl_max);
+  } else {
+    std::printf("greedy replies identical across modes: %s\n", r.outputs_identical ? "yes" : "NO");
+  }
 }
 
 void print_compare_json(const compare_result& r) {
@@ -202,10 +263,11 @@ void print_compare_json(const compare_result& r) {
               rd ? rd->prefill_tokens : (rs ? rs->prefill_tokens : 0));
   std::printf("\"long_turns\": %zu, \"prompt_tokens_per_s_recompute\": %.1f, \"prompt_tokens_per_s_reuse_dram\": %.1f, "
               "\"prompt_tokens_per_s_reuse_ssd\": %.1f, \"outputs_identical\": %s, \"copy_backend\": \"%s\", "
-              "\"io_backend\": \"%s\"}\n",
+              "\"io_backend\": \"%s\", \"truncated_turns\": %zu, \"top1_agreement\": %.4f, \"kl_mean\": %.6f}\n",
               rc ? rc->long_turns : 0, num(rc, &run_summary::prompt_tokens_per_s),
               num(rd, &run_summary::prompt_tokens_per_s), num(rs, &run_summary::prompt_tokens_per_s),
-              r.outputs_identical ? "true" : "false", r.copy_backend.c_str(), r.io_backend.c_str());
+              r.outputs_identical ? "true" : "false", r.copy_backend.c_str(), r.io_backend.c_str(), r.truncated_turns,
+              r.top1_agreement, r.kl_mean);
 }
 
 }  // namespace mini

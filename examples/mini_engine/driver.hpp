@@ -61,12 +61,19 @@ struct compare_options {
   std::uint32_t preload_layers = 2;
   std::size_t long_history = 2048;
   bool overlap_next = true;                ///< --no-overlap: loads never overlap the previous request
+  std::size_t context_limit = 0;           ///< --context N: truncate conversations past N tokens
+  std::size_t sink_tokens = 64;
   bool verbose = true;                     ///< per-turn lines
 };
 
 struct compare_result {
   std::vector<run_summary> runs;
   bool outputs_identical = true;  ///< every turn's reply equal across modes
+  // With a context limit: first-token logits of reuse (store-dram) against recompute,
+  // over turns whose history was truncated at least once.
+  std::size_t truncated_turns = 0;
+  double top1_agreement = 0;  ///< fraction of those turns with the same argmax
+  double kl_mean = 0, kl_max = 0;  ///< KL(recompute || reuse) in nats
   std::string copy_backend, io_backend, dram_pinning;
 };
 

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <stdexcept>
 
+#include "attnstore/truncate.hpp"
+
 namespace mini {
 namespace {
 double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
@@ -56,14 +58,35 @@ void engine::release_pages(sequence& seq) {
   seq.length = 0;
 }
 
+bool engine::fit_context(const request& r, session_state& s) {
+  if (!options_.context_limit || s.history.size() + r.user_tokens.size() <= options_.context_limit) return false;
+  if (s.history.empty()) throw std::runtime_error("a single message exceeds the context window");
+  // The stored view holds every history token but the last reply token (never fed).
+  const std::size_t view = s.history.size() - 1;
+  const std::uint32_t block =
+      options_.store ? options_.store->geometry().tokens_per_block : options_.truncation_block;
+  attnstore::truncation_plan plan = attnstore::plan_truncation(
+      view, r.user_tokens.size() + 1, options_.context_limit, options_.sink_tokens, block, options_.truncation_ratio);
+  if (!plan.needed) throw std::runtime_error("the context window is too small for this conversation's next turn");
+  if (options_.mode == kv_mode::store)
+    (void)options_.store->truncate({"mini", r.session}, std::span(s.history).first(view), plan);  // a miss if it fails
+  std::vector<std::uint32_t> kept(s.history.begin(), s.history.begin() + std::ptrdiff_t(plan.sink));
+  kept.insert(kept.end(), s.history.begin() + std::ptrdiff_t(plan.sink + plan.drop), s.history.end());
+  s.history = std::move(kept);
+  ++s.truncations;
+  return true;
+}
+
 void engine::prepare(const request& r, prepared& p) {
   session_state& s = sessions_[r.session];
   p = prepared{};
   p.req = &r;
+  p.truncated = fit_context(r, s);
   p.prompt = s.history;
   p.prompt.insert(p.prompt.end(), r.user_tokens.begin(), r.user_tokens.end());
   if (options_.mode == kv_mode::resident) {
     p.seq = std::move(s.resident);
+    if (p.truncated) release_pages(p.seq);  // resident KV sits at the old positions: recompute
     p.start = p.seq.length;
   } else if (options_.mode == kv_mode::store) {
     attnstore::session_key key{"mini", r.session};
@@ -104,6 +127,8 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   const auto& cfg = model_.config();
   turn_result out;
   out.history_tokens = s.history.size();
+  out.truncated = p.truncated;
+  out.truncations = s.truncations;
   out.prompt_tokens = p.prompt.size();
   out.dram_blocks = p.found.dram_blocks;
   out.ssd_blocks = p.found.ssd_blocks;
@@ -137,13 +162,14 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   // The reply: greedy tokens, then (for long trace replies) a deterministic filler
   // appended in one forward call.
   std::vector<float> logits(cfg.vocab_size);
-  std::uint32_t next = argmax(out.first_logits);
+  std::uint32_t next = options_.forced_replies ? std::uint32_t((p.prompt.size() * 2654435761u) % std::uint32_t(cfg.vocab_size))
+                                               : argmax(out.first_logits);
   std::vector<std::uint32_t> all = p.prompt;
   for (std::size_t i = 0; i < r.reply_tokens; ++i) {
     out.reply.push_back(next);
     all.push_back(next);
     if (i + 1 == r.reply_tokens) break;
-    if (i + 1 < options_.max_decode_steps) {
+    if (i + 1 < options_.max_decode_steps && !options_.forced_replies) {
       model_.forward(cache_, p.seq, std::span(&next, 1), p.seq.length, logits);
       next = argmax(logits);
     } else {  // fill the rest of the reply in one call
@@ -183,6 +209,7 @@ turn_result engine::run_turn(const request& r) {
   if (options_.mode == kv_mode::recompute) {
     session_state& s = sessions_[r.session];
     p.req = &r;
+    p.truncated = fit_context(r, s);
     p.prompt = s.history;
     p.prompt.insert(p.prompt.end(), r.user_tokens.begin(), r.user_tokens.end());
     p.valid = true;

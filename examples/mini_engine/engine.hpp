@@ -39,6 +39,16 @@ struct engine_options {
   /// run_queue: start the next request's load during this one's decode. Off: every
   /// load runs inside its own request's TTFT.
   bool overlap_next = true;
+  /// Context window: a prompt longer than this truncates the conversation first
+  /// (keep sink_tokens, drop whole blocks of the oldest turns; attnstore keeps the
+  /// saved KV of what stays). 0: no limit.
+  std::size_t context_limit = 0;
+  std::size_t sink_tokens = 64;
+  double truncation_ratio = 0.5;
+  std::uint32_t truncation_block = 256;  ///< block size of the drop when no store is used
+  /// Replies come from the trace, not from the model: every mode then sees the same
+  /// conversation, so their logits can be compared turn by turn.
+  bool forced_replies = false;
 };
 
 struct turn_result {
@@ -49,6 +59,8 @@ struct turn_result {
   std::uint32_t dram_blocks = 0, ssd_blocks = 0;  ///< where the reused blocks came from
   double ttft_ms = 0;              ///< turn start to the first token's logits
   double prefill_gflop = 0;
+  bool truncated = false;          ///< this turn truncated the conversation first
+  std::size_t truncations = 0;     ///< truncations so far in this session
   std::vector<float> first_logits;
   std::vector<std::uint32_t> reply;
   attnstore::errc save_status = attnstore::errc::ok;
@@ -81,6 +93,7 @@ class engine {
   struct session_state {
     std::vector<std::uint32_t> history;  ///< every token of the conversation so far
     sequence resident;                   ///< resident mode: pages kept between turns
+    std::size_t truncations = 0;
   };
   struct prepared {  // a turn whose pages are allocated and whose load has started
     const request* req = nullptr;
@@ -90,8 +103,12 @@ class engine {
     attnstore::lookup_result found;
     std::size_t start = 0;
     bool valid = false;
+    bool truncated = false;
   };
   void prepare(const request& r, prepared& p);
+  /// Truncates the session's history (and its stored view) when the prompt would
+  /// overflow the context window. Returns true when it did.
+  bool fit_context(const request& r, session_state& s);
   /// Runs a prepared turn; `after_first_token` runs once the first token's logits
   /// exist (the next request's load starts there, overlapping this one's decode).
   turn_result execute(prepared& p, double prepare_ms, const std::function<void()>& after_first_token = {});

@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
       for (auto& m : o.modes) std::printf(" %s", m.c_str());
     auto r = mini::run_compare(o);
     if (json) mini::print_compare_json(r); else mini::print_compare(r, o);
-    return r.outputs_identical ? 0 : 1;
+    return r.outputs_identical || o.context_limit ? 0 : 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "mini_engine: %s\n", e.what());
     return 1;
