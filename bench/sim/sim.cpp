@@ -1,0 +1,488 @@
+// sim: trace-driven simulation of KV-cache policies (none, lru, scheduler_aware, opt)
+// over the real attnstore index, policies and prefetcher. See docs/sim.md.
+//
+//   sim --preset paper --json                 the paper's setup; JSON object printed last
+//   sim --preset paper --requests 1000000     trace length
+//   sim --sweep --svg docs/sim_hit_rate.svg   capacity sweeps, table and plot
+//   sim --trace log.jsonl                     replay an imported JSON-lines log
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine_sim.hpp"
+
+using namespace attnstore;
+using attnstore::sim::policy_kind;
+
+namespace {
+
+struct cli {
+  std::string preset = "paper";
+  std::string trace_file, write_trace, svg, csv, markdown;
+  std::uint64_t requests = 200000;
+  std::uint64_t seed = 1;
+  bool json = false, sweep = false, stats_only = false, check = false, open_loop = false, quiet = false;
+  unsigned threads = 2;
+  std::vector<policy_kind> policies{policy_kind::none, policy_kind::lru, policy_kind::scheduler_aware,
+                                    policy_kind::opt};
+  double capacity_ratio = 0;  // 0: absolute sizes
+  double session_rate = 0;    // 0: the preset's
+  sim::sim_config config;
+};
+
+[[noreturn]] void usage(const std::string& error = {}) {
+  if (!error.empty()) std::fprintf(stderr, "sim: %s\n\n", error.c_str());
+  std::fprintf(stderr,
+               "usage: sim [options]\n"
+               "  --preset NAME           trace preset: paper (default), light, heavy, long\n"
+               "  --requests N            trace length in requests (default 200000)\n"
+               "  --seed N                trace seed (default 1)\n"
+               "  --rate R                session arrivals per second (default: the preset's)\n"
+               "  --trace FILE            replay a JSON-lines log instead (see docs/traces.md)\n"
+               "  --open-loop             replay by timestamps (default for --trace)\n"
+               "  --write-trace FILE      write the generated trace as JSON lines\n"
+               "  --trace-stats           print trace statistics and exit\n"
+               "  --policies a,b,...      of none, lru, scheduler_aware, opt (default all)\n"
+               "  --model NAME            llama-13b (0.78 MiB/token, default), llama-65b (2.5 MiB),\n"
+               "                          llama-70b (0.31 MiB, GQA), mistral-7b (0.125 MiB)\n"
+               "  --dram-gb X             DRAM tier (default 128)\n"
+               "  --ssd-tb X              SSD tier (default 10)\n"
+               "  --capacity-ratio R      DRAM+SSD = R x working set, split as 128 GB : 10 TB\n"
+               "  --tokens-per-block N    block size (default 64)\n"
+               "  --eviction-window N     scheduler_aware window in sessions (default: paper rule)\n"
+               "  --prefetch-window N     prefetch window in sessions (default: paper rule)\n"
+               "  --prefetch-inflight-gb X  bound on prefetch bytes in flight (default 4)\n"
+               "  --no-prefetch           scheduler_aware and opt without the prefetcher\n"
+               "  --watermark F           DRAM fraction kept free (default 0.02)\n"
+               "  --ttl S                 expire sessions idle for S seconds (default off)\n"
+               "  --close-on-last         the engine closes a session after its last turn\n"
+               "  --pcie-gbps X           host-to-GPU bandwidth, all GPUs (default 104 = 4 x 26)\n"
+               "  --ssd-read-gbps X       SSD read bandwidth (default 5)\n"
+               "  --ssd-write-gbps X      SSD write bandwidth (default 4)\n"
+               "  --context N             context window in tokens (default 4096)\n"
+               "  --max-batch N           running requests (default 256)\n"
+               "  --sweep                 capacity sweeps (total and DRAM); with --svg/--csv/--markdown\n"
+               "  --svg FILE, --csv FILE, --markdown FILE   sweep outputs\n"
+               "  --threads N             policies simulated in parallel (default 2)\n"
+               "  --check                 verify the cache's invariants while running (slow)\n"
+               "  --warmup F              fraction of the arrival span not measured (default 0.2)\n"
+               "  --json                  print one JSON object last, keyed by policy\n"
+               "  --quiet                 no table\n");
+  std::exit(error.empty() ? 0 : 2);
+}
+
+policy_kind parse_policy(const std::string& s) {
+  if (s == "none") return policy_kind::none;
+  if (s == "lru") return policy_kind::lru;
+  if (s == "scheduler_aware" || s == "sa") return policy_kind::scheduler_aware;
+  if (s == "opt" || s == "belady") return policy_kind::opt;
+  usage("unknown policy '" + s + "' (none, lru, scheduler_aware, opt)");
+}
+
+double number(const char* s, const char* what) {
+  char* end = nullptr;
+  const double v = std::strtod(s, &end);
+  if (!end || *end || !std::isfinite(v) || v < 0) usage(std::string("bad number for ") + what + ": " + s);
+  return v;
+}
+
+cli parse(int argc, char** argv) {
+  cli c;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto val = [&]() -> const char* {
+      if (i + 1 >= argc) usage("missing value after " + a);
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") usage();
+    else if (a == "--preset") c.preset = val();
+    else if (a == "--requests") c.requests = std::uint64_t(number(val(), "--requests"));
+    else if (a == "--seed") c.seed = std::uint64_t(number(val(), "--seed"));
+    else if (a == "--rate") c.session_rate = number(val(), "--rate");
+    else if (a == "--trace") c.trace_file = val();
+    else if (a == "--open-loop") c.open_loop = true;
+    else if (a == "--write-trace") c.write_trace = val();
+    else if (a == "--trace-stats") c.stats_only = true;
+    else if (a == "--policies") {
+      c.policies.clear();
+      std::stringstream ss(val());
+      for (std::string p; std::getline(ss, p, ',');) c.policies.push_back(parse_policy(p));
+    } else if (a == "--model") {
+      const std::string m = val();
+      c.config.model.name = m;
+      if (m == "llama-13b") c.config.model.kv_bytes_per_token = 2.0 * 40 * 5120 * 2;
+      else if (m == "llama-65b") c.config.model.kv_bytes_per_token = 2.0 * 80 * 8192 * 2;
+      else if (m == "llama-70b") c.config.model.kv_bytes_per_token = 2.0 * 80 * 1024 * 2;
+      else if (m == "mistral-7b") c.config.model.kv_bytes_per_token = 2.0 * 32 * 1024 * 2;
+      else usage("unknown model '" + m + "'");
+      if (m == "llama-65b") {  // 5x the FLOPs of 13B; HBM holds fewer tokens
+        c.config.engine.prefill_s_per_token *= 5;
+        c.config.engine.decode_step_s *= 4;
+        c.config.engine.hbm_kv_tokens = 80000;
+      }
+    } else if (a == "--dram-gb") c.config.tiers.dram_bytes = number(val(), a.c_str()) * 1e9;
+    else if (a == "--ssd-tb") c.config.tiers.ssd_bytes = number(val(), a.c_str()) * 1e12;
+    else if (a == "--capacity-ratio") c.capacity_ratio = number(val(), a.c_str());
+    else if (a == "--tokens-per-block") c.config.tiers.tokens_per_block = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--eviction-window") c.config.tiers.eviction_window = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--prefetch-window") c.config.tiers.prefetch_window = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--prefetch-inflight-gb") c.config.tiers.prefetch_bytes_in_flight = number(val(), a.c_str()) * 1e9;
+    else if (a == "--no-prefetch") c.config.tiers.prefetch = false;
+    else if (a == "--watermark") c.config.tiers.watermark = number(val(), a.c_str());
+    else if (a == "--ttl") c.config.tiers.ttl_s = number(val(), a.c_str());
+    else if (a == "--close-on-last") c.config.close_on_last = true;
+    else if (a == "--pcie-gbps") c.config.tiers.pcie_bytes_per_s = number(val(), a.c_str()) * 1e9;
+    else if (a == "--ssd-read-gbps") c.config.tiers.ssd_read_bytes_per_s = number(val(), a.c_str()) * 1e9;
+    else if (a == "--ssd-write-gbps") c.config.tiers.ssd_write_bytes_per_s = number(val(), a.c_str()) * 1e9;
+    else if (a == "--context") c.config.engine.context_tokens = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--max-batch") c.config.engine.max_batch = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--sweep") c.sweep = true;
+    else if (a == "--svg") c.svg = val();
+    else if (a == "--csv") c.csv = val();
+    else if (a == "--markdown") c.markdown = val();
+    else if (a == "--threads") c.threads = std::max(1u, unsigned(number(val(), a.c_str())));
+    else if (a == "--check") c.check = true;
+    else if (a == "--warmup") c.config.warmup_fraction = number(val(), a.c_str());
+    else if (a == "--json") c.json = true;
+    else if (a == "--quiet") c.quiet = true;
+    else usage("unknown option " + a);
+  }
+  c.config.check = c.check;
+  if (c.config.tiers.tokens_per_block == 0 || c.config.tiers.tokens_per_block > 4096)
+    usage("--tokens-per-block must be 1..4096");
+  if (c.config.engine.context_tokens < 2 * c.config.tiers.tokens_per_block) usage("--context too small");
+  if (c.requests == 0) usage("--requests must be at least 1");
+  return c;
+}
+
+/// Runs the policies, `threads` at a time.
+std::vector<sim::sim_result> run_all(const trace::workload& w, const std::vector<policy_kind>& kinds,
+                                     const sim::sim_config& c, unsigned threads) {
+  std::vector<sim::sim_result> out(kinds.size());
+  std::atomic<std::size_t> next{0};
+  std::vector<std::string> errors(kinds.size());
+  auto worker = [&] {
+    for (std::size_t i; (i = next.fetch_add(1)) < kinds.size();) {
+      try {
+        sim::engine_sim e(w, kinds[i], c);
+        out[i] = e.run();
+      } catch (const std::exception& ex) {
+        errors[i] = ex.what();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < std::min<std::size_t>(threads, kinds.size()); ++t) pool.emplace_back(worker);
+  for (auto& t : pool) t.join();
+  for (std::size_t i = 0; i < kinds.size(); ++i)
+    if (!errors[i].empty()) {
+      std::fprintf(stderr, "sim: %s: %s\n", std::string(sim::to_string(kinds[i])).c_str(), errors[i].c_str());
+      std::exit(1);
+    }
+  return out;
+}
+
+double working_set(const trace::workload& w, const sim::sim_config& c) {
+  sim::engine_sim e(w, policy_kind::none, c, sim::run_mode::ideal);
+  return e.run().working_set_bytes;
+}
+
+/// DRAM + SSD = ratio x working set, split as the paper's 128 GB : 10 TB, with DRAM
+/// at least enough for two longest sessions plus the watermark.
+void scale_capacity(sim::sim_config& c, double ratio, double ws) {
+  const double total = ratio * ws;
+  const double share = 128e9 / (128e9 + 10e12);
+  const double block = c.tiers.tokens_per_block * c.model.kv_bytes_per_token;
+  const double min_dram = (2.0 * (c.engine.context_tokens / c.tiers.tokens_per_block + 2) + 4) * block /
+                          (1 - c.tiers.watermark);
+  c.tiers.dram_bytes = std::max(total * share, min_dram);
+  c.tiers.ssd_bytes = std::max(total - c.tiers.dram_bytes, block);
+}
+
+std::string human_bytes(double b) {
+  char buf[32];
+  if (b >= 1e12) std::snprintf(buf, sizeof buf, "%.2f TB", b / 1e12);
+  else if (b >= 1e9) std::snprintf(buf, sizeof buf, "%.1f GB", b / 1e9);
+  else std::snprintf(buf, sizeof buf, "%.0f MB", b / 1e6);
+  return buf;
+}
+
+void print_table(const std::vector<sim::sim_result>& rs, std::FILE* f) {
+  std::fprintf(f, "| policy | hit rate | DRAM hits | SSD hits | prefill saved | TTFT mean | TTFT p50 | TTFT p99 |"
+                  " HBM->DRAM | DRAM->HBM | SSD->HBM | SSD->DRAM | DRAM->SSD | dropped | wall s |\n");
+  std::fprintf(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rs) {
+    const double total_prefill = double(r.history_tokens + r.input_tokens);
+    std::fprintf(f,
+                 "| %s | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.3f s | %.3f s | %.3f s | %s | %s | %s | %s | %s | %s | %.1f |\n",
+                 std::string(sim::to_string(r.kind)).c_str(), 100 * r.hit_rate(), 100 * r.dram_hit_rate(),
+                 100 * r.ssd_hit_rate(), total_prefill ? 100.0 * double(r.reused_tokens) / total_prefill : 0.0,
+                 r.ttft_mean, r.ttft_p50, r.ttft_p99, human_bytes(r.bytes_hbm_to_dram).c_str(),
+                 human_bytes(r.bytes_dram_to_hbm).c_str(), human_bytes(r.bytes_ssd_to_hbm).c_str(),
+                 human_bytes(r.bytes_ssd_to_dram).c_str(), human_bytes(r.bytes_dram_to_ssd).c_str(),
+                 human_bytes(r.bytes_dropped).c_str(), r.wall_seconds);
+  }
+}
+
+void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
+  char buf[4096];
+  std::snprintf(
+      buf, sizeof buf,
+      "{\"requests\": %llu, \"measured_requests\": %llu, \"sessions\": %llu, \"hit_rate\": %.6f, \"dram_hit_rate\": %.6f, "
+      "\"ssd_hit_rate\": %.6f, \"history_tokens\": %llu, \"hit_tokens\": %llu, \"prefill_tokens\": %llu, "
+      "\"prefill_tokens_saved\": %llu, \"ttft_mean_s\": %.6f, \"ttft_p50_s\": %.6f, \"ttft_p90_s\": %.6f, "
+      "\"ttft_p99_s\": %.6f, \"bytes_hbm_to_dram\": %.0f, \"bytes_dram_to_hbm\": %.0f, \"bytes_ssd_to_hbm\": %.0f, "
+      "\"bytes_ssd_to_dram\": %.0f, \"bytes_dram_to_ssd\": %.0f, \"bytes_dropped\": %.0f, "
+      "\"evicted_sessions\": %llu, \"bypassed_blocks\": %llu, \"truncations\": %llu, "
+      "\"prefetch_started\": %llu, \"prefetch_cancelled\": %llu, \"prefetch_waits\": %llu, "
+      "\"prefetch_peak_bytes\": %.0f, \"prefetch_bound_bytes\": %.0f, \"dram_bytes\": %.0f, \"ssd_bytes\": %.0f, "
+      "\"working_set_bytes\": %.0f, \"capacity_ratio\": %.4f, \"mean_queue\": %.2f, \"sim_seconds\": %.1f, "
+      "\"wall_seconds\": %.2f, \"invariants_ok\": %s}",
+      (unsigned long long)r.requests, (unsigned long long)r.measured_requests, (unsigned long long)r.sessions, r.hit_rate(), r.dram_hit_rate(),
+      r.ssd_hit_rate(), (unsigned long long)r.history_tokens, (unsigned long long)r.hit_tokens,
+      (unsigned long long)r.prefill_tokens, (unsigned long long)r.reused_tokens, r.ttft_mean, r.ttft_p50, r.ttft_p90,
+      r.ttft_p99, r.bytes_hbm_to_dram, r.bytes_dram_to_hbm, r.bytes_ssd_to_hbm, r.bytes_ssd_to_dram,
+      r.bytes_dram_to_ssd, r.bytes_dropped, (unsigned long long)r.evicted_sessions,
+      (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations,
+      (unsigned long long)r.prefetch_started, (unsigned long long)r.prefetch_cancelled,
+      (unsigned long long)r.prefetch_waits, r.prefetch_peak_bytes, r.prefetch_bound_bytes, r.dram_bytes,
+      r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) / ws : 0.0, r.mean_queue, r.sim_seconds,
+      r.wall_seconds, r.invariants_ok ? "true" : "false");
+  o << buf;
+}
+
+// ---------------------------------------------------------------- sweep and plot
+
+struct sweep_point {
+  std::string sweep;  // "total" or "dram"
+  double x = 0;       // capacity ratio, or DRAM GB
+  sim::sim_result r;
+};
+
+std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, const std::string& title) {
+  const int W = 960, H = 420, ml = 60, mr = 20, mt = 40, mb = 55, gap = 70;
+  const int pw = (W - ml - mr - gap) / 2, ph = H - mt - mb;
+  std::ostringstream s;
+  s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
+    << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n";
+  s << "<text x='" << W / 2 << "' y='18' text-anchor='middle' font-size='14'>" << title << "</text>\n";
+  const char* colors[] = {"#999999", "#d62728", "#1f77b4", "#2ca02c"};
+  const char* names[] = {"none", "lru", "scheduler_aware", "opt"};
+  auto panel = [&](int x0, const std::string& which, const std::string& xlabel, bool dram_hits,
+                   const std::string& ylabel) {
+    std::vector<double> xs;
+    for (auto& p : pts)
+      if (p.sweep == which) xs.push_back(p.x);
+    if (xs.empty()) return;
+    const double lo = std::log(*std::min_element(xs.begin(), xs.end()));
+    const double hi = std::log(*std::max_element(xs.begin(), xs.end()));
+    auto X = [&](double x) { return x0 + (hi > lo ? (std::log(x) - lo) / (hi - lo) : 0.5) * pw; };
+    auto Y = [&](double y) { return mt + (1 - y) * ph; };
+    s << "<rect x='" << x0 << "' y='" << mt << "' width='" << pw << "' height='" << ph
+      << "' fill='none' stroke='#333'/>\n";
+    for (int k = 0; k <= 10; k += 2) {
+      s << "<line x1='" << x0 << "' x2='" << x0 + pw << "' y1='" << Y(k / 10.0) << "' y2='" << Y(k / 10.0)
+        << "' stroke='#eee'/>\n<text x='" << x0 - 6 << "' y='" << Y(k / 10.0) + 4 << "' text-anchor='end'>"
+        << k * 10 << "%</text>\n";
+    }
+    std::vector<double> ticks = xs;
+    std::sort(ticks.begin(), ticks.end());
+    ticks.erase(std::unique(ticks.begin(), ticks.end()), ticks.end());
+    for (double t : ticks) {
+      char b[32];
+      std::snprintf(b, sizeof b, t < 1 ? "%.2g" : "%.0f", t);
+      s << "<text x='" << X(t) << "' y='" << mt + ph + 16 << "' text-anchor='middle'>" << b << "</text>\n";
+    }
+    s << "<text x='" << x0 + pw / 2 << "' y='" << H - 18 << "' text-anchor='middle'>" << xlabel << "</text>\n";
+    s << "<text transform='translate(" << x0 - 44 << "," << mt + ph / 2 << ") rotate(-90)' text-anchor='middle'>"
+      << ylabel << "</text>\n";
+    if (which == "total" && paper_ratio > 0 && std::log(paper_ratio) >= lo && std::log(paper_ratio) <= hi) {
+      s << "<line x1='" << X(paper_ratio) << "' x2='" << X(paper_ratio) << "' y1='" << mt << "' y2='" << mt + ph
+        << "' stroke='#888' stroke-dasharray='4,3'/>\n<text x='" << X(paper_ratio) + 4 << "' y='" << mt + ph - 6
+        << "' fill='#666'>paper capacities</text>\n";
+    }
+    for (int k = 1; k < 4; ++k) {
+      std::vector<std::pair<double, double>> line;
+      for (auto& p : pts)
+        if (p.sweep == which && int(p.r.kind) == k)
+          line.emplace_back(p.x, dram_hits ? p.r.dram_hit_rate() : p.r.hit_rate());
+      std::sort(line.begin(), line.end());
+      if (line.empty()) continue;
+      s << "<polyline fill='none' stroke='" << colors[k] << "' stroke-width='2' points='";
+      for (auto& [x, y] : line) s << X(x) << "," << Y(y) << " ";
+      s << "'/>\n";
+      for (auto& [x, y] : line)
+        s << "<circle cx='" << X(x) << "' cy='" << Y(y) << "' r='3' fill='" << colors[k] << "'/>\n";
+    }
+    int ly = mt + 14;
+    for (int k = 1; k < 4; ++k, ly += 16) {
+      s << "<line x1='" << x0 + 10 << "' x2='" << x0 + 30 << "' y1='" << ly - 4 << "' y2='" << ly - 4
+        << "' stroke='" << colors[k] << "' stroke-width='2'/><text x='" << x0 + 34 << "' y='" << ly << "'>"
+        << names[k] << "</text>\n";
+    }
+  };
+  panel(ml, "total", "(DRAM + SSD) / working set (log scale)", false, "hit rate (tokens reused / history)");
+  panel(ml + pw + gap, "dram", "DRAM GB, SSD fixed at the paper point (log scale)", true,
+        "hits served from DRAM (/ history)");
+  s << "</svg>\n";
+  return s.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cli c = parse(argc, argv);
+  trace::workload w;
+  try {
+    if (!c.trace_file.empty()) {
+      std::ifstream in(c.trace_file);
+      if (!in) usage("cannot open " + c.trace_file);
+      std::string err;
+      auto r = trace::read_jsonl(in, &err);
+      if (!r) {
+        std::fprintf(stderr, "sim: %s: %s\n", c.trace_file.c_str(), err.c_str());
+        return 1;
+      }
+      w = std::move(*r);
+      w.name = c.trace_file;
+    } else {
+      trace::generator_options g = trace::preset(c.preset);
+      g.requests = c.requests;
+      g.seed = c.seed;
+      if (c.session_rate > 0) g.session_rate = c.session_rate;
+      w = trace::generate(g);
+    }
+  } catch (const std::exception& e) {
+    usage(e.what());
+  }
+  if (c.open_loop) w.open_loop = true;
+  if (!c.write_trace.empty()) {
+    std::ofstream out(c.write_trace);
+    trace::write_jsonl(w, out);
+  }
+  const trace::workload_stats st = trace::describe(w);
+  if (!c.quiet || c.stats_only) {
+    std::fprintf(stdout,
+                 "trace %s: %llu sessions, %llu requests, %.2f turns/session, %.0f%% multi-turn, mean prompt %.0f, "
+                 "reply %.0f tokens, mean session %.0f tokens (%.0f%% > 2K, %.0f%% > 4K), mean think %.0f s, "
+                 "%.0f s of arrivals, %s loop\n",
+                 w.name.c_str(), (unsigned long long)st.sessions, (unsigned long long)st.requests, st.mean_turns,
+                 100 * st.multi_turn_fraction, st.mean_input, st.mean_output, st.mean_session_tokens,
+                 100 * st.sessions_over_2k, 100 * st.sessions_over_4k, st.mean_think, st.duration,
+                 w.open_loop ? "open" : "closed");
+  }
+  if (c.stats_only) return 0;
+
+  sim::sim_config cfg = c.config;
+  const double ws = working_set(w, cfg);
+  if (c.capacity_ratio > 0) scale_capacity(cfg, c.capacity_ratio, ws);
+  const double ratio = ws > 0 ? (cfg.tiers.dram_bytes + cfg.tiers.ssd_bytes) / ws : 0;
+  if (!c.quiet) {
+    std::fprintf(stdout,
+                 "model %s (%.2f MiB/token KV), DRAM %s, SSD %s, working set %s (time average of the KV of "
+                 "sessions between turns): capacity / working set = %.3f\n",
+                 cfg.model.name.c_str(), cfg.model.kv_bytes_per_token / 1048576.0,
+                 human_bytes(cfg.tiers.dram_bytes).c_str(), human_bytes(cfg.tiers.ssd_bytes).c_str(),
+                 human_bytes(ws).c_str(), ratio);
+  }
+
+  std::vector<sweep_point> points;
+  if (c.sweep) {
+    std::vector<policy_kind> kinds;
+    for (auto k : c.policies)
+      if (k != policy_kind::none) kinds.push_back(k);
+    for (double r : {0.05, 0.1, 0.15, 0.25, 0.5, 1.0}) {
+      sim::sim_config sc = cfg;
+      scale_capacity(sc, r, ws);
+      auto rs = run_all(w, kinds, sc, c.threads);
+      for (auto& x : rs) points.push_back({"total", r, x});
+      if (!c.quiet) std::fprintf(stdout, "swept total capacity ratio %.2f\n", r);
+    }
+    for (double gb : {16.0, 32.0, 64.0, 128.0, 256.0, 512.0}) {
+      sim::sim_config sc = cfg;
+      sc.tiers.dram_bytes = gb * 1e9;
+      auto rs = run_all(w, kinds, sc, c.threads);
+      for (auto& x : rs) points.push_back({"dram", gb, x});
+      if (!c.quiet) std::fprintf(stdout, "swept DRAM %.0f GB\n", gb);
+    }
+    std::ostringstream md;
+    md << "| sweep | capacity / WS | DRAM | SSD | policy | hit rate | DRAM hits | SSD hits | TTFT mean | TTFT p99 |\n"
+       << "|---|---|---|---|---|---|---|---|---|---|\n";
+    std::ostringstream csv;
+    csv << "sweep,x,policy,capacity_ratio,dram_bytes,ssd_bytes,hit_rate,dram_hit_rate,ssd_hit_rate,ttft_mean,ttft_p99\n";
+    for (auto& p : points) {
+      char b[512];
+      const double cr = (p.r.dram_bytes + p.r.ssd_bytes) / ws;
+      std::snprintf(b, sizeof b, "| %s | %.3f | %s | %s | %s | %.1f%% | %.1f%% | %.1f%% | %.3f s | %.3f s |\n",
+                    p.sweep.c_str(), cr, human_bytes(p.r.dram_bytes).c_str(), human_bytes(p.r.ssd_bytes).c_str(),
+                    std::string(sim::to_string(p.r.kind)).c_str(), 100 * p.r.hit_rate(), 100 * p.r.dram_hit_rate(),
+                    100 * p.r.ssd_hit_rate(), p.r.ttft_mean, p.r.ttft_p99);
+      md << b;
+      std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f\n", p.sweep.c_str(), p.x,
+                    std::string(sim::to_string(p.r.kind)).c_str(), cr, p.r.dram_bytes, p.r.ssd_bytes,
+                    p.r.hit_rate(), p.r.dram_hit_rate(), p.r.ssd_hit_rate(), p.r.ttft_mean, p.r.ttft_p99);
+      csv << b;
+    }
+    if (!c.quiet) std::cout << md.str();
+    if (!c.markdown.empty()) std::ofstream(c.markdown) << md.str();
+    if (!c.csv.empty()) std::ofstream(c.csv) << csv.str();
+    if (!c.svg.empty()) {
+      char t[256];
+      std::snprintf(t, sizeof t, "attnstore sim: preset %s, %llu requests, %s", c.trace_file.empty() ? c.preset.c_str() : "imported",
+                    (unsigned long long)w.requests.size(), cfg.model.name.c_str());
+      std::ofstream(c.svg) << svg_plot(points, ratio, t);
+    }
+    // Check the targets over the sweep.
+    std::map<std::pair<std::string, double>, std::map<int, double>> by;
+    for (auto& p : points) by[{p.sweep, p.x}][int(p.r.kind)] = p.r.hit_rate();
+    for (auto& [k, m] : by) {
+      if (m.count(1) && m.count(2) && m[2] + 1e-9 < m[1])
+        std::fprintf(stdout, "NOTE: scheduler_aware below lru at %s %.3g (%.2f%% < %.2f%%)\n", k.first.c_str(),
+                     k.second, 100 * m[2], 100 * m[1]);
+      if (m.count(3))
+        for (int q : {1, 2})
+          if (m.count(q) && m[q] > m[3] + 1e-9)
+            std::fprintf(stdout, "NOTE: %s above opt at %s %.3g\n", q == 1 ? "lru" : "scheduler_aware",
+                         k.first.c_str(), k.second);
+    }
+  }
+
+  auto results = run_all(w, c.policies, cfg, c.threads);
+  if (!c.quiet) {
+    std::fprintf(stdout, "\n");
+    print_table(results, stdout);
+    for (auto& r : results) {
+      std::fprintf(stdout,
+                   "%s: %llu sessions dropped, %llu blocks bypassed, %llu truncations, prefetch %llu started / %llu "
+                   "cancelled / %llu waited on, peak %s in flight (bound %s), mean queue %.1f, sim %.0f s%s%s\n",
+                   std::string(sim::to_string(r.kind)).c_str(), (unsigned long long)r.evicted_sessions,
+                   (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations,
+                   (unsigned long long)r.prefetch_started, (unsigned long long)r.prefetch_cancelled,
+                   (unsigned long long)r.prefetch_waits, human_bytes(r.prefetch_peak_bytes).c_str(),
+                   human_bytes(r.prefetch_bound_bytes).c_str(), r.mean_queue, r.sim_seconds,
+                   r.invariants_ok ? "" : ", INVARIANT BROKEN: ", r.invariant_error.c_str());
+    }
+  }
+  bool ok = true;
+  for (auto& r : results) ok = ok && r.invariants_ok;
+  if (c.json) {
+    std::ostringstream o;
+    o << "{";
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      o << (i ? ", " : "") << "\"" << sim::to_string(results[i].kind) << "\": ";
+      json_result(o, results[i], ws);
+    }
+    o << "}\n";
+    std::cout << o.str();
+  }
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,736 @@
+// tiered_cache: the simulator's stand-in for attnstore::store. It keeps sessions in the
+// REAL attnstore::cache_index (records, block chains, chain hashes, token ids, lookups)
+// and asks the REAL policy classes (policy::lru, policy::scheduler_aware,
+// policy::belady) and policy::prefetcher for every decision; only the payload bytes and
+// the I/O are simulated (slot numbers come from a plain free list: the tiers' allocators
+// are thread-safe and their locks would only slow the single-threaded simulation).
+//
+// Tiers are exclusive: a block is in DRAM or on SSD (a promotion frees the SSD slot).
+// Saves go to DRAM; DRAM victims are demoted to SSD; SSD victims are dropped. What the
+// store does and this model mirrors:
+//   - a save needs DRAM room: demote DRAM victims (whole sessions), each needing SSD
+//     room: drop SSD victims (whole sessions); without SSD room the DRAM victim is
+//     dropped (store::demote_some_victim); with no victim at all, the session's own older
+//     blocks are demoted (store::alloc_dram); if there is still no room, only a prefix
+//     is stored (counted as rejected).
+//   - after a save, background demotion keeps `watermark` of DRAM free.
+//   - the prefetcher promotes SSD -> DRAM into free DRAM (making room only by demoting
+//     less urgent sessions into free SSD space), bounded bytes in flight; any change to
+//     a session (save, truncation, demotion, drop, close) cancels its promotion.
+//   - a lookup (turn start) loads hits from wherever they are (SSD blocks stream
+//     through staging, as store::get); it moves nothing.
+// OPT (policy::belady) is given more freedom, as an upper bound must be: at a save it
+// drops blocks of the sessions used farthest in the future, tail first, only as many as
+// needed, and declines (bypasses) what would be used after all of those; demotion is
+// partial (tail first) too, and never drops.
+//
+// Single-threaded (the simulator is); the index's locks are taken but never contended.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "attnstore/hash.hpp"
+#include "attnstore/index/cache_index.hpp"
+#include "attnstore/policy/belady.hpp"
+#include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/prefetcher.hpp"
+#include "attnstore/policy/scheduler_aware.hpp"
+
+namespace attnstore::sim {
+
+enum class policy_kind : std::uint8_t { none, lru, scheduler_aware, opt };
+
+inline std::string_view to_string(policy_kind k) noexcept {
+  switch (k) {
+    case policy_kind::none: return "none";
+    case policy_kind::lru: return "lru";
+    case policy_kind::scheduler_aware: return "scheduler_aware";
+    case policy_kind::opt: return "opt";
+  }
+  return "?";
+}
+
+struct cache_options {
+  policy_kind kind = policy_kind::lru;
+  std::uint32_t tokens_per_block = 64;
+  std::uint32_t dram_blocks = 0;
+  std::uint32_t ssd_blocks = 0;
+  std::uint32_t max_session_blocks = 0;  ///< longest session in blocks (context / tokens_per_block + 1)
+  std::uint64_t block_bytes = 1;         ///< bytes of one block (for the prefetcher's bound)
+  double watermark = 0.02;               ///< fraction of DRAM that background demotion keeps free
+  std::uint32_t eviction_window = 0;     ///< scheduler_aware: sessions; 0 = paper rule
+  bool prefetch = true;                  ///< scheduler_aware and opt: run the prefetcher
+  std::uint32_t prefetch_window = 0;     ///< sessions; 0 = paper rule
+  double prefetch_dram_fraction = 0.75;  ///< C_mem = this x DRAM (paper rule)
+  std::uint64_t prefetch_bytes_in_flight = 0;  ///< 0: 8 blocks
+};
+
+/// The simulator schedules the reads of a promotion and calls io_complete() later.
+struct io_hook {
+  void* context = nullptr;
+  void (*read)(void* context, std::uint32_t record, std::uint32_t blocks, std::uint64_t ticket) = nullptr;
+};
+
+struct cache_counters {
+  std::uint64_t lookups = 0, lookup_hits = 0;
+  std::uint64_t hit_tokens = 0, dram_hit_tokens = 0, ssd_hit_tokens = 0;
+  std::uint64_t saved_blocks = 0;           ///< HBM -> DRAM
+  std::uint64_t prefetched_blocks = 0;      ///< SSD -> DRAM by the prefetcher
+  std::uint64_t demoted_blocks = 0;         ///< DRAM -> SSD
+  std::uint64_t dropped_blocks = 0, dropped_sessions = 0;
+  std::uint64_t bypassed_blocks = 0;        ///< OPT declined to store
+  std::uint64_t rejected_blocks = 0;        ///< no room at all for a save
+  std::uint64_t truncated_blocks = 0, expired_sessions = 0, closed_sessions = 0;
+  std::uint64_t prefetch_waits = 0;         ///< turns that started while their promotion was in flight
+};
+
+struct hit {
+  std::uint64_t tokens = 0;        ///< reusable prefix (all tiers)
+  std::uint64_t dram_tokens = 0;   ///< of which in DRAM
+  std::uint64_t ssd_tokens = 0;    ///< of which on SSD (including those being promoted)
+  std::uint64_t inflight_tokens = 0;  ///< of the SSD ones, those whose promotion was in flight
+  std::uint32_t record = no_slot;
+  std::uint64_t waited_ticket = 0;  ///< that promotion (finished now; the engine charges the wait)
+};
+
+/// Slot numbers of a simulated tier: O(1) allocate/release, double frees refused.
+class slot_list {
+ public:
+  explicit slot_list(std::uint32_t capacity) : free_(capacity), used_(capacity, 0) {
+    for (std::uint32_t i = 0; i < capacity; ++i) free_[i] = capacity - 1 - i;
+  }
+  std::uint32_t allocate() noexcept {
+    if (free_.empty()) return no_slot;
+    const std::uint32_t s = free_.back();
+    free_.pop_back();
+    used_[s] = 1;
+    return s;
+  }
+  bool release(std::uint32_t s) noexcept {
+    if (s >= used_.size() || !used_[s]) return false;
+    used_[s] = 0;
+    free_.push_back(s);  // never grows past the capacity reserved at construction
+    return true;
+  }
+  std::uint32_t capacity() const noexcept { return std::uint32_t(used_.size()); }
+  std::uint32_t used() const noexcept { return capacity() - std::uint32_t(free_.size()); }
+  bool is_used(std::uint32_t s) const noexcept { return s < used_.size() && used_[s]; }
+
+ private:
+  std::vector<std::uint32_t> free_;
+  std::vector<std::uint8_t> used_;
+};
+
+inline session_hash sim_session_hash(std::uint64_t session) noexcept {
+  auto mix = [](std::uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  return session_hash{hash128{mix(session), mix(session ^ 0x5a5a5a5a5a5a5a5aull) | 1}};
+}
+
+class tiered_cache {
+ public:
+  explicit tiered_cache(const cache_options& o, io_hook io = {})
+      : o_(o),
+        io_(io),
+        index_(index_options(o)),
+        dram_(o.dram_blocks),
+        ssd_(o.ssd_blocks),
+        reserved_(max_records(o)),
+        locations_(o.max_session_blocks + 2) {
+    scratch_.reserve(o.max_session_blocks + 2);
+    if (o.kind == policy_kind::none) throw std::invalid_argument("tiered_cache: kind none has no cache");
+    if (o.max_session_blocks == 0) throw std::invalid_argument("tiered_cache: max_session_blocks is 0");
+    if (o.dram_blocks < o.max_session_blocks + 1)
+      throw std::invalid_argument("tiered_cache: dram_blocks (" + std::to_string(o.dram_blocks) +
+                                  ") must hold the longest session (" + std::to_string(o.max_session_blocks) +
+                                  " blocks) plus one");
+    model_ = make_model_id({"attnstore-sim", kv_geometry{1, 1, 1, dtype::f16, o.tokens_per_block}.validated()});
+    const std::uint32_t records = max_records(o);
+    switch (o.kind) {
+      case policy_kind::lru: policy_ = std::make_unique<policy::lru>(records); break;
+      case policy_kind::scheduler_aware: {
+        policy::scheduler_aware_options so;
+        so.max_sessions = records;
+        so.eviction_window = o.eviction_window;
+        so.capacity_blocks = std::uint64_t(o.dram_blocks) + o.ssd_blocks;
+        auto p = std::make_unique<policy::scheduler_aware>(so);
+        sa_ = p.get();
+        policy_ = std::move(p);
+        break;
+      }
+      case policy_kind::opt: {
+        auto p = std::make_unique<policy::belady>(records);
+        opt_ = p.get();
+        policy_ = std::move(p);
+        break;
+      }
+      default: break;
+    }
+    if (o.prefetch && o.kind != policy_kind::lru) {
+      policy::prefetcher_options po;
+      po.max_sessions = records;
+      po.block_bytes = o.block_bytes;
+      po.max_bytes_in_flight = o.prefetch_bytes_in_flight ? o.prefetch_bytes_in_flight : 8 * o.block_bytes;
+      po.window = o.prefetch_window;
+      po.dram_for_prefetch_bytes = std::uint64_t(o.prefetch_dram_fraction * double(o.dram_blocks)) * o.block_bytes;
+      if (po.window == 0 && po.dram_for_prefetch_bytes == 0) po.dram_for_prefetch_bytes = o.block_bytes;
+      pf_ = std::make_unique<policy::prefetcher>(po);
+    }
+    watermark_blocks_ = std::uint32_t(o.watermark * o.dram_blocks);
+  }
+
+  // ------------------------------------------------------------------ engine side
+
+  /// Turn start: the session leaves the queue; the reusable prefix of `history` and
+  /// where it is. A promotion in flight for the session is finished (the engine charges
+  /// the wait).
+  hit admit(const session_hash& key, std::span<const token_id> history, std::uint64_t now) {
+    hit h;
+    ++c_.lookups;
+    locked_session s = index_.open(key, false);
+    if (!s) return h;
+    const std::uint32_t r = s.record_id();
+    h.record = r;
+    policy_->dequeue(r);
+    std::uint32_t flying = 0;
+    if (pf_ && pf_->in_flight(r)) {
+      h.waited_ticket = pf_->ticket(r);
+      flying = pf_->blocks_in_flight(r);
+      ++c_.prefetch_waits;
+    }
+    lookup_result lr = index_.lookup(s, model_, history, locations_);
+    if (lr.blocks > locations_.size()) {  // longer than max_session_blocks: look again
+      locations_.resize(lr.blocks);
+      lr = index_.lookup(s, model_, history, locations_);
+    }
+    const std::uint32_t n = std::min<std::uint32_t>(lr.blocks, std::uint32_t(locations_.size()));
+    for (std::uint32_t i = 0; i < n; ++i) {
+      if (locations_[i].where == tier::dram) {
+        h.dram_tokens += locations_[i].tokens;
+      } else {
+        h.ssd_tokens += locations_[i].tokens;
+        if (flying) {  // promotions take SSD-only blocks in prefix order
+          --flying;
+          h.inflight_tokens += locations_[i].tokens;
+        }
+      }
+    }
+    if (h.waited_ticket) finish_promotion(s, pf_->complete(r, h.waited_ticket));
+    h.tokens = lr.tokens;
+    c_.hit_tokens += h.tokens;
+    c_.dram_hit_tokens += h.dram_tokens;
+    c_.ssd_hit_tokens += h.ssd_tokens;
+    if (h.tokens) ++c_.lookup_hits;
+    policy_->on_access(r, now);
+    return h;
+  }
+
+  /// Turn end: stores the session whose history is now `tokens` (its earlier blocks
+  /// stay; the partial last block and the new ones are written to DRAM). `next_use` is
+  /// for OPT only: when the session is used next (belady::never when never).
+  void save(const session_hash& key, std::span<const token_id> tokens, std::uint64_t now,
+            std::uint64_t next_use = policy::belady::never) {
+    const std::uint32_t tpb = o_.tokens_per_block;
+    const std::uint32_t total = std::uint32_t((tokens.size() + tpb - 1) / tpb);
+    if (total == 0) return;
+    std::uint32_t r;
+    {
+      locked_session s = index_.open(key, true);
+      if (!s) return;  // cannot happen: records outnumber blocks
+      r = s.record_id();
+      if (!policy_->live(r)) policy_->on_insert(r, now);
+      if (opt_) opt_->set_next_use(r, next_use);
+      if (pf_) pf_->cancel(r, *this);
+      // Stored full blocks stay (token ids never change in the simulator, so they match).
+      std::uint32_t first = 0;
+      for (std::uint32_t b = s.first_block(); b != no_slot && s.meta(b).tokens == tpb && first < total;
+           b = s.meta(b).next)
+        ++first;
+      std::uint32_t want = total - first;
+      if (want > 0) {
+        std::uint32_t allowed = want;
+        if (opt_) allowed = opt_total_room(r, want);
+        c_.bypassed_blocks += want - allowed;
+        if (opt_) opt_dram_room(s, r, allowed, first);
+        else dram_room_for_save(s, r, allowed, first);
+        const std::uint32_t n = std::min(allowed, dram_free());
+        c_.rejected_blocks += allowed - n;
+        if (n > 0) write_blocks(s, tokens, first, n);
+      }
+      if (s.block_count() == 0) {
+        s.erase();
+        policy_->on_erase(r);
+        return;
+      }
+      sync(s);
+      policy_->on_access(r, now);
+    }
+    background_demotion();
+    if (sa_) sa_->refresh_window();
+    plan_prefetch();
+  }
+
+  /// The history lost its first `blocks` blocks (context overflow, truncation by a
+  /// slice: decoupled positional encoding keeps the rest valid). `kept` is the new
+  /// history; the retained blocks are re-keyed (chain hashes from the new start).
+  void truncate_front(const session_hash& key, std::uint32_t blocks, std::span<const token_id> kept) {
+    locked_session s = index_.open(key, false);
+    if (!s || blocks == 0) return;
+    const std::uint32_t r = s.record_id();
+    if (pf_) pf_->cancel(r, *this);
+    std::uint32_t b = s.truncate(0);
+    for (std::uint32_t i = 0; i < blocks && b != no_slot; ++i) {
+      const std::uint32_t next = index_.block(b).next;
+      index_.block(b).next = no_slot;
+      release_chain(b);
+      ++c_.truncated_blocks;
+      b = next;
+    }
+    // Re-key the rest: block i now starts at kept[i * tpb].
+    const std::uint32_t tpb = o_.tokens_per_block;
+    hash128 prev{};
+    std::uint32_t n = 0;
+    for (std::uint32_t x = b; x != no_slot; x = index_.block(x).next, ++n) {
+      auto t = s.tokens_of(x);
+      const std::size_t at = std::size_t(n) * tpb;
+      if (at + t.size() > kept.size() || !std::equal(t.begin(), t.end(), kept.begin() + std::ptrdiff_t(at))) {
+        // Not the expected slice (the caller's bug): drop the rest rather than serve it.
+        release_chain(x);
+        if (n == 0) b = no_slot;
+        else {
+          std::uint32_t y = b;
+          for (std::uint32_t i = 1; i < n; ++i) y = index_.block(y).next;
+          index_.block(y).next = no_slot;
+        }
+        break;
+      }
+      prev = index_.block(x).chain = chain_hash(prev, model_, t);
+    }
+    if (b != no_slot && n > 0) (void)s.publish(0, b, n);
+    if (s.block_count() == 0) {
+      s.erase();
+      policy_->on_erase(r);
+      return;
+    }
+    sync(s);
+  }
+
+  /// Removes a session (the engine closed it). Returns whether it was stored.
+  bool close(const session_hash& key) {
+    locked_session s = index_.open(key, false);
+    if (!s) return false;
+    ++c_.closed_sessions;
+    drop_locked(s, false);
+    return true;
+  }
+
+  std::uint32_t record_of(const session_hash& key) {
+    locked_session s = index_.open(key, false);
+    return s ? s.record_id() : no_slot;
+  }
+
+  /// The session's next turn entered the engine queue at `position`. The engine calls
+  /// plan_prefetch() once it has scheduled what it can (only what still waits is worth
+  /// fetching).
+  void enqueue(std::uint32_t r, std::uint64_t position, std::uint64_t now) {
+    if (r == no_slot) return;
+    policy_->enqueue(r, position, now);
+    if (sa_) sa_->refresh_window();
+  }
+  void dequeue(std::uint32_t r) {
+    if (r == no_slot) return;
+    policy_->dequeue(r);
+  }
+  /// OPT: when the session is used next (any clock; belady::never when never).
+  void set_next_use(std::uint32_t r, std::uint64_t when) {
+    if (opt_ && r != no_slot) opt_->set_next_use(r, when);
+  }
+
+  /// The reads of a promotion finished.
+  void io_complete(std::uint32_t r, std::uint64_t ticket) {
+    if (!pf_) return;
+    const std::uint32_t n = pf_->complete(r, ticket);
+    if (n == 0) return;  // cancelled meanwhile
+    {
+      locked_session s = index_.try_open_record(r);
+      if (s) finish_promotion(s, n);
+    }
+    background_demotion();
+    plan_prefetch();
+  }
+
+  void plan_prefetch() {
+    if (pf_) (void)pf_->plan(*policy_, *this);
+  }
+
+  /// TTL: drops sessions idle for `ttl` or longer. Returns how many.
+  std::uint32_t expire(std::uint64_t now, std::uint64_t ttl) {
+    std::uint32_t n = 0;
+    for (std::uint32_t r; (r = policy_->next_expired(now, ttl)) != policy::no_record;) {
+      locked_session s = index_.try_open_record(r);
+      if (!s) break;
+      drop_locked(s, false);
+      ++c_.expired_sessions;
+      ++n;
+    }
+    return n;
+  }
+
+  // ------------------------------------------------------------------ prefetcher target
+
+  std::uint32_t ssd_only_blocks(std::uint32_t r) noexcept { return policy_->blocks(r, policy::level::ssd); }
+
+  std::uint32_t start_promotion(std::uint32_t r, std::uint32_t max_blocks, std::uint64_t ticket) noexcept {
+    const std::uint32_t keep = watermark_blocks_ / 2;
+    // Room: free DRAM above half the watermark, plus what less urgent sessions give by
+    // demotion into free SSD space (never a drop: prefetching must not cost hits). Only
+    // the first candidate in victim order is considered each time: when it is more
+    // urgent than r, so is every later one (the orders agree), which keeps this O(log n).
+    while (dram_free() < keep + max_blocks && ssd_free() > 0) {
+      const std::uint32_t v =
+          policy_->pick_victim(policy::level::dram, [&](std::uint32_t x) noexcept { return x != r; });
+      if (v == policy::no_record || !less_urgent(v, r)) break;
+      if (!opt_ && policy_->blocks(v, policy::level::dram) > ssd_free()) break;
+      locked_session vs = index_.try_open_record(v);
+      if (!vs) break;
+      if (pf_) pf_->cancel(v, *this);
+      const std::uint32_t m = opt_ ? std::min({keep + max_blocks - dram_free(), vs.dram_blocks(), ssd_free()})
+                                   : vs.dram_blocks();
+      move_dram_to_ssd(vs, m);
+    }
+    const std::uint32_t free = dram_free();
+    const std::uint32_t n = free > keep ? std::min(max_blocks, free - keep) : 0;
+    if (n == 0) return 0;
+    auto& res = reserved_[r];
+    for (std::uint32_t i = 0; i < n; ++i) res.push_back(dram_.allocate());
+    reserved_blocks_ += n;
+    if (io_.read) io_.read(io_.context, r, n, ticket);
+    return n;
+  }
+
+  void abort_promotion(std::uint32_t r, std::uint64_t) noexcept {
+    for (std::uint32_t slot : reserved_[r]) dram_.release(slot);
+    reserved_blocks_ -= std::uint32_t(reserved_[r].size());
+    reserved_[r].clear();
+  }
+
+  // ------------------------------------------------------------------ inspection
+
+  /// Every block is accounted for exactly once: pools vs index vs policy vs reservations.
+  bool check(std::string* why = nullptr) {
+    auto fail = [&](const std::string& m) {
+      if (why) *why = m;
+      return false;
+    };
+    std::uint64_t dram = 0, ssd = 0, blocks = 0, reserved = 0;
+    for (std::uint32_t r = 0; r < reserved_.size(); ++r) {
+      reserved += reserved_[r].size();
+      const bool flying = pf_ && pf_->in_flight(r);
+      if (flying != !reserved_[r].empty() || (flying && pf_->blocks_in_flight(r) != reserved_[r].size()))
+        return fail("record " + std::to_string(r) + ": reservation does not match the prefetcher");
+      for (std::uint32_t slot : reserved_[r])
+        if (!dram_.is_used(slot)) return fail("reserved DRAM slot not in use");
+      if (!policy_->live(r)) {
+        if (!reserved_[r].empty()) return fail("reservation for a dead record");
+        continue;
+      }
+      locked_session s = index_.try_open_record(r);
+      if (!s) return fail("policy has record " + std::to_string(r) + " that the index does not");
+      std::uint32_t d = 0, sd = 0, n = 0;
+      for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next, ++n) {
+        const block_meta& m = s.meta(b);
+        if ((m.dram_slot == no_slot) == (m.ssd_slot == no_slot)) return fail("block in both tiers or none");
+        if (m.dram_slot != no_slot && !dram_.is_used(m.dram_slot)) return fail("DRAM slot not in use");
+        if (m.ssd_slot != no_slot && !ssd_.is_used(m.ssd_slot)) return fail("SSD slot not in use");
+        d += m.dram_slot != no_slot;
+        sd += m.ssd_slot != no_slot;
+      }
+      if (n == 0) return fail("live record without blocks");
+      if (d != policy_->blocks(r, policy::level::dram) || sd != policy_->blocks(r, policy::level::ssd))
+        return fail("policy block counts differ from the index for record " + std::to_string(r));
+      dram += d;
+      ssd += sd;
+      blocks += n;
+    }
+    if (dram + reserved != dram_.used()) return fail("DRAM slots leaked: used " + std::to_string(dram_.used()) +
+                                                     ", accounted " + std::to_string(dram + reserved));
+    if (ssd != ssd_.used()) return fail("SSD slots leaked: used " + std::to_string(ssd_.used()) + ", accounted " +
+                                        std::to_string(ssd));
+    if (index_.free_blocks() + blocks != max_blocks(o_)) return fail("index block entries leaked");
+    if (index_.live_sessions() != policy_->live_sessions()) return fail("index and policy disagree on live sessions");
+    if (pf_ && pf_->bytes_in_flight() != reserved * o_.block_bytes) return fail("bytes in flight do not match");
+    if (reserved != reserved_blocks_) return fail("reserved block count drifted");
+    if (pf_ && pf_->bytes_in_flight() > pf_->max_bytes_in_flight()) return fail("bytes in flight over the bound");
+    if (!policy_->check()) return fail("policy invariants");
+    return true;
+  }
+
+  const cache_counters& counters() const noexcept { return c_; }
+  policy::eviction_policy& policy() noexcept { return *policy_; }
+  policy::prefetcher* prefetcher() noexcept { return pf_.get(); }
+  std::uint32_t dram_used() const noexcept { return dram_.used(); }
+  std::uint32_t ssd_used() const noexcept { return ssd_.used(); }
+  std::uint32_t dram_free() const noexcept { return dram_.capacity() - dram_.used(); }
+  std::uint32_t ssd_free() const noexcept { return ssd_.capacity() - ssd_.used(); }
+  const cache_options& options() const noexcept { return o_; }
+  const cache_index& index() const noexcept { return index_; }
+
+ private:
+  static std::uint32_t max_records(const cache_options& o) noexcept {
+    return std::uint32_t(std::min<std::uint64_t>(std::uint64_t(o.dram_blocks) + o.ssd_blocks + 1024, 0x7fffffffu));
+  }
+  static std::uint32_t max_blocks(const cache_options& o) noexcept {
+    return std::uint32_t(std::uint64_t(o.dram_blocks) + o.ssd_blocks + o.max_session_blocks + 8);
+  }
+  static cache_index_options index_options(const cache_options& o) {
+    cache_index_options io;
+    io.max_sessions = max_records(o);
+    io.max_blocks = max_blocks(o);
+    io.tokens_per_block = o.tokens_per_block;
+    io.shards = 64;
+    return io;
+  }
+
+  void sync(locked_session& s) noexcept {
+    s.count_tiers();
+    policy_->on_blocks(s.record_id(), policy::level::dram, s.dram_blocks());
+    policy_->on_blocks(s.record_id(), policy::level::ssd, s.ssd_blocks());
+  }
+
+  void release_chain(std::uint32_t b) noexcept {
+    while (b != no_slot) {
+      block_meta& m = index_.block(b);
+      const std::uint32_t next = m.next;
+      if (m.dram_slot != no_slot) dram_.release(m.dram_slot);
+      if (m.ssd_slot != no_slot) ssd_.release(m.ssd_slot);
+      index_.release_block(b);
+      b = next;
+    }
+  }
+
+  void drop_locked(locked_session& s, bool count_as_eviction = true) noexcept {
+    const std::uint32_t r = s.record_id();
+    if (pf_) pf_->cancel(r, *this);
+    if (count_as_eviction) {
+      ++c_.dropped_sessions;
+      c_.dropped_blocks += s.block_count();
+    }
+    release_chain(s.truncate(0));
+    s.erase();
+    policy_->on_erase(r);
+  }
+
+  /// Drops the last `n` blocks of a session (all of it when n >= its blocks).
+  void drop_tail(locked_session& s, std::uint32_t n) noexcept {
+    const std::uint32_t count = s.block_count();
+    if (n >= count) {
+      drop_locked(s);
+      return;
+    }
+    if (pf_) pf_->cancel(s.record_id(), *this);
+    c_.dropped_blocks += n;
+    release_chain(s.truncate(count - n));
+    sync(s);
+  }
+
+  /// Moves the session's last `n` DRAM blocks to SSD (all when n >= its DRAM blocks).
+  /// The caller made SSD room.
+  void move_dram_to_ssd(locked_session& s, std::uint32_t n) noexcept {
+    scratch_.clear();  // capacity reserved for the longest session: no allocation
+    for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next)
+      if (s.meta(b).dram_slot != no_slot) scratch_.push_back(b);
+    const std::uint32_t k = std::uint32_t(scratch_.size());
+    const std::uint32_t from = n >= k ? 0 : k - n;
+    for (std::uint32_t i = from; i < k; ++i) {
+      const std::uint32_t slot = ssd_.allocate();
+      if (slot == no_slot) break;
+      block_meta& m = s.meta(scratch_[i]);
+      m.ssd_slot = slot;
+      dram_.release(m.dram_slot);
+      m.dram_slot = no_slot;
+      ++c_.demoted_blocks;
+    }
+    sync(s);
+  }
+
+  /// SSD room for `m` blocks by dropping SSD victims (never the two excluded).
+  bool ssd_room(std::uint32_t m, std::uint32_t ex_a, std::uint32_t ex_b) noexcept {
+    while (ssd_free() < m) {
+      const std::uint32_t v = policy_->pick_victim(
+          policy::level::ssd, [&](std::uint32_t x) noexcept { return x != ex_a && x != ex_b; });
+      if (v == policy::no_record) return false;
+      locked_session vs = index_.try_open_record(v);
+      if (!vs) return false;
+      drop_locked(vs);
+    }
+    return true;
+  }
+
+  /// store::demote_some_victim: demote a whole session; without SSD room, drop it.
+  void demote_whole(std::uint32_t v, std::uint32_t exclude) noexcept {
+    locked_session vs = index_.try_open_record(v);
+    if (!vs) return;
+    if (pf_) pf_->cancel(v, *this);
+    if (!ssd_room(vs.dram_blocks(), v, exclude)) {
+      drop_locked(vs);
+      return;
+    }
+    move_dram_to_ssd(vs, vs.dram_blocks());
+  }
+
+  /// lru / scheduler_aware: DRAM room for a save of `n` blocks by `self`, whose blocks
+  /// before `keep` stay.
+  void dram_room_for_save(locked_session& self, std::uint32_t r, std::uint32_t n, std::uint32_t keep) noexcept {
+    while (dram_free() < n) {
+      const std::uint32_t v =
+          policy_->pick_victim(policy::level::dram, [&](std::uint32_t x) noexcept { return x != r; });
+      if (v == policy::no_record) break;
+      demote_whole(v, r);
+    }
+    if (dram_free() < n) demote_own_prefix(self, r, n, keep);
+  }
+
+  /// store::alloc_dram's last resort: the session's own older blocks go to SSD.
+  void demote_own_prefix(locked_session& self, std::uint32_t r, std::uint32_t n, std::uint32_t keep) noexcept {
+    std::uint32_t pos = 0;
+    scratch_.clear();
+    for (std::uint32_t b = self.first_block(); b != no_slot && pos < keep; b = self.meta(b).next, ++pos)
+      if (self.meta(b).dram_slot != no_slot) scratch_.push_back(b);
+    const std::uint32_t k = std::uint32_t(scratch_.size());
+    for (std::uint32_t i = 0; i < k && dram_free() < n; ++i) {
+      if (ssd_free() == 0 && (opt_ || !ssd_room(1, r, no_slot))) break;
+      block_meta& m = self.meta(scratch_[i]);
+      m.ssd_slot = ssd_.allocate();
+      dram_.release(m.dram_slot);
+      m.dram_slot = no_slot;
+      ++c_.demoted_blocks;
+    }
+  }
+
+  /// OPT: room in DRAM + SSD for `want` blocks of session r by dropping the tails of
+  /// sessions used later than r; returns how many of them to store (the rest bypass).
+  std::uint32_t opt_total_room(std::uint32_t r, std::uint32_t want) noexcept {
+    const std::uint64_t mine = opt_->next_use(r);
+    while (dram_free() + ssd_free() < want) {
+      // The farthest first: when it is not used after r, nothing is (bypass the rest).
+      const std::uint32_t v = opt_->pick_farthest([&](std::uint32_t x) { return x != r; });
+      if (v == policy::no_record || opt_->next_use(v) <= mine) break;
+      locked_session vs = index_.try_open_record(v);
+      if (!vs) break;
+      drop_tail(vs, want - dram_free() - ssd_free());
+    }
+    return std::min(want, dram_free() + ssd_free());
+  }
+
+  /// OPT: DRAM room for n blocks, demoting the farthest-used DRAM blocks (tail first)
+  /// into free SSD space.
+  void opt_dram_room(locked_session& self, std::uint32_t r, std::uint32_t n, std::uint32_t keep) noexcept {
+    while (dram_free() < n && ssd_free() > 0) {
+      const std::uint32_t v =
+          policy_->pick_victim(policy::level::dram, [&](std::uint32_t x) noexcept { return x != r; });
+      if (v == policy::no_record) break;
+      locked_session vs = index_.try_open_record(v);
+      if (!vs) break;
+      if (pf_) pf_->cancel(v, *this);
+      move_dram_to_ssd(vs, std::min({n - dram_free(), vs.dram_blocks(), ssd_free()}));
+    }
+    if (dram_free() < n) demote_own_prefix(self, r, n, keep);
+  }
+
+  /// Writes blocks [first, first + n) of `tokens` to DRAM and publishes them.
+  void write_blocks(locked_session& s, std::span<const token_id> tokens, std::uint32_t first, std::uint32_t n) noexcept {
+    const std::uint32_t tpb = o_.tokens_per_block;
+    hash128 prev{};
+    if (first > 0) prev = s.meta(s.block_at(first - 1)).chain;
+    std::uint32_t head = no_slot, tail = no_slot, made = 0;
+    for (std::uint32_t i = first; i < first + n; ++i) {
+      const std::size_t at = std::size_t(i) * tpb;
+      auto t = tokens.subspan(at, std::min<std::size_t>(tpb, tokens.size() - at));
+      const std::uint32_t b = s.new_block(t);
+      if (b == no_slot) break;
+      block_meta& m = s.meta(b);
+      m.chain = prev = chain_hash(prev, model_, t);
+      m.dram_slot = dram_.allocate();
+      if (tail == no_slot) head = b; else s.meta(tail).next = b;
+      tail = b;
+      ++made;
+    }
+    c_.saved_blocks += made;
+    release_chain(s.publish(first, head, made));
+  }
+
+  /// Moves up to n SSD-only blocks (prefix order) into the session's reserved DRAM.
+  void finish_promotion(locked_session& s, std::uint32_t n) noexcept {
+    auto& res = reserved_[s.record_id()];
+    reserved_blocks_ -= std::uint32_t(res.size());
+    std::uint32_t moved = 0;
+    for (std::uint32_t b = s.first_block(); b != no_slot && moved < n && !res.empty(); b = s.meta(b).next) {
+      block_meta& m = s.meta(b);
+      if (m.ssd_slot == no_slot) continue;
+      m.dram_slot = res.back();
+      res.pop_back();
+      ssd_.release(m.ssd_slot);
+      m.ssd_slot = no_slot;
+      ++moved;
+    }
+    for (std::uint32_t slot : res) dram_.release(slot);
+    res.clear();
+    c_.prefetched_blocks += moved;
+    sync(s);
+  }
+
+  /// Keeps `watermark` of DRAM free by demoting DRAM victims (so saves find room). DRAM
+  /// reserved by promotions in flight counts as free here: each such block frees an SSD
+  /// slot when it lands, and demoting for it now would only push data off the SSD.
+  void background_demotion() noexcept {
+    while (dram_free() + reserved_blocks_ < watermark_blocks_) {
+      if (opt_) {
+        if (ssd_free() == 0) return;
+        const std::uint32_t v = policy_->pick_victim(policy::level::dram, [](std::uint32_t) noexcept { return true; });
+        if (v == policy::no_record) return;
+        locked_session vs = index_.try_open_record(v);
+        if (!vs) return;
+        if (pf_) pf_->cancel(v, *this);
+        move_dram_to_ssd(vs, std::min({watermark_blocks_ - dram_free() - reserved_blocks_, vs.dram_blocks(), ssd_free()}));
+        continue;
+      }
+      const std::uint32_t v = policy_->pick_victim(policy::level::dram, [](std::uint32_t) noexcept { return true; });
+      if (v == policy::no_record) return;
+      demote_whole(v, no_slot);
+    }
+  }
+
+  /// Victim x may make room for prefetching r: x runs later than r (or not at all).
+  bool less_urgent(std::uint32_t x, std::uint32_t r) const noexcept {
+    if (opt_) return opt_->next_use(x) > opt_->next_use(r);
+    if (!policy_->queued(x)) return true;
+    return policy_->queued(r) && policy_->queue_position(x) > policy_->queue_position(r);
+  }
+
+  cache_options o_;
+  io_hook io_;
+  cache_index index_;
+  slot_list dram_, ssd_;
+  std::unique_ptr<policy::eviction_policy> policy_;
+  policy::scheduler_aware* sa_ = nullptr;
+  policy::belady* opt_ = nullptr;
+  std::unique_ptr<policy::prefetcher> pf_;
+  std::vector<std::vector<std::uint32_t>> reserved_;  // DRAM slots reserved per record
+  std::vector<std::uint32_t> scratch_;
+  std::vector<block_location> locations_;
+  model_id model_{};
+  std::uint32_t watermark_blocks_ = 0;
+  std::uint32_t reserved_blocks_ = 0;  // DRAM reserved by promotions in flight
+  cache_counters c_;
+};
+
+}  // namespace attnstore::sim
