@@ -91,11 +91,12 @@ class hooks {
   /// or nullopt for an engine that computes on the calling host thread.
   /// The target's pages must stay valid and unused by others until finish_load.
   /// A truncated view is placed at its new positions and its keys re-rotated there,
-  /// in stream order, before the layer's event (host memory; see hooks_config::rope).
+  /// in stream order, before the layer's event: a host function for host memory, the
+  /// CUDA kernel for GPU memory (see hooks_config::rope).
   /// Returns status ok (tokens may be 0 and handle no_handle: nothing to load),
   /// invalid_argument (layout does not match the store), retry (all handles busy),
-  /// unsupported (keys must move but no rope spec is configured, or they live in GPU
-  /// memory, which this version re-rotates only on the host), no_space,
+  /// unsupported (keys must move but no rope spec is configured, or the copy backend
+  /// has no device memory for a GPU target), no_space,
   /// checksum_error/device_error (the verified prefix is still loaded).
   load_info start_load(const session_key& session, std::span<const token_id> prompt, const kv_target& target,
                        std::optional<stream_ref> compute = std::nullopt) noexcept;
@@ -137,6 +138,7 @@ class hooks {
   struct rotate_job;
   static void rotate_layer(void* job) noexcept;
   static void strip_layer(void* job) noexcept;
+  errc rotate_layer_device(load_state& L, std::uint32_t layer, stream_ref stream) noexcept;
   errc flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept;
   void sync_loads_of(const session_hash& key) noexcept;
 
@@ -153,6 +155,7 @@ class hooks {
   std::atomic<std::uint32_t> next_read_stream_{0};
   std::optional<rope_angles> position_angles_;  // keys_pre_rope: row p = R(p)
   std::optional<rope_angles> strip_angles_;     // keys_pre_rope: row p = R(-p)
+  float* device_positions_ = nullptr;           // GPU copy of position_angles_ (cos rows, then sin rows)
 };
 
 }  // namespace attnstore

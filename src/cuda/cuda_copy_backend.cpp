@@ -106,6 +106,17 @@ class cuda_copy_backend final : public copy_backend {
   errc launch_host_fn(void (*fn)(void*), void* ctx, stream_ref s) noexcept override {
     return to_errc(cudaLaunchHostFunc(static_cast<cudaStream_t>(s.get()), fn, ctx));
   }
+  void* allocate_device(std::size_t bytes) noexcept override {
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return p;
+  }
+  void free_device(void* p) noexcept override {
+    if (p) cudaFree(p);
+  }
   event_id acquire_event() noexcept override { return pool_.allocate(); }
   void release_event(event_id e) noexcept override {
     if (e != no_event) pool_.release(e);

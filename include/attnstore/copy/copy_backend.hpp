@@ -63,6 +63,14 @@ class copy_backend {
   /// stream order, e.g. re-rotating keys a copy just placed.
   [[nodiscard]] virtual errc launch_host_fn(void (*fn)(void*), void* context, stream_ref stream) noexcept = 0;
 
+  /// GPU memory for the backend's own tables (cold path); nullptr where the backend
+  /// has no device memory.
+  virtual void* allocate_device(std::size_t bytes) noexcept {
+    (void)bytes;
+    return nullptr;
+  }
+  virtual void free_device(void* p) noexcept { (void)p; }
+
   /// Takes an event from the pool (no_event when all are in use). Cold-ish: callers
   /// keep events for the life of a request.
   [[nodiscard]] virtual event_id acquire_event() noexcept = 0;

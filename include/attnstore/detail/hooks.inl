@@ -14,6 +14,7 @@ struct hooks::rotate_job {
 };
 
 struct hooks::load_state {
+  float* device_angles = nullptr;     // GPU copy of shift_angles' rows: cos rows, then sin rows
   std::vector<rotate_job> rotations;  // one per layer
   std::vector<std::uint8_t> shift_of; // per view: index into shift_angles
   std::vector<rope_angles> shift_angles;
@@ -80,8 +81,29 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
   } else if (config.keys_pre_rope) {
     fail("keys_pre_rope needs the rope spec");
   }
+  const std::uint32_t pairs = config.rope ? config.rope->rotary() / 2 : 0;
+  if (config.rope && copier.supports_device_memory()) {
+    // GPU engines: the angle rows re-rotation needs, in device memory.
+    if (config.keys_pre_rope) {
+      const std::size_t bytes = std::size_t(config.max_positions) * pairs * sizeof(float);
+      device_positions_ = static_cast<float*>(copier.allocate_device(2 * bytes));
+      if (device_positions_) {
+        stream_ref s = read_streams_[0];
+        copy_segment up[2] = {{position_angles_->cos_row(0), device_positions_, bytes},
+                              {position_angles_->sin_row(0), device_positions_ + bytes / sizeof(float), bytes}};
+        event_id e = copier.acquire_event();
+        if (copier.copy_async(up, s) != errc::ok || copier.record(e, s) != errc::ok || copier.synchronize(e) != errc::ok) {
+          copier.free_device(device_positions_);
+          device_positions_ = nullptr;
+        }
+        copier.release_event(e);
+      }
+    }
+  }
   loads_.resize(config.max_loads);
   for (auto& L : loads_) {
+    if (config.rope && copier.supports_device_memory() && !config.keys_pre_rope)
+      L.device_angles = static_cast<float*>(copier.allocate_device(2 * max_shifts * pairs * sizeof(float)));
     L.views.resize(config.max_blocks_per_request);
     L.rotations.resize(geometry_.num_layers);
     for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) L.rotations[l] = {this, &L, l};
@@ -115,6 +137,8 @@ inline hooks::~hooks() {
   }
   for (auto s : read_streams_) copier_.destroy_stream(s);
   if (write_stream_) copier_.destroy_stream(*write_stream_);
+  for (auto& L : loads_) copier_.free_device(L.device_angles);
+  copier_.free_device(device_positions_);
 }
 
 inline void hooks::set_queue(std::span<const session_key> waiting) noexcept { store_.set_queue(waiting); }
@@ -138,8 +162,12 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
                            std::span(L.segments).subspan(used));
   }
   if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
-  if (L.rotate)  // keys moved to new positions: re-rotate them right after their copy
-    if (errc e = copier_.launch_host_fn(&hooks::rotate_layer, &L.rotations[layer], stream); e != errc::ok) return e;
+  if (L.rotate) {  // keys moved to new positions: re-rotate them right after their copy
+    errc e = L.target.layout->where == memory_space::host
+                 ? copier_.launch_host_fn(&hooks::rotate_layer, &L.rotations[layer], stream)
+                 : rotate_layer_device(L, layer, stream);
+    if (e != errc::ok) return e;
+  }
   L.queued_layers = layer + 1;
   return copier_.record(L.events[layer], stream);
 }
@@ -180,19 +208,37 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     }
     L.shift_of[b] = std::uint8_t(it - L.shifts.begin());
   }
-  const bool can_rotate = config_.rope && target.layout->where == memory_space::host &&
-                          geometry_.dtype != dtype::fp8_e4m3 && L.shifts.size() <= max_shifts &&
-                          (!config_.keys_pre_rope || got.tokens <= config_.max_positions);
+  const bool on_device = target.layout->where == memory_space::device;
+  const bool can_rotate = config_.rope && geometry_.dtype != dtype::fp8_e4m3 && L.shifts.size() <= max_shifts &&
+                          (!config_.keys_pre_rope || got.tokens <= config_.max_positions) &&
+                          (!on_device || (config_.keys_pre_rope ? device_positions_ != nullptr
+                                                                : L.device_angles != nullptr));
   if (L.rotate && !can_rotate) {
     store_.release(session);
     load_pool_.release(h);
     return {errc::unsupported};
   }
   for (std::size_t i = 0; i < L.shifts.size(); ++i) (void)L.shift_angles[i].fill(L.shifts[i], 0, 1);
+  L.read_stream = next_read_stream_.fetch_add(1, std::memory_order_relaxed) % std::uint32_t(read_streams_.size());
+  const stream_ref load_stream = read_streams_[L.read_stream];
+  if (L.rotate && on_device && !config_.keys_pre_rope) {
+    // The rows go up on the stream that will rotate with them (host rows stay put in L).
+    const std::size_t pairs = config_.rope->rotary() / 2, row = pairs * sizeof(float);
+    copy_segment up[2 * max_shifts];
+    for (std::size_t i = 0; i < L.shifts.size(); ++i) {
+      up[2 * i] = {L.shift_angles[i].cos_row(0), L.device_angles + i * pairs, row};
+      up[2 * i + 1] = {L.shift_angles[i].sin_row(0), L.device_angles + (max_shifts + i) * pairs, row};
+    }
+    if (errc e = copier_.copy_async(std::span(up, 2 * L.shifts.size()), load_stream); e != errc::ok) {
+      store_.release(session);
+      load_pool_.release(h);
+      return {e};
+    }
+  }
   L.key = hash_session(session);
   L.target = target;
   L.compute = compute;
-  L.read_stream = next_read_stream_.fetch_add(1, std::memory_order_relaxed) % std::uint32_t(read_streams_.size());
+
   L.blocks = got.blocks;
   L.queued_layers = 0;
   L.active = true;
@@ -250,6 +296,37 @@ inline void hooks::strip_layer(void* job) noexcept {
     (void)rerotate(keys, g.dtype, n, g.num_kv_heads, head_bytes * g.num_kv_heads, head_bytes, *H.config_.rope,
                    H.strip_angles_->cos_row(0) + first * pairs, H.strip_angles_->sin_row(0) + first * pairs, false);
   }
+}
+
+inline errc hooks::rotate_layer_device(load_state& L, std::uint32_t layer, stream_ref stream) noexcept {
+  const kv_layout& lay = *L.target.layout;
+  const rope_spec& spec = *config_.rope;
+  const std::uint32_t pairs = spec.rotary() / 2;
+  for (std::uint32_t b = 0; b < L.blocks; ++b) {
+    const block_view& v = L.views[b];
+    if (!config_.keys_pre_rope && v.shift == 0) continue;
+    for (std::uint32_t done = 0; done < v.tokens;) {
+      const std::uint64_t pos = v.position + done;
+      const std::uint32_t in_page = std::uint32_t(pos % lay.page_size);
+      const std::uint32_t run = std::min<std::uint32_t>(v.tokens - done, lay.page_size - in_page);
+      std::byte* keys = lay.k_base[layer] + std::size_t(L.target.pages[pos / lay.page_size]) * lay.page_stride +
+                        std::size_t(in_page) * lay.token_stride;
+      errc e;
+      if (config_.keys_pre_rope) {
+        const std::size_t table = std::size_t(config_.max_positions) * pairs;
+        e = rerotate_cuda(keys, geometry_.dtype, run, geometry_.num_kv_heads, lay.token_stride, lay.head_stride,
+                          device_positions_ + pos * pairs, device_positions_ + table + pos * pairs, false, spec,
+                          stream.get());
+      } else {
+        const float* c = L.device_angles + std::size_t(L.shift_of[b]) * pairs;
+        e = rerotate_cuda(keys, geometry_.dtype, run, geometry_.num_kv_heads, lay.token_stride, lay.head_stride, c,
+                          c + max_shifts * pairs, true, spec, stream.get());
+      }
+      if (e != errc::ok) return e;
+      done += run;
+    }
+  }
+  return errc::ok;
 }
 
 inline errc hooks::wait_layer(load_handle h, std::uint32_t layer) noexcept {
