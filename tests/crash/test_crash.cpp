@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "attnstore/io/fault_device.hpp"
+#include "attnstore/io/forwarding_device.hpp"
 #include "attnstore/store.hpp"
 #include "support/kv_data.hpp"
 #include "support/temp_dir.hpp"
@@ -631,19 +632,12 @@ namespace {
 // Forwards to the real device; on the k-th write piece it (optionally) writes the first
 // half of that piece straight to the file, a torn write, then SIGKILLs the process.
 // With queue_depth 1 every earlier piece has completed when a piece is submitted.
-class crash_device final : public block_device {
+class crash_device final : public forwarding_device {
  public:
   crash_device(std::unique_ptr<block_device> inner, std::vector<int> fds, std::uint64_t kill_at, bool torn)
-      : inner_(std::move(inner)), fds_(std::move(fds)), kill_at_(kill_at), torn_(torn) {}
+      : forwarding_device(std::move(inner)), fds_(std::move(fds)), kill_at_(kill_at), torn_(torn) {}
   std::string_view name() const noexcept override { return "crash"; }
-  std::size_t required_alignment() const noexcept override { return inner_->required_alignment(); }
-  bool register_buffers(std::span<const iovec> regions, std::string* why) override {
-    return inner_->register_buffers(regions, why);
-  }
-  errc sync() noexcept override { return inner_->sync(); }
-  std::unique_ptr<io_channel> open_channel() override {
-    auto in = inner_->open_channel();
-    if (!in) return nullptr;
+  std::unique_ptr<io_channel> wrap(std::unique_ptr<io_channel> in) override {
     return std::make_unique<channel>(*this, std::move(in));
   }
   std::uint64_t writes() const noexcept { return writes_.load(); }
@@ -661,13 +655,13 @@ class crash_device final : public block_device {
       inner_->submit(p);
     }
     int reap(io_completion* out, int max, int min_wait) noexcept override { return inner_->reap(out, max, min_wait); }
+    void flush() noexcept override { inner_->flush(); }
     unsigned depth() const noexcept override { return inner_->depth(); }
 
    private:
     crash_device& dev_;
     std::unique_ptr<io_channel> inner_;
   };
-  std::unique_ptr<block_device> inner_;
   std::vector<int> fds_;
   std::uint64_t kill_at_;
   bool torn_;

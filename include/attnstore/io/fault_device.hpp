@@ -13,7 +13,7 @@
 #include <thread>
 #include <vector>
 
-#include "attnstore/io/block_device.hpp"
+#include "attnstore/io/forwarding_device.hpp"
 
 namespace attnstore {
 
@@ -28,10 +28,10 @@ struct fault_config {
   std::uint64_t seed = 1;
 };
 
-class fault_device final : public block_device {
+class fault_device final : public forwarding_device {
  public:
   explicit fault_device(std::unique_ptr<block_device> inner, fault_config config = {})
-      : inner_(std::move(inner)), config_(config) {}
+      : forwarding_device(std::move(inner)), config_(config) {}
 
   /// Changes the faults from now on (thread-safe).
   void set_faults(const fault_config& c) noexcept {
@@ -40,17 +40,10 @@ class fault_device final : public block_device {
   }
   /// Faults injected so far.
   std::uint64_t injected() const noexcept { return injected_.load(); }
-  block_device& inner() noexcept { return *inner_; }
-
   std::string_view name() const noexcept override { return "faulty"; }
-  std::size_t required_alignment() const noexcept override { return inner_->required_alignment(); }
-  bool register_buffers(std::span<const iovec> regions, std::string* why) override {
-    return inner_->register_buffers(regions, why);
-  }
-  errc sync() noexcept override { return inner_->sync(); }
-  std::unique_ptr<io_channel> open_channel() override {
-    auto in = inner_->open_channel();
-    if (!in) return nullptr;
+
+ protected:
+  std::unique_ptr<io_channel> wrap(std::unique_ptr<io_channel> in) override {
     std::lock_guard lock(mutex_);
     return std::make_unique<channel>(*this, std::move(in), config_.seed + channels_++);
   }
@@ -117,7 +110,6 @@ class fault_device final : public block_device {
     unsigned inner_outstanding_ = 0;
   };
 
-  std::unique_ptr<block_device> inner_;
   std::mutex mutex_;
   fault_config config_;
   std::uint64_t channels_ = 0;
