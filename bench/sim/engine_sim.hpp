@@ -66,7 +66,7 @@ struct tier_config {
   std::uint32_t eviction_window = 0;     ///< 0: (DRAM + SSD) / mean session KV (paper)
   std::uint32_t prefetch_window = 0;     ///< 0: prefetch DRAM / mean session KV (paper)
   double prefetch_dram_fraction = 0.75;  ///< DRAM the prefetch window is sized for
-  double prefetch_bytes_in_flight = 4e9;
+  double prefetch_bytes_in_flight = 4e9;  ///< and at most 1/32 of DRAM
   bool prefetch = true;
   double ttl_s = 0;  ///< 0: no TTL
 };
@@ -134,7 +134,10 @@ class engine_sim {
       o.prefetch = t.prefetch;
       o.prefetch_window = t.prefetch_window;
       o.prefetch_dram_fraction = t.prefetch_dram_fraction;
-      o.prefetch_bytes_in_flight = std::max<std::uint64_t>(std::uint64_t(t.prefetch_bytes_in_flight), o.block_bytes);
+      // DRAM reserved for reads in flight holds no data until they land: bound it by a
+      // small share of DRAM too (1/32: the default 4 GB at the paper's 128 GB).
+      o.prefetch_bytes_in_flight = std::max<std::uint64_t>(
+          std::uint64_t(std::min(t.prefetch_bytes_in_flight, t.dram_bytes / 32)), o.block_bytes);
       cache_.emplace(o, io_hook{this, &engine_sim::on_read});
       flight_done_.assign(cache_->policy().max_sessions(), 0.0);
     }

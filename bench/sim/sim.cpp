@@ -60,7 +60,7 @@ struct cli {
                "  --tokens-per-block N    block size (default 64)\n"
                "  --eviction-window N     scheduler_aware window in sessions (default: paper rule)\n"
                "  --prefetch-window N     prefetch window in sessions (default: paper rule)\n"
-               "  --prefetch-inflight-gb X  bound on prefetch bytes in flight (default 4)\n"
+               "  --prefetch-inflight-gb X  bound on prefetch bytes in flight (default 4, at most DRAM/32)\n"
                "  --no-prefetch           scheduler_aware and opt without the prefetcher\n"
                "  --watermark F           DRAM fraction kept free (default 0.02)\n"
                "  --ttl S                 expire sessions idle for S seconds (default off)\n"
@@ -238,7 +238,7 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
   std::snprintf(
       buf, sizeof buf,
       "{\"requests\": %llu, \"measured_requests\": %llu, \"sessions\": %llu, \"hit_rate\": %.6f, \"dram_hit_rate\": %.6f, "
-      "\"ssd_hit_rate\": %.6f, \"history_tokens\": %llu, \"hit_tokens\": %llu, \"prefill_tokens\": %llu, "
+      "\"ssd_hit_rate\": %.6f, \"reuse_rate\": %.6f, \"history_tokens\": %llu, \"hit_tokens\": %llu, \"prefill_tokens\": %llu, "
       "\"prefill_tokens_saved\": %llu, \"ttft_mean_s\": %.6f, \"ttft_p50_s\": %.6f, \"ttft_p90_s\": %.6f, "
       "\"ttft_p99_s\": %.6f, \"bytes_hbm_to_dram\": %.0f, \"bytes_dram_to_hbm\": %.0f, \"bytes_ssd_to_hbm\": %.0f, "
       "\"bytes_ssd_to_dram\": %.0f, \"bytes_dram_to_ssd\": %.0f, \"bytes_dropped\": %.0f, "
@@ -248,7 +248,8 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
       "\"working_set_bytes\": %.0f, \"capacity_ratio\": %.4f, \"mean_queue\": %.2f, \"sim_seconds\": %.1f, "
       "\"wall_seconds\": %.2f, \"invariants_ok\": %s}",
       (unsigned long long)r.requests, (unsigned long long)r.measured_requests, (unsigned long long)r.sessions, r.hit_rate(), r.dram_hit_rate(),
-      r.ssd_hit_rate(), (unsigned long long)r.history_tokens, (unsigned long long)r.hit_tokens,
+      r.ssd_hit_rate(), r.history_tokens ? double(r.reused_tokens) / double(r.history_tokens) : 0.0,
+      (unsigned long long)r.history_tokens, (unsigned long long)r.hit_tokens,
       (unsigned long long)r.prefill_tokens, (unsigned long long)r.reused_tokens, r.ttft_mean, r.ttft_p50, r.ttft_p90,
       r.ttft_p99, r.bytes_hbm_to_dram, r.bytes_dram_to_hbm, r.bytes_ssd_to_hbm, r.bytes_ssd_to_dram,
       r.bytes_dram_to_ssd, r.bytes_dropped, (unsigned long long)r.evicted_sessions,
@@ -299,7 +300,7 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
     ticks.erase(std::unique(ticks.begin(), ticks.end()), ticks.end());
     for (double t : ticks) {
       char b[32];
-      std::snprintf(b, sizeof b, t < 1 ? "%.2g" : "%.0f", t);
+      std::snprintf(b, sizeof b, t == std::floor(t) && t >= 1 ? "%.0f" : "%.2g", t);
       s << "<text x='" << X(t) << "' y='" << mt + ph + 16 << "' text-anchor='middle'>" << b << "</text>\n";
     }
     s << "<text x='" << x0 + pw / 2 << "' y='" << H - 18 << "' text-anchor='middle'>" << xlabel << "</text>\n";
@@ -307,8 +308,10 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
       << ylabel << "</text>\n";
     if (which == "total" && paper_ratio > 0 && std::log(paper_ratio) >= lo && std::log(paper_ratio) <= hi) {
       s << "<line x1='" << X(paper_ratio) << "' x2='" << X(paper_ratio) << "' y1='" << mt << "' y2='" << mt + ph
-        << "' stroke='#888' stroke-dasharray='4,3'/>\n<text x='" << X(paper_ratio) + 4 << "' y='" << mt + ph - 6
-        << "' fill='#666'>paper capacities</text>\n";
+        << "' stroke='#888' stroke-dasharray='4,3'/>\n";
+      const bool right = X(paper_ratio) > x0 + 0.7 * pw;  // label on the inner side of the line
+      s << "<text x='" << X(paper_ratio) + (right ? -4 : 4) << "' y='" << mt + ph / 2
+        << "' text-anchor='" << (right ? "end" : "start") << "' fill='#666'>paper capacities</text>\n";
     }
     for (int k = 1; k < 4; ++k) {
       std::vector<std::pair<double, double>> line;
@@ -330,7 +333,7 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
         << names[k] << "</text>\n";
     }
   };
-  panel(ml, "total", "(DRAM + SSD) / working set (log scale)", false, "hit rate (tokens reused / history)");
+  panel(ml, "total", "(DRAM + SSD) / working set (log scale)", false, "hit rate (history tokens found in the cache)");
   panel(ml + pw + gap, "dram", "DRAM GB, SSD fixed at the paper point (log scale)", true,
         "hits served from DRAM (/ history)");
   s << "</svg>\n";
@@ -400,9 +403,13 @@ int main(int argc, char** argv) {
     std::vector<policy_kind> kinds;
     for (auto k : c.policies)
       if (k != policy_kind::none) kinds.push_back(k);
-    for (double r : {0.05, 0.1, 0.15, 0.25, 0.5, 1.0}) {
+    // Capacity / working set from starved to ample, plus the configured point itself
+    // (the paper's 128 GB + 10 TB by default).
+    std::vector<double> ratios{0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0};
+    if (ratio > 0 && std::find(ratios.begin(), ratios.end(), ratio) == ratios.end()) ratios.push_back(ratio);
+    for (double r : ratios) {
       sim::sim_config sc = cfg;
-      scale_capacity(sc, r, ws);
+      if (r != ratio) scale_capacity(sc, r, ws);
       auto rs = run_all(w, kinds, sc, c.threads);
       for (auto& x : rs) points.push_back({"total", r, x});
       if (!c.quiet) std::fprintf(stdout, "swept total capacity ratio %.2f\n", r);
@@ -414,24 +421,74 @@ int main(int argc, char** argv) {
       for (auto& x : rs) points.push_back({"dram", gb, x});
       if (!c.quiet) std::fprintf(stdout, "swept DRAM %.0f GB\n", gb);
     }
+    // One row per capacity point, policies side by side; the CSV has every figure.
     std::ostringstream md;
-    md << "| sweep | capacity / WS | DRAM | SSD | policy | hit rate | DRAM hits | SSD hits | TTFT mean | TTFT p99 |\n"
-       << "|---|---|---|---|---|---|---|---|---|---|\n";
+    md << "| sweep | (DRAM+SSD) / WS | DRAM | SSD | lru | scheduler_aware | opt | SA - LRU | OPT - SA |"
+          " DRAM hits lru / SA / opt | TTFT mean lru / SA / opt | mean queue lru / SA / opt |\n"
+       << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     std::ostringstream csv;
-    csv << "sweep,x,policy,capacity_ratio,dram_bytes,ssd_bytes,hit_rate,dram_hit_rate,ssd_hit_rate,ttft_mean,ttft_p99\n";
+    csv << "sweep,x,policy,capacity_ratio,dram_bytes,ssd_bytes,hit_rate,dram_hit_rate,ssd_hit_rate,"
+           "prefill_saved,ttft_mean,ttft_p99,mean_queue\n";
+    std::map<std::pair<int, double>, std::map<int, const sim::sim_result*>> by;  // total sweep first
     for (auto& p : points) {
+      by[{p.sweep == "total" ? 0 : 1, p.x}][int(p.r.kind)] = &p.r;
       char b[512];
-      const double cr = (p.r.dram_bytes + p.r.ssd_bytes) / ws;
-      std::snprintf(b, sizeof b, "| %s | %.3f | %s | %s | %s | %.1f%% | %.1f%% | %.1f%% | %.3f s | %.3f s |\n",
-                    p.sweep.c_str(), cr, human_bytes(p.r.dram_bytes).c_str(), human_bytes(p.r.ssd_bytes).c_str(),
-                    std::string(sim::to_string(p.r.kind)).c_str(), 100 * p.r.hit_rate(), 100 * p.r.dram_hit_rate(),
-                    100 * p.r.ssd_hit_rate(), p.r.ttft_mean, p.r.ttft_p99);
-      md << b;
-      std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f\n", p.sweep.c_str(), p.x,
-                    std::string(sim::to_string(p.r.kind)).c_str(), cr, p.r.dram_bytes, p.r.ssd_bytes,
-                    p.r.hit_rate(), p.r.dram_hit_rate(), p.r.ssd_hit_rate(), p.r.ttft_mean, p.r.ttft_p99);
+      const double total_prefill = double(p.r.history_tokens + p.r.input_tokens);
+      std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.2f\n", p.sweep.c_str(),
+                    p.x, std::string(sim::to_string(p.r.kind)).c_str(), (p.r.dram_bytes + p.r.ssd_bytes) / ws,
+                    p.r.dram_bytes, p.r.ssd_bytes, p.r.hit_rate(), p.r.dram_hit_rate(), p.r.ssd_hit_rate(),
+                    total_prefill ? double(p.r.reused_tokens) / total_prefill : 0.0, p.r.ttft_mean, p.r.ttft_p99,
+                    p.r.mean_queue);
       csv << b;
     }
+    double worst = 1e9;
+    std::string worst_at;
+    for (auto& [k, m] : by) {
+      auto get = [&](int kind) { return m.count(kind) ? m.at(kind) : nullptr; };
+      const sim::sim_result *l = get(1), *a = get(2), *o = get(3), *any = l ? l : a ? a : o;
+      if (!any) continue;
+      auto pct = [](const sim::sim_result* r, double (sim::sim_result::*f)() const) {
+        char b[32];
+        if (!r) return std::string("-");
+        std::snprintf(b, sizeof b, "%.2f%%", 100 * (r->*f)());
+        return std::string(b);
+      };
+      auto num = [](const sim::sim_result* r, double v) {
+        char b[32];
+        if (!r) return std::string("-");
+        std::snprintf(b, sizeof b, v < 10 ? "%.3f" : "%.1f", v);
+        return std::string(b);
+      };
+      auto diff = [](const sim::sim_result* x, const sim::sim_result* y) {
+        char b[32];
+        if (!x || !y) return std::string("-");
+        std::snprintf(b, sizeof b, "%+.2f pp", 100 * (x->hit_rate() - y->hit_rate()));
+        return std::string(b);
+      };
+      char row[1024];
+      std::snprintf(row, sizeof row, "| %s | %.3f | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s | %s / %s / %s | %s / %s / %s |\n",
+                    k.first == 0 ? "total" : "dram", (any->dram_bytes + any->ssd_bytes) / ws, human_bytes(any->dram_bytes).c_str(),
+                    human_bytes(any->ssd_bytes).c_str(), pct(l, &sim::sim_result::hit_rate).c_str(),
+                    pct(a, &sim::sim_result::hit_rate).c_str(), pct(o, &sim::sim_result::hit_rate).c_str(),
+                    diff(a, l).c_str(), diff(o, a).c_str(), pct(l, &sim::sim_result::dram_hit_rate).c_str(),
+                    pct(a, &sim::sim_result::dram_hit_rate).c_str(), pct(o, &sim::sim_result::dram_hit_rate).c_str(),
+                    num(l, l ? l->ttft_mean : 0).c_str(), num(a, a ? a->ttft_mean : 0).c_str(),
+                    num(o, o ? o->ttft_mean : 0).c_str(), num(l, l ? l->mean_queue : 0).c_str(),
+                    num(a, a ? a->mean_queue : 0).c_str(), num(o, o ? o->mean_queue : 0).c_str());
+      md << row;
+      if (l && a && a->hit_rate() - l->hit_rate() < worst) {
+        worst = a->hit_rate() - l->hit_rate();
+        worst_at = std::string(k.first == 0 ? "total " : "dram ") + std::to_string(k.second);
+      }
+      if (o)
+        for (const sim::sim_result* q : {l, a})
+          if (q && q->hit_rate() > o->hit_rate() + 1e-9)
+            std::fprintf(stdout, "NOTE: %s above opt at %s %g (timing differs per policy; see docs/sim.md)\n",
+                         std::string(sim::to_string(q->kind)).c_str(), k.first == 0 ? "total" : "dram", k.second);
+    }
+    if (worst < 1e9)
+      std::fprintf(stdout, "smallest scheduler_aware - lru over the sweep: %+.4f pp (at %s)\n", 100 * worst,
+                   worst_at.c_str());
     if (!c.quiet) std::cout << md.str();
     if (!c.markdown.empty()) std::ofstream(c.markdown) << md.str();
     if (!c.csv.empty()) std::ofstream(c.csv) << csv.str();
@@ -440,19 +497,6 @@ int main(int argc, char** argv) {
       std::snprintf(t, sizeof t, "attnstore sim: preset %s, %llu requests, %s", c.trace_file.empty() ? c.preset.c_str() : "imported",
                     (unsigned long long)w.requests.size(), cfg.model.name.c_str());
       std::ofstream(c.svg) << svg_plot(points, ratio, t);
-    }
-    // Check the targets over the sweep.
-    std::map<std::pair<std::string, double>, std::map<int, double>> by;
-    for (auto& p : points) by[{p.sweep, p.x}][int(p.r.kind)] = p.r.hit_rate();
-    for (auto& [k, m] : by) {
-      if (m.count(1) && m.count(2) && m[2] + 1e-9 < m[1])
-        std::fprintf(stdout, "NOTE: scheduler_aware below lru at %s %.3g (%.2f%% < %.2f%%)\n", k.first.c_str(),
-                     k.second, 100 * m[2], 100 * m[1]);
-      if (m.count(3))
-        for (int q : {1, 2})
-          if (m.count(q) && m[q] > m[3] + 1e-9)
-            std::fprintf(stdout, "NOTE: %s above opt at %s %.3g\n", q == 1 ? "lru" : "scheduler_aware",
-                         k.first.c_str(), k.second);
     }
   }
 

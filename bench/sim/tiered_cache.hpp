@@ -40,6 +40,7 @@
 #include "attnstore/policy/lru.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
+#include "attnstore/policy/watermark.hpp"
 
 namespace attnstore::sim {
 
@@ -185,7 +186,8 @@ class tiered_cache {
       if (po.window == 0 && po.dram_for_prefetch_bytes == 0) po.dram_for_prefetch_bytes = o.block_bytes;
       pf_ = std::make_unique<policy::prefetcher>(po);
     }
-    watermark_blocks_ = std::uint32_t(o.watermark * o.dram_blocks);
+    watermark_ = policy::demotion_watermark::of(o.dram_blocks, o.watermark, o.watermark);
+    watermark_blocks_ = watermark_.low;
   }
 
   // ------------------------------------------------------------------ engine side
@@ -256,6 +258,7 @@ class tiered_cache {
            b = s.meta(b).next)
         ++first;
       std::uint32_t want = total - first;
+      bool wrote = false;
       if (want > 0) {
         std::uint32_t allowed = want;
         if (opt_) allowed = opt_total_room(r, want);
@@ -265,13 +268,14 @@ class tiered_cache {
         const std::uint32_t n = std::min(allowed, dram_free());
         c_.rejected_blocks += allowed - n;
         if (n > 0) write_blocks(s, tokens, first, n);
+        wrote = n > 0;
       }
       if (s.block_count() == 0) {
         s.erase();
         policy_->on_erase(r);
         return;
       }
-      sync(s);
+      sync(s, !wrote);
       policy_->on_access(r, now);
     }
     background_demotion();
@@ -321,7 +325,7 @@ class tiered_cache {
       policy_->on_erase(r);
       return;
     }
-    sync(s);
+    sync(s, false);
   }
 
   /// Removes a session (the engine closed it). Returns whether it was stored.
@@ -500,8 +504,10 @@ class tiered_cache {
     return io;
   }
 
-  void sync(locked_session& s) noexcept {
-    s.count_tiers();
+  /// Tells the policy the session's block counts (recounting them unless publish() or
+  /// truncate() just did: the count is O(blocks)).
+  void sync(locked_session& s, bool recount = true) noexcept {
+    if (recount) s.count_tiers();
     policy_->on_blocks(s.record_id(), policy::level::dram, s.dram_blocks());
     policy_->on_blocks(s.record_id(), policy::level::ssd, s.ssd_blocks());
   }
@@ -539,7 +545,7 @@ class tiered_cache {
     if (pf_) pf_->cancel(s.record_id(), *this);
     c_.dropped_blocks += n;
     release_chain(s.truncate(count - n));
-    sync(s);
+    sync(s, false);
   }
 
   /// Moves the session's last `n` DRAM blocks to SSD (all when n >= its DRAM blocks).
@@ -692,7 +698,8 @@ class tiered_cache {
   /// reserved by promotions in flight counts as free here: each such block frees an SSD
   /// slot when it lands, and demoting for it now would only push data off the SSD.
   void background_demotion() noexcept {
-    while (dram_free() + reserved_blocks_ < watermark_blocks_) {
+    if (!watermark_.should_start(dram_free(), reserved_blocks_)) return;
+    while (dram_free() + reserved_blocks_ < watermark_.high) {
       if (opt_) {
         if (ssd_free() == 0) return;
         const std::uint32_t v = policy_->pick_victim(policy::level::dram, [](std::uint32_t) noexcept { return true; });
@@ -700,7 +707,7 @@ class tiered_cache {
         locked_session vs = index_.try_open_record(v);
         if (!vs) return;
         if (pf_) pf_->cancel(v, *this);
-        move_dram_to_ssd(vs, std::min({watermark_blocks_ - dram_free() - reserved_blocks_, vs.dram_blocks(), ssd_free()}));
+        move_dram_to_ssd(vs, std::min({watermark_.high - dram_free() - reserved_blocks_, vs.dram_blocks(), ssd_free()}));
         continue;
       }
       const std::uint32_t v = policy_->pick_victim(policy::level::dram, [](std::uint32_t) noexcept { return true; });
@@ -728,6 +735,7 @@ class tiered_cache {
   std::vector<std::uint32_t> scratch_;
   std::vector<block_location> locations_;
   model_id model_{};
+  policy::demotion_watermark watermark_{};
   std::uint32_t watermark_blocks_ = 0;
   std::uint32_t reserved_blocks_ = 0;  // DRAM reserved by promotions in flight
   cache_counters c_;

@@ -79,8 +79,8 @@ struct generator_options {
 };
 
 /// Preset names: "paper" (ShareGPT-like, the paper's setup), "light" (the same
-/// conversations at half the arrival rate), "heavy" (1.25x the rate), "long" (fewer,
-/// longer turns: pasted documents).
+/// conversations at half the arrival rate), "heavy" (1.1x the rate: the simulated engine
+/// saturates and its queue grows), "long" (fewer, longer turns: pasted documents).
 std::span<const std::string_view> preset_names() noexcept;
 /// Options of a preset. Throws std::invalid_argument naming the allowed presets.
 generator_options preset(std::string_view name);

@@ -47,13 +47,13 @@ outcome replay(sim::policy_kind kind, const std::vector<turn>& trace, std::uint3
   sim::tiered_cache c(o);
   const std::size_t n = trace.size();
   // next[i]: index of the session's next turn after i (n: none).
-  std::vector<std::size_t> next(n, n), last_seen(1024, n);
+  std::vector<std::size_t> next(n, n), last_seen(4096, n);
   for (std::size_t i = n; i-- > 0;) {
     next[i] = last_seen[trace[i].session];
     last_seen[trace[i].session] = i;
   }
   auto when = [&](std::size_t i) { return i < n ? std::uint64_t(i) : policy::belady::never; };
-  std::vector<std::size_t> length(1024, 0);
+  std::vector<std::size_t> length(4096, 0);
   outcome out;
   for (std::size_t i = 0; i < n; ++i) {
     // The queue shows turns i .. i + lookahead - 1.
@@ -91,17 +91,22 @@ outcome replay(sim::policy_kind kind, const std::vector<turn>& trace, std::uint3
 std::vector<turn> random_trace(std::mt19937_64& rng, std::uint32_t sessions, std::uint32_t turns,
                                std::uint32_t max_new, std::uint32_t cap_blocks) {
   std::vector<turn> t;
-  std::vector<std::uint32_t> size(sessions, 0);
-  // Skewed popularity: a few sessions talk often, most rarely.
+  std::vector<std::uint32_t> size(sessions, 0), id(sessions);
+  std::uint32_t next_id = 0;
+  for (auto& x : id) x = next_id++;
+  // Skewed popularity: a few conversation slots are busy, most are quiet.
   std::vector<double> w(sessions);
   for (std::uint32_t s = 0; s < sessions; ++s) w[s] = 1.0 / (1.0 + s);
   std::discrete_distribution<std::uint32_t> pick(w.begin(), w.end());
   while (t.size() < turns) {
     const std::uint32_t s = pick(rng);
     const std::uint32_t add = 1 + std::uint32_t(rng() % max_new);
-    if (size[s] + add > cap_blocks) continue;  // stays within the longest session
+    if (size[s] + add > cap_blocks) {  // the conversation ends; a new one takes the slot
+      id[s] = next_id++;
+      size[s] = 0;
+    }
     size[s] += add;
-    t.push_back({s, add});
+    t.push_back({id[s], add});
   }
   return t;
 }

@@ -10,31 +10,9 @@
 #include "support/kv_data.hpp"
 #include "support/temp_dir.hpp"
 
-namespace {
-std::atomic<long> g_allocations{0};
-}
+#include "support/alloc_counter.hpp"
 
-void* operator new(std::size_t n) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void* operator new(std::size_t n, std::align_val_t a) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::aligned_alloc(std::size_t(a), (n + std::size_t(a) - 1) / std::size_t(a) * std::size_t(a)))
-    return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+using attnstore::testing::allocations;
 
 using namespace attnstore;
 
@@ -76,15 +54,15 @@ TEST_CASE("steady-state put, get, lookup, demote and SSD reads allocate nothing"
     REQUIRE(s.put({"tenant", names[i]}, toks[i], 0, blocks) == errc::ok);
   for (int r = 0; r < 3; ++r) round(r);  // warm-up: I/O channels are made on first use
 
-  const long before = g_allocations.load();
+  const long before = allocations.load();
   for (int r = 0; r < 20; ++r) round(r);
-  const long during = g_allocations.load() - before;
+  const long during = allocations.load() - before;
   CHECK(during == 0);
   // The counter itself works: a real allocation is seen.
-  const long probe = g_allocations.load();
+  const long probe = allocations.load();
   auto* volatile v = new std::vector<int>(100);
   delete v;
-  CHECK(g_allocations.load() - probe == 2);
+  CHECK(allocations.load() - probe == 2);
   CHECK(s.stats().blocks_served_ssd > 0);
   CHECK(s.stats().demoted_blocks > 0);
 }

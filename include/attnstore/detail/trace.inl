@@ -98,8 +98,8 @@ inline generator_options preset(std::string_view name) {
     o.session_rate = 0.5;
     return o;
   }
-  if (name == "heavy") {
-    o.session_rate = 1.25;
+  if (name == "heavy") {  // the engine saturates: queues form, prefetching matters
+    o.session_rate = 1.1;
     return o;
   }
   if (name == "long") {

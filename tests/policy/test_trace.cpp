@@ -1,0 +1,128 @@
+// Trace generator presets against the ShareGPT statistics in PAPER.md, determinism,
+// and the JSON-lines importer.
+#include <catch2/catch.hpp>
+
+#include <sstream>
+
+#include "attnstore/trace.hpp"
+
+using namespace attnstore;
+
+TEST_CASE("trace: the paper preset matches the ShareGPT statistics") {
+  trace::generator_options o = trace::preset("paper");
+  o.requests = 200000;
+  const trace::workload w = trace::generate(o);
+  const trace::workload_stats st = trace::describe(w);
+  CHECK(st.requests == 200000);
+  CHECK(st.mean_turns == Approx(5.75).margin(0.15));          // mean 5.75 turns
+  CHECK(st.multi_turn_fraction == Approx(0.73).margin(0.02));  // 73% multi-turn
+  CHECK(st.sessions_over_4k == Approx(0.30).margin(0.06));     // ~30% beyond 4K tokens
+  CHECK(st.sessions_over_2k > 0.45);                           // about half beyond 2K
+  CHECK(double(st.sessions) / st.duration == Approx(1.0).margin(0.03));  // 1 session/s
+  for (const auto& r : w.requests) {
+    REQUIRE(r.input_tokens >= 1);
+    REQUIRE(r.output_tokens >= 1);
+    REQUIRE(r.think >= 0);
+  }
+}
+
+TEST_CASE("trace: presets, determinism, options") {
+  for (auto name : trace::preset_names()) {
+    trace::generator_options o = trace::preset(name);
+    o.sessions = 500;
+    const auto a = trace::generate(o);
+    const auto b = trace::generate(o);
+    REQUIRE(a.requests.size() == b.requests.size());
+    for (std::size_t i = 0; i < a.requests.size(); ++i) {
+      REQUIRE(a.requests[i].input_tokens == b.requests[i].input_tokens);
+      REQUIRE(a.requests[i].arrival == b.requests[i].arrival);
+    }
+    CHECK(a.sessions() == 500);
+    // Sessions are contiguous, turns in order, sessions by first arrival.
+    for (std::uint32_t s = 0; s < a.sessions(); ++s) {
+      auto turns = a.session(s);
+      REQUIRE(!turns.empty());
+      for (std::uint32_t k = 0; k < turns.size(); ++k) {
+        REQUIRE(turns[k].session == s);
+        REQUIRE(turns[k].turn == k);
+      }
+      if (s) REQUIRE(a.session(s - 1).front().arrival <= turns.front().arrival);
+    }
+  }
+  trace::generator_options o = trace::preset("paper");
+  o.sessions = 100;
+  o.seed = 2;
+  const auto c = trace::generate(o);
+  o.seed = 1;
+  const auto d = trace::generate(o);
+  CHECK(c.requests.size() != d.requests.size());
+  CHECK_THROWS_AS(trace::preset("nope"), std::invalid_argument);
+  trace::generator_options bad = trace::preset("paper");
+  CHECK_THROWS_AS(trace::generate(bad), std::invalid_argument);  // no length
+  bad.sessions = 10;
+  bad.session_rate = 0;
+  CHECK_THROWS_AS(trace::generate(bad), std::invalid_argument);
+  bad = trace::preset("paper");
+  bad.sessions = 10;
+  bad.mean_turns = 1.1;
+  CHECK_THROWS_AS(trace::generate(bad), std::invalid_argument);
+}
+
+TEST_CASE("trace: JSON lines import, ordering and errors") {
+  std::istringstream in(
+      "# a comment\n"
+      "{\"session\": \"b\", \"turn\": 1, \"input_tokens\": 20, \"output_tokens\": 30, \"timestamp\": 110.5}\n"
+      "{\"session\": \"a\", \"turn\": 0, \"input_tokens\": 5, \"output_tokens\": 6, \"timestamp\": 50, \"extra\": [1, {\"x\": null}]}\n"
+      "\n"
+      "{\"timestamp\": 100, \"output_tokens\": 40, \"input_tokens\": 10, \"session\": \"b\", \"turn\": 0}\n"
+      "{\"session\": 7, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 60}\n"
+      "{\"session\": 7, \"input_tokens\": 3, \"output_tokens\": 4, \"timestamp\": 65}\n");
+  std::string err;
+  auto r = trace::read_jsonl(in, &err);
+  REQUIRE(r.has_value());
+  const trace::workload& w = *r;
+  CHECK(w.open_loop);
+  REQUIRE(w.sessions() == 3);
+  // Sessions ordered by first prompt: a (50), 7 (60), b (100); times from the first.
+  CHECK(w.session(0).size() == 1);
+  CHECK(w.session(0)[0].input_tokens == 5);
+  CHECK(w.session(0)[0].arrival == 0);
+  REQUIRE(w.session(1).size() == 2);
+  CHECK(w.session(1)[1].input_tokens == 3);  // no turn numbers: by timestamp
+  CHECK(w.session(1)[1].think == Approx(5));
+  REQUIRE(w.session(2).size() == 2);
+  CHECK(w.session(2)[0].input_tokens == 10);  // turn 0 first although logged second
+  CHECK(w.session(2)[1].output_tokens == 30);
+  CHECK(w.session(2)[1].arrival == Approx(60.5));
+  CHECK(w.session(2)[1].think == Approx(10.5));
+
+  // Round trip through write_jsonl.
+  std::ostringstream out;
+  trace::write_jsonl(w, out);
+  std::istringstream back(out.str());
+  auto r2 = trace::read_jsonl(back, &err);
+  REQUIRE(r2.has_value());
+  REQUIRE(r2->requests.size() == w.requests.size());
+  for (std::size_t i = 0; i < w.requests.size(); ++i) {
+    CHECK(r2->requests[i].input_tokens == w.requests[i].input_tokens);
+    CHECK(r2->requests[i].arrival == Approx(w.requests[i].arrival));
+  }
+
+  auto fails = [](const char* text, const char* what) {
+    std::istringstream in(text);
+    std::string e;
+    auto r = trace::read_jsonl(in, &e);
+    INFO(e);
+    CHECK_FALSE(r.has_value());
+    CHECK(r.error() == errc::invalid_argument);
+    CHECK(e.find(what) != std::string::npos);
+  };
+  fails("{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2}\n", "line 1: missing \"timestamp\"");
+  fails("\n{\"session\": 1, \"input_tokens\": -1, \"output_tokens\": 2, \"timestamp\": 0}\n", "line 2");
+  fails("{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0} x\n", "text after");
+  fails("[1, 2]\n", "expected a JSON object");
+  fails("{\"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0}\n", "missing \"session\"");
+  fails("{\"session\": 1, \"turn\": 0, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 5}\n"
+        "{\"session\": 1, \"turn\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 4}\n",
+        "back in time");
+}
