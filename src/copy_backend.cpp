@@ -1,6 +1,6 @@
 // Choosing a copy backend at run time.
-#include "attnstore/config.hpp"
 #include "attnstore/copy/copy_backend.hpp"
+#include "attnstore/config.hpp"
 
 namespace attnstore {
 #if ATTNSTORE_HAS_CUDA

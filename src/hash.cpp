@@ -6,12 +6,12 @@
 namespace attnstore {
 namespace detail {
 
-#define ATTNSTORE_DECLARE_KERNEL(ns)                                                        \
-  namespace ns {                                                                            \
-  std::uint64_t checksum64(const void*, std::size_t) noexcept;                              \
-  hash128 hash_bytes128(const void*, std::size_t) noexcept;                                 \
-  hash128 chain_hash(hash128, const hash128&, const token_id*, std::size_t) noexcept;       \
-  std::uint64_t copy_with_checksum(void*, const void*, std::size_t) noexcept;               \
+#define ATTNSTORE_DECLARE_KERNEL(ns)                                                  \
+  namespace ns {                                                                      \
+  std::uint64_t checksum64(const void*, std::size_t) noexcept;                        \
+  hash128 hash_bytes128(const void*, std::size_t) noexcept;                           \
+  hash128 chain_hash(hash128, const hash128&, const token_id*, std::size_t) noexcept; \
+  std::uint64_t copy_with_checksum(void*, const void*, std::size_t) noexcept;         \
   }
 ATTNSTORE_DECLARE_KERNEL(sse2)
 ATTNSTORE_DECLARE_KERNEL(avx2)
@@ -30,13 +30,10 @@ struct hash_kernels {
 hash_kernels pick() noexcept {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-    return {"avx512", avx512::checksum64, avx512::hash_bytes128, avx512::chain_hash,
-            avx512::copy_with_checksum};
+    return {"avx512", avx512::checksum64, avx512::hash_bytes128, avx512::chain_hash, avx512::copy_with_checksum};
   if (__builtin_cpu_supports("avx2"))
-    return {"avx2", avx2::checksum64, avx2::hash_bytes128, avx2::chain_hash,
-            avx2::copy_with_checksum};
-  return {"sse2", sse2::checksum64, sse2::hash_bytes128, sse2::chain_hash,
-          sse2::copy_with_checksum};
+    return {"avx2", avx2::checksum64, avx2::hash_bytes128, avx2::chain_hash, avx2::copy_with_checksum};
+  return {"sse2", sse2::checksum64, sse2::hash_bytes128, sse2::chain_hash, sse2::copy_with_checksum};
 }
 
 const hash_kernels& kernels() noexcept {

@@ -9,17 +9,14 @@
 
 namespace attnstore::detail::ATTNSTORE_HASH_NS {
 
-std::uint64_t checksum64(const void* data, std::size_t bytes) noexcept {
-  return XXH3_64bits(data, bytes);
-}
+std::uint64_t checksum64(const void* data, std::size_t bytes) noexcept { return XXH3_64bits(data, bytes); }
 
 hash128 hash_bytes128(const void* data, std::size_t bytes) noexcept {
   XXH128_hash_t h = XXH3_128bits(data, bytes);
   return {h.low64, h.high64};
 }
 
-hash128 chain_hash(hash128 previous, const hash128& model, const token_id* tokens,
-                   std::size_t count) noexcept {
+hash128 chain_hash(hash128 previous, const hash128& model, const token_id* tokens, std::size_t count) noexcept {
   XXH3_state_t state;  // on the stack: no allocation
   XXH3_128bits_reset(&state);
   std::uint64_t head[4] = {previous.lo, previous.hi, model.lo, model.hi};

@@ -60,8 +60,7 @@ class host_stream {
 
 class host_copy_backend final : public copy_backend {
  public:
-  explicit host_copy_backend(const host_copy_options& o)
-      : options_(o), events_(o.events), event_pool_(o.events) {}
+  explicit host_copy_backend(const host_copy_options& o) : options_(o), events_(o.events), event_pool_(o.events) {}
   ~host_copy_backend() override {
     streams_.clear();  // joins the workers before the events go
   }
@@ -72,8 +71,8 @@ class host_copy_backend final : public copy_backend {
     if (streams_.size() >= options_.max_streams)
       throw std::runtime_error("host_copy_backend: more than max_streams (" + std::to_string(options_.max_streams) +
                                ") streams");
-    streams_.push_back(std::make_unique<host_stream>(*this, options_.max_segments,
-                                                     options_.chaos_seed + streams_.size()));
+    streams_.push_back(
+        std::make_unique<host_stream>(*this, options_.max_segments, options_.chaos_seed + streams_.size()));
     return stream_ref(streams_.back().get());
   }
   void destroy_stream(stream_ref s) noexcept override {
@@ -186,7 +185,9 @@ errc host_stream::push_copy(std::span<const copy_segment> segs) noexcept {
   if (segs.empty()) return errc::ok;
   return push(item{kind::copy, no_event, 0, 0, 0}, segs);
 }
-errc host_stream::push_record(event_id e, std::uint64_t gen) noexcept { return push(item{kind::record, e, gen, 0, 0}, {}); }
+errc host_stream::push_record(event_id e, std::uint64_t gen) noexcept {
+  return push(item{kind::record, e, gen, 0, 0}, {});
+}
 errc host_stream::push_wait(event_id e, std::uint64_t gen) noexcept { return push(item{kind::wait, e, gen, 0, 0}, {}); }
 errc host_stream::push_fn(void (*fn)(void*), void* ctx) noexcept {
   return push(item{kind::fn, no_event, 0, 0, 0, fn, ctx}, {});
@@ -210,7 +211,8 @@ void host_stream::run() {
         std::size_t start = 0, stride = 1;
         if (owner_.chaos_us() && n > 1) {
           start = rng_() % n;
-          do stride = 1 + rng_() % n; while (std::gcd(stride, n) != 1);
+          do stride = 1 + rng_() % n;
+          while (std::gcd(stride, n) != 1);
         }
         for (std::size_t k = 0, i = start; k < n; ++k, i = (i + stride) % n) {
           const copy_segment& s = segs_[(it.seg_begin + i) % cap];
@@ -218,9 +220,15 @@ void host_stream::run() {
         }
         break;
       }
-      case kind::record: owner_.complete(it.event, it.gen); break;
-      case kind::wait: owner_.wait_for(it.event, it.gen); break;
-      case kind::fn: it.fn(it.ctx); break;
+      case kind::record:
+        owner_.complete(it.event, it.gen);
+        break;
+      case kind::wait:
+        owner_.wait_for(it.event, it.gen);
+        break;
+      case kind::fn:
+        it.fn(it.ctx);
+        break;
     }
     {
       std::lock_guard lock(mutex_);

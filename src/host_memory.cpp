@@ -56,8 +56,7 @@ host_region allocate_host_region(const host_region_request& r, std::string* note
     } else {
       int err = errno;
       reason += (reason.empty() ? "" : "; ") + std::string("mlock failed: ") + std::strerror(err) +
-                (err == ENOMEM || err == EPERM ? " (memlock limit: see ulimit -l)" : "") +
-                "; memory stays pageable";
+                (err == ENOMEM || err == EPERM ? " (memlock limit: see ulimit -l)" : "") + "; memory stays pageable";
     }
   } else {
     reason += (reason.empty() ? "" : "; ") + std::string("locking disabled by configuration");

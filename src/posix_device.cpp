@@ -68,7 +68,10 @@ class posix_device final : public block_device {
     {
       std::lock_guard lock(mutex_);
       job->next = nullptr;
-      if (tail_) tail_->next = job; else head_ = job;
+      if (tail_)
+        tail_->next = job;
+      else
+        head_ = job;
       tail_ = job;
     }
     cv_.notify_one();
@@ -123,7 +126,10 @@ void posix_channel::complete(posix_job* job) noexcept {
   {
     std::lock_guard lock(mutex_);
     job->next = nullptr;
-    if (done_tail_) done_tail_->next = job; else done_head_ = job;
+    if (done_tail_)
+      done_tail_->next = job;
+    else
+      done_head_ = job;
     done_tail_ = job;
   }
   cv_.notify_one();

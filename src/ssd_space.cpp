@@ -134,15 +134,18 @@ ssd_space::ssd_space(const ssd_space_options& o)
         err = ENOSPC;
       if (err == 0) err = o.preallocate ? ::posix_fallocate(fd, 0, off_t(bytes)) : EOPNOTSUPP;
       if (err == EOPNOTSUPP || err == ENOSYS || (err == EINVAL && !o.preallocate)) {
-        if (::ftruncate(fd, off_t(bytes)) != 0) err = errno; else err = 0;
+        if (::ftruncate(fd, off_t(bytes)) != 0)
+          err = errno;
+        else
+          err = 0;
       }
       if (err != 0) {
         std::string free_note;
         if (::statvfs(directory_.c_str(), &vfs) == 0)
           free_note = "; " + std::to_string(std::uint64_t(vfs.f_bavail) * vfs.f_frsize) + " bytes free";
         cleanup();
-        throw std::runtime_error(sys_error("ssd_space: cannot reserve " + std::to_string(bytes) + " bytes in " +
-                                               path + free_note + " (capacity_bytes too large for this disk?)",
+        throw std::runtime_error(sys_error("ssd_space: cannot reserve " + std::to_string(bytes) + " bytes in " + path +
+                                               free_note + " (capacity_bytes too large for this disk?)",
                                            err));
       }
     }

@@ -18,7 +18,8 @@ constexpr std::size_t chunk_tokens = 4096;  // rotated per call
 std::vector<std::byte>& buffer() {
   static std::vector<std::byte> b = [] {
     std::vector<std::byte> v(working_set);
-    for (std::size_t i = 0; i < v.size(); i += 2) v[i] = std::byte(i * 7), v[i + 1] = std::byte(0x3c);  // finite f16/bf16
+    for (std::size_t i = 0; i < v.size(); i += 2)
+      v[i] = std::byte(i * 7), v[i + 1] = std::byte(0x3c);  // finite f16/bf16
     return v;
   }();
   return b;

@@ -54,10 +54,10 @@ namespace {
 using namespace attnstore;
 
 constexpr std::size_t KiB = 1024, MiB = KiB * KiB, GiB = MiB * KiB;
-constexpr std::size_t session_payload = 64 * MiB;  // one put / demote / get call
-constexpr std::size_t dram_working_set = 1 * GiB;  // distinct payload cycled over (DRAM)
-constexpr std::size_t ssd_sessions = 32;           // 32 x 64 MiB = 2 GiB on SSD
-constexpr std::size_t user_buffer_bytes = 1 * GiB; // engine-side source and destination
+constexpr std::size_t session_payload = 64 * MiB;   // one put / demote / get call
+constexpr std::size_t dram_working_set = 1 * GiB;   // distinct payload cycled over (DRAM)
+constexpr std::size_t ssd_sessions = 32;            // 32 x 64 MiB = 2 GiB on SSD
+constexpr std::size_t user_buffer_bytes = 1 * GiB;  // engine-side source and destination
 
 // ---------------------------------------------------------------- environment
 
@@ -487,11 +487,15 @@ struct uring_limit_fixture : fixture {
     std::byte* buf = pool->p + (k % nbuffers) * xfer;
     const std::uint64_t off = (k % nslots) * xfer;
     if (write) {
-      if (fixed_buffer) io_uring_prep_write_fixed(sqe, 0, buf, unsigned(xfer), off, 0);
-      else io_uring_prep_write(sqe, 0, buf, unsigned(xfer), off);
+      if (fixed_buffer)
+        io_uring_prep_write_fixed(sqe, 0, buf, unsigned(xfer), off, 0);
+      else
+        io_uring_prep_write(sqe, 0, buf, unsigned(xfer), off);
     } else {
-      if (fixed_buffer) io_uring_prep_read_fixed(sqe, 0, buf, unsigned(xfer), off, 0);
-      else io_uring_prep_read(sqe, 0, buf, unsigned(xfer), off);
+      if (fixed_buffer)
+        io_uring_prep_read_fixed(sqe, 0, buf, unsigned(xfer), off, 0);
+      else
+        io_uring_prep_read(sqe, 0, buf, unsigned(xfer), off);
     }
     sqe->flags |= IOSQE_FIXED_FILE;
     ++in_flight;
@@ -506,8 +510,7 @@ struct uring_limit_fixture : fixture {
       io_uring_cqe* cqe;
       unsigned head, n = 0;
       io_uring_for_each_cqe(&ring, head, cqe) {
-        if (cqe->res != int(xfer))
-          throw std::runtime_error("io_uring transfer returned " + std::to_string(cqe->res));
+        if (cqe->res != int(xfer)) throw std::runtime_error("io_uring transfer returned " + std::to_string(cqe->res));
         ++n;
       }
       io_uring_cq_advance(&ring, n);
@@ -565,8 +568,7 @@ void dram_bench(benchmark::State& state, bool is_put, bool verify) {
   const std::size_t kib = std::size_t(state.range(0));
   dram_fixture* fx;
   try {
-    fx = &fixture_for<dram_fixture>(g_dram_pool, to_string_key(verify ? "dram" : "dram-noverify", kib), kib,
-                                    verify);
+    fx = &fixture_for<dram_fixture>(g_dram_pool, to_string_key(verify ? "dram" : "dram-noverify", kib), kib, verify);
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
     return;
@@ -752,8 +754,10 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("attnstore_time", "SSD: wall-clock; DRAM and lookup: thread CPU time");
   plain_name_reporter display(benchmark::CreateDefaultDisplayReporter());
   std::unique_ptr<benchmark::BenchmarkReporter> file_inner;
-  if (out_format == "console") file_inner = std::make_unique<benchmark::ConsoleReporter>(benchmark::ConsoleReporter::OO_None);
-  else file_inner = std::make_unique<benchmark::JSONReporter>();
+  if (out_format == "console")
+    file_inner = std::make_unique<benchmark::ConsoleReporter>(benchmark::ConsoleReporter::OO_None);
+  else
+    file_inner = std::make_unique<benchmark::JSONReporter>();
   plain_name_reporter file(file_inner.get());
   // CSV (deprecated in Google Benchmark) is left to the library: its names keep the suffix.
   benchmark::RunSpecifiedBenchmarks(&display, has_out && out_format != "csv" ? &file : nullptr);

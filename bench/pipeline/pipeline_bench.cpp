@@ -80,8 +80,8 @@ struct fixture {
       vb.push_back(v.data() + l * page_stride * pages);
     }
     for (std::uint32_t p = 0; p < pages; ++p) table.push_back((p * 37) % pages);  // scattered pages
-    layout = kv_layout{layers, heads, head_dim, dtype::f16, page, page_stride, token_stride, head_dim * 2, kb, vb,
-                       memory_space::host};
+    layout = kv_layout{layers,       heads, head_dim, dtype::f16,        page, page_stride, token_stride,
+                       head_dim * 2, kb,    vb,       memory_space::host};
     std::memset(k.data(), 0, k.size());
     std::memset(v.data(), 0, v.size());
     // The transfer limit, measured now: the same bytes from the same DRAM-tier blocks

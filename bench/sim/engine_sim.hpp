@@ -63,9 +63,9 @@ struct tier_config {
   double ssd_write_bytes_per_s = 4e9;
   std::uint32_t tokens_per_block = 64;
   double watermark = 0.02;
-  std::uint32_t eviction_window = 0;     ///< 0: (DRAM + SSD) / mean session KV (paper)
-  std::uint32_t prefetch_window = 0;     ///< 0: prefetch DRAM / mean session KV (paper)
-  double prefetch_dram_fraction = 0.75;  ///< DRAM the prefetch window is sized for
+  std::uint32_t eviction_window = 0;      ///< 0: (DRAM + SSD) / mean session KV (paper)
+  std::uint32_t prefetch_window = 0;      ///< 0: prefetch DRAM / mean session KV (paper)
+  double prefetch_dram_fraction = 0.75;   ///< DRAM the prefetch window is sized for
   double prefetch_bytes_in_flight = 4e9;  ///< and at most 1/32 of DRAM
   bool prefetch = true;
   double ttl_s = 0;  ///< 0: no TTL
@@ -160,8 +160,10 @@ class engine_sim {
       const double t_io = io_.empty() ? inf : io_.top().time;
       double t_engine = inf;
       const double tau = step_time();
-      if (prefilling_ != none_idx) t_engine = busy_until_;
-      else if (!running_.empty()) t_engine = now_ + std::max(0.0, running_.top().finish - v_) * tau;
+      if (prefilling_ != none_idx)
+        t_engine = busy_until_;
+      else if (!running_.empty())
+        t_engine = now_ + std::max(0.0, running_.top().finish - v_) * tau;
       const double t = std::min({t_arrival, t_io, t_engine});
       if (t == inf) break;
       advance(t, tau);
@@ -276,10 +278,10 @@ class engine_sim {
     bool operator>(const io_event& o) const { return time > o.time || (time == o.time && ticket > o.ticket); }
   };
   struct session_rt {
-    std::vector<token_id> tokens;   // current history (after truncations)
-    std::uint64_t start = 0;        // absolute position of tokens[0]
-    std::uint64_t live = 0;         // tokens counted in the working set
-    double arrival = 0;             // arrival of the turn in progress
+    std::vector<token_id> tokens;  // current history (after truncations)
+    std::uint64_t start = 0;       // absolute position of tokens[0]
+    std::uint64_t live = 0;        // tokens counted in the working set
+    double arrival = 0;            // arrival of the turn in progress
   };
   struct request_rt {
     std::uint64_t ctx = 0;  // context tokens for the decode cost

@@ -103,15 +103,24 @@ cli parse(int argc, char** argv) {
       if (i + 1 >= argc) usage("missing value after " + a);
       return argv[++i];
     };
-    if (a == "--help" || a == "-h") usage();
-    else if (a == "--preset") c.preset = val();
-    else if (a == "--requests") c.requests = std::uint64_t(number(val(), "--requests"));
-    else if (a == "--seed") c.seed = std::uint64_t(number(val(), "--seed"));
-    else if (a == "--rate") c.session_rate = number(val(), "--rate");
-    else if (a == "--trace") c.trace_file = val();
-    else if (a == "--open-loop") c.open_loop = true;
-    else if (a == "--write-trace") c.write_trace = val();
-    else if (a == "--trace-stats") c.stats_only = true;
+    if (a == "--help" || a == "-h")
+      usage();
+    else if (a == "--preset")
+      c.preset = val();
+    else if (a == "--requests")
+      c.requests = std::uint64_t(number(val(), "--requests"));
+    else if (a == "--seed")
+      c.seed = std::uint64_t(number(val(), "--seed"));
+    else if (a == "--rate")
+      c.session_rate = number(val(), "--rate");
+    else if (a == "--trace")
+      c.trace_file = val();
+    else if (a == "--open-loop")
+      c.open_loop = true;
+    else if (a == "--write-trace")
+      c.write_trace = val();
+    else if (a == "--trace-stats")
+      c.stats_only = true;
     else if (a == "--policies") {
       c.policies.clear();
       std::stringstream ss(val());
@@ -119,42 +128,73 @@ cli parse(int argc, char** argv) {
     } else if (a == "--model") {
       const std::string m = val();
       c.config.model.name = m;
-      if (m == "llama-13b") c.config.model.kv_bytes_per_token = 2.0 * 40 * 5120 * 2;
-      else if (m == "llama-65b") c.config.model.kv_bytes_per_token = 2.0 * 80 * 8192 * 2;
-      else if (m == "llama-70b") c.config.model.kv_bytes_per_token = 2.0 * 80 * 1024 * 2;
-      else if (m == "mistral-7b") c.config.model.kv_bytes_per_token = 2.0 * 32 * 1024 * 2;
-      else usage("unknown model '" + m + "'");
+      if (m == "llama-13b")
+        c.config.model.kv_bytes_per_token = 2.0 * 40 * 5120 * 2;
+      else if (m == "llama-65b")
+        c.config.model.kv_bytes_per_token = 2.0 * 80 * 8192 * 2;
+      else if (m == "llama-70b")
+        c.config.model.kv_bytes_per_token = 2.0 * 80 * 1024 * 2;
+      else if (m == "mistral-7b")
+        c.config.model.kv_bytes_per_token = 2.0 * 32 * 1024 * 2;
+      else
+        usage("unknown model '" + m + "'");
       if (m == "llama-65b") {  // 5x the FLOPs of 13B; HBM holds fewer tokens
         c.config.engine.prefill_s_per_token *= 5;
         c.config.engine.decode_step_s *= 4;
         c.config.engine.hbm_kv_tokens = 80000;
       }
-    } else if (a == "--dram-gb") c.config.tiers.dram_bytes = number(val(), a.c_str()) * 1e9;
-    else if (a == "--ssd-tb") c.config.tiers.ssd_bytes = number(val(), a.c_str()) * 1e12;
-    else if (a == "--capacity-ratio") c.capacity_ratio = number(val(), a.c_str());
-    else if (a == "--tokens-per-block") c.config.tiers.tokens_per_block = std::uint32_t(number(val(), a.c_str()));
-    else if (a == "--eviction-window") c.config.tiers.eviction_window = std::uint32_t(number(val(), a.c_str()));
-    else if (a == "--prefetch-window") c.config.tiers.prefetch_window = std::uint32_t(number(val(), a.c_str()));
-    else if (a == "--prefetch-inflight-gb") c.config.tiers.prefetch_bytes_in_flight = number(val(), a.c_str()) * 1e9;
-    else if (a == "--no-prefetch") c.config.tiers.prefetch = false;
-    else if (a == "--watermark") c.config.tiers.watermark = number(val(), a.c_str());
-    else if (a == "--ttl") c.config.tiers.ttl_s = number(val(), a.c_str());
-    else if (a == "--close-on-last") c.config.close_on_last = true;
-    else if (a == "--pcie-gbps") c.config.tiers.pcie_bytes_per_s = number(val(), a.c_str()) * 1e9;
-    else if (a == "--ssd-read-gbps") c.config.tiers.ssd_read_bytes_per_s = number(val(), a.c_str()) * 1e9;
-    else if (a == "--ssd-write-gbps") c.config.tiers.ssd_write_bytes_per_s = number(val(), a.c_str()) * 1e9;
-    else if (a == "--context") c.config.engine.context_tokens = std::uint32_t(number(val(), a.c_str()));
-    else if (a == "--max-batch") c.config.engine.max_batch = std::uint32_t(number(val(), a.c_str()));
-    else if (a == "--sweep") c.sweep = true;
-    else if (a == "--svg") c.svg = val();
-    else if (a == "--csv") c.csv = val();
-    else if (a == "--markdown") c.markdown = val();
-    else if (a == "--threads") c.threads = std::max(1u, unsigned(number(val(), a.c_str())));
-    else if (a == "--check") c.check = true;
-    else if (a == "--warmup") c.config.warmup_fraction = number(val(), a.c_str());
-    else if (a == "--json") c.json = true;
-    else if (a == "--quiet") c.quiet = true;
-    else usage("unknown option " + a);
+    } else if (a == "--dram-gb")
+      c.config.tiers.dram_bytes = number(val(), a.c_str()) * 1e9;
+    else if (a == "--ssd-tb")
+      c.config.tiers.ssd_bytes = number(val(), a.c_str()) * 1e12;
+    else if (a == "--capacity-ratio")
+      c.capacity_ratio = number(val(), a.c_str());
+    else if (a == "--tokens-per-block")
+      c.config.tiers.tokens_per_block = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--eviction-window")
+      c.config.tiers.eviction_window = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--prefetch-window")
+      c.config.tiers.prefetch_window = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--prefetch-inflight-gb")
+      c.config.tiers.prefetch_bytes_in_flight = number(val(), a.c_str()) * 1e9;
+    else if (a == "--no-prefetch")
+      c.config.tiers.prefetch = false;
+    else if (a == "--watermark")
+      c.config.tiers.watermark = number(val(), a.c_str());
+    else if (a == "--ttl")
+      c.config.tiers.ttl_s = number(val(), a.c_str());
+    else if (a == "--close-on-last")
+      c.config.close_on_last = true;
+    else if (a == "--pcie-gbps")
+      c.config.tiers.pcie_bytes_per_s = number(val(), a.c_str()) * 1e9;
+    else if (a == "--ssd-read-gbps")
+      c.config.tiers.ssd_read_bytes_per_s = number(val(), a.c_str()) * 1e9;
+    else if (a == "--ssd-write-gbps")
+      c.config.tiers.ssd_write_bytes_per_s = number(val(), a.c_str()) * 1e9;
+    else if (a == "--context")
+      c.config.engine.context_tokens = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--max-batch")
+      c.config.engine.max_batch = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--sweep")
+      c.sweep = true;
+    else if (a == "--svg")
+      c.svg = val();
+    else if (a == "--csv")
+      c.csv = val();
+    else if (a == "--markdown")
+      c.markdown = val();
+    else if (a == "--threads")
+      c.threads = std::max(1u, unsigned(number(val(), a.c_str())));
+    else if (a == "--check")
+      c.check = true;
+    else if (a == "--warmup")
+      c.config.warmup_fraction = number(val(), a.c_str());
+    else if (a == "--json")
+      c.json = true;
+    else if (a == "--quiet")
+      c.quiet = true;
+    else
+      usage("unknown option " + a);
   }
   c.config.check = c.check;
   if (c.config.tiers.tokens_per_block == 0 || c.config.tiers.tokens_per_block > 4096)
@@ -202,34 +242,38 @@ void scale_capacity(sim::sim_config& c, double ratio, double ws) {
   const double total = ratio * ws;
   const double share = 128e9 / (128e9 + 10e12);
   const double block = c.tiers.tokens_per_block * c.model.kv_bytes_per_token;
-  const double min_dram = (2.0 * (c.engine.context_tokens / c.tiers.tokens_per_block + 2) + 4) * block /
-                          (1 - c.tiers.watermark);
+  const double min_dram =
+      (2.0 * (c.engine.context_tokens / c.tiers.tokens_per_block + 2) + 4) * block / (1 - c.tiers.watermark);
   c.tiers.dram_bytes = std::max(total * share, min_dram);
   c.tiers.ssd_bytes = std::max(total - c.tiers.dram_bytes, block);
 }
 
 std::string human_bytes(double b) {
   char buf[32];
-  if (b >= 1e12) std::snprintf(buf, sizeof buf, "%.2f TB", b / 1e12);
-  else if (b >= 1e9) std::snprintf(buf, sizeof buf, "%.1f GB", b / 1e9);
-  else std::snprintf(buf, sizeof buf, "%.0f MB", b / 1e6);
+  if (b >= 1e12)
+    std::snprintf(buf, sizeof buf, "%.2f TB", b / 1e12);
+  else if (b >= 1e9)
+    std::snprintf(buf, sizeof buf, "%.1f GB", b / 1e9);
+  else
+    std::snprintf(buf, sizeof buf, "%.0f MB", b / 1e6);
   return buf;
 }
 
 void print_table(const std::vector<sim::sim_result>& rs, std::FILE* f) {
-  std::fprintf(f, "| policy | hit rate | DRAM hits | SSD hits | prefill saved | TTFT mean | TTFT p50 | TTFT p99 |"
-                  " HBM->DRAM | DRAM->HBM | SSD->HBM | SSD->DRAM | DRAM->SSD | dropped | wall s |\n");
+  std::fprintf(f,
+               "| policy | hit rate | DRAM hits | SSD hits | prefill saved | TTFT mean | TTFT p50 | TTFT p99 |"
+               " HBM->DRAM | DRAM->HBM | SSD->HBM | SSD->DRAM | DRAM->SSD | dropped | wall s |\n");
   std::fprintf(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& r : rs) {
     const double total_prefill = double(r.history_tokens + r.input_tokens);
-    std::fprintf(f,
-                 "| %s | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.3f s | %.3f s | %.3f s | %s | %s | %s | %s | %s | %s | %.1f |\n",
-                 std::string(sim::to_string(r.kind)).c_str(), 100 * r.hit_rate(), 100 * r.dram_hit_rate(),
-                 100 * r.ssd_hit_rate(), total_prefill ? 100.0 * double(r.reused_tokens) / total_prefill : 0.0,
-                 r.ttft_mean, r.ttft_p50, r.ttft_p99, human_bytes(r.bytes_hbm_to_dram).c_str(),
-                 human_bytes(r.bytes_dram_to_hbm).c_str(), human_bytes(r.bytes_ssd_to_hbm).c_str(),
-                 human_bytes(r.bytes_ssd_to_dram).c_str(), human_bytes(r.bytes_dram_to_ssd).c_str(),
-                 human_bytes(r.bytes_dropped).c_str(), r.wall_seconds);
+    std::fprintf(
+        f,
+        "| %s | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.3f s | %.3f s | %.3f s | %s | %s | %s | %s | %s | %s | %.1f |\n",
+        std::string(sim::to_string(r.kind)).c_str(), 100 * r.hit_rate(), 100 * r.dram_hit_rate(),
+        100 * r.ssd_hit_rate(), total_prefill ? 100.0 * double(r.reused_tokens) / total_prefill : 0.0, r.ttft_mean,
+        r.ttft_p50, r.ttft_p99, human_bytes(r.bytes_hbm_to_dram).c_str(), human_bytes(r.bytes_dram_to_hbm).c_str(),
+        human_bytes(r.bytes_ssd_to_hbm).c_str(), human_bytes(r.bytes_ssd_to_dram).c_str(),
+        human_bytes(r.bytes_dram_to_ssd).c_str(), human_bytes(r.bytes_dropped).c_str(), r.wall_seconds);
   }
 }
 
@@ -237,8 +281,10 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
   char buf[4096];
   std::snprintf(
       buf, sizeof buf,
-      "{\"requests\": %llu, \"measured_requests\": %llu, \"sessions\": %llu, \"hit_rate\": %.6f, \"dram_hit_rate\": %.6f, "
-      "\"ssd_hit_rate\": %.6f, \"reuse_rate\": %.6f, \"history_tokens\": %llu, \"hit_tokens\": %llu, \"prefill_tokens\": %llu, "
+      "{\"requests\": %llu, \"measured_requests\": %llu, \"sessions\": %llu, \"hit_rate\": %.6f, \"dram_hit_rate\": "
+      "%.6f, "
+      "\"ssd_hit_rate\": %.6f, \"reuse_rate\": %.6f, \"history_tokens\": %llu, \"hit_tokens\": %llu, "
+      "\"prefill_tokens\": %llu, "
       "\"prefill_tokens_saved\": %llu, \"ttft_mean_s\": %.6f, \"ttft_p50_s\": %.6f, \"ttft_p90_s\": %.6f, "
       "\"ttft_p99_s\": %.6f, \"bytes_hbm_to_dram\": %.0f, \"bytes_dram_to_hbm\": %.0f, \"bytes_ssd_to_hbm\": %.0f, "
       "\"bytes_ssd_to_dram\": %.0f, \"bytes_dram_to_ssd\": %.0f, \"bytes_dropped\": %.0f, "
@@ -247,17 +293,16 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
       "\"prefetch_peak_bytes\": %.0f, \"prefetch_bound_bytes\": %.0f, \"dram_bytes\": %.0f, \"ssd_bytes\": %.0f, "
       "\"working_set_bytes\": %.0f, \"capacity_ratio\": %.4f, \"mean_queue\": %.2f, \"sim_seconds\": %.1f, "
       "\"wall_seconds\": %.2f, \"invariants_ok\": %s}",
-      (unsigned long long)r.requests, (unsigned long long)r.measured_requests, (unsigned long long)r.sessions, r.hit_rate(), r.dram_hit_rate(),
-      r.ssd_hit_rate(), r.history_tokens ? double(r.reused_tokens) / double(r.history_tokens) : 0.0,
-      (unsigned long long)r.history_tokens, (unsigned long long)r.hit_tokens,
-      (unsigned long long)r.prefill_tokens, (unsigned long long)r.reused_tokens, r.ttft_mean, r.ttft_p50, r.ttft_p90,
-      r.ttft_p99, r.bytes_hbm_to_dram, r.bytes_dram_to_hbm, r.bytes_ssd_to_hbm, r.bytes_ssd_to_dram,
-      r.bytes_dram_to_ssd, r.bytes_dropped, (unsigned long long)r.evicted_sessions,
-      (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations,
-      (unsigned long long)r.prefetch_started, (unsigned long long)r.prefetch_cancelled,
-      (unsigned long long)r.prefetch_waits, r.prefetch_peak_bytes, r.prefetch_bound_bytes, r.dram_bytes,
-      r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) / ws : 0.0, r.mean_queue, r.sim_seconds,
-      r.wall_seconds, r.invariants_ok ? "true" : "false");
+      (unsigned long long)r.requests, (unsigned long long)r.measured_requests, (unsigned long long)r.sessions,
+      r.hit_rate(), r.dram_hit_rate(), r.ssd_hit_rate(),
+      r.history_tokens ? double(r.reused_tokens) / double(r.history_tokens) : 0.0, (unsigned long long)r.history_tokens,
+      (unsigned long long)r.hit_tokens, (unsigned long long)r.prefill_tokens, (unsigned long long)r.reused_tokens,
+      r.ttft_mean, r.ttft_p50, r.ttft_p90, r.ttft_p99, r.bytes_hbm_to_dram, r.bytes_dram_to_hbm, r.bytes_ssd_to_hbm,
+      r.bytes_ssd_to_dram, r.bytes_dram_to_ssd, r.bytes_dropped, (unsigned long long)r.evicted_sessions,
+      (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations, (unsigned long long)r.prefetch_started,
+      (unsigned long long)r.prefetch_cancelled, (unsigned long long)r.prefetch_waits, r.prefetch_peak_bytes,
+      r.prefetch_bound_bytes, r.dram_bytes, r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) / ws : 0.0,
+      r.mean_queue, r.sim_seconds, r.wall_seconds, r.invariants_ok ? "true" : "false");
   o << buf;
 }
 
@@ -292,8 +337,8 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
       << "' fill='none' stroke='#333'/>\n";
     for (int k = 0; k <= 10; k += 2) {
       s << "<line x1='" << x0 << "' x2='" << x0 + pw << "' y1='" << Y(k / 10.0) << "' y2='" << Y(k / 10.0)
-        << "' stroke='#eee'/>\n<text x='" << x0 - 6 << "' y='" << Y(k / 10.0) + 4 << "' text-anchor='end'>"
-        << k * 10 << "%</text>\n";
+        << "' stroke='#eee'/>\n<text x='" << x0 - 6 << "' y='" << Y(k / 10.0) + 4 << "' text-anchor='end'>" << k * 10
+        << "%</text>\n";
     }
     std::vector<double> ticks = xs;
     std::sort(ticks.begin(), ticks.end());
@@ -310,8 +355,8 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
       s << "<line x1='" << X(paper_ratio) << "' x2='" << X(paper_ratio) << "' y1='" << mt << "' y2='" << mt + ph
         << "' stroke='#888' stroke-dasharray='4,3'/>\n";
       const bool right = X(paper_ratio) > x0 + 0.7 * pw;  // label on the inner side of the line
-      s << "<text x='" << X(paper_ratio) + (right ? -4 : 4) << "' y='" << mt + ph / 2
-        << "' text-anchor='" << (right ? "end" : "start") << "' fill='#666'>paper capacities</text>\n";
+      s << "<text x='" << X(paper_ratio) + (right ? -4 : 4) << "' y='" << mt + ph / 2 << "' text-anchor='"
+        << (right ? "end" : "start") << "' fill='#666'>paper capacities</text>\n";
     }
     for (int k = 1; k < 4; ++k) {
       std::vector<std::pair<double, double>> line;
@@ -328,9 +373,8 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
     }
     int ly = mt + 14;
     for (int k = 1; k < 4; ++k, ly += 16) {
-      s << "<line x1='" << x0 + 10 << "' x2='" << x0 + 30 << "' y1='" << ly - 4 << "' y2='" << ly - 4
-        << "' stroke='" << colors[k] << "' stroke-width='2'/><text x='" << x0 + 34 << "' y='" << ly << "'>"
-        << names[k] << "</text>\n";
+      s << "<line x1='" << x0 + 10 << "' x2='" << x0 + 30 << "' y1='" << ly - 4 << "' y2='" << ly - 4 << "' stroke='"
+        << colors[k] << "' stroke-width='2'/><text x='" << x0 + 34 << "' y='" << ly << "'>" << names[k] << "</text>\n";
     }
   };
   panel(ml, "total", "(DRAM + SSD) / working set (log scale)", false, "hit rate (history tokens found in the cache)");
@@ -434,8 +478,8 @@ int main(int argc, char** argv) {
       by[{p.sweep == "total" ? 0 : 1, p.x}][int(p.r.kind)] = &p.r;
       char b[512];
       const double total_prefill = double(p.r.history_tokens + p.r.input_tokens);
-      std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.2f\n", p.sweep.c_str(),
-                    p.x, std::string(sim::to_string(p.r.kind)).c_str(), (p.r.dram_bytes + p.r.ssd_bytes) / ws,
+      std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.2f\n", p.sweep.c_str(), p.x,
+                    std::string(sim::to_string(p.r.kind)).c_str(), (p.r.dram_bytes + p.r.ssd_bytes) / ws,
                     p.r.dram_bytes, p.r.ssd_bytes, p.r.hit_rate(), p.r.dram_hit_rate(), p.r.ssd_hit_rate(),
                     total_prefill ? double(p.r.reused_tokens) / total_prefill : 0.0, p.r.ttft_mean, p.r.ttft_p99,
                     p.r.mean_queue);
@@ -466,15 +510,17 @@ int main(int argc, char** argv) {
         return std::string(b);
       };
       char row[1024];
-      std::snprintf(row, sizeof row, "| %s | %.3f | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s | %s / %s / %s | %s / %s / %s |\n",
-                    k.first == 0 ? "total" : "dram", (any->dram_bytes + any->ssd_bytes) / ws, human_bytes(any->dram_bytes).c_str(),
-                    human_bytes(any->ssd_bytes).c_str(), pct(l, &sim::sim_result::hit_rate).c_str(),
-                    pct(a, &sim::sim_result::hit_rate).c_str(), pct(o, &sim::sim_result::hit_rate).c_str(),
-                    diff(a, l).c_str(), diff(o, a).c_str(), pct(l, &sim::sim_result::dram_hit_rate).c_str(),
-                    pct(a, &sim::sim_result::dram_hit_rate).c_str(), pct(o, &sim::sim_result::dram_hit_rate).c_str(),
-                    num(l, l ? l->ttft_mean : 0).c_str(), num(a, a ? a->ttft_mean : 0).c_str(),
-                    num(o, o ? o->ttft_mean : 0).c_str(), num(l, l ? l->mean_queue : 0).c_str(),
-                    num(a, a ? a->mean_queue : 0).c_str(), num(o, o ? o->mean_queue : 0).c_str());
+      std::snprintf(row, sizeof row,
+                    "| %s | %.3f | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s | %s / %s / %s | %s / %s / %s |\n",
+                    k.first == 0 ? "total" : "dram", (any->dram_bytes + any->ssd_bytes) / ws,
+                    human_bytes(any->dram_bytes).c_str(), human_bytes(any->ssd_bytes).c_str(),
+                    pct(l, &sim::sim_result::hit_rate).c_str(), pct(a, &sim::sim_result::hit_rate).c_str(),
+                    pct(o, &sim::sim_result::hit_rate).c_str(), diff(a, l).c_str(), diff(o, a).c_str(),
+                    pct(l, &sim::sim_result::dram_hit_rate).c_str(), pct(a, &sim::sim_result::dram_hit_rate).c_str(),
+                    pct(o, &sim::sim_result::dram_hit_rate).c_str(), num(l, l ? l->ttft_mean : 0).c_str(),
+                    num(a, a ? a->ttft_mean : 0).c_str(), num(o, o ? o->ttft_mean : 0).c_str(),
+                    num(l, l ? l->mean_queue : 0).c_str(), num(a, a ? a->mean_queue : 0).c_str(),
+                    num(o, o ? o->mean_queue : 0).c_str());
       md << row;
       if (l && a && a->hit_rate() - l->hit_rate() < worst) {
         worst = a->hit_rate() - l->hit_rate();
@@ -494,8 +540,9 @@ int main(int argc, char** argv) {
     if (!c.csv.empty()) std::ofstream(c.csv) << csv.str();
     if (!c.svg.empty()) {
       char t[256];
-      std::snprintf(t, sizeof t, "attnstore sim: preset %s, %llu requests, %s", c.trace_file.empty() ? c.preset.c_str() : "imported",
-                    (unsigned long long)w.requests.size(), cfg.model.name.c_str());
+      std::snprintf(t, sizeof t, "attnstore sim: preset %s, %llu requests, %s",
+                    c.trace_file.empty() ? c.preset.c_str() : "imported", (unsigned long long)w.requests.size(),
+                    cfg.model.name.c_str());
       std::ofstream(c.svg) << svg_plot(points, ratio, t);
     }
   }

@@ -48,10 +48,14 @@ enum class policy_kind : std::uint8_t { none, lru, scheduler_aware, opt };
 
 inline std::string_view to_string(policy_kind k) noexcept {
   switch (k) {
-    case policy_kind::none: return "none";
-    case policy_kind::lru: return "lru";
-    case policy_kind::scheduler_aware: return "scheduler_aware";
-    case policy_kind::opt: return "opt";
+    case policy_kind::none:
+      return "none";
+    case policy_kind::lru:
+      return "lru";
+    case policy_kind::scheduler_aware:
+      return "scheduler_aware";
+    case policy_kind::opt:
+      return "opt";
   }
   return "?";
 }
@@ -61,13 +65,13 @@ struct cache_options {
   std::uint32_t tokens_per_block = 64;
   std::uint32_t dram_blocks = 0;
   std::uint32_t ssd_blocks = 0;
-  std::uint32_t max_session_blocks = 0;  ///< longest session in blocks (context / tokens_per_block + 1)
-  std::uint64_t block_bytes = 1;         ///< bytes of one block (for the prefetcher's bound)
-  double watermark = 0.02;               ///< fraction of DRAM that background demotion keeps free
-  std::uint32_t eviction_window = 0;     ///< scheduler_aware: sessions; 0 = paper rule
-  bool prefetch = true;                  ///< scheduler_aware and opt: run the prefetcher
-  std::uint32_t prefetch_window = 0;     ///< sessions; 0 = paper rule
-  double prefetch_dram_fraction = 0.75;  ///< C_mem = this x DRAM (paper rule)
+  std::uint32_t max_session_blocks = 0;        ///< longest session in blocks (context / tokens_per_block + 1)
+  std::uint64_t block_bytes = 1;               ///< bytes of one block (for the prefetcher's bound)
+  double watermark = 0.02;                     ///< fraction of DRAM that background demotion keeps free
+  std::uint32_t eviction_window = 0;           ///< scheduler_aware: sessions; 0 = paper rule
+  bool prefetch = true;                        ///< scheduler_aware and opt: run the prefetcher
+  std::uint32_t prefetch_window = 0;           ///< sessions; 0 = paper rule
+  double prefetch_dram_fraction = 0.75;        ///< C_mem = this x DRAM (paper rule)
   std::uint64_t prefetch_bytes_in_flight = 0;  ///< 0: 8 blocks
 };
 
@@ -80,20 +84,20 @@ struct io_hook {
 struct cache_counters {
   std::uint64_t lookups = 0, lookup_hits = 0;
   std::uint64_t hit_tokens = 0, dram_hit_tokens = 0, ssd_hit_tokens = 0;
-  std::uint64_t saved_blocks = 0;           ///< HBM -> DRAM
-  std::uint64_t prefetched_blocks = 0;      ///< SSD -> DRAM by the prefetcher
-  std::uint64_t demoted_blocks = 0;         ///< DRAM -> SSD
+  std::uint64_t saved_blocks = 0;       ///< HBM -> DRAM
+  std::uint64_t prefetched_blocks = 0;  ///< SSD -> DRAM by the prefetcher
+  std::uint64_t demoted_blocks = 0;     ///< DRAM -> SSD
   std::uint64_t dropped_blocks = 0, dropped_sessions = 0;
-  std::uint64_t bypassed_blocks = 0;        ///< OPT declined to store
-  std::uint64_t rejected_blocks = 0;        ///< no room at all for a save
+  std::uint64_t bypassed_blocks = 0;  ///< OPT declined to store
+  std::uint64_t rejected_blocks = 0;  ///< no room at all for a save
   std::uint64_t truncated_blocks = 0, expired_sessions = 0, closed_sessions = 0;
-  std::uint64_t prefetch_waits = 0;         ///< turns that started while their promotion was in flight
+  std::uint64_t prefetch_waits = 0;  ///< turns that started while their promotion was in flight
 };
 
 struct hit {
-  std::uint64_t tokens = 0;        ///< reusable prefix (all tiers)
-  std::uint64_t dram_tokens = 0;   ///< of which in DRAM
-  std::uint64_t ssd_tokens = 0;    ///< of which on SSD (including those being promoted)
+  std::uint64_t tokens = 0;           ///< reusable prefix (all tiers)
+  std::uint64_t dram_tokens = 0;      ///< of which in DRAM
+  std::uint64_t ssd_tokens = 0;       ///< of which on SSD (including those being promoted)
   std::uint64_t inflight_tokens = 0;  ///< of the SSD ones, those whose promotion was in flight
   std::uint32_t record = no_slot;
   std::uint64_t waited_ticket = 0;  ///< that promotion (finished now; the engine charges the wait)
@@ -157,7 +161,9 @@ class tiered_cache {
     model_ = make_model_id({"attnstore-sim", kv_geometry{1, 1, 1, dtype::f16, o.tokens_per_block}.validated()});
     const std::uint32_t records = max_records(o);
     switch (o.kind) {
-      case policy_kind::lru: policy_ = std::make_unique<policy::lru>(records); break;
+      case policy_kind::lru:
+        policy_ = std::make_unique<policy::lru>(records);
+        break;
       case policy_kind::scheduler_aware: {
         policy::scheduler_aware_options so;
         so.max_sessions = records;
@@ -174,7 +180,8 @@ class tiered_cache {
         policy_ = std::move(p);
         break;
       }
-      default: break;
+      default:
+        break;
     }
     if (o.prefetch && o.kind != policy_kind::lru) {
       policy::prefetcher_options po;
@@ -263,8 +270,10 @@ class tiered_cache {
         std::uint32_t allowed = want;
         if (opt_) allowed = opt_total_room(r, want);
         c_.bypassed_blocks += want - allowed;
-        if (opt_) opt_dram_room(s, r, allowed, first);
-        else dram_room_for_save(s, r, allowed, first);
+        if (opt_)
+          opt_dram_room(s, r, allowed, first);
+        else
+          dram_room_for_save(s, r, allowed, first);
         const std::uint32_t n = std::min(allowed, dram_free());
         c_.rejected_blocks += allowed - n;
         if (n > 0) write_blocks(s, tokens, first, n);
@@ -309,7 +318,8 @@ class tiered_cache {
       if (at + t.size() > kept.size() || !std::equal(t.begin(), t.end(), kept.begin() + std::ptrdiff_t(at))) {
         // Not the expected slice (the caller's bug): drop the rest rather than serve it.
         release_chain(x);
-        if (n == 0) b = no_slot;
+        if (n == 0)
+          b = no_slot;
         else {
           std::uint32_t y = b;
           for (std::uint32_t i = 1; i < n; ++i) y = index_.block(y).next;
@@ -407,8 +417,8 @@ class tiered_cache {
       locked_session vs = index_.try_open_record(v);
       if (!vs) break;
       if (pf_) pf_->cancel(v, *this);
-      const std::uint32_t m = opt_ ? std::min({keep + max_blocks - dram_free(), vs.dram_blocks(), ssd_free()})
-                                   : vs.dram_blocks();
+      const std::uint32_t m =
+          opt_ ? std::min({keep + max_blocks - dram_free(), vs.dram_blocks(), ssd_free()}) : vs.dram_blocks();
       move_dram_to_ssd(vs, m);
     }
     const std::uint32_t free = dram_free();
@@ -465,10 +475,11 @@ class tiered_cache {
       ssd += sd;
       blocks += n;
     }
-    if (dram + reserved != dram_.used()) return fail("DRAM slots leaked: used " + std::to_string(dram_.used()) +
-                                                     ", accounted " + std::to_string(dram + reserved));
-    if (ssd != ssd_.used()) return fail("SSD slots leaked: used " + std::to_string(ssd_.used()) + ", accounted " +
-                                        std::to_string(ssd));
+    if (dram + reserved != dram_.used())
+      return fail("DRAM slots leaked: used " + std::to_string(dram_.used()) + ", accounted " +
+                  std::to_string(dram + reserved));
+    if (ssd != ssd_.used())
+      return fail("SSD slots leaked: used " + std::to_string(ssd_.used()) + ", accounted " + std::to_string(ssd));
     if (index_.free_blocks() + blocks != max_blocks(o_)) return fail("index block entries leaked");
     if (index_.live_sessions() != policy_->live_sessions()) return fail("index and policy disagree on live sessions");
     if (pf_ && pf_->bytes_in_flight() != reserved * o_.block_bytes) return fail("bytes in flight do not match");
@@ -571,8 +582,8 @@ class tiered_cache {
   /// SSD room for `m` blocks by dropping SSD victims (never the two excluded).
   bool ssd_room(std::uint32_t m, std::uint32_t ex_a, std::uint32_t ex_b) noexcept {
     while (ssd_free() < m) {
-      const std::uint32_t v = policy_->pick_victim(
-          policy::level::ssd, [&](std::uint32_t x) noexcept { return x != ex_a && x != ex_b; });
+      const std::uint32_t v =
+          policy_->pick_victim(policy::level::ssd, [&](std::uint32_t x) noexcept { return x != ex_a && x != ex_b; });
       if (v == policy::no_record) return false;
       locked_session vs = index_.try_open_record(v);
       if (!vs) return false;
@@ -653,7 +664,8 @@ class tiered_cache {
   }
 
   /// Writes blocks [first, first + n) of `tokens` to DRAM and publishes them.
-  void write_blocks(locked_session& s, std::span<const token_id> tokens, std::uint32_t first, std::uint32_t n) noexcept {
+  void write_blocks(locked_session& s, std::span<const token_id> tokens, std::uint32_t first,
+                    std::uint32_t n) noexcept {
     const std::uint32_t tpb = o_.tokens_per_block;
     hash128 prev{};
     if (first > 0) prev = s.meta(s.block_at(first - 1)).chain;
@@ -666,7 +678,10 @@ class tiered_cache {
       block_meta& m = s.meta(b);
       m.chain = prev = chain_hash(prev, model_, t);
       m.dram_slot = dram_.allocate();
-      if (tail == no_slot) head = b; else s.meta(tail).next = b;
+      if (tail == no_slot)
+        head = b;
+      else
+        s.meta(tail).next = b;
       tail = b;
       ++made;
     }
@@ -707,7 +722,8 @@ class tiered_cache {
         locked_session vs = index_.try_open_record(v);
         if (!vs) return;
         if (pf_) pf_->cancel(v, *this);
-        move_dram_to_ssd(vs, std::min({watermark_.high - dram_free() - reserved_blocks_, vs.dram_blocks(), ssd_free()}));
+        move_dram_to_ssd(vs,
+                         std::min({watermark_.high - dram_free() - reserved_blocks_, vs.dram_blocks(), ssd_free()}));
         continue;
       }
       const std::uint32_t v = policy_->pick_victim(policy::level::dram, [](std::uint32_t) noexcept { return true; });

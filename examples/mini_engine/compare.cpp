@@ -1,4 +1,5 @@
 // The comparison run shared by the mini_engine demo and bench/e2e.
+#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -8,22 +9,22 @@
 #include <map>
 #include <memory>
 #include <stdexcept>
-#include <unistd.h>
 
 #include "driver.hpp"
 
 namespace mini {
 
 compare_result run_compare(const compare_options& o) {
-  llama_model model = o.model_dir.empty() ? llama_model::random(llama_config{}, o.model_seed)
-                                          : llama_model::load(o.model_dir);
+  llama_model model =
+      o.model_dir.empty() ? llama_model::random(llama_config{}, o.model_seed) : llama_model::load(o.model_dir);
   const auto& cfg = model.config();
   std::vector<request> work =
       o.trace.empty() ? make_workload(o.workload, cfg.vocab_size) : load_jsonl(o.trace, cfg.vocab_size);
   std::size_t max_tokens = 0;
   {
     std::map<std::string, std::size_t> len;
-    for (const auto& r : work) max_tokens = std::max(max_tokens, len[r.session] += r.user_tokens.size() + r.reply_tokens);
+    for (const auto& r : work)
+      max_tokens = std::max(max_tokens, len[r.session] += r.user_tokens.size() + r.reply_tokens);
   }
   if (max_tokens + 1 > std::size_t(cfg.max_seq))
     throw std::runtime_error("workload: a conversation reaches " + std::to_string(max_tokens) +
@@ -51,11 +52,14 @@ compare_result run_compare(const compare_options& o) {
       attnstore::store_config sc;
       sc.geometry = kv_geometry_of(cfg);
       sc.model_name = o.model_dir.empty() ? "mini-llama-seed-" + std::to_string(o.model_seed) : o.model_dir;
-      sc.rope = attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(cfg.head_dim), 0, cfg.rope_theta}.to_string();
+      sc.rope =
+          attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(cfg.head_dim), 0, cfg.rope_theta}.to_string();
       sc.dram_bytes = o.dram_mib << 20;
-      dir = o.ssd_dir.empty() ? (std::filesystem::temp_directory_path() /
-                                 ("attnstore-mini-" + std::to_string(::getpid()) + "-" + mode)).string()
-                              : o.ssd_dir + "/" + mode;
+      dir =
+          o.ssd_dir.empty()
+              ? (std::filesystem::temp_directory_path() / ("attnstore-mini-" + std::to_string(::getpid()) + "-" + mode))
+                    .string()
+              : o.ssd_dir + "/" + mode;
       std::filesystem::remove_all(dir);
       sc.ssd_directory = dir;
       sc.ssd_bytes = o.ssd_mib << 20;
@@ -93,13 +97,14 @@ compare_result run_compare(const compare_options& o) {
       for (std::size_t k = 0; k < res.size(); ++k) {
         const auto& t = res[k];
         if (o.verbose)
-          std::printf("  %-11s history %5zu  prompt %5zu  reused %5zu (DRAM %3u / SSD %3u blocks)  prefilled %5zu  "
-                      "TTFT %8.1f ms%s\n",
-                      work[i + k].session.c_str(), t.history_tokens, t.prompt_tokens, t.reused_tokens, t.dram_blocks,
-                      t.ssd_blocks, t.prefill_tokens, t.ttft_ms,
-                      t.save_status == attnstore::errc::ok || eo.mode != kv_mode::store
-                          ? ""
-                          : ("  save: " + std::string(attnstore::to_string(t.save_status))).c_str());
+          std::printf(
+              "  %-11s history %5zu  prompt %5zu  reused %5zu (DRAM %3u / SSD %3u blocks)  prefilled %5zu  "
+              "TTFT %8.1f ms%s\n",
+              work[i + k].session.c_str(), t.history_tokens, t.prompt_tokens, t.reused_tokens, t.dram_blocks,
+              t.ssd_blocks, t.prefill_tokens, t.ttft_ms,
+              t.save_status == attnstore::errc::ok || eo.mode != kv_mode::store
+                  ? ""
+                  : ("  save: " + std::string(attnstore::to_string(t.save_status))).c_str());
         mode_replies.push_back(t.reply);
       }
       turns.insert(turns.end(), res.begin(), res.end());
@@ -175,21 +180,36 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
       return argv[++i];
     };
     try {
-      if (a == "--sessions") o.workload.sessions = std::stoi(next());
-      else if (a == "--turns") o.workload.turns = std::stoi(next());
-      else if (a == "--first-tokens") o.workload.first_user_tokens = std::stoul(next());
-      else if (a == "--trace") o.trace = next();
-      else if (a == "--model") o.model_dir = next();
-      else if (a == "--dram-mib") o.dram_mib = std::stoull(next());
-      else if (a == "--ssd-mib") o.ssd_mib = std::stoull(next());
-      else if (a == "--ssd-dir") o.ssd_dir = next();
-      else if (a == "--preload-layers") o.preload_layers = std::uint32_t(std::stoul(next()));
-      else if (a == "--seed") o.workload.seed = std::stoull(next());
-      else if (a == "--quiet") o.verbose = false;
-      else if (a == "--no-overlap") o.overlap_next = false;
-      else if (a == "--context") o.context_limit = std::stoul(next());
-      else if (a == "--sink") o.sink_tokens = std::stoul(next());
-      else if (a == "--json") o.verbose = false;
+      if (a == "--sessions")
+        o.workload.sessions = std::stoi(next());
+      else if (a == "--turns")
+        o.workload.turns = std::stoi(next());
+      else if (a == "--first-tokens")
+        o.workload.first_user_tokens = std::stoul(next());
+      else if (a == "--trace")
+        o.trace = next();
+      else if (a == "--model")
+        o.model_dir = next();
+      else if (a == "--dram-mib")
+        o.dram_mib = std::stoull(next());
+      else if (a == "--ssd-mib")
+        o.ssd_mib = std::stoull(next());
+      else if (a == "--ssd-dir")
+        o.ssd_dir = next();
+      else if (a == "--preload-layers")
+        o.preload_layers = std::uint32_t(std::stoul(next()));
+      else if (a == "--seed")
+        o.workload.seed = std::stoull(next());
+      else if (a == "--quiet")
+        o.verbose = false;
+      else if (a == "--no-overlap")
+        o.overlap_next = false;
+      else if (a == "--context")
+        o.context_limit = std::stoul(next());
+      else if (a == "--sink")
+        o.sink_tokens = std::stoul(next());
+      else if (a == "--json")
+        o.verbose = false;
       else if (a == "--modes") {
         o.modes.clear();
         std::string m = next();
@@ -238,9 +258,10 @@ void print_compare(const compare_result& r, const compare_options& o) {
   if (o.context_limit) {
     std::printf("replies are forced from the trace (--context): every mode sees the same conversation\n");
     if (r.truncated_turns)
-      std::printf("after truncation (%zu turns): reuse vs recompute over the same kept tokens: top-1 agreement "
-                  "%.1f%%, KL mean %.4f, max %.4f nats\n",
-                  r.truncated_turns, 100 * r.top1_agreement, r.kl_mean, r.kl_max);
+      std::printf(
+          "after truncation (%zu turns): reuse vs recompute over the same kept tokens: top-1 agreement "
+          "%.1f%%, KL mean %.4f, max %.4f nats\n",
+          r.truncated_turns, 100 * r.top1_agreement, r.kl_mean, r.kl_max);
   } else {
     std::printf("greedy replies identical across modes: %s\n", r.outputs_identical ? "yes" : "NO");
   }
@@ -261,13 +282,13 @@ void print_compare_json(const compare_result& r) {
               num(rs, &run_summary::ttft_median_long_ms));
   std::printf("\"prefill_tokens_recompute\": %zu, \"prefill_tokens_reuse\": %zu, ", rc ? rc->prefill_tokens : 0,
               rd ? rd->prefill_tokens : (rs ? rs->prefill_tokens : 0));
-  std::printf("\"long_turns\": %zu, \"prompt_tokens_per_s_recompute\": %.1f, \"prompt_tokens_per_s_reuse_dram\": %.1f, "
-              "\"prompt_tokens_per_s_reuse_ssd\": %.1f, \"outputs_identical\": %s, \"copy_backend\": \"%s\", "
-              "\"io_backend\": \"%s\", \"truncated_turns\": %zu, \"top1_agreement\": %.4f, \"kl_mean\": %.6f}\n",
-              rc ? rc->long_turns : 0, num(rc, &run_summary::prompt_tokens_per_s),
-              num(rd, &run_summary::prompt_tokens_per_s), num(rs, &run_summary::prompt_tokens_per_s),
-              r.outputs_identical ? "true" : "false", r.copy_backend.c_str(), r.io_backend.c_str(), r.truncated_turns,
-              r.top1_agreement, r.kl_mean);
+  std::printf(
+      "\"long_turns\": %zu, \"prompt_tokens_per_s_recompute\": %.1f, \"prompt_tokens_per_s_reuse_dram\": %.1f, "
+      "\"prompt_tokens_per_s_reuse_ssd\": %.1f, \"outputs_identical\": %s, \"copy_backend\": \"%s\", "
+      "\"io_backend\": \"%s\", \"truncated_turns\": %zu, \"top1_agreement\": %.4f, \"kl_mean\": %.6f}\n",
+      rc ? rc->long_turns : 0, num(rc, &run_summary::prompt_tokens_per_s), num(rd, &run_summary::prompt_tokens_per_s),
+      num(rs, &run_summary::prompt_tokens_per_s), r.outputs_identical ? "true" : "false", r.copy_backend.c_str(),
+      r.io_backend.c_str(), r.truncated_turns, r.top1_agreement, r.kl_mean);
 }
 
 }  // namespace mini

@@ -64,11 +64,13 @@ std::vector<request> load_jsonl(const std::string& path, int vocab) {
     std::string session, input, output;
     if (!json_field(line, "session", session) || !json_field(line, "input_tokens", input) ||
         !json_field(line, "output_tokens", output))
-      throw std::runtime_error(path + ":" + std::to_string(no) + ": need \"session\", \"input_tokens\", \"output_tokens\"");
+      throw std::runtime_error(path + ":" + std::to_string(no) +
+                               ": need \"session\", \"input_tokens\", \"output_tokens\"");
     request r;
     r.session = session;
     long in_n = std::stol(input), out_n = std::stol(output);
-    if (in_n < 1 || out_n < 1) throw std::runtime_error(path + ":" + std::to_string(no) + ": token counts must be >= 1");
+    if (in_n < 1 || out_n < 1)
+      throw std::runtime_error(path + ":" + std::to_string(no) + ": token counts must be >= 1");
     r.user_tokens = synth_tokens(rng, std::size_t(in_n), vocab);
     r.reply_tokens = std::size_t(out_n);
     out.push_back(std::move(r));
@@ -76,7 +78,8 @@ std::vector<request> load_jsonl(const std::string& path, int vocab) {
   return out;
 }
 
-run_summary summarize(const std::string& mode, std::vector<turn_result> turns, double wall_s, std::size_t long_history) {
+run_summary summarize(const std::string& mode, std::vector<turn_result> turns, double wall_s,
+                      std::size_t long_history) {
   run_summary s;
   s.mode = mode;
   s.wall_s = wall_s;

@@ -51,19 +51,19 @@ namespace mini {
 /// Everything one comparison run needs; the mini_engine demo and bench/e2e share it.
 struct compare_options {
   workload_options workload;
-  std::string trace;                       ///< JSON-lines file instead of the generator
-  std::string model_dir;                   ///< checkpoint instead of seeded weights
+  std::string trace;      ///< JSON-lines file instead of the generator
+  std::string model_dir;  ///< checkpoint instead of seeded weights
   std::uint64_t model_seed = 7;
   std::vector<std::string> modes{"recompute", "store-dram", "store-ssd"};  ///< also "resident"
   std::uint64_t dram_mib = 512;
   std::uint64_t ssd_mib = 2048;
-  std::string ssd_dir;                     ///< default: a fresh directory under /tmp
+  std::string ssd_dir;  ///< default: a fresh directory under /tmp
   std::uint32_t preload_layers = 2;
   std::size_t long_history = 2048;
-  bool overlap_next = true;                ///< --no-overlap: loads never overlap the previous request
-  std::size_t context_limit = 0;           ///< --context N: truncate conversations past N tokens
+  bool overlap_next = true;       ///< --no-overlap: loads never overlap the previous request
+  std::size_t context_limit = 0;  ///< --context N: truncate conversations past N tokens
   std::size_t sink_tokens = 64;
-  bool verbose = true;                     ///< per-turn lines
+  bool verbose = true;  ///< per-turn lines
 };
 
 struct compare_result {
@@ -72,7 +72,7 @@ struct compare_result {
   // With a context limit: first-token logits of reuse (store-dram) against recompute,
   // over turns whose history was truncated at least once.
   std::size_t truncated_turns = 0;
-  double top1_agreement = 0;  ///< fraction of those turns with the same argmax
+  double top1_agreement = 0;       ///< fraction of those turns with the same argmax
   double kl_mean = 0, kl_max = 0;  ///< KL(recompute || reuse) in nats
   std::string copy_backend, io_backend, dram_pinning;
 };

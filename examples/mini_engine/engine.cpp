@@ -46,10 +46,17 @@ engine::engine(const llama_model& model, const engine_options& options)
     k_base_.push_back(reinterpret_cast<std::byte*>(cache_.k(l)));
     v_base_.push_back(reinterpret_cast<std::byte*>(cache_.v(l)));
   }
-  layout_ = attnstore::kv_layout{std::uint32_t(c.n_layers),   std::uint32_t(c.n_kv_heads), std::uint32_t(c.head_dim),
-                                 attnstore::dtype::f32,       cache_.page_size(),          cache_.page_stride_bytes(),
-                                 cache_.token_stride_bytes(), cache_.head_stride_bytes(),  k_base_,
-                                 v_base_,                     attnstore::memory_space::host};
+  layout_ = attnstore::kv_layout{std::uint32_t(c.n_layers),
+                                 std::uint32_t(c.n_kv_heads),
+                                 std::uint32_t(c.head_dim),
+                                 attnstore::dtype::f32,
+                                 cache_.page_size(),
+                                 cache_.page_stride_bytes(),
+                                 cache_.token_stride_bytes(),
+                                 cache_.head_stride_bytes(),
+                                 k_base_,
+                                 v_base_,
+                                 attnstore::memory_space::host};
 }
 
 void engine::release_pages(sequence& seq) {
@@ -63,10 +70,9 @@ bool engine::fit_context(const request& r, session_state& s) {
   if (s.history.empty()) throw std::runtime_error("a single message exceeds the context window");
   // The stored view holds every history token but the last reply token (never fed).
   const std::size_t view = s.history.size() - 1;
-  const std::uint32_t block =
-      options_.store ? options_.store->geometry().tokens_per_block : options_.truncation_block;
-  attnstore::truncation_plan plan = attnstore::plan_truncation(
-      view, r.user_tokens.size() + 1, options_.context_limit, options_.sink_tokens, block, options_.truncation_ratio);
+  const std::uint32_t block = options_.store ? options_.store->geometry().tokens_per_block : options_.truncation_block;
+  attnstore::truncation_plan plan = attnstore::plan_truncation(view, r.user_tokens.size() + 1, options_.context_limit,
+                                                               options_.sink_tokens, block, options_.truncation_ratio);
   if (!plan.needed) throw std::runtime_error("the context window is too small for this conversation's next turn");
   if (options_.mode == kv_mode::store)
     (void)options_.store->truncate({"mini", r.session}, std::span(s.history).first(view), plan);  // a miss if it fails
@@ -107,8 +113,8 @@ void engine::prepare(const request& r, prepared& p) {
   p.valid = true;
 }
 
-attnstore::errc engine::save_range(const std::string& session, std::span<const std::uint32_t> tokens,
-                                   std::size_t from, const sequence& seq) {
+attnstore::errc engine::save_range(const std::string& session, std::span<const std::uint32_t> tokens, std::size_t from,
+                                   const sequence& seq) {
   attnstore::session_key key{"mini", session};
   attnstore::errc st;
   auto h = options_.hooks->start_save(key, tokens, from, attnstore::kv_source{&layout_, seq.pages}, std::nullopt, &st);
@@ -153,8 +159,8 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   out.ttft_ms = prepare_ms + ms_between(t0, std::chrono::steady_clock::now());
   if (options_.mode == kv_mode::store) {
     if (bridge.load != attnstore::no_handle) (void)options_.hooks->finish_load(bridge.load);
-    out.save_status = bridge.save != attnstore::no_handle ? options_.hooks->finish_save(bridge.save)
-                                                          : attnstore::errc::bad_state;
+    out.save_status =
+        bridge.save != attnstore::no_handle ? options_.hooks->finish_save(bridge.save) : attnstore::errc::bad_state;
     if (bridge.first_error != attnstore::errc::ok) out.save_status = bridge.first_error;
   }
   if (after_first_token) after_first_token();
@@ -162,8 +168,9 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   // The reply: greedy tokens, then (for long trace replies) a deterministic filler
   // appended in one forward call.
   std::vector<float> logits(cfg.vocab_size);
-  std::uint32_t next = options_.forced_replies ? std::uint32_t((p.prompt.size() * 2654435761u) % std::uint32_t(cfg.vocab_size))
-                                               : argmax(out.first_logits);
+  std::uint32_t next = options_.forced_replies
+                           ? std::uint32_t((p.prompt.size() * 2654435761u) % std::uint32_t(cfg.vocab_size))
+                           : argmax(out.first_logits);
   std::vector<std::uint32_t> all = p.prompt;
   for (std::size_t i = 0; i < r.reply_tokens; ++i) {
     out.reply.push_back(next);

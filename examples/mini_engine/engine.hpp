@@ -52,15 +52,15 @@ struct engine_options {
 };
 
 struct turn_result {
-  std::size_t history_tokens = 0;  ///< conversation length before this turn's message
-  std::size_t prompt_tokens = 0;   ///< history + the new message
-  std::size_t reused_tokens = 0;   ///< not prefilled: loaded from attnstore or resident
-  std::size_t prefill_tokens = 0;  ///< prefilled by the model
+  std::size_t history_tokens = 0;                 ///< conversation length before this turn's message
+  std::size_t prompt_tokens = 0;                  ///< history + the new message
+  std::size_t reused_tokens = 0;                  ///< not prefilled: loaded from attnstore or resident
+  std::size_t prefill_tokens = 0;                 ///< prefilled by the model
   std::uint32_t dram_blocks = 0, ssd_blocks = 0;  ///< where the reused blocks came from
-  double ttft_ms = 0;              ///< turn start to the first token's logits
+  double ttft_ms = 0;                             ///< turn start to the first token's logits
   double prefill_gflop = 0;
-  bool truncated = false;          ///< this turn truncated the conversation first
-  std::size_t truncations = 0;     ///< truncations so far in this session
+  bool truncated = false;       ///< this turn truncated the conversation first
+  std::size_t truncations = 0;  ///< truncations so far in this session
   std::vector<float> first_logits;
   std::vector<std::uint32_t> reply;
   attnstore::errc save_status = attnstore::errc::ok;

@@ -42,21 +42,23 @@ void llama_config::validate() const {
   if (n_heads <= 0) bad("n_heads must be positive");
   if (n_kv_heads <= 0) bad("n_kv_heads must be positive");
   if (n_heads % n_kv_heads != 0)
-    bad("n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" + std::to_string(n_kv_heads) + ")");
+    bad("n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" + std::to_string(n_kv_heads) +
+        ")");
   if (head_dim <= 0 || head_dim % 2 != 0) bad("head_dim must be positive and even");
   if (hidden_dim <= 0) bad("hidden_dim must be positive");
   if (max_seq <= 0) bad("max_seq must be positive");
   if (!(rope_theta > 0.0f) || !std::isfinite(rope_theta)) bad("rope_theta must be positive");
   if (!(norm_eps >= 0.0f) || !std::isfinite(norm_eps)) bad("norm_eps must be >= 0");
-  const double big = double(vocab_size) * dim + double(n_layers) * (double(dim) * head_dim * (n_heads * 2 + n_kv_heads * 2) +
-                                                                    3.0 * dim * hidden_dim);
+  const double big =
+      double(vocab_size) * dim +
+      double(n_layers) * (double(dim) * head_dim * (n_heads * 2 + n_kv_heads * 2) + 3.0 * dim * hidden_dim);
   if (big > 4e10) bad("model too large");
 }
 
 std::size_t llama_config::param_count() const {
   const std::size_t D = std::size_t(dim), HD = std::size_t(head_dim);
-  const std::size_t per_layer = 2 * D + D * HD * (std::size_t(n_heads) * 2 + std::size_t(n_kv_heads) * 2) +
-                                3 * D * std::size_t(hidden_dim);
+  const std::size_t per_layer =
+      2 * D + D * HD * (std::size_t(n_heads) * 2 + std::size_t(n_kv_heads) * 2) + 3 * D * std::size_t(hidden_dim);
   return 2 * std::size_t(vocab_size) * D + D + std::size_t(n_layers) * per_layer;
 }
 
@@ -185,7 +187,11 @@ void save_config(const llama_config& c, const std::string& path) {
 // =====================================================================================
 
 paged_kv_cache::paged_kv_cache(const llama_config& c, std::uint32_t num_pages, std::uint32_t page_size)
-    : num_pages_(num_pages), page_size_(page_size), n_layers_(c.n_layers), n_kv_heads_(c.n_kv_heads), head_dim_(c.head_dim) {
+    : num_pages_(num_pages),
+      page_size_(page_size),
+      n_layers_(c.n_layers),
+      n_kv_heads_(c.n_kv_heads),
+      head_dim_(c.head_dim) {
   c.validate();
   if (num_pages == 0) throw std::invalid_argument("paged_kv_cache: num_pages is 0");
   if (page_size == 0) throw std::invalid_argument("paged_kv_cache: page_size is 0");
@@ -248,10 +254,12 @@ std::vector<std::uint32_t> paged_kv_cache::allocate(std::uint32_t n) {
 void paged_kv_cache::release(std::span<const std::uint32_t> pages) {
   for (std::size_t i = 0; i < pages.size(); ++i) {
     const std::uint32_t p = pages[i];
-    if (p >= num_pages_) throw std::invalid_argument("paged_kv_cache: release of page " + std::to_string(p) + " out of range");
+    if (p >= num_pages_)
+      throw std::invalid_argument("paged_kv_cache: release of page " + std::to_string(p) + " out of range");
     bool dup = in_use_[p] == 0;
     for (std::size_t j = 0; j < i && !dup; ++j) dup = pages[j] == p;
-    if (dup) throw std::invalid_argument("paged_kv_cache: release of page " + std::to_string(p) + ", which is not allocated");
+    if (dup)
+      throw std::invalid_argument("paged_kv_cache: release of page " + std::to_string(p) + ", which is not allocated");
   }
   for (auto it = pages.rbegin(); it != pages.rend(); ++it) {
     in_use_[*it] = 0;
@@ -481,16 +489,16 @@ MINI_TARGET("avx512f,avx512vl") void mm_avx512(const mm_args& a) { mm_range<v16f
 // out = (sum_j e_j v_j, sequential in j, lane per d) * (1 / sum). Everything is a
 // function of the query's position and the cache contents alone.
 struct attn_args {
-  const float* q;       // G heads of head_dim floats, contiguous
-  const float* kbase;   // layer K base + kv_head * head_dim
-  const float* vbase;   // layer V base + kv_head * head_dim
+  const float* q;          // G heads of head_dim floats, contiguous
+  const float* kbase;      // layer K base + kv_head * head_dim
+  const float* vbase;      // layer V base + kv_head * head_dim
   const std::size_t* off;  // float offset of position j's token in a layer array
-  std::size_t P;        // keys at positions [0, P)
+  std::size_t P;           // keys at positions [0, P)
   int G, HD;
   float scale;
-  float* S;             // scratch: G rows of Pp floats
-  std::size_t Pp;       // P rounded up to 8
-  float* out;           // G heads of head_dim floats
+  float* S;        // scratch: G rows of Pp floats
+  std::size_t Pp;  // P rounded up to 8
+  float* out;      // G heads of head_dim floats
 };
 
 template <class F>
@@ -538,10 +546,17 @@ MINI_INLINE void pv_heads(const attn_args& a, int h0, const float* inv) {
   int d0 = 0;
   for (; d0 + 32 <= a.HD; d0 += 32) pv_chunk<F, 4, TWO>(a, h0, d0, inv);
   switch ((a.HD - d0) / 8) {
-    case 3: pv_chunk<F, 3, TWO>(a, h0, d0, inv); break;
-    case 2: pv_chunk<F, 2, TWO>(a, h0, d0, inv); break;
-    case 1: pv_chunk<F, 1, TWO>(a, h0, d0, inv); break;
-    default: break;
+    case 3:
+      pv_chunk<F, 3, TWO>(a, h0, d0, inv);
+      break;
+    case 2:
+      pv_chunk<F, 2, TWO>(a, h0, d0, inv);
+      break;
+    case 1:
+      pv_chunk<F, 1, TWO>(a, h0, d0, inv);
+      break;
+    default:
+      break;
   }
 }
 
@@ -632,9 +647,12 @@ std::atomic<int>& simd_state() {
     if (const char* e = std::getenv("MINI_LLAMA_SIMD")) {
       const std::string v = e;
       int want = best;
-      if (v == "sse2") want = 0;
-      else if (v == "avx2") want = 1;
-      else if (v == "avx512") want = 2;
+      if (v == "sse2")
+        want = 0;
+      else if (v == "avx2")
+        want = 1;
+      else if (v == "avx512")
+        want = 2;
       best = std::min(best, want);
     }
     return best;
@@ -644,17 +662,29 @@ std::atomic<int>& simd_state() {
 
 void matmul_kernel(const mm_args& a) {
   switch (simd_level(simd_state().load(std::memory_order_relaxed))) {
-    case simd_level::avx512: mm_avx512(a); break;
-    case simd_level::avx2: mm_avx2(a); break;
-    default: mm_sse2(a); break;
+    case simd_level::avx512:
+      mm_avx512(a);
+      break;
+    case simd_level::avx2:
+      mm_avx2(a);
+      break;
+    default:
+      mm_sse2(a);
+      break;
   }
 }
 
 void attn_kernel(const attn_args& a) {
   switch (simd_level(simd_state().load(std::memory_order_relaxed))) {
-    case simd_level::avx512: attn_avx512(a); break;
-    case simd_level::avx2: attn_avx2(a); break;
-    default: attn_sse2(a); break;
+    case simd_level::avx512:
+      attn_avx512(a);
+      break;
+    case simd_level::avx2:
+      attn_avx2(a);
+      break;
+    default:
+      attn_sse2(a);
+      break;
   }
 }
 
@@ -703,7 +733,8 @@ class thread_pool {
     }
     std::lock_guard run_lock(run_m_);
     using FD = std::remove_reference_t<F>;
-    dispatch(tasks, [](void* ctx, std::size_t i, int w) { (*static_cast<FD*>(ctx))(i, w); }, &f);
+    dispatch(
+        tasks, [](void* ctx, std::size_t i, int w) { (*static_cast<FD*>(ctx))(i, w); }, &f);
   }
 
  private:
@@ -847,10 +878,10 @@ struct packed_matrix {
 
 struct layer_weights {
   std::vector<float> attn_norm, mlp_norm;
-  packed_matrix wqkv;  // rows: q (n_heads*head_dim), k, v (n_kv_heads*head_dim each)
-  packed_matrix wo;    // [dim][n_heads*head_dim]
-  packed_matrix wgu;   // rows: gate (hidden), up (hidden)
-  packed_matrix wdown; // [dim][hidden]
+  packed_matrix wqkv;   // rows: q (n_heads*head_dim), k, v (n_kv_heads*head_dim each)
+  packed_matrix wo;     // [dim][n_heads*head_dim]
+  packed_matrix wgu;    // rows: gate (hidden), up (hidden)
+  packed_matrix wdown;  // [dim][hidden]
 };
 
 // Portable PRNG (splitmix64) and an approximately normal variate from four uniforms.
@@ -914,8 +945,7 @@ std::string layer_name(int l, const char* rest) { return "model.layers." + std::
 void llama_model::impl::build(const llama_config& c, const getter& get) {
   c.validate();
   cfg = c;
-  const std::int64_t D = c.dim, V = c.vocab_size, HD = c.head_dim, H = c.n_heads, KV = c.n_kv_heads,
-                     F = c.hidden_dim;
+  const std::int64_t D = c.dim, V = c.vocab_size, HD = c.head_dim, H = c.n_heads, KV = c.n_kv_heads, F = c.hidden_dim;
   embed = get("model.embed_tokens.weight", {V, D});
   layers.resize(std::size_t(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
@@ -960,8 +990,9 @@ void llama_model::impl::matmul(const float* x, std::size_t ldx, int n, const pac
   const double macs = double(n) * w.rows * w.cols;
   auto task = [&](std::size_t i, int) {
     const int b = int(i) / groups, g = int(i) % groups;
-    mm_args a{x, ldx, b * MB, std::min(n, (b + 1) * MB), w.data.data(), w.cols, w.rows, g * pg,
-              std::min(w.panels, (g + 1) * pg), y, ldy, accumulate};
+    mm_args a{x,      ldx,       b * MB, std::min(n, (b + 1) * MB),        w.data.data(),
+              w.cols, w.rows,    g * pg, std::min(w.panels, (g + 1) * pg), y,
+              ldy,    accumulate};
     matmul_kernel(a);
   };
   if (macs < 65536.0) {
@@ -1061,7 +1092,8 @@ llama_model llama_model::load(const std::string& dir) {
     if (!map || !map->is_object()) throw std::runtime_error("llama: " + index.string() + ": no weight_map object");
     std::set<std::string> shards;
     for (const auto& [name, file] : map->members) {
-      if (!file.is_string()) throw std::runtime_error("llama: " + index.string() + ": weight_map value of '" + name + "' is not a string");
+      if (!file.is_string())
+        throw std::runtime_error("llama: " + index.string() + ": weight_map value of '" + name + "' is not a string");
       shards.insert(file.text);
     }
     for (const auto& s : shards) files.emplace_back((fs::path(dir) / s).string());
@@ -1090,8 +1122,7 @@ llama_model llama_model::load(const std::string& dir) {
 
 std::vector<weight_tensor> llama_model::weights() const {
   const llama_config& c = p_->cfg;
-  const std::int64_t D = c.dim, V = c.vocab_size, HD = c.head_dim, H = c.n_heads, KV = c.n_kv_heads,
-                     F = c.hidden_dim;
+  const std::int64_t D = c.dim, V = c.vocab_size, HD = c.head_dim, H = c.n_heads, KV = c.n_kv_heads, F = c.hidden_dim;
   std::vector<weight_tensor> out;
   out.push_back({"model.embed_tokens.weight", {V, D}, p_->embed});
   for (int l = 0; l < c.n_layers; ++l) {
@@ -1194,7 +1225,8 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
   const std::size_t token_floats = std::size_t(KV) * HD, page_floats = ps * token_floats;
   // Float offset of position j's token within a layer's K (V) array.
   std::vector<std::size_t> offsets(total);
-  for (std::size_t j = 0; j < total; ++j) offsets[j] = std::size_t(seq.pages[j / ps]) * page_floats + (j % ps) * token_floats;
+  for (std::size_t j = 0; j < total; ++j)
+    offsets[j] = std::size_t(seq.pages[j / ps]) * page_floats + (j % ps) * token_floats;
   const float scale = float(1.0 / std::sqrt(double(HD)));
 
   // Row-parallel helper for the cheap elementwise steps.

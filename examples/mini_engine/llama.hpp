@@ -88,7 +88,7 @@ class paged_kv_cache {
   int n_layers_ = 0, n_kv_heads_ = 0, head_dim_ = 0;
   std::size_t layer_floats_ = 0;
   float* base_ = nullptr;
-  std::vector<std::uint32_t> free_;   // stack; back() is allocated next
+  std::vector<std::uint32_t> free_;  // stack; back() is allocated next
   std::vector<std::uint8_t> in_use_;
 };
 

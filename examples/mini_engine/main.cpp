@@ -13,12 +13,14 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) json |= std::string(argv[i]) == "--json";
   if (!mini::parse_compare_args(argc, argv, o, code)) return code;
   try {
-    if (!json)
-      std::printf("mini_engine: %d sessions x %d turns; modes:", o.workload.sessions, o.workload.turns);
+    if (!json) std::printf("mini_engine: %d sessions x %d turns; modes:", o.workload.sessions, o.workload.turns);
     if (!json)
       for (auto& m : o.modes) std::printf(" %s", m.c_str());
     auto r = mini::run_compare(o);
-    if (json) mini::print_compare_json(r); else mini::print_compare(r, o);
+    if (json)
+      mini::print_compare_json(r);
+    else
+      mini::print_compare(r, o);
     return r.outputs_identical || o.context_limit ? 0 : 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "mini_engine: %s\n", e.what());

@@ -15,7 +15,8 @@
 #include <limits>
 #include <stdexcept>
 
-static_assert(std::endian::native == std::endian::little, "safetensors data is little-endian; this reader copies it as is");
+static_assert(std::endian::native == std::endian::little,
+              "safetensors data is little-endian; this reader copies it as is");
 
 namespace mini {
 
@@ -172,10 +173,14 @@ class parser {
     for (int i = 0; i < 4; ++i) {
       const char c = s_[pos_++];
       v <<= 4;
-      if (c >= '0' && c <= '9') v |= std::uint32_t(c - '0');
-      else if (c >= 'a' && c <= 'f') v |= std::uint32_t(c - 'a' + 10);
-      else if (c >= 'A' && c <= 'F') v |= std::uint32_t(c - 'A' + 10);
-      else fail("bad \\u escape");
+      if (c >= '0' && c <= '9')
+        v |= std::uint32_t(c - '0');
+      else if (c >= 'a' && c <= 'f')
+        v |= std::uint32_t(c - 'a' + 10);
+      else if (c >= 'A' && c <= 'F')
+        v |= std::uint32_t(c - 'A' + 10);
+      else
+        fail("bad \\u escape");
     }
     return v;
   }
@@ -195,14 +200,30 @@ class parser {
       if (pos_ >= s_.size()) fail("unterminated string");
       const char e = s_[pos_++];
       switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
+        case '"':
+          out += '"';
+          break;
+        case '\\':
+          out += '\\';
+          break;
+        case '/':
+          out += '/';
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
         case 'u': {
           std::uint32_t cp = hex4();
           if (cp >= 0xD800 && cp < 0xDC00) {
@@ -220,7 +241,8 @@ class parser {
           put_utf8(out, cp);
           break;
         }
-        default: fail("bad escape");
+        default:
+          fail("bad escape");
       }
     }
   }
@@ -273,11 +295,21 @@ std::string quote(std::string_view s) {
   out += '"';
   for (const char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (static_cast<unsigned char>(c) < 0x20) {
           char buf[8];
@@ -301,21 +333,31 @@ namespace st {
 
 std::string_view dtype_name(dtype d) {
   switch (d) {
-    case dtype::f32: return "F32";
-    case dtype::f16: return "F16";
-    case dtype::bf16: return "BF16";
-    case dtype::f64: return "F64";
-    default: return "?";
+    case dtype::f32:
+      return "F32";
+    case dtype::f16:
+      return "F16";
+    case dtype::bf16:
+      return "BF16";
+    case dtype::f64:
+      return "F64";
+    default:
+      return "?";
   }
 }
 
 std::size_t dtype_size(dtype d) {
   switch (d) {
-    case dtype::f32: return 4;
-    case dtype::f16: return 2;
-    case dtype::bf16: return 2;
-    case dtype::f64: return 8;
-    default: return 0;
+    case dtype::f32:
+      return 4;
+    case dtype::f16:
+      return 2;
+    case dtype::bf16:
+      return 2;
+    case dtype::f64:
+      return 8;
+    default:
+      return 0;
   }
 }
 
@@ -355,8 +397,8 @@ std::uint16_t f32_to_f16(float f) {
   const std::uint16_t sign = std::uint16_t((u >> 16) & 0x8000u);
   const std::uint32_t a = u & 0x7FFFFFFFu;
   if (a > 0x7F800000u) return std::uint16_t(sign | 0x7E00u | ((a >> 13) & 0x3FFu));  // NaN
-  if (a >= 0x477FF000u) return std::uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
-  if (a >= 0x38800000u) {  // normal half
+  if (a >= 0x477FF000u) return std::uint16_t(sign | 0x7C00u);                        // rounds to >= 65520: inf
+  if (a >= 0x38800000u) {                                                            // normal half
     // Rebias exponent (127 -> 15) and round the 23-bit mantissa to 10 bits, ties to even.
     const std::uint32_t m = a - 0x38000000u;
     const std::uint32_t r = m + 0x0FFFu + ((m >> 13) & 1u);
@@ -364,9 +406,9 @@ std::uint16_t f32_to_f16(float f) {
   }
   if (a < 0x33000000u) return sign;  // below half the smallest subnormal: +-0
   // Subnormal half: value = mant * 2^-24.
-  const int e = int(a >> 23);             // 102..112
+  const int e = int(a >> 23);  // 102..112
   const std::uint32_t mant = (a & 0x7FFFFFu) | 0x800000u;
-  const int shift = 126 - e;              // bits to drop so that the result is in units of 2^-24
+  const int shift = 126 - e;  // bits to drop so that the result is in units of 2^-24
   const std::uint32_t q = mant >> shift;
   const std::uint32_t rem = mant & ((1u << shift) - 1u);
   const std::uint32_t half = 1u << (shift - 1);
@@ -429,8 +471,10 @@ reader::reader(const std::string& path) : path_(path) {
   try {
     std::uint64_t header_len = 0;
     for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::uint64_t(std::to_integer<unsigned>(map_[i]));
-    if (header_len > size - 8) fail("bad header: length " + std::to_string(header_len) + " runs past the end of the file");
-    if (header_len > (std::uint64_t(100) << 20)) fail("bad header: length " + std::to_string(header_len) + " above 100 MiB");
+    if (header_len > size - 8)
+      fail("bad header: length " + std::to_string(header_len) + " runs past the end of the file");
+    if (header_len > (std::uint64_t(100) << 20))
+      fail("bad header: length " + std::to_string(header_len) + " above 100 MiB");
     const std::string_view text(reinterpret_cast<const char*>(map_ + 8), static_cast<std::size_t>(header_len));
     json::value h;
     try {

@@ -28,10 +28,10 @@ struct value {
   enum class kind : std::uint8_t { null, boolean, number, string, array, object };
   kind type = kind::null;
   bool boolean = false;
-  double number = 0;                                     // kind::number
-  std::string text;                                      // kind::string, or a number's literal
-  std::vector<value> items;                              // kind::array
-  std::vector<std::pair<std::string, value>> members;    // kind::object, in file order
+  double number = 0;                                   // kind::number
+  std::string text;                                    // kind::string, or a number's literal
+  std::vector<value> items;                            // kind::array
+  std::vector<std::pair<std::string, value>> members;  // kind::object, in file order
 
   // Out of line, where value is complete (a vector of pairs holding value needs that).
   value();
@@ -51,7 +51,7 @@ struct value {
   /// The number as an exact integer; throws std::runtime_error when it is not one
   /// (fractional, out of the int64 range, or not a number).
   std::int64_t as_int() const;
-  double as_double() const;           // throws when not a number
+  double as_double() const;              // throws when not a number
   const std::string& as_string() const;  // throws when not a string
 };
 
@@ -85,9 +85,9 @@ inline float round_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
 struct tensor_info {
   std::string name;
   dtype type = dtype::other;
-  std::string dtype_str;               // as written in the header
+  std::string dtype_str;  // as written in the header
   std::vector<std::int64_t> shape;
-  std::size_t begin = 0, end = 0;      // byte range within the data section
+  std::size_t begin = 0, end = 0;  // byte range within the data section
   std::size_t numel() const;
 };
 
@@ -128,8 +128,8 @@ class reader {
   std::string path_;
   const std::byte* map_ = nullptr;
   std::size_t map_size_ = 0;
-  const std::byte* data_ = nullptr;    // start of the data section
-  std::vector<tensor_info> tensors_;   // file order
+  const std::byte* data_ = nullptr;   // start of the data section
+  std::vector<tensor_info> tensors_;  // file order
   std::map<std::string, std::size_t, std::less<>> index_;
   std::map<std::string, std::string> metadata_;
   [[noreturn]] void fail(const std::string& what) const;

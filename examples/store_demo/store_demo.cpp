@@ -75,22 +75,27 @@ void print_stats(const store& st) {
       (unsigned long long)s.evicted_sessions, s.ssd_bytes_written / 1048576.0, s.ssd_bytes_read / 1048576.0,
       (unsigned long long)s.checksum_failures, (unsigned long long)s.io_errors,
       (unsigned long long)s.recovered_sessions, (unsigned long long)s.recovered_blocks,
-      (unsigned long long)s.recovery_dropped_blocks, s.dram_used_bytes / 1048576.0,
-      s.dram_capacity_bytes / 1048576.0, s.ssd_used_bytes / 1048576.0, s.ssd_capacity_bytes / 1048576.0);
+      (unsigned long long)s.recovery_dropped_blocks, s.dram_used_bytes / 1048576.0, s.dram_capacity_bytes / 1048576.0,
+      s.ssd_used_bytes / 1048576.0, s.ssd_capacity_bytes / 1048576.0);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string dir = (std::filesystem::temp_directory_path() / ("attnstore-demo-" + std::to_string(::getpid()))).string();
+  std::string dir =
+      (std::filesystem::temp_directory_path() / ("attnstore-demo-" + std::to_string(::getpid()))).string();
   int sessions = 4, turns = 5;
   bool keep = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--dir" && i + 1 < argc) dir = argv[++i];
-    else if (a == "--sessions" && i + 1 < argc) sessions = std::atoi(argv[++i]);
-    else if (a == "--turns" && i + 1 < argc) turns = std::atoi(argv[++i]);
-    else if (a == "--keep") keep = true;
+    if (a == "--dir" && i + 1 < argc)
+      dir = argv[++i];
+    else if (a == "--sessions" && i + 1 < argc)
+      sessions = std::atoi(argv[++i]);
+    else if (a == "--turns" && i + 1 < argc)
+      turns = std::atoi(argv[++i]);
+    else if (a == "--keep")
+      keep = true;
     else {
       std::fprintf(stderr, "usage: %s [--dir DIR] [--sessions N] [--turns N] [--keep]\n", argv[0]);
       return 2;
@@ -117,8 +122,8 @@ int main(int argc, char** argv) {
     store st(cfg);
     const kv_geometry& g = st.geometry();
     std::printf("attnstore demo: %u layers x %u KV heads x %u dims %s, %u tokens per block (%.2f MiB blocks)\n",
-                g.num_layers, g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(),
-                g.tokens_per_block, double(g.block_bytes()) / (1 << 20));
+                g.num_layers, g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block,
+                double(g.block_bytes()) / (1 << 20));
     std::printf("tiers: DRAM %llu MiB (%s), SSD %llu MiB in %s via %s, write-through\n\n",
                 (unsigned long long)(cfg.dram_bytes >> 20), std::string(st.dram_pinning()).c_str(),
                 (unsigned long long)(cfg.ssd_bytes >> 20), dir.c_str(), std::string(st.io_backend_name()).c_str());
@@ -144,9 +149,10 @@ int main(int argc, char** argv) {
         t0 = std::chrono::steady_clock::now();
         errc e = st.put(key, h, first, kv);
         double put_ms = ms_since(t0);
-        std::printf("  %-10s %5zu tokens: reusable %5llu (lookup %5.1f us), prefill %4zu, saved %u blocks in %6.2f ms: %s\n",
-                    names[s].c_str(), h.size(), (unsigned long long)r.tokens, lookup_us, h.size() - r.tokens,
-                    total - first, put_ms, std::string(to_string(e)).c_str());
+        std::printf(
+            "  %-10s %5zu tokens: reusable %5llu (lookup %5.1f us), prefill %4zu, saved %u blocks in %6.2f ms: %s\n",
+            names[s].c_str(), h.size(), (unsigned long long)r.tokens, lookup_us, h.size() - r.tokens, total - first,
+            put_ms, std::string(to_string(e)).c_str());
         all_ok &= e == errc::ok;
       }
     }

@@ -32,11 +32,11 @@ struct hooks_config {
   /// [0, P), wait_layer(l) queues layer l + P. Use num_layers to load everything at
   /// once (e.g. when start_load is called while the previous batch computes).
   std::uint32_t preload_layers = 2;
-  std::uint32_t max_loads = 32;             ///< load handles open at once
-  std::uint32_t max_saves = 32;             ///< save handles open at once
+  std::uint32_t max_loads = 32;                 ///< load handles open at once
+  std::uint32_t max_saves = 32;                 ///< save handles open at once
   std::uint32_t max_blocks_per_request = 1024;  ///< blocks one load or save may span
-  std::uint32_t read_streams = 2;           ///< loads of different requests overlap across these
-  std::size_t segment_buffer = 8192;        ///< copy segments built per copy_async call
+  std::uint32_t read_streams = 2;               ///< loads of different requests overlap across these
+  std::size_t segment_buffer = 8192;            ///< copy segments built per copy_async call
   /// The model's RoPE. Needed to load a truncated view (its keys move to new
   /// positions) and for keys stored before RoPE; without it such loads are refused.
   std::optional<rope_spec> rope;
@@ -44,7 +44,7 @@ struct hooks_config {
   /// apply R(position). Truncation then never needs a delta; f16/bf16 keys see one more
   /// rounding than with keys stored after RoPE (the default, exact when nothing moves).
   bool keys_pre_rope = false;
-  std::uint32_t max_positions = 16384;      ///< angle table size for keys_pre_rope
+  std::uint32_t max_positions = 16384;  ///< angle table size for keys_pre_rope
 };
 
 using load_handle = std::uint32_t;

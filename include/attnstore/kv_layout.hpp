@@ -27,10 +27,10 @@ struct kv_layout {
   std::uint32_t num_kv_heads = 0;
   std::uint32_t head_dim = 0;
   attnstore::dtype dtype = attnstore::dtype::f16;
-  std::uint32_t page_size = 0;      ///< tokens per page
-  std::size_t page_stride = 0;      ///< bytes between pages
-  std::size_t token_stride = 0;     ///< bytes between tokens of a page
-  std::size_t head_stride = 0;      ///< bytes between heads of a token
+  std::uint32_t page_size = 0;         ///< tokens per page
+  std::size_t page_stride = 0;         ///< bytes between pages
+  std::size_t token_stride = 0;        ///< bytes between tokens of a page
+  std::size_t head_stride = 0;         ///< bytes between heads of a token
   std::span<std::byte* const> k_base;  ///< per layer
   std::span<std::byte* const> v_base;  ///< per layer
   memory_space where = memory_space::host;
@@ -68,9 +68,9 @@ enum class copy_direction : std::uint8_t { to_engine, from_engine };
 /// Appends to `out` the segments that move layer `layer` of tokens [block_first,
 /// block_first + tokens) of one stored block (payload at `block_payload`, in
 /// attnstore's [layer][K|V][token][head][dim] layout) to or from sequence positions
-/// [first_token, first_token + tokens) of the engine memory in `t`. Consecutive tokens of one page merge into one segment when the
-/// engine packs heads and tokens densely. Returns the number of segments written, or
-/// 0 if `out` is too small. Allocation-free.
+/// [first_token, first_token + tokens) of the engine memory in `t`. Consecutive tokens of one page merge into one
+/// segment when the engine packs heads and tokens densely. Returns the number of segments written, or 0 if `out` is too
+/// small. Allocation-free.
 std::size_t layer_segments(const kv_geometry& g, const std::byte* block_payload, std::uint32_t layer,
                            std::uint32_t block_first, std::uint64_t first_token, std::uint32_t tokens,
                            const kv_target& t, copy_direction dir, std::span<copy_segment> out) noexcept;

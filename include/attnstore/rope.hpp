@@ -38,9 +38,9 @@ struct rope_spec {
   std::uint32_t rotary_dim = 0;  ///< 0: head_dim (partial rotary otherwise; even, <= head_dim)
   double theta = 10000.0;
   rope_scaling scaling = rope_scaling::none;
-  double factor = 1.0;           ///< linear and llama3
-  double low_freq_factor = 1.0;  ///< llama3
-  double high_freq_factor = 4.0; ///< llama3
+  double factor = 1.0;                         ///< linear and llama3
+  double low_freq_factor = 1.0;                ///< llama3
+  double high_freq_factor = 4.0;               ///< llama3
   std::uint32_t original_max_position = 8192;  ///< llama3
 
   std::uint32_t rotary() const noexcept { return rotary_dim ? rotary_dim : head_dim; }

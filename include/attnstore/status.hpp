@@ -27,17 +27,28 @@ enum class errc : std::uint8_t {
 /// Stable lower-case name of a code, for logs and stats.
 constexpr std::string_view to_string(errc e) noexcept {
   switch (e) {
-    case errc::ok: return "ok";
-    case errc::not_found: return "not_found";
-    case errc::rejected: return "rejected";
-    case errc::retry: return "retry";
-    case errc::in_progress: return "in_progress";
-    case errc::no_space: return "no_space";
-    case errc::device_error: return "device_error";
-    case errc::checksum_error: return "checksum_error";
-    case errc::unsupported: return "unsupported";
-    case errc::bad_state: return "bad_state";
-    case errc::invalid_argument: return "invalid_argument";
+    case errc::ok:
+      return "ok";
+    case errc::not_found:
+      return "not_found";
+    case errc::rejected:
+      return "rejected";
+    case errc::retry:
+      return "retry";
+    case errc::in_progress:
+      return "in_progress";
+    case errc::no_space:
+      return "no_space";
+    case errc::device_error:
+      return "device_error";
+    case errc::checksum_error:
+      return "checksum_error";
+    case errc::unsupported:
+      return "unsupported";
+    case errc::bad_state:
+      return "bad_state";
+    case errc::invalid_argument:
+      return "invalid_argument";
   }
   return "unknown";
 }
@@ -45,18 +56,24 @@ constexpr std::string_view to_string(errc e) noexcept {
 /// Maps a positive errno value to errc. The one place errno becomes errc.
 constexpr errc errc_from_errno(int err) noexcept {
   switch (err) {
-    case 0: return errc::ok;
+    case 0:
+      return errc::ok;
     case 28 /*ENOSPC*/:
     case 122 /*EDQUOT*/:
-    case 27 /*EFBIG*/: return errc::no_space;
+    case 27 /*EFBIG*/:
+      return errc::no_space;
     case 11 /*EAGAIN*/:
     case 4 /*EINTR*/:
-    case 16 /*EBUSY*/: return errc::retry;
+    case 16 /*EBUSY*/:
+      return errc::retry;
     case 22 /*EINVAL*/:
     case 95 /*EOPNOTSUPP*/:
-    case 38 /*ENOSYS*/: return errc::unsupported;
-    case 9 /*EBADF*/: return errc::bad_state;
-    default: return errc::device_error;
+    case 38 /*ENOSYS*/:
+      return errc::unsupported;
+    case 9 /*EBADF*/:
+      return errc::bad_state;
+    default:
+      return errc::device_error;
   }
 }
 
@@ -65,12 +82,11 @@ template <class T>
 class [[nodiscard]] result {
  public:
   result(T value) : has_value_(true) { new (&storage_) T(std::move(value)); }  // NOLINT
-  result(errc error) : error_(error) {}                                      // NOLINT
+  result(errc error) : error_(error) {}                                        // NOLINT
   result(const result& o) : error_(o.error_), has_value_(o.has_value_) {
     if (has_value_) new (&storage_) T(*o);
   }
-  result(result&& o) noexcept(std::is_nothrow_move_constructible_v<T>)
-      : error_(o.error_), has_value_(o.has_value_) {
+  result(result&& o) noexcept(std::is_nothrow_move_constructible_v<T>) : error_(o.error_), has_value_(o.has_value_) {
     if (has_value_) new (&storage_) T(std::move(*o));
   }
   result& operator=(result o) noexcept(std::is_nothrow_move_constructible_v<T>) {
@@ -88,9 +104,7 @@ class [[nodiscard]] result {
   errc error() const noexcept { return has_value_ ? errc::ok : error_; }
 
   T& operator*() & noexcept { return *std::launder(reinterpret_cast<T*>(&storage_)); }
-  const T& operator*() const& noexcept {
-    return *std::launder(reinterpret_cast<const T*>(&storage_));
-  }
+  const T& operator*() const& noexcept { return *std::launder(reinterpret_cast<const T*>(&storage_)); }
   T* operator->() noexcept { return &**this; }
   const T* operator->() const noexcept { return &**this; }
 

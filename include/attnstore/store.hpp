@@ -11,9 +11,9 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <vector>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "attnstore/format/block_header.hpp"
 #include "attnstore/index/cache_index.hpp"
@@ -43,15 +43,15 @@ enum class io_backend : std::uint8_t {
 };
 
 struct store_config {
-  kv_geometry geometry;               ///< validated by the store; tokens_per_block 0 = auto
-  std::string model_name;             ///< with geometry etc. forms the model_id
-  std::string rope = "none";          ///< positional-encoding spec (part of the model_id)
+  kv_geometry geometry;       ///< validated by the store; tokens_per_block 0 = auto
+  std::string model_name;     ///< with geometry etc. forms the model_id
+  std::string rope = "none";  ///< positional-encoding spec (part of the model_id)
   bool keys_pre_rope = false;
   std::uint32_t tp_rank = 0, tp_size = 1;
 
-  std::uint64_t dram_bytes = 0;       ///< DRAM tier capacity; at least one block
-  std::string ssd_directory;          ///< empty: no SSD tier (DRAM eviction drops)
-  std::uint64_t ssd_bytes = 0;        ///< SSD tier capacity; at least one block if a directory is set
+  std::uint64_t dram_bytes = 0;  ///< DRAM tier capacity; at least one block
+  std::string ssd_directory;     ///< empty: no SSD tier (DRAM eviction drops)
+  std::uint64_t ssd_bytes = 0;   ///< SSD tier capacity; at least one block if a directory is set
 
   io_backend backend = io_backend::automatic;
   unsigned queue_depth = 32;          ///< I/O pieces in flight per batch, 1..1024
@@ -114,8 +114,8 @@ struct get_result {
   /// ok, not_found, checksum_error, device_error, invalid_argument, no_space, or retry
   /// (every SSD staging buffer is in use by other readers and DRAM is full: try again).
   errc status = errc::ok;
-  std::uint32_t blocks = 0;    ///< blocks written to the output, from first_block on
-  std::uint64_t tokens = 0;    ///< tokens they hold that match the prompt
+  std::uint32_t blocks = 0;  ///< blocks written to the output, from first_block on
+  std::uint64_t tokens = 0;  ///< tokens they hold that match the prompt
 };
 
 class store {

@@ -63,16 +63,16 @@ struct generator_options {
   /// session is cut), or until `sessions` sessions when requests is 0.
   std::uint64_t requests = 0;
   std::uint32_t sessions = 0;
-  double session_rate = 1.0;           ///< new sessions per second (Poisson)
+  double session_rate = 1.0;  ///< new sessions per second (Poisson)
   /// Turns per session: single-turn with this probability, else 2 + a geometric number
   /// chosen so that the mean over all sessions is mean_turns; at most max_turns.
   double single_turn_fraction = 0.27;
   double mean_turns = 5.75;
   std::uint32_t max_turns = 64;
-  lognormal first_input{};             ///< prompt tokens of turn 0 (system prompt + question)
-  lognormal input{};                   ///< prompt tokens of later turns
-  lognormal output{};                  ///< reply tokens
-  lognormal think{};                   ///< seconds between a reply and the next prompt
+  lognormal first_input{};  ///< prompt tokens of turn 0 (system prompt + question)
+  lognormal input{};        ///< prompt tokens of later turns
+  lognormal output{};       ///< reply tokens
+  lognormal think{};        ///< seconds between a reply and the next prompt
   /// Open-loop timestamps: arrival of turn k+1 = arrival of turn k + output tokens of
   /// turn k * this + think. Used only for open-loop replay.
   double nominal_seconds_per_output_token = 0.03;

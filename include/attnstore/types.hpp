@@ -17,20 +17,27 @@ enum class dtype : std::uint8_t { f32 = 0, f16 = 1, bf16 = 2, fp8_e4m3 = 3 };
 
 constexpr std::size_t dtype_size(dtype d) noexcept {
   switch (d) {
-    case dtype::f32: return 4;
+    case dtype::f32:
+      return 4;
     case dtype::f16:
-    case dtype::bf16: return 2;
-    case dtype::fp8_e4m3: return 1;
+    case dtype::bf16:
+      return 2;
+    case dtype::fp8_e4m3:
+      return 1;
   }
   return 0;
 }
 
 constexpr std::string_view to_string(dtype d) noexcept {
   switch (d) {
-    case dtype::f32: return "f32";
-    case dtype::f16: return "f16";
-    case dtype::bf16: return "bf16";
-    case dtype::fp8_e4m3: return "fp8_e4m3";
+    case dtype::f32:
+      return "f32";
+    case dtype::f16:
+      return "f16";
+    case dtype::bf16:
+      return "bf16";
+    case dtype::fp8_e4m3:
+      return "fp8_e4m3";
   }
   return "unknown";
 }
@@ -57,9 +64,7 @@ struct kv_geometry {
 
   constexpr std::size_t element_bytes() const noexcept { return dtype_size(dtype); }
   /// K and V of one token in one layer.
-  constexpr std::size_t token_layer_bytes() const noexcept {
-    return 2ull * num_kv_heads * head_dim * element_bytes();
-  }
+  constexpr std::size_t token_layer_bytes() const noexcept { return 2ull * num_kv_heads * head_dim * element_bytes(); }
   /// K and V of one token across all layers.
   constexpr std::size_t token_bytes() const noexcept { return token_layer_bytes() * num_layers; }
   /// Bytes of K (or V) of one layer of one block.
@@ -81,14 +86,11 @@ struct kv_geometry {
   /// std::invalid_argument naming the field and the allowed range.
   kv_geometry validated() const {
     auto fail = [](const std::string& what) { throw std::invalid_argument("kv_geometry: " + what); };
-    if (num_layers == 0 || num_layers > 1024)
-      fail("num_layers is " + std::to_string(num_layers) + ", allowed 1..1024");
+    if (num_layers == 0 || num_layers > 1024) fail("num_layers is " + std::to_string(num_layers) + ", allowed 1..1024");
     if (num_kv_heads == 0 || num_kv_heads > 4096)
       fail("num_kv_heads is " + std::to_string(num_kv_heads) + ", allowed 1..4096");
-    if (head_dim == 0 || head_dim > 4096)
-      fail("head_dim is " + std::to_string(head_dim) + ", allowed 1..4096");
-    if (dtype_size(dtype) == 0)
-      fail("dtype is " + std::to_string(int(dtype)) + ", allowed f32, f16, bf16, fp8_e4m3");
+    if (head_dim == 0 || head_dim > 4096) fail("head_dim is " + std::to_string(head_dim) + ", allowed 1..4096");
+    if (dtype_size(dtype) == 0) fail("dtype is " + std::to_string(int(dtype)) + ", allowed f32, f16, bf16, fp8_e4m3");
     kv_geometry g = *this;
     if (g.tokens_per_block == 0) g.tokens_per_block = default_tokens_per_block();
     if (g.tokens_per_block > 65536)

@@ -18,12 +18,17 @@ namespace {
 
 errc to_errc(cudaError_t e) noexcept {
   switch (e) {
-    case cudaSuccess: return errc::ok;
+    case cudaSuccess:
+      return errc::ok;
     case cudaErrorInvalidValue:
-    case cudaErrorInvalidResourceHandle: return errc::invalid_argument;
-    case cudaErrorNotReady: return errc::in_progress;
-    case cudaErrorNotSupported: return errc::unsupported;
-    default: return errc::device_error;
+    case cudaErrorInvalidResourceHandle:
+      return errc::invalid_argument;
+    case cudaErrorNotReady:
+      return errc::in_progress;
+    case cudaErrorNotSupported:
+      return errc::unsupported;
+    default:
+      return errc::device_error;
   }
 }
 
@@ -89,8 +94,8 @@ class cuda_copy_backend final : public copy_backend {
       cudaMemcpyAttributes attr{};
       attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
       std::size_t attr_index = 0;
-      cudaError_t e = cudaMemcpyBatchAsync(st->dsts.data(), st->srcs.data(), st->sizes.data(), n, &attr,
-                                           &attr_index, 1, stream);
+      cudaError_t e =
+          cudaMemcpyBatchAsync(st->dsts.data(), st->srcs.data(), st->sizes.data(), n, &attr, &attr_index, 1, stream);
       if (e == cudaErrorNotSupported || e == cudaErrorInvalidValue) {
         cudaGetLastError();  // older drivers: fall back to one call per segment
         for (std::size_t i = 0; i < n; ++i)

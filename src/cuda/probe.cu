@@ -23,13 +23,16 @@ std::string cuda_round_trip(std::uint32_t* host, std::uint32_t n, std::uint32_t 
     return e == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(e);
   };
   std::string err = check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  if (err.empty()) err = check(cudaMallocAsync(reinterpret_cast<void**>(&dev), n * sizeof(std::uint32_t), stream), "cudaMallocAsync");
-  if (err.empty()) err = check(cudaMemcpyAsync(dev, host, n * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream), "H2D");
+  if (err.empty())
+    err = check(cudaMallocAsync(reinterpret_cast<void**>(&dev), n * sizeof(std::uint32_t), stream), "cudaMallocAsync");
+  if (err.empty())
+    err = check(cudaMemcpyAsync(dev, host, n * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream), "H2D");
   if (err.empty()) {
     add_index_kernel<<<(n + 255) / 256, 256, 0, stream>>>(dev, n, add);
     err = check(cudaGetLastError(), "kernel launch");
   }
-  if (err.empty()) err = check(cudaMemcpyAsync(host, dev, n * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream), "D2H");
+  if (err.empty())
+    err = check(cudaMemcpyAsync(host, dev, n * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream), "D2H");
   if (dev) cudaFreeAsync(dev, stream);
   if (stream) {
     if (err.empty()) err = check(cudaStreamSynchronize(stream), "sync");

@@ -38,8 +38,8 @@ errc rerotate_cuda(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t 
   const unsigned threads = 256;
   const unsigned long long blocks = (total + threads - 1) / threads;
   rerotate_kernel<<<unsigned(blocks), threads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(
-      keys, code, spec.style == rope_style::neox, spec.rotary(), heads, tokens, token_stride, head_stride,
-      cos_device, sin_device, shared_row);
+      keys, code, spec.style == rope_style::neox, spec.rotary(), heads, tokens, token_stride, head_stride, cos_device,
+      sin_device, shared_row);
   return cudaGetLastError() == cudaSuccess ? errc::ok : errc::device_error;
 }
 

@@ -24,8 +24,8 @@
 
 #include <fcntl.h>
 #include <poll.h>
-#include <sys/file.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -176,7 +176,7 @@ struct crash_stats {
   std::uint64_t in_flight_puts = 0, in_flight_drops = 0;
   std::uint64_t partial_replacements = 0;  // committed data lost to an unfinished replacing put
   std::uint64_t recovered_blocks = 0, recovery_dropped_blocks = 0, killed_before_ready = 0;
-  std::string put_failure_codes;  // "no_space no_space ..." (first few)
+  std::string put_failure_codes;         // "no_space no_space ..." (first few)
   std::uint64_t io_still_in_flight = 0;  // kills after which the dead writer's I/O was still running
   std::chrono::microseconds longest_drain{0};
 };
@@ -273,8 +273,7 @@ void verify_recovery(const std::string& dir, const session_names& names, std::ve
     const expectation& e = exp[k];
     std::vector<std::uint32_t> gens;
     if (e.committed.present) gens.push_back(e.committed.gen);
-    if (e.pending == expectation::pending_kind::put &&
-        std::find(gens.begin(), gens.end(), e.pgen) == gens.end())
+    if (e.pending == expectation::pending_kind::put && std::find(gens.begin(), gens.end(), e.pgen) == gens.end())
       gens.push_back(e.pgen);
     std::optional<conv_state> found;
     std::uint32_t found_nblocks = 0;
@@ -357,11 +356,15 @@ void verify_recovery(const std::string& dir, const session_names& names, std::ve
     if (!ok) {
       std::ostringstream m;
       m << "session " << k << ": found ";
-      if (found) m << "gen " << found->gen << " with " << found->tokens << " tokens";
-      else m << "nothing";
+      if (found)
+        m << "gen " << found->gen << " with " << found->tokens << " tokens";
+      else
+        m << "nothing";
       m << "; committed ";
-      if (c.present) m << "gen " << c.gen << " with " << c.tokens << " tokens";
-      else m << "nothing";
+      if (c.present)
+        m << "gen " << c.gen << " with " << c.tokens << " tokens";
+      else
+        m << "nothing";
       m << "; allowed: " << allowed;
       problem(m.str());
     }
@@ -458,8 +461,8 @@ constexpr std::size_t rk_ssd_blocks = 200;       // > 12 x 12 + one put in fligh
       const auto toks = conv_tokens(k, gen, n);
       const std::uint32_t total = geom.blocks_for(n);
       const auto data = conv_blocks(k, gen, fb, total - fb);
-      emit(fd, "p " + std::to_string(k) + " " + std::to_string(gen) + " " + std::to_string(n) + " " +
-                   std::to_string(fb));
+      emit(fd,
+           "p " + std::to_string(k) + " " + std::to_string(gen) + " " + std::to_string(n) + " " + std::to_string(fb));
       errc e = st.put(key, toks, fb, data);
       if (e == errc::ok) {
         emit(fd, "P " + std::to_string(k) + " " + std::to_string(gen) + " " + std::to_string(n));
@@ -528,8 +531,8 @@ child_run run_child(Body&& body, std::chrono::microseconds kill_after, bool befo
     if (now >= give_up) break;
     int wait_ms = 50;
     if (deadline)
-      wait_ms = int(std::max<long long>(
-          0, std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - now).count() + 1));
+      wait_ms = int(
+          std::max<long long>(0, std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - now).count() + 1));
     pollfd p{fds[0], POLLIN, 0};
     int r = ::poll(&p, 1, std::min(wait_ms, 50));
     if (r > 0) {
@@ -548,8 +551,10 @@ child_run run_child(Body&& body, std::chrono::microseconds kill_after, bool befo
   ::kill(pid, SIGKILL);
   for (;;) {  // the rest of what it wrote before dying
     ssize_t got = ::read(fds[0], buf, sizeof(buf));
-    if (got > 0) run.output.append(buf, std::size_t(got));
-    else if (got == 0 || errno != EINTR) break;
+    if (got > 0)
+      run.output.append(buf, std::size_t(got));
+    else if (got == 0 || errno != EINTR)
+      break;
   }
   ::close(fds[0]);
   ::waitpid(pid, &run.status, 0);
@@ -578,8 +583,8 @@ TEST_CASE("crash: SIGKILLed write-through writer, repeated restarts on one direc
     const bool before_ready = rng() % 8 == 0;
     const auto kill_after = std::chrono::microseconds(before_ready ? rng() % 30000 : 5000 + rng() % 55000);
     const std::uint64_t child_seed = seed * 1000003 + round;
-    child_run run = run_child(
-        [&](int fd) { random_writer(fd, dir.str(), state, next_gen, child_seed); }, kill_after, before_ready);
+    child_run run =
+        run_child([&](int fd) { random_writer(fd, dir.str(), state, next_gen, child_seed); }, kill_after, before_ready);
     INFO("round " << round << " seed " << seed);
     bool ready = false;
     const std::string failure = apply_lines(run.output, exp, next_gen, st, &ready);
@@ -613,14 +618,14 @@ TEST_CASE("crash: SIGKILLed write-through writer, repeated restarts on one direc
       "committed, %llu puts failed, %llu puts and %llu drops in flight at a kill; recovery kept %llu blocks and "
       "dropped %llu torn/stale; %llu unfinished replacing puts had already destroyed the committed version\n",
       (unsigned long long)kills, secs, (unsigned long long)st.killed_before_ready, (unsigned long long)st.lines,
-      (unsigned long long)st.puts_committed, (unsigned long long)st.drops_committed,
-      (unsigned long long)st.puts_failed, (unsigned long long)st.in_flight_puts,
-      (unsigned long long)st.in_flight_drops, (unsigned long long)st.recovered_blocks,
-      (unsigned long long)st.recovery_dropped_blocks, (unsigned long long)st.partial_replacements);
-  std::printf("crash: after %llu of %llu kills the reaped writer's files were still held by its io_uring rings "
-              "(longest wait for them %.1f ms)\n",
-              (unsigned long long)st.io_still_in_flight, (unsigned long long)kills,
-              double(st.longest_drain.count()) / 1000.0);
+      (unsigned long long)st.puts_committed, (unsigned long long)st.drops_committed, (unsigned long long)st.puts_failed,
+      (unsigned long long)st.in_flight_puts, (unsigned long long)st.in_flight_drops,
+      (unsigned long long)st.recovered_blocks, (unsigned long long)st.recovery_dropped_blocks,
+      (unsigned long long)st.partial_replacements);
+  std::printf(
+      "crash: after %llu of %llu kills the reaped writer's files were still held by its io_uring rings "
+      "(longest wait for them %.1f ms)\n",
+      (unsigned long long)st.io_still_in_flight, (unsigned long long)kills, double(st.longest_drain.count()) / 1000.0);
   if (!st.put_failure_codes.empty()) std::printf("crash: failed puts returned: %s\n", st.put_failure_codes.c_str());
   CHECK(st.puts_committed > kills);  // the writers did real work between kills
 }
@@ -707,19 +712,19 @@ void scripted_writer(int fd, const std::string& dir, std::uint64_t kill_at, bool
     if (e != errc::ok) child_fail(fd, "scripted drop returned " + std::string(to_string(e)));
     emit(fd, "D " + std::to_string(k));
   };
-  put(0, 1, 70, 0);    // A: 3 blocks, the last partial
-  put(1, 1, 40, 0);    // B: 2 blocks
-  put(0, 1, 140, 2);   // A: next turn from the partial block
-  put(0, 2, 100, 0);   // A: replaced by another conversation (other tokens)
-  drop(1);             // B gone
-  put(1, 2, 33, 0);    // B again, new conversation
-  put(1, 2, 96, 1);    // B: next turn, ends on a full block
-  put(2, 1, 64, 0);    // C: 2 full blocks
-  put(2, 1, 90, 2);    // C: next turn from the next (new) block
-  put(0, 2, 128, 3);   // A: next turn
-  put(1, 2, 96, 0);    // B: the same conversation rewritten whole
-  drop(0);             // A gone
-  put(2, 3, 50, 0);    // C: replaced again
+  put(0, 1, 70, 0);   // A: 3 blocks, the last partial
+  put(1, 1, 40, 0);   // B: 2 blocks
+  put(0, 1, 140, 2);  // A: next turn from the partial block
+  put(0, 2, 100, 0);  // A: replaced by another conversation (other tokens)
+  drop(1);            // B gone
+  put(1, 2, 33, 0);   // B again, new conversation
+  put(1, 2, 96, 1);   // B: next turn, ends on a full block
+  put(2, 1, 64, 0);   // C: 2 full blocks
+  put(2, 1, 90, 2);   // C: next turn from the next (new) block
+  put(0, 2, 128, 3);  // A: next turn
+  put(1, 2, 96, 0);   // B: the same conversation rewritten whole
+  drop(0);            // A gone
+  put(2, 3, 50, 0);   // C: replaced again
   emit(fd, "W " + std::to_string(dev ? dev->writes() : 0));
 }
 
@@ -750,8 +755,8 @@ sweep_result crash_point_sweep(bool strict_atomic) {
       temp_dir dir("crash-point");
       child_run run = run_child([&](int fd) { scripted_writer(fd, dir.str(), k, torn != 0); },
                                 std::chrono::microseconds(-1), false);
-      const std::string ctx = "killed at write " + std::to_string(k) + " of " + std::to_string(total_writes) +
-                              (torn ? " (torn)" : "");
+      const std::string ctx =
+          "killed at write " + std::to_string(k) + " of " + std::to_string(total_writes) + (torn ? " (torn)" : "");
       INFO(ctx);
       INFO(run.output);
       if (k <= total_writes) {
@@ -768,8 +773,8 @@ sweep_result crash_point_sweep(bool strict_atomic) {
       REQUIRE(failure.empty());
       std::vector<conv_state> observed, again;
       const std::uint64_t partial_before = st.partial_replacements;
-      verify_recovery(dir.str(), names, exp, observed, sw_dram_blocks, sw_ssd_blocks, sw_max_tokens, strict_atomic,
-                      st, ctx);
+      verify_recovery(dir.str(), names, exp, observed, sw_dram_blocks, sw_ssd_blocks, sw_max_tokens, strict_atomic, st,
+                      ctx);
       res.partial_replacements += st.partial_replacements - partial_before;
       // A second restart (after the first one cleaned up) finds exactly the same state.
       std::vector<expectation> settled(sw_sessions);
@@ -788,9 +793,10 @@ TEST_CASE("crash: kill at every SSD write of a scripted writer, whole and torn",
   const auto t0 = std::chrono::steady_clock::now();
   sweep_result r = crash_point_sweep(false);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("crash points: %llu runs in %.1f s; %llu left a prefix of an unfinished replacing put instead of the "
-              "committed version\n",
-              (unsigned long long)r.runs, secs, (unsigned long long)r.partial_replacements);
+  std::printf(
+      "crash points: %llu runs in %.1f s; %llu left a prefix of an unfinished replacing put instead of the "
+      "committed version\n",
+      (unsigned long long)r.runs, secs, (unsigned long long)r.partial_replacements);
 }
 
 // Regression (found by this test, fixed): a put that replaces a session's blocks from first_block 0 with
@@ -798,8 +804,7 @@ TEST_CASE("crash: kill at every SSD write of a scripted writer, whole and torn",
 // version whose chain verifies, so once block 0 of the new version is on disk, the old
 // blocks 1.. no longer chain and are discarded: after the restart the session holds a
 // prefix of the unfinished put and the committed version is lost.
-TEST_CASE("crash: a replacing put interrupted by a crash leaves the old or the whole new version",
-          "[crash]") {
+TEST_CASE("crash: a replacing put interrupted by a crash leaves the old or the whole new version", "[crash]") {
   sweep_result r = crash_point_sweep(true);
   CHECK(r.partial_replacements == 0);
 }
@@ -807,8 +812,7 @@ TEST_CASE("crash: a replacing put interrupted by a crash leaves the old or the w
 // Regression (found by this test, fixed): drop() releases a block's SSD slot even when zeroing its header
 // failed, and still returns ok; the header stays valid on disk and the next restart
 // recovers the dropped session.
-TEST_CASE("crash: a dropped session stays dropped after restart even if invalidating its headers failed",
-          "[crash]") {
+TEST_CASE("crash: a dropped session stays dropped after restart even if invalidating its headers failed", "[crash]") {
   temp_dir dir("drop-eio");
   session_names names(1);
   const auto toks = conv_tokens(0, 0, 100);
@@ -884,8 +888,7 @@ namespace {
 }
 }  // namespace
 
-TEST_CASE("crash: a store reopened after a SIGKILL does not run while the dead writer's I/O drains",
-          "[crash]") {
+TEST_CASE("crash: a store reopened after a SIGKILL does not run while the dead writer's I/O drains", "[crash]") {
   temp_dir dir("drain");
   std::uint64_t opened_while_draining = 0, changed_after_reopen = 0;
   const int rounds = int(env_u64("ATTNSTORE_CRASH_DRAIN_ROUNDS", 10));
@@ -911,9 +914,10 @@ TEST_CASE("crash: a store reopened after a SIGKILL does not run while the dead w
       if (st.recovered_blocks != first_blocks || st.recovery_dropped_blocks != 0) ++changed_after_reopen;
     }
   }
-  std::printf("crash: %llu of %d reopens failed; after %llu of them a second recovery found other blocks than "
-              "the first\n",
-              (unsigned long long)opened_while_draining, rounds, (unsigned long long)changed_after_reopen);
+  std::printf(
+      "crash: %llu of %d reopens failed; after %llu of them a second recovery found other blocks than "
+      "the first\n",
+      (unsigned long long)opened_while_draining, rounds, (unsigned long long)changed_after_reopen);
   INFO(opened_while_draining << " of " << rounds << " reopens failed");
   CHECK(opened_while_draining == 0);
   CHECK(changed_after_reopen == 0);

@@ -44,18 +44,22 @@ int main() {
     auto* dkeys = static_cast<std::byte*>(copier->allocate_device(bytes));
     auto* dang = static_cast<float*>(copier->allocate_device(2 * rows));
     stream_ref s = copier->create_stream();
-    copy_segment up[3] = {{host.data(), dkeys, bytes}, {a.cos_row(0), dang, rows}, {a.sin_row(0), dang + rows / 4, rows}};
+    copy_segment up[3] = {
+        {host.data(), dkeys, bytes}, {a.cos_row(0), dang, rows}, {a.sin_row(0), dang + rows / 4, rows}};
     event_id e = copier->acquire_event();
     errc st = copier->copy_async(up, s);
-    if (st == errc::ok) st = rerotate_cuda(dkeys, dt, tokens, heads, heads * dim * elem, dim * elem, dang, dang + rows / 4,
-                                           false, spec, s.get());
+    if (st == errc::ok)
+      st = rerotate_cuda(dkeys, dt, tokens, heads, heads * dim * elem, dim * elem, dang, dang + rows / 4, false, spec,
+                         s.get());
     copy_segment down[1] = {{dkeys, gpu.data(), bytes}};
     if (st == errc::ok) st = copier->copy_async(down, s);
     if (st == errc::ok) st = copier->record(e, s);
     if (st == errc::ok) st = copier->synchronize(e);
     const bool same = st == errc::ok && std::memcmp(cpu.data(), gpu.data(), bytes) == 0;
     std::printf("%s: %s\n", std::string(to_string(dt)).c_str(),
-                st != errc::ok ? to_string(st).data() : same ? "GPU bytes equal CPU bytes" : "MISMATCH");
+                st != errc::ok ? to_string(st).data()
+                : same         ? "GPU bytes equal CPU bytes"
+                               : "MISMATCH");
     failures += !same;
     copier->release_event(e);
     copier->destroy_stream(s);

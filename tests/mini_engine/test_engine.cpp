@@ -201,8 +201,8 @@ TEST_CASE("a conversation three times longer than the context window keeps reusi
   CHECK(truncated_turns >= 4);
   const double mean_diff = diff_sum / double(truncated_turns);
   const double mean_unrelated = unrelated_sum / double(truncated_turns - 1);
-  INFO("top-1 agreement " << double(agree) / double(truncated_turns) << ", mean relative logit difference "
-                          << mean_diff << " vs " << mean_unrelated << " between turns");
+  INFO("top-1 agreement " << double(agree) / double(truncated_turns) << ", mean relative logit difference " << mean_diff
+                          << " vs " << mean_unrelated << " between turns");
   CHECK(mean_diff < 0.25 * mean_unrelated);
   CHECK(double(agree) / double(truncated_turns) >= 0.5);
 }

@@ -90,7 +90,8 @@ std::vector<float> prefill(const llama_model& m, paged_kv_cache& cache, sequence
   return logits;
 }
 
-std::vector<float> prefill_once(const llama_model& m, std::span<const std::uint32_t> tokens, std::uint32_t page_size = 16) {
+std::vector<float> prefill_once(const llama_model& m, std::span<const std::uint32_t> tokens,
+                                std::uint32_t page_size = 16) {
   const llama_config& c = m.config();
   paged_kv_cache cache(c, std::uint32_t((tokens.size() + page_size - 1) / page_size + 1), page_size);
   sequence seq;
@@ -149,9 +150,9 @@ TEST_CASE("16-bit float conversions round to nearest even") {
   CHECK(f32_to_f16(1e10f) == 0x7C00);
   CHECK(f32_to_f16(5.9604644775390625e-8f) == 0x0001);  // smallest subnormal
   CHECK(f32_to_f16(2.98e-8f) == 0x0000);
-  CHECK(f32_to_f16(6.103515625e-05f) == 0x0400);  // smallest normal
-  CHECK(f32_to_f16(1.0f + 1.0f / 2048) == 0x3C00);   // tie -> even
-  CHECK(f32_to_f16(1.0f + 3.0f / 2048) == 0x3C02);   // tie -> even (up)
+  CHECK(f32_to_f16(6.103515625e-05f) == 0x0400);    // smallest normal
+  CHECK(f32_to_f16(1.0f + 1.0f / 2048) == 0x3C00);  // tie -> even
+  CHECK(f32_to_f16(1.0f + 3.0f / 2048) == 0x3C02);  // tie -> even (up)
   CHECK(std::isnan(f16_to_f32(f32_to_f16(std::nanf("")))));
   // Every finite half survives half -> float -> half.
   for (std::uint32_t h = 0; h < 0x10000; ++h) {
@@ -179,12 +180,15 @@ TEST_CASE("safetensors round trip in F32, BF16 and F16") {
     const std::vector<float> ra = r.read_f32("a.weight", std::vector<std::int64_t>{2, 3});
     const std::vector<float> rb = r.read_f32("b");
     for (std::size_t i = 0; i < a.size(); ++i) {
-      const float want = dt == st::dtype::f32 ? a[i] : dt == st::dtype::bf16 ? st::round_bf16(a[i]) : st::round_f16(a[i]);
+      const float want = dt == st::dtype::f32    ? a[i]
+                         : dt == st::dtype::bf16 ? st::round_bf16(a[i])
+                                                 : st::round_f16(a[i]);
       CHECK(ra[i] == want);
     }
     for (std::size_t i = 0; i < b.size(); ++i) CHECK(rb[i] == b[i]);  // exact in all three
-    CHECK_THROWS_WITH(r.read_f32("a.weight", std::vector<std::int64_t>{3, 2}),
-                      Catch::Contains("t.safetensors") && Catch::Contains("'a.weight' has shape [2, 3], expected [3, 2]"));
+    CHECK_THROWS_WITH(
+        r.read_f32("a.weight", std::vector<std::int64_t>{3, 2}),
+        Catch::Contains("t.safetensors") && Catch::Contains("'a.weight' has shape [2, 3], expected [3, 2]"));
     CHECK_THROWS_WITH(r.info("nope"), Catch::Contains("missing tensor 'nope'") && Catch::Contains("t.safetensors"));
   }
   CHECK_THROWS_WITH(st::write(dir.str("x.safetensors"), std::vector<st::tensor_ref>{{"a", {4}, a}}),
@@ -200,17 +204,22 @@ TEST_CASE("safetensors rejects bad files with clear errors") {
   CHECK_THROWS_WITH(st::reader(p), Catch::Contains("bad header"));
   write_file(p, header_file("{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]"));
   CHECK_THROWS_WITH(st::reader(p), Catch::Contains("bad header") && Catch::Contains("json"));
-  write_file(p, header_file("{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}}") + std::string(4, '\0'));
+  write_file(
+      p, header_file("{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}}") + std::string(4, '\0'));
   CHECK_THROWS_WITH(st::reader(p), Catch::Contains("tensor 'a'") && Catch::Contains("outside"));
-  write_file(p, header_file("{\"a\": {\"dtype\": \"F32\", \"shape\": [3], \"data_offsets\": [0, 8]}}") + std::string(8, '\0'));
+  write_file(
+      p, header_file("{\"a\": {\"dtype\": \"F32\", \"shape\": [3], \"data_offsets\": [0, 8]}}") + std::string(8, '\0'));
   CHECK_THROWS_WITH(st::reader(p), Catch::Contains("tensor 'a'") && Catch::Contains("needs 12"));
-  write_file(p, header_file("{\"a\": {\"dtype\": \"Q4\", \"shape\": [2], \"data_offsets\": [0, 8]}}") + std::string(8, '\0'));
+  write_file(
+      p, header_file("{\"a\": {\"dtype\": \"Q4\", \"shape\": [2], \"data_offsets\": [0, 8]}}") + std::string(8, '\0'));
   CHECK_THROWS_WITH(st::reader(p), Catch::Contains("unknown dtype 'Q4'"));
   write_file(p, header_file("[1, 2]"));
   CHECK_THROWS_WITH(st::reader(p), Catch::Contains("not a JSON object"));
-  CHECK_THROWS_WITH(st::reader(dir.str("absent.safetensors")), Catch::Contains("absent.safetensors") && Catch::Contains("cannot open"));
+  CHECK_THROWS_WITH(st::reader(dir.str("absent.safetensors")),
+                    Catch::Contains("absent.safetensors") && Catch::Contains("cannot open"));
   // A valid file with an integer tensor: readable header, the tensor cannot become float.
-  write_file(p, header_file("{\"i\": {\"dtype\": \"I32\", \"shape\": [2], \"data_offsets\": [0, 8]}}") + std::string(8, '\0'));
+  write_file(
+      p, header_file("{\"i\": {\"dtype\": \"I32\", \"shape\": [2], \"data_offsets\": [0, 8]}}") + std::string(8, '\0'));
   st::reader r(p);
   CHECK_THROWS_WITH(r.read_f32("i"), Catch::Contains("I32"));
 }
@@ -282,12 +291,14 @@ TEST_CASE("loading reports missing tensors, wrong shapes and bad configs") {
   };
 
   write_without("model.layers.1.mlp.up_proj.weight", "");
-  CHECK_THROWS_WITH(llama_model::load(dir.str()), Catch::Contains("model.safetensors") &&
-                                                      Catch::Contains("missing tensor 'model.layers.1.mlp.up_proj.weight'"));
+  CHECK_THROWS_WITH(
+      llama_model::load(dir.str()),
+      Catch::Contains("model.safetensors") && Catch::Contains("missing tensor 'model.layers.1.mlp.up_proj.weight'"));
   write_without("", "model.layers.0.self_attn.k_proj.weight");
-  CHECK_THROWS_WITH(llama_model::load(dir.str()),
-                    Catch::Contains("model.safetensors") &&
-                        Catch::Contains("'model.layers.0.self_attn.k_proj.weight' has shape [64, 32], expected [32, 64]"));
+  CHECK_THROWS_WITH(
+      llama_model::load(dir.str()),
+      Catch::Contains("model.safetensors") &&
+          Catch::Contains("'model.layers.0.self_attn.k_proj.weight' has shape [64, 32], expected [32, 64]"));
   write_without("", "");
   CHECK_NOTHROW(llama_model::load(dir.str()));
 
@@ -296,7 +307,8 @@ TEST_CASE("loading reports missing tensors, wrong shapes and bad configs") {
   CHECK_THROWS_WITH(llama_model::from_weights(cfg, partial), Catch::Contains("missing weight 'lm_head.weight'"));
   partial = w;
   partial[1].shape = {cfg.dim + 1};
-  CHECK_THROWS_WITH(llama_model::from_weights(cfg, partial), Catch::Contains(partial[1].name) && Catch::Contains("shape"));
+  CHECK_THROWS_WITH(llama_model::from_weights(cfg, partial),
+                    Catch::Contains(partial[1].name) && Catch::Contains("shape"));
 
   // config.json problems
   write_file(dir.str("config.json"), R"({"vocab_size": 96, "num_hidden_layers": 2})");
@@ -647,7 +659,8 @@ std::vector<double> ref_forward(const ref_model& m, const std::vector<std::uint3
   const std::size_t n = tokens.size();
   std::vector<std::vector<double>> x(n);
   const auto& E = m.W("model.embed_tokens.weight");
-  for (std::size_t t = 0; t < n; ++t) x[t].assign(E.begin() + std::ptrdiff_t(tokens[t] * D), E.begin() + std::ptrdiff_t((tokens[t] + 1) * D));
+  for (std::size_t t = 0; t < n; ++t)
+    x[t].assign(E.begin() + std::ptrdiff_t(tokens[t] * D), E.begin() + std::ptrdiff_t((tokens[t] + 1) * D));
   for (int l = 0; l < c.n_layers; ++l) {
     auto N = [&](const char* s) { return "model.layers." + std::to_string(l) + "." + s; };
     std::vector<std::vector<double>> q(n), k(n), v(n);
@@ -682,7 +695,8 @@ std::vector<double> ref_forward(const ref_model& m, const std::vector<std::uint3
       const auto gt = ref_linear(m.W(N("mlp.gate_proj.weight")), xn, F, D);
       const auto up = ref_linear(m.W(N("mlp.up_proj.weight")), xn, F, D);
       std::vector<double> hh(static_cast<std::size_t>(F));
-      for (int i = 0; i < F; ++i) hh[std::size_t(i)] = gt[std::size_t(i)] / (1.0 + std::exp(-gt[std::size_t(i)])) * up[std::size_t(i)];
+      for (int i = 0; i < F; ++i)
+        hh[std::size_t(i)] = gt[std::size_t(i)] / (1.0 + std::exp(-gt[std::size_t(i)])) * up[std::size_t(i)];
       const auto dn = ref_linear(m.W(N("mlp.down_proj.weight")), hh, D, F);
       for (int i = 0; i < D; ++i) x[t][std::size_t(i)] += dn[std::size_t(i)];
     }
@@ -758,7 +772,8 @@ TEST_CASE("paged_kv_cache geometry and page allocator") {
   CHECK(c.page_stride_bytes() == 16 * c.token_stride_bytes());
   CHECK(c.layer_bytes() == 10 * c.page_stride_bytes());
   CHECK(reinterpret_cast<std::uintptr_t>(c.k(0)) % 4096 == 0);
-  CHECK(reinterpret_cast<const char*>(c.v(0)) - reinterpret_cast<const char*>(c.k(0)) == std::ptrdiff_t(c.layer_bytes()));
+  CHECK(reinterpret_cast<const char*>(c.v(0)) - reinterpret_cast<const char*>(c.k(0)) ==
+        std::ptrdiff_t(c.layer_bytes()));
   CHECK(c.k(1) == c.v(0) + c.layer_bytes() / 4);
   const auto a = c.allocate(4);
   CHECK(a == std::vector<std::uint32_t>{0, 1, 2, 3});
@@ -827,7 +842,7 @@ TEST_CASE("argmax, flops and random weights") {
   CHECK(m.forward_flops(0, 0) == 0);
   // Seeded weights are reproducible and differ between seeds.
   const auto w1 = llama_model::random(cfg, 1).weights(), w1b = m.weights(), w2 = llama_model::random(cfg, 2).weights();
-  CHECK(same_bits(w1[1].data, w1b[1].data));   // a norm: all ones
+  CHECK(same_bits(w1[1].data, w1b[1].data));  // a norm: all ones
   CHECK(same_bits(w1[2].data, w1b[2].data));
   CHECK_FALSE(same_bits(w1[2].data, w2[2].data));
   double sum = 0, sq = 0;

@@ -76,8 +76,7 @@ outcome replay(sim::policy_kind kind, const std::vector<turn>& trace, std::uint3
     length[s] += std::size_t(trace[i].new_blocks) * tpb;
     c.save(key, tokens_for(s, length[s]), i, when(next[i]));
     // The session's next turn, if the queue shows it already, is queued again.
-    if (lookahead && next[i] < n && next[i] < i + lookahead)
-      c.enqueue(c.record_of(key), next[i], i);
+    if (lookahead && next[i] < n && next[i] < i + lookahead) c.enqueue(c.record_of(key), next[i], i);
     std::string why;
     INFO("turn " << i << ": " << why);
     if (i % 16 == 0) REQUIRE(c.check(&why));
@@ -88,8 +87,8 @@ outcome replay(sim::policy_kind kind, const std::vector<turn>& trace, std::uint3
   return out;
 }
 
-std::vector<turn> random_trace(std::mt19937_64& rng, std::uint32_t sessions, std::uint32_t turns,
-                               std::uint32_t max_new, std::uint32_t cap_blocks) {
+std::vector<turn> random_trace(std::mt19937_64& rng, std::uint32_t sessions, std::uint32_t turns, std::uint32_t max_new,
+                               std::uint32_t cap_blocks) {
   std::vector<turn> t;
   std::vector<std::uint32_t> size(sessions, 0), id(sessions);
   std::uint32_t next_id = 0;

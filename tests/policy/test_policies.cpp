@@ -232,13 +232,27 @@ TEST_CASE("policies keep their invariants under random events") {
     ++now;
     for (auto* p : ps) {
       switch (op) {
-        case 0: p->on_insert(r, now); break;
-        case 1: p->on_erase(r); break;
-        case 2: p->on_access(r, now); break;
-        case 3: p->on_blocks(r, level(rng() % 3), std::uint32_t(rng() % 4)); break;
-        case 4: p->enqueue(r, ++position, now); break;
-        case 5: p->dequeue(r); break;
-        case 6: p->set_window(std::uint32_t(rng() % 12)); break;
+        case 0:
+          p->on_insert(r, now);
+          break;
+        case 1:
+          p->on_erase(r);
+          break;
+        case 2:
+          p->on_access(r, now);
+          break;
+        case 3:
+          p->on_blocks(r, level(rng() % 3), std::uint32_t(rng() % 4));
+          break;
+        case 4:
+          p->enqueue(r, ++position, now);
+          break;
+        case 5:
+          p->dequeue(r);
+          break;
+        case 6:
+          p->set_window(std::uint32_t(rng() % 12));
+          break;
         case 7: {
           std::uint32_t q[6];
           for (auto& x : q) x = std::uint32_t(rng() % n);

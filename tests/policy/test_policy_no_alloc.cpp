@@ -41,12 +41,24 @@ TEST_CASE("steady-state policy events, decisions and prefetch planning allocate 
     const std::uint32_t r = std::uint32_t(rng() % n);
     for (auto* p : ps) {
       switch (rng() % 8) {
-        case 0: p->on_insert(r, i); break;
-        case 1: p->on_erase(r); break;
-        case 2: p->on_access(r, i); break;
-        case 3: p->on_blocks(r, level(1 + rng() % 2), std::uint32_t(rng() % 50)); break;
-        case 4: p->enqueue(r, i, i); break;
-        case 5: p->dequeue(r); break;
+        case 0:
+          p->on_insert(r, i);
+          break;
+        case 1:
+          p->on_erase(r);
+          break;
+        case 2:
+          p->on_access(r, i);
+          break;
+        case 3:
+          p->on_blocks(r, level(1 + rng() % 2), std::uint32_t(rng() % 50));
+          break;
+        case 4:
+          p->enqueue(r, i, i);
+          break;
+        case 5:
+          p->dequeue(r);
+          break;
         case 6:
           for (auto& q : queue) q = std::uint32_t(rng() % n);
           p->set_queue(queue, i);
@@ -64,8 +76,10 @@ TEST_CASE("steady-state policy events, decisions and prefetch planning allocate 
     t.ssd[r] = std::uint32_t(rng() % 20);
     pf.plan(b, t);
     if (pf.in_flight(r)) {
-      if (rng() % 2) (void)pf.complete(r, pf.ticket(r));
-      else (void)pf.cancel(r, t);
+      if (rng() % 2)
+        (void)pf.complete(r, pf.ticket(r));
+      else
+        (void)pf.cancel(r, t);
     }
   };
   for (std::uint64_t i = 0; i < 20000; ++i) step(i);  // warm up: nothing is sized lazily, but be fair

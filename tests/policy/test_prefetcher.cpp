@@ -125,8 +125,12 @@ TEST_CASE("prefetcher: the byte bound holds under random queues, completions and
         t.ssd_only[r] = std::uint32_t(rng() % 40);
         p.on_blocks(r, level::ssd, t.ssd_only[r]);
         break;
-      case 1: p.enqueue(r, ++position, step); break;
-      case 2: p.dequeue(r); break;
+      case 1:
+        p.enqueue(r, ++position, step);
+        break;
+      case 2:
+        p.dequeue(r);
+        break;
       case 3:
         pf.cancel(r, t);
         p.on_erase(r);
@@ -139,7 +143,9 @@ TEST_CASE("prefetcher: the byte bound holds under random queues, completions and
           p.on_blocks(r, level::ssd, t.ssd_only[r]);
         }
         break;
-      default: pf.plan(p, t); break;
+      default:
+        pf.plan(p, t);
+        break;
     }
     REQUIRE(pf.bytes_in_flight() <= pf.max_bytes_in_flight());
     std::uint64_t reserved = 0;
@@ -307,8 +313,12 @@ TEST_CASE("tiered_cache: random turns, queues, completions and closes never leak
           c.save(key, tokens_for(s, length[s]), step, rng() % 50000);
           break;
         }
-        case 2: c.enqueue(c.record_of(key), ++position, step); break;
-        case 3: c.plan_prefetch(); break;
+        case 2:
+          c.enqueue(c.record_of(key), ++position, step);
+          break;
+        case 3:
+          c.plan_prefetch();
+          break;
         case 4:
           if (!io.reads.empty()) {  // completions arrive in any order
             const std::size_t i = rng() % io.reads.size();
@@ -331,7 +341,9 @@ TEST_CASE("tiered_cache: random turns, queues, completions and closes never leak
             length[s] = 0;
           }
           break;
-        default: c.set_next_use(c.record_of(key), rng() % 50000); break;
+        default:
+          c.set_next_use(c.record_of(key), rng() % 50000);
+          break;
       }
       if (auto* pf = c.prefetcher()) REQUIRE(pf->bytes_in_flight() <= pf->max_bytes_in_flight());
       if (step % 7 == 0) {

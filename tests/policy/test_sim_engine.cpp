@@ -36,8 +36,7 @@ TEST_CASE("sim: all policies on a small paper-like trace, invariants checked thr
       CHECK(r[k].reused_tokens <= r[k].hit_tokens);
     }
     CHECK(r[0].hit_rate() == 0);
-    INFO("ssd " << ssd_tb << " TB: lru " << r[1].hit_rate() << " sa " << r[2].hit_rate() << " opt "
-                << r[3].hit_rate());
+    INFO("ssd " << ssd_tb << " TB: lru " << r[1].hit_rate() << " sa " << r[2].hit_rate() << " opt " << r[3].hit_rate());
     // Not a theorem with engine timing (each policy changes when turns run), but with
     // this margin it always holds; the exact bound is in test_opt_bound.
     CHECK(r[3].hit_rate() + 0.01 >= r[1].hit_rate());

@@ -14,10 +14,10 @@ TEST_CASE("trace: the paper preset matches the ShareGPT statistics") {
   const trace::workload w = trace::generate(o);
   const trace::workload_stats st = trace::describe(w);
   CHECK(st.requests == 200000);
-  CHECK(st.mean_turns == Approx(5.75).margin(0.15));          // mean 5.75 turns
-  CHECK(st.multi_turn_fraction == Approx(0.73).margin(0.02));  // 73% multi-turn
-  CHECK(st.sessions_over_4k == Approx(0.30).margin(0.06));     // ~30% beyond 4K tokens
-  CHECK(st.sessions_over_2k > 0.45);                           // about half beyond 2K
+  CHECK(st.mean_turns == Approx(5.75).margin(0.15));                     // mean 5.75 turns
+  CHECK(st.multi_turn_fraction == Approx(0.73).margin(0.02));            // 73% multi-turn
+  CHECK(st.sessions_over_4k == Approx(0.30).margin(0.06));               // ~30% beyond 4K tokens
+  CHECK(st.sessions_over_2k > 0.45);                                     // about half beyond 2K
   CHECK(double(st.sessions) / st.duration == Approx(1.0).margin(0.03));  // 1 session/s
   for (const auto& r : w.requests) {
     REQUIRE(r.input_tokens >= 1);
@@ -72,7 +72,8 @@ TEST_CASE("trace: JSON lines import, ordering and errors") {
   std::istringstream in(
       "# a comment\n"
       "{\"session\": \"b\", \"turn\": 1, \"input_tokens\": 20, \"output_tokens\": 30, \"timestamp\": 110.5}\n"
-      "{\"session\": \"a\", \"turn\": 0, \"input_tokens\": 5, \"output_tokens\": 6, \"timestamp\": 50, \"extra\": [1, {\"x\": null}]}\n"
+      "{\"session\": \"a\", \"turn\": 0, \"input_tokens\": 5, \"output_tokens\": 6, \"timestamp\": 50, \"extra\": [1, "
+      "{\"x\": null}]}\n"
       "\n"
       "{\"timestamp\": 100, \"output_tokens\": 40, \"input_tokens\": 10, \"session\": \"b\", \"turn\": 0}\n"
       "{\"session\": 7, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 60}\n"
@@ -122,7 +123,8 @@ TEST_CASE("trace: JSON lines import, ordering and errors") {
   fails("{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0} x\n", "text after");
   fails("[1, 2]\n", "expected a JSON object");
   fails("{\"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0}\n", "missing \"session\"");
-  fails("{\"session\": 1, \"turn\": 0, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 5}\n"
-        "{\"session\": 1, \"turn\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 4}\n",
-        "back in time");
+  fails(
+      "{\"session\": 1, \"turn\": 0, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 5}\n"
+      "{\"session\": 1, \"turn\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 4}\n",
+      "back in time");
 }

@@ -58,8 +58,8 @@ constexpr std::uint32_t tpb = 32;
 const kv_geometry geom{4, 2, 64, dtype::f16, tpb};  // 64 KiB blocks
 constexpr std::uint32_t n_sessions = 40;
 constexpr std::uint32_t n_threads = 4;
-constexpr std::uint32_t max_tokens = 10 * tpb;     // a conversation holds at most 10 blocks
-constexpr std::uint32_t max_whole_blocks = 4;      // a whole put writes at most 4 blocks
+constexpr std::uint32_t max_tokens = 10 * tpb;        // a conversation holds at most 10 blocks
+constexpr std::uint32_t max_whole_blocks = 4;         // a whole put writes at most 4 blocks
 constexpr std::uint32_t pinned_session = n_sessions;  // one more session, pinned, only read
 constexpr std::uint32_t pinned_tokens = 3 * tpb;
 
@@ -74,7 +74,9 @@ std::vector<token_id> conv_tokens(std::uint32_t s, std::uint32_t gen, std::size_
   if (n) t[0] = 0x40000000u | (s << 20) | (gen & 0xFFFFFu);
   return t;
 }
-std::uint64_t conv_seed(std::uint32_t s, std::uint32_t gen, std::uint32_t block) { return block_seed(s, block, gen + 1); }
+std::uint64_t conv_seed(std::uint32_t s, std::uint32_t gen, std::uint32_t block) {
+  return block_seed(s, block, gen + 1);
+}
 
 struct scenario {
   const char* name;
@@ -148,14 +150,22 @@ class worker {
     for (std::uint64_t i = 0; i < ops && sh_.error_count.load(std::memory_order_relaxed) < 40; ++i) {
       const std::uint32_t s = rnd(n_sessions);
       const std::uint32_t roll = rnd(100);
-      if (roll < 18) put_whole(s, roll < 4);
-      else if (roll < 38) put_incremental(s);
-      else if (roll < 68) get(s);
-      else if (roll < 78) lookup(s);
-      else if (roll < 83) drop(s);
-      else if (roll < 89) demote(s);
-      else if (roll < 95) pin_and_read(s);
-      else read_pinned();
+      if (roll < 18)
+        put_whole(s, roll < 4);
+      else if (roll < 38)
+        put_incremental(s);
+      else if (roll < 68)
+        get(s);
+      else if (roll < 78)
+        lookup(s);
+      else if (roll < 83)
+        drop(s);
+      else if (roll < 89)
+        demote(s);
+      else if (roll < 95)
+        pin_and_read(s);
+      else
+        read_pinned();
     }
   }
 
@@ -221,9 +231,9 @@ class worker {
     if (res.status == errc::checksum_error) sh_.error(at + ": checksum_error although nothing corrupts data");
     if (!sh_.sc->faults && res.status == errc::device_error) sh_.error(at + ": device_error without faults");
     if (res.blocks == 0 && res.tokens != 0) sh_.error(at + ": tokens without blocks");
-    if (res.blocks > 0 && (res.tokens > std::uint64_t(res.blocks) * tpb ||
-                           res.tokens <= std::uint64_t(res.blocks - 1) * tpb ||
-                           std::uint64_t(first) * tpb + res.tokens > prompt_tokens))
+    if (res.blocks > 0 &&
+        (res.tokens > std::uint64_t(res.blocks) * tpb || res.tokens <= std::uint64_t(res.blocks - 1) * tpb ||
+         std::uint64_t(first) * tpb + res.tokens > prompt_tokens))
       sh_.error(at + ": " + std::to_string(res.tokens) + " tokens in " + std::to_string(res.blocks) + " blocks");
     const std::uint32_t n = std::min(res.blocks, count_blocks);
     for (std::uint32_t i = 0; i < n; ++i) {
@@ -315,8 +325,8 @@ class worker {
     ++sh_.lookups;
     const lookup_result r = sh_.st->lookup(sh_.key(s), prompt);
     if (r.tokens != pinned_tokens || r.dram_blocks != blocks)
-      sh_.error(std::string(sh_.sc->name) + ": pinned session: lookup found " + std::to_string(r.tokens) +
-                " tokens, " + std::to_string(r.dram_blocks) + " blocks in DRAM");
+      sh_.error(std::string(sh_.sc->name) + ": pinned session: lookup found " + std::to_string(r.tokens) + " tokens, " +
+                std::to_string(r.dram_blocks) + " blocks in DRAM");
     ++sh_.gets;
     const get_result res = sh_.st->get(sh_.key(s), prompt, 0, blocks, std::span(out_).subspan(0, blocks * bb_));
     count(op_get, res.status);
@@ -394,20 +404,20 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
   if (faults) faults->set_faults(fault_config{});
 
   store_stats ss = st.stats();
-  std::printf("stress %-28s %-9s %5.2f s: %llu puts, %llu gets (%llu blocks delivered, %llu dram / %llu ssd served), "
-              "%llu demoted, %llu promoted, %llu sessions / %llu blocks evicted, %llu io errors, %llu faults "
-              "injected\n",
-              sc.name, std::string(st.io_backend_name()).c_str(), secs, (unsigned long long)sh.puts.load(),
-              (unsigned long long)sh.gets.load(), (unsigned long long)sh.delivered.load(),
-              (unsigned long long)ss.blocks_served_dram, (unsigned long long)ss.blocks_served_ssd,
-              (unsigned long long)ss.demoted_blocks, (unsigned long long)ss.promoted_blocks,
-              (unsigned long long)ss.evicted_sessions, (unsigned long long)ss.evicted_blocks,
-              (unsigned long long)ss.io_errors, (unsigned long long)injected);
+  std::printf(
+      "stress %-28s %-9s %5.2f s: %llu puts, %llu gets (%llu blocks delivered, %llu dram / %llu ssd served), "
+      "%llu demoted, %llu promoted, %llu sessions / %llu blocks evicted, %llu io errors, %llu faults "
+      "injected\n",
+      sc.name, std::string(st.io_backend_name()).c_str(), secs, (unsigned long long)sh.puts.load(),
+      (unsigned long long)sh.gets.load(), (unsigned long long)sh.delivered.load(),
+      (unsigned long long)ss.blocks_served_dram, (unsigned long long)ss.blocks_served_ssd,
+      (unsigned long long)ss.demoted_blocks, (unsigned long long)ss.promoted_blocks,
+      (unsigned long long)ss.evicted_sessions, (unsigned long long)ss.evicted_blocks, (unsigned long long)ss.io_errors,
+      (unsigned long long)injected);
   for (unsigned op = 0; op < op_count; ++op) {
     std::string line;
     for (unsigned e = 0; e < n_codes; ++e)
-      if (auto n = sh.codes[op][e].load())
-        line += " " + std::string(to_string(errc(e))) + "=" + std::to_string(n);
+      if (auto n = sh.codes[op][e].load()) line += " " + std::string(to_string(errc(e))) + "=" + std::to_string(n);
     std::printf("    %-17s%s\n", op_names[op], line.c_str());
   }
 
@@ -504,9 +514,7 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
   }
 }
 
-std::uint64_t ops_per_thread() {
-  return env_u64("ATTNSTORE_STRESS_OPS", ATTNSTORE_STRESS_SANITIZED ? 1500 : 3000);
-}
+std::uint64_t ops_per_thread() { return env_u64("ATTNSTORE_STRESS_OPS", ATTNSTORE_STRESS_SANITIZED ? 1500 : 3000); }
 std::uint64_t stress_seed() { return env_u64("ATTNSTORE_STRESS_SEED", 424242); }
 
 }  // namespace

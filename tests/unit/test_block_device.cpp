@@ -131,7 +131,8 @@ TEST_CASE("EIO fails exactly the affected requests; the callback sees every requ
   fault_device dev(std::make_unique<memory_device>(sizes, 4096), faults);
   aligned_buffer b(64 * 4096);
   std::vector<io_request> reqs(64);
-  for (std::uint32_t i = 0; i < 64; ++i) reqs[i] = io_request{io_op::write, 0, i * 4096ull, b.p + i * 4096, 4096, -1, 0};
+  for (std::uint32_t i = 0; i < 64; ++i)
+    reqs[i] = io_request{io_op::write, 0, i * 4096ull, b.p + i * 4096, 4096, -1, 0};
   std::vector<int> seen(64, 0);
   auto cb = [](void* ctx, std::size_t i) { (*static_cast<std::vector<int>*>(ctx))[i]++; };
   CHECK(dev.execute(reqs, 16, cb, &seen) == errc::device_error);

@@ -26,7 +26,10 @@ void store_session(cache_index& idx, const session_hash& key, std::span<const to
     REQUIRE(b != no_slot);
     s.meta(b).chain = prev = chain_hash(prev, model, t);
     s.meta(b).dram_slot = b;
-    if (tail == no_slot) head = b; else s.meta(tail).next = b;
+    if (tail == no_slot)
+      head = b;
+    else
+      s.meta(tail).next = b;
     tail = b;
     ++n;
   }
@@ -162,7 +165,10 @@ TEST_CASE("concurrent open/lookup/erase on shared keys is safe") {
               std::uint32_t b = s.new_block(part);
               s.meta(b).chain = prev = chain_hash(prev, model, part);
               s.meta(b).dram_slot = b;
-              if (tail == no_slot) head = b; else s.meta(tail).next = b;
+              if (tail == no_slot)
+                head = b;
+              else
+                s.meta(tail).next = b;
               tail = b;
               ++n;
             }

@@ -30,12 +30,13 @@ struct paged_memory {
       kb.push_back(k.data() + l * page_stride * pages);
       vb.push_back(v.data() + l * page_stride * pages);
     }
-    layout = kv_layout{g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, page_size, page_stride, token_stride,
-                       head_stride, kb, vb, memory_space::host};
+    layout = kv_layout{g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, page_size,         page_stride,
+                       token_stride, head_stride,    kb,         vb,      memory_space::host};
   }
   // Element bytes of (layer, K or V, position, head) given the page table.
   std::byte* at(std::uint32_t l, int side, const std::vector<std::uint32_t>& table, std::size_t pos, std::uint32_t h) {
-    return (side ? vb : kb)[l] + table[pos / page_size] * page_stride + (pos % page_size) * token_stride + h * head_stride;
+    return (side ? vb : kb)[l] + table[pos / page_size] * page_stride + (pos % page_size) * token_stride +
+           h * head_stride;
   }
   // What the engine would compute for token `pos` of a session: deterministic bytes.
   void fill_token(std::uint64_t session, const std::vector<std::uint32_t>& table, std::size_t pos) {
@@ -70,7 +71,8 @@ store_config cfg_for(const kv_geometry& g) {
 void run_turn(hooks& hk, paged_memory& mem, std::uint64_t session, std::vector<token_id>& history,
               std::size_t new_tokens, std::vector<std::uint32_t>& table, std::uint64_t* loaded) {
   const std::size_t old = history.size();
-  for (std::size_t i = 0; i < new_tokens; ++i) history.push_back(token_id(attnstore::testing::mix(session + history.size()) % 30000));
+  for (std::size_t i = 0; i < new_tokens; ++i)
+    history.push_back(token_id(attnstore::testing::mix(session + history.size()) % 30000));
   const std::string name = "s" + std::to_string(session);
   session_key key{"t", name};
   // Scrub engine memory: only what the load brings back may be there.

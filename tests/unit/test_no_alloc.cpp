@@ -50,8 +50,7 @@ TEST_CASE("steady-state put, get, lookup, demote and SSD reads allocate nothing"
       if ((i + r) % 3 == 0) REQUIRE(s.demote(key) == errc::ok);  // next get reads SSD and promotes
     }
   };
-  for (int i = 0; i < sessions; ++i)
-    REQUIRE(s.put({"tenant", names[i]}, toks[i], 0, blocks) == errc::ok);
+  for (int i = 0; i < sessions; ++i) REQUIRE(s.put({"tenant", names[i]}, toks[i], 0, blocks) == errc::ok);
   for (int r = 0; r < 3; ++r) round(r);  // warm-up: I/O channels are made on first use
 
   const long before = allocations.load();

@@ -96,7 +96,8 @@ TEST_CASE("rotation matches the double-precision formula for every style, dtype 
           reference(s, k, first, 1, want);
           rope_angles angles(s, k.tokens);
           REQUIRE(angles.fill(first, 1, k.tokens));
-          REQUIRE(rerotate(k.bytes.data(), dt, k.tokens, k.heads, k.token_stride(), k.head_stride(), angles) == errc::ok);
+          REQUIRE(rerotate(k.bytes.data(), dt, k.tokens, k.heads, k.token_stride(), k.head_stride(), angles) ==
+                  errc::ok);
           double worst = 0;
           for (std::uint32_t t = 0; t < k.tokens; ++t)
             for (std::uint32_t h = 0; h < k.heads; ++h)
@@ -151,7 +152,8 @@ TEST_CASE("keys stored after RoPE and moved by -d equal keys rotated fresh at th
     (void)rerotate(fresh.bytes.data(), dt, 50, 2, fresh.token_stride(), fresh.head_stride(), at_new);
     double worst = 0;
     for (std::uint32_t t = 0; t < 50; ++t)
-      for (std::uint32_t i = 0; i < 64; ++i) worst = std::max(worst, double(std::fabs(moved.at(t, 1, i) - fresh.at(t, 1, i))));
+      for (std::uint32_t i = 0; i < 64; ++i)
+        worst = std::max(worst, double(std::fabs(moved.at(t, 1, i) - fresh.at(t, 1, i))));
     INFO("dtype " << to_string(dt));
     CHECK(worst < (dt == dtype::f32 ? 1e-5 : 0.05));  // bf16: two roundings of the stored value
   }

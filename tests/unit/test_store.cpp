@@ -49,9 +49,7 @@ struct conversation {
   std::string name() const { return "s" + std::to_string(id); }
 };
 
-errc put_all(store& s, const conversation& c) {
-  return s.put({"t", c.name()}, c.toks(), 0, c.data(s.block_bytes()));
-}
+errc put_all(store& s, const conversation& c) { return s.put({"t", c.name()}, c.toks(), 0, c.data(s.block_bytes())); }
 
 // Gets the whole conversation and requires it bit-exact.
 void require_exact(store& s, const conversation& c) {
@@ -158,7 +156,7 @@ TEST_CASE("store: incremental turns re-save only the partial block and what foll
   store s(small_config(d.str(), 32, 64));
   const std::size_t bb = s.block_bytes();
   conversation turn1{9, 70}, turn2{9, 150};  // same session, history grows
-  REQUIRE(put_all(s, turn1) == errc::ok);   // blocks 0,1 full, block 2 partial (6 tokens)
+  REQUIRE(put_all(s, turn1) == errc::ok);    // blocks 0,1 full, block 2 partial (6 tokens)
   // Turn 2: blocks 0 and 1 are stored; pass block 2 (now full) to 4 (partial).
   auto toks2 = turn2.toks();
   REQUIRE(s.put({"t", turn2.name()}, toks2, 2, turn2.data(bb, 2)) == errc::ok);
@@ -287,7 +285,7 @@ TEST_CASE("store: corruption after open is caught at read time and the block is 
   CHECK(g.tokens == 32);
   CHECK(s.stats().checksum_failures == 1);
   CHECK(s.lookup({"t", c.name()}, t).tokens == 32);  // the bad block and its successors are gone
-  CHECK(s.stats().ssd_used_bytes == slot);            // and their slots were freed
+  CHECK(s.stats().ssd_used_bytes == slot);           // and their slots were freed
 }
 
 TEST_CASE("store: I/O errors degrade to misses; failed demotion keeps the DRAM copy") {
@@ -396,7 +394,8 @@ TEST_CASE("store: a directory written for another geometry or model is refused")
   { store s(small_config(d.str(), 8, 8)); }
   auto c = small_config(d.str(), 8, 8);
   c.geometry.num_layers = 5;
-  CHECK_THROWS_WITH(store(c), Catch::Contains("was written with num_layers=4 but this store is configured with num_layers=5"));
+  CHECK_THROWS_WITH(store(c),
+                    Catch::Contains("was written with num_layers=4 but this store is configured with num_layers=5"));
   c = small_config(d.str(), 8, 8);
   c.model_name = "another-model";
   CHECK_THROWS_WITH(store(c), Catch::Contains("holds KV of another model"));

@@ -66,7 +66,16 @@ struct rig {
       kb.push_back(reinterpret_cast<std::byte*>(k.data() + l * pages_n * page_floats));
       vb.push_back(reinterpret_cast<std::byte*>(v.data() + l * pages_n * page_floats));
     }
-    layout = kv_layout{L, H, D, dtype::f32, PAGE, page_floats * 4, std::size_t(H) * D * 4, std::size_t(D) * 4, kb, vb,
+    layout = kv_layout{L,
+                       H,
+                       D,
+                       dtype::f32,
+                       PAGE,
+                       page_floats * 4,
+                       std::size_t(H) * D * 4,
+                       std::size_t(D) * 4,
+                       kb,
+                       vb,
                        memory_space::host};
     for (std::uint32_t i = 0; i < pages_n; ++i) pages.push_back((i * 5) % pages_n);
   }
@@ -199,7 +208,16 @@ TEST_CASE("a truncated view without a rope spec is refused, not loaded wrong") {
     kb.push_back(reinterpret_cast<std::byte*>(mem.data()));
     vb.push_back(reinterpret_cast<std::byte*>(mem.data()));
   }
-  kv_layout lay{L, H, D, dtype::f32, PAGE, std::size_t(PAGE) * H * D * 4, std::size_t(H) * D * 4, std::size_t(D) * 4, kb, vb,
+  kv_layout lay{L,
+                H,
+                D,
+                dtype::f32,
+                PAGE,
+                std::size_t(PAGE) * H * D * 4,
+                std::size_t(H) * D * 4,
+                std::size_t(D) * 4,
+                kb,
+                vb,
                 memory_space::host};
   std::vector<std::uint32_t> pages(16);
   for (std::uint32_t i = 0; i < 16; ++i) pages[i] = i;

@@ -58,7 +58,8 @@ TEST_CASE("bad geometry names the field and the allowed range") {
   CHECK_THAT(msg({0, 8, 128, dtype::f16, 16}), Catch::Contains("num_layers is 0, allowed 1..1024"));
   CHECK_THAT(msg({4, 0, 128, dtype::f16, 16}), Catch::Contains("num_kv_heads"));
   CHECK_THAT(msg({4, 8, 0, dtype::f16, 16}), Catch::Contains("head_dim"));
-  CHECK_THAT(msg({4, 8, 128, static_cast<dtype>(9), 16}), Catch::Contains("dtype is 9, allowed f32, f16, bf16, fp8_e4m3"));
+  CHECK_THAT(msg({4, 8, 128, static_cast<dtype>(9), 16}),
+             Catch::Contains("dtype is 9, allowed f32, f16, bf16, fp8_e4m3"));
   CHECK_THAT(msg({4, 8, 128, dtype::f16, 100000}), Catch::Contains("tokens_per_block"));
 }
 
@@ -95,7 +96,8 @@ TEST_CASE("chain hash depends on previous hash, model and every token") {
   std::vector<std::uint64_t> buf{0, 0, a.value.lo, a.value.hi};
   std::vector<unsigned char> bytes(reinterpret_cast<unsigned char*>(buf.data()),
                                    reinterpret_cast<unsigned char*>(buf.data()) + 32);
-  bytes.insert(bytes.end(), reinterpret_cast<unsigned char*>(t.data()), reinterpret_cast<unsigned char*>(t.data()) + 16);
+  bytes.insert(bytes.end(), reinterpret_cast<unsigned char*>(t.data()),
+               reinterpret_cast<unsigned char*>(t.data()) + 16);
   XXH128_hash_t ref = XXH3_128bits(bytes.data(), bytes.size());
   CHECK(chain_hash({}, a, t) == hash128{ref.low64, ref.high64});
 }

@@ -86,8 +86,8 @@ class copy_backend {
 };
 
 struct host_copy_options {
-  unsigned events = 16384;            ///< event pool size
-  std::size_t max_segments = 1 << 16; ///< segments one stream can hold queued
+  unsigned events = 16384;             ///< event pool size
+  std::size_t max_segments = 1 << 16;  ///< segments one stream can hold queued
   unsigned max_streams = 16;
   /// Testing only: each queued item sleeps up to this long before it runs, and the
   /// segments of one copy_async run in a shuffled order, so any missing event makes

@@ -35,8 +35,7 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
   if (requests.empty()) return errc::ok;
   std::unique_ptr<io_channel> channel = lease_channel();
   if (!channel) return errc::device_error;
-  const unsigned depth =
-      queue_depth == 0 || queue_depth > channel->depth() ? channel->depth() : queue_depth;
+  const unsigned depth = queue_depth == 0 || queue_depth > channel->depth() ? channel->depth() : queue_depth;
   constexpr int max_retries = 16;
   constexpr int batch = 64;
   io_completion done[batch];
@@ -53,8 +52,7 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
     io_request& r = requests[index];
     const std::uint32_t done_bytes = static_cast<std::uint32_t>(r.result);
     channel->submit(io_piece{index | (retries << 24), r.op, r.file, r.offset + done_bytes,
-                             static_cast<char*>(r.buffer) + done_bytes, r.bytes - done_bytes,
-                             r.buffer_index});
+                             static_cast<char*>(r.buffer) + done_bytes, r.bytes - done_bytes, r.buffer_index});
     ++in_flight;
   };
 
@@ -79,8 +77,7 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
     int got = channel->reap(done, batch, 1);
     if (got < 0) {  // the channel broke: every outstanding piece is lost
       for (std::size_t i = 0; i < n; ++i)
-        if (requests[i].result >= 0 && std::uint32_t(requests[i].result) < requests[i].bytes)
-          requests[i].result = got;
+        if (requests[i].result >= 0 && std::uint32_t(requests[i].result) < requests[i].bytes) requests[i].result = got;
       channel.reset();  // not returned to the pool
       return errc::device_error;
     }

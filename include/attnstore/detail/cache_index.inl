@@ -14,7 +14,8 @@ inline cache_index::cache_index(const cache_index_options& o)
   if (o.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
   if (o.max_blocks == 0) fail("max_blocks is 0, must be at least 1");
   if (o.tokens_per_block == 0) fail("tokens_per_block is 0, must be at least 1");
-  if (o.shards == 0 || (o.shards & (o.shards - 1))) fail("shards is " + std::to_string(o.shards) + ", must be a power of two");
+  if (o.shards == 0 || (o.shards & (o.shards - 1)))
+    fail("shards is " + std::to_string(o.shards) + ", must be a power of two");
   tokens_.resize(std::size_t(o.max_blocks) * o.tokens_per_block);
   shards_ = std::vector<shard>(o.shards);
   shard_mask_ = o.shards - 1;
@@ -73,8 +74,14 @@ inline void cache_index::release_record(std::uint32_t rec) noexcept {
 
 inline void cache_index::lru_unlink(std::uint32_t rec) noexcept {
   record& r = records_[rec];
-  if (r.lru_prev != no_slot) records_[r.lru_prev].lru_next = r.lru_next; else lru_head_ = r.lru_next;
-  if (r.lru_next != no_slot) records_[r.lru_next].lru_prev = r.lru_prev; else lru_tail_ = r.lru_prev;
+  if (r.lru_prev != no_slot)
+    records_[r.lru_prev].lru_next = r.lru_next;
+  else
+    lru_head_ = r.lru_next;
+  if (r.lru_next != no_slot)
+    records_[r.lru_next].lru_prev = r.lru_prev;
+  else
+    lru_tail_ = r.lru_prev;
   r.lru_prev = r.lru_next = no_slot;
 }
 
@@ -82,7 +89,10 @@ inline void cache_index::lru_push_front(std::uint32_t rec) noexcept {
   record& r = records_[rec];
   r.lru_prev = no_slot;
   r.lru_next = lru_head_;
-  if (lru_head_ != no_slot) records_[lru_head_].lru_prev = rec; else lru_tail_ = rec;
+  if (lru_head_ != no_slot)
+    records_[lru_head_].lru_prev = rec;
+  else
+    lru_tail_ = rec;
   lru_head_ = rec;
 }
 
@@ -157,7 +167,10 @@ inline lookup_result cache_index::lookup(locked_session& s, const model_id& mode
     const tier t = m.fastest();
     if (res.blocks < out.size()) out[res.blocks] = {t, t == tier::dram ? m.dram_slot : m.ssd_slot, bm.tokens};
     ++res.blocks;
-    if (t == tier::dram) ++res.dram_blocks; else ++res.ssd_blocks;
+    if (t == tier::dram)
+      ++res.dram_blocks;
+    else
+      ++res.ssd_blocks;
     return true;
   });
   s.touch();
@@ -259,7 +272,10 @@ inline std::uint32_t locked_session::publish(std::uint32_t from, std::uint32_t f
     cur = blocks[cur].next;
   }
   const std::uint32_t detached = cur;
-  if (prev == no_slot) r.head = first; else blocks[prev].next = first;
+  if (prev == no_slot)
+    r.head = first;
+  else
+    blocks[prev].next = first;
   std::uint32_t tail = prev;
   for (std::uint32_t b = first; b != no_slot; b = blocks[b].next) tail = b;
   r.tail = tail;

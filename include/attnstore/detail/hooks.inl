@@ -14,9 +14,9 @@ struct hooks::rotate_job {
 };
 
 struct hooks::load_state {
-  float* device_angles = nullptr;     // GPU copy of shift_angles' rows: cos rows, then sin rows
-  std::vector<rotate_job> rotations;  // one per layer
-  std::vector<std::uint8_t> shift_of; // per view: index into shift_angles
+  float* device_angles = nullptr;      // GPU copy of shift_angles' rows: cos rows, then sin rows
+  std::vector<rotate_job> rotations;   // one per layer
+  std::vector<std::uint8_t> shift_of;  // per view: index into shift_angles
   std::vector<rope_angles> shift_angles;
   std::vector<std::int64_t> shifts;
   bool rotate = false;
@@ -56,7 +56,8 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
   auto fail = [](const std::string& m) { throw std::invalid_argument("hooks_config: " + m); };
   if (config.max_loads == 0 || config.max_saves == 0) fail("max_loads and max_saves must be at least 1");
   if (config.max_blocks_per_request == 0) fail("max_blocks_per_request is 0");
-  if (config.read_streams == 0 || config.read_streams > 8) fail("read_streams is " + std::to_string(config.read_streams) + ", allowed 1..8");
+  if (config.read_streams == 0 || config.read_streams > 8)
+    fail("read_streams is " + std::to_string(config.read_streams) + ", allowed 1..8");
   const std::size_t per_block = 2 * std::size_t(geometry_.tokens_per_block) * geometry_.num_kv_heads;
   if (config.segment_buffer < per_block)
     fail("segment_buffer is " + std::to_string(config.segment_buffer) + ", must hold one block's layer (" +
@@ -67,7 +68,9 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
     ev.resize(geometry_.num_layers);
     for (auto& e : ev) {
       e = copier.acquire_event();
-      if (e == no_event) throw std::invalid_argument("hooks: the copy backend's event pool is too small for max_loads/max_saves x layers");
+      if (e == no_event)
+        throw std::invalid_argument(
+            "hooks: the copy backend's event pool is too small for max_loads/max_saves x layers");
     }
   };
   if (config.rope) {
@@ -92,7 +95,8 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
         copy_segment up[2] = {{position_angles_->cos_row(0), device_positions_, bytes},
                               {position_angles_->sin_row(0), device_positions_ + bytes / sizeof(float), bytes}};
         event_id e = copier.acquire_event();
-        if (copier.copy_async(up, s) != errc::ok || copier.record(e, s) != errc::ok || copier.synchronize(e) != errc::ok) {
+        if (copier.copy_async(up, s) != errc::ok || copier.record(e, s) != errc::ok ||
+            copier.synchronize(e) != errc::ok) {
           copier.free_device(device_positions_);
           device_positions_ = nullptr;
         }
@@ -158,8 +162,7 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
     if (L.segments.size() - used < need)
       if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
     used += layer_segments(geometry_, L.views[b].payload, layer, L.views[b].first, L.views[b].position,
-                           L.views[b].tokens, L.target, copy_direction::to_engine,
-                           std::span(L.segments).subspan(used));
+                           L.views[b].tokens, L.target, copy_direction::to_engine, std::span(L.segments).subspan(used));
   }
   if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
   if (L.rotate) {  // keys moved to new positions: re-rotate them right after their copy
@@ -209,10 +212,10 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     L.shift_of[b] = std::uint8_t(it - L.shifts.begin());
   }
   const bool on_device = target.layout->where == memory_space::device;
-  const bool can_rotate = config_.rope && geometry_.dtype != dtype::fp8_e4m3 && L.shifts.size() <= max_shifts &&
-                          (!config_.keys_pre_rope || got.tokens <= config_.max_positions) &&
-                          (!on_device || (config_.keys_pre_rope ? device_positions_ != nullptr
-                                                                : L.device_angles != nullptr));
+  const bool can_rotate =
+      config_.rope && geometry_.dtype != dtype::fp8_e4m3 && L.shifts.size() <= max_shifts &&
+      (!config_.keys_pre_rope || got.tokens <= config_.max_positions) &&
+      (!on_device || (config_.keys_pre_rope ? device_positions_ != nullptr : L.device_angles != nullptr));
   if (L.rotate && !can_rotate) {
     store_.release(session);
     load_pool_.release(h);
@@ -370,7 +373,8 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   } catch (const std::exception&) {
     return fail(errc::invalid_argument);
   }
-  if (std::uint64_t(source.pages.size()) * source.layout->page_size < tokens.size()) return fail(errc::invalid_argument);
+  if (std::uint64_t(source.pages.size()) * source.layout->page_size < tokens.size())
+    return fail(errc::invalid_argument);
   const std::uint32_t first_block = std::uint32_t(from_token / geometry_.tokens_per_block);
   const std::uint32_t count = geometry_.blocks_for(tokens.size()) - first_block;
   if (count > config_.max_blocks_per_request) return fail(errc::invalid_argument);

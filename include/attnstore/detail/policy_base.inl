@@ -14,8 +14,14 @@ inline eviction_policy::eviction_policy(std::uint32_t max_sessions) {
 
 inline void eviction_policy::idle_unlink(std::uint32_t r) noexcept {
   session_state& s = s_[r];
-  if (s.i_prev != no_record) s_[s.i_prev].i_next = s.i_next; else i_head_ = s.i_next;
-  if (s.i_next != no_record) s_[s.i_next].i_prev = s.i_prev; else i_tail_ = s.i_prev;
+  if (s.i_prev != no_record)
+    s_[s.i_prev].i_next = s.i_next;
+  else
+    i_head_ = s.i_next;
+  if (s.i_next != no_record)
+    s_[s.i_next].i_prev = s.i_prev;
+  else
+    i_tail_ = s.i_prev;
   s.i_prev = s.i_next = no_record;
 }
 
@@ -23,7 +29,10 @@ inline void eviction_policy::idle_push_front(std::uint32_t r) noexcept {
   session_state& s = s_[r];
   s.i_prev = no_record;
   s.i_next = i_head_;
-  if (i_head_ != no_record) s_[i_head_].i_prev = r; else i_tail_ = r;
+  if (i_head_ != no_record)
+    s_[i_head_].i_prev = r;
+  else
+    i_tail_ = r;
   i_head_ = r;
 }
 
@@ -90,7 +99,10 @@ inline void eviction_policy::on_blocks(std::uint32_t r, level l, std::uint32_t b
 
 inline void eviction_policy::protect(std::uint32_t r, bool on) noexcept {
   s_[r].in_window = on;
-  if (on) ++protected_; else --protected_;
+  if (on)
+    ++protected_;
+  else
+    --protected_;
   reposition(r);
 }
 
@@ -114,8 +126,14 @@ inline void eviction_policy::queue_unlink(std::uint32_t r) noexcept {
     if (boundary_ == r) boundary_ = s.q_prev;
     protect(r, false);
   }
-  if (s.q_prev != no_record) s_[s.q_prev].q_next = s.q_next; else q_head_ = s.q_next;
-  if (s.q_next != no_record) s_[s.q_next].q_prev = s.q_prev; else q_tail_ = s.q_prev;
+  if (s.q_prev != no_record)
+    s_[s.q_prev].q_next = s.q_next;
+  else
+    q_head_ = s.q_next;
+  if (s.q_next != no_record)
+    s_[s.q_next].q_prev = s.q_prev;
+  else
+    q_tail_ = s.q_prev;
   s.q_prev = s.q_next = no_record;
   s.queued = false;
   --queued_;
@@ -139,8 +157,14 @@ inline void eviction_policy::enqueue(std::uint32_t r, std::uint64_t position, st
   ++queued_;
   s.q_prev = after;
   s.q_next = after == no_record ? q_head_ : s_[after].q_next;
-  if (s.q_prev != no_record) s_[s.q_prev].q_next = r; else q_head_ = r;
-  if (s.q_next != no_record) s_[s.q_next].q_prev = r; else q_tail_ = r;
+  if (s.q_prev != no_record)
+    s_[s.q_prev].q_next = r;
+  else
+    q_head_ = r;
+  if (s.q_next != no_record)
+    s_[s.q_next].q_prev = r;
+  else
+    q_tail_ = r;
   // Inside the protected prefix when the boundary comes after it.
   if (boundary_ != no_record && s_[boundary_].position > position) protect(r, true);
   fix_window();
@@ -176,7 +200,10 @@ inline void eviction_policy::set_queue(std::span<const std::uint32_t> records, s
     idle_unlink(r);
     idle_push_front(r);
     s.q_prev = q_tail_;
-    if (q_tail_ != no_record) s_[q_tail_].q_next = r; else q_head_ = r;
+    if (q_tail_ != no_record)
+      s_[q_tail_].q_next = r;
+    else
+      q_head_ = r;
     q_tail_ = r;
     ++queued_;
   }

@@ -44,7 +44,10 @@ class indexed_heap {
     const std::uint64_t old = key_[id];
     if (old == key) return;
     key_[id] = key;
-    if (key < old) up(pos_[id]); else down(pos_[id]);
+    if (key < old)
+      up(pos_[id]);
+    else
+      down(pos_[id]);
   }
 
   /// Removes `id` when present.

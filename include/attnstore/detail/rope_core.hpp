@@ -44,7 +44,7 @@ ATTNSTORE_HD std::uint16_t float_to_half(float f) {
   const std::uint32_t sign = (x >> 16) & 0x8000u;
   const std::uint32_t abs = x & 0x7FFFFFFFu;
   if (abs >= 0x7F800000u) return std::uint16_t(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0));  // inf/NaN
-  if (abs >= 0x477FF000u) return std::uint16_t(sign | 0x7C00u);  // rounds to inf
+  if (abs >= 0x477FF000u) return std::uint16_t(sign | 0x7C00u);                                     // rounds to inf
   if (abs < 0x38800000u) {  // subnormal or zero in half
     if (abs < 0x33000000u) return std::uint16_t(sign);
     // value / 2^-24 = m * 2^(e - 126), m the 24-bit mantissa with its implicit bit
@@ -74,7 +74,7 @@ ATTNSTORE_HD std::uint16_t float_to_bf16(float f) {
   std::uint32_t x;
   std::memcpy(&x, &f, 4);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return std::uint16_t((x >> 16) | 0x40u);  // quiet NaN
-  x += 0x7FFFu + ((x >> 16) & 1u);  // round to nearest even
+  x += 0x7FFFu + ((x >> 16) & 1u);                                               // round to nearest even
   return std::uint16_t(x >> 16);
 }
 
@@ -85,8 +85,10 @@ ATTNSTORE_HD float load_elem(const void* p, int dtype, std::uint32_t i) {
   return dtype == 1 ? half_to_float(v) : bf16_to_float(v);
 }
 ATTNSTORE_HD void store_elem(void* p, int dtype, std::uint32_t i, float v) {
-  if (dtype == 0) static_cast<float*>(p)[i] = v;
-  else static_cast<std::uint16_t*>(p)[i] = dtype == 1 ? float_to_half(v) : float_to_bf16(v);
+  if (dtype == 0)
+    static_cast<float*>(p)[i] = v;
+  else
+    static_cast<std::uint16_t*>(p)[i] = dtype == 1 ? float_to_half(v) : float_to_bf16(v);
 }
 
 /// Rotates one head's rotary pairs by the angles whose cosines and sines are given

@@ -20,13 +20,13 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                   \
-  X(lookups) X(lookup_hits) X(lookup_misses) X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) \
-  X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found)                  \
-  X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)         \
-  X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks)              \
-  X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)                    \
-  X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                              \
+  X(lookups)                                                                                                     \
+  X(lookup_hits) X(lookup_misses) X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets) \
+      X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum)      \
+          X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)    \
+              X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)   \
+                  X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -55,37 +55,35 @@ inline store::store(store_config c) : config_(std::move(c)) {
   if (config_.queue_depth == 0 || config_.queue_depth > 1024)
     fail("queue_depth is " + std::to_string(config_.queue_depth) + ", allowed 1..1024");
   if (config_.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
-  model_ = make_model_id({config_.model_name, geometry_, config_.rope, config_.keys_pre_rope, config_.tp_rank,
-                          config_.tp_size});
+  model_ = make_model_id(
+      {config_.model_name, geometry_, config_.rope, config_.keys_pre_rope, config_.tp_rank, config_.tp_size});
   header_bytes_ = format::header_bytes(geometry_.tokens_per_block);
   slot_bytes_ = format::slot_bytes(geometry_);
   if (config_.dram_bytes < slot_bytes_)
     fail("dram_bytes is " + std::to_string(config_.dram_bytes) + ", must hold at least one block (" +
          std::to_string(slot_bytes_) + " bytes with its header)");
-  if (config_.ssd_directory.empty() && config_.ssd_bytes > 0)
-    fail("ssd_bytes is set but ssd_directory is empty");
+  if (config_.ssd_directory.empty() && config_.ssd_bytes > 0) fail("ssd_bytes is set but ssd_directory is empty");
   if (!config_.ssd_directory.empty() && config_.ssd_bytes < slot_bytes_)
     fail("ssd_bytes is " + std::to_string(config_.ssd_bytes) + ", must hold at least one block (" +
          std::to_string(slot_bytes_) + " bytes with its header)");
 
   const bool pin = config_.pin_host_memory;
-  dram_ = std::make_unique<host_arena>(
-      host_arena_options{slot_bytes_, config_.dram_bytes, format::sector, std::size_t(1) << 30, pin, pin, false,
-                         config_.log});
+  dram_ = std::make_unique<host_arena>(host_arena_options{slot_bytes_, config_.dram_bytes, format::sector,
+                                                          std::size_t(1) << 30, pin, pin, false, config_.log});
   std::uint32_t ssd_slots = 0;
   if (!config_.ssd_directory.empty()) {
     const unsigned staging = config_.staging_blocks ? config_.staging_blocks : 4 * config_.queue_depth;
-    staging_ = std::make_unique<host_arena>(host_arena_options{
-        slot_bytes_, std::size_t(staging) * slot_bytes_, format::sector, std::size_t(1) << 30, pin, pin, false,
-        attnstore::logger{&logger::quiet, nullptr}});
+    staging_ = std::make_unique<host_arena>(host_arena_options{slot_bytes_, std::size_t(staging) * slot_bytes_,
+                                                               format::sector, std::size_t(1) << 30, pin, pin, false,
+                                                               attnstore::logger{&logger::quiet, nullptr}});
     ssd_ = std::make_unique<ssd_space>(ssd_space_options{config_.ssd_directory, slot_bytes_, config_.ssd_bytes,
                                                          std::uint64_t(16) << 30, config_.direct_io,
                                                          config_.require_direct_io, true, 2000, config_.log});
     ssd_slots = ssd_->capacity();
     std::string why;
     if (config_.backend != io_backend::posix) {
-      device_ = make_uring_device(ssd_->fds(), uring_options{std::max(config_.queue_depth, 8u), true, true, 4096},
-                                  &why);
+      device_ =
+          make_uring_device(ssd_->fds(), uring_options{std::max(config_.queue_depth, 8u), true, true, 4096}, &why);
       if (!device_) {
         if (config_.backend == io_backend::io_uring)
           throw std::runtime_error("store: io_uring requested but unavailable: " + why);
@@ -169,8 +167,13 @@ inline errc store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, slots.size() - base);
     for (std::size_t i = 0; i < n; ++i)
-      reqs[i] = io_request{io_op::write, ssd_->file_of(slots[base + i]), ssd_->offset_of(slots[base + i]), zero_page_,
-                           std::uint32_t(format::sector), -1, 0};
+      reqs[i] = io_request{io_op::write,
+                           ssd_->file_of(slots[base + i]),
+                           ssd_->offset_of(slots[base + i]),
+                           zero_page_,
+                           std::uint32_t(format::sector),
+                           -1,
+                           0};
     if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok)
       for (std::size_t i = 0; i < n; ++i)
         if (reqs[i].result != std::int32_t(format::sector)) (void)device_->execute(std::span(&reqs[i], 1));
@@ -217,8 +220,7 @@ inline errc store::drop_locked(locked_session& s) noexcept {
 }
 
 inline bool store::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
-  locked_session victim =
-      pick_victim([](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
+  locked_session victim = pick_victim([](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
   if (!victim) return false;
   detail::bump(counters_->evicted_sessions);
   detail::bump(counters_->evicted_blocks, victim.block_count());
@@ -315,8 +317,13 @@ inline errc store::write_ssd_blocks(locked_session& s, std::span<const std::uint
       h.tokens_per_block = geometry_.tokens_per_block;
       format::write_header(dram_->data(m.dram_slot), h, s.tokens_of(blocks[base + i]));
       const std::uint32_t ss = ssd_slots[base + i];
-      reqs[i] = io_request{io_op::write, ssd_->file_of(ss), ssd_->offset_of(ss), dram_->data(m.dram_slot),
-                           std::uint32_t(slot_bytes_), dram_->region_of(m.dram_slot), 0};
+      reqs[i] = io_request{io_op::write,
+                           ssd_->file_of(ss),
+                           ssd_->offset_of(ss),
+                           dram_->data(m.dram_slot),
+                           std::uint32_t(slot_bytes_),
+                           dram_->region_of(m.dram_slot),
+                           0};
     }
     errc e = device_->execute(std::span(reqs, n), config_.queue_depth);
     if (e != errc::ok && first == errc::ok) first = e;
@@ -362,8 +369,8 @@ inline errc store::demote_locked(locked_session& s, std::uint32_t until_position
       ++n;
     }
     if (n == 0) continue;
-    errc e = write_ssd_blocks(s, std::span(blocks, n), std::span(positions, n), std::span(slots, n),
-                              std::span(results, n));
+    errc e =
+        write_ssd_blocks(s, std::span(blocks, n), std::span(positions, n), std::span(slots, n), std::span(results, n));
     for (std::size_t i = 0; i < n; ++i) {
       block_meta& m = s.meta(blocks[i]);
       if (results[i] == std::int32_t(slot_bytes_)) {
@@ -480,7 +487,10 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
     const auto toks = tokens.subspan(begin, std::min<std::size_t>(tpb, tokens.size() - begin));
     std::uint32_t nb = s.new_block(toks);
     if (nb != no_slot) {
-      if (tail == no_slot) r.head = nb; else s.meta(tail).next = nb;
+      if (tail == no_slot)
+        r.head = nb;
+      else
+        s.meta(tail).next = nb;
       tail = nb;
       block_meta& m = s.meta(nb);
       m.saved_pos = begin;
@@ -505,7 +515,10 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
     s.unpin();
     if (s.block_count() == 0 && s.pins() == 0) s.erase();
     if (e == errc::no_space) detail::bump(counters_->no_space);
-    if (e == errc::rejected) detail::bump(counters_->put_rejected); else detail::bump(counters_->put_failed);
+    if (e == errc::rejected)
+      detail::bump(counters_->put_rejected);
+    else
+      detail::bump(counters_->put_failed);
     r = save_reservation{};
     return e;
   };
@@ -539,11 +552,13 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
         bl[n] = b;
         pos[n] = i;
       }
-      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n),
-                                group);
+      errc e =
+          write_ssd_blocks(s, std::span(bl, n), std::span(pos, n), std::span(slots, n), std::span(results, n), group);
       for (std::size_t k = 0; k < n; ++k) {
-        if (results[k] == std::int32_t(slot_bytes_)) s.meta(bl[k]).ssd_slot = slots[k];
-        else invalidate_ssd(std::span(&slots[k], 1));
+        if (results[k] == std::int32_t(slot_bytes_))
+          s.meta(bl[k]).ssd_slot = slots[k];
+        else
+          invalidate_ssd(std::span(&slots[k], 1));
       }
       if (e != errc::ok) return fail(e);
     }
@@ -643,9 +658,9 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
   detail::bump(counters_->gets);
   const std::size_t bb = geometry_.block_bytes();
   if (out.size() != std::size_t(block_count) * bb || block_count == 0) {
-    config_.log(log_level::error, "store::get: out is " + std::to_string(out.size()) + " bytes for " +
-                                      std::to_string(block_count) + " blocks; need block_count >= 1 and block_count x " +
-                                      std::to_string(bb) + " bytes");
+    config_.log(log_level::error,
+                "store::get: out is " + std::to_string(out.size()) + " bytes for " + std::to_string(block_count) +
+                    " blocks; need block_count >= 1 and block_count x " + std::to_string(bb) + " bytes");
     return {errc::invalid_argument, 0, 0};
   }
   locked_session s = index_->open(hash_session(key), false);
@@ -695,7 +710,7 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
     bool promoted;
     std::uint32_t matched;
     errc verdict;
-    std::uint32_t first;         // first used token inside the block
+    std::uint32_t first;          // first used token inside the block
     std::uint64_t view_position;  // view position of that token
   };
   struct read_batch {
@@ -741,10 +756,11 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
                                                   area + st.header_bytes_, bytes)
                              : checksum64(area + st.header_bytes_, bytes);
     format::block_header h;
-    bool ok = format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) ==
-                  format::header_status::ok &&
-              h.model == st.model_.value && h.session == b.session->key().value && h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) &&
-              h.sequence == m.sequence && h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
+    bool ok =
+        format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) == format::header_status::ok &&
+        h.model == st.model_.value && h.session == b.session->key().value &&
+        h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) && h.sequence == m.sequence &&
+        h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
     p.verdict = ok ? errc::ok : errc::checksum_error;
   };
   auto flush = [&] {
@@ -753,10 +769,15 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
       const pending_read& p = rb.pending[i];
       const block_meta& m = s.meta(p.block);
       host_arena& arena = p.promoted ? *dram_ : *staging_;
-      const std::int32_t region = p.promoted ? dram_->region_of(p.buffer_slot)
-                                             : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
-      rb.reqs[i] = io_request{io_op::read, ssd_->file_of(m.ssd_slot), ssd_->offset_of(m.ssd_slot),
-                              arena.data(p.buffer_slot), std::uint32_t(slot_bytes_), region, 0};
+      const std::int32_t region =
+          p.promoted ? dram_->region_of(p.buffer_slot) : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
+      rb.reqs[i] = io_request{io_op::read,
+                              ssd_->file_of(m.ssd_slot),
+                              ssd_->offset_of(m.ssd_slot),
+                              arena.data(p.buffer_slot),
+                              std::uint32_t(slot_bytes_),
+                              region,
+                              0};
     }
     (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
     // Blocks complete in any order; outcomes are applied in position order.
@@ -764,8 +785,10 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
       const pending_read& p = rb.pending[i];
       host_arena& arena = p.promoted ? *dram_ : *staging_;
       bool keep = false;
-      if (p.verdict != errc::device_error) detail::bump(counters_->ssd_bytes_read, slot_bytes_);
-      else detail::bump(counters_->io_errors);
+      if (p.verdict != errc::device_error)
+        detail::bump(counters_->ssd_bytes_read, slot_bytes_);
+      else
+        detail::bump(counters_->io_errors);
       if (!failed) {
         if (p.verdict != errc::ok) {
           fail_at(p.position, p.verdict);
@@ -887,7 +910,10 @@ inline errc store::truncate(const session_key& key, std::span<const token_id> hi
   std::uint32_t kept_head = no_slot, kept_tail = no_slot, gone_head = no_slot, gone_tail = no_slot;
   auto append = [&](std::uint32_t& head, std::uint32_t& tail, std::uint32_t b) {
     s.meta(b).next = no_slot;
-    if (tail == no_slot) head = b; else s.meta(tail).next = b;
+    if (tail == no_slot)
+      head = b;
+    else
+      s.meta(tail).next = b;
     tail = b;
   };
   std::uint64_t pos = 0;
@@ -1040,9 +1066,13 @@ inline void store::recover() {
     const std::uint32_t n = std::min(batch, slots - base);
     io_request reqs[batch_max];
     for (std::uint32_t i = 0; i < n; ++i)
-      reqs[i] = io_request{io_op::read, ssd_->file_of(base + i), ssd_->offset_of(base + i),
-                           staging_->data(buffers[i]), std::uint32_t(slot_bytes_),
-                           staging_buffer_base_ + staging_->region_of(buffers[i]), 0};
+      reqs[i] = io_request{io_op::read,
+                           ssd_->file_of(base + i),
+                           ssd_->offset_of(base + i),
+                           staging_->data(buffers[i]),
+                           std::uint32_t(slot_bytes_),
+                           staging_buffer_base_ + staging_->region_of(buffers[i]),
+                           0};
     (void)device_->execute(std::span(reqs, n), config_.queue_depth);
     for (std::uint32_t i = 0; i < n; ++i) {
       const std::byte* area = staging_->data(buffers[i]);
@@ -1054,16 +1084,16 @@ inline void store::recover() {
       }
       auto st = format::read_header(area, header_bytes_, geometry_.tokens_per_block, &h);
       if (st == format::header_status::empty) continue;
-      if (st != format::header_status::ok || !(h.model == model_.value) ||
-          h.payload_bytes != geometry_.block_bytes() || checksum64(area + header_bytes_, h.payload_bytes) != h.payload_checksum) {
+      if (st != format::header_status::ok || !(h.model == model_.value) || h.payload_bytes != geometry_.block_bytes() ||
+          checksum64(area + header_bytes_, h.payload_bytes) != h.payload_checksum) {
         detail::bump(counters_->recovery_dropped_blocks);  // torn or foreign: never served
         stale.push_back(base + i);
         continue;
       }
       max_sequence = std::max(max_sequence, h.sequence);
       const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
-      cands.push_back({h.session, h.block_index, h.sequence, base + i, h.chain, h.payload_checksum,
-                       token_store.size(), h.token_count, h.put_first_block, h.put_blocks});
+      cands.push_back({h.session, h.block_index, h.sequence, base + i, h.chain, h.payload_checksum, token_store.size(),
+                       h.token_count, h.put_first_block, h.put_blocks});
       token_store.insert(token_store.end(), toks, toks + h.token_count);
     }
   }
@@ -1114,8 +1144,8 @@ inline void store::recover() {
     for (const auto& c : cands) {
       auto& p = puts[{{c.session.hi, c.session.lo}, c.put_id()}];
       if (p.present.empty()) {
-        p = put_info{{c.session.hi, c.session.lo}, c.put_first_block, c.put_blocks,
-                     std::vector<std::uint8_t>(c.put_blocks, 0)};
+        p = put_info{
+            {c.session.hi, c.session.lo}, c.put_first_block, c.put_blocks, std::vector<std::uint8_t>(c.put_blocks, 0)};
       }
       if (c.put_first_block == p.first && c.put_blocks == p.blocks) p.present[c.index - p.first] = 1;
     }
@@ -1149,7 +1179,8 @@ inline void store::recover() {
     cands.swap(kept);
   }
   std::sort(cands.begin(), cands.end(), [](const candidate& a, const candidate& b) {
-    if (!(a.session == b.session)) return a.session.hi != b.session.hi ? a.session.hi < b.session.hi : a.session.lo < b.session.lo;
+    if (!(a.session == b.session))
+      return a.session.hi != b.session.hi ? a.session.hi < b.session.hi : a.session.lo < b.session.lo;
     if (a.index != b.index) return a.index < b.index;
     return a.sequence > b.sequence;  // newest version of a block first
   });
@@ -1186,7 +1217,10 @@ inline void store::recover() {
         m.ssd_slot = c->slot;
         m.saved_pos = std::uint64_t(c->index) * geometry_.tokens_per_block;
         used[c->slot] = 1;
-        if (tail == no_slot) head = b; else s.meta(tail).next = b;
+        if (tail == no_slot)
+          head = b;
+        else
+          s.meta(tail).next = b;
         tail = b;
         ++count;
       }
@@ -1209,8 +1243,13 @@ inline void store::recover() {
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, stale.size() - base);
     for (std::size_t i = 0; i < n; ++i)
-      reqs[i] = io_request{io_op::write, ssd_->file_of(stale[base + i]), ssd_->offset_of(stale[base + i]), zero_page_,
-                           std::uint32_t(format::sector), -1, 0};
+      reqs[i] = io_request{io_op::write,
+                           ssd_->file_of(stale[base + i]),
+                           ssd_->offset_of(stale[base + i]),
+                           zero_page_,
+                           std::uint32_t(format::sector),
+                           -1,
+                           0};
     if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) {
       detail::bump(counters_->io_errors);
       erased_all = false;

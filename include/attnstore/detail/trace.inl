@@ -195,15 +195,26 @@ struct json_cursor {
       if (s[i] == '\\') {
         if (++i >= s.size()) return false;
         switch (s[i]) {
-          case 'n': out += '\n'; break;
-          case 't': out += '\t'; break;
-          case 'r': out += '\r'; break;
-          case 'b': out += '\b'; break;
-          case 'f': out += '\f'; break;
+          case 'n':
+            out += '\n';
+            break;
+          case 't':
+            out += '\t';
+            break;
+          case 'r':
+            out += '\r';
+            break;
+          case 'b':
+            out += '\b';
+            break;
+          case 'f':
+            out += '\f';
+            break;
           case 'u':  // keep the escape as text: ids only need to be distinct
             out += "\\u";
             break;
-          default: out += s[i];
+          default:
+            out += s[i];
         }
         ++i;
         continue;

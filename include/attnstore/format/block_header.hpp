@@ -35,21 +35,21 @@ constexpr std::size_t slot_bytes(const kv_geometry& g) noexcept {
 /// The fixed part, exactly as laid out on disk (x86-64 and AArch64 are little-endian;
 /// a big-endian port must byte-swap here).
 struct block_header {
-  std::uint64_t magic;            //   0
-  std::uint32_t version;          //   8
-  std::uint32_t header_bytes;     //  12
-  hash128 model;                  //  16
-  hash128 session;                //  32
-  std::uint32_t block_index;      //  48
-  std::uint32_t token_count;      //  52
-  hash128 chain;                  //  56
-  std::uint32_t payload_bytes;    //  72
-  std::uint32_t put_first_block;  //  76: block_index of the first block its put wrote
-  std::uint64_t payload_checksum; //  80
-  std::uint64_t sequence;         //  88: the put's blocks have consecutive sequences
-  std::uint32_t tokens_per_block; //  96
-  std::uint32_t put_blocks;       // 100: blocks its put wrote (all or none are valid)
-  std::uint64_t header_checksum;  // 104: XXH3-64 of bytes [0,104) and the token ids
+  std::uint64_t magic;             //   0
+  std::uint32_t version;           //   8
+  std::uint32_t header_bytes;      //  12
+  hash128 model;                   //  16
+  hash128 session;                 //  32
+  std::uint32_t block_index;       //  48
+  std::uint32_t token_count;       //  52
+  hash128 chain;                   //  56
+  std::uint32_t payload_bytes;     //  72
+  std::uint32_t put_first_block;   //  76: block_index of the first block its put wrote
+  std::uint64_t payload_checksum;  //  80
+  std::uint64_t sequence;          //  88: the put's blocks have consecutive sequences
+  std::uint32_t tokens_per_block;  //  96
+  std::uint32_t put_blocks;        // 100: blocks its put wrote (all or none are valid)
+  std::uint64_t header_checksum;   // 104: XXH3-64 of bytes [0,104) and the token ids
 };
 static_assert(sizeof(block_header) == fixed_header_bytes);
 static_assert(offsetof(block_header, chain) == 56);
@@ -85,17 +85,16 @@ enum class header_status : std::uint8_t { ok, empty, bad_magic, bad_version, bad
 
 /// Reads and checks a header: magic, version, checksum, sizes against `expect_header_bytes`
 /// and `tokens_per_block`. The token ids follow at area + fixed_header_bytes.
-inline header_status read_header(const std::byte* area, std::size_t expect_header_bytes,
-                                 std::uint32_t tokens_per_block, block_header* out) noexcept {
+inline header_status read_header(const std::byte* area, std::size_t expect_header_bytes, std::uint32_t tokens_per_block,
+                                 block_header* out) noexcept {
   block_header h;
   std::memcpy(&h, area, sizeof(h));
   if (h.magic == 0 && h.version == 0) return header_status::empty;
   if (h.magic != block_magic) return header_status::bad_magic;
   if (h.version != format_version) return header_status::bad_version;
-  if (h.header_bytes != expect_header_bytes || h.tokens_per_block != tokens_per_block ||
-      h.token_count == 0 || h.token_count > tokens_per_block || h.put_blocks == 0 ||
-      h.block_index < h.put_first_block || h.block_index - h.put_first_block >= h.put_blocks ||
-      h.sequence < h.block_index - h.put_first_block)
+  if (h.header_bytes != expect_header_bytes || h.tokens_per_block != tokens_per_block || h.token_count == 0 ||
+      h.token_count > tokens_per_block || h.put_blocks == 0 || h.block_index < h.put_first_block ||
+      h.block_index - h.put_first_block >= h.put_blocks || h.sequence < h.block_index - h.put_first_block)
     return header_status::bad_fields;
   if (compute_header_checksum(area) != h.header_checksum) return header_status::bad_checksum;
   *out = h;

@@ -30,20 +30,20 @@ constexpr std::uint32_t no_slot = ~0u;
 
 /// One stored block of a session.
 struct block_meta {
-  hash128 chain;                    ///< chain hash through this block
-  std::uint64_t checksum = 0;       ///< XXH3-64 of the payload
-  std::uint64_t sequence = 0;       ///< sequence number of its SSD copy (0: none)
+  hash128 chain;               ///< chain hash through this block
+  std::uint64_t checksum = 0;  ///< XXH3-64 of the payload
+  std::uint64_t sequence = 0;  ///< sequence number of its SSD copy (0: none)
   std::uint32_t dram_slot = no_slot;
   std::uint32_t ssd_slot = no_slot;
-  std::uint32_t tokens = 0;         ///< tokens stored in this block (last block may be partial)
-  std::uint32_t next = no_slot;     ///< next block of the session (block table index)
+  std::uint32_t tokens = 0;      ///< tokens stored in this block (last block may be partial)
+  std::uint32_t next = no_slot;  ///< next block of the session (block table index)
   // The block's part of the session's current view. Untruncated: all its tokens, at
   // the positions they were saved at. After truncation a block may keep a sub-range,
   // and its tokens move: view position = saved position + shift (see truncate.hpp).
-  std::uint32_t view_first = 0;     ///< first token of the block in the view
-  std::uint32_t view_count = 0;     ///< tokens of the block in the view
-  std::uint64_t saved_pos = 0;      ///< position of token 0 when the block was saved
-  std::int64_t shift = 0;           ///< view position - saved position
+  std::uint32_t view_first = 0;  ///< first token of the block in the view
+  std::uint32_t view_count = 0;  ///< tokens of the block in the view
+  std::uint64_t saved_pos = 0;   ///< position of token 0 when the block was saved
+  std::int64_t shift = 0;        ///< view position - saved position
 
   tier fastest() const noexcept {
     return dram_slot != no_slot ? tier::dram : ssd_slot != no_slot ? tier::ssd : tier::none;
@@ -79,7 +79,7 @@ struct cache_index_options {
   std::uint32_t max_sessions = 4096;  ///< live session records
   std::uint32_t max_blocks = 0;       ///< stored blocks, all tiers (DRAM slots + SSD slots)
   std::uint32_t tokens_per_block = 0;
-  std::uint32_t shards = 64;          ///< power of two
+  std::uint32_t shards = 64;  ///< power of two
 };
 
 class cache_index;

@@ -22,10 +22,10 @@ enum class io_op : std::uint8_t { read, write };
 /// transferred (== bytes) or a negative errno.
 struct io_request {
   io_op op = io_op::read;
-  std::uint32_t file = 0;       ///< index into the device's files
-  std::uint64_t offset = 0;     ///< aligned to required_alignment()
-  void* buffer = nullptr;       ///< aligned to required_alignment()
-  std::uint32_t bytes = 0;      ///< multiple of required_alignment()
+  std::uint32_t file = 0;          ///< index into the device's files
+  std::uint64_t offset = 0;        ///< aligned to required_alignment()
+  void* buffer = nullptr;          ///< aligned to required_alignment()
+  std::uint32_t bytes = 0;         ///< multiple of required_alignment()
   std::int32_t buffer_index = -1;  ///< registered buffer region holding `buffer`, or -1
   std::int32_t result = 0;
 };

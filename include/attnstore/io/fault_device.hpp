@@ -18,13 +18,13 @@
 namespace attnstore {
 
 struct fault_config {
-  double error_rate = 0;        ///< fraction of pieces that fail with EIO
-  double again_rate = 0;        ///< fraction that fail with EAGAIN (retried by the loop)
-  double short_rate = 0;        ///< fraction that transfer only part of their bytes
-  bool fail_reads = true;       ///< the rates above apply to reads
-  bool fail_writes = true;      ///< ... and to writes
+  double error_rate = 0;                           ///< fraction of pieces that fail with EIO
+  double again_rate = 0;                           ///< fraction that fail with EAGAIN (retried by the loop)
+  double short_rate = 0;                           ///< fraction that transfer only part of their bytes
+  bool fail_reads = true;                          ///< the rates above apply to reads
+  bool fail_writes = true;                         ///< ... and to writes
   std::uint64_t write_budget = ~std::uint64_t(0);  ///< writes past this many bytes get ENOSPC
-  unsigned latency_us = 0;      ///< added before each submitted piece
+  unsigned latency_us = 0;                         ///< added before each submitted piece
   std::uint64_t seed = 1;
 };
 

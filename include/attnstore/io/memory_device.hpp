@@ -15,8 +15,7 @@ namespace attnstore {
 class memory_device final : public block_device {
  public:
   /// One zero-filled file per entry of `file_bytes`.
-  explicit memory_device(std::span<const std::uint64_t> file_bytes, std::size_t alignment = 512,
-                         unsigned depth = 64)
+  explicit memory_device(std::span<const std::uint64_t> file_bytes, std::size_t alignment = 512, unsigned depth = 64)
       : alignment_(alignment), depth_(depth) {
     for (auto b : file_bytes) files_.push_back(file{std::make_unique<std::byte[]>(b), b});
   }

@@ -10,10 +10,10 @@
 namespace attnstore {
 
 struct uring_options {
-  unsigned queue_depth = 64;      ///< ring entries per channel, 1..4096
-  bool register_files = true;     ///< use IOSQE_FIXED_FILE where the kernel allows
-  bool register_buffers = true;   ///< use READ/WRITE_FIXED on registered regions
-  std::size_t alignment = 4096;   ///< O_DIRECT alignment
+  unsigned queue_depth = 64;     ///< ring entries per channel, 1..4096
+  bool register_files = true;    ///< use IOSQE_FIXED_FILE where the kernel allows
+  bool register_buffers = true;  ///< use READ/WRITE_FIXED on registered regions
+  std::size_t alignment = 4096;  ///< O_DIRECT alignment
 };
 
 /// Creates an io_uring device over open file descriptors (not owned). Returns nullptr

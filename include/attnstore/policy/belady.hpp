@@ -47,9 +47,15 @@ class belady final : public eviction_policy {
     const session_state& s = state(r);
     const std::uint64_t key = ~next_[r];  // min-heap: the farthest first
     for (std::uint32_t l = 0; l < level_count; ++l) {
-      if (s.blocks[l]) heap_[l].set(r, key); else heap_[l].erase(r);
+      if (s.blocks[l])
+        heap_[l].set(r, key);
+      else
+        heap_[l].erase(r);
     }
-    if (s.blocks[0] + s.blocks[1] + s.blocks[2]) any_.set(r, key); else any_.erase(r);
+    if (s.blocks[0] + s.blocks[1] + s.blocks[2])
+      any_.set(r, key);
+    else
+      any_.erase(r);
   }
   void forget(std::uint32_t r) noexcept override {
     for (auto& h : heap_) h.erase(r);

@@ -47,9 +47,12 @@ inline constexpr std::uint32_t level_count = 3;
 
 constexpr std::string_view to_string(level l) noexcept {
   switch (l) {
-    case level::hbm: return "hbm";
-    case level::dram: return "dram";
-    case level::ssd: return "ssd";
+    case level::hbm:
+      return "hbm";
+    case level::dram:
+      return "dram";
+    case level::ssd:
+      return "ssd";
   }
   return "unknown";
 }

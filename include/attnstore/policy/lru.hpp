@@ -22,7 +22,10 @@ class lru final : public eviction_policy {
  protected:
   void reposition(std::uint32_t r) noexcept override {
     for (std::uint32_t l = 0; l < level_count; ++l) {
-      if (state(r).blocks[l]) heap_[l].set(r, state(r).access); else heap_[l].erase(r);
+      if (state(r).blocks[l])
+        heap_[l].set(r, state(r).access);
+      else
+        heap_[l].erase(r);
     }
   }
   void forget(std::uint32_t r) noexcept override {

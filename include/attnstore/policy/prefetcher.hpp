@@ -31,9 +31,9 @@
 namespace attnstore::policy {
 
 struct prefetcher_options {
-  std::uint32_t max_sessions = 0;          ///< record ids are < max_sessions; at least 1
-  std::uint64_t block_bytes = 0;           ///< bytes of one block; at least 1
-  std::uint64_t max_bytes_in_flight = 0;   ///< bound on bytes being read; at least block_bytes
+  std::uint32_t max_sessions = 0;         ///< record ids are < max_sessions; at least 1
+  std::uint64_t block_bytes = 0;          ///< bytes of one block; at least 1
+  std::uint64_t max_bytes_in_flight = 0;  ///< bound on bytes being read; at least block_bytes
   /// Prefetch window in queued sessions. 0: the paper's rule, dram_for_prefetch_bytes /
   /// mean session KV size (the mean of the stored sessions, from the policy).
   std::uint32_t window = 0;

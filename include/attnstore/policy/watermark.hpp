@@ -20,8 +20,8 @@ struct demotion_watermark {
   /// 0 <= low_fraction <= high_fraction < 1.
   static demotion_watermark of(std::uint32_t dram_blocks, double low_fraction, double high_fraction) {
     if (!(low_fraction >= 0 && low_fraction <= high_fraction && high_fraction < 1))
-      throw std::invalid_argument("demotion_watermark: need 0 <= low (" + std::to_string(low_fraction) +
-                                  ") <= high (" + std::to_string(high_fraction) + ") < 1");
+      throw std::invalid_argument("demotion_watermark: need 0 <= low (" + std::to_string(low_fraction) + ") <= high (" +
+                                  std::to_string(high_fraction) + ") < 1");
     return {std::uint32_t(low_fraction * dram_blocks), std::uint32_t(high_fraction * dram_blocks)};
   }
   /// Whether demotion should start now.

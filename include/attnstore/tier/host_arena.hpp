@@ -19,13 +19,13 @@
 namespace attnstore {
 
 struct host_arena_options {
-  std::size_t slot_bytes = 0;        ///< bytes per slot, rounded up to `alignment`
-  std::size_t capacity_bytes = 0;    ///< total; at least one slot
-  std::size_t alignment = 4096;      ///< slot alignment (O_DIRECT needs 512 or 4096)
+  std::size_t slot_bytes = 0;                           ///< bytes per slot, rounded up to `alignment`
+  std::size_t capacity_bytes = 0;                       ///< total; at least one slot
+  std::size_t alignment = 4096;                         ///< slot alignment (O_DIRECT needs 512 or 4096)
   std::size_t max_region_bytes = std::size_t(1) << 30;  ///< io_uring registers <= 1 GiB each
-  bool use_cuda_pinned = true;       ///< cudaHostAlloc when a GPU is present
-  bool lock_memory = true;           ///< mlock otherwise (best effort, logged when it fails)
-  bool huge_pages = false;           ///< try MAP_HUGETLB first
+  bool use_cuda_pinned = true;                          ///< cudaHostAlloc when a GPU is present
+  bool lock_memory = true;                              ///< mlock otherwise (best effort, logged when it fails)
+  bool huge_pages = false;                              ///< try MAP_HUGETLB first
   attnstore::logger log{};
 };
 
@@ -88,9 +88,12 @@ class host_arena final : public tier_allocator {
   /// "cuda_pinned", "locked" or "unlocked".
   std::string_view pinning() const noexcept {
     switch (pinning_) {
-      case detail::host_pinning::cuda_pinned: return "cuda_pinned";
-      case detail::host_pinning::locked: return "locked";
-      case detail::host_pinning::unlocked: return "unlocked";
+      case detail::host_pinning::cuda_pinned:
+        return "cuda_pinned";
+      case detail::host_pinning::locked:
+        return "locked";
+      case detail::host_pinning::unlocked:
+        return "unlocked";
     }
     return "unknown";
   }

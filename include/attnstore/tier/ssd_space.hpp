@@ -14,14 +14,14 @@
 namespace attnstore {
 
 struct ssd_space_options {
-  std::string directory;                 ///< created (0700) if missing
-  std::size_t slot_bytes = 0;            ///< multiple of 4096
-  std::uint64_t capacity_bytes = 0;      ///< total; at least one slot
+  std::string directory;                                   ///< created (0700) if missing
+  std::size_t slot_bytes = 0;                              ///< multiple of 4096
+  std::uint64_t capacity_bytes = 0;                        ///< total; at least one slot
   std::uint64_t max_file_bytes = std::uint64_t(16) << 30;  ///< files are split at this size
-  bool direct_io = true;                 ///< open with O_DIRECT
-  bool require_direct_io = true;         ///< fail (rather than fall back to buffered I/O) without it
-  bool preallocate = true;               ///< fallocate the files now (ENOSPC at open, not later)
-  unsigned lock_wait_ms = 2000;          ///< wait this long for another user of the files to go
+  bool direct_io = true;                                   ///< open with O_DIRECT
+  bool require_direct_io = true;                           ///< fail (rather than fall back to buffered I/O) without it
+  bool preallocate = true;                                 ///< fallocate the files now (ENOSPC at open, not later)
+  unsigned lock_wait_ms = 2000;                            ///< wait this long for another user of the files to go
   attnstore::logger log{};
 };
 

@@ -17,10 +17,14 @@ enum class memory_kind : std::uint8_t {
 
 constexpr std::string_view to_string(memory_kind k) noexcept {
   switch (k) {
-    case memory_kind::host: return "host";
-    case memory_kind::host_pinned: return "host_pinned";
-    case memory_kind::device: return "device";
-    case memory_kind::file: return "file";
+    case memory_kind::host:
+      return "host";
+    case memory_kind::host_pinned:
+      return "host_pinned";
+    case memory_kind::device:
+      return "device";
+    case memory_kind::file:
+      return "file";
   }
   return "unknown";
 }
