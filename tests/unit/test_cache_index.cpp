@@ -13,17 +13,28 @@ using namespace attnstore;
 namespace {
 const model_id model = make_model_id({"m", kv_geometry{2, 2, 64, dtype::f16, 4}.validated()});
 
-// Stores `tokens` as a session's blocks (DRAM slot = block table index, for the test).
-void store_session(cache_index& idx, const session_hash& key, std::span<const token_id> tokens) {
-  locked_session s = idx.open(key, true);
-  REQUIRE(s);
+// Frees a chain of blocks detached from a session.
+void free_chain(locked_session& s, std::uint32_t b) {
+  while (b != no_slot) {
+    const std::uint32_t next = s.meta(b).next;
+    s.free_block(b);
+    b = next;
+  }
+}
+
+// Publishes `tokens` as the session's blocks (DRAM slot = block table index, for the
+// test). No Catch2 assertions: the concurrent test calls it from worker threads.
+bool publish_tokens(cache_index& idx, locked_session& s, std::span<const token_id> tokens) {
   const std::uint32_t tpb = idx.tokens_per_block();
   std::uint32_t head = no_slot, tail = no_slot, n = 0;
   hash128 prev{};
   for (std::size_t p = 0; p < tokens.size(); p += tpb) {
     auto t = tokens.subspan(p, std::min<std::size_t>(tpb, tokens.size() - p));
-    std::uint32_t b = s.new_block(t);
-    REQUIRE(b != no_slot);
+    const std::uint32_t b = s.new_block(t);
+    if (b == no_slot) {
+      free_chain(s, head);
+      return false;
+    }
     s.meta(b).chain = prev = chain_hash(prev, model, t);
     s.meta(b).dram_slot = b;
     if (tail == no_slot)
@@ -33,12 +44,14 @@ void store_session(cache_index& idx, const session_hash& key, std::span<const to
     tail = b;
     ++n;
   }
-  std::uint32_t old = s.publish(0, head, n);
-  for (std::uint32_t b = old; b != no_slot;) {
-    std::uint32_t next = s.meta(b).next;
-    s.free_block(b);
-    b = next;
-  }
+  free_chain(s, s.publish(0, head, n));
+  return true;
+}
+
+void store_session(cache_index& idx, const session_hash& key, std::span<const token_id> tokens) {
+  locked_session s = idx.open(key, true);
+  REQUIRE(s);
+  REQUIRE(publish_tokens(idx, s, tokens));
 }
 }  // namespace
 
@@ -100,11 +113,7 @@ TEST_CASE("erase frees the record; the pool refills; many sessions hash into sha
     for (int i = 0; i < 64; i += 1 + round % 2) {
       locked_session s = idx.open(hash_session({"t", std::to_string(i)}), false);
       REQUIRE(s);
-      for (std::uint32_t b = s.truncate(0); b != no_slot;) {
-        std::uint32_t next = s.meta(b).next;
-        s.free_block(b);
-        b = next;
-      }
+      free_chain(s, s.truncate(0));
       s.erase();
     }
     for (int i = 0; i < 64; ++i) {
@@ -112,11 +121,7 @@ TEST_CASE("erase frees the record; the pool refills; many sessions hash into sha
       CHECK(idx.lookup(hash_session({"t", std::to_string(i)}), model, t).tokens == (erased ? 0u : 3u));
       if (!erased) {
         locked_session s = idx.open(hash_session({"t", std::to_string(i)}), false);
-        for (std::uint32_t b = s.truncate(0); b != no_slot;) {
-          std::uint32_t next = s.meta(b).next;
-          s.free_block(b);
-          b = next;
-        }
+        free_chain(s, s.truncate(0));
         s.erase();
       }
     }
@@ -158,25 +163,7 @@ TEST_CASE("concurrent open/lookup/erase on shared keys is safe") {
               ++failed_opens;
               break;
             }
-            std::uint32_t head = no_slot, tail = no_slot, n = 0;
-            hash128 prev{};
-            for (std::size_t p = 0; p < t.size(); p += 4) {
-              auto part = std::span(t).subspan(p, std::min<std::size_t>(4, t.size() - p));
-              std::uint32_t b = s.new_block(part);
-              s.meta(b).chain = prev = chain_hash(prev, model, part);
-              s.meta(b).dram_slot = b;
-              if (tail == no_slot)
-                head = b;
-              else
-                s.meta(tail).next = b;
-              tail = b;
-              ++n;
-            }
-            for (std::uint32_t b = s.publish(0, head, n); b != no_slot;) {
-              std::uint32_t next = s.meta(b).next;
-              s.free_block(b);
-              b = next;
-            }
+            if (!publish_tokens(idx, s, t)) ++failed_opens;
             break;
           }
           case 1: {
@@ -187,11 +174,7 @@ TEST_CASE("concurrent open/lookup/erase on shared keys is safe") {
           case 2: {
             locked_session s = idx.open(key, false);
             if (!s) break;
-            for (std::uint32_t b = s.truncate(0); b != no_slot;) {
-              std::uint32_t next = s.meta(b).next;
-              s.free_block(b);
-              b = next;
-            }
+            free_chain(s, s.truncate(0));
             s.erase();
           }
         }
