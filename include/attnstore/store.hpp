@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -13,12 +14,16 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attnstore/format/block_header.hpp"
 #include "attnstore/index/cache_index.hpp"
 #include "attnstore/io/block_device.hpp"
 #include "attnstore/log.hpp"
+#include "attnstore/policy/eviction_policy.hpp"
+#include "attnstore/policy/prefetcher.hpp"
+#include "attnstore/policy/watermark.hpp"
 #include "attnstore/status.hpp"
 #include "attnstore/tier/host_arena.hpp"
 #include "attnstore/tier/ssd_space.hpp"
@@ -65,6 +70,38 @@ struct store_config {
   std::uint32_t queue_window = 1024;  ///< entries of the engine queue set_queue() keeps
   unsigned staging_blocks = 0;        ///< SSD read staging slots (0: 4 x queue_depth)
 
+  // ---- policies (include/attnstore/policy/; docs/design.md "Policies")
+  /// Which session gives up DRAM (to SSD) or SSD (dropped) first: "scheduler_aware" (the
+  /// paper's: sessions in the eviction window over the engine queue are kept), "lru".
+  /// Ignored when make_policy is set.
+  std::string eviction_policy = "scheduler_aware";
+  /// An embedder's own policy, made once with the store's max_sessions.
+  std::function<std::unique_ptr<policy::eviction_policy>(std::uint32_t max_sessions)> make_policy;
+  /// Queued sessions protected from eviction. 0: the paper's rule, (DRAM + SSD bytes) /
+  /// mean stored session size, recomputed at each set_queue().
+  std::uint32_t eviction_window = 0;
+  /// Scheduler-aware prefetch: SSD -> DRAM promotion of the sessions at the front of the
+  /// queue, on a background thread. Needs an SSD tier.
+  bool prefetch = true;
+  /// Bound on bytes being promoted at once. 0: max(64 MiB, 4 blocks).
+  std::uint64_t prefetch_bytes_in_flight = 0;
+  /// Queued sessions the prefetcher looks at. 0: the paper's rule, dram_for_prefetch /
+  /// mean stored session size.
+  std::uint32_t prefetch_window = 0;
+  /// DRAM the paper's prefetch-window rule counts on. 0: a quarter of dram_bytes.
+  std::uint64_t dram_for_prefetch_bytes = 0;
+  /// Background DRAM -> SSD demotion starts when free DRAM falls below the low fraction
+  /// and runs until the high one is free, so saves find room without waiting. Needs an
+  /// SSD tier; low 0 disables it.
+  double demote_low_watermark = 0.05, demote_high_watermark = 0.10;
+  /// Sessions idle (not used, not queued) this long are dropped. 0: never.
+  std::uint64_t session_ttl_ms = 0;
+  /// Runs prefetch, watermark demotion and the TTL on a store thread. Off: the embedder
+  /// calls run_background() itself (tests, single-threaded engines).
+  bool background_thread = true;
+  /// Clock for recency and the TTL, in nanoseconds; tests may set it. Default: steady_clock.
+  std::function<std::uint64_t()> clock;
+
   attnstore::logger log{};
   /// Tests and embedders may wrap or replace the SSD device (fault injection, an
   /// in-memory device). Called once at construction with the real device.
@@ -83,6 +120,8 @@ struct store_stats {
   std::uint64_t ssd_bytes_written = 0, ssd_bytes_read = 0;
   std::uint64_t recovered_sessions = 0, recovered_blocks = 0, recovery_dropped_blocks = 0;
   std::uint64_t quarantined_slots = 0;  ///< SSD slots not reused: their header could not be erased
+  std::uint64_t prefetch_started = 0, prefetch_completed = 0, prefetch_cancelled = 0, prefetched_blocks = 0;
+  std::uint64_t watermark_demoted_blocks = 0, expired_sessions = 0;
   std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;
   std::uint64_t sessions = 0;
 };
@@ -197,10 +236,23 @@ class store {
   [[nodiscard]] errc truncate(const session_key& key, std::span<const token_id> history,
                               const truncation_plan& plan) noexcept;
 
-  /// The engine's waiting queue, first to run first. Queued sessions are demoted or
-  /// evicted only when no other session can be; past queue_window entries the rest of
-  /// the queue is ignored. Replaces the previous queue.
+  /// The engine's waiting queue, first to run first; replaces the previous queue. The
+  /// eviction policy protects the sessions in its window; the prefetcher starts
+  /// promoting the first ones from SSD to DRAM. Past queue_window entries the rest of
+  /// the queue is ignored. Sessions not stored yet are skipped.
   void set_queue(std::span<const session_key> waiting) noexcept;
+
+  /// Does the background work that is due: promotions the prefetcher planned, demotion
+  /// down to the watermark, and the TTL. The store's thread calls it; without one
+  /// (background_thread false) the embedder does. Returns the work items done.
+  std::uint32_t run_background() noexcept;
+  /// Waits until the background thread has done the work queued so far (prefetches,
+  /// demotion). Returns at once without a thread.
+  void drain() noexcept;
+  /// Drops the sessions idle longer than session_ttl_ms now; returns how many.
+  std::uint32_t expire_idle() noexcept;
+  /// The eviction policy's name ("scheduler_aware", "lru", ...).
+  std::string_view policy_name() const noexcept { return policy_->name(); }
 
   /// Moves a session's DRAM blocks to SSD now. Returns ok, not_found, unsupported (no
   /// SSD tier), no_space, device_error.
@@ -231,7 +283,10 @@ class store {
   errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
   get_result serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
                           std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views) noexcept;
-  bool demote_some_victim(std::uint32_t exclude) noexcept;
+  /// Demotes the policy's first DRAM victim. On the allocation path (`background` false)
+  /// a victim that cannot be demoted is dropped; background work (prefetch room, the
+  /// watermark) only demotes, and never a session in the engine queue.
+  bool demote_some_victim(std::uint32_t exclude, bool background = false) noexcept;
   bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
   errc release_chain(std::uint32_t first) noexcept;
   errc drop_locked(locked_session& s) noexcept;
@@ -247,11 +302,37 @@ class store {
   bool write_tombstone(const session_hash& key) noexcept;
   void write_or_check_manifest();
   locked_session open_or_evict(const session_hash& key) noexcept;
-  /// Least recently used session that `want` accepts, locked; sessions in the engine's
-  /// queue only when no other qualifies. Never one of the two excluded records.
+  /// The first session in the policy's victim order for `where` that is unpinned, not
+  /// busy (try-lock) and accepted by `want`, locked. Never one of the two excluded records.
   template <class Want>
-  locked_session pick_victim(Want&& want, std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
-  bool in_queue(const session_hash& key) noexcept;
+  locked_session pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
+                             std::uint32_t exclude_b) noexcept;
+  std::uint64_t now() const noexcept;
+  /// Tells the policy the session's tier counts (and, when `accessed`, that it was used).
+  void note(locked_session& s, bool accessed) noexcept;
+  /// Removes the session from the index, the policy and the prefetcher.
+  void erase_record(locked_session& s) noexcept;
+  /// Erases the session when a failed save left it empty and unused.
+  void erase_if_empty(locked_session& s) noexcept {
+    if (s.block_count() == 0 && s.pins() == 0) erase_record(s);
+  }
+  /// Reads up to `max_blocks` of the session's SSD-only blocks into DRAM, making room only
+  /// from sessions that are not queued. Returns the blocks promoted.
+  std::uint32_t promote_locked(locked_session& s, std::uint32_t max_blocks) noexcept;
+  void plan_prefetch_locked() noexcept;  // policy mutex held
+  void wake_background() noexcept;
+  void background_loop() noexcept;
+  struct prefetch_target;
+  struct ssd_read_batch;
+  /// Reads a batch of SSD blocks into their buffers, verifying each (header, chain,
+  /// checksum; copying it out when the batch has an output) as it completes.
+  void read_ssd_batch(ssd_read_batch& rb) noexcept;
+  struct promotion_job {
+    std::uint32_t record;
+    std::uint32_t blocks;
+    std::uint64_t ticket;
+  };
+  void run_promotion(const promotion_job& job) noexcept;
 
   store_config config_;
   kv_geometry geometry_;
@@ -271,9 +352,24 @@ class store {
   };
   std::unique_ptr<void, free_deleter> zero_page_holder_;  // freed even if the constructor throws
   void* zero_page_ = nullptr;
-  std::mutex queue_mutex_;
-  std::vector<hash128> queue_set_;  // open addressing; zero = empty
-  std::atomic<std::uint32_t> queue_size_{0};
+
+  // Policies. Lock order: record -> policy_mutex_ -> shard -> work_mutex_. Under the
+  // policy mutex, records are only try-locked (victim choice).
+  std::mutex policy_mutex_;
+  std::unique_ptr<policy::eviction_policy> policy_;
+  std::unique_ptr<policy::prefetcher> prefetcher_;
+  policy::demotion_watermark watermark_{};
+  std::vector<std::uint32_t> ssd_only_;       // per record: blocks held only on SSD
+  std::vector<std::uint32_t> queue_records_;  // set_queue scratch
+
+  // Background work: promotions the prefetcher started, demotion, TTL.
+  std::mutex work_mutex_;
+  std::condition_variable work_cv_, idle_cv_;
+  std::vector<promotion_job> jobs_;  // ring, capacity max_sessions
+  std::size_t job_head_ = 0, job_count_ = 0;
+  bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
+  std::uint64_t next_ttl_check_ = 0;
+  std::thread worker_;
 };
 
 }  // namespace attnstore

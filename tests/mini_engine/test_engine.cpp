@@ -31,7 +31,7 @@ struct store_rig {
   std::unique_ptr<attnstore::store> kv;
   std::unique_ptr<attnstore::copy_backend> copier;
   std::unique_ptr<attnstore::hooks> hk;
-  store_rig(const llama_config& c, unsigned chaos_us, std::uint32_t tokens_per_block = 32) {
+  store_rig(const llama_config& c, unsigned chaos_us, std::uint32_t tokens_per_block = 32, bool prefetch = true) {
     attnstore::store_config sc;
     sc.geometry = kv_geometry_of(c, tokens_per_block);
     sc.model_name = "mini-test";
@@ -39,6 +39,7 @@ struct store_rig {
     sc.ssd_directory = dir.str();
     sc.ssd_bytes = 128 << 20;
     sc.log = attnstore::logger{&attnstore::logger::quiet, nullptr};
+    sc.prefetch = prefetch;
     kv = std::make_unique<attnstore::store>(sc);
     attnstore::host_copy_options ho;
     ho.chaos_max_delay_us = chaos_us;
@@ -81,7 +82,9 @@ TEST_CASE("restored KV (DRAM and SSD) gives bitwise the logits of resident KV ov
   co.num_pages = 512;
   engine recompute(model, co);
   for (bool via_ssd : {false, true}) {
-    store_rig rig(model.config(), 50);
+    // Without prefetch, so that a demoted session's next turn really reads from SSD (the
+    // prefetcher would promote it while it waits in the queue).
+    store_rig rig(model.config(), 50, 32, !via_ssd);
     engine_options so;
     so.mode = kv_mode::store;
     so.num_pages = 512;

@@ -130,19 +130,17 @@ TEST_CASE("erase frees the record; the pool refills; many sessions hash into sha
   }
 }
 
-TEST_CASE("LRU order follows touches") {
+TEST_CASE("find names a live session's record and nothing else") {
   cache_index idx(cache_index_options{8, 64, 4, 2});
   std::vector<token_id> t{1};
   for (int i = 0; i < 4; ++i) store_session(idx, hash_session({"t", std::to_string(i)}), t);
-  (void)idx.lookup(hash_session({"t", "0"}), model, t);  // 0 becomes most recent
-  std::vector<std::uint32_t> order;
-  idx.for_each_lru([&](std::uint32_t rec) {
-    order.push_back(rec);
-    return false;
-  });
-  REQUIRE(order.size() == 4);
-  locked_session s0 = idx.open(hash_session({"t", "0"}), false);
-  CHECK(order.back() == s0.record_id());
+  locked_session s2 = idx.open(hash_session({"t", "2"}), false);
+  REQUIRE(s2);
+  CHECK(idx.find(hash_session({"t", "2"})) == s2.record_id());
+  CHECK(idx.find(hash_session({"t", "9"})) == no_slot);
+  free_chain(s2, s2.truncate(0));
+  s2.erase();
+  CHECK(idx.find(hash_session({"t", "2"})) == no_slot);
 }
 
 TEST_CASE("concurrent open/lookup/erase on shared keys is safe") {

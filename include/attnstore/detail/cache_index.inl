@@ -1,5 +1,5 @@
-// cache_index bodies. Lock order: record -> shard -> lru. The LRU walk takes record
-// locks only with try_lock, so it can never wait in the other direction.
+// cache_index bodies. Lock order: record -> shard. open() takes the shard lock and
+// releases it before it waits for the record.
 #pragma once
 
 namespace attnstore {
@@ -72,30 +72,6 @@ inline void cache_index::release_record(std::uint32_t rec) noexcept {
   }
 }
 
-inline void cache_index::lru_unlink(std::uint32_t rec) noexcept {
-  record& r = records_[rec];
-  if (r.lru_prev != no_slot)
-    records_[r.lru_prev].lru_next = r.lru_next;
-  else
-    lru_head_ = r.lru_next;
-  if (r.lru_next != no_slot)
-    records_[r.lru_next].lru_prev = r.lru_prev;
-  else
-    lru_tail_ = r.lru_prev;
-  r.lru_prev = r.lru_next = no_slot;
-}
-
-inline void cache_index::lru_push_front(std::uint32_t rec) noexcept {
-  record& r = records_[rec];
-  r.lru_prev = no_slot;
-  r.lru_next = lru_head_;
-  if (lru_head_ != no_slot)
-    records_[lru_head_].lru_prev = rec;
-  else
-    lru_tail_ = rec;
-  lru_head_ = rec;
-}
-
 inline locked_session cache_index::open(const session_hash& key, bool create) noexcept {
   for (;;) {
     shard& s = shard_of(key);
@@ -112,8 +88,6 @@ inline locked_session cache_index::open(const session_hash& key, bool create) no
         r.state.store(1u | 2u, std::memory_order_release);  // live, one handle
         insert_in(s, key, rec);
         live_.fetch_add(1, std::memory_order_relaxed);
-        std::lock_guard lru(lru_mutex_);
-        lru_push_front(rec);
       } else {
         records_[rec].state.fetch_add(2, std::memory_order_acq_rel);  // indexed, so live
       }
@@ -144,12 +118,10 @@ inline locked_session cache_index::try_open_record(std::uint32_t rec) noexcept {
   return locked_session(this, rec);
 }
 
-template <class Visit>
-void cache_index::for_each_lru(Visit&& visit) noexcept {
-  std::lock_guard lock(lru_mutex_);
-  for (std::uint32_t rec = lru_tail_; rec != no_slot; rec = records_[rec].lru_prev) {
-    if (visit(rec)) return;
-  }
+inline std::uint32_t cache_index::find(const session_hash& key) noexcept {
+  shard& s = shard_of(key);
+  std::lock_guard lock(s.mutex);
+  return find_in(s, key);
 }
 
 inline lookup_result cache_index::lookup(const session_hash& key, const model_id& model,
@@ -173,7 +145,6 @@ inline lookup_result cache_index::lookup(locked_session& s, const model_id& mode
       ++res.ssd_blocks;
     return true;
   });
-  s.touch();
   return res;
 }
 
@@ -322,12 +293,6 @@ inline void locked_session::unpin() noexcept {
   if (p) --p;
 }
 
-inline void locked_session::touch() noexcept {
-  std::lock_guard lock(index_->lru_mutex_);
-  index_->lru_unlink(record_);
-  index_->lru_push_front(record_);
-}
-
 inline void locked_session::erase() noexcept {
   auto& r = index_->records_[record_];
   if (!r.live()) return;
@@ -336,10 +301,6 @@ inline void locked_session::erase() noexcept {
     std::lock_guard lock(s.mutex);
     index_->erase_in(s, r.key);
     r.state.fetch_and(~1u, std::memory_order_acq_rel);
-  }
-  {
-    std::lock_guard lock(index_->lru_mutex_);
-    index_->lru_unlink(record_);
   }
   index_->live_.fetch_sub(1, std::memory_order_relaxed);
 }

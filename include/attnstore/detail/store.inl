@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cinttypes>
 #include <cstdlib>
 #include <fstream>
@@ -17,16 +18,21 @@
 
 #include "attnstore/io/posix_device.hpp"
 #include "attnstore/io/uring_device.hpp"
+#include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/scheduler_aware.hpp"
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                              \
-  X(lookups)                                                                                                     \
-  X(lookup_hits) X(lookup_misses) X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets) \
-      X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum)      \
-          X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)    \
-              X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)   \
-                  X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                            \
+  X(lookups)                                                                                                   \
+  X(lookup_hits)                                                                                               \
+  X(lookup_misses) X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets)              \
+      X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum)    \
+          X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)  \
+              X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) \
+                  X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)    \
+                      X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)     \
+                          X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -100,11 +106,31 @@ inline store::store(store_config c) : config_(std::move(c)) {
   }
   if (config_.queue_window == 0 || config_.queue_window > (1u << 20))
     fail("queue_window is " + std::to_string(config_.queue_window) + ", allowed 1..1048576");
-  {
-    std::size_t cap = 16;
-    while (cap < 2 * std::size_t(config_.queue_window)) cap *= 2;
-    queue_set_.assign(cap, hash128{});
+  if (!(config_.demote_low_watermark >= 0 && config_.demote_low_watermark <= config_.demote_high_watermark &&
+        config_.demote_high_watermark < 1))
+    fail("demote_low_watermark " + std::to_string(config_.demote_low_watermark) + " and demote_high_watermark " +
+         std::to_string(config_.demote_high_watermark) + ": need 0 <= low <= high < 1");
+  if (config_.prefetch_bytes_in_flight && config_.prefetch_bytes_in_flight < geometry_.block_bytes())
+    fail("prefetch_bytes_in_flight is " + std::to_string(config_.prefetch_bytes_in_flight) +
+         ", must be 0 (automatic) or at least one block (" + std::to_string(geometry_.block_bytes()) + " bytes)");
+  if (config_.make_policy) {
+    policy_ = config_.make_policy(config_.max_sessions);
+    if (!policy_) fail("make_policy returned no policy");
+    if (policy_->max_sessions() < config_.max_sessions)
+      fail("make_policy made a policy for " + std::to_string(policy_->max_sessions()) + " sessions, need " +
+           std::to_string(config_.max_sessions));
+  } else if (config_.eviction_policy == "scheduler_aware") {
+    // The window is set at each set_queue() (fixed, or the paper's rule from the sizes
+    // stored then), so the capacity given here only satisfies the constructor.
+    policy_ = std::make_unique<policy::scheduler_aware>(
+        policy::scheduler_aware_options{config_.max_sessions, config_.eviction_window, 1});
+  } else if (config_.eviction_policy == "lru") {
+    policy_ = std::make_unique<policy::lru>(config_.max_sessions);
+  } else {
+    fail("eviction_policy is \"" + config_.eviction_policy + "\"; known: scheduler_aware, lru (or set make_policy)");
   }
+  ssd_only_.assign(config_.max_sessions, 0);
+  queue_records_.assign(config_.queue_window, policy::no_record);
   zero_page_holder_.reset(std::aligned_alloc(format::sector, format::sector));
   zero_page_ = zero_page_holder_.get();
   if (!zero_page_) throw std::bad_alloc();
@@ -119,10 +145,35 @@ inline store::store(store_config c) : config_(std::move(c)) {
   if (ssd_) {
     write_or_check_manifest();
     recover();
+    if (config_.prefetch) {
+      const std::uint64_t bound =
+          config_.prefetch_bytes_in_flight
+              ? config_.prefetch_bytes_in_flight
+              : std::max<std::uint64_t>(64ull << 20, 4 * std::uint64_t(geometry_.block_bytes()));
+      const std::uint64_t for_prefetch =
+          config_.dram_for_prefetch_bytes ? config_.dram_for_prefetch_bytes : config_.dram_bytes / 4;
+      prefetcher_ = std::make_unique<policy::prefetcher>(
+          policy::prefetcher_options{config_.max_sessions, geometry_.block_bytes(), bound, config_.prefetch_window,
+                                     std::max<std::uint64_t>(1, for_prefetch)});
+      jobs_.resize(config_.max_sessions);
+    }
+    watermark_ = {std::uint32_t(config_.demote_low_watermark * dram_->capacity()),
+                  std::uint32_t(config_.demote_high_watermark * dram_->capacity())};
   }
+  const bool work = prefetcher_ || watermark_.low > 0 || config_.session_ttl_ms > 0;
+  if (config_.background_thread && work) worker_ = std::thread([this] { background_loop(); });
 }
 
-inline store::~store() = default;
+inline store::~store() {
+  if (worker_.joinable()) {
+    {
+      std::lock_guard lock(work_mutex_);
+      stopping_ = true;
+    }
+    work_cv_.notify_all();
+    worker_.join();
+  }
+}
 
 inline std::string_view store::io_backend_name() const noexcept { return device_ ? device_->name() : "none"; }
 
@@ -146,7 +197,11 @@ inline store_stats store::stats() const noexcept {
 inline lookup_result store::lookup(const session_key& key, std::span<const token_id> prompt,
                                    std::span<block_location> out) noexcept {
   detail::bump(counters_->lookups);
-  lookup_result r = index_->lookup(hash_session(key), model_, prompt, out);
+  lookup_result r;
+  if (locked_session s = index_->open(hash_session(key), false)) {
+    r = index_->lookup(s, model_, prompt, out);
+    note(s, true);
+  }
   if (r.tokens > 0) {
     detail::bump(counters_->lookup_hits);
     detail::bump(counters_->tokens_reusable, r.tokens);
@@ -215,12 +270,13 @@ inline errc store::release_chain(std::uint32_t first) noexcept {
 
 inline errc store::drop_locked(locked_session& s) noexcept {
   errc e = release_chain(s.truncate(0));
-  s.erase();
+  erase_record(s);
   return e;
 }
 
 inline bool store::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
-  locked_session victim = pick_victim([](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
+  locked_session victim = pick_victim(
+      policy::level::ssd, [](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
   if (!victim) return false;
   detail::bump(counters_->evicted_sessions);
   detail::bump(counters_->evicted_blocks, victim.block_count());
@@ -229,51 +285,97 @@ inline bool store::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t 
 }
 
 template <class Want>
-locked_session store::pick_victim(Want&& want, std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
+locked_session store::pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
+                                  std::uint32_t exclude_b) noexcept {
   locked_session victim;
-  for (int pass = 0; pass < 2 && !victim; ++pass) {
-    const bool queue = queue_size_.load(std::memory_order_relaxed) > 0;
-    const bool spare_queued = pass == 0 && queue;
-    if (pass == 1 && !queue) break;
-    index_->for_each_lru([&](std::uint32_t rec) {
-      if (rec == exclude_a || rec == exclude_b) return false;
-      locked_session h = index_->try_open_record(rec);
-      if (!h || h.pins() > 0 || !want(h)) return false;
-      if (spare_queued && in_queue(h.key())) return false;
-      victim = std::move(h);
-      return true;
-    });
-  }
+  std::lock_guard lock(policy_mutex_);
+  policy_->pick_victim(where, [&](std::uint32_t rec) noexcept {
+    if (rec == exclude_a || rec == exclude_b) return false;
+    locked_session h = index_->try_open_record(rec);  // never waits: we hold the policy mutex
+    if (!h || h.pins() > 0 || !want(h)) return false;
+    victim = std::move(h);
+    return true;
+  });
   return victim;
 }
 
-inline bool store::in_queue(const session_hash& key) noexcept {
-  hash128 h = key.value;
-  if (h.is_zero()) h.lo = 1;  // as set_queue stores it
-  std::lock_guard lock(queue_mutex_);
-  if (queue_size_.load(std::memory_order_relaxed) == 0) return false;
-  const std::size_t mask = queue_set_.size() - 1;
-  for (std::size_t i = h.lo & mask;; i = (i + 1) & mask) {
-    if (queue_set_[i].is_zero()) return false;
-    if (queue_set_[i] == h) return true;
+// ---------------------------------------------------------------- policy events
+
+// What the prefetcher drives: the store's promotions run on the background thread.
+struct store::prefetch_target {
+  store* self;
+  std::uint32_t ssd_only_blocks(std::uint32_t rec) const noexcept { return self->ssd_only_[rec]; }
+  // Queues the promotion; the DRAM is taken when it runs (only free DRAM, or DRAM of
+  // sessions that are not queued), so a full queue of jobs is the only refusal here.
+  std::uint32_t start_promotion(std::uint32_t rec, std::uint32_t max_blocks, std::uint64_t ticket) noexcept {
+    std::lock_guard lock(self->work_mutex_);
+    if (self->job_count_ == self->jobs_.size()) return 0;
+    self->jobs_[(self->job_head_ + self->job_count_++) % self->jobs_.size()] = {rec, max_blocks, ticket};
+    detail::bump(self->counters_->prefetch_started);
+    return max_blocks;
   }
+  // Nothing is reserved before the job runs, and a job whose ticket is stale does nothing.
+  void abort_promotion(std::uint32_t, std::uint64_t) noexcept {}
+};
+
+inline std::uint64_t store::now() const noexcept {
+  if (config_.clock) return config_.clock();
+  return std::uint64_t(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+inline void store::note(locked_session& s, bool accessed) noexcept {
+  const std::uint32_t rec = s.record_id();
+  const std::uint64_t t = now();
+  std::lock_guard lock(policy_mutex_);
+  if (!policy_->live(rec)) policy_->on_insert(rec, t);
+  if (accessed) policy_->on_access(rec, t);
+  policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
+  policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
+  ssd_only_[rec] = s.block_count() - s.dram_blocks();  // every published block has a DRAM or SSD slot
+}
+
+inline void store::erase_record(locked_session& s) noexcept {
+  {
+    std::lock_guard lock(policy_mutex_);
+    const std::uint32_t rec = s.record_id();
+    if (prefetcher_) {
+      prefetch_target target{this};
+      if (prefetcher_->cancel(rec, target)) detail::bump(counters_->prefetch_cancelled);
+    }
+    policy_->on_erase(rec);
+    ssd_only_[rec] = 0;
+  }
+  s.erase();
+}
+
+// ---------------------------------------------------------------- the engine queue and prefetch
+
+inline void store::plan_prefetch_locked() noexcept {
+  if (!prefetcher_) return;
+  prefetch_target target{this};
+  if (prefetcher_->plan(*policy_, target) > 0) wake_background();
 }
 
 inline void store::set_queue(std::span<const session_key> waiting) noexcept {
   const std::size_t n = std::min<std::size_t>(waiting.size(), config_.queue_window);
-  std::lock_guard lock(queue_mutex_);
-  std::fill(queue_set_.begin(), queue_set_.end(), hash128{});
-  const std::size_t mask = queue_set_.size() - 1;
-  std::uint32_t size = 0;
-  for (std::size_t k = 0; k < n; ++k) {
-    hash128 h = hash_session(waiting[k]).value;
-    if (h.is_zero()) h.lo = 1;  // zero marks an empty slot
-    std::size_t i = h.lo & mask;
-    while (!queue_set_[i].is_zero() && !(queue_set_[i] == h)) i = (i + 1) & mask;
-    if (queue_set_[i].is_zero()) ++size;
-    queue_set_[i] = h;
+  const std::uint64_t t = now();
+  std::lock_guard lock(policy_mutex_);
+  for (std::size_t k = 0; k < n; ++k) queue_records_[k] = index_->find(hash_session(waiting[k]));
+  // A record found here but erased before the policy hears of it is not live in the
+  // policy, which skips it.
+  policy_->set_queue(std::span<const std::uint32_t>(queue_records_.data(), n), t);
+  std::uint32_t window = config_.eviction_window;
+  if (window == 0) {
+    const double mean_bytes = policy_->mean_session_blocks() * double(slot_bytes_);
+    const std::uint64_t ssd_bytes = ssd_ ? std::uint64_t(ssd_->capacity()) * slot_bytes_ : 0;
+    window = mean_bytes > 0 ? policy::paper_eviction_window(std::uint64_t(dram_->capacity()) * slot_bytes_, ssd_bytes,
+                                                            std::max<std::uint64_t>(1, std::uint64_t(mean_bytes)))
+                            : std::uint32_t(n);
   }
-  queue_size_.store(size, std::memory_order_relaxed);
+  policy_->set_window(window);
+  plan_prefetch_locked();
 }
 
 inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
@@ -385,13 +487,21 @@ inline errc store::demote_locked(locked_session& s, std::uint32_t until_position
     if (e != errc::ok) status = e;
   }
   s.count_tiers();
+  note(s, false);
   return status;
 }
 
-inline bool store::demote_some_victim(std::uint32_t exclude) noexcept {
-  locked_session victim = pick_victim([](locked_session& h) { return h.dram_blocks() > 0; }, exclude, no_slot);
+inline bool store::demote_some_victim(std::uint32_t exclude, bool background) noexcept {
+  // `want` runs under the policy mutex, so it may ask the policy.
+  locked_session victim = pick_victim(
+      policy::level::dram,
+      [&](locked_session& h) { return h.dram_blocks() > 0 && !(background && policy_->queued(h.record_id())); },
+      exclude, no_slot);
   if (!victim) return false;
-  if (demote_locked(victim, no_slot, exclude) != errc::ok && victim.dram_blocks() > 0) {
+  const std::uint32_t before = victim.dram_blocks();
+  const errc e = demote_locked(victim, no_slot, exclude);
+  if (background) return victim.dram_blocks() < before;
+  if (e != errc::ok && victim.dram_blocks() > 0) {
     // No SSD tier, SSD full of protected data, or an I/O error: the cache gives the
     // least recently used session up rather than refusing the new one.
     detail::bump(counters_->evicted_sessions);
@@ -421,8 +531,15 @@ inline locked_session store::open_or_evict(const session_hash& key) noexcept {
   for (int attempt = 0; attempt < 16; ++attempt) {
     locked_session s = index_->open(key, true);
     if (s) return s;
-    // Every record is live: evict the least recently used unpinned session.
-    locked_session victim = pick_victim([](locked_session&) { return true; }, no_slot, no_slot);
+    // Every record is live: drop the policy's first victim, from SSD, else from DRAM,
+    // else any idle session that holds no blocks (the policy ranks only those with some).
+    auto any = [](locked_session&) { return true; };
+    locked_session victim = pick_victim(policy::level::ssd, any, no_slot, no_slot);
+    if (!victim) victim = pick_victim(policy::level::dram, any, no_slot, no_slot);
+    for (std::uint32_t rec = 0; !victim && rec < index_->max_sessions(); ++rec) {
+      locked_session h = index_->try_open_record(rec);
+      if (h && h.pins() == 0 && h.block_count() == 0) victim = std::move(h);
+    }
     if (!victim) return {};
     detail::bump(counters_->evicted_sessions);
     detail::bump(counters_->evicted_blocks, victim.block_count());
@@ -475,6 +592,7 @@ inline errc store::reserve_locked(locked_session& s, std::span<const token_id> t
     }
   }
   s.count_tiers();
+  note(s, false);
   r = save_reservation{};
   r.key = s.key();
   r.first_block = first_block;
@@ -513,7 +631,7 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
   auto fail = [&](errc e) {
     release_chain(r.head);
     s.unpin();
-    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    erase_if_empty(s);
     if (e == errc::no_space) detail::bump(counters_->no_space);
     if (e == errc::rejected)
       detail::bump(counters_->put_rejected);
@@ -568,8 +686,16 @@ inline errc store::commit_locked(locked_session& s, save_reservation& r, bool ch
   if (r.from_entry == 0) s.set_truncated(false);  // the whole view is new
   detail::bump(counters_->put_blocks, r.blocks);
   s.unpin();
-  s.touch();
+  note(s, true);
   r = save_reservation{};
+  // Demote ahead of need, so the next saves find free DRAM without waiting.
+  if (watermark_.should_start(dram_->capacity() - dram_->used())) {
+    {
+      std::lock_guard lock(work_mutex_);
+      demotion_wanted_ = true;
+    }
+    wake_background();
+  }
   return errc::ok;
 }
 
@@ -585,7 +711,7 @@ inline errc store::reserve(const session_key& key, std::span<const token_id> tok
   if (!s) return errc::no_space;
   errc e = reserve_locked(s, tokens, first_block, r);
   if (e != errc::ok) {
-    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    erase_if_empty(s);
     return e;
   }
   std::size_t i = 0;
@@ -611,7 +737,7 @@ inline void store::abort(save_reservation& r) noexcept {
   release_chain(r.head);
   if (s) {
     s.unpin();
-    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    erase_if_empty(s);
   }
   r = save_reservation{};
 }
@@ -640,7 +766,7 @@ inline errc store::put(const session_key& key, std::span<const token_id> tokens,
   }
   save_reservation r;
   if (errc e = reserve_locked(s, tokens, first_block, r); e != errc::ok) {
-    if (s.block_count() == 0 && s.pins() == 0) s.erase();
+    erase_if_empty(s);
     detail::bump(e == errc::rejected ? counters_->put_rejected : counters_->put_failed);
     if (e == errc::no_space) detail::bump(counters_->no_space);
     return e;
@@ -693,18 +819,9 @@ inline void store::release(const session_hash& key) noexcept {
   if (s) s.unpin();
 }
 
-inline get_result store::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
-                                      std::uint32_t block_count, std::span<std::byte> out,
-                                      std::span<block_view> views) noexcept {
-  // Two modes: copy blocks into `out` (get), or make them resident in DRAM and describe
-  // them in `views` (acquire, for layer-wise loads straight from the DRAM tier).
-  const bool resident = out.empty();
-  const std::size_t bb = geometry_.block_bytes();
-  get_result res;
-  const std::uint32_t end = first_block + block_count;
-
-  // SSD blocks are read in batches; each block is verified (and, when copying, copied
-  // out) by the completion callback while the device still works on the rest.
+// One batch of SSD reads. A buffer slot is in the DRAM tier (promoted: the block stays
+// there) or in the staging arena (read only to be copied out).
+struct store::ssd_read_batch {
   struct pending_read {
     std::uint32_t block, position, buffer_slot;  // position: entry index in the view
     bool promoted;
@@ -713,38 +830,35 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
     std::uint32_t first;          // first used token inside the block
     std::uint64_t view_position;  // view position of that token
   };
-  struct read_batch {
-    store* self;
-    locked_session* session;
-    pending_read pending[batch_max];
-    io_request reqs[batch_max];
-    std::byte* out;
-    std::uint32_t first_block;
-    std::size_t count = 0;
-  };
-  read_batch rb{this, &s, {}, {}, out.data(), first_block};
-  bool failed = false;  // a block failed: the verified prefix ends there
+  locked_session* session;
+  std::byte* out;  // copy each verified payload to out + (position - first_block) blocks; null: no copy
+  std::uint32_t first_block;
+  std::size_t count = 0;
+  store* self = nullptr;
+  pending_read pending[batch_max];
+  io_request reqs[batch_max];
+};
 
-  auto fail_at = [&](std::uint32_t position, errc why) {
-    if (failed) return;
-    failed = true;
-    res.status = why;
-    res.blocks = position - first_block;
-    // Every block before the failing one matched whole, and only a session's last
-    // block can be partial, so those blocks hold exactly tokens_per_block tokens each.
-    res.tokens = std::uint64_t(res.blocks) * geometry_.tokens_per_block;
-    if (why == errc::checksum_error) {
-      detail::bump(counters_->checksum_failures);
-      detail::bump(counters_->miss_checksum);
-      release_chain(s.truncate(position));  // never served, never kept
-    } else if (why == errc::device_error) {
-      detail::bump(counters_->miss_io_error);
-    }
-  };
+inline void store::read_ssd_batch(ssd_read_batch& rb) noexcept {
+  rb.self = this;
+  for (std::size_t i = 0; i < rb.count; ++i) {
+    const ssd_read_batch::pending_read& p = rb.pending[i];
+    const block_meta& m = rb.session->meta(p.block);
+    host_arena& arena = p.promoted ? *dram_ : *staging_;
+    const std::int32_t region =
+        p.promoted ? dram_->region_of(p.buffer_slot) : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
+    rb.reqs[i] = io_request{io_op::read,
+                            ssd_->file_of(m.ssd_slot),
+                            ssd_->offset_of(m.ssd_slot),
+                            arena.data(p.buffer_slot),
+                            std::uint32_t(slot_bytes_),
+                            region,
+                            0};
+  }
   auto verify_one = [](void* ctx, std::size_t i) noexcept {
-    auto& b = *static_cast<read_batch*>(ctx);
+    auto& b = *static_cast<ssd_read_batch*>(ctx);
     store& st = *b.self;
-    pending_read& p = b.pending[i];
+    ssd_read_batch::pending_read& p = b.pending[i];
     const block_meta& m = b.session->meta(p.block);
     if (b.reqs[i].result != std::int32_t(st.slot_bytes_)) {
       p.verdict = errc::device_error;
@@ -763,32 +877,54 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
         h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
     p.verdict = ok ? errc::ok : errc::checksum_error;
   };
+  (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
+  for (std::size_t i = 0; i < rb.count; ++i) {
+    if (rb.pending[i].verdict != errc::device_error)
+      detail::bump(counters_->ssd_bytes_read, slot_bytes_);
+    else
+      detail::bump(counters_->io_errors);
+  }
+}
+
+inline get_result store::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
+                                      std::uint32_t block_count, std::span<std::byte> out,
+                                      std::span<block_view> views) noexcept {
+  // Two modes: copy blocks into `out` (get), or make them resident in DRAM and describe
+  // them in `views` (acquire, for layer-wise loads straight from the DRAM tier).
+  const bool resident = out.empty();
+  const std::size_t bb = geometry_.block_bytes();
+  get_result res;
+  const std::uint32_t end = first_block + block_count;
+
+  // SSD blocks are read in batches; each block is verified (and, when copying, copied
+  // out) by the completion callback while the device still works on the rest.
+  ssd_read_batch rb{&s, out.data(), first_block};
+  bool failed = false;  // a block failed: the verified prefix ends there
+
+  auto fail_at = [&](std::uint32_t position, errc why) {
+    if (failed) return;
+    failed = true;
+    res.status = why;
+    res.blocks = position - first_block;
+    // Every block before the failing one matched whole, and only a session's last
+    // block can be partial, so those blocks hold exactly tokens_per_block tokens each.
+    res.tokens = std::uint64_t(res.blocks) * geometry_.tokens_per_block;
+    if (why == errc::checksum_error) {
+      detail::bump(counters_->checksum_failures);
+      detail::bump(counters_->miss_checksum);
+      release_chain(s.truncate(position));  // never served, never kept
+    } else if (why == errc::device_error) {
+      detail::bump(counters_->miss_io_error);
+    }
+  };
   auto flush = [&] {
     if (rb.count == 0) return;
-    for (std::size_t i = 0; i < rb.count; ++i) {
-      const pending_read& p = rb.pending[i];
-      const block_meta& m = s.meta(p.block);
-      host_arena& arena = p.promoted ? *dram_ : *staging_;
-      const std::int32_t region =
-          p.promoted ? dram_->region_of(p.buffer_slot) : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
-      rb.reqs[i] = io_request{io_op::read,
-                              ssd_->file_of(m.ssd_slot),
-                              ssd_->offset_of(m.ssd_slot),
-                              arena.data(p.buffer_slot),
-                              std::uint32_t(slot_bytes_),
-                              region,
-                              0};
-    }
-    (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
+    read_ssd_batch(rb);
     // Blocks complete in any order; outcomes are applied in position order.
     for (std::size_t i = 0; i < rb.count; ++i) {
-      const pending_read& p = rb.pending[i];
+      const ssd_read_batch::pending_read& p = rb.pending[i];
       host_arena& arena = p.promoted ? *dram_ : *staging_;
       bool keep = false;
-      if (p.verdict != errc::device_error)
-        detail::bump(counters_->ssd_bytes_read, slot_bytes_);
-      else
-        detail::bump(counters_->io_errors);
       if (!failed) {
         if (p.verdict != errc::ok) {
           fail_at(p.position, p.verdict);
@@ -864,8 +1000,159 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
     if (res.blocks == 0) detail::bump(counters_->miss_prefix_mismatch);
   }
   s.count_tiers();
-  s.touch();
+  note(s, true);
   return res;
+}
+
+// ---------------------------------------------------------------- background work
+
+inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_blocks) noexcept {
+  if (!ssd_) return 0;
+  ssd_read_batch rb{&s, nullptr, 0};
+  std::uint32_t promoted = 0, asked = 0;
+  bool failed = false;
+  auto flush = [&] {
+    read_ssd_batch(rb);
+    for (std::size_t i = 0; i < rb.count; ++i) {  // in view order
+      const ssd_read_batch::pending_read& p = rb.pending[i];
+      if (!failed && p.verdict == errc::ok) {
+        s.meta(p.block).dram_slot = p.buffer_slot;
+        ++promoted;
+        continue;
+      }
+      dram_->release(p.buffer_slot);
+      if (!failed && p.verdict == errc::checksum_error) {
+        detail::bump(counters_->checksum_failures);
+        release_chain(s.truncate(p.position));  // a corrupt block and all after it go
+      }
+      failed = true;
+    }
+    rb.count = 0;
+  };
+  std::uint32_t pos = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot && asked < max_blocks; b = s.meta(b).next, ++pos) {
+    const block_meta& m = s.meta(b);
+    if (m.dram_slot != no_slot || m.ssd_slot == no_slot) continue;
+    std::uint32_t buf = dram_->allocate();
+    for (int attempt = 0; buf == no_slot && attempt < 16; ++attempt) {
+      if (!demote_some_victim(s.record_id(), true)) break;
+      buf = dram_->allocate();
+    }
+    if (buf == no_slot) break;
+    rb.pending[rb.count++] = {b, pos, buf, true, 0, errc::ok, 0, 0};
+    ++asked;
+    if (rb.count == batch_max) {
+      flush();
+      if (failed) break;
+    }
+  }
+  if (rb.count) flush();
+  if (asked) {
+    s.count_tiers();
+    note(s, false);
+    detail::bump(counters_->promoted_blocks, promoted);
+    detail::bump(counters_->prefetched_blocks, promoted);
+  }
+  return promoted;
+}
+
+inline void store::run_promotion(const promotion_job& job) noexcept {
+  // A busy session is being loaded or saved right now: prefetching it is moot.
+  locked_session s = index_->try_open_record(job.record);
+  bool current = false;
+  if (s) {
+    std::lock_guard lock(policy_mutex_);
+    current = prefetcher_->ticket(job.record) == job.ticket;  // not cancelled meanwhile
+  }
+  const std::uint32_t got = current ? promote_locked(s, job.blocks) : 0;
+  std::lock_guard lock(policy_mutex_);
+  if (prefetcher_->complete(job.record, job.ticket)) detail::bump(counters_->prefetch_completed);
+  if (got > 0) plan_prefetch_locked();  // the bytes in flight went down: start the next ones
+}
+
+inline std::uint32_t store::expire_idle() noexcept {
+  if (config_.session_ttl_ms == 0) return 0;
+  const std::uint64_t ttl = config_.session_ttl_ms * 1000000ull;
+  const std::uint64_t t = now();
+  std::uint32_t dropped = 0;
+  for (;;) {
+    locked_session victim;
+    {
+      std::lock_guard lock(policy_mutex_);
+      const std::uint32_t rec = policy_->next_expired(t, ttl);
+      if (rec == policy::no_record) break;
+      victim = index_->try_open_record(rec);
+      if (!victim || victim.pins() > 0) {  // busy or pinned: in use, so not idle
+        victim.reset();
+        policy_->on_access(rec, t);
+        continue;
+      }
+    }
+    drop_locked(victim);
+    detail::bump(counters_->expired_sessions);
+    ++dropped;
+  }
+  return dropped;
+}
+
+inline std::uint32_t store::run_background() noexcept {
+  std::uint32_t done = 0;
+  for (;;) {
+    promotion_job job;
+    {
+      std::lock_guard lock(work_mutex_);
+      if (job_count_ == 0) break;
+      job = jobs_[job_head_];
+      job_head_ = (job_head_ + 1) % jobs_.size();
+      --job_count_;
+    }
+    run_promotion(job);
+    ++done;
+  }
+  bool demote;
+  {
+    std::lock_guard lock(work_mutex_);
+    demote = demotion_wanted_;
+    demotion_wanted_ = false;
+  }
+  if (demote) {
+    const std::uint32_t before = dram_->used();
+    while (dram_->capacity() - dram_->used() < watermark_.high && demote_some_victim(no_slot, true)) ++done;
+    if (dram_->used() < before) detail::bump(counters_->watermark_demoted_blocks, before - dram_->used());
+  }
+  if (config_.session_ttl_ms) {
+    const std::uint64_t t = now();
+    if (t >= next_ttl_check_) {
+      next_ttl_check_ = t + config_.session_ttl_ms * 250000ull;  // a quarter of the TTL
+      done += expire_idle();
+    }
+  }
+  return done;
+}
+
+inline void store::wake_background() noexcept { work_cv_.notify_one(); }
+
+inline void store::drain() noexcept {
+  if (!worker_.joinable()) return;
+  std::unique_lock lock(work_mutex_);
+  idle_cv_.wait(lock, [&] { return stopping_ || (job_count_ == 0 && !demotion_wanted_ && !busy_); });
+}
+
+inline void store::background_loop() noexcept {
+  const auto period = std::chrono::milliseconds(
+      config_.session_ttl_ms ? std::clamp<std::uint64_t>(config_.session_ttl_ms / 4, 10, 1000) : 1000);
+  std::unique_lock lock(work_mutex_);
+  while (!stopping_) {
+    work_cv_.wait_for(lock, period, [&] { return stopping_ || job_count_ > 0 || demotion_wanted_; });
+    if (stopping_) break;
+    busy_ = true;
+    lock.unlock();
+    (void)run_background();
+    lock.lock();
+    busy_ = false;
+    idle_cv_.notify_all();
+  }
+  idle_cv_.notify_all();
 }
 
 // ---------------------------------------------------------------- drop, pin, demote, flush
@@ -944,7 +1231,7 @@ inline errc store::truncate(const session_key& key, std::span<const token_id> hi
   s.relink(kept_head);
   s.set_truncated(true);
   (void)release_chain(gone_head);
-  s.touch();
+  note(s, true);
   return errc::ok;
 }
 
@@ -1225,6 +1512,7 @@ inline void store::recover() {
         ++count;
       }
       s.publish(0, head, count);
+      note(s, false);
       detail::bump(counters_->recovered_sessions);
       detail::bump(counters_->recovered_blocks, count);
     }

@@ -1,7 +1,7 @@
 // cache_index: session-keyed, sharded index of stored blocks.
 //
 // session_hash -> session_record {blocks in order, each with its tier slots, chain hash,
-// payload checksum and token ids; pin count; last access}. Every table is sized at
+// payload checksum and token ids; pin count}. Every table is sized at
 // construction: nothing allocates afterwards. A record is changed only while its own
 // mutex is held (through a locked_session), so blocks being written are invisible
 // until the writer publishes them, and lookups of one session never wait for another.
@@ -137,8 +137,6 @@ class locked_session {
 
   void pin() noexcept;
   void unpin() noexcept;
-  /// Marks as most recently used.
-  void touch() noexcept;
   /// Removes the session from the index. The caller must have released every block's
   /// slots (truncate(0) first). The handle stays valid (and locked) until destroyed.
   void erase() noexcept;
@@ -166,7 +164,8 @@ class cache_index {
 
   /// Longest prefix of `prompt` whose blocks are stored with matching chain hashes;
   /// the last block may match partially (token ids compared inside it). Writes up to
-  /// out.size() locations. Allocation-free. Touches the session.
+  /// out.size() locations. Allocation-free. Recency is the caller's business (the store
+  /// tells its eviction policy).
   lookup_result lookup(const session_hash& key, const model_id& model, std::span<const token_id> prompt,
                        std::span<block_location> out = {}) noexcept;
   /// The same on a session already locked.
@@ -182,10 +181,9 @@ class cache_index {
   std::uint64_t match_prompt(locked_session& s, const model_id& model, std::span<const token_id> prompt,
                              Visit&& visit) noexcept;
 
-  /// Visits records from least to most recently used; `visit(record_id, dram_blocks,
-  /// ssd_blocks, pins)` returns true to stop. Holds the LRU lock: visit must not block.
-  template <class Visit>
-  void for_each_lru(Visit&& visit) noexcept;
+  /// The record id of a live session, or no_slot; takes only the shard lock (the
+  /// record may be erased right after: callers recheck under try_open_record or open).
+  std::uint32_t find(const session_hash& key) noexcept;
 
   /// A block table entry. The caller holds the owning session's lock, or owns the
   /// block because it was detached from its session (publish/truncate).
@@ -211,7 +209,6 @@ class cache_index {
     // an erased record" is decided by a single read-modify-write.
     std::atomic<std::uint32_t> state{0};
     bool live() const noexcept { return state.load(std::memory_order_acquire) & 1u; }
-    std::uint32_t lru_prev = no_slot, lru_next = no_slot;
   };
   struct shard {
     std::mutex mutex;
@@ -225,8 +222,6 @@ class cache_index {
   void insert_in(shard& s, const session_hash& k, std::uint32_t rec) noexcept;
   void erase_in(shard& s, const session_hash& k) noexcept;
   void release_record(std::uint32_t rec) noexcept;
-  void lru_unlink(std::uint32_t rec) noexcept;
-  void lru_push_front(std::uint32_t rec) noexcept;
 
   std::uint32_t tokens_per_block_;
   std::vector<record> records_;
@@ -236,8 +231,6 @@ class cache_index {
   std::vector<block_meta> blocks_;
   std::vector<token_id> tokens_;
   detail::slot_pool block_pool_;
-  std::mutex lru_mutex_;
-  std::uint32_t lru_head_ = no_slot, lru_tail_ = no_slot;  // head = most recent
   std::atomic<std::uint32_t> live_{0};
 };
 
