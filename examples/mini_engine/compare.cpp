@@ -63,6 +63,9 @@ compare_result run_compare(const compare_options& o) {
       std::filesystem::remove_all(dir);
       sc.ssd_directory = dir;
       sc.ssd_bytes = o.ssd_mib << 20;
+      // store-ssd measures loads from SSD: the prefetcher would promote the demoted
+      // sessions back while they wait in the queue (bench/micro/prefetch_bench measures that).
+      sc.prefetch = mode != "store-ssd";
       kv = std::make_unique<attnstore::store>(sc);
       std::string why;
       copier = attnstore::make_copy_backend(&why);

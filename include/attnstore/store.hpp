@@ -242,6 +242,16 @@ class store {
   /// the queue is ignored. Sessions not stored yet are skipped.
   void set_queue(std::span<const session_key> waiting) noexcept;
 
+  /// Spare HBM lent by the engine: after a turn the engine may keep `blocks` blocks of the
+  /// session's KV in its own GPU pages (the store keeps its saved copy as well), so the
+  /// next turn needs no load at all. 0: it keeps none any more. Returns ok or not_found.
+  errc keep_in_hbm(const session_key& key, std::uint32_t blocks) noexcept;
+  /// When the engine needs its HBM back: the session whose HBM copy goes first in the
+  /// eviction policy's order (never a pinned or busy one). Writes its hash to `out`
+  /// and returns true; false when no session is kept in HBM. The engine frees the pages
+  /// and calls keep_in_hbm(key, 0).
+  bool hbm_victim(session_hash& out) noexcept;
+
   /// Does the background work that is due: promotions the prefetcher planned, demotion
   /// down to the watermark, and the TTL. The store's thread calls it; without one
   /// (background_thread false) the embedder does. Returns the work items done.
@@ -273,6 +283,8 @@ class store {
  private:
   struct counters;
   static constexpr unsigned batch_max = 256;  // I/O requests per device batch
+  // Blocks per promotion batch: small, so that a demand read waits for at most one.
+  static constexpr unsigned promote_batch = 16;
 
   std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
   std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
@@ -369,6 +381,7 @@ class store {
   std::size_t job_head_ = 0, job_count_ = 0;
   bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
   std::uint64_t next_ttl_check_ = 0;
+  std::atomic<std::uint32_t> demand_reads_{0};  // SSD reads a request is waiting on
   std::thread worker_;
 };
 

@@ -305,3 +305,23 @@ TEST_CASE("store background thread: concurrent saves, loads, queue changes and d
   CHECK(st.dram_used_bytes == 0);
   CHECK(st.ssd_used_bytes == 0);
 }
+
+TEST_CASE("store HBM lending: the engine gives back HBM copies in the policy's order") {
+  store s(small_config("", 32, 0));
+  conversation a{1, 64}, b{2, 64}, d{3, 64};
+  for (const auto& x : {a, b, d}) REQUIRE(put_all(s, x) == errc::ok);
+  session_hash victim{};
+  CHECK_FALSE(s.hbm_victim(victim));  // nothing kept in HBM yet
+  for (const auto& x : {a, b, d}) REQUIRE(s.keep_in_hbm(key_of(x), 2) == errc::ok);
+  session_key queue[] = {key_of(a)};
+  s.set_queue(queue);
+  REQUIRE(s.hbm_victim(victim));
+  CHECK(victim == hash_session(key_of(b)));  // a is queued: b is the oldest unprotected
+  REQUIRE(s.keep_in_hbm(key_of(b), 0) == errc::ok);
+  REQUIRE(s.pin(key_of(d)) == errc::ok);  // in use: never offered
+  REQUIRE(s.hbm_victim(victim));
+  CHECK(victim == hash_session(key_of(a)));  // only the protected one is left
+  REQUIRE(s.drop(key_of(a)) == errc::ok);    // dropping a session forgets its HBM copy
+  CHECK_FALSE(s.hbm_victim(victim));
+  CHECK(s.keep_in_hbm({"t", "nobody"}, 1) == errc::not_found);
+}

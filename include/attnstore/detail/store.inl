@@ -23,16 +23,17 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                            \
-  X(lookups)                                                                                                   \
-  X(lookup_hits)                                                                                               \
-  X(lookup_misses) X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets)              \
-      X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum)    \
-          X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)  \
-              X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) \
-                  X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)    \
-                      X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)     \
-                          X(watermark_demoted_blocks) X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                \
+  X(lookups)                                                                                                       \
+  X(lookup_hits)                                                                                                   \
+  X(lookup_misses)                                                                                                 \
+  X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram)             \
+      X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error)             \
+          X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions)   \
+              X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)   \
+                  X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started)          \
+                      X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) \
+                          X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -830,6 +831,8 @@ struct store::ssd_read_batch {
     std::uint32_t first;          // first used token inside the block
     std::uint64_t view_position;  // view position of that token
   };
+  ssd_read_batch(locked_session* s, std::byte* copy_to, std::uint32_t first) noexcept
+      : session(s), out(copy_to), first_block(first) {}
   locked_session* session;
   std::byte* out;  // copy each verified payload to out + (position - first_block) blocks; null: no copy
   std::uint32_t first_block;
@@ -919,7 +922,10 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
   };
   auto flush = [&] {
     if (rb.count == 0) return;
+    // A demand read: background promotions wait for it (they would share the device).
+    demand_reads_.fetch_add(1, std::memory_order_relaxed);
     read_ssd_batch(rb);
+    demand_reads_.fetch_sub(1, std::memory_order_relaxed);
     // Blocks complete in any order; outcomes are applied in position order.
     for (std::size_t i = 0; i < rb.count; ++i) {
       const ssd_read_batch::pending_read& p = rb.pending[i];
@@ -1012,6 +1018,9 @@ inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_
   std::uint32_t promoted = 0, asked = 0;
   bool failed = false;
   auto flush = [&] {
+    // Demand reads go first: a turn waiting on the SSD must not share it with a prefetch.
+    for (int waited = 0; demand_reads_.load(std::memory_order_relaxed) > 0 && waited < 20000; ++waited)
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
     read_ssd_batch(rb);
     for (std::size_t i = 0; i < rb.count; ++i) {  // in view order
       const ssd_read_batch::pending_read& p = rb.pending[i];
@@ -1041,7 +1050,7 @@ inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_
     if (buf == no_slot) break;
     rb.pending[rb.count++] = {b, pos, buf, true, 0, errc::ok, 0, 0};
     ++asked;
-    if (rb.count == batch_max) {
+    if (rb.count == promote_batch) {
       flush();
       if (failed) break;
     }
@@ -1247,6 +1256,23 @@ inline errc store::unpin(const session_key& key) noexcept {
   if (!s) return errc::not_found;
   s.unpin();
   return errc::ok;
+}
+
+inline errc store::keep_in_hbm(const session_key& key, std::uint32_t blocks) noexcept {
+  locked_session s = index_->open(hash_session(key), false);
+  if (!s) return errc::not_found;
+  note(s, false);  // makes sure the policy knows the session
+  std::lock_guard lock(policy_mutex_);
+  policy_->on_blocks(s.record_id(), policy::level::hbm, blocks);
+  return errc::ok;
+}
+
+inline bool store::hbm_victim(session_hash& out) noexcept {
+  locked_session victim = pick_victim(
+      policy::level::hbm, [](locked_session&) { return true; }, no_slot, no_slot);
+  if (!victim) return false;
+  out = victim.key();
+  return true;
 }
 
 inline errc store::demote(const session_key& key) noexcept {
