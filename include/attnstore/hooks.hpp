@@ -113,7 +113,8 @@ class hooks {
   /// first block re-saved is the one holding from_token). DRAM blocks are reserved
   /// now; nothing is visible until finish_save.
   /// Returns the handle, or no_handle with `status` set (invalid_argument, rejected:
-  /// positions before from_token are not stored, no_space, retry: handles busy).
+  /// positions before from_token are not stored, no_space, retry: handles busy,
+  /// unsupported: a GPU source and a copy backend without device memory).
   save_handle start_save(const session_key& session, std::span<const token_id> tokens, std::uint64_t from_token,
                          const kv_source& source, std::optional<stream_ref> compute = std::nullopt,
                          errc* status = nullptr) noexcept;

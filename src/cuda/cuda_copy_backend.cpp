@@ -51,16 +51,26 @@ class cuda_copy_backend final : public copy_backend {
   bool supports_device_memory() const noexcept override { return true; }
   stream_ref create_stream() override {
     std::lock_guard lock(mutex_);
-    if (streams_.size() == streams_.capacity())
+    // Reuse the entry of a destroyed stream: hooks are made and destroyed many times
+    // over one backend, and entries never move (find() hands out pointers to them).
+    stream_state* st = nullptr;
+    for (auto& e : streams_)
+      if (!e.stream) {
+        st = &e;
+        break;
+      }
+    if (!st && streams_.size() == streams_.capacity())
       throw std::runtime_error("cuda_copy_backend: stream table full (" + std::to_string(streams_.size()) + ")");
     cudaStream_t s = nullptr;
     if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess)
       throw std::runtime_error("cuda_copy_backend: cudaStreamCreate failed");
-    streams_.push_back(stream_state{s, {}, {}, {}});
-    auto& st = streams_.back();
-    st.dsts.resize(batch_capacity);
-    st.srcs.resize(batch_capacity);
-    st.sizes.resize(batch_capacity);
+    if (!st) {
+      st = &streams_.emplace_back();
+      st->dsts.resize(batch_capacity);
+      st->srcs.resize(batch_capacity);
+      st->sizes.resize(batch_capacity);
+    }
+    st->stream = s;
     return stream_ref(s);
   }
   void destroy_stream(stream_ref s) noexcept override {
@@ -146,7 +156,7 @@ class cuda_copy_backend final : public copy_backend {
   static constexpr std::size_t few_segments = 8;
   static constexpr std::size_t batch_capacity = 4096;
   struct stream_state {
-    cudaStream_t stream;
+    cudaStream_t stream = nullptr;  // nullptr: destroyed, the entry is free
     std::vector<void*> dsts;
     std::vector<const void*> srcs;
     std::vector<std::size_t> sizes;

@@ -174,4 +174,10 @@ TEST_CASE("hooks: bad handles, layouts and unfinished saves are refused") {
   CHECK(hk.finish_save(sh) == errc::bad_state);  // layer 1 never saved: nothing published
   CHECK(kv.lookup({"t", "x"}, toks).tokens == 0);
   CHECK(kv.stats().dram_used_bytes == 0);
+  // GPU engine memory with a copier that has none: refused before any pointer is touched.
+  paged_memory gpu(g, 8, 16, 0);
+  gpu.layout.where = memory_space::device;
+  CHECK(hk.start_save({"t", "y"}, toks, 0, kv_source{&gpu.layout, table}, std::nullopt, &st) == no_handle);
+  CHECK(st == errc::unsupported);
+  CHECK(hk.start_load({"t", "x"}, toks, kv_target{&gpu.layout, table}).status == errc::unsupported);
 }

@@ -183,6 +183,8 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
   } catch (const std::exception&) {
     return {errc::invalid_argument};
   }
+  // A host copier would dereference GPU pointers on a CPU thread.
+  if (target.layout->where == memory_space::device && !copier_.supports_device_memory()) return {errc::unsupported};
   const load_handle h = load_pool_.allocate();
   if (h == no_handle) return {errc::retry};
   load_state& L = loads_[h];
@@ -373,6 +375,7 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   } catch (const std::exception&) {
     return fail(errc::invalid_argument);
   }
+  if (source.layout->where == memory_space::device && !copier_.supports_device_memory()) return fail(errc::unsupported);
   if (std::uint64_t(source.pages.size()) * source.layout->page_size < tokens.size())
     return fail(errc::invalid_argument);
   const std::uint32_t first_block = std::uint32_t(from_token / geometry_.tokens_per_block);
