@@ -25,7 +25,7 @@ namespace {
 const std::string& name_of(std::uint64_t id) {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
-    for (int i = 0; i < 64; ++i) v.push_back("s" + std::to_string(i));
+    for (int i = 0; i < 64; ++i) v.push_back(std::string("s").append(std::to_string(i)));
     return v;
   }();
   return names.at(id);
@@ -298,7 +298,7 @@ TEST_CASE("store background thread: concurrent saves, loads, queue changes and d
   CHECK(bad.load() == 0);
   s.set_queue({});
   // Everything still indexed is served exact, and nothing leaked: dropping all frees all.
-  for (std::uint64_t id = 1; id <= 12; ++id) (void)s.drop({"t", "s" + std::to_string(id)});
+  for (std::uint64_t id = 1; id <= 12; ++id) (void)s.drop({"t", name_of(id)});
   s.drain();
   const store_stats st = s.stats();
   CHECK(st.sessions == 0);
