@@ -381,8 +381,8 @@ class store {
   std::vector<promotion_job> jobs_;  // ring, capacity max_sessions
   std::size_t job_head_ = 0, job_count_ = 0;
   bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
-  std::uint64_t next_ttl_check_ = 0;
-  std::atomic<std::uint32_t> demand_reads_{0};  // SSD reads a request is waiting on
+  std::atomic<std::uint64_t> next_ttl_check_{0};  // the thread and the embedder may both run background work
+  std::atomic<std::uint32_t> demand_reads_{0};    // SSD reads a request is waiting on
   std::thread worker_;
 };
 

@@ -23,17 +23,17 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                                \
-  X(lookups)                                                                                                       \
-  X(lookup_hits)                                                                                                   \
-  X(lookup_misses)                                                                                                 \
-  X(tokens_reusable) X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram)             \
-      X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error)             \
-          X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions)   \
-              X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)   \
-                  X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started)          \
-                      X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) \
-                          X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                  \
+  X(lookups)                                                                                                         \
+  X(lookup_hits)                                                                                                     \
+  X(lookup_misses)                                                                                                   \
+  X(tokens_reusable)                                                                                                 \
+  X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd)             \
+      X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)  \
+          X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) \
+              X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)                       \
+                  X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started) X(prefetch_completed)          \
+                      X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -1131,10 +1131,9 @@ inline std::uint32_t store::run_background() noexcept {
   }
   if (config_.session_ttl_ms) {
     const std::uint64_t t = now();
-    if (t >= next_ttl_check_) {
-      next_ttl_check_ = t + config_.session_ttl_ms * 250000ull;  // a quarter of the TTL
-      done += expire_idle();
-    }
+    std::uint64_t due = next_ttl_check_.load(std::memory_order_relaxed);
+    if (t >= due && next_ttl_check_.compare_exchange_strong(due, t + config_.session_ttl_ms * 250000ull))
+      done += expire_idle();  // checked every quarter of the TTL
   }
   return done;
 }
