@@ -69,6 +69,12 @@ struct tier_config {
   double prefetch_bytes_in_flight = 4e9;  ///< and at most 1/32 of DRAM
   bool prefetch = true;
   double ttl_s = 0;  ///< 0: no TTL
+  /// The engine tells the cache only about the first this many waiting requests (its
+  /// look-ahead); 0: every waiting request. With eviction_window 0 the eviction window is
+  /// this many sessions.
+  std::uint32_t queue_window = 0;
+  policy::predictive_options predictive{};  ///< predictive's options (sizes filled in)
+  std::uint32_t prefetch_likely = 16;       ///< predictive: candidates beyond the queue per plan
 };
 
 struct sim_config {
@@ -94,6 +100,9 @@ struct sim_result {
   std::uint64_t hit_tokens = 0, dram_hit_tokens = 0, ssd_hit_tokens = 0;
   std::uint64_t reused_tokens = 0;   ///< hits the engine loaded rather than recomputed
   std::uint64_t prefill_tokens = 0;  ///< tokens computed in prefill
+  /// Prefill compute (linear + attention) spent, and what recomputing every history
+  /// would have spent: the work a policy saves is 1 - spent / full.
+  double prefill_work_s = 0, prefill_work_full_s = 0;
   std::uint64_t truncations = 0;
   double ttft_mean = 0, ttft_p50 = 0, ttft_p90 = 0, ttft_p99 = 0;
   double bytes_hbm_to_dram = 0, bytes_dram_to_hbm = 0, bytes_ssd_to_hbm = 0;
@@ -105,12 +114,28 @@ struct sim_result {
   std::uint64_t prefetch_started = 0, prefetch_cancelled = 0, prefetch_waits = 0;
   double prefetch_peak_bytes = 0, prefetch_bound_bytes = 0;
   std::uint64_t evicted_sessions = 0, bypassed_blocks = 0, rejected_blocks = 0, expired_sessions = 0;
+  /// predictive: what it has learned at checkpoints through the run (its last refit).
+  struct learned_point {
+    double at_s = 0;             ///< simulated time
+    std::uint64_t requests = 0;  ///< turns started by then
+    std::uint64_t returns = 0;   ///< returns the policy has observed
+    double think_median_s = 0, think_mean_s = 0, think_p90_s = 0;
+    double mean_turns = 0, continuation_1 = 0, continuation_5 = 0;
+    double horizon_dram_s = 0, horizon_ssd_s = 0;
+    bool learned = false;
+  };
+  std::vector<learned_point> learned;
   bool invariants_ok = true;
   std::string invariant_error;
 
   double hit_rate() const { return history_tokens ? double(hit_tokens) / double(history_tokens) : 0; }
   double dram_hit_rate() const { return history_tokens ? double(dram_hit_tokens) / double(history_tokens) : 0; }
   double ssd_hit_rate() const { return history_tokens ? double(ssd_hit_tokens) / double(history_tokens) : 0; }
+  double reuse_rate() const { return history_tokens ? double(reused_tokens) / double(history_tokens) : 0; }
+  double work_saved() const { return prefill_work_full_s > 0 ? 1 - prefill_work_s / prefill_work_full_s : 0; }
+  double bytes_moved() const {
+    return bytes_hbm_to_dram + bytes_dram_to_hbm + bytes_ssd_to_hbm + bytes_ssd_to_dram + bytes_dram_to_ssd;
+  }
 };
 
 class engine_sim {
@@ -138,6 +163,9 @@ class engine_sim {
       // small share of DRAM too (1/32: the default 4 GB at the paper's 128 GB).
       o.prefetch_bytes_in_flight = std::max<std::uint64_t>(
           std::uint64_t(std::min(t.prefetch_bytes_in_flight, t.dram_bytes / 32)), o.block_bytes);
+      if (o.eviction_window == 0) o.eviction_window = t.queue_window;
+      o.predictive = t.predictive;
+      o.prefetch_likely = t.prefetch_likely;
       cache_.emplace(o, io_hook{this, &engine_sim::on_read});
       flight_done_.assign(cache_->policy().max_sessions(), 0.0);
     }
@@ -147,6 +175,7 @@ class engine_sim {
       window_end_ = w.requests[w.first[w.sessions() - 1]].arrival;
       window_start_ = c.warmup_fraction * window_end_;
     }
+    for (double f : {0.02, 0.05, 0.1, 0.2, 0.5, 1.0}) checkpoints_.push_back(f * window_end_);
   }
 
   sim_result run() {
@@ -286,6 +315,7 @@ class engine_sim {
   struct request_rt {
     std::uint64_t ctx = 0;  // context tokens for the decode cost
     std::uint64_t hbm = 0;  // HBM tokens reserved
+    std::uint64_t seq = 0;  // arrival order (queue position key)
   };
 
   /// Token ids only need to be distinct per (session, position): the index compares
@@ -318,6 +348,8 @@ class engine_sim {
         snap_end_ = true;
         c1_ = cache_->counters();
       }
+      while (next_checkpoint_ < checkpoints_.size() && t >= checkpoints_[next_checkpoint_])
+        record_learned(checkpoints_[next_checkpoint_++]);
       now_ = t;
     }
   }
@@ -339,11 +371,37 @@ class engine_sim {
     const trace::request& r = w_.requests[qi];
     rt_[r.session].arrival = now_;
     queue_.push_back(qi);
+    req_rt_[qi].seq = ++queue_seq_;
     result_.max_queue = std::max(result_.max_queue, double(queue_.size()));
     if (cache_) {
       if (c_.tiers.ttl_s > 0) cache_->expire(us(now_), us(c_.tiers.ttl_s));
-      cache_->enqueue(cache_->record_of(sim_session_hash(r.session)), ++queue_seq_, us(now_));
+      if (!c_.tiers.queue_window || queue_.size() <= c_.tiers.queue_window) show(qi);
     }
+  }
+
+  /// The engine tells the cache that request qi waits (it entered the look-ahead).
+  void show(std::uint32_t qi) {
+    cache_->enqueue(cache_->record_of(sim_session_hash(w_.requests[qi].session)), req_rt_[qi].seq, us(now_));
+  }
+
+  void record_learned(double at) {
+    if (!cache_ || !cache_->predictive()) return;
+    const policy::predictive& p = *cache_->predictive();
+    const policy::return_model& m = p.model();
+    sim_result::learned_point x;
+    x.at_s = at;
+    x.requests = result_.requests;
+    x.returns = m.returns_seen();
+    x.think_median_s = m.think_quantile(0.5);
+    x.think_p90_s = m.think_quantile(0.9);
+    x.think_mean_s = m.think_mean();
+    x.mean_turns = m.mean_turns();
+    x.continuation_1 = m.continuation(1);
+    x.continuation_5 = m.continuation(5);
+    x.horizon_dram_s = p.horizon(policy::level::dram);
+    x.horizon_ssd_s = p.horizon(policy::level::ssd);
+    x.learned = p.learned();
+    result_.learned.push_back(x);
   }
 
   void try_admit() {
@@ -356,6 +414,8 @@ class engine_sim {
       const std::uint64_t need = std::min<std::uint64_t>(hist + r.input_tokens + r.output_tokens, e.context_tokens);
       if (!running_.empty() && (running_.size() >= e.max_batch || hbm_used_ + need > e.hbm_kv_tokens)) return;
       queue_.pop_front();
+      if (cache_ && c_.tiers.queue_window && queue_.size() >= c_.tiers.queue_window)
+        show(queue_[c_.tiers.queue_window - 1]);  // the next one enters the look-ahead
       const session_hash key = sim_session_hash(r.session);
       if (s.live) {
         live_tokens_ -= s.live;
@@ -441,6 +501,8 @@ class engine_sim {
         result_.ssd_hit_tokens += ssd;
         result_.reused_tokens += reused;
         result_.prefill_tokens += hist - reused + r.input_tokens;
+        result_.prefill_work_s += compute_s(double(hist - reused + r.input_tokens), double(reused));
+        result_.prefill_work_full_s += compute_s(double(hist + r.input_tokens), 0);
         if (reused) result_.bytes_dram_to_hbm += double(dram) * kvb;
         result_.bytes_ssd_to_hbm += double(ssd_used) * kvb;
       }
@@ -529,6 +591,8 @@ class engine_sim {
   std::priority_queue<io_event, std::vector<io_event>, std::greater<>> io_;
   std::deque<std::uint32_t> queue_;
   std::uint64_t queue_seq_ = 0;
+  std::vector<double> checkpoints_;  // simulated times at which predictive's estimates are recorded
+  std::size_t next_checkpoint_ = 0;
   double now_ = 0, v_ = 0, busy_until_ = 0;
   double ssd_read_free_ = 0;  // demand reads scheduled until
   double prefetch_free_ = 0;  // prefetch reads scheduled until

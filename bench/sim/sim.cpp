@@ -1,5 +1,5 @@
-// sim: trace-driven simulation of KV-cache policies (none, lru, scheduler_aware, opt)
-// over the real attnstore index, policies and prefetcher. See docs/sim.md.
+// sim: trace-driven simulation of KV-cache policies (none, lru, scheduler_aware, opt,
+// predictive) over the real attnstore index, policies and prefetcher. See docs/sim.md.
 //
 //   sim --preset paper --json                 the paper's setup; JSON object printed last
 //   sim --preset paper --requests 1000000     trace length
@@ -31,11 +31,13 @@ struct cli {
   std::uint64_t requests = 200000;
   std::uint64_t seed = 1;
   bool json = false, sweep = false, stats_only = false, check = false, open_loop = false, quiet = false;
+  bool dram_sweep = true;
   unsigned threads = 2;
-  std::vector<policy_kind> policies{policy_kind::none, policy_kind::lru, policy_kind::scheduler_aware,
-                                    policy_kind::opt};
-  double capacity_ratio = 0;  // 0: absolute sizes
-  double session_rate = 0;    // 0: the preset's
+  std::vector<policy_kind> policies{policy_kind::none, policy_kind::lru, policy_kind::scheduler_aware, policy_kind::opt,
+                                    policy_kind::predictive};
+  std::vector<double> ratios;  // sweep points; empty: the default list
+  double capacity_ratio = 0;   // 0: absolute sizes
+  double session_rate = 0;     // 0: the preset's
   sim::sim_config config;
 };
 
@@ -43,7 +45,7 @@ struct cli {
   if (!error.empty()) std::fprintf(stderr, "sim: %s\n\n", error.c_str());
   std::fprintf(stderr,
                "usage: sim [options]\n"
-               "  --preset NAME           trace preset: paper (default), light, heavy, long\n"
+               "  --preset NAME           trace preset: paper (default), light, heavy, long, think, diurnal\n"
                "  --requests N            trace length in requests (default 200000)\n"
                "  --seed N                trace seed (default 1)\n"
                "  --rate R                session arrivals per second (default: the preset's)\n"
@@ -51,7 +53,7 @@ struct cli {
                "  --open-loop             replay by timestamps (default for --trace)\n"
                "  --write-trace FILE      write the generated trace as JSON lines\n"
                "  --trace-stats           print trace statistics and exit\n"
-               "  --policies a,b,...      of none, lru, scheduler_aware, opt (default all)\n"
+               "  --policies a,b,...      of none, lru, scheduler_aware, opt, predictive (default all)\n"
                "  --model NAME            llama-13b (0.78 MiB/token, default), llama-65b (2.5 MiB),\n"
                "                          llama-70b (0.31 MiB, GQA), mistral-7b (0.125 MiB)\n"
                "  --dram-gb X             DRAM tier (default 128)\n"
@@ -61,7 +63,14 @@ struct cli {
                "  --eviction-window N     scheduler_aware window in sessions (default: paper rule)\n"
                "  --prefetch-window N     prefetch window in sessions (default: paper rule)\n"
                "  --prefetch-inflight-gb X  bound on prefetch bytes in flight (default 4, at most DRAM/32)\n"
-               "  --no-prefetch           scheduler_aware and opt without the prefetcher\n"
+               "  --no-prefetch           scheduler_aware, opt and predictive without the prefetcher\n"
+               "  --queue-window N        the engine shows the cache only its first N waiting requests\n"
+               "                          (default all); also the eviction window unless set\n"
+               "  --horizon S             predictive: horizon in seconds (default: per level, Little's law)\n"
+               "  --no-density            predictive: rank by P(return within horizon) only\n"
+               "  --min-samples N         predictive: returns seen before learned scores are used (200)\n"
+               "  --prefetch-likely N     predictive: prefetch candidates beyond the queue per plan (16; 0 off)\n"
+               "  --prefetch-min-p P      predictive: ... whose P(return within the DRAM residence time) >= P (0.5)\n"
                "  --watermark F           DRAM fraction kept free (default 0.02)\n"
                "  --ttl S                 expire sessions idle for S seconds (default off)\n"
                "  --close-on-last         the engine closes a session after its last turn\n"
@@ -71,6 +80,9 @@ struct cli {
                "  --context N             context window in tokens (default 4096)\n"
                "  --max-batch N           running requests (default 256)\n"
                "  --sweep                 capacity sweeps (total and DRAM); with --svg/--csv/--markdown\n"
+               "  --ratios a,b,...        total sweep points, (DRAM+SSD) / working set\n"
+               "                          (default 0.05,0.075,0.1,0.15,0.25,0.5,1,2 and the configured point)\n"
+               "  --no-dram-sweep         only the total sweep\n"
                "  --svg FILE, --csv FILE, --markdown FILE   sweep outputs\n"
                "  --threads N             policies simulated in parallel (default 2)\n"
                "  --check                 verify the cache's invariants while running (slow)\n"
@@ -85,7 +97,8 @@ policy_kind parse_policy(const std::string& s) {
   if (s == "lru") return policy_kind::lru;
   if (s == "scheduler_aware" || s == "sa") return policy_kind::scheduler_aware;
   if (s == "opt" || s == "belady") return policy_kind::opt;
-  usage("unknown policy '" + s + "' (none, lru, scheduler_aware, opt)");
+  if (s == "predictive" || s == "pred") return policy_kind::predictive;
+  usage("unknown policy '" + s + "' (none, lru, scheduler_aware, opt, predictive)");
 }
 
 double number(const char* s, const char* what) {
@@ -159,6 +172,27 @@ cli parse(int argc, char** argv) {
       c.config.tiers.prefetch_bytes_in_flight = number(val(), a.c_str()) * 1e9;
     else if (a == "--no-prefetch")
       c.config.tiers.prefetch = false;
+    else if (a == "--queue-window")
+      c.config.tiers.queue_window = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--horizon")
+      c.config.tiers.predictive.horizon_s = number(val(), a.c_str());
+    else if (a == "--no-density")
+      c.config.tiers.predictive.density = false;
+    else if (a == "--prior-weight")
+      c.config.tiers.predictive.prior_weight = number(val(), a.c_str());
+    else if (a == "--half-life")
+      c.config.tiers.predictive.half_life_s = number(val(), a.c_str());
+    else if (a == "--min-samples")
+      c.config.tiers.predictive.min_samples = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--prefetch-min-p")
+      c.config.tiers.predictive.prefetch_min_probability = number(val(), a.c_str());
+    else if (a == "--prefetch-likely")
+      c.config.tiers.prefetch_likely = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--ratios") {
+      std::stringstream ss(val());
+      for (std::string x; std::getline(ss, x, ',');) c.ratios.push_back(number(x.c_str(), "--ratios"));
+    } else if (a == "--no-dram-sweep")
+      c.dram_sweep = false;
     else if (a == "--watermark")
       c.config.tiers.watermark = number(val(), a.c_str());
     else if (a == "--ttl")
@@ -277,6 +311,67 @@ void print_table(const std::vector<sim::sim_result>& rs, std::FILE* f) {
   }
 }
 
+/// What the trace really holds, for the learned estimates to be compared with.
+struct trace_truth {
+  double think_median = 0, think_mean = 0, think_p90 = 0;  ///< seconds, turns after the first
+  double mean_turns = 0;
+  double continuation_1 = 0;  ///< P(a second turn)
+  double continuation_5 = 0;  ///< P(another turn | at least 5 so far)
+};
+
+trace_truth truth_of(const trace::workload& w) {
+  trace_truth t;
+  std::vector<double> th;
+  double sum = 0;
+  for (const auto& r : w.requests)
+    if (r.turn > 0) {
+      th.push_back(r.think);
+      sum += r.think;
+    }
+  if (!th.empty()) {
+    std::sort(th.begin(), th.end());
+    t.think_median = th[th.size() / 2];
+    t.think_p90 = th[std::min(th.size() - 1, th.size() * 9 / 10)];
+    t.think_mean = sum / double(th.size());
+  }
+  double multi = 0, more5 = 0, at5 = 0;
+  for (std::uint32_t s = 0; s < w.sessions(); ++s) {
+    const double n = double(w.session(s).size());
+    multi += n > 1;
+    more5 += std::max(0.0, n - 5);
+    at5 += std::max(0.0, n - 4);
+  }
+  if (w.sessions()) {
+    t.mean_turns = double(w.requests.size()) / w.sessions();
+    t.continuation_1 = multi / w.sessions();
+  }
+  t.continuation_5 = at5 > 0 ? more5 / at5 : 0;
+  return t;
+}
+
+void json_learned(std::ostream& o, const sim::sim_result& r, const trace_truth& t) {
+  char buf[512];
+  std::snprintf(
+      buf, sizeof buf,
+      ", \"true_think_median_s\": %.3f, \"true_think_mean_s\": %.3f, \"true_think_p90_s\": %.3f, "
+      "\"true_mean_turns\": %.4f, \"true_continuation_1\": %.4f, \"true_continuation_5\": %.4f, \"learned\": [",
+      t.think_median, t.think_mean, t.think_p90, t.mean_turns, t.continuation_1, t.continuation_5);
+  o << buf;
+  for (std::size_t i = 0; i < r.learned.size(); ++i) {
+    const auto& x = r.learned[i];
+    std::snprintf(buf, sizeof buf,
+                  "%s{\"at_s\": %.0f, \"requests\": %llu, \"returns\": %llu, \"in_use\": %s, "
+                  "\"think_median_s\": %.3f, \"think_mean_s\": %.3f, \"think_p90_s\": %.3f, \"mean_turns\": %.4f, "
+                  "\"continuation_1\": %.4f, \"continuation_5\": %.4f, \"horizon_dram_s\": %.2f, "
+                  "\"horizon_ssd_s\": %.2f}",
+                  i ? ", " : "", x.at_s, (unsigned long long)x.requests, (unsigned long long)x.returns,
+                  x.learned ? "true" : "false", x.think_median_s, x.think_mean_s, x.think_p90_s, x.mean_turns,
+                  x.continuation_1, x.continuation_5, x.horizon_dram_s, x.horizon_ssd_s);
+    o << buf;
+  }
+  o << "]";
+}
+
 void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
   char buf[4096];
   std::snprintf(
@@ -292,17 +387,16 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
       "\"prefetch_started\": %llu, \"prefetch_cancelled\": %llu, \"prefetch_waits\": %llu, "
       "\"prefetch_peak_bytes\": %.0f, \"prefetch_bound_bytes\": %.0f, \"dram_bytes\": %.0f, \"ssd_bytes\": %.0f, "
       "\"working_set_bytes\": %.0f, \"capacity_ratio\": %.4f, \"mean_queue\": %.2f, \"sim_seconds\": %.1f, "
-      "\"wall_seconds\": %.2f, \"invariants_ok\": %s}",
+      "\"wall_seconds\": %.2f, \"prefill_work_saved\": %.6f, \"bytes_moved\": %.0f, \"invariants_ok\": %s",
       (unsigned long long)r.requests, (unsigned long long)r.measured_requests, (unsigned long long)r.sessions,
-      r.hit_rate(), r.dram_hit_rate(), r.ssd_hit_rate(),
-      r.history_tokens ? double(r.reused_tokens) / double(r.history_tokens) : 0.0, (unsigned long long)r.history_tokens,
+      r.hit_rate(), r.dram_hit_rate(), r.ssd_hit_rate(), r.reuse_rate(), (unsigned long long)r.history_tokens,
       (unsigned long long)r.hit_tokens, (unsigned long long)r.prefill_tokens, (unsigned long long)r.reused_tokens,
       r.ttft_mean, r.ttft_p50, r.ttft_p90, r.ttft_p99, r.bytes_hbm_to_dram, r.bytes_dram_to_hbm, r.bytes_ssd_to_hbm,
       r.bytes_ssd_to_dram, r.bytes_dram_to_ssd, r.bytes_dropped, (unsigned long long)r.evicted_sessions,
       (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations, (unsigned long long)r.prefetch_started,
       (unsigned long long)r.prefetch_cancelled, (unsigned long long)r.prefetch_waits, r.prefetch_peak_bytes,
       r.prefetch_bound_bytes, r.dram_bytes, r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) / ws : 0.0,
-      r.mean_queue, r.sim_seconds, r.wall_seconds, r.invariants_ok ? "true" : "false");
+      r.mean_queue, r.sim_seconds, r.wall_seconds, r.work_saved(), r.bytes_moved(), r.invariants_ok ? "true" : "false");
   o << buf;
 }
 
@@ -315,14 +409,17 @@ struct sweep_point {
 };
 
 std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, const std::string& title) {
-  const int W = 960, H = 420, ml = 60, mr = 20, mt = 40, mb = 55, gap = 70;
-  const int pw = (W - ml - mr - gap) / 2, ph = H - mt - mb;
+  // Two panels (total capacity, DRAM) when the DRAM sweep ran, else one.
+  const bool two = std::any_of(pts.begin(), pts.end(), [](const sweep_point& p) { return p.sweep == "dram"; });
+  const int H = 420, ml = 60, mr = 20, mt = 40, mb = 55, gap = 70, W = two ? 960 : 560;
+  const int pw = two ? (W - ml - mr - gap) / 2 : W - ml - mr, ph = H - mt - mb;
   std::ostringstream s;
   s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
     << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n";
   s << "<text x='" << W / 2 << "' y='18' text-anchor='middle' font-size='14'>" << title << "</text>\n";
-  const char* colors[] = {"#999999", "#d62728", "#1f77b4", "#2ca02c"};
-  const char* names[] = {"none", "lru", "scheduler_aware", "opt"};
+  const char* colors[] = {"#999999", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"};
+  const char* names[] = {"none", "lru", "scheduler_aware", "opt", "predictive"};
+  constexpr int kinds = 5;
   auto panel = [&](int x0, const std::string& which, const std::string& xlabel, bool dram_hits,
                    const std::string& ylabel) {
     std::vector<double> xs;
@@ -358,7 +455,7 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
       s << "<text x='" << X(paper_ratio) + (right ? -4 : 4) << "' y='" << mt + ph / 2 << "' text-anchor='"
         << (right ? "end" : "start") << "' fill='#666'>paper capacities</text>\n";
     }
-    for (int k = 1; k < 4; ++k) {
+    for (int k = 1; k < kinds; ++k) {
       std::vector<std::pair<double, double>> line;
       for (auto& p : pts)
         if (p.sweep == which && int(p.r.kind) == k)
@@ -372,7 +469,7 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
         s << "<circle cx='" << X(x) << "' cy='" << Y(y) << "' r='3' fill='" << colors[k] << "'/>\n";
     }
     int ly = mt + 14;
-    for (int k = 1; k < 4; ++k, ly += 16) {
+    for (int k = 1; k < kinds; ++k, ly += 16) {
       s << "<line x1='" << x0 + 10 << "' x2='" << x0 + 30 << "' y1='" << ly - 4 << "' y2='" << ly - 4 << "' stroke='"
         << colors[k] << "' stroke-width='2'/><text x='" << x0 + 34 << "' y='" << ly << "'>" << names[k] << "</text>\n";
     }
@@ -382,6 +479,95 @@ std::string svg_plot(const std::vector<sweep_point>& pts, double paper_ratio, co
         "hits served from DRAM (/ history)");
   s << "</svg>\n";
   return s.str();
+}
+
+/// Results at one capacity point, by policy kind.
+using point_results = std::map<int, const sim::sim_result*>;
+
+std::map<std::pair<int, double>, point_results> by_point(const std::vector<sweep_point>& pts) {
+  std::map<std::pair<int, double>, point_results> by;  // the total sweep first
+  for (auto& p : pts) by[{p.sweep == "total" ? 0 : 1, p.x}][int(p.r.kind)] = &p.r;
+  return by;
+}
+
+/// "lru / SA / predictive / opt" of one figure, "-" where a policy was not run.
+std::string per_policy(const point_results& m, const char* format, double (*figure)(const sim::sim_result&)) {
+  std::string out;
+  for (policy_kind k : {policy_kind::lru, policy_kind::scheduler_aware, policy_kind::predictive, policy_kind::opt}) {
+    char b[32] = "-";
+    if (auto it = m.find(int(k)); it != m.end()) std::snprintf(b, sizeof b, format, figure(*it->second));
+    out += (out.empty() ? "" : " / ") + std::string(b);
+  }
+  return out;
+}
+
+/// One row per capacity point, policies side by side.
+std::string sweep_markdown(const std::vector<sweep_point>& pts, double ws) {
+  std::ostringstream md;
+  md << "| sweep | (DRAM+SSD) / WS | DRAM | SSD | hit rate lru / SA / pred / opt | PRED - SA | gap closed |"
+        " reused history lru / SA / pred / opt | prefill work saved lru / SA / pred / opt |"
+        " TTFT mean s lru / SA / pred / opt | TB moved lru / SA / pred / opt |\n"
+     << "|---|---|---|---|---|---|---|---|---|---|---|\n";
+  double worst = 1e9;
+  std::string worst_at, notes;
+  for (auto& [k, m] : by_point(pts)) {
+    auto get = [&](policy_kind kind) { return m.count(int(kind)) ? m.at(int(kind)) : nullptr; };
+    const sim::sim_result *a = get(policy_kind::scheduler_aware), *o = get(policy_kind::opt),
+                          *p = get(policy_kind::predictive);
+    const sim::sim_result* any = m.begin()->second;
+    char diff[32] = "-", closed[32] = "-";
+    if (p && a) std::snprintf(diff, sizeof diff, "%+.2f pp", 100 * (p->hit_rate() - a->hit_rate()));
+    if (p && a && o && o->hit_rate() - a->hit_rate() > 0.001)
+      std::snprintf(closed, sizeof closed, "%.0f%%",
+                    100 * (p->hit_rate() - a->hit_rate()) / (o->hit_rate() - a->hit_rate()));
+    const std::string where = std::string(k.first == 0 ? "total " : "dram ") + std::to_string(k.second);
+    if (p && a && p->hit_rate() - a->hit_rate() < worst) {
+      worst = p->hit_rate() - a->hit_rate();
+      worst_at = where;
+    }
+    if (o)
+      for (auto& [kind, r] : m)
+        if (r->hit_rate() > o->hit_rate() + 1e-9)
+          notes += "NOTE: " + std::string(sim::to_string(r->kind)) + " above opt at " + where +
+                   " (timing differs per policy; see docs/sim.md)\n";
+    char row[256];
+    std::snprintf(row, sizeof row, "| %s | %.3f | %s | %s | ", k.first == 0 ? "total" : "dram",
+                  (any->dram_bytes + any->ssd_bytes) / ws, human_bytes(any->dram_bytes).c_str(),
+                  human_bytes(any->ssd_bytes).c_str());
+    md << row << per_policy(m, "%.2f%%", [](const sim::sim_result& r) { return 100 * r.hit_rate(); }) << " | " << diff
+       << " | " << closed << " | "
+       << per_policy(m, "%.2f%%", [](const sim::sim_result& r) { return 100 * r.reuse_rate(); }) << " | "
+       << per_policy(m, "%.2f%%", [](const sim::sim_result& r) { return 100 * r.work_saved(); }) << " | "
+       << per_policy(m, "%.3g", [](const sim::sim_result& r) { return r.ttft_mean; }) << " | "
+       << per_policy(m, "%.1f", [](const sim::sim_result& r) { return r.bytes_moved() / 1e12; }) << " |\n";
+  }
+  if (worst < 1e9) {
+    char b[160];
+    std::snprintf(b, sizeof b, "\nsmallest predictive - scheduler_aware over the sweep: %+.4f pp (at %s)\n",
+                  100 * worst, worst_at.c_str());
+    md << b;
+  }
+  md << notes;
+  return md.str();
+}
+
+/// Every figure of every point.
+std::string sweep_csv(const std::vector<sweep_point>& pts, double ws) {
+  std::ostringstream csv;
+  csv << "sweep,x,policy,capacity_ratio,dram_bytes,ssd_bytes,hit_rate,dram_hit_rate,ssd_hit_rate,reuse_rate,"
+         "prefill_saved,prefill_work_saved,ttft_mean,ttft_p99,bytes_moved,mean_queue\n";
+  for (auto& p : pts) {
+    char b[512];
+    const double total_prefill = double(p.r.history_tokens + p.r.input_tokens);
+    std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.0f,%.2f\n",
+                  p.sweep.c_str(), p.x, std::string(sim::to_string(p.r.kind)).c_str(),
+                  (p.r.dram_bytes + p.r.ssd_bytes) / ws, p.r.dram_bytes, p.r.ssd_bytes, p.r.hit_rate(),
+                  p.r.dram_hit_rate(), p.r.ssd_hit_rate(), p.r.reuse_rate(),
+                  total_prefill ? double(p.r.reused_tokens) / total_prefill : 0.0, p.r.work_saved(), p.r.ttft_mean,
+                  p.r.ttft_p99, p.r.bytes_moved(), p.r.mean_queue);
+    csv << b;
+  }
+  return csv.str();
 }
 
 }  // namespace
@@ -449,104 +635,39 @@ int main(int argc, char** argv) {
       if (k != policy_kind::none) kinds.push_back(k);
     // Capacity / working set from starved to ample, plus the configured point itself
     // (the paper's 128 GB + 10 TB by default).
-    std::vector<double> ratios{0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0};
-    if (ratio > 0 && std::find(ratios.begin(), ratios.end(), ratio) == ratios.end()) ratios.push_back(ratio);
+    std::vector<double> ratios = c.ratios;
+    if (ratios.empty()) {
+      ratios = {0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0};
+      if (ratio > 0 && std::find(ratios.begin(), ratios.end(), ratio) == ratios.end()) ratios.push_back(ratio);
+    }
     for (double r : ratios) {
       sim::sim_config sc = cfg;
       if (r != ratio) scale_capacity(sc, r, ws);
       auto rs = run_all(w, kinds, sc, c.threads);
       for (auto& x : rs) points.push_back({"total", r, x});
-      if (!c.quiet) std::fprintf(stdout, "swept total capacity ratio %.2f\n", r);
+      if (!c.quiet) std::fprintf(stdout, "swept total capacity ratio %.3f\n", r);
     }
     for (double gb : {16.0, 32.0, 64.0, 128.0, 256.0, 512.0}) {
+      if (!c.dram_sweep) break;
       sim::sim_config sc = cfg;
       sc.tiers.dram_bytes = gb * 1e9;
       auto rs = run_all(w, kinds, sc, c.threads);
       for (auto& x : rs) points.push_back({"dram", gb, x});
       if (!c.quiet) std::fprintf(stdout, "swept DRAM %.0f GB\n", gb);
     }
-    // One row per capacity point, policies side by side; the CSV has every figure.
-    std::ostringstream md;
-    md << "| sweep | (DRAM+SSD) / WS | DRAM | SSD | lru | scheduler_aware | opt | SA - LRU | OPT - SA |"
-          " DRAM hits lru / SA / opt | TTFT mean lru / SA / opt | mean queue lru / SA / opt |\n"
-       << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-    std::ostringstream csv;
-    csv << "sweep,x,policy,capacity_ratio,dram_bytes,ssd_bytes,hit_rate,dram_hit_rate,ssd_hit_rate,"
-           "prefill_saved,ttft_mean,ttft_p99,mean_queue\n";
-    std::map<std::pair<int, double>, std::map<int, const sim::sim_result*>> by;  // total sweep first
-    for (auto& p : points) {
-      by[{p.sweep == "total" ? 0 : 1, p.x}][int(p.r.kind)] = &p.r;
-      char b[512];
-      const double total_prefill = double(p.r.history_tokens + p.r.input_tokens);
-      std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.2f\n", p.sweep.c_str(), p.x,
-                    std::string(sim::to_string(p.r.kind)).c_str(), (p.r.dram_bytes + p.r.ssd_bytes) / ws,
-                    p.r.dram_bytes, p.r.ssd_bytes, p.r.hit_rate(), p.r.dram_hit_rate(), p.r.ssd_hit_rate(),
-                    total_prefill ? double(p.r.reused_tokens) / total_prefill : 0.0, p.r.ttft_mean, p.r.ttft_p99,
-                    p.r.mean_queue);
-      csv << b;
-    }
-    double worst = 1e9;
-    std::string worst_at;
-    for (auto& [k, m] : by) {
-      auto get = [&](int kind) { return m.count(kind) ? m.at(kind) : nullptr; };
-      const sim::sim_result *l = get(1), *a = get(2), *o = get(3), *any = l ? l : a ? a : o;
-      if (!any) continue;
-      auto pct = [](const sim::sim_result* r, double (sim::sim_result::*f)() const) {
-        char b[32];
-        if (!r) return std::string("-");
-        std::snprintf(b, sizeof b, "%.2f%%", 100 * (r->*f)());
-        return std::string(b);
-      };
-      auto num = [](const sim::sim_result* r, double v) {
-        char b[32];
-        if (!r) return std::string("-");
-        std::snprintf(b, sizeof b, v < 10 ? "%.3f" : "%.1f", v);
-        return std::string(b);
-      };
-      auto diff = [](const sim::sim_result* x, const sim::sim_result* y) {
-        char b[32];
-        if (!x || !y) return std::string("-");
-        std::snprintf(b, sizeof b, "%+.2f pp", 100 * (x->hit_rate() - y->hit_rate()));
-        return std::string(b);
-      };
-      char row[1024];
-      std::snprintf(row, sizeof row,
-                    "| %s | %.3f | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s | %s / %s / %s | %s / %s / %s |\n",
-                    k.first == 0 ? "total" : "dram", (any->dram_bytes + any->ssd_bytes) / ws,
-                    human_bytes(any->dram_bytes).c_str(), human_bytes(any->ssd_bytes).c_str(),
-                    pct(l, &sim::sim_result::hit_rate).c_str(), pct(a, &sim::sim_result::hit_rate).c_str(),
-                    pct(o, &sim::sim_result::hit_rate).c_str(), diff(a, l).c_str(), diff(o, a).c_str(),
-                    pct(l, &sim::sim_result::dram_hit_rate).c_str(), pct(a, &sim::sim_result::dram_hit_rate).c_str(),
-                    pct(o, &sim::sim_result::dram_hit_rate).c_str(), num(l, l ? l->ttft_mean : 0).c_str(),
-                    num(a, a ? a->ttft_mean : 0).c_str(), num(o, o ? o->ttft_mean : 0).c_str(),
-                    num(l, l ? l->mean_queue : 0).c_str(), num(a, a ? a->mean_queue : 0).c_str(),
-                    num(o, o ? o->mean_queue : 0).c_str());
-      md << row;
-      if (l && a && a->hit_rate() - l->hit_rate() < worst) {
-        worst = a->hit_rate() - l->hit_rate();
-        worst_at = std::string(k.first == 0 ? "total " : "dram ") + std::to_string(k.second);
-      }
-      if (o)
-        for (const sim::sim_result* q : {l, a})
-          if (q && q->hit_rate() > o->hit_rate() + 1e-9)
-            std::fprintf(stdout, "NOTE: %s above opt at %s %g (timing differs per policy; see docs/sim.md)\n",
-                         std::string(sim::to_string(q->kind)).c_str(), k.first == 0 ? "total" : "dram", k.second);
-    }
-    if (worst < 1e9)
-      std::fprintf(stdout, "smallest scheduler_aware - lru over the sweep: %+.4f pp (at %s)\n", 100 * worst,
-                   worst_at.c_str());
-    if (!c.quiet) std::cout << md.str();
-    if (!c.markdown.empty()) std::ofstream(c.markdown) << md.str();
-    if (!c.csv.empty()) std::ofstream(c.csv) << csv.str();
+    const std::string md = sweep_markdown(points, ws);
+    if (!c.quiet) std::cout << md;
+    if (!c.markdown.empty()) std::ofstream(c.markdown) << md;
+    if (!c.csv.empty()) std::ofstream(c.csv) << sweep_csv(points, ws);
     if (!c.svg.empty()) {
       char t[256];
-      std::snprintf(t, sizeof t, "attnstore sim: preset %s, %llu requests, %s",
+      std::snprintf(t, sizeof t, "attnstore sim: preset %s, %llu requests, %s%s",
                     c.trace_file.empty() ? c.preset.c_str() : "imported", (unsigned long long)w.requests.size(),
-                    cfg.model.name.c_str());
+                    cfg.model.name.c_str(),
+                    cfg.tiers.queue_window ? (", queue window " + std::to_string(cfg.tiers.queue_window)).c_str() : "");
       std::ofstream(c.svg) << svg_plot(points, ratio, t);
     }
   }
-
   auto results = run_all(w, c.policies, cfg, c.threads);
   if (!c.quiet) {
     std::fprintf(stdout, "\n");
@@ -563,6 +684,26 @@ int main(int argc, char** argv) {
                    r.invariants_ok ? "" : ", INVARIANT BROKEN: ", r.invariant_error.c_str());
     }
   }
+  const trace_truth truth = truth_of(w);
+  if (!c.quiet) {
+    for (auto& r : results) {
+      if (r.learned.empty()) continue;
+      std::fprintf(stdout,
+                   "\npredictive: learned distributions against the trace (think: user think time of turns after "
+                   "the first)\n"
+                   "| at (sim s) | turns started | returns seen | in use | think median | think mean | think p90 | "
+                   "mean turns | P(turn 2) | P(more after 5+) | horizon DRAM / SSD |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|\n");
+      for (const auto& x : r.learned)
+        std::fprintf(stdout,
+                     "| %.0f | %llu | %llu | %s | %.1f s | %.1f s | %.1f s | %.2f | %.3f | %.3f | %.1f / %.1f s |\n",
+                     x.at_s, (unsigned long long)x.requests, (unsigned long long)x.returns, x.learned ? "yes" : "no",
+                     x.think_median_s, x.think_mean_s, x.think_p90_s, x.mean_turns, x.continuation_1, x.continuation_5,
+                     x.horizon_dram_s, x.horizon_ssd_s);
+      std::fprintf(stdout, "| trace | | | | %.1f s | %.1f s | %.1f s | %.2f | %.3f | %.3f | |\n", truth.think_median,
+                   truth.think_mean, truth.think_p90, truth.mean_turns, truth.continuation_1, truth.continuation_5);
+    }
+  }
   bool ok = true;
   for (auto& r : results) ok = ok && r.invariants_ok;
   if (c.json) {
@@ -571,6 +712,8 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < results.size(); ++i) {
       o << (i ? ", " : "") << "\"" << sim::to_string(results[i].kind) << "\": ";
       json_result(o, results[i], ws);
+      if (results[i].kind == policy_kind::predictive) json_learned(o, results[i], truth);
+      o << "}";
     }
     o << "}\n";
     std::cout << o.str();

@@ -1,7 +1,7 @@
 // tiered_cache: the simulator's stand-in for attnstore::store. It keeps sessions in the
 // REAL attnstore::cache_index (records, block chains, chain hashes, token ids, lookups)
 // and asks the REAL policy classes (policy::lru, policy::scheduler_aware,
-// policy::belady) and policy::prefetcher for every decision; only the payload bytes and
+// policy::belady, policy::predictive) and policy::prefetcher for every decision; only the payload bytes and
 // the I/O are simulated (slot numbers come from a plain free list: the tiers' allocators
 // are thread-safe and their locks would only slow the single-threaded simulation).
 //
@@ -38,13 +38,14 @@
 #include "attnstore/index/cache_index.hpp"
 #include "attnstore/policy/belady.hpp"
 #include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
 #include "attnstore/policy/watermark.hpp"
 
 namespace attnstore::sim {
 
-enum class policy_kind : std::uint8_t { none, lru, scheduler_aware, opt };
+enum class policy_kind : std::uint8_t { none, lru, scheduler_aware, opt, predictive };
 
 inline std::string_view to_string(policy_kind k) noexcept {
   switch (k) {
@@ -56,6 +57,8 @@ inline std::string_view to_string(policy_kind k) noexcept {
       return "scheduler_aware";
     case policy_kind::opt:
       return "opt";
+    case policy_kind::predictive:
+      return "predictive";
   }
   return "?";
 }
@@ -73,6 +76,10 @@ struct cache_options {
   std::uint32_t prefetch_window = 0;           ///< sessions; 0 = paper rule
   double prefetch_dram_fraction = 0.75;        ///< C_mem = this x DRAM (paper rule)
   std::uint64_t prefetch_bytes_in_flight = 0;  ///< 0: 8 blocks
+  /// predictive: its options beyond the sizes above (the simulator's clock is in
+  /// microseconds; max_sessions, windows, capacity and block size are filled in here).
+  policy::predictive_options predictive{};
+  std::uint32_t prefetch_likely = 16;  ///< predictive: candidates beyond the queue per plan; 0: none
 };
 
 /// The simulator schedules the reads of a promotion and calls io_complete() later.
@@ -177,6 +184,18 @@ class tiered_cache {
       case policy_kind::opt: {
         auto p = std::make_unique<policy::belady>(records);
         opt_ = p.get();
+        policy_ = std::move(p);
+        break;
+      }
+      case policy_kind::predictive: {
+        policy::predictive_options po = o.predictive;
+        po.max_sessions = records;
+        po.eviction_window = o.eviction_window;
+        po.capacity_blocks = std::uint64_t(o.dram_blocks) + o.ssd_blocks;
+        po.ticks_per_second = 1e6;
+        po.tokens_per_block = o.tokens_per_block;
+        auto p = std::make_unique<policy::predictive>(po);
+        pred_ = p.get();
         policy_ = std::move(p);
         break;
       }
@@ -288,7 +307,7 @@ class tiered_cache {
       policy_->on_access(r, now);
     }
     background_demotion();
-    if (sa_) sa_->refresh_window();
+    refresh_window();
     plan_prefetch();
   }
 
@@ -358,7 +377,7 @@ class tiered_cache {
   void enqueue(std::uint32_t r, std::uint64_t position, std::uint64_t now) {
     if (r == no_slot) return;
     policy_->enqueue(r, position, now);
-    if (sa_) sa_->refresh_window();
+    refresh_window();
   }
   void dequeue(std::uint32_t r) {
     if (r == no_slot) return;
@@ -383,7 +402,11 @@ class tiered_cache {
   }
 
   void plan_prefetch() {
-    if (pf_) (void)pf_->plan(*policy_, *this);
+    if (!pf_) return;
+    if (pred_ && o_.prefetch_likely)
+      (void)pf_->plan(*policy_, *this, [&](auto&& visit) { pred_->for_each_likely(o_.prefetch_likely, visit); });
+    else
+      (void)pf_->plan(*policy_, *this);
   }
 
   /// TTL: drops sessions idle for `ttl` or longer. Returns how many.
@@ -492,6 +515,7 @@ class tiered_cache {
   const cache_counters& counters() const noexcept { return c_; }
   policy::eviction_policy& policy() noexcept { return *policy_; }
   policy::prefetcher* prefetcher() noexcept { return pf_.get(); }
+  policy::predictive* predictive() noexcept { return pred_; }
   std::uint32_t dram_used() const noexcept { return dram_.used(); }
   std::uint32_t ssd_used() const noexcept { return ssd_.used(); }
   std::uint32_t dram_free() const noexcept { return dram_.capacity() - dram_.used(); }
@@ -732,9 +756,17 @@ class tiered_cache {
     }
   }
 
-  /// Victim x may make room for prefetching r: x runs later than r (or not at all).
+  void refresh_window() noexcept {
+    if (sa_) sa_->refresh_window();
+    if (pred_) pred_->refresh_window();
+  }
+
+  /// Victim x may make room for prefetching r: x runs later than r (or not at all); for
+  /// predictive, of two sessions not queued, x is less likely to return soon.
   bool less_urgent(std::uint32_t x, std::uint32_t r) const noexcept {
     if (opt_) return opt_->next_use(x) > opt_->next_use(r);
+    if (pred_ && !policy_->queued(r))
+      return !policy_->queued(x) && pred_->score(x, policy::level::dram) < pred_->score(r, policy::level::dram);
     if (!policy_->queued(x)) return true;
     return policy_->queued(r) && policy_->queue_position(x) > policy_->queue_position(r);
   }
@@ -746,6 +778,7 @@ class tiered_cache {
   std::unique_ptr<policy::eviction_policy> policy_;
   policy::scheduler_aware* sa_ = nullptr;
   policy::belady* opt_ = nullptr;
+  policy::predictive* pred_ = nullptr;
   std::unique_ptr<policy::prefetcher> pf_;
   std::vector<std::vector<std::uint32_t>> reserved_;  // DRAM slots reserved per record
   std::vector<std::uint32_t> scratch_;

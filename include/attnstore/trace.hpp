@@ -72,7 +72,19 @@ struct generator_options {
   lognormal first_input{};  ///< prompt tokens of turn 0 (system prompt + question)
   lognormal input{};        ///< prompt tokens of later turns
   lognormal output{};       ///< reply tokens
-  lognormal think{};        ///< seconds between a reply and the next prompt
+  lognormal think{};        ///< seconds between a reply and the next prompt (typing, when reading is on)
+  /// Reading time, added to `think`: the previous reply's tokens x this many seconds per
+  /// token, drawn per turn. Off when its median is 0 (the default).
+  lognormal read_per_token{0, 0, 0, 0};
+  /// Abandonment while idle: before each later turn the user has a patience (seconds,
+  /// drawn per turn); when the think time would exceed it the user leaves instead and the
+  /// session ends there. Off when its median is 0 (the default).
+  lognormal patience{0, 0, 0, 0};
+  /// Load over a simulated day: new sessions arrive at session_rate x (1 + diurnal_amplitude
+  /// x sin(2 pi t / day_seconds - pi / 2)) per second (lowest at t = 0, highest at half a
+  /// day). 0 (the default): constant rate. In [0, 1).
+  double diurnal_amplitude = 0;
+  double day_seconds = 86400;
   /// Open-loop timestamps: arrival of turn k+1 = arrival of turn k + output tokens of
   /// turn k * this + think. Used only for open-loop replay.
   double nominal_seconds_per_output_token = 0.03;
@@ -80,7 +92,11 @@ struct generator_options {
 
 /// Preset names: "paper" (ShareGPT-like, the paper's setup), "light" (the same
 /// conversations at half the arrival rate), "heavy" (1.1x the rate: the simulated engine
-/// saturates and its queue grows), "long" (fewer, longer turns: pasted documents).
+/// saturates and its queue grows), "long" (fewer, longer turns: pasted documents),
+/// "think" (the paper's conversations with a user who reads each reply and types the next
+/// prompt: reading time grows with the reply, log-normal typing time with a heavy tail,
+/// and users who leave when a turn would take longer than their patience), "diurnal"
+/// (think's conversations, arrival rate following a 24-hour day).
 std::span<const std::string_view> preset_names() noexcept;
 /// Options of a preset. Throws std::invalid_argument naming the allowed presets.
 generator_options preset(std::string_view name);

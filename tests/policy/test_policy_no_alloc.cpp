@@ -1,5 +1,6 @@
 // Policy events and decisions allocate nothing in steady state: this binary counts every
-// global operator new and requires zero inside the measured loop.
+// global operator new and requires zero inside the measured loop (predictive's refits,
+// which rank its cells, and the prefetcher's candidate pass included).
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -9,6 +10,7 @@
 
 #include "attnstore/policy/belady.hpp"
 #include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
 
@@ -32,9 +34,17 @@ TEST_CASE("steady-state policy events, decisions and prefetch planning allocate 
   lru a(n);
   scheduler_aware b({n, 0, 4000});
   belady c(n);
+  predictive_options po;
+  po.max_sessions = n;
+  po.capacity_blocks = 4000;
+  po.ticks_per_second = 100;  // the loop's clock: 100 ticks a second
+  po.min_samples = 50;
+  po.refit_every = 16;  // refits (ranking the cells) inside the measured loop too
+  predictive d(po);
   prefetcher pf({n, 64, 64 * 100, 0, 64 * 1000});
+  prefetcher pf2({n, 64, 64 * 100, 4, 0});
   counting_target t;
-  eviction_policy* ps[] = {&a, &b, &c};
+  eviction_policy* ps[] = {&a, &b, &c, &d};
   std::mt19937_64 rng(3);
   std::uint32_t queue[32];
   auto step = [&](std::uint64_t i) {
@@ -73,8 +83,13 @@ TEST_CASE("steady-state policy events, decisions and prefetch planning allocate 
     }
     c.set_next_use(r, rng() % 100000);
     b.refresh_window();
+    d.refresh_window();
+    d.advance(i);
+    (void)d.score(r, level::ssd);
     t.ssd[r] = std::uint32_t(rng() % 20);
     pf.plan(b, t);
+    pf2.plan(d, t, [&](auto&& visit) { d.for_each_likely(8, visit); });
+    if (pf2.in_flight(r)) (void)pf2.complete(r, pf2.ticket(r));
     if (pf.in_flight(r)) {
       if (rng() % 2)
         (void)pf.complete(r, pf.ticket(r));
@@ -84,7 +99,11 @@ TEST_CASE("steady-state policy events, decisions and prefetch planning allocate 
   };
   for (std::uint64_t i = 0; i < 20000; ++i) step(i);  // warm up: nothing is sized lazily, but be fair
   const long before = allocations.load();
+  const std::uint64_t refits = d.refits();
   for (std::uint64_t i = 20000; i < 120000; ++i) step(i);
   CHECK(allocations.load() - before == 0);
   for (auto* p : ps) CHECK(p->check());
+  CHECK(d.refits() - refits > 20);
+  CHECK(d.learned());
+  CHECK(d.check_cells());
 }

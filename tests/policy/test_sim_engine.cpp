@@ -23,8 +23,8 @@ TEST_CASE("sim: all policies on a small paper-like trace, invariants checked thr
   const trace::workload w = trace::generate(g);
   for (double ssd_tb : {0.05, 10.0}) {
     const sim::sim_config c = small_config(16, ssd_tb);
-    sim::sim_result r[4];
-    for (int k = 0; k < 4; ++k) {
+    sim::sim_result r[5];
+    for (int k = 0; k < 5; ++k) {
       sim::engine_sim e(w, sim::policy_kind(k), c);
       r[k] = e.run();
       INFO("policy " << sim::to_string(sim::policy_kind(k)) << ": " << r[k].invariant_error);
@@ -41,6 +41,9 @@ TEST_CASE("sim: all policies on a small paper-like trace, invariants checked thr
     // this margin it always holds; the exact bound is in test_opt_bound.
     CHECK(r[3].hit_rate() + 0.01 >= r[1].hit_rate());
     CHECK(r[3].hit_rate() + 0.01 >= r[2].hit_rate());
+    CHECK(r[3].hit_rate() + 0.01 >= r[4].hit_rate());
+    CHECK(r[4].prefetch_peak_bytes <= r[4].prefetch_bound_bytes);
+    CHECK(!r[4].learned.empty());
     if (ssd_tb > 1) CHECK(r[3].hit_rate() > 0.95);
     CHECK(r[2].prefetch_peak_bytes <= r[2].prefetch_bound_bytes);
   }
@@ -57,7 +60,8 @@ TEST_CASE("sim: TTL, fixed windows, no prefetch, open loop and close-on-last run
   c.close_on_last = true;
   for (bool prefetch : {true, false}) {
     c.tiers.prefetch = prefetch;
-    for (auto k : {sim::policy_kind::lru, sim::policy_kind::scheduler_aware, sim::policy_kind::opt}) {
+    for (auto k : {sim::policy_kind::lru, sim::policy_kind::scheduler_aware, sim::policy_kind::opt,
+                   sim::policy_kind::predictive}) {
       sim::engine_sim e(w, k, c);
       const auto r = e.run();
       INFO(r.invariant_error);
@@ -69,4 +73,21 @@ TEST_CASE("sim: TTL, fixed windows, no prefetch, open loop and close-on-last run
   const auto r = e.run();
   CHECK(r.invariants_ok);
   CHECK(r.requests == 3000);
+}
+
+TEST_CASE("sim: think preset with a 32-request look-ahead, every policy, invariants checked") {
+  trace::generator_options g = trace::preset("think");
+  g.requests = 5000;
+  const trace::workload w = trace::generate(g);
+  sim::sim_config c = small_config(8, 0.15);
+  c.tiers.queue_window = 32;
+  for (int k = 1; k < 5; ++k) {
+    sim::engine_sim e(w, sim::policy_kind(k), c);
+    const auto r = e.run();
+    INFO("policy " << sim::to_string(sim::policy_kind(k)) << ": " << r.invariant_error);
+    REQUIRE(r.invariants_ok);
+    CHECK(r.requests == 5000);
+    CHECK(r.work_saved() >= 0);
+    CHECK(r.work_saved() <= 1);
+  }
 }

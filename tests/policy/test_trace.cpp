@@ -2,9 +2,15 @@
 // and the JSON-lines importer.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "attnstore/trace.hpp"
+#include "engine_sim.hpp"
 
 using namespace attnstore;
 
@@ -127,4 +133,99 @@ TEST_CASE("trace: JSON lines import, ordering and errors") {
       "{\"session\": 1, \"turn\": 0, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 5}\n"
       "{\"session\": 1, \"turn\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 4}\n",
       "back in time");
+}
+
+TEST_CASE("trace: the think preset: reading + typing, a heavy tail, users who leave") {
+  trace::generator_options o = trace::preset("think");
+  o.requests = 100000;
+  const trace::workload w = trace::generate(o);
+  const trace::workload_stats st = trace::describe(w);
+  std::vector<double> think;
+  double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
+  for (std::uint32_t s = 0; s < w.sessions(); ++s) {
+    auto turns = w.session(s);
+    for (std::size_t k = 1; k < turns.size(); ++k) {
+      const double x = turns[k - 1].output_tokens, y = turns[k].think;
+      think.push_back(y);
+      sx += x, sy += y, sxx += x * x, syy += y * y, sxy += x * y;
+    }
+  }
+  REQUIRE(think.size() > 50000);
+  std::sort(think.begin(), think.end());
+  const double n = double(think.size());
+  const double median = think[think.size() / 2], p95 = think[think.size() * 95 / 100];
+  CHECK(median > 20);  // tens of seconds
+  CHECK(median < 60);
+  CHECK(p95 > 120);  // a tail to minutes
+  CHECK(st.mean_think > median * 1.2);
+  // Reading time: the longer the reply, the longer the next think.
+  const double corr =
+      (sxy / n - sx / n * sy / n) / std::sqrt((sxx / n - sx * sx / n / n) * (syy / n - sy * sy / n / n));
+  CHECK(corr > 0.2);
+  // Users leave when a turn would take longer than their patience: fewer turns than the
+  // paper's conversations (5.75), and no think time beyond an hour.
+  CHECK(st.mean_turns < 5.6);
+  CHECK(st.mean_turns > 4.5);
+  CHECK(think.back() <= 3600 + 1.0 * 1500);
+  CHECK(double(st.sessions) / st.duration == Approx(0.6).margin(0.03));
+}
+
+TEST_CASE("trace: the diurnal preset: arrivals follow the day") {
+  trace::generator_options o = trace::preset("diurnal");
+  o.sessions = 60000;  // a little more than a day
+  const trace::workload w = trace::generate(o);
+  std::vector<double> per_hour(24, 0);
+  for (std::uint32_t s = 0; s < w.sessions(); ++s) {
+    const double t = w.session(s).front().arrival;
+    if (t < 86400) per_hour[std::size_t(t / 3600)] += 1;
+  }
+  // Lowest at midnight (0.25x the mean rate), highest at noon (1.75x).
+  const double night = per_hour[23] + per_hour[0], noon = per_hour[11] + per_hour[12];
+  INFO("sessions 23:00-01:00 " << night << ", 11:00-13:00 " << noon);
+  CHECK(noon > 4 * night);
+  CHECK(noon / 7200 == Approx(0.6 * 1.75).epsilon(0.1));
+  // The same conversations as think.
+  trace::generator_options t = trace::preset("think");
+  CHECK(t.think.median == o.think.median);
+  CHECK(t.patience.median == o.patience.median);
+  CHECK_THROWS_AS(
+      [&] {
+        o.diurnal_amplitude = 1;
+        (void)trace::generate(o);
+      }(),
+      std::invalid_argument);
+}
+
+TEST_CASE("trace: a small real-shaped JSON-lines log imports and replays") {
+  std::string path = __FILE__;
+  path = path.substr(0, path.find_last_of('/')) + "/data/chat_log.jsonl";
+  std::ifstream in(path);
+  REQUIRE(in);
+  std::string err;
+  auto r = trace::read_jsonl(in, &err);
+  INFO(err);
+  REQUIRE(r.has_value());
+  const trace::workload& w = *r;
+  REQUIRE(w.sessions() == 4);
+  CHECK(w.requests.size() == 10);
+  // By first prompt: the uuid conversation (t = 0), the document (3.3 s), 9001 (9.9 s),
+  // e2b7 (20.6 s).
+  CHECK(w.session(0).size() == 4);
+  CHECK(w.session(1).size() == 2);
+  CHECK(w.session(1)[0].input_tokens == 1530);
+  REQUIRE(w.session(2).size() == 3);
+  CHECK(w.session(2)[2].think == Approx(304.5));  // by timestamp: no turn numbers
+  CHECK(w.session(3).size() == 1);
+  CHECK(w.session(0)[3].arrival == Approx(180.315).margin(1e-3));
+  // Every policy replays it (open loop) with the cache's invariants checked.
+  sim::sim_config c;
+  c.check = true;
+  c.tiers.queue_window = 32;
+  for (int k = 0; k < 5; ++k) {
+    sim::engine_sim e(w, sim::policy_kind(k), c);
+    const sim::sim_result x = e.run();
+    INFO(sim::to_string(sim::policy_kind(k)) << ": " << x.invariant_error);
+    CHECK(x.invariants_ok);
+    CHECK(x.requests == 10);
+  }
 }

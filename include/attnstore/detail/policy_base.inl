@@ -48,6 +48,7 @@ inline void eviction_policy::on_insert(std::uint32_t r, std::uint64_t now) noexc
   s.time = now;
   idle_push_front(r);
   ++live_;
+  inserted(r, now);
   reposition(r);
 }
 
@@ -73,10 +74,12 @@ inline void eviction_policy::on_erase(std::uint32_t r) noexcept {
 inline void eviction_policy::on_access(std::uint32_t r, std::uint64_t now) noexcept {
   if (!live(r)) return;
   session_state& s = s_[r];
+  const std::uint64_t previous = s.time;
   s.access = ++clock_;
   s.time = now;
   idle_unlink(r);
   idle_push_front(r);
+  accessed(r, previous, now);
   reposition(r);
 }
 
@@ -168,12 +171,14 @@ inline void eviction_policy::enqueue(std::uint32_t r, std::uint64_t position, st
   // Inside the protected prefix when the boundary comes after it.
   if (boundary_ != no_record && s_[boundary_].position > position) protect(r, true);
   fix_window();
+  enqueued(r, now);
 }
 
 inline void eviction_policy::dequeue(std::uint32_t r) noexcept {
   if (!live(r) || !s_[r].queued) return;
   queue_unlink(r);
   fix_window();
+  dequeued(r);
 }
 
 inline void eviction_policy::set_queue(std::span<const std::uint32_t> records, std::uint64_t now) noexcept {
@@ -185,6 +190,7 @@ inline void eviction_policy::set_queue(std::span<const std::uint32_t> records, s
     if (s_[r].in_window) scratch_[old_protected++] = r;
     s_[r].queued = false;
     s_[r].q_prev = s_[r].q_next = no_record;
+    dequeued(r);
     r = next;
   }
   q_head_ = q_tail_ = boundary_ = no_record;
@@ -199,6 +205,7 @@ inline void eviction_policy::set_queue(std::span<const std::uint32_t> records, s
     s.time = now;
     idle_unlink(r);
     idle_push_front(r);
+    enqueued(r, now);
     s.q_prev = q_tail_;
     if (q_tail_ != no_record)
       s_[q_tail_].q_next = r;

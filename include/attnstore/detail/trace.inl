@@ -74,7 +74,7 @@ inline void check_lognormal(const lognormal& d, const char* field) {
 }  // namespace detail
 
 inline std::span<const std::string_view> preset_names() noexcept {
-  static constexpr std::string_view names[] = {"paper", "light", "heavy", "long"};
+  static constexpr std::string_view names[] = {"paper", "light", "heavy", "long", "think", "diurnal"};
   return names;
 }
 
@@ -112,6 +112,25 @@ inline generator_options preset(std::string_view name) {
     o.session_rate = 0.8;
     return o;
   }
+  if (name == "think" || name == "diurnal") {
+    // A user who reads the reply, then types: reading ~0.08 s per reply token (a 250-token
+    // reply: 20 s; skimming to careful reading), typing median 10 s with a heavy tail
+    // (minutes for a long question or a break). Median think ~35 s, mean ~60 s; 1 in 20
+    // turns take over 3 minutes. A user whose turn would take longer than their patience
+    // (median 10 min) leaves: the conversation ends there (abandoned while idle), on top
+    // of the paper's turn count (abandoned after a turn). 0.6 sessions/s keeps the
+    // simulated engine stable even when it recomputes every history, so what separates
+    // the policies is who returns when, not queueing.
+    o.session_rate = 0.6;
+    o.think = {10, 1.2, 1, 3600};
+    o.read_per_token = {0.08, 0.6, 0.01, 1.0};
+    o.patience = {600, 1.0, 30, 1e9};
+    if (name == "diurnal") {  // the same users over a day: 0.15 to 1.05 sessions/s
+      o.diurnal_amplitude = 0.75;
+      o.day_seconds = 86400;
+    }
+    return o;
+  }
   std::string all;
   for (auto n : preset_names()) all += (all.empty() ? "" : ", ") + std::string(n);
   throw std::invalid_argument("trace preset '" + std::string(name) + "' is unknown; presets: " + all);
@@ -129,6 +148,10 @@ inline workload generate(const generator_options& o) {
   detail::check_lognormal(o.input, "input");
   detail::check_lognormal(o.output, "output");
   detail::check_lognormal(o.think, "think");
+  if (o.read_per_token.median != 0) detail::check_lognormal(o.read_per_token, "read_per_token");
+  if (o.patience.median != 0) detail::check_lognormal(o.patience, "patience");
+  if (!(o.diurnal_amplitude >= 0 && o.diurnal_amplitude < 1)) fail("diurnal_amplitude must be in [0, 1)");
+  if (o.diurnal_amplitude > 0 && !(o.day_seconds > 0)) fail("day_seconds must be > 0");
   // Extra turns beyond 2 are geometric on {0, 1, ...} with mean multi_mean - 2.
   const double extra_mean = multi_mean - 2;
   const double p_stop = 1.0 / (extra_mean + 1.0);
@@ -142,7 +165,17 @@ inline workload generate(const generator_options& o) {
   double t = 0;
   for (std::uint32_t s = 0; o.sessions == 0 || s < o.sessions; ++s) {
     if (w.requests.size() >= limit) break;
-    t += g.exponential(1.0 / o.session_rate);
+    if (o.diurnal_amplitude > 0) {
+      // Thinning: candidates at the peak rate, each kept with rate(t) / peak.
+      const double peak = o.session_rate * (1 + o.diurnal_amplitude);
+      for (;;) {
+        t += g.exponential(1.0 / peak);
+        const double phase = 6.283185307179586 * t / o.day_seconds - 1.5707963267948966;
+        if (g.uniform() * peak <= o.session_rate * (1 + o.diurnal_amplitude * std::sin(phase))) break;
+      }
+    } else {
+      t += g.exponential(1.0 / o.session_rate);
+    }
     std::uint32_t turns = 1;
     if (g.uniform() >= o.single_turn_fraction) {
       turns = 2;
@@ -158,7 +191,10 @@ inline workload generate(const generator_options& o) {
       r.output_tokens = std::uint32_t(std::lround(g.sample(o.output)));
       if (k > 0) {
         r.think = g.sample(o.think);
-        arrival += w.requests.back().output_tokens * o.nominal_seconds_per_output_token + r.think;
+        const std::uint32_t prev_output = w.requests.back().output_tokens;
+        if (o.read_per_token.median != 0) r.think += prev_output * g.sample(o.read_per_token);
+        if (o.patience.median != 0 && r.think > g.sample(o.patience)) break;  // the user left
+        arrival += prev_output * o.nominal_seconds_per_output_token + r.think;
       }
       r.arrival = arrival;
       w.requests.push_back(r);

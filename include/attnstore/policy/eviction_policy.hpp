@@ -21,6 +21,8 @@
 //                    access, else the protected one farthest back in the queue.
 //   belady           the session used farthest in the future (simulator only: it must be
 //                    told the future).
+//   predictive       the session least likely to return soon per byte held, from the
+//                    think-time and session-length distributions it learns online.
 //
 // Threading: not thread-safe. The store calls a policy under one mutex (the way
 // cache_index guards its LRU list); `accept` runs under that mutex and must not call
@@ -89,7 +91,7 @@ class eviction_policy {
   eviction_policy(const eviction_policy&) = delete;
   eviction_policy& operator=(const eviction_policy&) = delete;
 
-  /// "lru", "scheduler_aware", "belady".
+  /// "lru", "scheduler_aware", "belady", "predictive".
   virtual std::string_view name() const noexcept = 0;
 
   // ---- events: the store reports what happened. Unknown or dead records are ignored.
@@ -198,6 +200,41 @@ class eviction_policy {
   virtual void forget(std::uint32_t record) noexcept = 0;
   /// First candidate in `l` that `accept` takes, in victim order; no_record if none.
   virtual std::uint32_t victim(level l, victim_filter accept, void* context) noexcept = 0;
+
+  // Hooks for policies that learn from the event stream (policy::predictive); the
+  // defaults do nothing. Each is called once per event, after the base state is updated
+  // and before reposition(); `now` is the caller's clock as given to the event.
+  /// on_insert: `record` became live.
+  virtual void inserted(std::uint32_t record, std::uint64_t now) noexcept {
+    (void)record;
+    (void)now;
+  }
+  /// on_access: `previous` is the caller time of the session's previous access or
+  /// enqueue (last_access_time() before this event).
+  virtual void accessed(std::uint32_t record, std::uint64_t previous, std::uint64_t now) noexcept {
+    (void)record;
+    (void)previous;
+    (void)now;
+  }
+  /// enqueue (when it queues the record or moves it forward), and set_queue for each
+  /// record it queues: the session has a request waiting. Called once the record is
+  /// linked into the queue (set_queue: before the window flags are final).
+  virtual void enqueued(std::uint32_t record, std::uint64_t now) noexcept {
+    (void)record;
+    (void)now;
+  }
+  /// dequeue, and set_queue for each record of the queue it replaces (before the new
+  /// queue is built): the session's request left the queue.
+  virtual void dequeued(std::uint32_t record) noexcept { (void)record; }
+  /// The paper's automatic eviction window: (DRAM + SSD) / mean stored session, at least
+  /// 1; no change while nothing is stored. For derived classes' refresh_window().
+  void fit_window(std::uint64_t capacity_blocks) noexcept {
+    const double mean = mean_session_blocks();
+    if (mean <= 0) return;  // nothing stored: nothing to protect yet
+    const double w = double(capacity_blocks) / mean;
+    const std::uint32_t target = w < 1 ? 1u : w > 4e9 ? 4000000000u : std::uint32_t(w);
+    if (target != window()) set_window(target);
+  }
 
  private:
   void idle_unlink(std::uint32_t r) noexcept;

@@ -3,6 +3,8 @@
 // DRAM before they are scheduled, so that their turn loads from DRAM. Bytes in flight
 // are bounded; a promotion is cancelled cleanly (its reserved DRAM given back, its late
 // completion ignored) when the session is evicted, demoted, changed or closed.
+// Optionally, after the window, candidates from another source are promoted the same way
+// (predictive::for_each_likely: sessions not queued yet but likely to return soon).
 //
 // The prefetcher decides; the store moves data. It drives a Target (the store, or the
 // simulator's stand-in) that provides:
@@ -70,24 +72,36 @@ class prefetcher {
   /// Returns the promotions started. O(window).
   template <class Target>
   std::uint32_t plan(const eviction_policy& p, Target& target) noexcept {
+    return plan(p, target, [](auto&&) noexcept {});
+  }
+  /// The same, then candidates beyond the queue while the bound allows: `more(visit)`
+  /// calls `visit(record)` for each candidate, most urgent first, until it returns true
+  /// (predictive::for_each_likely: sessions likely to return soon). The same rules as
+  /// for the window: a session in flight is skipped, the first one without room stops
+  /// the plan. O(window + candidates visited).
+  template <class Target, class More>
+  std::uint32_t plan(const eviction_policy& p, Target& target, More&& more) noexcept {
     std::uint32_t started = 0;
-    p.for_each_queued(window(p), [&](std::uint32_t r) {
+    bool stopped = false;
+    auto visit = [&](std::uint32_t r) noexcept {
       if (r >= flight_.size() || flight_[r].blocks) return false;
       const std::uint64_t budget = (o_.max_bytes_in_flight - bytes_in_flight_) / o_.block_bytes;
-      if (budget == 0) return true;
+      if (budget == 0) return stopped = true;
       const std::uint32_t missing = target.ssd_only_blocks(r);
       if (missing == 0) return false;
       const std::uint32_t ask = std::uint32_t(std::min<std::uint64_t>(missing, budget));
       const std::uint64_t ticket = ++tickets_;
       const std::uint32_t got = std::min(target.start_promotion(r, ask, ticket), ask);
-      if (got == 0) return true;
+      if (got == 0) return stopped = true;
       flight_[r] = {ticket, got};
       bytes_in_flight_ += std::uint64_t(got) * o_.block_bytes;
       peak_bytes_in_flight_ = std::max(peak_bytes_in_flight_, bytes_in_flight_);
       ++started_;
       ++started;
       return false;
-    });
+    };
+    p.for_each_queued(window(p), visit);
+    if (!stopped) more(visit);
     return started;
   }
 

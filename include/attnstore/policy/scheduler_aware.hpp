@@ -41,12 +41,7 @@ class scheduler_aware final : public eviction_policy {
   /// fixed window). Call it at a quiet point (after a save or a queue change), not from
   /// inside a filter. O(change in protected sessions).
   void refresh_window() noexcept {
-    if (options_.eviction_window) return;
-    const double mean = mean_session_blocks();
-    if (mean <= 0) return;  // nothing stored: nothing to protect yet
-    const double w = double(options_.capacity_blocks) / mean;
-    const std::uint32_t target = w < 1 ? 1u : w > 4e9 ? 4000000000u : std::uint32_t(w);
-    if (target != window()) set_window(target);
+    if (!options_.eviction_window) fit_window(options_.capacity_blocks);
   }
   const scheduler_aware_options& options() const noexcept { return options_; }
 
