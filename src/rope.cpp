@@ -30,8 +30,8 @@ __attribute__((target("avx2,f16c"))) void store8(std::byte* p, int code, __m256 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
     return;
   }
-  // bf16, round to nearest even (NaNs are not produced by a rotation of finite keys;
-  // non-finite inputs take the scalar path below).
+  // bf16, round to nearest even (as float_to_bf16 for every value but NaN: chunks with
+  // a NaN take the scalar core, see rotate_head_avx2).
   __m256i b = _mm256_castps_si256(x);
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
@@ -40,15 +40,15 @@ __attribute__((target("avx2,f16c"))) void store8(std::byte* p, int code, __m256 
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
-__attribute__((target("avx2,f16c"))) bool all_finite(__m256 a, __m256 b) {
-  const __m256 inf = _mm256_set1_ps(INFINITY);
-  __m256 ma = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a), inf, _CMP_LT_OQ);
-  __m256 mb = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), b), inf, _CMP_LT_OQ);
-  return _mm256_movemask_ps(_mm256_and_ps(ma, mb)) == 0xFF;
+__attribute__((target("avx2,f16c"))) bool any_nan(__m256 a, __m256 b) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) != 0;
 }
 
 // neox heads with rotary/2 a multiple of 8: pairs (i, i+half) are 8-wide vectors.
-__attribute__((target("avx2,f16c"))) bool rotate_head_avx2(std::byte* head, int code, std::uint32_t half,
+// F16C and the bf16 rounding above keep NaN payloads where the scalar core makes one
+// quiet NaN: an f16/bf16 chunk whose results hold a NaN is done by the core, pair by
+// pair (nothing of it is stored yet, so it starts from the same inputs).
+__attribute__((target("avx2,f16c"))) void rotate_head_avx2(std::byte* head, int code, std::uint32_t half,
                                                            const float* c, const float* s) {
   const std::size_t e = code == 0 ? 4 : 2;
   for (std::uint32_t i = 0; i < half; i += 8) {
@@ -58,11 +58,13 @@ __attribute__((target("avx2,f16c"))) bool rotate_head_avx2(std::byte* head, int 
     __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
     __m256 y0 = _mm256_sub_ps(_mm256_mul_ps(x0, cv), _mm256_mul_ps(x1, sv));
     __m256 y1 = _mm256_add_ps(_mm256_mul_ps(x0, sv), _mm256_mul_ps(x1, cv));
-    if (code == 2 && !all_finite(y0, y1)) return false;
+    if (code != 0 && any_nan(y0, y1)) {
+      detail::rotate_pairs(head, code, true, half, i, 8, c, s);
+      continue;
+    }
     store8(pa, code, y0);
     store8(pb, code, y1);
   }
-  return true;
 }
 
 bool have_avx2() {
@@ -91,9 +93,23 @@ errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads
     const float* s = sin + (shared_row ? 0 : t * half);
     for (std::uint32_t h = 0; h < heads; ++h) {
       std::byte* head = keys + t * token_stride + h * head_stride;
-      if (!(fast && rotate_head_avx2(head, code, half, c, s)))
+      if (fast)
+        rotate_head_avx2(head, code, half, c, s);
+      else
         detail::rotate_head(head, code, neox, spec.rotary(), c, s);
     }
+  }
+  return errc::ok;
+}
+
+errc rerotate_runs(rope_runs_view b, const rope_spec& spec) noexcept {
+  if (b.dt == dtype::fp8_e4m3) return errc::unsupported;
+  const std::size_t pairs = spec.rotary() / 2;
+  for (std::uint32_t r = 0; r < b.count; ++r) {
+    const rope_run& run = b.runs[r];
+    const std::size_t row = std::size_t(run.row) * pairs;
+    (void)rerotate(b.base + run.offset, b.dt, run.tokens, b.heads, b.token_stride, b.head_stride, spec, b.cos + row,
+                   b.sin + row, b.row_step == 0);
   }
   return errc::ok;
 }
@@ -103,6 +119,7 @@ errc rerotate_cuda(std::byte*, dtype, std::size_t, std::uint32_t, std::size_t, s
                    bool, const rope_spec&, void*) noexcept {
   return errc::unsupported;
 }
+errc rerotate_runs_cuda(rope_runs_view, const rope_spec&, void*) noexcept { return errc::unsupported; }
 #endif
 
 }  // namespace attnstore

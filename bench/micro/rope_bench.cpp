@@ -1,8 +1,13 @@
 // rope_bench: CPU re-rotation of stored keys on one core, next to memcpy of the same
 // bytes in the same binary. Keys: 8 KV heads x 128 dims per token, rotated by one
 // shared delta (the truncation case) over a 1 GiB working set in place.
-// --backend cuda: the CUDA kernel (rerotate_cuda) on a 1 GiB device buffer, next to a
-// device-to-device cudaMemcpyAsync of the same chunks, both timed with CUDA events.
+// --backend cuda: the CUDA kernel on a 1 GiB device buffer, next to a device-to-device
+// cudaMemcpyAsync of the same bytes, both timed with CUDA events:
+//   BM_CudaRerotate      one launch per run of run_tokens tokens (rerotate_cuda)
+//   BM_CudaRerotateRuns  `runs` runs of run_tokens tokens scattered over a region (a
+//                        shuffled page table), one launch for all (rerotate_runs_cuda,
+//                        as the hooks rotate a loaded layer); runs:28 is one layer of
+//                        pipeline_bench's truncated load
 #include <benchmark/benchmark.h>
 
 #include <cstring>
@@ -19,6 +24,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 
 #include "attnstore/detail/host_memory.hpp"
 #endif
@@ -84,9 +90,8 @@ void register_host_benchmarks() {
 }
 
 #if ATTNSTORE_HAS_CUDA
-// ---- GPU: one pass = up to max_calls kernel launches (or copies) of run_tokens tokens
-// each, walking the working set; the CUDA events around a pass give its time, so host
-// launch gaps count (the hooks launch one kernel per page run).
+// ---- GPU: one pass = up to max_calls kernel launches (or copies), walking the working
+// set; the CUDA events around a pass give its time, so host launch gaps count.
 constexpr std::size_t max_calls = 4096;
 constexpr std::uint32_t table_rows = 4096;  // per-token angle rows (keys stored before RoPE)
 
@@ -159,6 +164,30 @@ void BM_CudaMemcpy(benchmark::State& state) {
   state.SetBytesProcessed(std::int64_t(bytes));
 }
 
+// The timed passes of `rotate` (one call per chunk of `chunk` bytes), reported as GBps
+// and against a device-to-device copy of the same chunks. Returns seconds per call.
+template <class Rotate>
+double rotation_passes(benchmark::State& state, std::size_t chunk, Rotate&& rotate, const errc& status) {
+  const std::size_t calls = std::min(max_calls, working_set / chunk);
+  double total = 0;
+  for (auto _ : state) {
+    const double s = timed_pass(chunk, working_set, rotate);
+    state.SetIterationTime(s);
+    total += s;
+  }
+  if (status != errc::ok) state.SkipWithError(std::string(to_string(status)).c_str());
+  const std::size_t bytes = std::size_t(state.iterations()) * calls * chunk;
+  double copy = 0;
+  for (int rep = 0; rep < 3; ++rep) copy += memcpy_pass(chunk);
+  const std::size_t copied = std::min(max_calls, working_set / 2 / chunk) * chunk;
+  const double rotate_GBps = double(bytes) / total / 1e9, copy_GBps = 3 * double(copied) / copy / 1e9;
+  state.counters["GBps"] = rotate_GBps;
+  state.counters["memcpy_GBps"] = copy_GBps;
+  state.counters["ratio_to_memcpy"] = rotate_GBps / copy_GBps;
+  state.SetBytesProcessed(std::int64_t(bytes));
+  return total / double(std::max<std::size_t>(1, bytes / chunk));
+}
+
 void BM_CudaRerotate(benchmark::State& state) {
   const dtype dt = dtype(state.range(0));
   const bool per_token = state.range(1) != 0;  // keys stored before RoPE: a row per position
@@ -173,24 +202,56 @@ void BM_CudaRerotate(benchmark::State& state) {
                            spec, gpu.stream);
     if (e != errc::ok) status = e;
   };
-  std::size_t bytes = 0;
-  double total = 0;
-  for (auto _ : state) {
-    const double s = timed_pass(chunk, working_set, rotate);
-    state.SetIterationTime(s);
-    total += s;
-    bytes += std::min(max_calls, working_set / chunk) * chunk;
+  const double call = rotation_passes(state, chunk, rotate, status);
+  state.counters["us_per_call"] = call * 1e6;
+  state.SetLabel(std::string(to_string(dt)) + (per_token ? " per-token rows" : " shared row"));
+}
+
+// One launch rotates `runs` runs of run_tokens tokens, run r at page perm[r] of a
+// region of `runs` pages; each launch of a pass takes the next region. The limit: one
+// device-to-device copy of a region's bytes per launch (memcpy_pass).
+void BM_CudaRerotateRuns(benchmark::State& state) {
+  const dtype dt = dtype(state.range(0));
+  const bool per_token = state.range(1) != 0;
+  const std::uint32_t run = std::uint32_t(state.range(2)), runs = std::uint32_t(state.range(3));
+  const rope_spec spec{rope_style::neox, head_dim};
+  const std::size_t token_bytes = std::size_t(heads) * head_dim * dtype_size(dt), run_bytes = run * token_bytes;
+  const std::size_t span = std::size_t(runs) * run_bytes;
+  std::vector<std::uint32_t> perm(runs);
+  for (std::uint32_t r = 0; r < runs; ++r) perm[r] = r;
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(5));
+  std::vector<rope_run> table(runs);
+  for (std::uint32_t r = 0; r < runs; ++r)
+    table[r] = {perm[r] * run_bytes, run, per_token ? (r * run) % (table_rows - run) : 0};
+  rope_run* dtable = nullptr;
+  std::string why;
+  if (!cuda_ok(cudaMalloc(reinterpret_cast<void**>(&dtable), runs * sizeof(rope_run)), &why, "cudaMalloc runs") ||
+      !cuda_ok(cudaMemcpy(dtable, table.data(), runs * sizeof(rope_run), cudaMemcpyHostToDevice), &why,
+               "upload runs")) {
+    state.SkipWithError(why.c_str());
+    cudaFree(dtable);
+    return;
   }
-  if (status != errc::ok) state.SkipWithError(std::string(to_string(status)).c_str());
-  double copy = 0;
-  for (int rep = 0; rep < 3; ++rep) copy += memcpy_pass(chunk);
-  const std::size_t copied = std::min(max_calls, working_set / 2 / chunk) * chunk;
-  const double rotate_GBps = double(bytes) / total / 1e9, copy_GBps = 3 * double(copied) / copy / 1e9;
-  state.counters["GBps"] = rotate_GBps;
-  state.counters["memcpy_GBps"] = copy_GBps;
-  state.counters["ratio_to_memcpy"] = rotate_GBps / copy_GBps;
-  state.counters["us_per_call"] = total / double(bytes / chunk) * 1e6;
-  state.SetBytesProcessed(std::int64_t(bytes));
+  rope_runs_view view;
+  view.runs = dtable;
+  view.count = runs;
+  view.max_tokens = run;
+  view.row_step = per_token ? 1 : 0;
+  view.cos = gpu.angles;
+  view.sin = gpu.angles + std::size_t(table_rows) * (head_dim / 2);
+  view.dt = dt;
+  view.heads = heads;
+  view.token_stride = token_bytes;
+  view.head_stride = head_dim * dtype_size(dt);
+  errc status = errc::ok;
+  auto rotate = [&](std::size_t off) {
+    view.base = gpu.keys + off;
+    if (errc e = rerotate_runs_cuda(view, spec, gpu.stream); e != errc::ok) status = e;
+  };
+  const double launch = rotation_passes(state, span, rotate, status);
+  cudaFree(dtable);
+  state.counters["us_per_launch"] = launch * 1e6;
+  state.counters["ns_per_run"] = launch / runs * 1e9;
   state.SetLabel(std::string(to_string(dt)) + (per_token ? " per-token rows" : " shared row"));
 }
 
@@ -203,8 +264,16 @@ bool register_cuda_benchmarks(std::string* why) {
                 ->Unit(benchmark::kMicrosecond);
   for (dtype dt : {dtype::f16, dtype::bf16, dtype::f32}) r->Args({int(dt), 0, 4096});
   r->Args({int(dtype::f16), 1, 4096});
-  r->Args({int(dtype::f16), 0, 16});  // one page run of 16 tokens per launch, as the hooks do
+  r->Args({int(dtype::f16), 0, 16});  // one page run of 16 tokens per launch (the hooks before run tables)
   r->Args({int(dtype::f16), 1, 16});
+  auto* b = benchmark::RegisterBenchmark("BM_CudaRerotateRuns", BM_CudaRerotateRuns)
+                ->ArgNames({"dtype", "per_token", "run_tokens", "runs"})
+                ->UseManualTime()
+                ->MinTime(0.2)
+                ->Unit(benchmark::kMicrosecond);
+  b->Args({int(dtype::f16), 0, 16, 28});
+  for (dtype dt : {dtype::f16, dtype::bf16, dtype::f32}) b->Args({int(dt), 0, 16, 4096});
+  b->Args({int(dtype::f16), 1, 16, 4096});
   benchmark::RegisterBenchmark("BM_CudaMemcpy", BM_CudaMemcpy)
       ->ArgName("run_tokens")
       ->Arg(4096)

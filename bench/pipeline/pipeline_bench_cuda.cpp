@@ -14,7 +14,7 @@
 //                             includes the store's checksums (commit_us, measured alone)
 //   BM_CudaOverlap/compute_pct:C/preload:P   a spin kernel of C% of one layer's transfer
 //                             after each wait_layer, against max(compute, transfer)
-//   BM_CudaTruncatedLoad      a truncated view: copies plus re-rotation kernels
+//   BM_CudaTruncatedLoad      a truncated view: copies plus one re-rotation kernel per layer
 //   BM_CudaHookCall/save:S    the cost of one wait_layer (S=0) or save_layer (S=1)
 #include <cuda_runtime_api.h>
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "attnstore/copy/copy_backend.hpp"
+#include "attnstore/detail/host_memory.hpp"
 #include "attnstore/kv_layout.hpp"
 #include "attnstore/rope.hpp"
 #include "attnstore/store.hpp"
@@ -45,6 +46,12 @@ struct hooks_config {
   /// rounding than with keys stored after RoPE (the default, exact when nothing moves).
   bool keys_pre_rope = false;
   std::uint32_t max_positions = 16384;  ///< angle table size for keys_pre_rope
+  /// Page runs (tokens of one page and one stored block, merged where they are
+  /// contiguous in engine memory) that one load's re-rotation can hold in its run
+  /// table; 0: 4 x max_blocks_per_request. A GPU load rotates a layer's runs with one
+  /// kernel launch; a load with more runs falls back to one launch per run. Costs 16
+  /// bytes per run per load handle, in pinned host memory and in device memory.
+  std::uint32_t max_rotated_runs = 0;
 };
 
 using load_handle = std::uint32_t;
@@ -91,8 +98,9 @@ class hooks {
   /// or nullopt for an engine that computes on the calling host thread.
   /// The target's pages must stay valid and unused by others until finish_load.
   /// A truncated view is placed at its new positions and its keys re-rotated there,
-  /// in stream order, before the layer's event: a host function for host memory, the
-  /// CUDA kernel for GPU memory (see hooks_config::rope).
+  /// in stream order, before the layer's event: a host function for host memory, one
+  /// CUDA kernel launch per layer for GPU memory (see hooks_config::rope). The run
+  /// table the kernels read goes up here, once per load.
   /// Returns status ok (tokens may be 0 and handle no_handle: nothing to load),
   /// invalid_argument (layout does not match the store), retry (all handles busy),
   /// unsupported (keys must move but no rope spec is configured, or the copy backend
@@ -139,7 +147,11 @@ class hooks {
   struct rotate_job;
   static void rotate_layer(void* job) noexcept;
   static void strip_layer(void* job) noexcept;
-  errc rotate_layer_device(load_state& L, std::uint32_t layer, stream_ref stream) noexcept;
+  errc rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept;
+  template <class Emit>
+  void walk_runs(const load_state& L, Emit&& emit) const noexcept;
+  errc prepare_rotation(load_state& L, bool on_device, stream_ref stream) noexcept;
+  rope_runs_view runs_view(const load_state& L, std::uint32_t layer, bool device) const noexcept;
   errc flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept;
   void sync_loads_of(const session_hash& key) noexcept;
 
@@ -157,6 +169,13 @@ class hooks {
   std::optional<rope_angles> position_angles_;  // keys_pre_rope: row p = R(p)
   std::optional<rope_angles> strip_angles_;     // keys_pre_rope: row p = R(-p)
   float* device_positions_ = nullptr;           // GPU copy of position_angles_ (cos rows, then sin rows)
+  std::optional<rope_angles> shift_rows_;       // keys after RoPE: computes a shift's row
+  // Per load handle, a slot of [cos rows, sin rows of its shifts][run table]: in host
+  // memory (pinned for a GPU copier) and, for a GPU copier, its device copy.
+  std::size_t angle_bytes_ = 0, slot_bytes_ = 0;
+  std::uint32_t run_capacity_ = 0;
+  detail::host_region tables_{};
+  std::byte* device_tables_ = nullptr;
 };
 
 }  // namespace attnstore

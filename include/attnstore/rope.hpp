@@ -108,13 +108,19 @@ class rope_angles {
     const std::size_t rows = step == 0 ? 1 : tokens;
     if (rows * half_ > cos_.size()) return false;
     for (std::size_t t = 0; t < rows; ++t)
-      for (std::uint32_t i = 0; i < half_; ++i) {
-        const double a = double(first_delta + std::int64_t(t) * step) * inv_[i];
-        cos_[t * half_ + i] = float(std::cos(a));
-        sin_[t * half_ + i] = float(std::sin(a));
-      }
+      row(first_delta + std::int64_t(t) * step, cos_.data() + t * half_, sin_.data() + t * half_);
     shared_ = step == 0;
     return true;
+  }
+  /// Writes the row of position delta `delta` (pairs() cosines and sines) to caller
+  /// storage, as fill() computes each of its rows. Allocation-free and const: one
+  /// table serves threads at once.
+  void row(std::int64_t delta, float* cos, float* sin) const noexcept {
+    for (std::uint32_t i = 0; i < half_; ++i) {
+      const double a = double(delta) * inv_[i];
+      cos[i] = float(std::cos(a));
+      sin[i] = float(std::sin(a));
+    }
   }
   const float* cos_row(std::size_t t) const noexcept { return cos_.data() + (shared_ ? 0 : t * half_); }
   const float* sin_row(std::size_t t) const noexcept { return sin_.data() + (shared_ ? 0 : t * half_); }
@@ -132,7 +138,7 @@ class rope_angles {
 
 /// Rotates keys in place: `tokens` tokens of `heads` heads of `dt` elements, token t's
 /// head h at keys + t*token_stride + h*head_stride (bytes), by the angles' row t.
-/// f32, f16 and bf16; fp32 math. Returns invalid_argument for fp8 (not supported).
+/// f32, f16 and bf16; fp32 math. Returns ok, unsupported (fp8).
 errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
               std::size_t head_stride, const rope_angles& angles) noexcept;
 
@@ -142,10 +148,51 @@ errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads
               std::size_t head_stride, const rope_spec& spec, const float* cos, const float* sin,
               bool shared_row) noexcept;
 
-/// The same on a GPU stream (CUDA part only; unsupported elsewhere). `angles_device`
-/// holds the angle rows copied to device memory: cos rows then sin rows.
+/// The same on a GPU stream (CUDA part only; unsupported elsewhere): one kernel launch.
+/// `cos_device` and `sin_device` hold the angle rows in device memory. Returns ok,
+/// unsupported (fp8, or no CUDA part), invalid_argument (2^32 tokens or more),
+/// device_error (the launch failed).
 errc rerotate_cuda(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
                    std::size_t head_stride, const float* cos_device, const float* sin_device, bool shared_row,
                    const rope_spec& spec, void* cuda_stream) noexcept;
+
+/// One run of a batched re-rotation: `tokens` consecutive tokens, token_stride apart
+/// (in engine memory: tokens of one page that share how their angle rows advance).
+struct rope_run {
+  std::uint64_t offset = 0;  ///< bytes from the batch's base to the run's first token
+  std::uint32_t tokens = 0;
+  std::uint32_t row = 0;  ///< angle row of the first token; token t uses row + t * row_step
+};
+static_assert(sizeof(rope_run) == 16, "rope_run is copied to device memory as is");
+
+/// Many runs rotated by one call: keys of run r's token t, head h at
+/// base + runs[r].offset + t*token_stride + h*head_stride, rotated by angle row
+/// runs[r].row + t*row_step (row i at cos + i*rotary/2 and sin + i*rotary/2).
+/// Non-owning and trivially copyable; for rerotate_runs_cuda every pointer is device
+/// memory, for rerotate_runs host memory.
+struct rope_runs_view {
+  std::byte* base = nullptr;
+  const rope_run* runs = nullptr;
+  std::uint32_t count = 0;
+  std::uint32_t max_tokens = 0;  ///< must be at least the tokens of the longest run (sizes the GPU grid)
+  std::uint32_t row_step = 0;    ///< 0: a run's tokens share its row (a shift); 1: a row per position (no other values)
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  dtype dt = dtype::f16;
+  std::uint32_t heads = 0;
+  std::size_t token_stride = 0;
+  std::size_t head_stride = 0;
+};
+
+/// Rotates every run of `batch` on the CPU, each as rerotate() does. Returns ok,
+/// unsupported (fp8).
+errc rerotate_runs(rope_runs_view batch, const rope_spec& spec) noexcept;
+
+/// The same on a GPU stream in one kernel launch (CUDA part only; unsupported
+/// elsewhere). The run table is read when the kernel runs: it must be in device memory
+/// by then, in stream order. Gives rerotate()'s bits for every finite element. Returns
+/// ok, unsupported (fp8, or no CUDA part), invalid_argument (runs is null),
+/// device_error (the launch failed).
+errc rerotate_runs_cuda(rope_runs_view batch, const rope_spec& spec, void* cuda_stream) noexcept;
 
 }  // namespace attnstore

@@ -3,8 +3,9 @@
 //  1. saves from device pages, checks what DRAM holds, loads into other device pages
 //     layer by layer and compares bitwise (and that nothing else was written); the same
 //     through the SSD tier, and with pageable host engine memory on the CUDA backend;
-//  2. truncated views re-rotated by the kernel (keys stored after and before RoPE)
-//     against the host backend's bytes for the same inputs (bitwise, as test_cuda_rope);
+//  2. truncated views re-rotated by the kernel (keys stored after and before RoPE; one
+//     launch per layer, and one per run past the run table) against the host backend's
+//     bytes for the same inputs (bitwise, as test_cuda_rope);
 //  3. stream order: a save behind compute that writes late, a load whose layers the
 //     compute stream reads as soon as wait_layer returns, while another stream writes
 //     other pages.
@@ -339,7 +340,8 @@ struct rope_rig {
   hooks hk;
   engine_kv src, dst;
   std::vector<std::uint32_t> pages;
-  rope_rig(copy_backend& copier, memory_space where, const kv_geometry& geom, const rope_spec& spec, bool pre_rope)
+  rope_rig(copy_backend& copier, memory_space where, const kv_geometry& geom, const rope_spec& spec, bool pre_rope,
+           std::uint32_t max_runs)
       : g(geom),
         kv([&] {
           store_config c = config_for(geom, 64);
@@ -352,6 +354,7 @@ struct rope_rig {
              hc.rope = spec;
              hc.keys_pre_rope = pre_rope;
              hc.max_positions = 4096;
+             hc.max_rotated_runs = max_runs;
              return hc;
            }()),
         src(geom, 24, 8, 0, where),
@@ -376,12 +379,16 @@ std::string describe_difference(const std::vector<std::byte>& a, const std::vect
          std::to_string(worst);
 }
 
-void truncated_view(copy_backend& cuda, copy_backend& host, const rope_spec& spec, dtype dt, bool pre_rope) {
+// max_runs: hooks_config::max_rotated_runs of the GPU side (1: one kernel per run,
+// the fallback past the run table; 0: one kernel per layer).
+void truncated_view(copy_backend& cuda, copy_backend& host, const rope_spec& spec, dtype dt, bool pre_rope,
+                    std::uint32_t max_runs = 0) {
   const std::string n = std::string("truncated ") + (spec.style == rope_style::neox ? "neox " : "gptj ") +
                         std::to_string(spec.rotary()) + "/" + std::to_string(spec.head_dim) + " " +
-                        std::string(to_string(dt)) + (pre_rope ? ", keys before RoPE" : ", keys after RoPE");
+                        std::string(to_string(dt)) + (pre_rope ? ", keys before RoPE" : ", keys after RoPE") +
+                        (max_runs == 1 ? ", one kernel per run" : "");
   const kv_geometry g{2, 2, spec.head_dim, dt, 16};
-  rope_rig gpu(cuda, engine_space(), g, spec, pre_rope), cpu(host, memory_space::host, g, spec, pre_rope);
+  rope_rig gpu(cuda, engine_space(), g, spec, pre_rope, max_runs), cpu(host, memory_space::host, g, spec, pre_rope, 0);
   // Finite keys and values: normal floats in the engine's dtype.
   std::vector<std::byte> values(gpu.src.bytes);
   std::mt19937 rng(7);
@@ -584,6 +591,7 @@ int main(int argc, char** argv) {
       truncated_view(*cuda, *host, rope_spec{rope_style::neox, 64}, dtype::f16, pre_rope);
       truncated_view(*cuda, *host, rope_spec{rope_style::gptj, 64}, dtype::bf16, pre_rope);
       truncated_view(*cuda, *host, rope_spec{rope_style::neox, 128, 64}, dtype::f32, pre_rope);
+      truncated_view(*cuda, *host, rope_spec{rope_style::neox, 64}, dtype::f16, pre_rope, 1);
     }
   });
   part("3. stream order", [&] {

@@ -176,6 +176,66 @@ TEST_CASE("the vectorised CPU path and the shared scalar core give identical byt
   }
 }
 
+TEST_CASE("the vectorised CPU path matches the scalar core for NaN keys and results that overflow") {
+  for (auto dt : {dtype::f16, dtype::bf16}) {
+    rope_spec s;
+    s.head_dim = 128;
+    keys a(dt, 4, 4, 128, 9);
+    const int code = code_of(dt);
+    // Past the first 8-pair chunk: a NaN with a payload, and values whose rotation
+    // overflows to infinity.
+    const std::uint16_t nan_bits = dt == dtype::f16 ? 0x7D55 : 0x7F95;
+    std::memcpy(a.bytes.data() + (1 * 128 + 20) * 2, &nan_bits, 2);
+    for (std::uint32_t i : {40u, 104u})
+      detail::store_elem(a.bytes.data(), code, 2 * 128 + i, dt == dtype::f16 ? 65000.0f : 3.3e38f);
+    keys b = a;
+    rope_angles ang(s, 4);
+    ang.fill(-1000, 1, 4);
+    (void)rerotate(a.bytes.data(), dt, 4, 4, a.token_stride(), a.head_stride(), ang);
+    for (std::uint32_t t = 0; t < 4; ++t)
+      for (std::uint32_t h = 0; h < 4; ++h)
+        detail::rotate_head(b.bytes.data() + t * b.token_stride() + h * b.head_stride(), code, true, 128,
+                            ang.cos_row(t), ang.sin_row(t));
+    INFO("dtype " << to_string(dt));
+    CHECK(a.bytes == b.bytes);
+  }
+}
+
+TEST_CASE("a batch of runs rotates each run as rerotate does, with shared or per-position rows") {
+  for (auto dt : {dtype::f32, dtype::f16, dtype::bf16})
+    for (std::uint32_t step : {0u, 1u}) {
+      rope_spec s{rope_style::gptj, 64, 48};
+      keys a(dt, 40, 3, 64, 5), b = a;
+      rope_angles rows(s, 64);  // row r: position delta 100 + r (a shift index when step is 0)
+      rows.fill(100, 1, 64);
+      float c[24], sn[24];
+      rows.row(100 + 7, c, sn);  // row() is what fill() computes for one row
+      CHECK(std::memcmp(c, rows.cos_row(7), sizeof(c)) == 0);
+      CHECK(std::memcmp(sn, rows.sin_row(7), sizeof(sn)) == 0);
+      // Runs out of order, of 1..16 tokens, rows not in token order.
+      const rope_run runs[] = {
+          {a.token_stride() * 20, 16, 3}, {0, 1, 9}, {a.token_stride() * 3, 12, 40}, {a.token_stride(), 2, 0}};
+      rope_runs_view v;
+      v.base = a.bytes.data();
+      v.runs = runs;
+      v.count = 4;
+      v.max_tokens = 16;
+      v.row_step = step;
+      v.cos = rows.cos_row(0);
+      v.sin = rows.sin_row(0);
+      v.dt = dt;
+      v.heads = 3;
+      v.token_stride = a.token_stride();
+      v.head_stride = a.head_stride();
+      REQUIRE(rerotate_runs(v, s) == errc::ok);
+      for (const rope_run& r : runs)
+        (void)rerotate(b.bytes.data() + r.offset, dt, r.tokens, 3, b.token_stride(), b.head_stride(), s,
+                       rows.cos_row(r.row), rows.sin_row(r.row), step == 0);
+      INFO("dtype " << to_string(dt) << ", row_step " << step);
+      CHECK(a.bytes == b.bytes);
+    }
+}
+
 TEST_CASE("bad rope specs name the field") {
   rope_spec s;
   CHECK_THROWS_WITH(s.validate(), Catch::Contains("head_dim is 0"));

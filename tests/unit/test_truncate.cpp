@@ -42,7 +42,9 @@ struct rig {
   std::vector<std::byte*> kb, vb;
   kv_layout layout{};
   std::vector<std::uint32_t> pages;
-  explicit rig(bool pre_rope)
+  // max_runs: hooks_config::max_rotated_runs; contiguous: page i of the sequence is
+  // engine page i (runs merge across pages), else scattered pages.
+  explicit rig(bool pre_rope, std::uint32_t max_runs = 0, bool contiguous = false)
       : kv([&] {
           store_config c;
           c.geometry = g;
@@ -57,6 +59,7 @@ struct rig {
           hc.rope = rope;
           hc.keys_pre_rope = pre_rope;
           hc.max_positions = 4096;
+          hc.max_rotated_runs = max_runs;
           return hc;
         }()) {
     const std::size_t pages_n = 128, page_floats = std::size_t(PAGE) * H * D;
@@ -77,7 +80,7 @@ struct rig {
                        kb,
                        vb,
                        memory_space::host};
-    for (std::uint32_t i = 0; i < pages_n; ++i) pages.push_back((i * 5) % pages_n);
+    for (std::uint32_t i = 0; i < pages_n; ++i) pages.push_back(contiguous ? i : (i * 5) % pages_n);
   }
   float* at(std::vector<float>& arr, std::uint32_t l, std::uint64_t pos, std::uint32_t h) {
     const std::size_t pages_n = 128, page_floats = std::size_t(PAGE) * H * D;
@@ -228,4 +231,69 @@ TEST_CASE("a truncated view without a rope spec is refused, not loaded wrong") {
   auto stale = plan;
   stale.history = 100;
   CHECK(kv.truncate({"t", "s"}, toks, stale) == errc::invalid_argument);
+}
+
+TEST_CASE(
+    "re-rotation runs merged across contiguous pages, or one call per run past the run table, give the same "
+    "bytes") {
+  for (bool pre_rope : {false, true}) {
+    INFO((pre_rope ? "keys stored before RoPE" : "keys stored after RoPE"));
+    rig table(pre_rope), per_run(pre_rope, 1), merged(pre_rope, 0, true);
+    std::vector<token_id> toks;
+    std::vector<std::uint64_t> orig;
+    for (std::uint64_t p = 0; p < 150; ++p) {
+      toks.push_back(token_id(1000 + p));
+      orig.push_back(p);
+    }
+    const truncation_plan plan = plan_truncation(150, 30, 120, 20, TPB, 0.0);
+    std::vector<token_id> kept(toks.begin(), toks.begin() + 20);
+    kept.insert(kept.end(), toks.begin() + 84, toks.end());
+    std::vector<std::uint64_t> kept_orig(orig.begin(), orig.begin() + 20);
+    kept_orig.insert(kept_orig.end(), orig.begin() + 84, orig.end());
+    for (std::uint64_t p = 0; p < 30; ++p) {  // the next turn's new tokens
+      kept.push_back(token_id(5000 + p));
+      kept_orig.push_back(100000 + p);
+    }
+    for (rig* R : {&table, &per_run, &merged}) {
+      CHECK(R->turn(toks, orig) == 0);
+      REQUIRE(R->kv.truncate({"t", "s"}, toks, plan) == errc::ok);
+      CHECK(R->turn(kept, kept_orig) == 86);
+      CHECK(R->worst_error(kept, kept_orig, 86) < 2e-5);
+    }
+    CHECK(per_run.k == table.k);  // same pages: the whole engine memory
+    bool same = true;
+    for (std::uint64_t p = 0; p < 86; ++p)
+      for (std::uint32_t l = 0; l < L; ++l)
+        for (std::uint32_t h = 0; h < H; ++h)
+          same &= std::memcmp(merged.at(merged.k, l, p, h), table.at(table.k, l, p, h), D * sizeof(float)) == 0;
+    CHECK(same);
+  }
+}
+
+TEST_CASE("a view with more distinct shifts than a load can rotate is refused, not loaded wrong") {
+  rig R(false);
+  std::vector<token_id> view;
+  std::vector<std::uint64_t> orig;
+  // Round k: k + 1 new blocks, then the first k of them dropped: the last one moves by
+  // -k blocks and nothing before it moves. After 9 rounds the view holds 9 shifts.
+  for (std::uint32_t k = 1; k <= 9; ++k) {
+    const std::size_t before = view.size();
+    for (std::uint32_t i = 0; i < (k + 1) * TPB; ++i) {
+      view.push_back(token_id(10 + orig.size()));
+      orig.push_back(orig.size());
+    }
+    CHECK(R.turn(view, orig) == before);                          // loads and re-rotates k - 1 shifts
+    if (k == 9) CHECK(R.worst_error(view, orig, before) < 2e-5);  // 8: the most one load takes
+    truncation_plan p;
+    p.needed = true;
+    p.history = view.size();
+    p.sink = before;
+    p.drop = std::uint64_t(k) * TPB;
+    p.kept = p.history - p.drop;
+    p.shift = -std::int64_t(p.drop);
+    REQUIRE(R.kv.truncate({"t", "s"}, view, p) == errc::ok);
+    view.erase(view.begin() + std::ptrdiff_t(p.sink), view.begin() + std::ptrdiff_t(p.sink + p.drop));
+    orig.erase(orig.begin() + std::ptrdiff_t(p.sink), orig.begin() + std::ptrdiff_t(p.sink + p.drop));
+  }
+  CHECK(R.hk.start_load({"t", "s"}, view, kv_target{&R.layout, R.pages}).status == errc::unsupported);
 }

@@ -14,10 +14,17 @@ struct hooks::rotate_job {
 };
 
 struct hooks::load_state {
-  float* device_angles = nullptr;      // GPU copy of shift_angles' rows: cos rows, then sin rows
+  // Re-rotation: the angle rows of `shifts` (cos rows, then sin rows, max_shifts each)
+  // and the run table, in this handle's host slot and (GPU copier) its device copy.
+  float* angles = nullptr;
+  float* device_angles = nullptr;
+  rope_run* runs = nullptr;
+  rope_run* device_runs = nullptr;
+  std::uint32_t run_count = 0;         // runs of the view (may exceed the capacity)
+  std::uint32_t max_run_tokens = 0;    // tokens of the longest run
+  bool table = false;                  // all runs fit the table (else: one call per run)
   std::vector<rotate_job> rotations;   // one per layer
-  std::vector<std::uint8_t> shift_of;  // per view: index into shift_angles
-  std::vector<rope_angles> shift_angles;
+  std::vector<std::uint8_t> shift_of;  // per view: index into shifts
   std::vector<std::int64_t> shifts;
   bool rotate = false;
   session_hash key{};
@@ -75,6 +82,7 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
   };
   if (config.rope) {
     config.rope->validate();
+    if (!config.keys_pre_rope) shift_rows_.emplace(*config.rope, 1);
     if (config.keys_pre_rope) {
       position_angles_.emplace(*config.rope, config.max_positions);
       position_angles_->fill(0, 1, config.max_positions);
@@ -104,15 +112,35 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
       }
     }
   }
+  if (config.rope) {  // the handles' angle rows and run tables, host and device
+    angle_bytes_ = config.keys_pre_rope ? 0 : 2 * max_shifts * pairs * sizeof(float);  // a multiple of 16
+    run_capacity_ = config.max_rotated_runs
+                        ? config.max_rotated_runs
+                        : std::uint32_t(std::min<std::uint64_t>(4ull * config.max_blocks_per_request, 0xFFFFFFFFu));
+    slot_bytes_ = angle_bytes_ + std::size_t(run_capacity_) * sizeof(rope_run);
+    const bool gpu = copier.supports_device_memory();
+    tables_ = detail::allocate_host_region(
+        {.bytes = config.max_loads * slot_bytes_, .try_cuda = gpu, .try_lock = false, .huge_pages = false}, nullptr);
+    if (gpu) device_tables_ = static_cast<std::byte*>(copier.allocate_device(config.max_loads * slot_bytes_));
+  }
   loads_.resize(config.max_loads);
-  for (auto& L : loads_) {
-    if (config.rope && copier.supports_device_memory() && !config.keys_pre_rope)
-      L.device_angles = static_cast<float*>(copier.allocate_device(2 * max_shifts * pairs * sizeof(float)));
+  for (std::size_t i = 0; i < loads_.size(); ++i) {
+    load_state& L = loads_[i];
+    if (tables_.base) {
+      std::byte* slot = static_cast<std::byte*>(tables_.base) + i * slot_bytes_;
+      L.angles = reinterpret_cast<float*>(slot);
+      L.runs = reinterpret_cast<rope_run*>(slot + angle_bytes_);
+    }
+    if (device_tables_) {
+      std::byte* slot = device_tables_ + i * slot_bytes_;
+      L.device_angles = reinterpret_cast<float*>(slot);
+      L.device_runs = reinterpret_cast<rope_run*>(slot + angle_bytes_);
+    }
     L.views.resize(config.max_blocks_per_request);
     L.rotations.resize(geometry_.num_layers);
     for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) L.rotations[l] = {this, &L, l};
     L.shift_of.resize(config.max_blocks_per_request);
-    if (config.rope) L.shift_angles.assign(max_shifts, rope_angles(*config.rope, 1));
+    L.shifts.reserve(max_shifts);
     L.segments.resize(config.segment_buffer);
     take_events(L.events);
   }
@@ -141,7 +169,8 @@ inline hooks::~hooks() {
   }
   for (auto s : read_streams_) copier_.destroy_stream(s);
   if (write_stream_) copier_.destroy_stream(*write_stream_);
-  for (auto& L : loads_) copier_.free_device(L.device_angles);
+  copier_.free_device(device_tables_);
+  detail::free_host_region(tables_);
   copier_.free_device(device_positions_);
 }
 
@@ -201,13 +230,17 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
   // Keys that move (a truncated view) or lack RoPE are rotated on load.
   L.rotate = config_.keys_pre_rope;
   L.shifts.clear();
+  bool shifts_fit = true;
   for (std::uint32_t b = 0; b < got.blocks && !config_.keys_pre_rope; ++b) {
     const std::int64_t sh = L.views[b].shift;
     if (sh == 0) continue;
     L.rotate = true;
     auto it = std::find(L.shifts.begin(), L.shifts.end(), sh);
     if (it == L.shifts.end()) {
-      if (L.shifts.size() == max_shifts || !config_.rope) break;
+      if (L.shifts.size() == max_shifts) {
+        shifts_fit = false;
+        break;
+      }
       L.shifts.push_back(sh);
       it = L.shifts.end() - 1;
     }
@@ -215,36 +248,25 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
   }
   const bool on_device = target.layout->where == memory_space::device;
   const bool can_rotate =
-      config_.rope && geometry_.dtype != dtype::fp8_e4m3 && L.shifts.size() <= max_shifts &&
-      (!config_.keys_pre_rope || got.tokens <= config_.max_positions) &&
-      (!on_device || (config_.keys_pre_rope ? device_positions_ != nullptr : L.device_angles != nullptr));
+      config_.rope && geometry_.dtype != dtype::fp8_e4m3 && shifts_fit &&
+      (!config_.keys_pre_rope || got.tokens <= config_.max_positions) && tables_.base != nullptr &&
+      (!on_device || (device_tables_ != nullptr && (!config_.keys_pre_rope || device_positions_ != nullptr)));
   if (L.rotate && !can_rotate) {
     store_.release(session);
     load_pool_.release(h);
     return {errc::unsupported};
   }
-  for (std::size_t i = 0; i < L.shifts.size(); ++i) (void)L.shift_angles[i].fill(L.shifts[i], 0, 1);
   L.read_stream = next_read_stream_.fetch_add(1, std::memory_order_relaxed) % std::uint32_t(read_streams_.size());
-  const stream_ref load_stream = read_streams_[L.read_stream];
-  if (L.rotate && on_device && !config_.keys_pre_rope) {
-    // The rows go up on the stream that will rotate with them (host rows stay put in L).
-    const std::size_t pairs = config_.rope->rotary() / 2, row = pairs * sizeof(float);
-    copy_segment up[2 * max_shifts];
-    for (std::size_t i = 0; i < L.shifts.size(); ++i) {
-      up[2 * i] = {L.shift_angles[i].cos_row(0), L.device_angles + i * pairs, row};
-      up[2 * i + 1] = {L.shift_angles[i].sin_row(0), L.device_angles + (max_shifts + i) * pairs, row};
-    }
-    if (errc e = copier_.copy_async(std::span(up, 2 * L.shifts.size()), load_stream); e != errc::ok) {
+  L.target = target;
+  L.blocks = got.blocks;
+  if (L.rotate)
+    if (errc e = prepare_rotation(L, on_device, read_streams_[L.read_stream]); e != errc::ok) {
       store_.release(session);
       load_pool_.release(h);
       return {e};
     }
-  }
   L.key = hash_session(session);
-  L.target = target;
   L.compute = compute;
-
-  L.blocks = got.blocks;
   L.queued_layers = 0;
   L.active = true;
   const std::uint32_t first = std::min(config_.preload_layers, geometry_.num_layers);
@@ -256,35 +278,101 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
   return {got.status, h, got.tokens, got.blocks};
 }
 
+// The runs of L's keys to rotate: tokens of one page and one block view, merged with
+// the run before when they continue it in engine memory and in angle rows. Offsets are
+// from a layer's K base (the same for every layer); rows are positions (keys stored
+// before RoPE) or indices into L.shifts.
+template <class Emit>
+void hooks::walk_runs(const load_state& L, Emit&& emit) const noexcept {
+  const kv_layout& lay = *L.target.layout;
+  const bool per_position = config_.keys_pre_rope;
+  rope_run run{};  // pending
+  for (std::uint32_t b = 0; b < L.blocks; ++b) {
+    const block_view& v = L.views[b];
+    if (!per_position && v.shift == 0) continue;
+    for (std::uint32_t done = 0; done < v.tokens;) {
+      const std::uint64_t pos = v.position + done;
+      const std::uint32_t in_page = std::uint32_t(pos % lay.page_size);
+      const std::uint32_t n = std::min<std::uint32_t>(v.tokens - done, lay.page_size - in_page);
+      const rope_run piece{std::uint64_t(L.target.pages[pos / lay.page_size]) * lay.page_stride +
+                               std::uint64_t(in_page) * lay.token_stride,
+                           n, per_position ? std::uint32_t(pos) : std::uint32_t(L.shift_of[b])};
+      if (run.tokens != 0 && run.tokens <= 0x7FFFFFFFu - n &&
+          piece.offset == run.offset + std::uint64_t(run.tokens) * lay.token_stride &&
+          piece.row == run.row + (per_position ? run.tokens : 0)) {
+        run.tokens += n;
+      } else {
+        if (run.tokens != 0) emit(run);
+        run = piece;
+      }
+      done += n;
+    }
+  }
+  if (run.tokens != 0) emit(run);
+}
+
+// start_load: the shifts' angle rows and the run table into L's host slot and, for GPU
+// memory, both up to the device on the stream that will rotate with them.
+inline errc hooks::prepare_rotation(load_state& L, bool on_device, stream_ref stream) noexcept {
+  const std::size_t pairs = config_.rope->rotary() / 2;
+  for (std::size_t i = 0; i < L.shifts.size(); ++i)
+    shift_rows_->row(L.shifts[i], L.angles + i * pairs, L.angles + (max_shifts + i) * pairs);
+  L.run_count = 0;
+  L.max_run_tokens = 0;
+  walk_runs(L, [&](const rope_run& r) {
+    if (L.run_count < run_capacity_) L.runs[L.run_count] = r;
+    L.run_count += L.run_count <= run_capacity_;  // stops one past: enough to know it overflowed
+    L.max_run_tokens = std::max(L.max_run_tokens, r.tokens);
+  });
+  L.table = L.run_count <= run_capacity_;
+  if (!on_device) return errc::ok;
+  // One copy: the slot starts with the angle rows (none for keys stored before RoPE).
+  const std::size_t bytes = angle_bytes_ + (L.table ? L.run_count * sizeof(rope_run) : 0);
+  const copy_segment up[1] = {{L.angles, L.device_angles, bytes}};
+  return bytes ? copier_.copy_async(up, stream) : errc::ok;
+}
+
+// Layer `layer`'s keys of L as a batch of runs: host tables, or their device copies.
+inline rope_runs_view hooks::runs_view(const load_state& L, std::uint32_t layer, bool device) const noexcept {
+  const kv_layout& lay = *L.target.layout;
+  const std::size_t pairs = config_.rope->rotary() / 2;
+  rope_runs_view b;
+  b.base = lay.k_base[layer];
+  b.runs = device ? L.device_runs : L.runs;
+  b.count = L.run_count;
+  b.max_tokens = L.max_run_tokens;
+  if (config_.keys_pre_rope) {  // row p = R(p)
+    b.row_step = 1;
+    b.cos = device ? device_positions_ : position_angles_->cos_row(0);
+    b.sin = device ? device_positions_ + std::size_t(config_.max_positions) * pairs : position_angles_->sin_row(0);
+  } else {  // row i = R(shifts[i])
+    b.row_step = 0;
+    b.cos = device ? L.device_angles : L.angles;
+    b.sin = b.cos + max_shifts * pairs;
+  }
+  b.dt = geometry_.dtype;
+  b.heads = geometry_.num_kv_heads;
+  b.token_stride = lay.token_stride;
+  b.head_stride = lay.head_stride;
+  return b;
+}
+
 inline void hooks::rotate_layer(void* job) noexcept {
   const rotate_job& j = *static_cast<const rotate_job*>(job);
   const hooks& H = *j.self;
   const load_state& L = *j.load;
-  const kv_layout& lay = *L.target.layout;
   const rope_spec& spec = *H.config_.rope;
-  const std::uint32_t pairs = spec.rotary() / 2;
-  for (std::uint32_t b = 0; b < L.blocks; ++b) {
-    const block_view& v = L.views[b];
-    if (!H.config_.keys_pre_rope && v.shift == 0) continue;
-    // Runs of tokens within one page share a stride.
-    for (std::uint32_t done = 0; done < v.tokens;) {
-      const std::uint64_t pos = v.position + done;
-      const std::uint32_t in_page = std::uint32_t(pos % lay.page_size);
-      const std::uint32_t run = std::min<std::uint32_t>(v.tokens - done, lay.page_size - in_page);
-      std::byte* keys = lay.k_base[j.layer] + std::size_t(L.target.pages[pos / lay.page_size]) * lay.page_stride +
-                        std::size_t(in_page) * lay.token_stride;
-      if (H.config_.keys_pre_rope) {
-        const rope_angles& a = *H.position_angles_;
-        (void)rerotate(keys, H.geometry_.dtype, run, H.geometry_.num_kv_heads, lay.token_stride, lay.head_stride, spec,
-                       a.cos_row(0) + pos * pairs, a.sin_row(0) + pos * pairs, false);
-      } else {
-        const rope_angles& a = L.shift_angles[L.shift_of[b]];
-        (void)rerotate(keys, H.geometry_.dtype, run, H.geometry_.num_kv_heads, lay.token_stride, lay.head_stride, spec,
-                       a.cos_row(0), a.sin_row(0), true);
-      }
-      done += run;
-    }
+  const rope_runs_view all = H.runs_view(L, j.layer, false);
+  if (L.table) {
+    (void)rerotate_runs(all, spec);
+    return;
   }
+  H.walk_runs(L, [&](const rope_run& r) {  // more runs than the table holds
+    rope_runs_view one = all;
+    one.runs = &r;
+    one.count = 1;
+    (void)rerotate_runs(one, spec);
+  });
 }
 
 inline void hooks::strip_layer(void* job) noexcept {
@@ -303,35 +391,21 @@ inline void hooks::strip_layer(void* job) noexcept {
   }
 }
 
-inline errc hooks::rotate_layer_device(load_state& L, std::uint32_t layer, stream_ref stream) noexcept {
-  const kv_layout& lay = *L.target.layout;
+// One kernel launch for the layer's whole run table (uploaded by start_load on this
+// stream); one launch per run when the view has more runs than the table holds.
+inline errc hooks::rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept {
   const rope_spec& spec = *config_.rope;
-  const std::uint32_t pairs = spec.rotary() / 2;
-  for (std::uint32_t b = 0; b < L.blocks; ++b) {
-    const block_view& v = L.views[b];
-    if (!config_.keys_pre_rope && v.shift == 0) continue;
-    for (std::uint32_t done = 0; done < v.tokens;) {
-      const std::uint64_t pos = v.position + done;
-      const std::uint32_t in_page = std::uint32_t(pos % lay.page_size);
-      const std::uint32_t run = std::min<std::uint32_t>(v.tokens - done, lay.page_size - in_page);
-      std::byte* keys = lay.k_base[layer] + std::size_t(L.target.pages[pos / lay.page_size]) * lay.page_stride +
-                        std::size_t(in_page) * lay.token_stride;
-      errc e;
-      if (config_.keys_pre_rope) {
-        const std::size_t table = std::size_t(config_.max_positions) * pairs;
-        e = rerotate_cuda(keys, geometry_.dtype, run, geometry_.num_kv_heads, lay.token_stride, lay.head_stride,
-                          device_positions_ + pos * pairs, device_positions_ + table + pos * pairs, false, spec,
-                          stream.get());
-      } else {
-        const float* c = L.device_angles + std::size_t(L.shift_of[b]) * pairs;
-        e = rerotate_cuda(keys, geometry_.dtype, run, geometry_.num_kv_heads, lay.token_stride, lay.head_stride, c,
-                          c + max_shifts * pairs, true, spec, stream.get());
-      }
-      if (e != errc::ok) return e;
-      done += run;
-    }
-  }
-  return errc::ok;
+  const rope_runs_view all = runs_view(L, layer, true);
+  if (L.table) return rerotate_runs_cuda(all, spec, stream.get());
+  const std::size_t pairs = spec.rotary() / 2;
+  errc e = errc::ok;
+  walk_runs(L, [&](const rope_run& r) {
+    if (e == errc::ok)
+      e = rerotate_cuda(all.base + r.offset, all.dt, r.tokens, all.heads, all.token_stride, all.head_stride,
+                        all.cos + std::size_t(r.row) * pairs, all.sin + std::size_t(r.row) * pairs, all.row_step == 0,
+                        spec, stream.get());
+  });
+  return e;
 }
 
 inline errc hooks::wait_layer(load_handle h, std::uint32_t layer) noexcept {

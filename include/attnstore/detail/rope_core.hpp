@@ -91,18 +91,33 @@ ATTNSTORE_HD void store_elem(void* p, int dtype, std::uint32_t i, float v) {
     static_cast<std::uint16_t*>(p)[i] = dtype == 1 ? float_to_half(v) : float_to_bf16(v);
 }
 
+/// The rotation of one pair: two fp32 products, then one subtraction or addition. Every
+/// path computes exactly this (no FMA: the CUDA part is built with -fmad=false, the CPU
+/// vector path uses separate multiplies and adds), so all give the same bits.
+ATTNSTORE_HD void rotate_pair(float x0, float x1, float cos, float sin, float& y0, float& y1) {
+  y0 = x0 * cos - x1 * sin;
+  y1 = x0 * sin + x1 * cos;
+}
+
+/// Rotates pairs [first, first + count) of one head whose rotary part has `half`
+/// pairs, by the angles of pair i at cos[i] and sin[i]. neox pairs (i, i + half); gptj
+/// pairs (2i, 2i+1).
+ATTNSTORE_HD void rotate_pairs(void* head, int dtype, bool neox, std::uint32_t half, std::uint32_t first,
+                               std::uint32_t count, const float* cos, const float* sin) {
+  for (std::uint32_t i = first; i < first + count; ++i) {
+    const std::uint32_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    float y0, y1;
+    rotate_pair(load_elem(head, dtype, a), load_elem(head, dtype, b), cos[i], sin[i], y0, y1);
+    store_elem(head, dtype, a, y0);
+    store_elem(head, dtype, b, y1);
+  }
+}
+
 /// Rotates one head's rotary pairs by the angles whose cosines and sines are given
-/// (rotary_dim / 2 of each). neox pairs (i, i + rotary_dim/2); gptj pairs (2i, 2i+1).
-/// Elements past rotary_dim are left as they are.
+/// (rotary_dim / 2 of each). Elements past rotary_dim are left as they are.
 ATTNSTORE_HD void rotate_head(void* head, int dtype, bool neox, std::uint32_t rotary_dim, const float* cos,
                               const float* sin) {
-  const std::uint32_t half = rotary_dim / 2;
-  for (std::uint32_t i = 0; i < half; ++i) {
-    const std::uint32_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-    const float x0 = load_elem(head, dtype, a), x1 = load_elem(head, dtype, b);
-    store_elem(head, dtype, a, x0 * cos[i] - x1 * sin[i]);
-    store_elem(head, dtype, b, x0 * sin[i] + x1 * cos[i]);
-  }
+  rotate_pairs(head, dtype, neox, rotary_dim / 2, 0, rotary_dim / 2, cos, sin);
 }
 
 }  // namespace attnstore::detail
