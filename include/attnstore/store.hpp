@@ -22,6 +22,7 @@
 #include "attnstore/io/block_device.hpp"
 #include "attnstore/log.hpp"
 #include "attnstore/policy/eviction_policy.hpp"
+#include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/watermark.hpp"
 #include "attnstore/status.hpp"
@@ -72,8 +73,9 @@ struct store_config {
 
   // ---- policies (include/attnstore/policy/; docs/design.md "Policies")
   /// Which session gives up DRAM (to SSD) or SSD (dropped) first: "scheduler_aware" (the
-  /// paper's: sessions in the eviction window over the engine queue are kept), "lru".
-  /// Ignored when make_policy is set.
+  /// paper's: sessions in the eviction window over the engine queue are kept), "lru", or
+  /// "predictive" (also ranks idle sessions by their learned chance of returning, and
+  /// prefetches likely returners into free DRAM). Ignored when make_policy is set.
   std::string eviction_policy = "scheduler_aware";
   /// An embedder's own policy, made once with the store's max_sessions.
   std::function<std::unique_ptr<policy::eviction_policy>(std::uint32_t max_sessions)> make_policy;
@@ -286,6 +288,7 @@ class store {
   // Blocks per promotion batch: a turn's own SSD read waits behind at most one, and
   // background reads still keep the device busy (4 hid less: docs/benchmarks.md).
   static constexpr unsigned promote_batch = 16;
+  static constexpr std::uint32_t likely_per_plan = 64;  // likely returners looked at per prefetch plan
 
   std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
   std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
@@ -331,7 +334,7 @@ class store {
   }
   /// Reads up to `max_blocks` of the session's SSD-only blocks into DRAM, making room only
   /// from sessions that are not queued. Returns the blocks promoted.
-  std::uint32_t promote_locked(locked_session& s, std::uint32_t max_blocks) noexcept;
+  std::uint32_t promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept;
   void plan_prefetch_locked() noexcept;  // policy mutex held
   void wake_background() noexcept;
   void background_loop() noexcept;
@@ -344,6 +347,7 @@ class store {
     std::uint32_t record;
     std::uint32_t blocks;
     std::uint64_t ticket;
+    bool beyond_queue;  // a likely returner, not a queued session: free DRAM only
   };
   void run_promotion(const promotion_job& job) noexcept;
 
@@ -370,6 +374,7 @@ class store {
   // policy mutex, records are only try-locked (victim choice).
   std::mutex policy_mutex_;
   std::unique_ptr<policy::eviction_policy> policy_;
+  policy::predictive* predictive_ = nullptr;  // policy_ when it is the predictive one
   std::unique_ptr<policy::prefetcher> prefetcher_;
   policy::demotion_watermark watermark_{};
   std::vector<std::uint32_t> ssd_only_;       // per record: blocks held only on SSD
@@ -381,8 +386,9 @@ class store {
   std::vector<promotion_job> jobs_;  // ring, capacity max_sessions
   std::size_t job_head_ = 0, job_count_ = 0;
   bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
-  std::atomic<std::uint64_t> next_ttl_check_{0};  // the thread and the embedder may both run background work
-  std::atomic<std::uint32_t> demand_reads_{0};    // SSD reads a request is waiting on
+  std::atomic<std::uint64_t> next_ttl_check_{0};
+  std::atomic<std::uint64_t> next_likely_plan_{0};  // the thread and the embedder may both run background work
+  std::atomic<std::uint32_t> demand_reads_{0};      // SSD reads a request is waiting on
   std::thread worker_;
 };
 

@@ -43,6 +43,8 @@ TEST_CASE("store policy: chosen by name or made by the embedder; unknown names a
   CHECK(store(c).policy_name() == "scheduler_aware");
   c.eviction_policy = "lru";
   CHECK(store(c).policy_name() == "lru");
+  c.eviction_policy = "predictive";
+  CHECK(store(c).policy_name() == "predictive");
   c.eviction_policy = "clock";
   CHECK_THROWS_WITH(store(c), Catch::Contains("eviction_policy is \"clock\""));
   c.make_policy = [](std::uint32_t n) { return std::make_unique<policy::lru>(n); };
@@ -51,8 +53,9 @@ TEST_CASE("store policy: chosen by name or made by the embedder; unknown names a
   CHECK_THROWS_WITH(store(c), Catch::Contains("make_policy returned no policy"));
 }
 
-TEST_CASE("store policy: LRU evicts a queued session that scheduler-aware keeps") {
-  for (const char* name : {"lru", "scheduler_aware"}) {
+TEST_CASE("store policy: LRU evicts a queued session that scheduler-aware (and predictive) keeps") {
+  // predictive has seen no returns yet: it ranks idle sessions by age, queued ones last.
+  for (const char* name : {"lru", "scheduler_aware", "predictive"}) {
     store_config c = small_config("", 6, 0);
     c.eviction_policy = name;
     store s(c);
@@ -260,7 +263,10 @@ TEST_CASE("store background thread: concurrent saves, loads, queue changes and d
   c.demote_low_watermark = 0.2;
   c.demote_high_watermark = 0.4;
   c.prefetch_bytes_in_flight = 4 * c.geometry.validated().block_bytes();
+  auto policy_name = GENERATE(as<std::string>{}, "scheduler_aware", "predictive");
+  c.eviction_policy = policy_name;
   store s(c);
+  INFO(policy_name);
   std::atomic<int> bad{0};
   std::atomic<bool> stop{false};
   auto worker = [&](int t) {

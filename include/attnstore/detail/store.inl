@@ -19,20 +19,22 @@
 #include "attnstore/io/posix_device.hpp"
 #include "attnstore/io/uring_device.hpp"
 #include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                                  \
-  X(lookups)                                                                                                         \
-  X(lookup_hits)                                                                                                     \
-  X(lookup_misses)                                                                                                   \
-  X(tokens_reusable)                                                                                                 \
-  X(puts) X(put_blocks) X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd)             \
-      X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)  \
-          X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) \
-              X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)                       \
-                  X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started) X(prefetch_completed)          \
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                \
+  X(lookups)                                                                                                       \
+  X(lookup_hits)                                                                                                   \
+  X(lookup_misses)                                                                                                 \
+  X(tokens_reusable)                                                                                               \
+  X(puts)                                                                                                          \
+  X(put_blocks) X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) \
+      X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space)      \
+          X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)           \
+              X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)                     \
+                  X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started) X(prefetch_completed)        \
                       X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
@@ -120,15 +122,29 @@ inline store::store(store_config c) : config_(std::move(c)) {
     if (policy_->max_sessions() < config_.max_sessions)
       fail("make_policy made a policy for " + std::to_string(policy_->max_sessions()) + " sessions, need " +
            std::to_string(config_.max_sessions));
-  } else if (config_.eviction_policy == "scheduler_aware") {
-    // The window is set at each set_queue() (fixed, or the paper's rule from the sizes
-    // stored then), so the capacity given here only satisfies the constructor.
-    policy_ = std::make_unique<policy::scheduler_aware>(
-        policy::scheduler_aware_options{config_.max_sessions, config_.eviction_window, 1});
-  } else if (config_.eviction_policy == "lru") {
-    policy_ = std::make_unique<policy::lru>(config_.max_sessions);
   } else {
-    fail("eviction_policy is \"" + config_.eviction_policy + "\"; known: scheduler_aware, lru (or set make_policy)");
+    // The window is set at each set_queue(): fixed, or the paper's rule from the sizes
+    // stored then.
+    const std::uint64_t capacity_blocks = std::uint64_t(dram_->capacity()) + ssd_slots;
+    if (config_.eviction_policy == "scheduler_aware") {
+      policy_ = std::make_unique<policy::scheduler_aware>(
+          policy::scheduler_aware_options{config_.max_sessions, config_.eviction_window, capacity_blocks});
+    } else if (config_.eviction_policy == "lru") {
+      policy_ = std::make_unique<policy::lru>(config_.max_sessions);
+    } else if (config_.eviction_policy == "predictive") {
+      policy::predictive_options po;
+      po.max_sessions = config_.max_sessions;
+      po.eviction_window = config_.eviction_window;
+      po.capacity_blocks = capacity_blocks;
+      po.ticks_per_second = 1e9;  // now() is in nanoseconds
+      po.tokens_per_block = geometry_.tokens_per_block;
+      auto p = std::make_unique<policy::predictive>(po);
+      predictive_ = p.get();
+      policy_ = std::move(p);
+    } else {
+      fail("eviction_policy is \"" + config_.eviction_policy +
+           "\"; known: scheduler_aware, lru, predictive (or set make_policy)");
+    }
   }
   ssd_only_.assign(config_.max_sessions, 0);
   queue_records_.assign(config_.queue_window, policy::no_record);
@@ -305,13 +321,19 @@ locked_session store::pick_victim(policy::level where, Want&& want, std::uint32_
 // What the prefetcher drives: the store's promotions run on the background thread.
 struct store::prefetch_target {
   store* self;
+  bool beyond_queue = false;  // planning likely returners (after the queue window)
   std::uint32_t ssd_only_blocks(std::uint32_t rec) const noexcept { return self->ssd_only_[rec]; }
   // Queues the promotion; the DRAM is taken when it runs (only free DRAM, or DRAM of
   // sessions that are not queued), so a full queue of jobs is the only refusal here.
   std::uint32_t start_promotion(std::uint32_t rec, std::uint32_t max_blocks, std::uint64_t ticket) noexcept {
+    if (beyond_queue) {  // only free DRAM above what the watermark keeps for saves
+      const std::uint32_t free = self->dram_->capacity() - self->dram_->used();
+      if (free <= self->watermark_.high) return 0;
+      max_blocks = std::min(max_blocks, free - self->watermark_.high);
+    }
     std::lock_guard lock(self->work_mutex_);
     if (self->job_count_ == self->jobs_.size()) return 0;
-    self->jobs_[(self->job_head_ + self->job_count_++) % self->jobs_.size()] = {rec, max_blocks, ticket};
+    self->jobs_[(self->job_head_ + self->job_count_++) % self->jobs_.size()] = {rec, max_blocks, ticket, beyond_queue};
     detail::bump(self->counters_->prefetch_started);
     return max_blocks;
   }
@@ -356,7 +378,17 @@ inline void store::erase_record(locked_session& s) noexcept {
 inline void store::plan_prefetch_locked() noexcept {
   if (!prefetcher_) return;
   prefetch_target target{this};
-  if (prefetcher_->plan(*policy_, target) > 0) wake_background();
+  std::uint32_t started;
+  if (predictive_) {
+    // After the queue window, sessions likely to return soon (into free DRAM only).
+    started = prefetcher_->plan(*policy_, target, [&](auto&& visit) {
+      target.beyond_queue = true;
+      predictive_->for_each_likely(likely_per_plan, visit);
+    });
+  } else {
+    started = prefetcher_->plan(*policy_, target);
+  }
+  if (started > 0) wake_background();
 }
 
 inline void store::set_queue(std::span<const session_key> waiting) noexcept {
@@ -1012,7 +1044,7 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
 
 // ---------------------------------------------------------------- background work
 
-inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_blocks) noexcept {
+inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept {
   if (!ssd_) return 0;
   ssd_read_batch rb{&s, nullptr, 0};
   std::uint32_t promoted = 0, asked = 0;
@@ -1043,7 +1075,7 @@ inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_
     const block_meta& m = s.meta(b);
     if (m.dram_slot != no_slot || m.ssd_slot == no_slot) continue;
     std::uint32_t buf = dram_->allocate();
-    for (int attempt = 0; buf == no_slot && attempt < 16; ++attempt) {
+    for (int attempt = 0; buf == no_slot && may_demote && attempt < 16; ++attempt) {
       if (!demote_some_victim(s.record_id(), true)) break;
       buf = dram_->allocate();
     }
@@ -1073,7 +1105,7 @@ inline void store::run_promotion(const promotion_job& job) noexcept {
     std::lock_guard lock(policy_mutex_);
     current = prefetcher_->ticket(job.record) == job.ticket;  // not cancelled meanwhile
   }
-  const std::uint32_t got = current ? promote_locked(s, job.blocks) : 0;
+  const std::uint32_t got = current ? promote_locked(s, job.blocks, !job.beyond_queue) : 0;
   std::lock_guard lock(policy_mutex_);
   if (prefetcher_->complete(job.record, job.ticket)) detail::bump(counters_->prefetch_completed);
   if (got > 0) plan_prefetch_locked();  // the bytes in flight went down: start the next ones
@@ -1117,6 +1149,14 @@ inline std::uint32_t store::run_background() noexcept {
     }
     run_promotion(job);
     ++done;
+  }
+  if (predictive_ && prefetcher_) {  // sessions become likely returners as they age: look once a second
+    const std::uint64_t t = now();
+    std::uint64_t due = next_likely_plan_.load(std::memory_order_relaxed);
+    if (t >= due && next_likely_plan_.compare_exchange_strong(due, t + 1000000000ull)) {
+      std::lock_guard lock(policy_mutex_);
+      plan_prefetch_locked();
+    }
   }
   bool demote;
   {
