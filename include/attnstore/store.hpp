@@ -247,19 +247,25 @@ class store {
   /// Spare HBM lent by the engine: after a turn the engine may keep `blocks` blocks of the
   /// session's KV in its own GPU pages (the store keeps its saved copy as well), so the
   /// next turn needs no load at all. 0: it keeps none any more. Returns ok or not_found.
-  errc keep_in_hbm(const session_key& key, std::uint32_t blocks) noexcept;
+  errc keep_in_hbm(const session_key& key, std::uint32_t blocks) noexcept {
+    return keep_in_hbm(hash_session(key), blocks);
+  }
+  errc keep_in_hbm(const session_hash& key, std::uint32_t blocks) noexcept;
   /// When the engine needs its HBM back: the session whose HBM copy goes first in the
   /// eviction policy's order (never a pinned or busy one). Writes its hash to `out`
   /// and returns true; false when no session is kept in HBM. The engine frees the pages
-  /// and calls keep_in_hbm(key, 0).
+  /// and calls keep_in_hbm(key, 0). The store only ranks: when it drops a session (TTL,
+  /// eviction, drop) it forgets the session's HBM count, so the engine keeps its own
+  /// list of what it holds.
   bool hbm_victim(session_hash& out) noexcept;
 
   /// Does the background work that is due: promotions the prefetcher planned, demotion
   /// down to the watermark, and the TTL. The store's thread calls it; without one
   /// (background_thread false) the embedder does. Returns the work items done.
   std::uint32_t run_background() noexcept;
-  /// Waits until the background thread has done the work queued so far (prefetches,
-  /// demotion). Returns at once without a thread.
+  /// Waits until the background thread is idle: no promotion queued or running, no
+  /// demotion wanted. While other threads keep saving or queueing, that includes their
+  /// work too. Returns at once without a thread.
   void drain() noexcept;
   /// Drops the sessions idle longer than session_ttl_ms now; returns how many.
   std::uint32_t expire_idle() noexcept;
@@ -292,17 +298,20 @@ class store {
 
   std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
   std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
-  std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
-  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude) noexcept;
+  /// A free SSD slot, evicting SSD victims for one unless `may_evict` is false.
+  std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict = true) noexcept;
+  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
+                     bool may_evict = true) noexcept;
   errc reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
                       save_reservation& r) noexcept;
   errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
   get_result serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
                           std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views) noexcept;
-  /// Demotes the policy's first DRAM victim. On the allocation path (`background` false)
-  /// a victim that cannot be demoted is dropped; background work (prefetch room, the
-  /// watermark) only demotes, and never a session in the engine queue.
-  bool demote_some_victim(std::uint32_t exclude, bool background = false) noexcept;
+  /// Demotes the policy's first DRAM victim; returns the DRAM blocks it freed (0: no
+  /// victim or nothing freed). On the allocation path (`background` false) a victim
+  /// that cannot be demoted is dropped; background work (prefetch room, the watermark)
+  /// only demotes, into free SSD slots (it evicts nobody), and never a queued session.
+  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false) noexcept;
   bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
   errc release_chain(std::uint32_t first) noexcept;
   errc drop_locked(locked_session& s) noexcept;
@@ -335,7 +344,12 @@ class store {
   /// Reads up to `max_blocks` of the session's SSD-only blocks into DRAM, making room only
   /// from sessions that are not queued. Returns the blocks promoted.
   std::uint32_t promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept;
-  void plan_prefetch_locked() noexcept;  // policy mutex held
+  /// Plans promotions for the queue window (and, with `likely`, the predictive policy's
+  /// likely returners). Policy mutex held.
+  void plan_prefetch_locked(bool likely) noexcept;
+  /// Sets the windows of the paper's rules from the mean distinct blocks per session.
+  void size_windows_locked(std::size_t queued) noexcept;
+  void set_held_locked(std::uint32_t record, std::uint32_t blocks) noexcept;  // policy mutex held
   void wake_background() noexcept;
   void background_loop() noexcept;
   struct prefetch_target;
@@ -378,7 +392,13 @@ class store {
   std::unique_ptr<policy::prefetcher> prefetcher_;
   policy::demotion_watermark watermark_{};
   std::vector<std::uint32_t> ssd_only_;       // per record: blocks held only on SSD
-  std::vector<std::uint32_t> queue_records_;  // set_queue scratch
+  std::vector<std::uint32_t> held_;           // per record: distinct blocks (all tiers)
+  std::uint64_t held_total_ = 0;              // sum of held_
+  std::uint32_t held_sessions_ = 0;           // records with held_ > 0
+  std::uint64_t no_room_until_ = 0;           // queued promotions found no DRAM: none until then
+  std::vector<std::uint32_t> queue_records_;  // set_queue scratch (policy mutex)
+  std::mutex queue_mutex_;                    // set_queue's hashing scratch; taken before the policy mutex
+  std::vector<session_hash> queue_hashes_;
 
   // Background work: promotions the prefetcher started, demotion, TTL.
   std::mutex work_mutex_;
@@ -387,8 +407,8 @@ class store {
   std::size_t job_head_ = 0, job_count_ = 0;
   bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
   std::atomic<std::uint64_t> next_ttl_check_{0};
-  std::atomic<std::uint64_t> next_likely_plan_{0};  // the thread and the embedder may both run background work
-  std::atomic<std::uint32_t> demand_reads_{0};      // SSD reads a request is waiting on
+  std::atomic<std::uint64_t> next_plan_{0};     // periodic prefetch plan
+  std::atomic<std::uint32_t> demand_reads_{0};  // SSD reads a request is waiting on
   std::thread worker_;
 };
 

@@ -331,3 +331,56 @@ TEST_CASE("store HBM lending: the engine gives back HBM copies in the policy's o
   CHECK_FALSE(s.hbm_victim(victim));
   CHECK(s.keep_in_hbm({"t", "nobody"}, 1) == errc::not_found);
 }
+
+TEST_CASE("store background work never drops data to make room on a full SSD") {
+  temp_dir dir("full");
+  store_config c = small_config(dir.str(), 20, 8);  // SSD: 8 blocks
+  c.demote_low_watermark = 0.25;
+  c.demote_high_watermark = 0.5;
+  store s(c);
+  conversation a{1, 128}, b{2, 128}, d{3, 128}, e{4, 128};  // 4 blocks each
+  REQUIRE(put_all(s, a) == errc::ok);
+  REQUIRE(put_all(s, b) == errc::ok);
+  REQUIRE(s.demote(key_of(a)) == errc::ok);
+  REQUIRE(s.demote(key_of(b)) == errc::ok);  // SSD full
+  REQUIRE(put_all(s, d) == errc::ok);
+  REQUIRE(put_all(s, e) == errc::ok);
+  REQUIRE(put_all(s, conversation{5, 128}) == errc::ok);
+  REQUIRE(put_all(s, conversation{6, 128}) == errc::ok);  // 16 of 20 in DRAM: below the watermark
+  (void)s.run_background();
+  CHECK(s.stats().evicted_sessions == 0);  // the watermark found no free SSD slot and stopped
+  CHECK(s.stats().watermark_demoted_blocks == 0);
+  for (const auto& x : {a, b, d, e}) require_exact(s, x);
+}
+
+TEST_CASE("store TTL: skipping a pinned session does not make it recently used") {
+  std::atomic<std::uint64_t> clock{1'000'000'000};
+  store_config c = small_config("", 6, 0);
+  c.session_ttl_ms = 1000;
+  c.eviction_policy = "lru";
+  c.clock = [&] { return clock.load(); };
+  store s(c);
+  conversation a{1, 64}, b{2, 64}, d{3, 64}, e{4, 64};
+  REQUIRE(put_all(s, a) == errc::ok);
+  REQUIRE(s.pin(key_of(a)) == errc::ok);
+  clock += 600'000'000;
+  REQUIRE(put_all(s, b) == errc::ok);
+  REQUIRE(put_all(s, d) == errc::ok);
+  clock += 600'000'000;         // a idle 1.2 s (pinned), b and d 0.6 s
+  CHECK(s.expire_idle() == 0);  // a is in use
+  REQUIRE(s.unpin(key_of(a)) == errc::ok);
+  REQUIRE(put_all(s, e) == errc::ok);  // DRAM full: the least recently used goes
+  CHECK(look(s, a).tokens == 0);       // still a, not b
+  CHECK(look(s, b).tokens == 64);
+}
+
+TEST_CASE("store HBM lending: the hash hbm_victim names is what keep_in_hbm takes back") {
+  store s(small_config("", 32, 0));
+  conversation a{1, 64};
+  REQUIRE(put_all(s, a) == errc::ok);
+  REQUIRE(s.keep_in_hbm(key_of(a), 2) == errc::ok);
+  session_hash victim{};
+  REQUIRE(s.hbm_victim(victim));
+  REQUIRE(s.keep_in_hbm(victim, 0) == errc::ok);
+  CHECK_FALSE(s.hbm_victim(victim));
+}

@@ -83,6 +83,13 @@ inline void eviction_policy::on_access(std::uint32_t r, std::uint64_t now) noexc
   reposition(r);
 }
 
+inline void eviction_policy::refresh_idle(std::uint32_t r, std::uint64_t now) noexcept {
+  if (!live(r)) return;
+  s_[r].time = now;
+  idle_unlink(r);
+  idle_push_front(r);
+}
+
 inline void eviction_policy::on_blocks(std::uint32_t r, level l, std::uint32_t blocks) noexcept {
   if (!live(r)) return;
   session_state& s = s_[r];

@@ -24,17 +24,18 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                                \
-  X(lookups)                                                                                                       \
-  X(lookup_hits)                                                                                                   \
-  X(lookup_misses)                                                                                                 \
-  X(tokens_reusable)                                                                                               \
-  X(puts)                                                                                                          \
-  X(put_blocks) X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) \
-      X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space)      \
-          X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)           \
-              X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)                     \
-                  X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started) X(prefetch_completed)        \
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                           \
+  X(lookups)                                                                                                  \
+  X(lookup_hits)                                                                                              \
+  X(lookup_misses)                                                                                            \
+  X(tokens_reusable)                                                                                          \
+  X(puts)                                                                                                     \
+  X(put_blocks)                                                                                               \
+  X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found)          \
+      X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) \
+          X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)      \
+              X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)                \
+                  X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started) X(prefetch_completed)   \
                       X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
@@ -147,7 +148,9 @@ inline store::store(store_config c) : config_(std::move(c)) {
     }
   }
   ssd_only_.assign(config_.max_sessions, 0);
+  held_.assign(config_.max_sessions, 0);
   queue_records_.assign(config_.queue_window, policy::no_record);
+  queue_hashes_.resize(config_.queue_window);
   zero_page_holder_.reset(std::aligned_alloc(format::sector, format::sector));
   zero_page_ = zero_page_holder_.get();
   if (!zero_page_) throw std::bad_alloc();
@@ -326,6 +329,7 @@ struct store::prefetch_target {
   // Queues the promotion; the DRAM is taken when it runs (only free DRAM, or DRAM of
   // sessions that are not queued), so a full queue of jobs is the only refusal here.
   std::uint32_t start_promotion(std::uint32_t rec, std::uint32_t max_blocks, std::uint64_t ticket) noexcept {
+    if (!beyond_queue && self->no_room_until_ && self->now() < self->no_room_until_) return 0;
     if (beyond_queue) {  // only free DRAM above what the watermark keeps for saves
       const std::uint32_t free = self->dram_->capacity() - self->dram_->used();
       if (free <= self->watermark_.high) return 0;
@@ -357,6 +361,7 @@ inline void store::note(locked_session& s, bool accessed) noexcept {
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
   ssd_only_[rec] = s.block_count() - s.dram_blocks();  // every published block has a DRAM or SSD slot
+  set_held_locked(rec, s.block_count());
 }
 
 inline void store::erase_record(locked_session& s) noexcept {
@@ -369,17 +374,18 @@ inline void store::erase_record(locked_session& s) noexcept {
     }
     policy_->on_erase(rec);
     ssd_only_[rec] = 0;
+    set_held_locked(rec, 0);
   }
   s.erase();
 }
 
 // ---------------------------------------------------------------- the engine queue and prefetch
 
-inline void store::plan_prefetch_locked() noexcept {
+inline void store::plan_prefetch_locked(bool likely) noexcept {
   if (!prefetcher_) return;
   prefetch_target target{this};
   std::uint32_t started;
-  if (predictive_) {
+  if (likely && predictive_) {
     // After the queue window, sessions likely to return soon (into free DRAM only).
     started = prefetcher_->plan(*policy_, target, [&](auto&& visit) {
       target.beyond_queue = true;
@@ -391,31 +397,51 @@ inline void store::plan_prefetch_locked() noexcept {
   if (started > 0) wake_background();
 }
 
+inline void store::set_held_locked(std::uint32_t rec, std::uint32_t blocks) noexcept {
+  held_sessions_ += (blocks > 0) - (held_[rec] > 0);
+  held_total_ += blocks;
+  held_total_ -= held_[rec];
+  held_[rec] = blocks;
+}
+
+inline void store::size_windows_locked(std::size_t queued) noexcept {
+  // The paper's rules divide capacities by the mean session size: distinct blocks per
+  // stored session (a block with a DRAM and an SSD copy counts once).
+  const std::uint64_t mean = held_sessions_ ? std::max<std::uint64_t>(1, held_total_ / held_sessions_) : 0;
+  // An embedder's own policy keeps its own window unless one is configured.
+  if (config_.eviction_window) {
+    policy_->set_window(config_.eviction_window);
+  } else if (!config_.make_policy) {
+    const std::uint64_t ssd_blocks = ssd_ ? ssd_->capacity() : 0;
+    policy_->set_window(mean ? policy::paper_eviction_window(dram_->capacity(), ssd_blocks, mean)
+                             : std::uint32_t(queued));
+  }
+  if (prefetcher_ && config_.prefetch_window == 0 && mean) {
+    const std::uint64_t for_prefetch =
+        config_.dram_for_prefetch_bytes ? config_.dram_for_prefetch_bytes : config_.dram_bytes / 4;
+    prefetcher_->set_window(policy::paper_prefetch_window(for_prefetch, mean * geometry_.block_bytes()));
+  }
+}
+
 inline void store::set_queue(std::span<const session_key> waiting) noexcept {
   const std::size_t n = std::min<std::size_t>(waiting.size(), config_.queue_window);
+  std::lock_guard queue_lock(queue_mutex_);  // hashing happens outside the policy mutex
+  for (std::size_t k = 0; k < n; ++k) queue_hashes_[k] = hash_session(waiting[k]);
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
-  for (std::size_t k = 0; k < n; ++k) queue_records_[k] = index_->find(hash_session(waiting[k]));
+  for (std::size_t k = 0; k < n; ++k) queue_records_[k] = index_->find(queue_hashes_[k]);
   // A record found here but erased before the policy hears of it is not live in the
   // policy, which skips it.
   policy_->set_queue(std::span<const std::uint32_t>(queue_records_.data(), n), t);
-  std::uint32_t window = config_.eviction_window;
-  if (window == 0) {
-    const double mean_bytes = policy_->mean_session_blocks() * double(slot_bytes_);
-    const std::uint64_t ssd_bytes = ssd_ ? std::uint64_t(ssd_->capacity()) * slot_bytes_ : 0;
-    window = mean_bytes > 0 ? policy::paper_eviction_window(std::uint64_t(dram_->capacity()) * slot_bytes_, ssd_bytes,
-                                                            std::max<std::uint64_t>(1, std::uint64_t(mean_bytes)))
-                            : std::uint32_t(n);
-  }
-  policy_->set_window(window);
-  plan_prefetch_locked();
+  size_windows_locked(n);
+  plan_prefetch_locked(false);
 }
 
-inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
+inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict) noexcept {
   for (int attempt = 0; attempt < 16; ++attempt) {
     std::uint32_t slot = ssd_->allocate();
     if (slot != no_slot) return slot;
-    if (!evict_some_ssd_victim(exclude_a, exclude_b)) break;
+    if (!may_evict || !evict_some_ssd_victim(exclude_a, exclude_b)) break;
   }
   return no_slot;
 }
@@ -475,7 +501,8 @@ inline errc store::write_ssd_blocks(locked_session& s, std::span<const std::uint
   return first;
 }
 
-inline errc store::demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude) noexcept {
+inline errc store::demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
+                                 bool may_evict) noexcept {
   if (!ssd_) return errc::unsupported;
   std::uint32_t blocks[batch_max], positions[batch_max], slots[batch_max];
   std::int32_t results[batch_max];
@@ -493,7 +520,7 @@ inline errc store::demote_locked(locked_session& s, std::uint32_t until_position
         detail::bump(counters_->demoted_blocks);
         continue;
       }
-      std::uint32_t ss = alloc_ssd(s.record_id(), exclude);
+      std::uint32_t ss = alloc_ssd(s.record_id(), exclude, may_evict);
       if (ss == no_slot) {
         status = errc::no_space;
         break;
@@ -524,24 +551,26 @@ inline errc store::demote_locked(locked_session& s, std::uint32_t until_position
   return status;
 }
 
-inline bool store::demote_some_victim(std::uint32_t exclude, bool background) noexcept {
+inline std::uint32_t store::demote_some_victim(std::uint32_t exclude, bool background) noexcept {
   // `want` runs under the policy mutex, so it may ask the policy.
   locked_session victim = pick_victim(
       policy::level::dram,
       [&](locked_session& h) { return h.dram_blocks() > 0 && !(background && policy_->queued(h.record_id())); },
       exclude, no_slot);
-  if (!victim) return false;
+  if (!victim) return 0;
   const std::uint32_t before = victim.dram_blocks();
-  const errc e = demote_locked(victim, no_slot, exclude);
-  if (background) return victim.dram_blocks() < before;
+  // Background work takes only free SSD slots: it must not drop data to make room.
+  const errc e = demote_locked(victim, no_slot, exclude, !background);
+  if (background) return before - victim.dram_blocks();
   if (e != errc::ok && victim.dram_blocks() > 0) {
     // No SSD tier, SSD full of protected data, or an I/O error: the cache gives the
     // least recently used session up rather than refusing the new one.
     detail::bump(counters_->evicted_sessions);
     detail::bump(counters_->evicted_blocks, victim.block_count());
     drop_locked(victim);
+    return before;
   }
-  return true;
+  return before - victim.dram_blocks();
 }
 
 inline std::uint32_t store::alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept {
@@ -1039,6 +1068,7 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
   }
   s.count_tiers();
   note(s, true);
+  erase_if_empty(s);  // a corrupt first block left nothing
   return res;
 }
 
@@ -1047,33 +1077,42 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
 inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept {
   if (!ssd_) return 0;
   ssd_read_batch rb{&s, nullptr, 0};
-  std::uint32_t promoted = 0, asked = 0;
-  bool failed = false;
+  std::uint32_t promoted = 0, asked = 0, batches = 0;
+  bool stop = false;
   auto flush = [&] {
-    // Demand reads go first: a turn waiting on the SSD must not share it with a prefetch.
-    for (int waited = 0; demand_reads_.load(std::memory_order_relaxed) > 0 && waited < 20000; ++waited)
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    // A request reading from SSD goes first: after the first batch, yield to it (the
+    // session's lock too); the prefetcher plans the rest again.
+    if (batches++ > 0 && demand_reads_.load(std::memory_order_relaxed) > 0) {
+      for (std::size_t i = 0; i < rb.count; ++i) dram_->release(rb.pending[i].buffer_slot);
+      asked -= std::uint32_t(rb.count);
+      rb.count = 0;
+      stop = true;
+      return;
+    }
     read_ssd_batch(rb);
     for (std::size_t i = 0; i < rb.count; ++i) {  // in view order
       const ssd_read_batch::pending_read& p = rb.pending[i];
-      if (!failed && p.verdict == errc::ok) {
+      if (!stop && p.verdict == errc::ok) {
         s.meta(p.block).dram_slot = p.buffer_slot;
         ++promoted;
         continue;
       }
       dram_->release(p.buffer_slot);
-      if (!failed && p.verdict == errc::checksum_error) {
+      if (!stop && p.verdict == errc::checksum_error) {
         detail::bump(counters_->checksum_failures);
         release_chain(s.truncate(p.position));  // a corrupt block and all after it go
       }
-      failed = true;
+      stop = true;
     }
     rb.count = 0;
   };
   std::uint32_t pos = 0;
-  for (std::uint32_t b = s.first_block(); b != no_slot && asked < max_blocks; b = s.meta(b).next, ++pos) {
+  for (std::uint32_t b = s.first_block(); b != no_slot && asked < max_blocks && !stop; b = s.meta(b).next, ++pos) {
     const block_meta& m = s.meta(b);
     if (m.dram_slot != no_slot || m.ssd_slot == no_slot) continue;
+    // Likely returners (no demotion) take only the DRAM above what the watermark keeps
+    // for saves.
+    if (!may_demote && dram_->capacity() - dram_->used() <= watermark_.high) break;
     std::uint32_t buf = dram_->allocate();
     for (int attempt = 0; buf == no_slot && may_demote && attempt < 16; ++attempt) {
       if (!demote_some_victim(s.record_id(), true)) break;
@@ -1082,10 +1121,7 @@ inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_
     if (buf == no_slot) break;
     rb.pending[rb.count++] = {b, pos, buf, true, 0, errc::ok, 0, 0};
     ++asked;
-    if (rb.count == promote_batch) {
-      flush();
-      if (failed) break;
-    }
+    if (rb.count == promote_batch) flush();
   }
   if (rb.count) flush();
   if (asked) {
@@ -1093,12 +1129,18 @@ inline std::uint32_t store::promote_locked(locked_session& s, std::uint32_t max_
     note(s, false);
     detail::bump(counters_->promoted_blocks, promoted);
     detail::bump(counters_->prefetched_blocks, promoted);
+    erase_if_empty(s);  // a corrupt first block left nothing
   }
   return promoted;
 }
 
 inline void store::run_promotion(const promotion_job& job) noexcept {
-  // A busy session is being loaded or saved right now: prefetching it is moot.
+  // Requests reading from SSD go first; wait for them before taking the session's lock
+  // (a request for this very session must not find it held by a waiting prefetch).
+  for (int waited = 0; demand_reads_.load(std::memory_order_relaxed) > 0 && waited < 20000; ++waited)
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  // A busy session is being loaded or saved right now: prefetching it is moot (the
+  // periodic plan comes back to it if it is still waiting).
   locked_session s = index_->try_open_record(job.record);
   bool current = false;
   if (s) {
@@ -1108,7 +1150,13 @@ inline void store::run_promotion(const promotion_job& job) noexcept {
   const std::uint32_t got = current ? promote_locked(s, job.blocks, !job.beyond_queue) : 0;
   std::lock_guard lock(policy_mutex_);
   if (prefetcher_->complete(job.record, job.ticket)) detail::bump(counters_->prefetch_completed);
-  if (got > 0) plan_prefetch_locked();  // the bytes in flight went down: start the next ones
+  if (got > 0) {
+    plan_prefetch_locked(false);  // the bytes in flight went down: start the next ones
+  } else if (current && !job.beyond_queue) {
+    // No DRAM could be freed for it (or its reads failed): queued promotions pause
+    // briefly rather than retrying at every set_queue.
+    no_room_until_ = now() + 100000000ull;
+  }
 }
 
 inline std::uint32_t store::expire_idle() noexcept {
@@ -1125,7 +1173,7 @@ inline std::uint32_t store::expire_idle() noexcept {
       victim = index_->try_open_record(rec);
       if (!victim || victim.pins() > 0) {  // busy or pinned: in use, so not idle
         victim.reset();
-        policy_->on_access(rec, t);
+        policy_->refresh_idle(rec, t);
         continue;
       }
     }
@@ -1150,12 +1198,14 @@ inline std::uint32_t store::run_background() noexcept {
     run_promotion(job);
     ++done;
   }
-  if (predictive_ && prefetcher_) {  // sessions become likely returners as they age: look once a second
+  if (prefetcher_) {
+    // Once a second: sessions skipped while busy, and (predictive) sessions that became
+    // likely returners as they aged.
     const std::uint64_t t = now();
-    std::uint64_t due = next_likely_plan_.load(std::memory_order_relaxed);
-    if (t >= due && next_likely_plan_.compare_exchange_strong(due, t + 1000000000ull)) {
+    std::uint64_t due = next_plan_.load(std::memory_order_relaxed);
+    if (t >= due && next_plan_.compare_exchange_strong(due, t + 1000000000ull)) {
       std::lock_guard lock(policy_mutex_);
-      plan_prefetch_locked();
+      plan_prefetch_locked(true);
     }
   }
   bool demote;
@@ -1164,10 +1214,17 @@ inline std::uint32_t store::run_background() noexcept {
     demote = demotion_wanted_;
     demotion_wanted_ = false;
   }
+  // Loads and promotions fill DRAM too, not only saves.
+  demote = demote || watermark_.should_start(dram_->capacity() - dram_->used());
   if (demote) {
-    const std::uint32_t before = dram_->used();
-    while (dram_->capacity() - dram_->used() < watermark_.high && demote_some_victim(no_slot, true)) ++done;
-    if (dram_->used() < before) detail::bump(counters_->watermark_demoted_blocks, before - dram_->used());
+    std::uint64_t demoted = 0;
+    while (dram_->capacity() - dram_->used() < watermark_.high) {
+      const std::uint32_t n = demote_some_victim(no_slot, true);
+      if (n == 0) break;
+      demoted += n;
+      ++done;
+    }
+    if (demoted) detail::bump(counters_->watermark_demoted_blocks, demoted);
   }
   if (config_.session_ttl_ms) {
     const std::uint64_t t = now();
@@ -1297,8 +1354,8 @@ inline errc store::unpin(const session_key& key) noexcept {
   return errc::ok;
 }
 
-inline errc store::keep_in_hbm(const session_key& key, std::uint32_t blocks) noexcept {
-  locked_session s = index_->open(hash_session(key), false);
+inline errc store::keep_in_hbm(const session_hash& key, std::uint32_t blocks) noexcept {
+  locked_session s = index_->open(key, false);
   if (!s) return errc::not_found;
   note(s, false);  // makes sure the policy knows the session
   std::lock_guard lock(policy_mutex_);

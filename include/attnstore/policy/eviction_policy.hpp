@@ -103,6 +103,9 @@ class eviction_policy {
   /// The session was used (lookup, save, load): it becomes the most recent. `now` is the
   /// caller's clock (any unit, non-decreasing), used only for the TTL.
   void on_access(std::uint32_t record, std::uint64_t now) noexcept;
+  /// The session is in use but was not accessed (pinned, busy): only its idle clock (the
+  /// TTL's) restarts; recency and what a learning policy sees are unchanged.
+  void refresh_idle(std::uint32_t record, std::uint64_t now) noexcept;
   /// The session now holds `blocks` blocks in level `l` (after a save, demotion,
   /// promotion, drop or truncation).
   void on_blocks(std::uint32_t record, level l, std::uint32_t blocks) noexcept;

@@ -56,6 +56,8 @@ class prefetcher {
       fail("dram_for_prefetch_bytes is 0 with window 0 (automatic); set one of them");
   }
 
+  /// Fixes the window (0: back to the paper's rule from the policy's mean session size).
+  void set_window(std::uint32_t sessions) noexcept { o_.window = sessions; }
   /// Sessions the window covers now (the fixed window, or the paper's rule).
   std::uint32_t window(const eviction_policy& p) const noexcept {
     if (o_.window) return o_.window;
