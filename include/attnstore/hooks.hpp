@@ -40,7 +40,7 @@ struct hooks_config {
   std::size_t segment_buffer = 8192;            ///< copy segments built per copy_async call
   /// The model's RoPE. Needed to load a truncated view (its keys move to new
   /// positions) and for keys stored before RoPE; without it such loads are refused.
-  std::optional<rope_spec> rope;
+  std::optional<rope_spec> rope{};
   /// Store keys without RoPE: saves strip it (R(-position), on the DRAM copy) and loads
   /// apply R(position). Truncation then never needs a delta; f16/bf16 keys see one more
   /// rounding than with keys stored after RoPE (the default, exact when nothing moves).
