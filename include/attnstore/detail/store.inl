@@ -24,19 +24,20 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                           \
-  X(lookups)                                                                                                  \
-  X(lookup_hits)                                                                                              \
-  X(lookup_misses)                                                                                            \
-  X(tokens_reusable)                                                                                          \
-  X(puts)                                                                                                     \
-  X(put_blocks)                                                                                               \
-  X(put_rejected) X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found)          \
-      X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) \
-          X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)      \
-              X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)                \
-                  X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started) X(prefetch_completed)   \
-                      X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                          \
+  X(lookups)                                                                                                 \
+  X(lookup_hits)                                                                                             \
+  X(lookup_misses)                                                                                           \
+  X(tokens_reusable)                                                                                         \
+  X(puts)                                                                                                    \
+  X(put_blocks)                                                                                              \
+  X(put_rejected)                                                                                            \
+  X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) \
+      X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks)      \
+          X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written)  \
+              X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks)         \
+                  X(quarantined_slots) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)       \
+                      X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -357,9 +358,11 @@ inline void store::note(locked_session& s, bool accessed) noexcept {
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
   if (!policy_->live(rec)) policy_->on_insert(rec, t);
-  if (accessed) policy_->on_access(rec, t);
+  // Blocks first, then the access: a policy that learns reads "an access after which the
+  // session holds more blocks" as a turn's end, and one without new blocks as a return.
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
+  if (accessed) policy_->on_access(rec, t);
   ssd_only_[rec] = s.block_count() - s.dram_blocks();  // every published block has a DRAM or SSD slot
   set_held_locked(rec, s.block_count());
 }
