@@ -84,8 +84,6 @@ class hooks {
   /// The engine's waiting queue, first to run first. The store keeps these sessions'
   /// KV out of eviction's way while others can go (see store::set_queue).
   void set_queue(std::span<const session_key> waiting) noexcept;
-  /// A turn has ended (its save finished): nothing to hold for it any more.
-  void on_turn_finished(const session_key& session) noexcept { (void)store_.lookup(session, {}); }
   /// The conversation is over: its KV is dropped from every tier.
   errc close_session(const session_key& session) noexcept { return store_.drop(session); }
 
