@@ -316,6 +316,10 @@ class store {
   errc release_chain(std::uint32_t first) noexcept;
   errc drop_locked(locked_session& s) noexcept;
   errc invalidate_ssd(std::span<const std::uint32_t> slots) noexcept;
+  /// Zeroes the header sectors of `slots` in batches (a failed write is retried once);
+  /// calls outcome(slot, erased) for each. Releases nothing.
+  template <class Outcome>
+  void erase_headers(std::span<const std::uint32_t> slots, Outcome&& outcome) noexcept;
   /// Writes blocks to SSD. A put group (first_sequence != 0) is blocks at consecutive
   /// positions written by one put: recovery accepts its blocks only if all of them
   /// arrived. Without one, each block is its own group.
@@ -391,7 +395,6 @@ class store {
   policy::predictive* predictive_ = nullptr;  // policy_ when it is the predictive one
   std::unique_ptr<policy::prefetcher> prefetcher_;
   policy::demotion_watermark watermark_{};
-  std::vector<std::uint32_t> ssd_only_;       // per record: blocks held only on SSD
   std::vector<std::uint32_t> held_;           // per record: distinct blocks (all tiers)
   std::uint64_t held_total_ = 0;              // sum of held_
   std::uint32_t held_sessions_ = 0;           // records with held_ > 0

@@ -76,9 +76,7 @@ inline void eviction_policy::on_access(std::uint32_t r, std::uint64_t now) noexc
   session_state& s = s_[r];
   const std::uint64_t previous = s.time;
   s.access = ++clock_;
-  s.time = now;
-  idle_unlink(r);
-  idle_push_front(r);
+  refresh_idle(r, now);
   accessed(r, previous, now);
   reposition(r);
 }

@@ -24,20 +24,21 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                          \
-  X(lookups)                                                                                                 \
-  X(lookup_hits)                                                                                             \
-  X(lookup_misses)                                                                                           \
-  X(tokens_reusable)                                                                                         \
-  X(puts)                                                                                                    \
-  X(put_blocks)                                                                                              \
-  X(put_rejected)                                                                                            \
-  X(put_failed) X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) \
-      X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks)      \
-          X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written)  \
-              X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks)         \
-                  X(quarantined_slots) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)       \
-                      X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                             \
+  X(lookups)                                                                                                    \
+  X(lookup_hits)                                                                                                \
+  X(lookup_misses)                                                                                              \
+  X(tokens_reusable)                                                                                            \
+  X(puts)                                                                                                       \
+  X(put_blocks)                                                                                                 \
+  X(put_rejected)                                                                                               \
+  X(put_failed)                                                                                                 \
+  X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) \
+      X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)       \
+          X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)      \
+              X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)         \
+                  X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)          \
+                      X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -148,7 +149,6 @@ inline store::store(store_config c) : config_(std::move(c)) {
            "\"; known: scheduler_aware, lru, predictive (or set make_policy)");
     }
   }
-  ssd_only_.assign(config_.max_sessions, 0);
   held_.assign(config_.max_sessions, 0);
   queue_records_.assign(config_.queue_window, policy::no_record);
   queue_hashes_.resize(config_.queue_window);
@@ -234,11 +234,8 @@ inline lookup_result store::lookup(const session_key& key, std::span<const token
 
 // ---------------------------------------------------------------- eviction helpers
 
-inline errc store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept {
-  // Zero the header sector first so a restart cannot bring the block back. A slot whose
-  // header cannot be erased (after one retry) is quarantined, not reused: reusing it
-  // would let a later partial write pair its old header with new data.
-  errc status = errc::ok;
+template <class Outcome>
+void store::erase_headers(std::span<const std::uint32_t> slots, Outcome&& outcome) noexcept {
   for (std::size_t base = 0; base < slots.size(); base += batch_max) {
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, slots.size() - base);
@@ -253,16 +250,24 @@ inline errc store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept
     if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok)
       for (std::size_t i = 0; i < n; ++i)
         if (reqs[i].result != std::int32_t(format::sector)) (void)device_->execute(std::span(&reqs[i], 1));
-    for (std::size_t i = 0; i < n; ++i) {
-      if (reqs[i].result == std::int32_t(format::sector)) {
-        ssd_->release(slots[base + i]);
-      } else {
-        detail::bump(counters_->io_errors);
-        detail::bump(counters_->quarantined_slots);
-        status = errc::device_error;
-      }
-    }
+    for (std::size_t i = 0; i < n; ++i) outcome(slots[base + i], reqs[i].result == std::int32_t(format::sector));
   }
+}
+
+inline errc store::invalidate_ssd(std::span<const std::uint32_t> slots) noexcept {
+  // Zero the header sector first so a restart cannot bring the block back. A slot whose
+  // header cannot be erased (after one retry) is quarantined, not reused: reusing it
+  // would let a later partial write pair its old header with new data.
+  errc status = errc::ok;
+  erase_headers(slots, [&](std::uint32_t slot, bool erased) {
+    if (erased) {
+      ssd_->release(slot);
+    } else {
+      detail::bump(counters_->io_errors);
+      detail::bump(counters_->quarantined_slots);
+      status = errc::device_error;
+    }
+  });
   return status;
 }
 
@@ -326,7 +331,10 @@ locked_session store::pick_victim(policy::level where, Want&& want, std::uint32_
 struct store::prefetch_target {
   store* self;
   bool beyond_queue = false;  // planning likely returners (after the queue window)
-  std::uint32_t ssd_only_blocks(std::uint32_t rec) const noexcept { return self->ssd_only_[rec]; }
+  // Every published block has a DRAM or an SSD slot: the rest of the session is SSD-only.
+  std::uint32_t ssd_only_blocks(std::uint32_t rec) const noexcept {
+    return self->held_[rec] - self->policy_->blocks(rec, policy::level::dram);
+  }
   // Queues the promotion; the DRAM is taken when it runs (only free DRAM, or DRAM of
   // sessions that are not queued), so a full queue of jobs is the only refusal here.
   std::uint32_t start_promotion(std::uint32_t rec, std::uint32_t max_blocks, std::uint64_t ticket) noexcept {
@@ -363,7 +371,6 @@ inline void store::note(locked_session& s, bool accessed) noexcept {
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
   if (accessed) policy_->on_access(rec, t);
-  ssd_only_[rec] = s.block_count() - s.dram_blocks();  // every published block has a DRAM or SSD slot
   set_held_locked(rec, s.block_count());
 }
 
@@ -376,7 +383,6 @@ inline void store::erase_record(locked_session& s) noexcept {
       if (prefetcher_->cancel(rec, target)) detail::bump(counters_->prefetch_cancelled);
     }
     policy_->on_erase(rec);
-    ssd_only_[rec] = 0;
     set_held_locked(rec, 0);
   }
   s.erase();
@@ -1651,23 +1657,13 @@ inline void store::recover() {
   sequence_.store(max_sequence + 1);
   ssd_->rebuild(used);
   // Stale headers are zeroed so a later restart cannot mistake them for live blocks.
+  // (The slots are not released here: ssd_space::rebuild already left them free.)
   bool erased_all = true;
-  for (std::size_t base = 0; base < stale.size(); base += batch_max) {
-    io_request reqs[batch_max];
-    const std::size_t n = std::min<std::size_t>(batch_max, stale.size() - base);
-    for (std::size_t i = 0; i < n; ++i)
-      reqs[i] = io_request{io_op::write,
-                           ssd_->file_of(stale[base + i]),
-                           ssd_->offset_of(stale[base + i]),
-                           zero_page_,
-                           std::uint32_t(format::sector),
-                           -1,
-                           0};
-    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok) {
-      detail::bump(counters_->io_errors);
-      erased_all = false;
-    }
-  }
+  erase_headers(stale, [&](std::uint32_t, bool erased) {
+    if (erased) return;
+    detail::bump(counters_->io_errors);
+    erased_all = false;
+  });
   if (!stale.empty() && device_->sync() != errc::ok) erased_all = false;
   // Every block a tombstone covered is erased now; the tombstones can go.
   if (erased_all) std::remove(tomb_path.c_str());
