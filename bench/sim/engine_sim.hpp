@@ -380,9 +380,7 @@ class engine_sim {
   }
 
   /// The engine tells the cache that request qi waits (it entered the look-ahead).
-  void show(std::uint32_t qi) {
-    cache_->enqueue(cache_->record_of(sim_session_hash(w_.requests[qi].session)), req_rt_[qi].seq, us(now_));
-  }
+  void show(std::uint32_t qi) { cache_->enqueue(sim_session_hash(w_.requests[qi].session), req_rt_[qi].seq, us(now_)); }
 
   void record_learned(double at) {
     if (!cache_ || !cache_->predictive()) return;

@@ -275,7 +275,7 @@ class tiered_cache {
       locked_session s = index_.open(key, true);
       if (!s) return;  // cannot happen: records outnumber blocks
       r = s.record_id();
-      if (!policy_->live(r)) policy_->on_insert(r, now);
+      if (!policy_->live(r)) policy_->on_insert(r, now, identity_of(key));
       if (opt_) opt_->set_next_use(r, next_use);
       if (pf_) pf_->cancel(r, *this);
       // Stored full blocks stay (token ids never change in the simulator, so they match).
@@ -374,8 +374,12 @@ class tiered_cache {
   /// The session's next turn entered the engine queue at `position`. The engine calls
   /// plan_prefetch() once it has scheduled what it can (only what still waits is worth
   /// fetching).
-  void enqueue(std::uint32_t r, std::uint64_t position, std::uint64_t now) {
-    if (r == no_slot) return;
+  void enqueue(const session_hash& key, std::uint64_t position, std::uint64_t now) {
+    const std::uint32_t r = record_of(key);
+    if (r == no_slot) {  // not stored: a policy that evicted it learns when it came back
+      policy_->on_miss(identity_of(key), now);
+      return;
+    }
     policy_->enqueue(r, position, now);
     refresh_window();
   }

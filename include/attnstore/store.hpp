@@ -339,6 +339,8 @@ class store {
   std::uint64_t now() const noexcept;
   /// Tells the policy the session's tier counts (and, when `accessed`, that it was used).
   void note(locked_session& s, bool accessed) noexcept;
+  // Tells the policy a session that is not stored was asked for (it may be one it evicted).
+  void note_miss(const session_hash& key) noexcept;
   /// Removes the session from the index, the policy and the prefetcher.
   void erase_record(locked_session& s) noexcept;
   /// Erases the session when a failed save left it empty and unused.

@@ -147,4 +147,11 @@ struct session_hash {
   friend constexpr bool operator==(const session_hash&, const session_hash&) = default;
 };
 
+/// A 64-bit name of a session, never 0: what an eviction policy remembers an evicted
+/// session by (policy::eviction_policy::on_insert, on_miss).
+constexpr std::uint64_t identity_of(const session_hash& h) noexcept {
+  const std::uint64_t v = h.value.lo ^ h.value.hi;
+  return v != 0 ? v : 1;
+}
+
 }  // namespace attnstore

@@ -59,10 +59,10 @@ outcome replay(sim::policy_kind kind, const std::vector<turn>& trace, std::uint3
     // The queue shows turns i .. i + lookahead - 1.
     if (lookahead && i == 0)
       for (std::size_t j = 0; j < std::min<std::size_t>(lookahead, n); ++j)
-        c.enqueue(c.record_of(sim::sim_session_hash(trace[j].session)), j, i);
+        c.enqueue(sim::sim_session_hash(trace[j].session), j, i);
     else if (lookahead && i + lookahead - 1 < n) {
       const std::size_t j = i + lookahead - 1;
-      c.enqueue(c.record_of(sim::sim_session_hash(trace[j].session)), j, i);
+      c.enqueue(sim::sim_session_hash(trace[j].session), j, i);
     }
     c.plan_prefetch();
     const std::uint32_t s = trace[i].session;
@@ -76,7 +76,7 @@ outcome replay(sim::policy_kind kind, const std::vector<turn>& trace, std::uint3
     length[s] += std::size_t(trace[i].new_blocks) * tpb;
     c.save(key, tokens_for(s, length[s]), i, when(next[i]));
     // The session's next turn, if the queue shows it already, is queued again.
-    if (lookahead && next[i] < n && next[i] < i + lookahead) c.enqueue(c.record_of(key), next[i], i);
+    if (lookahead && next[i] < n && next[i] < i + lookahead) c.enqueue(key, next[i], i);
     std::string why;
     INFO("turn " << i << ": " << why);
     if (i % 16 == 0) REQUIRE(c.check(&why));

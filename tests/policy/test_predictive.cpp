@@ -6,8 +6,10 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <memory>
 #include <queue>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "attnstore/policy/predictive.hpp"
@@ -35,18 +37,23 @@ predictive_options small_options(std::uint32_t n) {
 /// an access) ends a turn; the next request (enqueue, then an access at turn start)
 /// returns. A session that will not return is closed by its owner an hour later.
 /// Optionally `evict_per_s` idle sessions a second are evicted at random (named by
-/// pick_victim first, so that the policy knows the cut was its own: censoring).
+/// pick_victim first, so that the policy knows the cut was its own: censoring). An
+/// evicted session's user still comes back: the store misses (on_miss), and the session
+/// is stored again under a new record with the same identity, its whole history saved.
 struct synthetic {
   double median = 30, sigma = 0.8, continuation = 0.75, new_per_s = 1.0, evict_per_s = 0;
   std::uint32_t turn_blocks = 3;
   std::uint64_t seed = 7;
+  std::uint64_t evicted = 0, missed = 0;  // what the run did
 
   struct event {
     double t;
-    std::uint32_t r, epoch;  // events of an earlier use of the record are stale
-    int kind;                // 0 return, 1 save, 2 close
+    std::uint32_t session;
+    int kind;  // 0 return, 1 save, 2 close
     bool operator>(const event& o) const { return t > o.t; }
   };
+  static constexpr std::uint32_t none = ~0u;
+  static std::uint64_t identity(std::uint32_t session) { return 1000 + session; }
 
   void run(predictive& p, double seconds) {
     std::mt19937_64 g(seed);
@@ -54,9 +61,25 @@ struct synthetic {
     std::uniform_real_distribution<double> u(0, 1);
     std::exponential_distribution<double> gap(new_per_s);
     std::priority_queue<event, std::vector<event>, std::greater<>> q;
-    std::vector<std::uint32_t> free, blocks(p.max_sessions(), 0), epoch(p.max_sessions(), 0);
-    std::vector<std::uint32_t> idle;  // candidates for random evictions (may be stale)
+    std::vector<std::uint32_t> free, session_of(p.max_sessions(), none);
+    std::vector<std::uint32_t> record_of, history;  // by session: its record (or none), its blocks
+    std::vector<std::uint32_t> idle;                // candidates for random evictions (may be stale)
     for (std::uint32_t r = p.max_sessions(); r-- > 0;) free.push_back(r);
+    auto take_record = [&](std::uint32_t s, double t) {
+      if (free.empty()) return false;
+      const std::uint32_t r = free.back();
+      free.pop_back();
+      record_of[s] = r;
+      session_of[r] = s;
+      p.on_insert(r, ticks(t), identity(s));
+      return true;
+    };
+    auto release = [&](std::uint32_t s) {
+      p.on_erase(record_of[s]);
+      session_of[record_of[s]] = none;
+      free.push_back(record_of[s]);
+      record_of[s] = none;
+    };
     double t = 0, next_new = 0, next_evict = evict_per_s > 0 ? 1 / evict_per_s : 1e300;
     std::uint64_t pos = 0;
     while (t < seconds) {
@@ -71,9 +94,8 @@ struct synthetic {
           idle.pop_back();
           if (!p.live(r) || p.queued(r) || p.blocks(r, level::ssd) == 0) continue;
           REQUIRE(p.pick_victim(level::ssd, [&](std::uint32_t x) { return x == r; }) == r);
-          p.on_erase(r);
-          ++epoch[r];  // its pending events are stale now
-          free.push_back(r);
+          release(session_of[r]);
+          ++evicted;
           break;
         }
         continue;
@@ -81,36 +103,39 @@ struct synthetic {
       if (next_new <= te) {
         t = next_new;
         next_new += gap(g);
-        if (free.empty()) continue;
-        const std::uint32_t r = free.back();
-        free.pop_back();
-        blocks[r] = 0;
-        p.on_insert(r, ticks(t));
-        q.push({t + 5, r, epoch[r], 1});
+        const std::uint32_t s = std::uint32_t(record_of.size());
+        record_of.push_back(none);
+        history.push_back(0);
+        if (take_record(s, t)) q.push({t + 5, s, 1});
         continue;
       }
       const event e = q.top();
       q.pop();
       t = std::max(t, e.t);
-      if (e.epoch != epoch[e.r]) continue;  // evicted meanwhile: its session is gone
+      const std::uint32_t s = e.session;
       if (e.kind == 1) {
-        blocks[e.r] += turn_blocks;
-        p.on_blocks(e.r, level::ssd, blocks[e.r]);
-        p.on_access(e.r, ticks(t));
-        idle.push_back(e.r);
+        if (record_of[s] == none) continue;  // no record to be had: the session is lost
+        const std::uint32_t r = record_of[s];
+        history[s] += turn_blocks;
+        p.on_blocks(r, level::ssd, history[s]);
+        p.on_access(r, ticks(t));
+        idle.push_back(r);
         if (u(g) < continuation)
-          q.push({t + median * std::exp(sigma * z(g)), e.r, e.epoch, 0});
+          q.push({t + median * std::exp(sigma * z(g)), s, 0});
         else
-          q.push({t + 3600, e.r, e.epoch, 2});
+          q.push({t + 3600, s, 2});
       } else if (e.kind == 0) {
-        p.enqueue(e.r, ++pos, ticks(t));
-        p.dequeue(e.r);
-        p.on_access(e.r, ticks(t));
-        q.push({t + 5, e.r, e.epoch, 1});
+        if (record_of[s] == none) {  // evicted meanwhile: a miss, then stored afresh
+          p.on_miss(identity(s), ticks(t));
+          ++missed;
+          if (!take_record(s, t)) continue;
+        }
+        p.enqueue(record_of[s], ++pos, ticks(t));
+        p.dequeue(record_of[s]);
+        p.on_access(record_of[s], ticks(t));
+        q.push({t + 5, s, 1});
       } else if (e.kind == 2) {
-        p.on_erase(e.r);
-        ++epoch[e.r];
-        free.push_back(e.r);
+        if (record_of[s] != none) release(s);
       }
     }
     p.advance(ticks(t));
@@ -169,6 +194,124 @@ TEST_CASE("predictive: learned think time and session length converge to the tru
     CHECK(m.mean_turns() == Approx(s.true_mean_turns()).epsilon(0.15));
     CHECK(p.check_cells());
   }
+}
+
+TEST_CASE("predictive: a cache that evicts most sessions before they return still learns the truth (ghosts)") {
+  // Four idle sessions a second are evicted at random, about as many as turns end: most
+  // idle periods are cut within seconds, long before the 30 s median. Without ghosts the
+  // policy sees a return only from the few sessions kept that long (censoring leaves the
+  // tail and the share that returns to the prior); with them, it sees every return.
+  auto learn = [](std::uint32_t ghosts) {
+    predictive_options o = small_options(16384);
+    o.half_life_s = 1e6;
+    o.refit_every = 4096;
+    o.ghosts = ghosts;
+    auto p = std::make_unique<predictive>(o);
+    synthetic s;
+    s.median = 30;
+    s.sigma = 0.8;
+    s.continuation = 0.75;
+    s.evict_per_s = 4;
+    s.run(*p, 30000);
+    REQUIRE(s.missed > 10000);  // most returns found their session evicted
+    REQUIRE(p->check_cells());
+    return std::pair{std::move(p), s};
+  };
+  // Ghosts for the whole run's evictions (a ghost that leaves a full ring is censored
+  // there; past that age the tail is the prior's).
+  auto [with, s] = learn(1u << 17);
+  const return_model& m = with->model();
+  INFO("with ghosts: ghost returns " << with->ghost_returns() << " of " << m.returns_seen() << ", learned median "
+                                     << m.think_quantile(0.5) << " mean " << m.think_mean() << " continuation "
+                                     << m.continuation(1) << " / " << m.continuation(5));
+  CHECK(with->ghost_returns() > s.missed * 9 / 10);  // every miss of a ghost is a return
+  CHECK(m.think_quantile(0.5) == Approx(s.median).epsilon(0.08));
+  CHECK(m.think_mean() == Approx(s.true_mean()).epsilon(0.12));
+  CHECK(m.continuation(1) == Approx(s.continuation).margin(0.03));
+  CHECK(m.continuation(5) == Approx(s.continuation).margin(0.04));
+  // The same run without ghosts: the estimates are off (the contrast this feature exists for).
+  auto [without, s0] = learn(0);
+  const return_model& m0 = without->model();
+  INFO("without ghosts: learned mean " << m0.think_mean() << " continuation " << m0.continuation(1));
+  CHECK(without->ghost_returns() == 0);
+  CHECK(std::abs(m0.think_mean() / s0.true_mean() - 1) + std::abs(m0.continuation(1) - s0.continuation) > 0.15);
+}
+
+TEST_CASE("predictive: a ghost counts one return at its true idle age and keeps the session's turns") {
+  predictive_options o = small_options(8);
+  o.min_samples = 1000000;  // no refit changes what the test reads
+  predictive p(o);
+  // Session 7 (record 0): two turns, then evicted while idle 10 s after its turn end.
+  p.on_insert(0, ticks(0), 7);
+  p.on_blocks(0, level::ssd, 3);
+  p.on_access(0, ticks(0));  // turn 1 ends
+  p.enqueue(0, 1, ticks(20));
+  p.dequeue(0);
+  p.on_access(0, ticks(20));  // returns after 20 s
+  p.on_blocks(0, level::ssd, 6);
+  p.on_access(0, ticks(25));  // turn 2 ends at 25 s
+  const std::uint64_t returns = p.model().returns_seen();
+  REQUIRE(p.pick_victim(level::ssd, [](std::uint32_t) { return true; }) == 0);
+  p.on_erase(0);
+  CHECK(p.ghosts() == 1);
+  CHECK(p.model().returns_seen() == returns);  // not counted as anything yet
+  // Record 0 now holds another session; session 7 comes back at 85 s (60 s idle): a miss.
+  save_once(p, 0, 30);
+  p.on_miss(7, ticks(85));
+  CHECK(p.ghost_returns() == 1);
+  CHECK(p.model().returns_seen() == returns + 1);
+  p.on_miss(7, ticks(86));  // asked again before it is stored: still one return
+  CHECK(p.model().returns_seen() == returns + 1);
+  // Stored again under record 3: two turns so far, so its class is the 3-4 turn one after this save.
+  p.on_insert(3, ticks(90), 7);
+  CHECK(p.ghosts() == 0);
+  p.on_blocks(3, level::ssd, 9);
+  p.on_access(3, ticks(90));
+  CHECK(p.model().returns_seen() == returns + 1);
+  CHECK(p.check_cells());
+  // An unknown identity, and 0, change nothing.
+  p.on_miss(12345, ticks(91));
+  p.on_miss(0, ticks(91));
+  CHECK(p.ghost_returns() == 1);
+  // Stored again without a miss first: the insert counts the return.
+  REQUIRE(p.pick_victim(level::ssd, [](std::uint32_t r) { return r == 3; }) == 3);
+  p.on_erase(3);
+  p.on_insert(3, ticks(200), 7);
+  CHECK(p.ghost_returns() == 2);
+  CHECK(p.check_cells());
+}
+
+TEST_CASE("predictive: the ghost ring censors what leaves it, and keeps its index whole") {
+  predictive_options o = small_options(64);
+  o.ghosts = 16;
+  o.min_samples = 1000000;
+  predictive p(o);
+  std::mt19937_64 rng(3);
+  double t = 0;
+  std::uint64_t next_id = 1;
+  std::vector<std::uint64_t> id_of(64, 0);
+  for (int i = 0; i < 5000; ++i) {
+    t += 0.5;
+    const std::uint32_t r = std::uint32_t(rng() % 64);
+    if (!p.live(r)) {
+      id_of[r] = rng() % 4 == 0 && next_id > 40 ? next_id - 1 - rng() % 40 : next_id++;  // some come back
+      p.on_insert(r, ticks(t), id_of[r]);
+      p.on_blocks(r, level::ssd, 3);
+      p.on_access(r, ticks(t));
+    } else if (rng() % 3 == 0) {
+      p.on_miss(1 + rng() % next_id, ticks(t));
+    } else {
+      const std::uint32_t v = p.pick_victim(level::ssd, [](std::uint32_t) { return true; });
+      if (v != no_record) p.on_erase(v);
+    }
+    if (i % 100 == 0) REQUIRE(p.check_cells());
+    REQUIRE(p.ghosts() <= 16);
+  }
+  CHECK(p.ghost_returns() > 0);
+  CHECK(p.check_cells());
+  // Every idle period ended somehow: returns, censorings (evictions, ghosts that left
+  // the ring) and ends; ghosts still held are not counted yet.
+  CHECK(p.model().periods_seen() > 1000);
 }
 
 TEST_CASE("return_model: the prior at start, censoring, and decay by the start of a period") {
@@ -332,7 +475,8 @@ TEST_CASE("predictive: random events keep every invariant; bad options throw") {
     const std::uint32_t r = std::uint32_t(rng() % 128);
     switch (rng() % 9) {
       case 0:
-        p.on_insert(r, now);
+        if (rng() % 2) p.on_miss(1 + rng() % 512, now);
+        p.on_insert(r, now, 1 + rng() % 512);  // identities repeat: sessions come back
         break;
       case 1:
         p.on_erase(r);
@@ -377,6 +521,7 @@ TEST_CASE("predictive: random events keep every invariant; bad options throw") {
   bad([](predictive_options& o) { o.prefill_linear = o.prefill_quadratic = 0; });
   bad([](predictive_options& o) { o.refit_every = 0; });
   bad([](predictive_options& o) { o.prefetch_min_probability = 2; });
+  bad([](predictive_options& o) { o.ghosts = (1u << 30) + 1; });
 }
 
 TEST_CASE("predictive: the cost of an event or a decision does not grow with the sessions") {

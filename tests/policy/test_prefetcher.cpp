@@ -216,8 +216,8 @@ TEST_CASE("tiered_cache: a prefetched session closed or evicted mid-flight leaks
   REQUIRE(r1 != no_slot);
   REQUIRE(c.policy().blocks(r0, level::ssd) > 0);
   // Sessions 0 and 1 are queued: the prefetcher promotes them.
-  c.enqueue(r0, 1, 100);
-  c.enqueue(r1, 2, 100);
+  c.enqueue(sim::sim_session_hash(0), 1, 100);
+  c.enqueue(sim::sim_session_hash(1), 2, 100);
   c.plan_prefetch();
   auto* pf = c.prefetcher();
   REQUIRE(pf != nullptr);
@@ -314,7 +314,7 @@ TEST_CASE("tiered_cache: random turns, queues, completions and closes never leak
           break;
         }
         case 2:
-          c.enqueue(c.record_of(key), ++position, step);
+          c.enqueue(key, ++position, step);
           break;
         case 3:
           c.plan_prefetch();

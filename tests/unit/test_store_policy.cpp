@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/predictive.hpp"
 #include "attnstore/store.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
@@ -443,4 +444,44 @@ TEST_CASE("store predictive: it learns returns from the store's events (a lookup
   // Learning right gives 1533 (2026-11-26); with the events misread (blocks reported
   // after the access: every lookup looked like a turn's end) it was 990.
   CHECK(hits[1] >= 1300);
+}
+
+TEST_CASE("store predictive: a session it evicted and the engine asks for again is a return (ghost)") {
+  std::atomic<std::uint64_t> clock{1'000'000'000};
+  store_config c = small_config("", 6, 0);  // DRAM only: 6 blocks
+  policy::predictive* pred = nullptr;
+  c.make_policy = [&](std::uint32_t max_sessions) {
+    policy::predictive_options o;
+    o.max_sessions = max_sessions;
+    o.eviction_window = 4;
+    auto p = std::make_unique<policy::predictive>(o);
+    pred = p.get();
+    return p;
+  };
+  c.clock = [&] { return clock.load(); };
+  store s(c);
+  REQUIRE(pred != nullptr);
+  conversation a{1, 64}, b{2, 64}, d{3, 64};  // two blocks each
+  REQUIRE(put_all(s, a) == errc::ok);
+  clock += 1'000'000'000;
+  REQUIRE(put_all(s, b) == errc::ok);
+  clock += 1'000'000'000;
+  REQUIRE(put_all(s, d) == errc::ok);
+  clock += 1'000'000'000;
+  conversation e{4, 64};
+  REQUIRE(put_all(s, e) == errc::ok);  // DRAM is full: the policy names an idle victim
+  const std::uint32_t ghosts = pred->ghosts();
+  REQUIRE(ghosts == 1);
+  // Whichever it evicted, the engine asking for it again is a return it learns from:
+  // a lookup that misses, or the queue naming it.
+  std::uint64_t misses = 0;
+  for (const conversation* u : {&a, &b, &d}) misses += look(s, *u).tokens == 0;
+  REQUIRE(misses == 1);
+  CHECK(pred->ghost_returns() == 1);
+  const session_key queued[] = {key_of(a), key_of(b), key_of(d)};
+  s.set_queue(queued);  // the same session again: counted once
+  CHECK(pred->ghost_returns() == 1);
+  CHECK(pred->ghosts() == 1);  // remembered until it is stored again
+  for (const conversation* u : {&a, &b, &d}) REQUIRE(put_all(s, *u) == errc::ok);
+  CHECK(pred->check_cells());
 }

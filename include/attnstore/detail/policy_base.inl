@@ -38,7 +38,7 @@ inline void eviction_policy::idle_push_front(std::uint32_t r) noexcept {
 
 // ---- session events
 
-inline void eviction_policy::on_insert(std::uint32_t r, std::uint64_t now) noexcept {
+inline void eviction_policy::on_insert(std::uint32_t r, std::uint64_t now, std::uint64_t identity) noexcept {
   if (r >= s_.size()) return;
   if (s_[r].live) on_erase(r);  // a reused id: start afresh
   session_state& s = s_[r];
@@ -48,7 +48,7 @@ inline void eviction_policy::on_insert(std::uint32_t r, std::uint64_t now) noexc
   s.time = now;
   idle_push_front(r);
   ++live_;
-  inserted(r, now);
+  inserted(r, now, identity);
   reposition(r);
 }
 

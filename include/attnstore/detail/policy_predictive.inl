@@ -29,6 +29,14 @@ inline predictive::predictive(const predictive_options& o)
     for (std::uint32_t i = 0; i < cells; ++i) c.rank[i] = c.at[i] = std::uint16_t(i);
   }
   idle_count_.assign(return_model::classes * bins, 0);
+  refit_idle_.assign(return_model::classes * bins, 0);
+  if (o.ghosts > 0) {
+    if (o.ghosts > (1u << 30)) fail("ghosts must be at most 2^30");
+    ghost_.resize(o.ghosts);
+    std::uint32_t slots = 2;
+    while (slots < 2 * o.ghosts) slots *= 2;  // at most half full: short probes
+    ghost_index_.assign(slots, 0);
+  }
   for (std::uint32_t j = 0; j <= bins; ++j) {
     const double t = return_model::edge(j) * o.ticks_per_second;
     edge_ticks_[j] = t >= 1.8e19 ? std::numeric_limits<std::uint64_t>::max() : std::uint64_t(t);
@@ -162,6 +170,13 @@ inline void predictive::end_idle(std::uint32_t r, std::uint64_t now) noexcept {
 
 inline void predictive::advance(std::uint64_t now) noexcept {
   if (now > now_) now_ = now;
+  // Ghosts past the last age edge are censored there (the ring is in eviction order, so
+  // this is close to, not exactly, age order: a ghost may leave a little late).
+  while (ghost_size_ > 0) {
+    const ghost& g = ghost_[ghost_head_];
+    if (g.id != 0 && now_ - std::min(now_, g.t_end) < edge_ticks_[bins - 1]) break;
+    ghost_pop();
+  }
   // Low bins first, so that a session can cross several edges in one call; each FIFO
   // stays ordered by t0 (sessions enter a bin in the order they cross into it).
   for (std::uint32_t j = 0; j + 1 < bins; ++j) {
@@ -178,11 +193,24 @@ inline void predictive::advance(std::uint64_t now) noexcept {
 
 // ---- events
 
-inline void predictive::inserted(std::uint32_t r, std::uint64_t now) noexcept {
+inline void predictive::inserted(std::uint32_t r, std::uint64_t now, std::uint64_t identity) noexcept {
   advance(now);
   rec& x = r_[r];
   x = rec{};
   x.tracked = true;
+  x.id = identity;
+  if (const std::uint32_t at = identity ? ghost_find(identity) : none; at != none) {
+    // A session this policy evicted is stored again: it came back (if no miss said so
+    // first), and it keeps its turns and what it held.
+    ghost& g = ghost_[ghost_index_[at] - 1];
+    if (!g.returned) {
+      model_.add_return(g.cls, seconds(now_ - std::min(now_, g.t_end)));
+      ++ghost_returns_;
+    }
+    x.turns = g.turns;
+    x.last_total = g.blocks;
+    ghost_remove(at);
+  }
   x.cls = std::uint8_t(class_now(r));
   x.t0 = x.t_end = now_;
   bin_append(r, 0);
@@ -247,7 +275,9 @@ inline void predictive::forget(std::uint32_t r) noexcept {
   if (x.idle) {
     // Named as a victim: the cache cut the idle period short (censored). Otherwise its
     // owner removed it (closed, expired): it would not have come back.
-    if (x.victim)
+    if (x.victim && x.id != 0 && !ghost_.empty())
+      ghost_push(x);  // its idle period goes on without it: counted when it returns or leaves the ring
+    else if (x.victim)
       model_.add_censored(x.cls, seconds(now_ - std::min(now_, x.t_end)));
     else
       model_.add_ended(x.cls, seconds(now_ - std::min(now_, x.t_end)));
@@ -281,7 +311,15 @@ inline void predictive::refit() noexcept {
     }
     horizon_[l] = h;
   }
-  model_.refit(idle_count_, dt);
+  // Censored at their age now: sessions idle in the cache, and ghosts not asked for yet.
+  std::copy(idle_count_.begin(), idle_count_.end(), refit_idle_.begin());
+  for (std::uint32_t i = 0, cap = std::uint32_t(ghost_.size()); i < ghost_size_; ++i) {
+    const ghost& g = ghost_[(ghost_head_ + i) % cap];
+    if (g.id != 0 && !g.returned)
+      ++refit_idle_[std::uint32_t(g.cls) * bins + return_model::bin_of(seconds(now_ - std::min(now_, g.t_end)))];
+  }
+  work_ += ghost_size_;
+  model_.refit(refit_idle_, dt);
   learned_ = model_.periods_seen() >= o_.min_samples;
   if (learned_ && o_.horizon_s <= 0) {  // the index does not depend on the level
     for (std::uint32_t cls = 0; cls < return_model::classes; ++cls)
@@ -398,6 +436,77 @@ inline std::uint32_t predictive::collect_likely(std::uint32_t max) noexcept {
   return n;
 }
 
+// ---- ghosts
+
+namespace detail_predictive {
+inline std::uint32_t ghost_home(std::uint64_t id, std::size_t slots) noexcept {
+  return std::uint32_t((id * 0x9E3779B97F4A7C15ull) >> 32) & std::uint32_t(slots - 1);
+}
+}  // namespace detail_predictive
+
+inline std::uint32_t predictive::ghost_find(std::uint64_t id) const noexcept {
+  if (ghost_index_.empty()) return none;
+  const std::uint32_t mask = std::uint32_t(ghost_index_.size() - 1);
+  for (std::uint32_t i = detail_predictive::ghost_home(id, ghost_index_.size());; i = (i + 1) & mask) {
+    const std::uint32_t e = ghost_index_[i];
+    if (e == 0) return none;
+    if (ghost_[e - 1].id == id) return i;
+  }
+}
+
+inline void predictive::ghost_push(const rec& x) noexcept {
+  if (const std::uint32_t old = ghost_find(x.id); old != none) ghost_remove(old);  // cannot happen with distinct ids
+  const std::uint32_t cap = std::uint32_t(ghost_.size());
+  if (ghost_size_ == cap) ghost_pop();
+  const std::uint32_t slot = (ghost_head_ + ghost_size_++) % cap;
+  ghost_[slot] = ghost{x.id, x.t_end, x.turns, x.last_total, x.cls, false};
+  const std::uint32_t mask = std::uint32_t(ghost_index_.size() - 1);
+  std::uint32_t i = detail_predictive::ghost_home(x.id, ghost_index_.size());
+  while (ghost_index_[i] != 0) i = (i + 1) & mask;
+  ghost_index_[i] = slot + 1;
+  ++ghost_live_;
+}
+
+inline void predictive::ghost_remove(std::uint32_t position) noexcept {
+  ghost_[ghost_index_[position] - 1].id = 0;  // the ring slot leaves when it reaches the head
+  --ghost_live_;
+  // Backward-shift deletion: later entries of the probe run move up into the hole when
+  // their home does not lie between the hole and them.
+  const std::uint32_t mask = std::uint32_t(ghost_index_.size() - 1);
+  std::uint32_t hole = position;
+  for (std::uint32_t j = (hole + 1) & mask; ghost_index_[j] != 0; j = (j + 1) & mask) {
+    const std::uint32_t home = detail_predictive::ghost_home(ghost_[ghost_index_[j] - 1].id, ghost_index_.size());
+    if (((j - home) & mask) >= ((j - hole) & mask)) {
+      ghost_index_[hole] = ghost_index_[j];
+      hole = j;
+    }
+  }
+  ghost_index_[hole] = 0;
+}
+
+inline void predictive::ghost_pop() noexcept {
+  const ghost& g = ghost_[ghost_head_];
+  if (g.id != 0) {
+    if (!g.returned) model_.add_censored(g.cls, seconds(now_ - std::min(now_, g.t_end)));
+    ghost_remove(ghost_find(g.id));
+  }
+  ghost_head_ = (ghost_head_ + 1) % std::uint32_t(ghost_.size());
+  --ghost_size_;
+  ++work_;
+}
+
+inline void predictive::missed(std::uint64_t identity, std::uint64_t now) noexcept {
+  advance(now);
+  const std::uint32_t at = ghost_find(identity);
+  if (at == none) return;
+  ghost& g = ghost_[ghost_index_[at] - 1];
+  if (g.returned) return;  // asked for again before it was stored: one return
+  g.returned = true;
+  model_.add_return(g.cls, seconds(now_ - std::min(now_, g.t_end)));
+  ++ghost_returns_;
+  maybe_refit();
+}
+
 inline bool predictive::check_cells() const noexcept {
   if (!check()) return false;
   std::vector<std::uint32_t> idle(idle_count_.size(), 0);  // a test helper: may allocate
@@ -416,6 +525,17 @@ inline bool predictive::check_cells() const noexcept {
     if (prev != bin_tail_[j]) return false;
   }
   if (tracked != live_sessions() || idle != idle_count_) return false;
+  // Ghosts: every live one found by its id at its slot, the index holding nothing else.
+  std::uint32_t ghosts_live = 0, indexed = 0;
+  for (std::uint32_t i = 0; i < ghost_size_; ++i) {
+    const std::uint32_t slot = (ghost_head_ + i) % std::uint32_t(ghost_.size());
+    if (ghost_[slot].id == 0) continue;
+    ++ghosts_live;
+    const std::uint32_t at = ghost_find(ghost_[slot].id);
+    if (at == none || ghost_index_[at] != slot + 1) return false;
+  }
+  for (std::uint32_t e : ghost_index_) indexed += e != 0;
+  if (ghosts_live != ghost_live_ || indexed != ghost_live_) return false;
   for (std::uint32_t l = 0; l < level_count; ++l) {
     const level_cells& c = lv_[l];
     std::uint32_t members = 0;

@@ -24,20 +24,21 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                             \
-  X(lookups)                                                                                                    \
-  X(lookup_hits)                                                                                                \
-  X(lookup_misses)                                                                                              \
-  X(tokens_reusable)                                                                                            \
-  X(puts)                                                                                                       \
-  X(put_blocks)                                                                                                 \
-  X(put_rejected)                                                                                               \
-  X(put_failed)                                                                                                 \
-  X(gets) X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) \
-      X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)       \
-          X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)      \
-              X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)         \
-                  X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)          \
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                        \
+  X(lookups)                                                                                               \
+  X(lookup_hits)                                                                                           \
+  X(lookup_misses)                                                                                         \
+  X(tokens_reusable)                                                                                       \
+  X(puts)                                                                                                  \
+  X(put_blocks)                                                                                            \
+  X(put_rejected)                                                                                          \
+  X(put_failed)                                                                                            \
+  X(gets)                                                                                                  \
+  X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum)    \
+      X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)  \
+          X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) \
+              X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)    \
+                  X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)     \
                       X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
@@ -219,9 +220,12 @@ inline lookup_result store::lookup(const session_key& key, std::span<const token
                                    std::span<block_location> out) noexcept {
   detail::bump(counters_->lookups);
   lookup_result r;
-  if (locked_session s = index_->open(hash_session(key), false)) {
+  const session_hash h = hash_session(key);
+  if (locked_session s = index_->open(h, false)) {
     r = index_->lookup(s, model_, prompt, out);
     note(s, true);
+  } else {
+    note_miss(h);
   }
   if (r.tokens > 0) {
     detail::bump(counters_->lookup_hits);
@@ -365,13 +369,19 @@ inline void store::note(locked_session& s, bool accessed) noexcept {
   const std::uint32_t rec = s.record_id();
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
-  if (!policy_->live(rec)) policy_->on_insert(rec, t);
+  if (!policy_->live(rec)) policy_->on_insert(rec, t, identity_of(s.key()));
   // Blocks first, then the access: a policy that learns reads "an access after which the
   // session holds more blocks" as a turn's end, and one without new blocks as a return.
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
   if (accessed) policy_->on_access(rec, t);
   set_held_locked(rec, s.block_count());
+}
+
+inline void store::note_miss(const session_hash& key) noexcept {
+  const std::uint64_t t = now();
+  std::lock_guard lock(policy_mutex_);
+  policy_->on_miss(identity_of(key), t);
 }
 
 inline void store::erase_record(locked_session& s) noexcept {
@@ -438,7 +448,12 @@ inline void store::set_queue(std::span<const session_key> waiting) noexcept {
   for (std::size_t k = 0; k < n; ++k) queue_hashes_[k] = hash_session(waiting[k]);
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
-  for (std::size_t k = 0; k < n; ++k) queue_records_[k] = index_->find(queue_hashes_[k]);
+  for (std::size_t k = 0; k < n; ++k) {
+    queue_records_[k] = index_->find(queue_hashes_[k]);
+    // A queued session that is not stored has come back: a policy that evicted it learns
+    // its idle time (a ghost is counted once; later calls find it counted).
+    if (queue_records_[k] == no_slot) policy_->on_miss(identity_of(queue_hashes_[k]), t);
+  }
   // A record found here but erased before the policy hears of it is not live in the
   // policy, which skips it.
   policy_->set_queue(std::span<const std::uint32_t>(queue_records_.data(), n), t);
@@ -860,9 +875,11 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
                     " blocks; need block_count >= 1 and block_count x " + std::to_string(bb) + " bytes");
     return {errc::invalid_argument, 0, 0};
   }
-  locked_session s = index_->open(hash_session(key), false);
+  const session_hash h = hash_session(key);
+  locked_session s = index_->open(h, false);
   if (!s) {
     detail::bump(counters_->miss_not_found);
+    note_miss(h);
     return {errc::not_found, 0, 0};
   }
   // A truncated view is not whole blocks at block-aligned positions: it is loaded
@@ -874,9 +891,11 @@ inline get_result store::get(const session_key& key, std::span<const token_id> p
 inline get_result store::acquire(const session_key& key, std::span<const token_id> prompt,
                                  std::span<block_view> views) noexcept {
   detail::bump(counters_->gets);
-  locked_session s = index_->open(hash_session(key), false);
+  const session_hash h = hash_session(key);
+  locked_session s = index_->open(h, false);
   if (!s) {
     detail::bump(counters_->miss_not_found);
+    note_miss(h);
     return {errc::not_found, 0, 0};
   }
   get_result res = serve_locked(s, prompt, 0, std::uint32_t(views.size()), {}, views);

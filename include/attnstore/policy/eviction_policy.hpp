@@ -7,6 +7,7 @@
 //
 // The store tells the policy what happens (events) and asks it for victims (decisions):
 //   events     on_insert, on_erase, on_access, on_blocks   (session life and tiers)
+//              on_miss                                      (a session asked for, not stored)
 //              enqueue, dequeue, set_queue, set_window      (the engine's waiting queue)
 //   decisions  pick_victim(level, accept), next_expired(now, ttl)
 // Every event and every decision is O(1) or O(log n) (plus one step per candidate that
@@ -97,7 +98,15 @@ class eviction_policy {
   // ---- events: the store reports what happened. Unknown or dead records are ignored.
 
   /// `record` became live (a new session), holding no blocks yet. Counts as an access.
-  void on_insert(std::uint32_t record, std::uint64_t now) noexcept;
+  /// `identity`: a stable 64-bit name of the session (the store passes its key hash; 0:
+  /// none), by which a learning policy knows a session it evicted when it comes back.
+  void on_insert(std::uint32_t record, std::uint64_t now, std::uint64_t identity = 0) noexcept;
+  /// The engine asked for a session that is not stored (a lookup, or a queued request,
+  /// that missed); `identity` as given to on_insert (0 is ignored). A learning policy
+  /// counts the return of a session it evicted. O(1).
+  void on_miss(std::uint64_t identity, std::uint64_t now) noexcept {
+    if (identity != 0) missed(identity, now);
+  }
   /// `record` was removed from the index (its blocks are gone). Leaves the queue too.
   void on_erase(std::uint32_t record) noexcept;
   /// The session was used (lookup, save, load): it becomes the most recent. `now` is the
@@ -208,8 +217,14 @@ class eviction_policy {
   // defaults do nothing. Each is called once per event, after the base state is updated
   // and before reposition(); `now` is the caller's clock as given to the event.
   /// on_insert: `record` became live.
-  virtual void inserted(std::uint32_t record, std::uint64_t now) noexcept {
+  virtual void inserted(std::uint32_t record, std::uint64_t now, std::uint64_t identity) noexcept {
     (void)record;
+    (void)now;
+    (void)identity;
+  }
+  /// on_miss: a session that is not stored was asked for.
+  virtual void missed(std::uint64_t identity, std::uint64_t now) noexcept {
+    (void)identity;
     (void)now;
   }
   /// on_access: `previous` is the caller time of the session's previous access or

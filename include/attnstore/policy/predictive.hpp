@@ -31,9 +31,17 @@
 // its return (the next enqueue, or the next access without new blocks: a lookup); a
 // session erased while idle is censored (when this policy named it as a victim) or over
 // (anything else: closed by the engine, expired). Sessions idle now count as censored at
-// their age. Until `min_samples` idle periods have ended, the scores are LRU's (older is
-// worse in every class, up to the age bins; scheduler_aware with the window); after that
-// the model's prior (a generic think time) fills in what the data does not show yet.
+// their age. A victim the caller named (on_insert's identity) is remembered as a ghost
+// (its identity, turn end, class and turns; `ghosts` of them, in a ring with an
+// open-addressing index): when it is asked for again (on_miss) its return is counted at
+// its true idle age, and when it is stored again it keeps its turn count. Without
+// ghosts a small cache learns only from the sessions it kept: every idle period longer
+// than its residence time is censored early, and the tail of the think time and the
+// share of sessions that return stay the prior's. A ghost that is not asked for counts
+// as censored at its age when it leaves the ring (full, or older than the last age bin);
+// ghosts still waiting count as censored at their age at each refit. Until `min_samples` idle periods have ended, the
+// scores are LRU's (older is worse in every class, up to the age bins; scheduler_aware with the window); after that the
+// model's prior (a generic think time) fills in what the data does not show yet.
 //
 // Keeping the order valid while scores change with time, in O(1) per event and decision
 // (O(log n) for queued sessions): a score depends on a session only through its cell
@@ -97,6 +105,9 @@ struct predictive_options {
   double prior_weight = 8;          ///< pseudo-periods at risk per age bin for the model's prior
   double class_weight = 32;         ///< the same for a class's estimate toward its turn class
   std::uint32_t refit_every = 512;  ///< idle periods between refits of the score tables; >= 1
+  /// Evicted sessions remembered by identity, so that their returns are seen (above);
+  /// 0: none. Memory: 32 bytes and two 4-byte index slots per ghost.
+  std::uint32_t ghosts = 16384;
   /// for_each_likely(): sessions whose P(return within the DRAM horizon) is at least
   /// this. The DRAM horizon is how long a block stays in DRAM: blocks held / blocks
   /// leaving per second (Little's law), measured between refits.
@@ -145,6 +156,10 @@ class predictive final : public eviction_policy {
   /// of the last refit (or horizon_s when set). The prefetcher's horizon for DRAM.
   double horizon(level l) const noexcept { return horizon_[std::size_t(l)]; }
   std::uint64_t refits() const noexcept { return refits_; }
+  /// Returns counted through ghosts (sessions asked for after their eviction).
+  std::uint64_t ghost_returns() const noexcept { return ghost_returns_; }
+  /// Ghosts remembered now (not yet asked for, or asked for and not stored again).
+  std::uint32_t ghosts() const noexcept { return ghost_live_; }
   /// Elementary steps taken (list moves, age-edge crossings, bitset words and cell
   /// members scanned, heap updates): the tests' measure of cost per operation.
   std::uint64_t work() const noexcept { return work_; }
@@ -158,7 +173,7 @@ class predictive final : public eviction_policy {
   void reposition(std::uint32_t r) noexcept override;
   void forget(std::uint32_t r) noexcept override;
   std::uint32_t victim(level l, victim_filter accept, void* context) noexcept override;
-  void inserted(std::uint32_t r, std::uint64_t now) noexcept override;
+  void inserted(std::uint32_t r, std::uint64_t now, std::uint64_t identity) noexcept override;
   void accessed(std::uint32_t r, std::uint64_t previous, std::uint64_t now) noexcept override;
   void enqueued(std::uint32_t r, std::uint64_t now) noexcept override;
   void dequeued(std::uint32_t r) noexcept override { place(r); }
@@ -178,6 +193,7 @@ class predictive final : public eviction_policy {
     std::uint32_t last_total = 0;                   // total blocks at the last access
     std::uint32_t turns = 0;                        // turn ends seen
     std::uint32_t added = 0;                        // blocks the last turn added
+    std::uint64_t id = 0;                           // identity (0: none)
     std::uint16_t cell[level_count] = {no_cell, no_cell, no_cell};
     std::uint8_t bin = 0, cls = 0;
     bool tracked = false;  // in an age-bin FIFO (live)
@@ -206,6 +222,19 @@ class predictive final : public eviction_policy {
   void refit() noexcept;
   void rank_cells(std::uint32_t l) noexcept;
   std::uint32_t collect_likely(std::uint32_t max) noexcept;
+  // ghosts (evicted sessions remembered by identity)
+  struct ghost {
+    std::uint64_t id = 0;     // 0: removed (the slot waits to leave the ring)
+    std::uint64_t t_end = 0;  // the turn end its idle period started at (ticks)
+    std::uint32_t turns = 0, blocks = 0;
+    std::uint8_t cls = 0;
+    bool returned = false;  // asked for since (on_miss): its return is counted
+  };
+  std::uint32_t ghost_find(std::uint64_t id) const noexcept;  // index position, or none
+  void ghost_push(const rec& x) noexcept;
+  void ghost_remove(std::uint32_t position) noexcept;  // by index position
+  void ghost_pop() noexcept;                           // the oldest
+  void missed(std::uint64_t identity, std::uint64_t now) noexcept override;
 
   predictive_options o_;
   return_model model_;
@@ -227,6 +256,11 @@ class predictive final : public eviction_policy {
   double value_[return_model::size_classes] = {};
   double index_[cells] = {};
   std::uint64_t refits_ = 0, work_ = 0;
+  std::vector<ghost> ghost_;                // ring, oldest eviction at ghost_head_
+  std::vector<std::uint32_t> ghost_index_;  // open addressing by id: ring slot + 1; 0 empty
+  std::uint32_t ghost_head_ = 0, ghost_size_ = 0, ghost_live_ = 0;
+  std::vector<std::uint32_t> refit_idle_;  // classes x bins: idle sessions and waiting ghosts
+  std::uint64_t ghost_returns_ = 0;
 };
 
 }  // namespace attnstore::policy
