@@ -29,6 +29,7 @@
 #include <deque>
 #include <optional>
 #include <queue>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -86,7 +87,12 @@ struct sim_config {
   /// drain after the last new session are simulated but not counted).
   double warmup_fraction = 0.2;
   bool close_on_last = false;  ///< the engine closes a session after its last turn
-  bool check = false;          ///< verify the cache's invariants every 1000 events (slow)
+  /// Engine hints (store::hint): the share of turns whose user is seen to start typing
+  /// (a composing hint when typing starts: trace::request::typing before the arrival),
+  /// and of sessions whose user is seen to leave (a left hint at trace::request::leave
+  /// after the last reply). Traces without those times give no hints.
+  double hint_composing = 0, hint_left = 0;
+  bool check = false;  ///< verify the cache's invariants every 1000 events (slow)
 };
 
 /// Runs with all history hits from DRAM and no capacity limit, to measure the working set.
@@ -187,18 +193,23 @@ class engine_sim {
       const double t_next = arrivals_.empty() ? inf : arrivals_.top().time;
       const double t_arrival = std::min(t_first, t_next);
       const double t_io = io_.empty() ? inf : io_.top().time;
+      const double t_hint = hints_.empty() ? inf : hints_.top().time;
       double t_engine = inf;
       const double tau = step_time();
       if (prefilling_ != none_idx)
         t_engine = busy_until_;
       else if (!running_.empty())
         t_engine = now_ + std::max(0.0, running_.top().finish - v_) * tau;
-      const double t = std::min({t_arrival, t_io, t_engine});
+      const double t = std::min({t_arrival, t_io, t_engine, t_hint});
       if (t == inf) break;
       advance(t, tau);
       ++events;
       if (c_.check && cache_ && events % 1000 == 0) verify();
-      if (t_io <= t_arrival && t_io <= t_engine) {
+      if (t_hint < t_io && t_hint < t_arrival && t_hint < t_engine) {
+        const hint_event ev = hints_.top();
+        hints_.pop();
+        cache_->hint(sim_session_hash(ev.session), ev.hint, us(now_));
+      } else if (t_io <= t_arrival && t_io <= t_engine) {
         const io_event ev = io_.top();
         io_.pop();
         cache_->io_complete(ev.record, ev.ticket);
@@ -292,6 +303,12 @@ class engine_sim {
     double time;
     std::uint32_t request;
     bool operator>(const timed& o) const { return time > o.time || (time == o.time && request > o.request); }
+  };
+  struct hint_event {
+    double time;
+    std::uint32_t session;
+    policy::session_hint hint;
+    bool operator>(const hint_event& o) const { return time > o.time || (time == o.time && session > o.session); }
   };
   struct running_entry {
     double finish;  // decode step count at which the reply is complete
@@ -554,6 +571,7 @@ class engine_sim {
     if (cache_) {
       cache_->save(key, s.tokens, us(now_), next_use_after(qi, now_));
       if (last && c_.close_on_last) cache_->close(key);
+      schedule_hint(qi, last);
     }
     if (last) {
       std::vector<token_id>().swap(s.tokens);
@@ -563,6 +581,21 @@ class engine_sim {
     live_tokens_ += s.live;
     const trace::request& n = w_.requests[qi + 1];
     arrivals_.push({w_.open_loop ? std::max(now_, n.arrival) : now_ + n.think, qi + 1});
+  }
+
+  /// What the front end would see next of this session's user, if it is seen at all.
+  void schedule_hint(std::uint32_t qi, bool last) {
+    if (last) {
+      const double leave = w_.requests[qi].leave;
+      if (leave > 0 && c_.hint_left > 0 && hint_draw_(hint_rng_) < c_.hint_left)
+        hints_.push({now_ + leave, w_.requests[qi].session, policy::session_hint::left});
+      return;
+    }
+    const trace::request& n = w_.requests[qi + 1];
+    if (n.typing > 0 && c_.hint_composing > 0 && hint_draw_(hint_rng_) < c_.hint_composing) {
+      const double arrival = w_.open_loop ? std::max(now_, n.arrival) : now_ + n.think;
+      hints_.push({std::max(now_, arrival - n.typing), n.session, policy::session_hint::composing});
+    }
   }
 
   void verify() {
@@ -587,6 +620,9 @@ class engine_sim {
   std::priority_queue<timed, std::vector<timed>, std::greater<>> arrivals_;
   std::priority_queue<running_entry, std::vector<running_entry>, std::greater<>> running_;
   std::priority_queue<io_event, std::vector<io_event>, std::greater<>> io_;
+  std::priority_queue<hint_event, std::vector<hint_event>, std::greater<>> hints_;
+  std::mt19937_64 hint_rng_{0x68696e74};  // which turns and sessions the front end sees
+  std::uniform_real_distribution<double> hint_draw_{0.0, 1.0};
   std::deque<std::uint32_t> queue_;
   std::uint64_t queue_seq_ = 0;
   std::vector<double> checkpoints_;  // simulated times at which predictive's estimates are recorded

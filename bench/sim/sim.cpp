@@ -74,6 +74,9 @@ struct cli {
                "  --watermark F           DRAM fraction kept free (default 0.02)\n"
                "  --ttl S                 expire sessions idle for S seconds (default off)\n"
                "  --close-on-last         the engine closes a session after its last turn\n"
+               "  --hint-composing P      the engine says when a user starts typing, for a share P of\n"
+               "                          turns (store::hint composing; predictive learns from it)\n"
+               "  --hint-left P           ... and when a user leaves, for a share P of sessions\n"
                "  --pcie-gbps X           host-to-GPU bandwidth, all GPUs (default 104 = 4 x 26)\n"
                "  --ssd-read-gbps X       SSD read bandwidth (default 5)\n"
                "  --ssd-write-gbps X      SSD write bandwidth (default 4)\n"
@@ -105,6 +108,12 @@ double number(const char* s, const char* what) {
   char* end = nullptr;
   const double v = std::strtod(s, &end);
   if (!end || *end || !std::isfinite(v) || v < 0) usage(std::string("bad number for ") + what + ": " + s);
+  return v;
+}
+
+double share(const char* s, const char* what) {
+  const double v = number(s, what);
+  if (v > 1) usage(std::string(what) + " is a share of turns or sessions, in [0, 1]: " + s);
   return v;
 }
 
@@ -199,6 +208,10 @@ cli parse(int argc, char** argv) {
       c.config.tiers.ttl_s = number(val(), a.c_str());
     else if (a == "--close-on-last")
       c.config.close_on_last = true;
+    else if (a == "--hint-composing")
+      c.config.hint_composing = share(val(), a.c_str());
+    else if (a == "--hint-left")
+      c.config.hint_left = share(val(), a.c_str());
     else if (a == "--pcie-gbps")
       c.config.tiers.pcie_bytes_per_s = number(val(), a.c_str()) * 1e9;
     else if (a == "--ssd-read-gbps")

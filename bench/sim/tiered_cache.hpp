@@ -371,6 +371,13 @@ class tiered_cache {
     return s ? s.record_id() : no_slot;
   }
 
+  /// A hint about the user of a stored session (store::hint); nothing when not stored.
+  void hint(const session_hash& key, policy::session_hint h, std::uint64_t now) {
+    const std::uint32_t r = record_of(key);
+    if (r == no_slot) return;
+    policy_->on_hint(r, h, now);
+  }
+
   /// The session's next turn entered the engine queue at `position`. The engine calls
   /// plan_prefetch() once it has scheduled what it can (only what still waits is worth
   /// fetching).

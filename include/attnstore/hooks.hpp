@@ -84,6 +84,8 @@ class hooks {
   /// The engine's waiting queue, first to run first. The store keeps these sessions'
   /// KV out of eviction's way while others can go (see store::set_queue).
   void set_queue(std::span<const session_key> waiting) noexcept;
+  /// The user is typing the session's next turn, or has gone (store::hint).
+  errc hint(const session_key& session, policy::session_hint h) noexcept { return store_.hint(session, h); }
   /// The conversation is over: its KV is dropped from every tier.
   errc close_session(const session_key& session) noexcept { return store_.drop(session); }
 

@@ -243,6 +243,12 @@ class store {
   /// promoting the first ones from SSD to DRAM. Past queue_window entries the rest of
   /// the queue is ignored. Sessions not stored yet are skipped.
   void set_queue(std::span<const session_key> waiting) noexcept;
+  /// What the engine's front end knows about an idle session's user: typing its next
+  /// turn (policy::session_hint::composing), or gone (left). The "predictive" policy
+  /// learns what each hint is followed by and keeps, drops and prefetches by it (a
+  /// composing user's session is promoted from SSD ahead of its turn); the other
+  /// policies ignore hints. Returns ok, or not_found when the session is not stored.
+  errc hint(const session_key& key, policy::session_hint hint) noexcept;
 
   /// Spare HBM lent by the engine: after a turn the engine may keep `blocks` blocks of the
   /// session's KV in its own GPU pages (the store keeps its saved copy as well), so the

@@ -31,6 +31,13 @@ struct request {
   std::uint32_t output_tokens = 0;  ///< reply tokens
   double arrival = 0;               ///< seconds from the trace start when the prompt is sent
   double think = 0;                 ///< seconds from the previous reply's end (0 for turn 0)
+  /// The part of `think` the user spent typing this prompt (the rest: reading the last
+  /// reply); 0: not known. The simulator's typing indicator (a composing hint) fires when
+  /// typing starts.
+  double typing = 0;
+  /// Last turn of a session only: seconds after its reply when the user left (the
+  /// simulator's "left" hint); 0: not known, or not the last turn.
+  double leave = 0;
 };
 
 /// Sessions, each a contiguous run of requests in turn order; sessions are ordered by

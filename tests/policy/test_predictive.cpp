@@ -314,6 +314,86 @@ TEST_CASE("predictive: the ghost ring censors what leaves it, and keeps its inde
   CHECK(p.model().periods_seen() > 1000);
 }
 
+TEST_CASE("predictive: hints are learned like think times: a user seen typing is kept, one who left goes first") {
+  // Training: a new one-turn session every 0.5 s. 20 s after its turn ends its user is
+  // seen either typing (3 in 4: the next turn comes 5 s later, then the session is
+  // closed) or leaving (closed an hour later, never back).
+  predictive_options o = small_options(16384);
+  o.min_samples = 200;
+  o.refit_every = 256;
+  predictive p(o);
+  struct event {
+    double t;
+    std::uint32_t r;
+    int kind;  // 0 hint, 1 return, 2 second save, 3 close
+    bool operator>(const event& e) const { return t > e.t; }
+  };
+  std::priority_queue<event, std::vector<event>, std::greater<>> q;
+  std::mt19937_64 g(9);
+  std::vector<std::uint32_t> free;
+  std::vector<bool> typing(o.max_sessions, false);
+  for (std::uint32_t r = o.max_sessions; r-- > 3;) free.push_back(r);  // records 0-2: the test's
+  double t = 0;
+  std::uint64_t pos = 0;
+  for (double next = 0; next < 20000;) {
+    if (!q.empty() && q.top().t < next) {
+      const event e = q.top();
+      q.pop();
+      t = e.t;
+      if (e.kind == 0) {
+        p.on_hint(e.r, typing[e.r] ? session_hint::composing : session_hint::left, ticks(t));
+        q.push({typing[e.r] ? t + 5 : t + 3600, e.r, typing[e.r] ? 1 : 3});
+      } else if (e.kind == 1) {
+        p.enqueue(e.r, ++pos, ticks(t));
+        p.dequeue(e.r);
+        p.on_access(e.r, ticks(t));
+        q.push({t + 1, e.r, 2});
+      } else if (e.kind == 2) {
+        p.on_blocks(e.r, level::ssd, 6);
+        p.on_access(e.r, ticks(t));
+        q.push({t + 1, e.r, 3});
+      } else {
+        p.on_erase(e.r);
+        free.push_back(e.r);
+      }
+      continue;
+    }
+    t = next;
+    next += 0.5;
+    REQUIRE(!free.empty());
+    const std::uint32_t r = free.back();
+    free.pop_back();
+    typing[r] = g() % 4 != 0;
+    save_once(p, r, t);
+    q.push({t + 20, r, 0});
+  }
+  REQUIRE(p.learned());
+  // Three sessions like those: Y and Z saved 22 s ago, Y's user seen typing 2 s ago and
+  // Z's seen leaving; X saved 10 s ago, no hint yet. Z goes first (nobody who left came
+  // back), then X (3 in 4 will type, in 10 s), then Y (typing: back within seconds).
+  save_once(p, 0, t - 22);  // Y
+  save_once(p, 1, t - 22);  // Z
+  save_once(p, 2, t - 10);  // X
+  p.on_hint(0, session_hint::composing, ticks(t - 2));
+  p.on_hint(1, session_hint::left, ticks(t - 2));
+  p.on_hint(1, session_hint::left, ticks(t - 1));  // a repeat changes nothing
+  p.advance(ticks(t));
+  REQUIRE(p.check_cells());
+  CHECK(p.return_probability(0, level::ssd) > p.return_probability(2, level::ssd));
+  CHECK(p.return_probability(2, level::ssd) > p.return_probability(1, level::ssd));
+  for (std::uint32_t want : {1u, 2u, 0u}) {
+    CHECK(p.pick_victim(level::ssd, [](std::uint32_t r) { return r < 3; }) == want);
+    p.on_erase(want);
+  }
+  // A hint for a session in use (not idle) is ignored.
+  save_once(p, 0, t);
+  p.enqueue(0, ++pos, ticks(t + 1));
+  const std::uint64_t periods = p.model().periods_seen();
+  p.on_hint(0, session_hint::left, ticks(t + 2));
+  CHECK(p.model().periods_seen() == periods);
+  CHECK(p.check_cells());
+}
+
 TEST_CASE("return_model: the prior at start, censoring, and decay by the start of a period") {
   return_model m(3600, 8);
   // The prior: 80% continue, think median 60 s.

@@ -168,6 +168,32 @@ TEST_CASE("trace: the think preset: reading + typing, a heavy tail, users who le
   CHECK(st.mean_turns > 4.5);
   CHECK(think.back() <= 3600 + 1.0 * 1500);
   CHECK(double(st.sessions) / st.duration == Approx(0.6).margin(0.03));
+  // What a front end would see: the typing part of each think time, and when each user
+  // left (after the last reply, or out of patience before a turn that never came).
+  std::uint64_t typed = 0, left = 0, complete = 0;
+  for (std::uint32_t s = 0; s < w.sessions(); ++s) {
+    auto turns = w.session(s);
+    for (std::size_t k = 0; k < turns.size(); ++k) {
+      const trace::request& r = turns[k];
+      if (k > 0) {
+        REQUIRE(r.typing > 0);
+        REQUIRE(r.typing <= r.think + 1e-9);
+        ++typed;
+      } else {
+        REQUIRE(r.typing == 0);
+      }
+      const bool last = k + 1 == turns.size();
+      if (!last) REQUIRE(r.leave == 0);
+      if (last && s + 1 < w.sessions()) {  // the trace's last session may be cut by the request count
+        REQUIRE(r.leave > 0);
+        ++complete;
+        left += r.leave > 30;  // out of patience (at least 30 s) or a long read
+      }
+    }
+  }
+  CHECK(typed == think.size());
+  CHECK(complete == w.sessions() - 1);
+  CHECK(left > 0);
 }
 
 TEST_CASE("trace: the diurnal preset: arrivals follow the day") {

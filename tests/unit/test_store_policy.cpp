@@ -485,3 +485,18 @@ TEST_CASE("store predictive: a session it evicted and the engine asks for again 
   for (const conversation* u : {&a, &b, &d}) REQUIRE(put_all(s, *u) == errc::ok);
   CHECK(pred->check_cells());
 }
+
+TEST_CASE("store hint: the engine says a user is typing or left; unknown sessions are not_found") {
+  for (const char* name : {"lru", "scheduler_aware", "predictive"}) {
+    store_config c = small_config("", 8, 0);
+    c.eviction_policy = name;
+    store s(c);
+    conversation a{1, 64};
+    CHECK(s.hint(key_of(a), policy::session_hint::composing) == errc::not_found);
+    REQUIRE(put_all(s, a) == errc::ok);
+    CHECK(s.hint(key_of(a), policy::session_hint::composing) == errc::ok);
+    CHECK(s.hint(key_of(a), policy::session_hint::left) == errc::ok);
+    // A hint changes no data: the session is served as saved.
+    CHECK(look(s, a).tokens == a.tokens);
+  }
+}

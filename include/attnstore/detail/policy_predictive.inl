@@ -58,7 +58,7 @@ inline predictive::predictive(const predictive_options& o)
 
 inline std::uint32_t predictive::class_now(std::uint32_t r) const noexcept {
   return return_model::class_of(r_[r].turns, std::uint64_t(total_blocks(r)) * o_.tokens_per_block,
-                                std::uint64_t(r_[r].added) * o_.tokens_per_block);
+                                std::uint64_t(r_[r].added) * o_.tokens_per_block, r_[r].phase);
 }
 
 inline void predictive::bin_unlink(std::uint32_t r) noexcept {
@@ -166,6 +166,29 @@ inline void predictive::end_idle(std::uint32_t r, std::uint64_t now) noexcept {
   rec& x = r_[r];
   model_.add_return(x.cls, seconds(now - std::min(now, x.t_end)));
   set_idle(r, false);
+  x.phase = 0;  // in use: hints were about the idle period that ended
+  x.cls = std::uint8_t(class_now(r));
+}
+
+inline void predictive::hinted(std::uint32_t r, session_hint hint, std::uint64_t now) noexcept {
+  advance(now);
+  rec& x = r_[r];
+  const std::uint8_t phase = hint == session_hint::composing ? 1 : hint == session_hint::left ? 2 : 0;
+  // Only an idle session's user can be typing its next turn or gone; a repeat says nothing new.
+  if (!x.tracked || !x.idle || phase == 0 || phase == x.phase || queued(r)) return;
+  const double gap = seconds(now_ - std::min(now_, x.t_end));
+  if (phase == 1)
+    model_.add_return(x.cls, gap);  // the old phase's period ends toward a return
+  else
+    model_.add_ended(x.cls, gap);  // ... or away from one
+  set_idle(r, false);
+  x.phase = phase;
+  x.cls = std::uint8_t(class_now(r));
+  x.t_end = now_;  // the new phase's period starts at the hint
+  restart_age(r, now_);
+  set_idle(r, true);
+  place(r);
+  maybe_refit();
 }
 
 inline void predictive::advance(std::uint64_t now) noexcept {
@@ -226,6 +249,7 @@ inline void predictive::accessed(std::uint32_t r, std::uint64_t previous, std::u
   restart_age(r, now_);
   if (total > x.last_total) {  // a save: a turn ended
     ++x.turns;
+    x.phase = 0;
     x.added = total - x.last_total;
     x.cls = std::uint8_t(class_now(r));
     x.t_end = now_;

@@ -24,22 +24,23 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                        \
-  X(lookups)                                                                                               \
-  X(lookup_hits)                                                                                           \
-  X(lookup_misses)                                                                                         \
-  X(tokens_reusable)                                                                                       \
-  X(puts)                                                                                                  \
-  X(put_blocks)                                                                                            \
-  X(put_rejected)                                                                                          \
-  X(put_failed)                                                                                            \
-  X(gets)                                                                                                  \
-  X(blocks_served_dram) X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum)    \
-      X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)  \
-          X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) \
-              X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)    \
-                  X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)     \
-                      X(watermark_demoted_blocks) X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                            \
+  X(lookups)                                                                                                   \
+  X(lookup_hits)                                                                                               \
+  X(lookup_misses)                                                                                             \
+  X(tokens_reusable)                                                                                           \
+  X(puts)                                                                                                      \
+  X(put_blocks)                                                                                                \
+  X(put_rejected)                                                                                              \
+  X(put_failed)                                                                                                \
+  X(gets)                                                                                                      \
+  X(blocks_served_dram)                                                                                        \
+  X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error)             \
+      X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions)   \
+          X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)   \
+              X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started)          \
+                  X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) \
+                      X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -459,6 +460,18 @@ inline void store::set_queue(std::span<const session_key> waiting) noexcept {
   policy_->set_queue(std::span<const std::uint32_t>(queue_records_.data(), n), t);
   size_windows_locked(n);
   plan_prefetch_locked(false);
+}
+
+inline errc store::hint(const session_key& key, policy::session_hint hint) noexcept {
+  const session_hash h = hash_session(key);  // outside the policy mutex
+  const std::uint64_t t = now();
+  std::lock_guard lock(policy_mutex_);
+  const std::uint32_t rec = index_->find(h);
+  if (rec == no_slot || !policy_->live(rec)) return errc::not_found;
+  policy_->on_hint(rec, hint, t);
+  // A user about to send may be worth bringing up from SSD now.
+  if (hint == policy::session_hint::composing) plan_prefetch_locked(true);
+  return errc::ok;
 }
 
 inline std::uint32_t store::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict) noexcept {

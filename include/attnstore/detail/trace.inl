@@ -160,6 +160,9 @@ inline workload generate(const generator_options& o) {
   w.name = o.name;
   w.open_loop = false;
   detail::rng g(o.seed);
+  // When users leave (trace::request::leave) is drawn apart, so that the other draws,
+  // and every trace made before it existed, stay the same.
+  detail::rng leave_g(o.seed ^ 0x6c656176655f6174ull);
   const std::uint64_t limit = o.requests ? o.requests : ~0ull;
   if (o.requests) w.requests.reserve(o.requests);
   double t = 0;
@@ -190,14 +193,28 @@ inline workload generate(const generator_options& o) {
       r.input_tokens = std::uint32_t(std::lround(g.sample(k == 0 ? o.first_input : o.input)));
       r.output_tokens = std::uint32_t(std::lround(g.sample(o.output)));
       if (k > 0) {
-        r.think = g.sample(o.think);
+        r.typing = g.sample(o.think);
+        r.think = r.typing;
         const std::uint32_t prev_output = w.requests.back().output_tokens;
         if (o.read_per_token.median != 0) r.think += prev_output * g.sample(o.read_per_token);
-        if (o.patience.median != 0 && r.think > g.sample(o.patience)) break;  // the user left
+        if (o.patience.median != 0) {
+          const double patience = g.sample(o.patience);
+          if (r.think > patience) {  // the user left, out of patience
+            w.requests.back().leave = patience;
+            break;
+          }
+        }
         arrival += prev_output * o.nominal_seconds_per_output_token + r.think;
       }
       r.arrival = arrival;
       w.requests.push_back(r);
+      if (k + 1 == turns) {
+        // The conversation is over: the user reads the last reply, then leaves.
+        const request& last = w.requests.back();
+        w.requests.back().leave = o.read_per_token.median != 0
+                                      ? 1 + last.output_tokens * leave_g.sample(o.read_per_token)
+                                      : leave_g.sample(o.think);
+      }
     }
   }
   w.first.push_back(std::uint32_t(w.requests.size()));

@@ -8,6 +8,7 @@
 // The store tells the policy what happens (events) and asks it for victims (decisions):
 //   events     on_insert, on_erase, on_access, on_blocks   (session life and tiers)
 //              on_miss                                      (a session asked for, not stored)
+//              on_hint                                      (the engine knows the user is typing, or left)
 //              enqueue, dequeue, set_queue, set_window      (the engine's waiting queue)
 //   decisions  pick_victim(level, accept), next_expired(now, ttl)
 // Every event and every decision is O(1) or O(log n) (plus one step per candidate that
@@ -60,6 +61,12 @@ constexpr std::string_view to_string(level l) noexcept {
   return "unknown";
 }
 
+/// What an engine's front end knows about an idle session's user (on_hint, store::hint).
+enum class session_hint : std::uint8_t {
+  composing = 1,  ///< the user is typing the next turn (a typing indicator): a return is near
+  left = 2,       ///< the user closed the conversation or went away: a return, if any, is far off
+};
+
 /// "No record" (the same value as attnstore::no_slot).
 inline constexpr std::uint32_t no_record = ~0u;
 
@@ -106,6 +113,12 @@ class eviction_policy {
   /// counts the return of a session it evicted. O(1).
   void on_miss(std::uint64_t identity, std::uint64_t now) noexcept {
     if (identity != 0) missed(identity, now);
+  }
+  /// A hint about the user of an idle session. A learning policy (predictive) ranks the
+  /// session by what such hints have been followed by, learned like think times; the
+  /// others ignore hints. O(1).
+  void on_hint(std::uint32_t record, session_hint hint, std::uint64_t now) noexcept {
+    if (live(record)) hinted(record, hint, now);
   }
   /// `record` was removed from the index (its blocks are gone). Leaves the queue too.
   void on_erase(std::uint32_t record) noexcept;
@@ -221,6 +234,12 @@ class eviction_policy {
     (void)record;
     (void)now;
     (void)identity;
+  }
+  /// on_hint: a hint about a live record's user.
+  virtual void hinted(std::uint32_t record, session_hint hint, std::uint64_t now) noexcept {
+    (void)record;
+    (void)hint;
+    (void)now;
   }
   /// on_miss: a session that is not stored was asked for.
   virtual void missed(std::uint64_t identity, std::uint64_t now) noexcept {

@@ -39,7 +39,14 @@
 // than its residence time is censored early, and the tail of the think time and the
 // share of sessions that return stay the prior's. A ghost that is not asked for counts
 // as censored at its age when it leaves the ring (full, or older than the last age bin);
-// ghosts still waiting count as censored at their age at each refit. Until `min_samples` idle periods have ended, the
+// ghosts still waiting count as censored at their age at each refit.
+//
+// Hints (on_hint): an engine whose front end sees the user typing, or leaving, says so.
+// The hint ends the idle period of the session's phase (composing: as a return; left: as
+// an end) and starts one in the hint's phase, with its own classes and age origin: the
+// policy learns what a hint is worth (how soon a typing user sends, how often a user who
+// left comes back) the way it learns think times, and ranks by that. Without hints the
+// phase is always 0 and nothing changes. Until `min_samples` idle periods have ended, the
 // scores are LRU's (older is worse in every class, up to the age bins; scheduler_aware with the window); after that the
 // model's prior (a generic think time) fills in what the data does not show yet.
 //
@@ -194,6 +201,7 @@ class predictive final : public eviction_policy {
     std::uint32_t turns = 0;                        // turn ends seen
     std::uint32_t added = 0;                        // blocks the last turn added
     std::uint64_t id = 0;                           // identity (0: none)
+    std::uint8_t phase = 0;                         // hint since the turn end: 0 none, 1 composing, 2 left
     std::uint16_t cell[level_count] = {no_cell, no_cell, no_cell};
     std::uint8_t bin = 0, cls = 0;
     bool tracked = false;  // in an age-bin FIFO (live)
@@ -235,6 +243,7 @@ class predictive final : public eviction_policy {
   void ghost_remove(std::uint32_t position) noexcept;  // by index position
   void ghost_pop() noexcept;                           // the oldest
   void missed(std::uint64_t identity, std::uint64_t now) noexcept override;
+  void hinted(std::uint32_t r, session_hint hint, std::uint64_t now) noexcept override;
 
   predictive_options o_;
   return_model model_;

@@ -3,8 +3,12 @@
 //
 // An idle period starts when a turn ends (the session's KV was saved) and ends when the
 // session returns (its next request arrives), or is censored: the session was dropped
-// while idle, or is still idle. The model keeps, per session class (turns so far x
-// history size x tokens the last turn added) and per age bin (log-spaced: 0.5 s, then x1.5 per bin, the last bin from
+// while idle, or is still idle. An engine hint (the user is composing the next turn, or
+// left) ends the period of the phase it was in (a hint to compose as a return, a hint
+// that the user left as an end) and starts one in the hint's phase, whose returns are
+// learned apart: what "typing" or "gone" is worth is measured, not assumed. The model
+// keeps, per session class (phase x turns so far x history size x tokens the last turn
+// added) and per age bin (log-spaced: 0.5 s, then x1.5 per bin, the last bin from
 // ~5.3 hours on), decayed counts of returns and censorings, and estimates the hazard of
 // returning in each bin with the actuarial (life-table) form of Kaplan-Meier, so that
 // censoring by the cache's own evictions does not bias it. Decay is by the time a period
@@ -40,7 +44,10 @@ class return_model {
   /// Tokens the last turn added (its prompt and reply): < 256, < 640, more. A long reply
   /// takes long to read.
   static constexpr std::uint32_t growth_classes = 3;
-  static constexpr std::uint32_t classes = turn_classes * size_classes * growth_classes;
+  /// Since the turn end: no hint (0), the user is composing (1), the user left (2).
+  static constexpr std::uint32_t phases = 3;
+  static constexpr std::uint32_t groups = phases * turn_classes;  ///< phase x turns: the classes' shrinkage targets
+  static constexpr std::uint32_t classes = groups * size_classes * growth_classes;
   static constexpr double first_edge_s = 0.5;  ///< upper edge of bin 0
   static constexpr double bin_ratio = 1.5;     ///< each later bin is this much wider
 
@@ -88,11 +95,14 @@ class return_model {
   }
   static std::uint32_t growth_class(std::uint64_t tokens) noexcept { return tokens < 256 ? 0 : tokens < 640 ? 1 : 2; }
   /// The class of a session after `turns` turns, holding `tokens` of history, the last
-  /// turn having added `added` tokens.
-  static std::uint32_t class_of(std::uint32_t turns, std::uint64_t tokens, std::uint64_t added) noexcept {
-    return (turn_class(turns) * size_classes + size_class(tokens)) * growth_classes + growth_class(added);
+  /// turn having added `added` tokens, in `phase` (0: no hint since the turn end).
+  static std::uint32_t class_of(std::uint32_t turns, std::uint64_t tokens, std::uint64_t added,
+                                std::uint32_t phase = 0) noexcept {
+    const std::uint32_t group = (phase < phases ? phase : 0) * turn_classes + turn_class(turns);
+    return (group * size_classes + size_class(tokens)) * growth_classes + growth_class(added);
   }
-  static std::uint32_t turn_of_class(std::uint32_t cls) noexcept { return cls / (size_classes * growth_classes); }
+  static std::uint32_t group_of_class(std::uint32_t cls) noexcept { return cls / (size_classes * growth_classes); }
+  static std::uint32_t phase_of_class(std::uint32_t cls) noexcept { return group_of_class(cls) / turn_classes; }
   static std::uint32_t size_of_class(std::uint32_t cls) noexcept { return cls / growth_classes % size_classes; }
 
   // ---- observations, O(1)
@@ -142,9 +152,9 @@ class return_model {
     auto idle_at = [&](std::uint32_t c, std::uint32_t j) {
       return idle.size() >= classes * bins ? double(idle[c * bins + j]) * weight(middle(j)) : 0.0;
     };
-    // Pooled over all classes (shrunk to the prior), per turn class (shrunk to the
-    // pool), per class (shrunk to its turn class).
-    row all{}, turn[turn_classes]{};
+    // Pooled over each phase's classes (shrunk to the prior), per phase and turn class
+    // (shrunk to the phase's pool), per class (shrunk to its phase and turn class).
+    row all[phases]{}, group[groups]{};
     for (std::uint32_t c = 0; c < classes; ++c) {
       row one{};
       for (std::uint32_t j = 0; j < bins; ++j) {
@@ -153,17 +163,19 @@ class return_model {
       }
       one.ended = ended_[c];
       class_rows_[c] = one;
-      all.add(one);
-      turn[turn_of_class(c)].add(one);
+      all[phase_of_class(c)].add(one);
+      group[group_of_class(c)].add(one);
     }
-    fit(all, prior_h_.data(), prior_weight_, pooled_h_.data());
-    survival(pooled_h_.data(), pooled_s_.data());
-    for (std::uint32_t t = 0; t < turn_classes; ++t) {
-      fit(turn[t], pooled_h_.data(), prior_weight_, turn_h_[t].data());
-      survival(turn_h_[t].data(), turn_s_[t].data());
+    for (std::uint32_t f = 0; f < phases; ++f) {
+      fit(all[f], prior_h_.data(), prior_weight_, pooled_h_[f].data());
+      survival(pooled_h_[f].data(), pooled_s_[f].data());
+    }
+    for (std::uint32_t g = 0; g < groups; ++g) {
+      fit(group[g], pooled_h_[g / turn_classes].data(), prior_weight_, group_h_[g].data());
+      survival(group_h_[g].data(), group_s_[g].data());
     }
     for (std::uint32_t c = 0; c < classes; ++c) {
-      fit(class_rows_[c], turn_h_[turn_of_class(c)].data(), class_weight_, h_[c].data());
+      fit(class_rows_[c], group_h_[group_of_class(c)].data(), class_weight_, h_[c].data());
       survival(h_[c].data(), s_[c].data());
       // cum_[c][j]: expected seconds idle before age edge(j), S falling geometrically
       // inside each bin: the integral of S over bin j is S_j x width x h / -ln(1 - h).
@@ -221,35 +233,39 @@ class return_model {
     }
     return best;
   }
-  /// P(another turn | the session has had `turns` turns), pooled over history sizes.
-  double continuation(std::uint32_t turns) const noexcept { return 1 - turn_s_[turn_class(turns)][bins]; }
+  /// P(another turn | the session has had `turns` turns), pooled over history sizes
+  /// (with hints: P(a return or a hint to compose before any hint that the user left)).
+  double continuation(std::uint32_t turns) const noexcept { return 1 - group_s_[turn_class(turns)][bins]; }
   /// Mean turns per session implied by the continuation probabilities (turn 1 and on).
   double mean_turns() const noexcept {
     const double q0 = continuation(1), q1 = continuation(2), q2 = continuation(3),
                  q3 = std::min(continuation(5), 0.999);
     return 1 + q0 + q0 * q1 + q0 * q1 * q2 + q0 * q1 * q2 * q2 / (1 - q3);
   }
-  /// Quantile p of the think time of sessions that return (pooled), in seconds.
+  /// Quantile p of the think time of sessions that return (pooled, no hint), in seconds.
   double think_quantile(double p) const noexcept {
-    const double q = 1 - pooled_s_[bins];
+    const auto& s0 = pooled_s_[0];
+    const double q = 1 - s0[bins];
     if (q <= 0) return 0;
     const double target = 1 - p * q;  // S(a) at the quantile
     for (std::uint32_t j = 0; j + 1 < bins; ++j) {
-      if (pooled_s_[j + 1] <= target) {
+      if (s0[j + 1] <= target) {
         // S falls geometrically inside the bin: invert that.
-        const double lo = pooled_s_[j], hi = pooled_s_[j + 1];
+        const double lo = s0[j], hi = s0[j + 1];
         const double frac = lo > hi && hi > 0 ? std::log(lo / target) / std::log(lo / hi) : 1;
         return edge(j) + std::clamp(frac, 0.0, 1.0) * (edge(j + 1) - edge(j));
       }
     }
     return edge(bins - 1);
   }
-  /// Mean think time of sessions that return (pooled; the last bin counts at its middle).
+  /// Mean think time of sessions that return (pooled, no hint; the last bin counts at its
+  /// middle).
   double think_mean() const noexcept {
-    const double q = 1 - pooled_s_[bins];
+    const auto& s0 = pooled_s_[0];
+    const double q = 1 - s0[bins];
     if (q <= 0) return 0;
     double m = 0;
-    for (std::uint32_t j = 0; j < bins; ++j) m += (pooled_s_[j] - pooled_s_[j + 1]) * middle(j);
+    for (std::uint32_t j = 0; j < bins; ++j) m += (s0[j] - s0[j + 1]) * middle(j);
     return m / q;
   }
 
@@ -308,10 +324,10 @@ class return_model {
   std::uint64_t pending_ = 0, returns_ = 0, periods_ = 0;
   double ret_[classes][bins] = {}, cens_[classes][bins] = {}, ended_[classes] = {};
   row class_rows_[classes]{};
-  std::array<double, bins> prior_h_{}, pooled_h_{};
-  std::array<double, bins + 1> pooled_s_{};
-  std::array<double, bins> turn_h_[turn_classes]{};
-  std::array<double, bins + 1> turn_s_[turn_classes]{};
+  std::array<double, bins> prior_h_{}, pooled_h_[phases]{};
+  std::array<double, bins + 1> pooled_s_[phases]{};
+  std::array<double, bins> group_h_[groups]{};
+  std::array<double, bins + 1> group_s_[groups]{};
   std::array<double, bins> h_[classes]{};
   std::array<double, bins + 1> s_[classes]{};
   std::array<double, bins> cum_[classes]{};
