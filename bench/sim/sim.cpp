@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine_sim.hpp"
+#include "fluid_bound.hpp"
 
 using namespace attnstore;
 using attnstore::sim::policy_kind;
@@ -32,6 +33,7 @@ struct cli {
   std::uint64_t seed = 1;
   bool json = false, sweep = false, stats_only = false, check = false, open_loop = false, quiet = false;
   bool dram_sweep = true;
+  bool bound = false;  // print the fluid bound (fluid_bound.hpp) and exit
   unsigned threads = 2;
   std::vector<policy_kind> policies{policy_kind::none, policy_kind::lru, policy_kind::scheduler_aware, policy_kind::opt,
                                     policy_kind::predictive};
@@ -86,6 +88,9 @@ struct cli {
                "  --ratios a,b,...        total sweep points, (DRAM+SSD) / working set\n"
                "                          (default 0.05,0.075,0.1,0.15,0.25,0.5,1,2 and the configured point)\n"
                "  --no-dram-sweep         only the total sweep\n"
+               "  --bound                 print what a policy that knows each session's class and the true\n"
+               "                          return-time distributions could keep at most (fluid model, see\n"
+               "                          bench/sim/fluid_bound.hpp) at the sweep's ratios, and exit\n"
                "  --svg FILE, --csv FILE, --markdown FILE   sweep outputs\n"
                "  --threads N             policies simulated in parallel (default 2)\n"
                "  --check                 verify the cache's invariants while running (slow)\n"
@@ -224,6 +229,8 @@ cli parse(int argc, char** argv) {
       c.config.engine.max_batch = std::uint32_t(number(val(), a.c_str()));
     else if (a == "--sweep")
       c.sweep = true;
+    else if (a == "--bound")
+      c.bound = true;
     else if (a == "--svg")
       c.svg = val();
     else if (a == "--csv")
@@ -627,6 +634,26 @@ int main(int argc, char** argv) {
                  w.open_loop ? "open" : "closed");
   }
   if (c.stats_only) return 0;
+  if (c.bound) {
+    const sim::fluid_bound fb(w, c.config.engine.context_tokens);
+    std::vector<double> ratios = c.ratios;
+    if (ratios.empty()) ratios = {0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0};
+    std::fprintf(stdout,
+                 "\nfluid model (bench/sim/fluid_bound.hpp): share of returning history kept, and the share of "
+                 "the gap from holding all to OPT that the best policy knowing class and age closes\n"
+                 "| capacity / working set | hold all (LRU) | bound: age only | bound: store's classes | bound: + "
+                 "reply length | OPT | gap closed: age / store / + reply | hold time |\n"
+                 "|---|---|---|---|---|---|---|---|\n");
+    for (double r : ratios) {
+      const sim::fluid_result x = fb.at(r);
+      std::fprintf(stdout,
+                   "| %.3f | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.0f%% / %.0f%% / %.0f%% | %.1f s |\n", r,
+                   100 * x.hold_all, 100 * x.class_age[0], 100 * x.class_age[1], 100 * x.class_age[2], 100 * x.opt,
+                   100 * x.gap_closed(sim::knowledge::age), 100 * x.gap_closed(sim::knowledge::store),
+                   100 * x.gap_closed(sim::knowledge::reply), x.hold_s);
+    }
+    return 0;
+  }
 
   sim::sim_config cfg = c.config;
   const double ws = working_set(w, cfg);
