@@ -32,11 +32,11 @@ struct request {
   double arrival = 0;               ///< seconds from the trace start when the prompt is sent
   double think = 0;                 ///< seconds from the previous reply's end (0 for turn 0)
   /// The part of `think` the user spent typing this prompt (the rest: reading the last
-  /// reply); 0: not known. The simulator's typing indicator (a composing hint) fires when
-  /// typing starts.
+  /// reply); 0: not known (presets without a reading model, imported logs). The
+  /// simulator's typing indicator (a composing hint) fires when typing starts.
   double typing = 0;
   /// Last turn of a session only: seconds after its reply when the user left (the
-  /// simulator's "left" hint); 0: not known, or not the last turn.
+  /// simulator's "left" hint); 0: not known (as for typing), or not the last turn.
   double leave = 0;
 };
 

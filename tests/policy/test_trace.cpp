@@ -194,6 +194,14 @@ TEST_CASE("trace: the think preset: reading + typing, a heavy tail, users who le
   CHECK(typed == think.size());
   CHECK(complete == w.sessions() - 1);
   CHECK(left > 0);
+  // The paper's think time is one draw: what part is typing, and when users leave, is
+  // not known, so it gives no hints.
+  trace::generator_options p = trace::preset("paper");
+  p.requests = 2000;
+  for (const trace::request& r : trace::generate(p).requests) {
+    CHECK(r.typing == 0);
+    CHECK(r.leave == 0);
+  }
 }
 
 TEST_CASE("trace: the diurnal preset: arrivals follow the day") {

@@ -193,10 +193,12 @@ inline workload generate(const generator_options& o) {
       r.input_tokens = std::uint32_t(std::lround(g.sample(k == 0 ? o.first_input : o.input)));
       r.output_tokens = std::uint32_t(std::lround(g.sample(o.output)));
       if (k > 0) {
-        r.typing = g.sample(o.think);
-        r.think = r.typing;
+        r.think = g.sample(o.think);
         const std::uint32_t prev_output = w.requests.back().output_tokens;
-        if (o.read_per_token.median != 0) r.think += prev_output * g.sample(o.read_per_token);
+        if (o.read_per_token.median != 0) {  // typing, after reading the reply
+          r.typing = r.think;
+          r.think += prev_output * g.sample(o.read_per_token);
+        }
         if (o.patience.median != 0) {
           const double patience = g.sample(o.patience);
           if (r.think > patience) {  // the user left, out of patience
@@ -208,12 +210,10 @@ inline workload generate(const generator_options& o) {
       }
       r.arrival = arrival;
       w.requests.push_back(r);
-      if (k + 1 == turns) {
+      if (k + 1 == turns && o.read_per_token.median != 0) {
         // The conversation is over: the user reads the last reply, then leaves.
-        const request& last = w.requests.back();
-        w.requests.back().leave = o.read_per_token.median != 0
-                                      ? 1 + last.output_tokens * leave_g.sample(o.read_per_token)
-                                      : leave_g.sample(o.think);
+        request& last = w.requests.back();
+        last.leave = 1 + last.output_tokens * leave_g.sample(o.read_per_token);
       }
     }
   }
