@@ -455,7 +455,7 @@ class engine_sim {
       if (mode_ == run_mode::ideal) {
         hit = dram = hist;
       } else if (cache_) {
-        h = cache_->admit(key, s.tokens, us(now_));  // dequeues the session
+        h = cache_->admit(key, s.tokens, us(now_), hist + r.input_tokens);  // dequeues the session
         hit = h.tokens;
         dram = h.dram_tokens;
         ssd = h.ssd_tokens;

@@ -16,8 +16,10 @@
 //                age      nothing but the age (one class);
 //                store    what a store sees, policy::return_model's classes: turns so
 //                         far, history size, tokens the last turn added;
-//                reply    the store's classes x the reply length (8 quantiles): the
-//                         reading time, which only the engine knows apart from the prompt. With a price per
+//                store_reply  the same with the reply's tokens for the tokens added
+//                         (what the store sees when the engine tells each turn's prompt:
+//                         lookup and load do);
+//                reply    the store's classes x the reply length (8 quantiles): both. With a price per
 //                         token-second, the
 //              best causal rule for a save of known class is to hold it up to some age A
 //              and then drop it (a dropped session does not come back), and for each
@@ -46,8 +48,8 @@
 namespace attnstore::sim {
 
 /// What a policy knows of a save besides its age (see above).
-enum class knowledge : std::uint8_t { age = 0, store = 1, reply = 2 };
-inline constexpr std::uint32_t knowledge_count = 3;
+enum class knowledge : std::uint8_t { age = 0, store = 1, store_reply = 2, reply = 3 };
+inline constexpr std::uint32_t knowledge_count = 4;
 
 struct fluid_result {
   double hold_all = 0;                     ///< hit rate (share of returning history kept), one hold time for all
@@ -74,7 +76,8 @@ class fluid_bound {
       reply_edge_[b] = replies.empty() ? 0 : replies[replies.size() * (b + 1) / reply_buckets];
     by_class_[0].resize(1);
     by_class_[1].resize(policy::return_model::classes);
-    by_class_[2].resize(policy::return_model::classes * reply_buckets);
+    by_class_[2].resize(policy::return_model::classes);
+    by_class_[3].resize(policy::return_model::classes * reply_buckets);
     for (std::uint32_t s = 0; s < w.sessions(); ++s) {
       auto turns = w.session(s);
       double history = 0;
@@ -86,7 +89,10 @@ class fluid_bound {
                                                                  turns[k].input_tokens + turns[k].output_tokens);
         by_class_[0][0].push_back({history, gap});
         by_class_[1][cls].push_back({history, gap});
-        by_class_[2][cls * reply_buckets + reply_bucket(turns[k].output_tokens)].push_back({history, gap});
+        by_class_[2]
+                 [policy::return_model::class_of(std::uint32_t(k + 1), std::uint64_t(history), turns[k].output_tokens)]
+                     .push_back({history, gap});
+        by_class_[3][cls * reply_buckets + reply_bucket(turns[k].output_tokens)].push_back({history, gap});
         if (returns) {
           returning_tokens_ += history;
           working_set_ += history * gap;

@@ -641,15 +641,18 @@ int main(int argc, char** argv) {
     std::fprintf(stdout,
                  "\nfluid model (bench/sim/fluid_bound.hpp): share of returning history kept, and the share of "
                  "the gap from holding all to OPT that the best policy knowing class and age closes\n"
-                 "| capacity / working set | hold all (LRU) | bound: age only | bound: store's classes | bound: + "
-                 "reply length | OPT | gap closed: age / store / + reply | hold time |\n"
-                 "|---|---|---|---|---|---|---|---|\n");
+                 "| capacity / working set | hold all (LRU) | bound: age only | bound: store's classes | bound: "
+                 "store's, reply for added | bound: + reply length | OPT | gap closed: age / store / store reply / "
+                 "+ reply | hold time |\n"
+                 "|---|---|---|---|---|---|---|---|---|\n");
     for (double r : ratios) {
       const sim::fluid_result x = fb.at(r);
       std::fprintf(stdout,
-                   "| %.3f | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.0f%% / %.0f%% / %.0f%% | %.1f s |\n", r,
-                   100 * x.hold_all, 100 * x.class_age[0], 100 * x.class_age[1], 100 * x.class_age[2], 100 * x.opt,
-                   100 * x.gap_closed(sim::knowledge::age), 100 * x.gap_closed(sim::knowledge::store),
+                   "| %.3f | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.0f%% / %.0f%% / %.0f%% / %.0f%% | "
+                   "%.1f s |\n",
+                   r, 100 * x.hold_all, 100 * x.class_age[0], 100 * x.class_age[1], 100 * x.class_age[2],
+                   100 * x.class_age[3], 100 * x.opt, 100 * x.gap_closed(sim::knowledge::age),
+                   100 * x.gap_closed(sim::knowledge::store), 100 * x.gap_closed(sim::knowledge::store_reply),
                    100 * x.gap_closed(sim::knowledge::reply), x.hold_s);
     }
     return 0;

@@ -220,8 +220,10 @@ class tiered_cache {
 
   /// Turn start: the session leaves the queue; the reusable prefix of `history` and
   /// where it is. A promotion in flight for the session is finished (the engine charges
-  /// the wait).
-  hit admit(const session_hash& key, std::span<const token_id> history, std::uint64_t now) {
+  /// the wait). `prompt_tokens`: the turn's prompt (history and new message), told to
+  /// the policy as the store does (0: not told).
+  hit admit(const session_hash& key, std::span<const token_id> history, std::uint64_t now,
+            std::uint64_t prompt_tokens = 0) {
     hit h;
     ++c_.lookups;
     locked_session s = index_.open(key, false);
@@ -259,6 +261,7 @@ class tiered_cache {
     c_.ssd_hit_tokens += h.ssd_tokens;
     if (h.tokens) ++c_.lookup_hits;
     policy_->on_access(r, now);
+    if (prompt_tokens > 0) policy_->on_prompt(r, prompt_tokens);
     return h;
   }
 

@@ -344,7 +344,8 @@ class store {
                              std::uint32_t exclude_b) noexcept;
   std::uint64_t now() const noexcept;
   /// Tells the policy the session's tier counts (and, when `accessed`, that it was used).
-  void note(locked_session& s, bool accessed) noexcept;
+  /// `prompt_tokens` > 0: a turn starts with a prompt that long (policy::on_prompt).
+  void note(locked_session& s, bool accessed, std::size_t prompt_tokens = 0) noexcept;
   // Tells the policy a session that is not stored was asked for (it may be one it evicted).
   void note_miss(const session_hash& key) noexcept;
   /// Removes the session from the index, the policy and the prefetcher.

@@ -163,6 +163,44 @@ void save_once(predictive& p, std::uint32_t r, double t) {
   p.on_access(r, ticks(t));
 }
 
+/// A training run's timed events: `kind` is the test's own.
+struct timed_event {
+  double t;
+  std::uint32_t r;
+  int kind;
+  bool operator>(const timed_event& e) const { return t > e.t; }
+};
+using event_queue = std::priority_queue<timed_event, std::vector<timed_event>, std::greater<>>;
+
+/// A new one-turn session every 0.5 s until `until` seconds (records below `reserved`
+/// are left to the test), its first event (kind 0) 20 s after its save. `play(event, t,
+/// queue)` plays each event in time order, may schedule more, and returns true when it
+/// erased the record. Returns the time reached.
+template <class Play>
+double train_sessions(predictive& p, std::uint32_t reserved, double until, Play&& play) {
+  event_queue q;
+  std::vector<std::uint32_t> free;
+  for (std::uint32_t r = p.max_sessions(); r-- > reserved;) free.push_back(r);
+  double t = 0;
+  for (double next = 0; next < until;) {
+    if (!q.empty() && q.top().t < next) {
+      const timed_event e = q.top();
+      q.pop();
+      t = e.t;
+      if (play(e, t, q)) free.push_back(e.r);
+      continue;
+    }
+    t = next;
+    next += 0.5;
+    REQUIRE(!free.empty());
+    const std::uint32_t r = free.back();
+    free.pop_back();
+    save_once(p, r, t);
+    q.push({t + 20, r, 0});
+  }
+  return t;
+}
+
 }  // namespace
 
 TEST_CASE("predictive: learned think time and session length converge to the true ones") {
@@ -322,52 +360,30 @@ TEST_CASE("predictive: hints are learned like think times: a user seen typing is
   o.min_samples = 200;
   o.refit_every = 256;
   predictive p(o);
-  struct event {
-    double t;
-    std::uint32_t r;
-    int kind;  // 0 hint, 1 return, 2 second save, 3 close
-    bool operator>(const event& e) const { return t > e.t; }
-  };
-  std::priority_queue<event, std::vector<event>, std::greater<>> q;
-  std::mt19937_64 g(9);
-  std::vector<std::uint32_t> free;
-  std::vector<bool> typing(o.max_sessions, false);
-  for (std::uint32_t r = o.max_sessions; r-- > 3;) free.push_back(r);  // records 0-2: the test's
-  double t = 0;
   std::uint64_t pos = 0;
-  for (double next = 0; next < 20000;) {
-    if (!q.empty() && q.top().t < next) {
-      const event e = q.top();
-      q.pop();
-      t = e.t;
-      if (e.kind == 0) {
-        p.on_hint(e.r, typing[e.r] ? session_hint::composing : session_hint::left, ticks(t));
-        q.push({typing[e.r] ? t + 5 : t + 3600, e.r, typing[e.r] ? 1 : 3});
-      } else if (e.kind == 1) {
-        p.enqueue(e.r, ++pos, ticks(t));
-        p.dequeue(e.r);
-        p.on_access(e.r, ticks(t));
-        q.push({t + 1, e.r, 2});
-      } else if (e.kind == 2) {
-        p.on_blocks(e.r, level::ssd, 6);
-        p.on_access(e.r, ticks(t));
-        q.push({t + 1, e.r, 3});
-      } else {
-        p.on_erase(e.r);
-        free.push_back(e.r);
-      }
-      continue;
+  // Event kinds: 0 hint, 1 return, 2 second save, 3 close.
+  const double trained = train_sessions(p, 3, 20000, [&](const timed_event& e, double now, event_queue& q) {
+    const bool typing = (e.r / 2 + std::uint32_t(now)) % 4 != 0;  // 3 in 4, by record and time
+    if (e.kind == 0) {
+      p.on_hint(e.r, typing ? session_hint::composing : session_hint::left, ticks(now));
+      q.push({typing ? now + 5 : now + 3600, e.r, typing ? 1 : 3});
+    } else if (e.kind == 1) {
+      p.enqueue(e.r, ++pos, ticks(now));
+      p.dequeue(e.r);
+      p.on_access(e.r, ticks(now));
+      q.push({now + 1, e.r, 2});
+    } else if (e.kind == 2) {
+      p.on_blocks(e.r, level::ssd, 6);
+      p.on_access(e.r, ticks(now));
+      q.push({now + 1, e.r, 3});
+    } else {
+      p.on_erase(e.r);
+      return true;
     }
-    t = next;
-    next += 0.5;
-    REQUIRE(!free.empty());
-    const std::uint32_t r = free.back();
-    free.pop_back();
-    typing[r] = g() % 4 != 0;
-    save_once(p, r, t);
-    q.push({t + 20, r, 0});
-  }
+    return false;
+  });
   REQUIRE(p.learned());
+  const double t = trained + 30;  // the policy's clock never goes back: the scenario starts after training
   // Three sessions like those: Y and Z saved 22 s ago, Y's user seen typing 2 s ago and
   // Z's seen leaving; X saved 10 s ago, no hint yet. Z goes first (nobody who left came
   // back), then X (3 in 4 will type, in 10 s), then Y (typing: back within seconds).
@@ -392,6 +408,62 @@ TEST_CASE("predictive: hints are learned like think times: a user seen typing is
   p.on_hint(0, session_hint::left, ticks(t + 2));
   CHECK(p.model().periods_seen() == periods);
   CHECK(p.check_cells());
+}
+
+TEST_CASE("predictive: told each turn's prompt, it ranks by the reply's length (the reading time)") {
+  // Two kinds of session whose second turns add the same tokens: a long pasted prompt
+  // with a short reply (its user is back in 10 s), and a short prompt with a long reply
+  // (back in 100 s, after reading it). Only the reply tells them apart.
+  auto train = [](bool tell_prompt) {
+    predictive_options o = small_options(4096);
+    o.min_samples = 200;
+    o.refit_every = 256;
+    auto p = std::make_unique<predictive>(o);
+    std::uint64_t pos = 0;
+    // Event kinds: 0 second turn starts, 1 its save, 2 third turn (return), 3 close.
+    const double trained = train_sessions(*p, 2, 20000, [&](const timed_event& e, double now, event_queue& q) {
+      const bool pasted = e.r % 2 == 0;  // the kind: a long prompt, a short reply
+      if (e.kind == 0) {                 // a lookup with the prompt: 3 blocks of history + the message
+        p->enqueue(e.r, ++pos, ticks(now));
+        p->dequeue(e.r);
+        p->on_access(e.r, ticks(now));
+        if (tell_prompt) p->on_prompt(e.r, 192 + (pasted ? 600 : 64));
+        q.push({now + 2, e.r, 1});
+      } else if (e.kind == 1) {  // 192 + 600 + 64 tokens: 14 blocks either way
+        p->on_blocks(e.r, level::ssd, 14);
+        p->on_access(e.r, ticks(now));
+        q.push({now + (pasted ? 10 : 100), e.r, 2});
+      } else if (e.kind == 2) {
+        p->enqueue(e.r, ++pos, ticks(now));
+        p->dequeue(e.r);
+        p->on_access(e.r, ticks(now));
+        q.push({now + 1, e.r, 3});
+      } else {
+        p->on_erase(e.r);
+        return true;
+      }
+      return false;
+    });
+    REQUIRE(p->learned());
+    const double t = trained + 40;  // after training: the policy's clock never goes back
+    // Record 0 pasted, record 1 read a long reply; both saved their second turn 3 s ago.
+    for (std::uint32_t r : {0u, 1u}) {
+      save_once(*p, r, t - 30);
+      p->on_access(r, ticks(t - 6));
+      if (tell_prompt) p->on_prompt(r, 192 + (r == 0 ? 600 : 64));
+      p->on_blocks(r, level::ssd, 14);
+      p->on_access(r, ticks(t - 3));
+    }
+    p->advance(ticks(t));
+    REQUIRE(p->check_cells());
+    return p;
+  };
+  auto told = train(true);
+  CHECK(told->return_probability(0, level::ssd) > told->return_probability(1, level::ssd));
+  CHECK(told->pick_victim(level::ssd, [](std::uint32_t r) { return r < 2; }) == 1);
+  // Not told: the same class for both, the same odds.
+  auto not_told = train(false);
+  CHECK(not_told->return_probability(0, level::ssd) == not_told->return_probability(1, level::ssd));
 }
 
 TEST_CASE("return_model: the prior at start, censoring, and decay by the start of a period") {

@@ -57,8 +57,8 @@ inline predictive::predictive(const predictive_options& o)
 // ---- age bins (FIFOs by last access) and cells (per level)
 
 inline std::uint32_t predictive::class_now(std::uint32_t r) const noexcept {
-  return return_model::class_of(r_[r].turns, std::uint64_t(total_blocks(r)) * o_.tokens_per_block,
-                                std::uint64_t(r_[r].added) * o_.tokens_per_block, r_[r].phase);
+  return return_model::class_of(r_[r].turns, std::uint64_t(total_blocks(r)) * o_.tokens_per_block, r_[r].added,
+                                r_[r].phase);
 }
 
 inline void predictive::bin_unlink(std::uint32_t r) noexcept {
@@ -170,6 +170,11 @@ inline void predictive::end_idle(std::uint32_t r, std::uint64_t now) noexcept {
   x.cls = std::uint8_t(class_now(r));
 }
 
+inline void predictive::prompted(std::uint32_t r, std::uint64_t tokens) noexcept {
+  if (r_[r].tracked)
+    r_[r].prompt = std::uint32_t(std::min<std::uint64_t>(std::max<std::uint64_t>(tokens, 1), 0xffffffffu));
+}
+
 inline void predictive::hinted(std::uint32_t r, session_hint hint, std::uint64_t now) noexcept {
   advance(now);
   rec& x = r_[r];
@@ -250,7 +255,13 @@ inline void predictive::accessed(std::uint32_t r, std::uint64_t previous, std::u
   if (total > x.last_total) {  // a save: a turn ended
     ++x.turns;
     x.phase = 0;
-    x.added = total - x.last_total;
+    // What the turn added: its reply when the turn's prompt was told (the reply's length
+    // sets the reading time), else the new blocks (prompt and reply).
+    const std::uint64_t held = std::uint64_t(total) * o_.tokens_per_block;
+    const std::uint64_t added =
+        x.prompt ? (held > x.prompt ? held - x.prompt : 0) : std::uint64_t(total - x.last_total) * o_.tokens_per_block;
+    x.added = std::uint32_t(std::min<std::uint64_t>(added, 0xffffffffu));
+    x.prompt = 0;
     x.cls = std::uint8_t(class_now(r));
     x.t_end = now_;
     set_idle(r, true);

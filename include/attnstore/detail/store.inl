@@ -24,23 +24,23 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                            \
-  X(lookups)                                                                                                   \
-  X(lookup_hits)                                                                                               \
-  X(lookup_misses)                                                                                             \
-  X(tokens_reusable)                                                                                           \
-  X(puts)                                                                                                      \
-  X(put_blocks)                                                                                                \
-  X(put_rejected)                                                                                              \
-  X(put_failed)                                                                                                \
-  X(gets)                                                                                                      \
-  X(blocks_served_dram)                                                                                        \
-  X(blocks_served_ssd) X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error)             \
-      X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions)   \
-          X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)   \
-              X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(prefetch_started)          \
-                  X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) \
-                      X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                   \
+  X(lookups)                                                                                                          \
+  X(lookup_hits)                                                                                                      \
+  X(lookup_misses)                                                                                                    \
+  X(tokens_reusable)                                                                                                  \
+  X(puts)                                                                                                             \
+  X(put_blocks)                                                                                                       \
+  X(put_rejected)                                                                                                     \
+  X(put_failed)                                                                                                       \
+  X(gets)                                                                                                             \
+  X(blocks_served_dram)                                                                                               \
+  X(blocks_served_ssd)                                                                                                \
+  X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)       \
+      X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)      \
+          X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) \
+              X(quarantined_slots) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)                    \
+                  X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 struct store::counters {
 #define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
@@ -224,7 +224,7 @@ inline lookup_result store::lookup(const session_key& key, std::span<const token
   const session_hash h = hash_session(key);
   if (locked_session s = index_->open(h, false)) {
     r = index_->lookup(s, model_, prompt, out);
-    note(s, true);
+    note(s, true, prompt.size());
   } else {
     note_miss(h);
   }
@@ -366,7 +366,7 @@ inline std::uint64_t store::now() const noexcept {
           .count());
 }
 
-inline void store::note(locked_session& s, bool accessed) noexcept {
+inline void store::note(locked_session& s, bool accessed, std::size_t prompt_tokens) noexcept {
   const std::uint32_t rec = s.record_id();
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
@@ -376,6 +376,7 @@ inline void store::note(locked_session& s, bool accessed) noexcept {
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
   if (accessed) policy_->on_access(rec, t);
+  if (prompt_tokens > 0) policy_->on_prompt(rec, prompt_tokens);
   set_held_locked(rec, s.block_count());
 }
 
@@ -1108,7 +1109,7 @@ inline get_result store::serve_locked(locked_session& s, std::span<const token_i
     if (res.blocks == 0) detail::bump(counters_->miss_prefix_mismatch);
   }
   s.count_tiers();
-  note(s, true);
+  note(s, true, prompt.size());
   erase_if_empty(s);  // a corrupt first block left nothing
   return res;
 }

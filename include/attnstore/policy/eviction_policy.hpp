@@ -9,6 +9,7 @@
 //   events     on_insert, on_erase, on_access, on_blocks   (session life and tiers)
 //              on_miss                                      (a session asked for, not stored)
 //              on_hint                                      (the engine knows the user is typing, or left)
+//              on_prompt                                    (a turn starts: its prompt's length)
 //              enqueue, dequeue, set_queue, set_window      (the engine's waiting queue)
 //   decisions  pick_victim(level, accept), next_expired(now, ttl)
 // Every event and every decision is O(1) or O(log n) (plus one step per candidate that
@@ -119,6 +120,13 @@ class eviction_policy {
   /// others ignore hints. O(1).
   void on_hint(std::uint32_t record, session_hint hint, std::uint64_t now) noexcept {
     if (live(record)) hinted(record, hint, now);
+  }
+  /// A turn of the session starts with a prompt of `tokens` tokens (the history and the
+  /// new message; the store reports it at lookup and load). A learning policy then tells
+  /// the reply from the prompt in the save that ends the turn: the reply's length sets
+  /// how long its user reads. O(1).
+  void on_prompt(std::uint32_t record, std::uint64_t tokens) noexcept {
+    if (live(record)) prompted(record, tokens);
   }
   /// `record` was removed from the index (its blocks are gone). Leaves the queue too.
   void on_erase(std::uint32_t record) noexcept;
@@ -240,6 +248,11 @@ class eviction_policy {
     (void)record;
     (void)hint;
     (void)now;
+  }
+  /// on_prompt: a turn of a live record starts with `tokens` prompt tokens.
+  virtual void prompted(std::uint32_t record, std::uint64_t tokens) noexcept {
+    (void)record;
+    (void)tokens;
   }
   /// on_miss: a session that is not stored was asked for.
   virtual void missed(std::uint64_t identity, std::uint64_t now) noexcept {

@@ -199,7 +199,8 @@ class predictive final : public eviction_policy {
     std::uint32_t blocks[level_count] = {0, 0, 0};  // as last seen (outflow per level)
     std::uint32_t last_total = 0;                   // total blocks at the last access
     std::uint32_t turns = 0;                        // turn ends seen
-    std::uint32_t added = 0;                        // blocks the last turn added
+    std::uint32_t added = 0;                        // tokens the last turn added (its reply, when the prompt was told)
+    std::uint32_t prompt = 0;                       // prompt tokens of the turn in progress (0: not told)
     std::uint64_t id = 0;                           // identity (0: none)
     std::uint8_t phase = 0;                         // hint since the turn end: 0 none, 1 composing, 2 left
     std::uint16_t cell[level_count] = {no_cell, no_cell, no_cell};
@@ -244,6 +245,7 @@ class predictive final : public eviction_policy {
   void ghost_pop() noexcept;                           // the oldest
   void missed(std::uint64_t identity, std::uint64_t now) noexcept override;
   void hinted(std::uint32_t r, session_hint hint, std::uint64_t now) noexcept override;
+  void prompted(std::uint32_t r, std::uint64_t tokens) noexcept override;
 
   predictive_options o_;
   return_model model_;
