@@ -12,7 +12,7 @@
 //   hold_all   every save is held for the same time A, chosen to fill the capacity: what
 //              LRU does in this model (every session stays as long as the others).
 //   class_age  the best policy that sees only each save's class and its age: an upper
-//              bound by Lagrangian relaxation, for three classings (what a policy knows):
+//              bound by Lagrangian relaxation, for four classings (what a policy knows):
 //                age      nothing but the age (one class);
 //                store    what a store sees, policy::return_model's classes: turns so
 //                         far, history size, tokens the last turn added;
@@ -160,9 +160,9 @@ class fluid_bound {
   }
   double hold_all(double cap, double& hold_s) const {
     double lo = 0, hi = 1e7;
-    if (hold(hi)[0] <= cap) {
+    if (const auto all = hold(hi); all[0] <= cap) {
       hold_s = hi;
-      return hold(hi)[1];
+      return all[1];
     }
     for (int i = 0; i < 100; ++i) {
       const double mid = (lo + hi) / 2;
@@ -206,7 +206,7 @@ class fluid_bound {
       const auto br = best_response(lambda);
       return br[1] - lambda * br[0] + lambda * cap;
     };
-    if (best_response(0)[0] <= cap) return best_response(0)[1];  // everything that returns fits
+    if (const auto all = best_response(0); all[0] <= cap) return all[1];  // everything that returns fits
     // The dual is convex in lambda; its subgradient is cap - cost(lambda). Bracket, then
     // narrow geometrically (lambda spans orders of magnitude).
     double lo = 1e-12, hi = 1.0;
