@@ -116,6 +116,9 @@ double number(const char* s, const char* what) {
   return v;
 }
 
+/// The capacity sweep's points, (DRAM + SSD) / working set, from starved to ample.
+std::vector<double> default_ratios() { return {0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0}; }
+
 double share(const char* s, const char* what) {
   const double v = number(s, what);
   if (v > 1) usage(std::string(what) + " is a share of turns or sessions, in [0, 1]: " + s);
@@ -637,7 +640,7 @@ int main(int argc, char** argv) {
   if (c.bound) {
     const sim::fluid_bound fb(w, c.config.engine.context_tokens);
     std::vector<double> ratios = c.ratios;
-    if (ratios.empty()) ratios = {0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0};
+    if (ratios.empty()) ratios = default_ratios();
     std::fprintf(stdout,
                  "\nfluid model (bench/sim/fluid_bound.hpp): share of returning history kept, and the share of "
                  "the gap from holding all to OPT that the best policy knowing class and age closes\n"
@@ -680,7 +683,7 @@ int main(int argc, char** argv) {
     // (the paper's 128 GB + 10 TB by default).
     std::vector<double> ratios = c.ratios;
     if (ratios.empty()) {
-      ratios = {0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0};
+      ratios = default_ratios();
       if (ratio > 0 && std::find(ratios.begin(), ratios.end(), ratio) == ratios.end()) ratios.push_back(ratio);
     }
     for (double r : ratios) {
