@@ -2,7 +2,8 @@
 # Runs on the lent GPU machine, from the repository root, what scripts/device-build.sh
 # built here (carried: build-device/bin and build-device/lib). Each binary runs directly
 # (ctest files hold this machine's paths) under its own timeout; a failure does not
-# stop the rest. Worst case (every timeout hit) 6 minutes; normally about 2.
+# stop the rest, but the script exits 1 when any step failed. Worst case (every
+# timeout hit) 6 minutes; normally about 2.
 #
 # Writes to $OUT (default /tmp/attnstore-device-out), 7 files:
 #   env.txt            nvidia-smi, PCIe link, ulimit -l, OS, libraries resolved
@@ -56,7 +57,9 @@ summary=$out/summary.txt
   fi
 } >"$out/env.txt" 2>&1  # a group, not a subshell: the export above stays
 
-# step NAME LIMIT LOG COMMAND...: runs COMMAND under `timeout`, appending to LOG.
+# step NAME LIMIT LOG COMMAND...: runs COMMAND under `timeout`, appending to LOG; a
+# step that does not exit 0 makes the script exit 1 at the end (after the summary).
+failed=0
 step() {
   local name=$1 limit=$2 log=$3
   shift 3
@@ -64,6 +67,7 @@ step() {
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
+  [ "$rc" = 0 ] || failed=1
   local note=""
   [ "$rc" = 124 ] && note=" (timed out after ${limit}s)"
   echo "== $name: exit $rc after $((SECONDS - t0)) s$note" >>"$log"
@@ -95,3 +99,4 @@ fi
   echo "== files: $(cd "$out" && ls | tr '\n' ' ')"
 } >>"$summary"
 cat "$summary"
+exit "$failed"

@@ -537,12 +537,17 @@ class engine_sim {
     }
   }
 
+  /// When request `next` arrives if the turn before it completes at `end` (seconds):
+  /// at its timestamp (open loop, never before `end`), or its think time after `end`.
+  double arrival_after(const trace::request& next, double end) const {
+    return w_.open_loop ? std::max(end, next.arrival) : end + next.think;
+  }
+
   /// When the session's next turn arrives if this turn (qi) completes at `end`.
   std::uint64_t next_use_after(std::uint32_t qi, double end) const {
     const trace::request& r = w_.requests[qi];
     if (qi + 1 >= w_.first[r.session + 1]) return policy::belady::never;
-    const trace::request& n = w_.requests[qi + 1];
-    return us(w_.open_loop ? std::max(end, n.arrival) : end + n.think);
+    return us(arrival_after(w_.requests[qi + 1], end));
   }
 
   /// A turn whose prompt and reply alone exceed the context is clipped (the reply is
@@ -580,7 +585,7 @@ class engine_sim {
     s.live = s.tokens.size();
     live_tokens_ += s.live;
     const trace::request& n = w_.requests[qi + 1];
-    arrivals_.push({w_.open_loop ? std::max(now_, n.arrival) : now_ + n.think, qi + 1});
+    arrivals_.push({arrival_after(n, now_), qi + 1});
   }
 
   /// What the front end would see next of this session's user, if it is seen at all.
@@ -593,7 +598,7 @@ class engine_sim {
     }
     const trace::request& n = w_.requests[qi + 1];
     if (n.typing > 0 && c_.hint_composing > 0 && hint_draw_(hint_rng_) < c_.hint_composing) {
-      const double arrival = w_.open_loop ? std::max(now_, n.arrival) : now_ + n.think;
+      const double arrival = arrival_after(n, now_);
       hints_.push({std::max(now_, arrival - n.typing), n.session, policy::session_hint::composing});
     }
   }

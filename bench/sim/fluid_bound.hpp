@@ -181,13 +181,12 @@ class fluid_bound {
       // ones their gap and the rest v[i].gap each.
       double total = 0;
       for (const save& x : v) total += x.tokens;
-      double best = 0, best_cost = 0, best_hits = 0, held_cost = 0, got = 0, done_tokens = 0;
+      double best = 0, best_cost = 0, best_hits = 0, held_cost = 0, got = 0;  // got: tokens of saves returned by then
       for (const save& x : v) {
         if (x.gap == inf) break;
         held_cost += x.tokens * x.gap;
-        done_tokens += x.tokens;
         got += x.tokens;
-        const double c = held_cost + x.gap * (total - done_tokens);
+        const double c = held_cost + x.gap * (total - got);
         if (got - lambda * c > best) {
           best = got - lambda * c;
           best_cost = c;

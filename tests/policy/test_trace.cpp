@@ -163,7 +163,8 @@ TEST_CASE("trace: the think preset: reading + typing, a heavy tail, users who le
       (sxy / n - sx / n * sy / n) / std::sqrt((sxx / n - sx * sx / n / n) * (syy / n - sy * sy / n / n));
   CHECK(corr > 0.2);
   // Users leave when a turn would take longer than their patience: fewer turns than the
-  // paper's conversations (5.75), and no think time beyond an hour.
+  // paper's conversations (5.75); no think time beyond the generator's clip (typing up to
+  // an hour, reading up to 1 s per reply token, 1,500 tokens at most).
   CHECK(st.mean_turns < 5.6);
   CHECK(st.mean_turns > 4.5);
   CHECK(think.back() <= 3600 + 1.0 * 1500);

@@ -36,8 +36,9 @@ namespace attnstore {
   X(gets)                                                                                                             \
   X(blocks_served_dram)                                                                                               \
   X(blocks_served_ssd)                                                                                                \
-  X(miss_not_found) X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors)       \
-      X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)      \
+  X(miss_not_found)                                                                                                   \
+  X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space)             \
+      X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)                  \
           X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) \
               X(quarantined_slots) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)                    \
                   X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
@@ -381,6 +382,9 @@ inline void store::note(locked_session& s, bool accessed, std::size_t prompt_tok
 }
 
 inline void store::note_miss(const session_hash& key) noexcept {
+  // Only a learning policy (predictive, or an embedder's own) does anything with a miss:
+  // spare the built-in ones the clock read and the policy lock.
+  if (!predictive_ && !config_.make_policy) return;
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
   policy_->on_miss(identity_of(key), t);

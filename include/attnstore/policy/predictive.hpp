@@ -261,7 +261,7 @@ class predictive final : public eviction_policy {
   std::uint16_t likely_cells_[cells] = {};  // cells by falling DRAM score, P >= the threshold
   std::uint32_t likely_cell_count_ = 0;
   std::uint64_t now_ = 0, last_refit_ = 0;
-  bool clock_set_ = false, learned_ = false;
+  bool learned_ = false;
   double horizon_[level_count] = {};
   double outflow_[level_count] = {}, outflow_sum_[level_count] = {}, time_sum_ = 0;
   double value_[return_model::size_classes] = {};
