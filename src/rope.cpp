@@ -12,7 +12,7 @@
 namespace attnstore {
 namespace {
 
-int dtype_code(dtype d) { return d == dtype::f32 ? 0 : d == dtype::f16 ? 1 : 2; }
+using detail::dtype_code;
 
 __attribute__((target("avx2,f16c"))) __m256 load8(const std::byte* p, int code) {
   if (code == 0) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));

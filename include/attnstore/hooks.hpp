@@ -144,6 +144,12 @@ class hooks {
   struct save_state;
   static constexpr std::size_t max_shifts = 8;  // distinct position shifts in one loaded view
   errc queue_load_layer(load_state& L, std::uint32_t layer) noexcept;
+  /// invalid_argument (none, or not this store's geometry), unsupported (GPU memory with
+  /// a host copier), or ok.
+  errc check_layout(const kv_layout* layout) const noexcept;
+  /// All of the load's runs fit its run table (one rotation call per layer), else one
+  /// call per run.
+  bool uses_table(const load_state& L) const noexcept;
   struct rotate_job;
   static void rotate_layer(void* job) noexcept;
   static void strip_layer(void* job) noexcept;

@@ -21,6 +21,12 @@
 
 namespace attnstore {
 
+namespace detail {
+/// The element code detail::load_elem / store_elem / rotate_head take for a dtype they
+/// handle: f32 0, f16 1, bf16 2 (fp8 keys are not rotated).
+constexpr int dtype_code(dtype d) noexcept { return d == dtype::f32 ? 0 : d == dtype::f16 ? 1 : 2; }
+}  // namespace detail
+
 enum class rope_style : std::uint8_t {
   neox,  ///< rotate-half: pairs (i, i + rotary_dim/2) (Llama, Mistral, Qwen, HF default)
   gptj,  ///< interleaved: pairs (2i, 2i+1) (GPT-J, some Falcon variants)

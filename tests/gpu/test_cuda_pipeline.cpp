@@ -363,7 +363,7 @@ struct rope_rig {
 };
 
 std::string describe_difference(const std::vector<std::byte>& a, const std::vector<std::byte>& b, dtype dt) {
-  const int code = dt == dtype::f32 ? 0 : dt == dtype::f16 ? 1 : 2;
+  const int code = detail::dtype_code(dt);
   const std::size_t n = a.size() / dtype_size(dt);
   std::size_t differ = 0;
   double worst = 0;
@@ -393,7 +393,7 @@ void truncated_view(copy_backend& cuda, copy_backend& host, const rope_spec& spe
   std::vector<std::byte> values(gpu.src.bytes);
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
-  const int code = dt == dtype::f32 ? 0 : dt == dtype::f16 ? 1 : 2;
+  const int code = detail::dtype_code(dt);
   for (std::size_t i = 0; i < values.size() / dtype_size(dt); ++i)
     detail::store_elem(values.data(), code, std::uint32_t(i), normal(rng));
   gpu.src.upload(values);

@@ -23,8 +23,6 @@ using namespace attnstore;
 
 namespace {
 
-int code_of(dtype dt) { return dt == dtype::f32 ? 0 : dt == dtype::f16 ? 1 : 2; }
-
 void cuda_call(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
@@ -72,11 +70,11 @@ bool check(const rope_case& c, cudaStream_t stream) {
       for (std::uint32_t i = 0; i < dim; ++i) {
         std::byte* head = host.data() + c.skew + t * token_stride + h * head_stride;
         if (!c.every_value) {
-          detail::store_elem(head, code_of(c.dt), i, normal(rng));
+          detail::store_elem(head, detail::dtype_code(c.dt), i, normal(rng));
           continue;
         }
         std::uint16_t v = std::uint16_t(pattern++);
-        if (!std::isfinite(detail::load_elem(&v, code_of(c.dt), 0))) v = 0;  // NaN payloads differ by design
+        if (!std::isfinite(detail::load_elem(&v, detail::dtype_code(c.dt), 0))) v = 0;  // NaN payloads differ by design
         std::memcpy(head + i * elem, &v, 2);
       }
   // Runs: the single one, or lengths 1..64 covering most tokens, in a shuffled order.

@@ -12,7 +12,6 @@
 using namespace attnstore;
 
 namespace {
-int code_of(dtype dt) { return dt == dtype::f32 ? 0 : dt == dtype::f16 ? 1 : 2; }
 
 // Keys in dtype `dt`: tokens x heads x head_dim, dense.
 struct keys {
@@ -23,10 +22,10 @@ struct keys {
       : dt(d), tokens(t), heads(h), dim(hd), bytes(std::size_t(t) * h * hd * dtype_size(d)) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> n(0, 1);
-    for (std::uint32_t i = 0; i < t * h * hd; ++i) detail::store_elem(bytes.data(), code_of(d), i, n(rng));
+    for (std::uint32_t i = 0; i < t * h * hd; ++i) detail::store_elem(bytes.data(), detail::dtype_code(d), i, n(rng));
   }
   float at(std::uint32_t t, std::uint32_t h, std::uint32_t i) const {
-    return detail::load_elem(bytes.data(), code_of(dt), (t * heads + h) * dim + i);
+    return detail::load_elem(bytes.data(), detail::dtype_code(dt), (t * heads + h) * dim + i);
   }
   std::size_t token_stride() const { return std::size_t(heads) * dim * dtype_size(dt); }
   std::size_t head_stride() const { return std::size_t(dim) * dtype_size(dt); }
@@ -169,8 +168,8 @@ TEST_CASE("the vectorised CPU path and the shared scalar core give identical byt
     (void)rerotate(a.bytes.data(), dt, 16, 4, a.token_stride(), a.head_stride(), ang);
     for (std::uint32_t t = 0; t < 16; ++t)
       for (std::uint32_t h = 0; h < 4; ++h)
-        detail::rotate_head(b.bytes.data() + t * b.token_stride() + h * b.head_stride(), code_of(dt), true, 128,
-                            ang.cos_row(t), ang.sin_row(t));
+        detail::rotate_head(b.bytes.data() + t * b.token_stride() + h * b.head_stride(), detail::dtype_code(dt), true,
+                            128, ang.cos_row(t), ang.sin_row(t));
     INFO("dtype " << to_string(dt));
     CHECK(a.bytes == b.bytes);
   }
@@ -181,7 +180,7 @@ TEST_CASE("the vectorised CPU path matches the scalar core for NaN keys and resu
     rope_spec s;
     s.head_dim = 128;
     keys a(dt, 4, 4, 128, 9);
-    const int code = code_of(dt);
+    const int code = detail::dtype_code(dt);
     // Past the first 8-pair chunk: a NaN with a payload, and values whose rotation
     // overflows to infinity.
     const std::uint16_t nan_bits = dt == dtype::f16 ? 0x7D55 : 0x7F95;

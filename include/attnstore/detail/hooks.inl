@@ -22,7 +22,6 @@ struct hooks::load_state {
   rope_run* device_runs = nullptr;
   std::uint32_t run_count = 0;         // runs of the view (may exceed the capacity)
   std::uint32_t max_run_tokens = 0;    // tokens of the longest run
-  bool table = false;                  // all runs fit the table (else: one call per run)
   std::vector<rotate_job> rotations;   // one per layer
   std::vector<std::uint8_t> shift_of;  // per view: index into shifts
   std::vector<std::int64_t> shifts;
@@ -82,8 +81,9 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
   };
   if (config.rope) {
     config.rope->validate();
-    if (!config.keys_pre_rope) shift_rows_.emplace(*config.rope, 1);
-    if (config.keys_pre_rope) {
+    if (!config.keys_pre_rope) {
+      shift_rows_.emplace(*config.rope, 1);
+    } else {
       position_angles_.emplace(*config.rope, config.max_positions);
       position_angles_->fill(0, 1, config.max_positions);
       strip_angles_.emplace(*config.rope, config.max_positions);
@@ -204,16 +204,23 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
   return copier_.record(L.events[layer], stream);
 }
 
-inline load_info hooks::start_load(const session_key& session, std::span<const token_id> prompt,
-                                   const kv_target& target, std::optional<stream_ref> compute) noexcept {
-  if (!target.layout) return {errc::invalid_argument};
+inline bool hooks::uses_table(const load_state& L) const noexcept { return L.run_count <= run_capacity_; }
+
+inline errc hooks::check_layout(const kv_layout* layout) const noexcept {
+  if (!layout) return errc::invalid_argument;
   try {
-    target.layout->check_against(geometry_);
+    layout->check_against(geometry_);
   } catch (const std::exception&) {
-    return {errc::invalid_argument};
+    return errc::invalid_argument;
   }
   // A host copier would dereference GPU pointers on a CPU thread.
-  if (target.layout->where == memory_space::device && !copier_.supports_device_memory()) return {errc::unsupported};
+  if (layout->where == memory_space::device && !copier_.supports_device_memory()) return errc::unsupported;
+  return errc::ok;
+}
+
+inline load_info hooks::start_load(const session_key& session, std::span<const token_id> prompt,
+                                   const kv_target& target, std::optional<stream_ref> compute) noexcept {
+  if (errc e = check_layout(target.layout); e != errc::ok) return {e};
   const load_handle h = load_pool_.allocate();
   if (h == no_handle) return {errc::retry};
   load_state& L = loads_[h];
@@ -324,10 +331,9 @@ inline errc hooks::prepare_rotation(load_state& L, bool on_device, stream_ref st
     L.run_count += L.run_count <= run_capacity_;  // stops one past: enough to know it overflowed
     L.max_run_tokens = std::max(L.max_run_tokens, r.tokens);
   });
-  L.table = L.run_count <= run_capacity_;
   if (!on_device) return errc::ok;
   // One copy: the slot starts with the angle rows (none for keys stored before RoPE).
-  const std::size_t bytes = angle_bytes_ + (L.table ? L.run_count * sizeof(rope_run) : 0);
+  const std::size_t bytes = angle_bytes_ + (uses_table(L) ? L.run_count * sizeof(rope_run) : 0);
   const copy_segment up[1] = {{L.angles, L.device_angles, bytes}};
   return bytes ? copier_.copy_async(up, stream) : errc::ok;
 }
@@ -363,7 +369,7 @@ inline void hooks::rotate_layer(void* job) noexcept {
   const load_state& L = *j.load;
   const rope_spec& spec = *H.config_.rope;
   const rope_runs_view all = H.runs_view(L, j.layer, false);
-  if (L.table) {
+  if (H.uses_table(L)) {
     (void)rerotate_runs(all, spec);
     return;
   }
@@ -396,7 +402,7 @@ inline void hooks::strip_layer(void* job) noexcept {
 inline errc hooks::rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept {
   const rope_spec& spec = *config_.rope;
   const rope_runs_view all = runs_view(L, layer, true);
-  if (L.table) return rerotate_runs_cuda(all, spec, stream.get());
+  if (uses_table(L)) return rerotate_runs_cuda(all, spec, stream.get());
   const std::size_t pairs = spec.rotary() / 2;
   errc e = errc::ok;
   walk_runs(L, [&](const rope_run& r) {
@@ -443,13 +449,8 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
     if (status) *status = e;
     return no_handle;
   };
-  if (!source.layout || from_token >= tokens.size()) return fail(errc::invalid_argument);
-  try {
-    source.layout->check_against(geometry_);
-  } catch (const std::exception&) {
-    return fail(errc::invalid_argument);
-  }
-  if (source.layout->where == memory_space::device && !copier_.supports_device_memory()) return fail(errc::unsupported);
+  if (errc e = check_layout(source.layout); e != errc::ok) return fail(e);
+  if (from_token >= tokens.size()) return fail(errc::invalid_argument);
   if (std::uint64_t(source.pages.size()) * source.layout->page_size < tokens.size())
     return fail(errc::invalid_argument);
   const std::uint32_t first_block = std::uint32_t(from_token / geometry_.tokens_per_block);
