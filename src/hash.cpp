@@ -80,9 +80,11 @@ struct field_writer {
 };
 }  // namespace
 
-session_hash hash_session(const session_key& key) noexcept {
+session_hash hash_session(const session_key& key, const hash128& secret) noexcept {
   field_writer w;
   w.u64(0x5e55'10'4e'4b'45'59ull);  // domain tag: session keys
+  w.u64(secret.lo);
+  w.u64(secret.hi);
   w.str(key.tenant);
   w.str(key.session);
   return {w.digest()};

@@ -128,6 +128,7 @@ run_result run(const options& o, const char* mode) {
     // The SSD files are opened with O_DIRECT: reads come from the device, not the page cache.
     const std::vector<unsigned> order = turn_order(o);
     std::vector<block_view> views(g.blocks_for(o.tokens));
+    read_lease lease(std::uint32_t(views.size()));
     std::vector<session_key> queue(o.queue);
     for (unsigned turn = 0; turn < o.turns; ++turn) {
       for (unsigned q = 0; q < o.queue; ++q) queue[q] = {"bench", names[order[turn + q]]};
@@ -136,14 +137,14 @@ run_result run(const options& o, const char* mode) {
       const unsigned id = order[turn];
       const auto t = tokens_of(id, o.tokens);
       const auto t0 = clock_type::now();
-      get_result gr = s.acquire({"bench", names[id]}, t, views);
+      get_result gr = s.acquire({"bench", names[id]}, t, views, lease);
       const auto t1 = clock_type::now();
       if (gr.status != errc::ok || gr.blocks != views.size()) {
         std::fprintf(stderr, "prefetch_bench: acquire %s: %u of %zu blocks\n",
                      std::string(to_string(gr.status)).c_str(), gr.blocks, views.size());
         std::exit(1);
       }
-      s.release({"bench", names[id]});
+      lease.release();
       r.acquire_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }
     r.stats = s.stats();

@@ -47,11 +47,12 @@ struct fixture {
     // on (no hooks, no pipeline): what the pipeline has to hide. Averaged over every
     // layer of several sessions, so sources and destinations are as cold as in the run.
     std::vector<block_view> views(64);
+    read_lease lease(64);
     std::vector<copy_segment> segs(max_layer_segments(geometry, engine.layout) * 64);
     double total = 0;
     int layers_timed = 0;
     for (int i = 0; i < sessions; ++i) {
-      get_result got = s.kv->acquire(s.key(i), s.tokens[std::size_t(i)], views);
+      get_result got = s.kv->acquire(s.key(i), s.tokens[std::size_t(i)], views, lease);
       for (std::uint32_t l = 0; l < layers; ++l) {
         auto t0 = clock_type::now();
         const std::size_t n = layer_load_segments(views, got.blocks, l, engine, segs, 0);
@@ -59,7 +60,7 @@ struct fixture {
         total += us_since(t0);
         ++layers_timed;
       }
-      s.kv->release(s.key(i));
+      lease.release();
     }
     layer_transfer_us = total / layers_timed;
   }

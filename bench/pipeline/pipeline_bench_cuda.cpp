@@ -62,6 +62,7 @@ struct cuda_fixture {
   std::byte* peak_dev = device_alloc<std::byte>(peak_bytes);
   std::byte* peak_host = nullptr;
   std::vector<std::vector<copy_segment>> segs;          // per session: every layer's load segments
+  std::vector<read_lease> leases;                       // keep those blocks as they are for the run
   std::vector<std::vector<std::size_t>> layer_end;      // per session: segment count after layer l
   std::vector<std::vector<token_id>> truncated_tokens;  // per truncated session: its kept view
   double peak_h2d_GBps = 0, peak_d2h_GBps = 0;
@@ -81,12 +82,13 @@ struct cuda_fixture {
     make_truncated_sessions();
   }
 
-  // DRAM blocks do not move while nothing is evicted (the store has room for every
-  // session), so the views' payload pointers stay valid after release.
+  // Each session's blocks stay leased for the run, so the views' payload pointers the
+  // segments hold stay valid.
   void build_segments() {
     std::vector<block_view> views(64);
     for (int i = 0; i < sessions; ++i) {
-      get_result got = s.kv->acquire(s.key(i), s.tokens[std::size_t(i)], views);
+      leases.emplace_back(64);  // kept for the run: the segments point into the leased blocks
+      get_result got = s.kv->acquire(s.key(i), s.tokens[std::size_t(i)], views, leases.back());
       if (got.tokens != history_tokens) throw std::runtime_error("acquire failed");
       std::vector<copy_segment> all(max_layer_segments(geometry, engine.layout) * 64 * layers);
       std::vector<std::size_t> ends;
@@ -96,7 +98,6 @@ struct cuda_fixture {
       all.resize(n);
       segs.push_back(std::move(all));
       layer_end.push_back(std::move(ends));
-      s.kv->release(s.key(i));
     }
   }
 

@@ -19,13 +19,13 @@ struct layer_bridge {
   attnstore::errc first_error = attnstore::errc::ok;
   static void before(void* ctx, int layer) {
     auto& b = *static_cast<layer_bridge*>(ctx);
-    if (b.load == attnstore::no_handle) return;
+    if (!b.load) return;
     auto e = b.hooks->wait_layer(b.load, std::uint32_t(layer));
     if (e != attnstore::errc::ok && b.first_error == attnstore::errc::ok) b.first_error = e;
   }
   static void after(void* ctx, int layer) {
     auto& b = *static_cast<layer_bridge*>(ctx);
-    if (b.save == attnstore::no_handle) return;
+    if (!b.save) return;
     auto e = b.hooks->save_layer(b.save, std::uint32_t(layer));
     if (e != attnstore::errc::ok && b.first_error == attnstore::errc::ok) b.first_error = e;
   }
@@ -118,7 +118,7 @@ attnstore::errc engine::save_range(const std::string& session, std::span<const s
   attnstore::session_key key{"mini", session};
   attnstore::errc st;
   auto h = options_.hooks->start_save(key, tokens, from, attnstore::kv_source{&layout_, seq.pages}, std::nullopt, &st);
-  if (h == attnstore::no_handle) return st;
+  if (!h) return st;
   for (int l = 0; l < model_.config().n_layers; ++l)
     if ((st = options_.hooks->save_layer(h, std::uint32_t(l))) != attnstore::errc::ok) {
       options_.hooks->abort_save(h);
@@ -141,7 +141,7 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   out.first_logits.resize(cfg.vocab_size);
   const auto t0 = std::chrono::steady_clock::now();
 
-  layer_bridge bridge{options_.hooks, attnstore::no_handle, attnstore::no_handle};
+  layer_bridge bridge{options_.hooks, {}, {}};
   layer_hooks lh{&layer_bridge::before, &layer_bridge::after, &bridge};
   const layer_hooks* hooks = nullptr;
   if (options_.mode == kv_mode::store) {
@@ -158,9 +158,9 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   model_.forward(cache_, p.seq, std::span(p.prompt).subspan(p.start), p.start, out.first_logits, hooks);
   out.ttft_ms = prepare_ms + ms_between(t0, std::chrono::steady_clock::now());
   if (options_.mode == kv_mode::store) {
-    if (bridge.load != attnstore::no_handle) (void)options_.hooks->finish_load(bridge.load);
+    if (bridge.load) (void)options_.hooks->finish_load(bridge.load);
     out.save_status =
-        bridge.save != attnstore::no_handle ? options_.hooks->finish_save(bridge.save) : attnstore::errc::bad_state;
+        bridge.save ? options_.hooks->finish_save(bridge.save) : attnstore::errc::bad_state;
     if (bridge.first_error != attnstore::errc::ok) out.save_status = bridge.first_error;
   }
   if (after_first_token) after_first_token();

@@ -25,8 +25,10 @@ hash128 hash_bytes128(const void* data, std::size_t bytes) noexcept;
 hash128 chain_hash(hash128 previous, const model_id& model, std::span<const token_id> tokens) noexcept;
 
 /// Hash of a session key; the tenant and session are length-prefixed, so
-/// ("ab","c") and ("a","bc") differ.
-session_hash hash_session(const session_key& key) noexcept;
+/// ("ab","c") and ("a","bc") differ. `secret` keys the hash: a store uses its own
+/// (kept in its MANIFEST), so clients who choose session ids cannot choose where in the
+/// index they land, and a store's hashes mean nothing to another store.
+session_hash hash_session(const session_key& key, const hash128& secret = {}) noexcept;
 
 /// Copies `bytes` from src to dst and returns checksum64 of the data, in one pass over
 /// memory: each chunk is hashed while it is still in cache.

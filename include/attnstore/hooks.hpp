@@ -10,6 +10,12 @@
 //   finish_load(h); finish_save(s)                    // s from start_save(...)
 //
 // Every call is noexcept and returns errc; nothing allocates per layer.
+//
+// Threading: every member may be called from any thread. A handle is used by one
+// thread at a time (its wait_layer/save_layer/finish calls are not concurrent with
+// each other); different handles run in parallel. A load leases the DRAM blocks it
+// copies from (store::acquire), so saves, demotions and drops of the same or other
+// sessions never change what it reads.
 #pragma once
 
 #include <atomic>
@@ -54,14 +60,24 @@ struct hooks_config {
   std::uint32_t max_rotated_runs = 0;
 };
 
-using load_handle = std::uint32_t;
-using save_handle = std::uint32_t;
-inline constexpr std::uint32_t no_handle = ~0u;
+/// A load in progress (start_load). Not interchangeable with a save_handle; false when
+/// nothing is being loaded.
+struct load_handle {
+  std::uint32_t index = ~0u;
+  explicit operator bool() const noexcept { return index != ~0u; }
+  friend constexpr bool operator==(const load_handle&, const load_handle&) = default;
+};
+/// A save in progress (start_save); false when none was started.
+struct save_handle {
+  std::uint32_t index = ~0u;
+  explicit operator bool() const noexcept { return index != ~0u; }
+  friend constexpr bool operator==(const save_handle&, const save_handle&) = default;
+};
 
 /// What start_load found and began loading.
 struct load_info {
   errc status = errc::ok;
-  load_handle handle = no_handle;  ///< no_handle when nothing is loaded
+  load_handle handle{};            ///< false when nothing is loaded
   std::uint64_t tokens = 0;        ///< history tokens being loaded (positions [0, tokens))
   std::uint32_t blocks = 0;
 };
@@ -101,7 +117,7 @@ class hooks {
   /// in stream order, before the layer's event: a host function for host memory, one
   /// CUDA kernel launch per layer for GPU memory (see hooks_config::rope). The run
   /// table the kernels read goes up here, once per load.
-  /// Returns status ok (tokens may be 0 and handle no_handle: nothing to load),
+  /// Returns status ok (tokens may be 0 and the handle empty: nothing to load),
   /// invalid_argument (layout does not match the store), retry (all handles busy),
   /// unsupported (keys must move but no rope spec is configured, or the copy backend
   /// has no device memory for a GPU target), no_space,
@@ -120,7 +136,7 @@ class hooks {
   /// prefill) from engine memory `source`, for positions from `from_token` on (the
   /// first block re-saved is the one holding from_token). DRAM blocks are reserved
   /// now; nothing is visible until finish_save.
-  /// Returns the handle, or no_handle with `status` set (invalid_argument, rejected:
+  /// Returns the handle, or an empty one with `status` set (invalid_argument, rejected:
   /// positions before from_token are not stored, no_space, retry: handles busy,
   /// unsupported: a GPU source and a copy backend without device memory).
   save_handle start_save(const session_key& session, std::span<const token_id> tokens, std::uint64_t from_token,
@@ -159,7 +175,8 @@ class hooks {
   errc prepare_rotation(load_state& L, bool on_device, stream_ref stream) noexcept;
   rope_runs_view runs_view(const load_state& L, std::uint32_t layer, bool device) const noexcept;
   errc flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept;
-  void sync_loads_of(const session_hash& key) noexcept;
+  load_state* load_of(load_handle h) noexcept;
+  save_state* save_of(save_handle h) noexcept;
 
   store& store_;
   copy_backend& copier_;

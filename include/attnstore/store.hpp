@@ -1,20 +1,20 @@
 // store: the hierarchical KV store. DRAM (host_arena) over SSD (ssd_space + a
 // block_device), indexed by session (cache_index), verified end to end.
 //
+// The implementation lives in src/store/ (one file per concern: read path, save path,
+// placement and eviction, background work, recovery and the on-disk format); this
+// header is the surface an engine compiles against.
+//
 // Threading: every member is thread-safe. Operations on one session serialize on that
 // session's record; operations on different sessions run in parallel.
 #pragma once
 
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
-#include <thread>
+#include <string_view>
 #include <vector>
 
 #include "attnstore/format/block_header.hpp"
@@ -22,24 +22,12 @@
 #include "attnstore/io/block_device.hpp"
 #include "attnstore/log.hpp"
 #include "attnstore/policy/eviction_policy.hpp"
-#include "attnstore/policy/predictive.hpp"
-#include "attnstore/policy/prefetcher.hpp"
-#include "attnstore/policy/watermark.hpp"
 #include "attnstore/status.hpp"
-#include "attnstore/tier/host_arena.hpp"
 #include "attnstore/tier/ssd_space.hpp"
 #include "attnstore/truncate.hpp"
 #include "attnstore/types.hpp"
 
 namespace attnstore {
-
-namespace detail {
-/// Blocks at consecutive positions written by one put (see store::write_ssd_blocks).
-struct put_group {
-  std::uint64_t first_sequence = 0;
-  std::uint32_t first_block = 0, blocks = 0;
-};
-}  // namespace detail
 
 /// Which block I/O backend the SSD tier uses.
 enum class io_backend : std::uint8_t {
@@ -65,7 +53,7 @@ struct store_config {
   bool direct_io = true;              ///< O_DIRECT on the SSD files
   bool require_direct_io = true;      ///< refuse a file system without O_DIRECT
   bool write_through = false;         ///< put() returns only once the blocks are durable on SSD
-  bool verify_dram_reads = true;      ///< re-check payload checksums when serving from DRAM
+  bool verify_dram_reads = true;      ///< re-check payload checksums when serving from DRAM (get and acquire)
   bool pin_host_memory = true;        ///< cudaHostAlloc / mlock the DRAM tier (best effort)
   std::uint32_t max_sessions = 4096;  ///< live sessions indexed at once
   std::uint32_t queue_window = 1024;  ///< entries of the engine queue set_queue() keeps
@@ -104,6 +92,11 @@ struct store_config {
   /// Clock for recency and the TTL, in nanoseconds; tests may set it. Default: steady_clock.
   std::function<std::uint64_t()> clock;
 
+  /// close() (and the destructor) write DRAM-only blocks to SSD so a clean restart
+  /// keeps them, for at most this long; what is left after it is lost (logged). 0: no
+  /// flush at close.
+  std::uint64_t close_flush_ms = 30000;
+
   attnstore::logger log{};
   /// Tests and embedders may wrap or replace the SSD device (fault injection, an
   /// in-memory device). Called once at construction with the real device.
@@ -121,23 +114,46 @@ struct store_stats {
   std::uint64_t dropped_sessions = 0;
   std::uint64_t ssd_bytes_written = 0, ssd_bytes_read = 0;
   std::uint64_t recovered_sessions = 0, recovered_blocks = 0, recovery_dropped_blocks = 0;
-  std::uint64_t quarantined_slots = 0;  ///< SSD slots not reused: their header could not be erased
+  std::uint64_t quarantined_slots = 0;  ///< SSD slots not reused: unreadable, or their header could not be erased
+  /// DRAM or staging slots never reused: an I/O into them failed with the transfer's
+  /// fate unknown (a broken channel), so it might still land.
+  std::uint64_t quarantined_buffers = 0;
+  std::uint64_t deferred_frees = 0;      ///< DRAM slots whose free waited for a read lease to end
+  std::uint64_t close_flushed_blocks = 0;  ///< DRAM-only blocks written to SSD by close()
   std::uint64_t prefetch_started = 0, prefetch_completed = 0, prefetch_cancelled = 0, prefetched_blocks = 0;
   std::uint64_t watermark_demoted_blocks = 0, expired_sessions = 0;
   std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;
   std::uint64_t sessions = 0;
 };
 
+class store;
+
 /// An open layer-wise save: DRAM blocks reserved for a session, filled by the caller
-/// (or its copy engine), then committed or aborted. Movable value; see store::reserve.
-struct save_reservation {
-  session_hash key{};
-  std::uint32_t first_block = 0;
-  std::uint32_t blocks = 0;
-  std::uint32_t head = no_slot;  ///< first reserved block (block table index)
-  hash128 prev_chain{};          ///< chain hash of the entry before the first replaced one
-  std::uint32_t from_entry = 0;  ///< index of the first replaced entry in the session's view
-  explicit operator bool() const noexcept { return head != no_slot; }
+/// (or its copy engine), then committed or aborted. Move-only; a reservation that is
+/// destroyed while open is aborted. It names the session's record incarnation, so a
+/// commit after the session was dropped (and perhaps re-created) is refused, never
+/// applied to the new session.
+class save_reservation {
+ public:
+  save_reservation() = default;
+  save_reservation(save_reservation&& o) noexcept { *this = std::move(o); }
+  save_reservation& operator=(save_reservation&& o) noexcept;
+  save_reservation(const save_reservation&) = delete;
+  save_reservation& operator=(const save_reservation&) = delete;
+  ~save_reservation();
+  explicit operator bool() const noexcept { return head_ != no_slot; }
+  std::uint32_t first_block() const noexcept { return first_block_; }
+  std::uint32_t blocks() const noexcept { return blocks_; }
+
+ private:
+  friend class store;
+  store* owner_ = nullptr;
+  std::uint32_t record_ = no_slot, generation_ = 0;
+  std::uint32_t first_block_ = 0;
+  std::uint32_t blocks_ = 0;
+  std::uint32_t head_ = no_slot;  // first reserved block (block table index)
+  hash128 prev_chain_{};          // chain hash of the entry before the first replaced one
+  std::uint32_t from_entry_ = 0;  // index of the first replaced entry in the session's view
 };
 
 /// A block made resident in DRAM by store::acquire: its payload in the layer-major
@@ -148,6 +164,34 @@ struct block_view {
   std::uint32_t first = 0;     ///< first of them inside the block (non-zero only in a truncated view)
   std::uint64_t position = 0;  ///< view position of the first of them
   std::int64_t shift = 0;      ///< view position - position it was saved at (keys need R(shift))
+};
+
+/// What acquire() handed out: the DRAM slots behind its block_views stay exactly as
+/// they were verified until the lease ends, whatever happens to the session meanwhile
+/// (a save replacing the blocks, a demotion, a drop: their frees wait for the lease).
+/// Move-only; ends in its destructor or release(). Capacity is fixed at construction
+/// (the only allocation), so acquire() allocates nothing.
+class read_lease {
+ public:
+  read_lease() = default;
+  explicit read_lease(std::uint32_t capacity) : slots_(capacity) {}
+  read_lease(read_lease&& o) noexcept { *this = std::move(o); }
+  read_lease& operator=(read_lease&& o) noexcept;
+  read_lease(const read_lease&) = delete;
+  read_lease& operator=(const read_lease&) = delete;
+  ~read_lease() { release(); }
+  /// Ends the lease: the blocks' DRAM slots may be freed and reused from now on.
+  void release() noexcept;
+  explicit operator bool() const noexcept { return owner_ != nullptr; }
+  std::uint32_t capacity() const noexcept { return std::uint32_t(slots_.size()); }
+  std::uint32_t blocks() const noexcept { return count_; }
+
+ private:
+  friend class store;
+  store* owner_ = nullptr;
+  std::uint32_t record_ = no_slot, generation_ = 0;
+  std::vector<std::uint32_t> slots_;
+  std::uint32_t count_ = 0;
 };
 
 /// What get() delivered.
@@ -162,14 +206,20 @@ struct get_result {
 class store {
  public:
   /// Opens (or creates) a store. With an SSD directory, an existing store there is
-  /// recovered: every committed, verified block is indexed again; torn ones are
-  /// dropped. Throws std::invalid_argument (a field out of range, named) or
-  /// std::runtime_error (directory unusable, O_DIRECT missing, geometry or model
-  /// differs from what the directory holds).
+  /// recovered from its block headers (payloads are verified when first read); see
+  /// docs/format.md "Recovery". Throws std::invalid_argument (a field out of range,
+  /// named) or std::runtime_error (directory unusable, O_DIRECT missing, or the
+  /// directory was written with another geometry, model, capacity or format: the
+  /// message names both values).
   explicit store(store_config config);
+  /// close(), then frees everything.
   ~store();
   store(const store&) = delete;
   store& operator=(const store&) = delete;
+
+  /// The session's index key: hash_session keyed by this store's secret (kept in the
+  /// MANIFEST, so it is the same after a restart). What hbm_victim() reports.
+  session_hash session_of(const session_key& key) const noexcept;
 
   /// Longest reusable prefix of `prompt` for the session. Allocation-free.
   /// Fills up to out.size() block locations.
@@ -183,45 +233,53 @@ class store {
   /// Stored blocks from first_block on are replaced. The new blocks become visible
   /// together, once all are written (and, in write-through mode, durable).
   /// Returns ok, invalid_argument (sizes; logged), rejected (blocks before first_block
-  /// are not stored for these tokens), no_space (nothing evictable), device_error.
+  /// are not stored for these tokens), no_space (nothing evictable, or the index has no
+  /// room for a new session), device_error, bad_state (the store is closed).
   [[nodiscard]] errc put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                          std::span<const std::byte> blocks) noexcept;
 
   /// Copies blocks [first_block, first_block + block_count) of the session into `out`
   /// (block_bytes() each), after checking that they belong to `prompt` (chain hashes)
   /// and verifying their payload checksums. Delivers a verified prefix of the range:
-  /// a block that fails verification is dropped from the store and ends the copy.
+  /// a block that fails verification is dropped from the store and ends the copy; an
+  /// I/O error ends it too (the block stays). `tokens` counts exactly the tokens of the
+  /// delivered blocks that match the prompt.
   get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
                  std::uint32_t block_count, std::span<std::byte> out) noexcept;
 
   /// Makes the blocks of the session that match `prompt` resident in DRAM (reading SSD
-  /// blocks, demoting other sessions for room), pins the session so they stay there,
-  /// and describes up to views.size() of them. For layer-wise loads that copy straight
-  /// from the DRAM tier. Returns ok (result.blocks may be 0), not_found (no session),
-  /// checksum_error or device_error (result.blocks is the verified prefix), no_space.
-  /// When result.blocks > 0 the caller must call release() once done with the views.
-  get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views) noexcept;
-  /// Ends an acquire(): unpins the session.
-  void release(const session_key& key) noexcept { release(hash_session(key)); }
-  void release(const session_hash& key) noexcept;
+  /// blocks, demoting other sessions for room), verifies them as get() does, and
+  /// describes up to views.size() of them. For layer-wise loads that copy straight
+  /// from the DRAM tier. `lease` (capacity >= views.size(); a lease still held from an
+  /// earlier call is released first) keeps the described payloads valid and unchanged
+  /// until it ends, and keeps the session from being chosen for eviction meanwhile.
+  /// Returns ok (result.blocks may be 0: no lease is taken), not_found (no session),
+  /// checksum_error or device_error (result.blocks is the verified prefix, leased),
+  /// no_space, invalid_argument (lease capacity below views.size()).
+  get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
+                     read_lease& lease) noexcept;
 
   /// Starts a save whose payloads the caller fills itself (layer by layer, by DMA...):
   /// reserves DRAM blocks [first_block, blocks_for(tokens.size())) and writes their
-  /// payload addresses to `payloads`. Nothing is visible until commit(). The session
-  /// is pinned meanwhile. Returns ok, invalid_argument, rejected (the stored prefix is
-  /// not these tokens), no_space.
+  /// payload addresses to `payloads`. The bytes of a partial last block past the last
+  /// token are zeroed here, so nothing of a slot's previous occupant is stored. Nothing
+  /// is visible until commit(). Returns ok, invalid_argument, rejected (the stored
+  /// prefix is not these tokens), no_space, bad_state (closed).
   [[nodiscard]] errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                              std::span<std::byte*> payloads, save_reservation& reservation) noexcept;
   /// Checksums the filled blocks, writes them through to SSD if configured, and
   /// publishes them. Returns ok, rejected (the prefix changed meanwhile), not_found
-  /// (the session was dropped), no_space, device_error, bad_state (empty reservation).
-  /// The reservation is empty afterwards, whatever the outcome.
+  /// (the session was dropped since reserve, even if re-created), no_space,
+  /// device_error, bad_state (empty reservation). The reservation is empty afterwards,
+  /// whatever the outcome.
   [[nodiscard]] errc commit(save_reservation& reservation) noexcept;
   /// Gives reserved blocks back unpublished.
   void abort(save_reservation& reservation) noexcept;
 
-  /// Removes a session from every tier. Returns ok or not_found; device_error when an
-  /// SSD copy could not be erased and the tombstone that keeps it from coming back
+  /// Removes a session from every tier: its SSD slots are zeroed whole (KV and token
+  /// ids) and the erasure is made durable before this returns. DRAM slots still read by
+  /// a lease are freed when the lease ends. Returns ok or not_found; device_error when
+  /// an SSD copy could not be erased and the tombstone that keeps it from coming back
   /// after a restart could not be written either (the session is no longer served).
   errc drop(const session_key& key) noexcept;
   /// Pinned sessions are never demoted or evicted. Returns ok or not_found.
@@ -254,15 +312,15 @@ class store {
   /// session's KV in its own GPU pages (the store keeps its saved copy as well), so the
   /// next turn needs no load at all. 0: it keeps none any more. Returns ok or not_found.
   errc keep_in_hbm(const session_key& key, std::uint32_t blocks) noexcept {
-    return keep_in_hbm(hash_session(key), blocks);
+    return keep_in_hbm(session_of(key), blocks);
   }
   errc keep_in_hbm(const session_hash& key, std::uint32_t blocks) noexcept;
   /// When the engine needs its HBM back: the session whose HBM copy goes first in the
-  /// eviction policy's order (never a pinned or busy one). Writes its hash to `out`
-  /// and returns true; false when no session is kept in HBM. The engine frees the pages
-  /// and calls keep_in_hbm(key, 0). The store only ranks: when it drops a session (TTL,
-  /// eviction, drop) it forgets the session's HBM count, so the engine keeps its own
-  /// list of what it holds.
+  /// eviction policy's order (never a pinned or busy one). Writes its session_of() hash
+  /// to `out` and returns true; false when no session is kept in HBM. The engine frees
+  /// the pages and calls keep_in_hbm(key, 0). The store only ranks: when it drops a
+  /// session (TTL, eviction, drop) it forgets the session's HBM count, so the engine
+  /// keeps its own list of what it holds.
   bool hbm_victim(session_hash& out) noexcept;
 
   /// Does the background work that is due: promotions the prefetcher planned, demotion
@@ -276,154 +334,36 @@ class store {
   /// Drops the sessions idle longer than session_ttl_ms now; returns how many.
   std::uint32_t expire_idle() noexcept;
   /// The eviction policy's name ("scheduler_aware", "lru", ...).
-  std::string_view policy_name() const noexcept { return policy_->name(); }
+  std::string_view policy_name() const noexcept;
 
   /// Moves a session's DRAM blocks to SSD now. Returns ok, not_found, unsupported (no
   /// SSD tier), no_space, device_error.
   errc demote(const session_key& key) noexcept;
   /// Makes every SSD write so far durable. Returns ok, device_error, unsupported.
   errc flush() noexcept;
+  /// Stops background work, writes DRAM-only blocks to SSD (for at most
+  /// close_flush_ms) and makes everything durable, so a clean restart finds every
+  /// session. Later calls that save return bad_state; reads still work. Idempotent.
+  /// Returns ok, device_error (some blocks could not be written: logged), unsupported
+  /// (no SSD tier: nothing to keep), retry (the time bound ran out first).
+  errc close() noexcept;
 
   store_stats stats() const noexcept;
-  const kv_geometry& geometry() const noexcept { return geometry_; }
-  const model_id& model() const noexcept { return model_; }
-  std::size_t block_bytes() const noexcept { return geometry_.block_bytes(); }
+  const kv_geometry& geometry() const noexcept;
+  const model_id& model() const noexcept;
+  std::size_t block_bytes() const noexcept { return geometry().block_bytes(); }
   /// "io_uring", "posix", ... or "none" without an SSD tier.
   std::string_view io_backend_name() const noexcept;
   /// "cuda_pinned", "locked" or "unlocked".
-  std::string_view dram_pinning() const noexcept { return dram_->pinning(); }
-  bool has_ssd() const noexcept { return ssd_ != nullptr; }
+  std::string_view dram_pinning() const noexcept;
+  bool has_ssd() const noexcept;
 
  private:
-  struct counters;
-  static constexpr unsigned batch_max = 256;  // I/O requests per device batch
-  // Blocks per promotion batch: a turn's own SSD read waits behind at most one, and
-  // background reads still keep the device busy (4 hid less: docs/benchmarks.md).
-  static constexpr unsigned promote_batch = 16;
-  static constexpr std::uint32_t likely_per_plan = 64;  // likely returners looked at per prefetch plan
-
-  std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
-  std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
-  /// A free SSD slot, evicting SSD victims for one unless `may_evict` is false.
-  std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict = true) noexcept;
-  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
-                     bool may_evict = true) noexcept;
-  errc reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
-                      save_reservation& r) noexcept;
-  errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
-  get_result serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
-                          std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views) noexcept;
-  /// Demotes the policy's first DRAM victim; returns the DRAM blocks it freed (0: no
-  /// victim or nothing freed). On the allocation path (`background` false) a victim
-  /// that cannot be demoted is dropped; background work (prefetch room, the watermark)
-  /// only demotes, into free SSD slots (it evicts nobody), and never a queued session.
-  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false) noexcept;
-  bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
-  errc release_chain(std::uint32_t first) noexcept;
-  errc drop_locked(locked_session& s) noexcept;
-  errc invalidate_ssd(std::span<const std::uint32_t> slots) noexcept;
-  /// Zeroes the header sectors of `slots` in batches (a failed write is retried once);
-  /// calls outcome(slot, erased) for each. Releases nothing.
-  template <class Outcome>
-  void erase_headers(std::span<const std::uint32_t> slots, Outcome&& outcome) noexcept;
-  /// Writes blocks to SSD. A put group (first_sequence != 0) is blocks at consecutive
-  /// positions written by one put: recovery accepts its blocks only if all of them
-  /// arrived. Without one, each block is its own group.
-  using put_group = detail::put_group;
-  errc write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
-                        std::span<const std::uint32_t> positions, std::span<const std::uint32_t> ssd_slots,
-                        std::span<std::int32_t> results, const put_group& group = {}) noexcept;
-  void recover();
-  bool write_tombstone(const session_hash& key) noexcept;
-  void write_or_check_manifest();
-  locked_session open_or_evict(const session_hash& key) noexcept;
-  /// The first session in the policy's victim order for `where` that is unpinned, not
-  /// busy (try-lock) and accepted by `want`, locked. Never one of the two excluded records.
-  template <class Want>
-  locked_session pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
-                             std::uint32_t exclude_b) noexcept;
-  std::uint64_t now() const noexcept;
-  /// Tells the policy the session's tier counts (and, when `accessed`, that it was used).
-  /// `prompt_tokens` > 0: a turn starts with a prompt that long (policy::on_prompt).
-  void note(locked_session& s, bool accessed, std::size_t prompt_tokens = 0) noexcept;
-  // Tells the policy a session that is not stored was asked for (it may be one it evicted).
-  void note_miss(const session_hash& key) noexcept;
-  /// Removes the session from the index, the policy and the prefetcher.
-  void erase_record(locked_session& s) noexcept;
-  /// Erases the session when a failed save left it empty and unused.
-  void erase_if_empty(locked_session& s) noexcept {
-    if (s.block_count() == 0 && s.pins() == 0) erase_record(s);
-  }
-  /// Reads up to `max_blocks` of the session's SSD-only blocks into DRAM, making room only
-  /// from sessions that are not queued. Returns the blocks promoted.
-  std::uint32_t promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept;
-  /// Plans promotions for the queue window (and, with `likely`, the predictive policy's
-  /// likely returners). Policy mutex held.
-  void plan_prefetch_locked(bool likely) noexcept;
-  /// Sets the windows of the paper's rules from the mean distinct blocks per session.
-  void size_windows_locked(std::size_t queued) noexcept;
-  void set_held_locked(std::uint32_t record, std::uint32_t blocks) noexcept;  // policy mutex held
-  void wake_background() noexcept;
-  void background_loop() noexcept;
-  struct prefetch_target;
-  struct ssd_read_batch;
-  /// Reads a batch of SSD blocks into their buffers, verifying each (header, chain,
-  /// checksum; copying it out when the batch has an output) as it completes.
-  void read_ssd_batch(ssd_read_batch& rb) noexcept;
-  struct promotion_job {
-    std::uint32_t record;
-    std::uint32_t blocks;
-    std::uint64_t ticket;
-    bool beyond_queue;  // a likely returner, not a queued session: free DRAM only
-  };
-  void run_promotion(const promotion_job& job) noexcept;
-
-  store_config config_;
-  kv_geometry geometry_;
-  model_id model_;
-  std::size_t header_bytes_ = 0;
-  std::size_t slot_bytes_ = 0;
-  std::unique_ptr<host_arena> dram_;
-  std::unique_ptr<host_arena> staging_;
-  std::unique_ptr<ssd_space> ssd_;
-  std::unique_ptr<block_device> device_;
-  std::unique_ptr<cache_index> index_;
-  std::int32_t staging_buffer_base_ = 0;  // registered-buffer index of staging region 0
-  std::atomic<std::uint64_t> sequence_{1};
-  std::unique_ptr<counters> counters_;
-  struct free_deleter {
-    void operator()(void* p) const noexcept { std::free(p); }
-  };
-  std::unique_ptr<void, free_deleter> zero_page_holder_;  // freed even if the constructor throws
-  void* zero_page_ = nullptr;
-
-  // Policies. Lock order: record -> policy_mutex_ -> shard -> work_mutex_. Under the
-  // policy mutex, records are only try-locked (victim choice).
-  std::mutex policy_mutex_;
-  std::unique_ptr<policy::eviction_policy> policy_;
-  policy::predictive* predictive_ = nullptr;  // policy_ when it is the predictive one
-  std::unique_ptr<policy::prefetcher> prefetcher_;
-  policy::demotion_watermark watermark_{};
-  std::vector<std::uint32_t> held_;           // per record: distinct blocks (all tiers)
-  std::uint64_t held_total_ = 0;              // sum of held_
-  std::uint32_t held_sessions_ = 0;           // records with held_ > 0
-  std::uint64_t no_room_until_ = 0;           // queued promotions found no DRAM: none until then
-  std::vector<std::uint32_t> queue_records_;  // set_queue scratch (policy mutex)
-  std::mutex queue_mutex_;                    // set_queue's hashing scratch; taken before the policy mutex
-  std::vector<session_hash> queue_hashes_;
-
-  // Background work: promotions the prefetcher started, demotion, TTL.
-  std::mutex work_mutex_;
-  std::condition_variable work_cv_, idle_cv_;
-  std::vector<promotion_job> jobs_;  // ring, capacity max_sessions
-  std::size_t job_head_ = 0, job_count_ = 0;
-  bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
-  std::atomic<std::uint64_t> next_ttl_check_{0};
-  std::atomic<std::uint64_t> next_plan_{0};     // periodic prefetch plan
-  std::atomic<std::uint32_t> demand_reads_{0};  // SSD reads a request is waiting on
-  std::thread worker_;
+  struct impl;  // src/store/store_impl.hpp
+  friend class read_lease;
+  friend class save_reservation;
+  void end_lease(read_lease& lease) noexcept;
+  std::unique_ptr<impl> impl_;
 };
 
 }  // namespace attnstore
-
-#include "attnstore/detail/store.inl"

@@ -88,7 +88,7 @@ void run_turn(hooks& hk, paged_memory& mem, std::uint64_t session, std::vector<t
   save_handle sh = hk.start_save(key, history, li.tokens, kv_source{&mem.layout, table}, std::nullopt, &st);
   REQUIRE(st == errc::ok);
   for (std::uint32_t l = 0; l < mem.g.num_layers; ++l) {
-    if (li.handle != no_handle) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
+    if (li.handle) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
     // "Compute" layer l: history must already be here for this layer; write the new tokens' KV.
     for (std::size_t p = 0; p < li.tokens; ++p)
       for (std::uint32_t h = 0; h < mem.g.num_kv_heads; ++h) {
@@ -103,7 +103,7 @@ void run_turn(hooks& hk, paged_memory& mem, std::uint64_t session, std::vector<t
                                          session * 7919 + p * 131 + l * 17 + side * 3 + h);
     REQUIRE(hk.save_layer(sh, l) == errc::ok);
   }
-  if (li.handle != no_handle) REQUIRE(hk.finish_load(li.handle) == errc::ok);
+  if (li.handle) REQUIRE(hk.finish_load(li.handle) == errc::ok);
   REQUIRE(hk.finish_save(sh) == errc::ok);
   (void)old;
 }
@@ -158,14 +158,14 @@ TEST_CASE("hooks: bad handles, layouts and unfinished saves are refused") {
   store kv(cfg_for(g));
   auto copier = make_host_copy_backend();
   hooks hk(kv, *copier);
-  CHECK(hk.wait_layer(12345, 0) == errc::invalid_argument);
-  CHECK(hk.save_layer(0, 0) == errc::invalid_argument);
+  CHECK(hk.wait_layer(load_handle{12345}, 0) == errc::invalid_argument);
+  CHECK(hk.save_layer(save_handle{0}, 0) == errc::invalid_argument);
   paged_memory wrong(kv_geometry{2, 4, 32, dtype::f16, 16}, 8, 16, 0);
   std::vector<std::uint32_t> table{0, 1};
   std::vector<token_id> toks(20, 5);
   CHECK(hk.start_load({"t", "x"}, toks, kv_target{&wrong.layout, table}).status == errc::invalid_argument);
   errc st;
-  CHECK(hk.start_save({"t", "x"}, toks, 0, kv_source{&wrong.layout, table}, std::nullopt, &st) == no_handle);
+  CHECK(hk.start_save({"t", "x"}, toks, 0, kv_source{&wrong.layout, table}, std::nullopt, &st) == save_handle{});
   CHECK(st == errc::invalid_argument);
   paged_memory mem(g, 8, 16, 0);
   save_handle sh = hk.start_save({"t", "x"}, toks, 0, kv_source{&mem.layout, table}, std::nullopt, &st);
@@ -177,7 +177,7 @@ TEST_CASE("hooks: bad handles, layouts and unfinished saves are refused") {
   // GPU engine memory with a copier that has none: refused before any pointer is touched.
   paged_memory gpu(g, 8, 16, 0);
   gpu.layout.where = memory_space::device;
-  CHECK(hk.start_save({"t", "y"}, toks, 0, kv_source{&gpu.layout, table}, std::nullopt, &st) == no_handle);
+  CHECK(hk.start_save({"t", "y"}, toks, 0, kv_source{&gpu.layout, table}, std::nullopt, &st) == save_handle{});
   CHECK(st == errc::unsupported);
   CHECK(hk.start_load({"t", "x"}, toks, kv_target{&gpu.layout, table}).status == errc::unsupported);
 }

@@ -323,11 +323,11 @@ TEST_CASE("store HBM lending: the engine gives back HBM copies in the policy's o
   session_key queue[] = {key_of(a)};
   s.set_queue(queue);
   REQUIRE(s.hbm_victim(victim));
-  CHECK(victim == hash_session(key_of(b)));  // a is queued: b is the oldest unprotected
+  CHECK(victim == s.session_of(key_of(b)));  // a is queued: b is the oldest unprotected
   REQUIRE(s.keep_in_hbm(key_of(b), 0) == errc::ok);
   REQUIRE(s.pin(key_of(d)) == errc::ok);  // in use: never offered
   REQUIRE(s.hbm_victim(victim));
-  CHECK(victim == hash_session(key_of(a)));  // only the protected one is left
+  CHECK(victim == s.session_of(key_of(a)));  // only the protected one is left
   REQUIRE(s.drop(key_of(a)) == errc::ok);    // dropping a session forgets its HBM copy
   CHECK_FALSE(s.hbm_victim(victim));
   CHECK(s.keep_in_hbm({"t", "nobody"}, 1) == errc::not_found);

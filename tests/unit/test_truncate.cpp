@@ -120,8 +120,8 @@ struct rig {
     load_info li = hk.start_load({"t", "s"}, toks, kv_target{&layout, pages});
     REQUIRE(li.status == errc::ok);
     for (std::uint32_t l = 0; l < L; ++l)
-      if (li.handle != no_handle) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
-    if (li.handle != no_handle) REQUIRE(hk.finish_load(li.handle) == errc::ok);
+      if (li.handle) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
+    if (li.handle) REQUIRE(hk.finish_load(li.handle) == errc::ok);
     compute(toks, orig, li.tokens);
     errc st;
     save_handle sh = hk.start_save({"t", "s"}, toks, li.tokens, kv_source{&layout, pages}, std::nullopt, &st);

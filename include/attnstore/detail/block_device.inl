@@ -34,7 +34,10 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
                                   void (*on_complete)(void*, std::size_t), void* context) noexcept {
   if (requests.empty()) return errc::ok;
   std::unique_ptr<io_channel> channel = lease_channel();
-  if (!channel) return errc::device_error;
+  if (!channel) {
+    for (auto& r : requests) r.result = -EIO;
+    return errc::device_error;
+  }
   const unsigned depth = queue_depth == 0 || queue_depth > channel->depth() ? channel->depth() : queue_depth;
   constexpr int max_retries = 16;
   constexpr int batch = 64;
@@ -75,9 +78,15 @@ inline errc block_device::execute(std::span<io_request> requests, unsigned queue
     top_up();
     if (in_flight == 0) continue;
     int got = channel->reap(done, batch, 1);
-    if (got < 0) {  // the channel broke: every outstanding piece is lost
-      for (std::size_t i = 0; i < n; ++i)
-        if (requests[i].result >= 0 && std::uint32_t(requests[i].result) < requests[i].bytes) requests[i].result = got;
+    if (got < 0) {
+      // The channel broke. Pieces in flight may still land (a ring torn down with
+      // requests outstanding completes them later), so their requests are in doubt:
+      // the caller must not reuse those buffers. Requests never started are cancelled.
+      for (std::size_t i = 0; i < n; ++i) {
+        io_request& r = requests[i];
+        if (r.result < 0 || std::uint32_t(r.result) >= r.bytes) continue;  // finished
+        r.result = i < next ? io_in_doubt : -ECANCELED;
+      }
       channel.reset();  // not returned to the pool
       return errc::device_error;
     }

@@ -19,33 +19,41 @@ inline cache_index::cache_index(const cache_index_options& o)
   tokens_.resize(std::size_t(o.max_blocks) * o.tokens_per_block);
   shards_ = std::vector<shard>(o.shards);
   shard_mask_ = o.shards - 1;
+  // Keys are keyed hashes (the store's secret), so sessions spread evenly; a shard still
+  // has a hard limit (3/4 of its table) so that no insert or probe can run forever.
+  // Twice the mean plus slack keeps a refusal out of reach for honest key sets.
   std::uint32_t per = 16;
-  while (per < 2 * (o.max_sessions / o.shards + 8)) per *= 2;
+  while (per * 3 / 4 < 2 * (o.max_sessions / o.shards + 8)) per *= 2;
   for (auto& s : shards_) {
     s.keys.assign(per, hash128{});
     s.values.assign(per, no_slot);
     s.mask = per - 1;
+    s.limit = per * 3 / 4;
   }
 }
 
 inline std::uint32_t cache_index::find_in(shard& s, const session_hash& k) const noexcept {
-  for (std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;; i = (i + 1) & s.mask) {
+  std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;
+  for (std::uint32_t probes = 0; probes <= s.mask; ++probes, i = (i + 1) & s.mask) {
     if (s.values[i] == no_slot) return no_slot;
     if (s.keys[i] == k.value) return s.values[i];
   }
+  return no_slot;
 }
 
 inline void cache_index::insert_in(shard& s, const session_hash& k, std::uint32_t rec) noexcept {
   std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;
-  while (s.values[i] != no_slot) i = (i + 1) & s.mask;
+  while (s.values[i] != no_slot) i = (i + 1) & s.mask;  // ends: count < limit < capacity
   s.keys[i] = k.value;
   s.values[i] = rec;
+  ++s.count;
 }
 
 inline void cache_index::erase_in(shard& s, const session_hash& k) noexcept {
   std::uint32_t i = std::uint32_t(k.value.lo) & s.mask;
   while (s.values[i] != no_slot && !(s.keys[i] == k.value)) i = (i + 1) & s.mask;
   if (s.values[i] == no_slot) return;
+  --s.count;
   // Backward-shift deletion keeps probe chains intact without tombstones.
   for (std::uint32_t j = (i + 1) & s.mask; s.values[j] != no_slot; j = (j + 1) & s.mask) {
     std::uint32_t home = std::uint32_t(s.keys[j].lo) & s.mask;
@@ -68,11 +76,16 @@ inline void cache_index::release_record(std::uint32_t rec) noexcept {
     r.tokens = 0;
     r.dram_blocks = r.ssd_blocks = r.pins = 0;
     r.truncated = false;
+    ++r.generation;  // handles of the old incarnation no longer match
     record_pool_.release(rec);
   }
 }
 
-inline locked_session cache_index::open(const session_hash& key, bool create) noexcept {
+inline locked_session cache_index::open(const session_hash& key, bool create, errc* why) noexcept {
+  auto refuse = [&](errc e) {
+    if (why) *why = e;
+    return locked_session{};
+  };
   for (;;) {
     shard& s = shard_of(key);
     std::uint32_t rec;
@@ -80,9 +93,10 @@ inline locked_session cache_index::open(const session_hash& key, bool create) no
       std::lock_guard lock(s.mutex);
       rec = find_in(s, key);
       if (rec == no_slot) {
-        if (!create) return {};
+        if (!create) return refuse(errc::not_found);
+        if (s.count >= s.limit) return refuse(errc::no_space);
         rec = record_pool_.allocate();
-        if (rec == no_slot) return {};
+        if (rec == no_slot) return refuse(errc::retry);
         record& r = records_[rec];
         r.key = key;
         r.state.store(1u | 2u, std::memory_order_release);  // live, one handle
@@ -111,6 +125,24 @@ inline locked_session cache_index::try_open_record(std::uint32_t rec) noexcept {
     return {};
   }
   if (!r.live()) {
+    r.mutex.unlock();
+    release_record(rec);
+    return {};
+  }
+  return locked_session(this, rec);
+}
+
+inline locked_session cache_index::open_record(std::uint32_t rec, std::uint32_t generation) noexcept {
+  if (rec >= records_.size()) return {};
+  record& r = records_[rec];
+  std::uint32_t st = r.state.load(std::memory_order_acquire);
+  do {
+    if (!(st & 1u)) return {};
+  } while (!r.state.compare_exchange_weak(st, st + 2, std::memory_order_acq_rel));
+  r.mutex.lock();
+  // The generation changes only when the last handle of an erased record goes, and we
+  // hold a handle: read under the lock, it is this incarnation's or a later one's.
+  if (!r.live() || r.generation != generation) {
     r.mutex.unlock();
     release_record(rec);
     return {};
@@ -205,6 +237,7 @@ inline void locked_session::reset() noexcept {
 inline std::uint32_t locked_session::block_count() const noexcept { return index_->records_[record_].count; }
 inline std::uint64_t locked_session::token_count() const noexcept { return index_->records_[record_].tokens; }
 inline std::uint32_t locked_session::pins() const noexcept { return index_->records_[record_].pins; }
+inline std::uint32_t locked_session::generation() const noexcept { return index_->records_[record_].generation; }
 inline const session_hash& locked_session::key() const noexcept { return index_->records_[record_].key; }
 inline std::uint32_t locked_session::first_block() const noexcept { return index_->records_[record_].head; }
 inline std::uint32_t locked_session::dram_blocks() const noexcept { return index_->records_[record_].dram_blocks; }

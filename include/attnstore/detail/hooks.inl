@@ -26,7 +26,7 @@ struct hooks::load_state {
   std::vector<std::uint8_t> shift_of;  // per view: index into shifts
   std::vector<std::int64_t> shifts;
   bool rotate = false;
-  session_hash key{};
+  read_lease lease;  // the DRAM blocks `views` point into, until finish_load
   std::vector<block_view> views;
   std::vector<event_id> events;  // one per layer: layer copied into engine memory
   std::vector<copy_segment> segments;
@@ -137,6 +137,7 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
       L.device_runs = reinterpret_cast<rope_run*>(slot + angle_bytes_);
     }
     L.views.resize(config.max_blocks_per_request);
+    L.lease = read_lease(config.max_blocks_per_request);
     L.rotations.resize(geometry_.num_layers);
     for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) L.rotations[l] = {this, &L, l};
     L.shift_of.resize(config.max_blocks_per_request);
@@ -158,9 +159,9 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
 
 inline hooks::~hooks() {
   for (std::uint32_t h = 0; h < loads_.size(); ++h)
-    if (loads_[h].active) (void)finish_load(h);
+    if (loads_[h].active) (void)finish_load(load_handle{h});
   for (std::uint32_t h = 0; h < saves_.size(); ++h)
-    if (saves_[h].active) abort_save(h);
+    if (saves_[h].active) abort_save(save_handle{h});
   for (auto& L : loads_)
     for (auto e : L.events) copier_.release_event(e);
   for (auto& S : saves_) {
@@ -221,19 +222,20 @@ inline errc hooks::check_layout(const kv_layout* layout) const noexcept {
 inline load_info hooks::start_load(const session_key& session, std::span<const token_id> prompt,
                                    const kv_target& target, std::optional<stream_ref> compute) noexcept {
   if (errc e = check_layout(target.layout); e != errc::ok) return {e};
-  const load_handle h = load_pool_.allocate();
-  if (h == no_handle) return {errc::retry};
-  load_state& L = loads_[h];
-  get_result got = store_.acquire(session, prompt, L.views);
-  if (got.blocks == 0) {
-    load_pool_.release(h);
-    return {got.status == errc::not_found ? errc::ok : got.status};
-  }
-  if (std::uint64_t(target.pages.size()) * target.layout->page_size < got.tokens) {
-    store_.release(session);
-    load_pool_.release(h);
-    return {errc::invalid_argument};
-  }
+  const load_handle h{load_pool_.allocate()};
+  if (!h) return {errc::retry};
+  load_state& L = loads_[h.index];
+  // Nothing is leased on failure; on a partial success (a verified prefix before a bad
+  // block) the prefix is loaded and leased.
+  get_result got = store_.acquire(session, prompt, L.views, L.lease);
+  auto give_up = [&](errc e) {
+    L.lease.release();
+    load_pool_.release(h.index);
+    return load_info{e};
+  };
+  if (got.blocks == 0) return give_up(got.status == errc::not_found ? errc::ok : got.status);
+  if (std::uint64_t(target.pages.size()) * target.layout->page_size < got.tokens)
+    return give_up(errc::invalid_argument);
   // Keys that move (a truncated view) or lack RoPE are rotated on load.
   L.rotate = config_.keys_pre_rope;
   L.shifts.clear();
@@ -258,21 +260,12 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
       config_.rope && geometry_.dtype != dtype::fp8_e4m3 && shifts_fit &&
       (!config_.keys_pre_rope || got.tokens <= config_.max_positions) && tables_.base != nullptr &&
       (!on_device || (device_tables_ != nullptr && (!config_.keys_pre_rope || device_positions_ != nullptr)));
-  if (L.rotate && !can_rotate) {
-    store_.release(session);
-    load_pool_.release(h);
-    return {errc::unsupported};
-  }
+  if (L.rotate && !can_rotate) return give_up(errc::unsupported);
   L.read_stream = next_read_stream_.fetch_add(1, std::memory_order_relaxed) % std::uint32_t(read_streams_.size());
   L.target = target;
   L.blocks = got.blocks;
   if (L.rotate)
-    if (errc e = prepare_rotation(L, on_device, read_streams_[L.read_stream]); e != errc::ok) {
-      store_.release(session);
-      load_pool_.release(h);
-      return {e};
-    }
-  L.key = hash_session(session);
+    if (errc e = prepare_rotation(L, on_device, read_streams_[L.read_stream]); e != errc::ok) return give_up(e);
   L.compute = compute;
   L.queued_layers = 0;
   L.active = true;
@@ -388,8 +381,8 @@ inline void hooks::strip_layer(void* job) noexcept {
   const kv_geometry& g = H.geometry_;
   const std::uint32_t pairs = H.config_.rope->rotary() / 2;
   const std::size_t head_bytes = std::size_t(g.head_dim) * g.element_bytes();
-  for (std::uint32_t i = 0; i < S.reservation.blocks; ++i) {
-    const std::uint64_t first = std::uint64_t(S.reservation.first_block + i) * g.tokens_per_block;
+  for (std::uint32_t i = 0; i < S.reservation.blocks(); ++i) {
+    const std::uint64_t first = std::uint64_t(S.reservation.first_block() + i) * g.tokens_per_block;
     const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(g.tokens_per_block, S.tokens - first));
     std::byte* keys = S.payloads[i] + std::size_t(j.layer) * g.layer_bytes();  // K comes first in a layer
     (void)rerotate(keys, g.dtype, n, g.num_kv_heads, head_bytes * g.num_kv_heads, head_bytes, *H.config_.rope,
@@ -414,9 +407,18 @@ inline errc hooks::rotate_layer_device(const load_state& L, std::uint32_t layer,
   return e;
 }
 
+inline hooks::load_state* hooks::load_of(load_handle h) noexcept {
+  return h.index < loads_.size() && loads_[h.index].active ? &loads_[h.index] : nullptr;
+}
+
+inline hooks::save_state* hooks::save_of(save_handle h) noexcept {
+  return h.index < saves_.size() && saves_[h.index].active ? &saves_[h.index] : nullptr;
+}
+
 inline errc hooks::wait_layer(load_handle h, std::uint32_t layer) noexcept {
-  if (h >= loads_.size() || !loads_[h].active || layer >= geometry_.num_layers) return errc::invalid_argument;
-  load_state& L = loads_[h];
+  load_state* Lp = load_of(h);
+  if (!Lp || layer >= geometry_.num_layers) return errc::invalid_argument;
+  load_state& L = *Lp;
   // Keep `preload_layers` layers queued ahead of the one about to compute.
   const std::uint32_t upto = std::min(geometry_.num_layers, layer + 1 + config_.preload_layers);
   while (L.queued_layers < upto)
@@ -425,21 +427,16 @@ inline errc hooks::wait_layer(load_handle h, std::uint32_t layer) noexcept {
 }
 
 inline errc hooks::finish_load(load_handle h) noexcept {
-  if (h >= loads_.size() || !loads_[h].active) return errc::invalid_argument;
-  load_state& L = loads_[h];
+  load_state* Lp = load_of(h);
+  if (!Lp) return errc::invalid_argument;
+  load_state& L = *Lp;
   errc status = errc::ok;
   for (std::uint32_t l = 0; l < L.queued_layers; ++l)
     if (errc e = copier_.synchronize(L.events[l]); e != errc::ok && status == errc::ok) status = e;
-  store_.release(L.key);
+  L.lease.release();  // every copy from the blocks is done: they may be freed and reused
   L.active = false;
-  load_pool_.release(h);
+  load_pool_.release(h.index);
   return status;
-}
-
-inline void hooks::sync_loads_of(const session_hash& key) noexcept {
-  for (auto& L : loads_)
-    if (L.active && L.key == key)
-      for (std::uint32_t l = 0; l < L.queued_layers; ++l) (void)copier_.synchronize(L.events[l]);
 }
 
 inline save_handle hooks::start_save(const session_key& session, std::span<const token_id> tokens,
@@ -447,7 +444,7 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
                                      std::optional<stream_ref> compute, errc* status) noexcept {
   auto fail = [&](errc e) {
     if (status) *status = e;
-    return no_handle;
+    return save_handle{};
   };
   if (errc e = check_layout(source.layout); e != errc::ok) return fail(e);
   if (from_token >= tokens.size()) return fail(errc::invalid_argument);
@@ -457,11 +454,11 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   const std::uint32_t count = geometry_.blocks_for(tokens.size()) - first_block;
   if (count > config_.max_blocks_per_request) return fail(errc::invalid_argument);
   if (config_.keys_pre_rope && tokens.size() > config_.max_positions) return fail(errc::invalid_argument);
-  const save_handle h = save_pool_.allocate();
-  if (h == no_handle) return fail(errc::retry);
-  save_state& S = saves_[h];
+  const save_handle h{save_pool_.allocate()};
+  if (!h) return fail(errc::retry);
+  save_state& S = saves_[h.index];
   if (errc e = store_.reserve(session, tokens, first_block, S.payloads, S.reservation); e != errc::ok) {
-    save_pool_.release(h);
+    save_pool_.release(h.index);
     return fail(e);
   }
   S.source = source;
@@ -474,8 +471,9 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
 }
 
 inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
-  if (h >= saves_.size() || !saves_[h].active || layer >= geometry_.num_layers) return errc::invalid_argument;
-  save_state& S = saves_[h];
+  save_state* Sp = save_of(h);
+  if (!Sp || layer >= geometry_.num_layers) return errc::invalid_argument;
+  save_state& S = *Sp;
   const stream_ref stream = *write_stream_;
   if (S.compute) {  // the copy starts only after the compute that wrote this layer
     if (errc e = copier_.record(S.computed[layer], *S.compute); e != errc::ok) return e;
@@ -484,8 +482,8 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
   const std::uint32_t tpb = geometry_.tokens_per_block;
   const std::size_t need = max_layer_segments(geometry_, *S.source.layout);
   std::size_t used = 0;
-  for (std::uint32_t i = 0; i < S.reservation.blocks; ++i) {
-    const std::uint64_t first_token = std::uint64_t(S.reservation.first_block + i) * tpb;
+  for (std::uint32_t i = 0; i < S.reservation.blocks(); ++i) {
+    const std::uint64_t first_token = std::uint64_t(S.reservation.first_block() + i) * tpb;
     const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(tpb, S.tokens - first_token));
     if (S.segments.size() - used < need)
       if (errc e = flush_segments(S.segments, used, stream); e != errc::ok) return e;
@@ -500,8 +498,9 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
 }
 
 inline errc hooks::finish_save(save_handle h) noexcept {
-  if (h >= saves_.size() || !saves_[h].active) return errc::invalid_argument;
-  save_state& S = saves_[h];
+  save_state* Sp = save_of(h);
+  if (!Sp) return errc::invalid_argument;
+  save_state& S = *Sp;
   for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
     if (!S.saved[l]) {
       abort_save(h);
@@ -514,22 +513,23 @@ inline errc hooks::finish_save(save_handle h) noexcept {
     abort_save(h);
     return status;
   }
-  // A load of this session may still read the blocks this save replaces.
-  sync_loads_of(S.reservation.key);
+  // A load of this session may still read the blocks this save replaces: it holds a
+  // lease on them, so they stay until it finishes.
   status = store_.commit(S.reservation);
   S.active = false;
-  save_pool_.release(h);
+  save_pool_.release(h.index);
   return status;
 }
 
 inline void hooks::abort_save(save_handle h) noexcept {
-  if (h >= saves_.size() || !saves_[h].active) return;
-  save_state& S = saves_[h];
+  save_state* Sp = save_of(h);
+  if (!Sp) return;
+  save_state& S = *Sp;
   for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
     if (S.saved[l]) (void)copier_.synchronize(S.written[l]);
   store_.abort(S.reservation);
   S.active = false;
-  save_pool_.release(h);
+  save_pool_.release(h.index);
 }
 
 }  // namespace attnstore

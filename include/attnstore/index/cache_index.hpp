@@ -19,6 +19,7 @@
 
 #include "attnstore/detail/slot_pool.hpp"
 #include "attnstore/hash.hpp"
+#include "attnstore/status.hpp"
 #include "attnstore/types.hpp"
 
 namespace attnstore {
@@ -32,7 +33,11 @@ constexpr std::uint32_t no_slot = ~0u;
 struct block_meta {
   hash128 chain;               ///< chain hash through this block
   std::uint64_t checksum = 0;  ///< XXH3-64 of the payload
-  std::uint64_t sequence = 0;  ///< sequence number of its SSD copy (0: none)
+  /// Sequence number: the put that made the block numbers its blocks put_sequence +
+  /// (index - put_first_block); every SSD copy of the block carries it (docs/format.md).
+  std::uint64_t sequence = 0;
+  std::uint32_t put_first_block = 0;  ///< first block index its put wrote
+  std::uint32_t put_blocks = 0;       ///< blocks its put wrote
   std::uint32_t dram_slot = no_slot;
   std::uint32_t ssd_slot = no_slot;
   std::uint32_t tokens = 0;      ///< tokens stored in this block (last block may be partial)
@@ -101,6 +106,9 @@ class locked_session {
   std::uint64_t token_count() const noexcept;
   std::uint32_t pins() const noexcept;
   std::uint32_t record_id() const noexcept { return record_; }
+  /// Incarnation of the record: changes each time the record id is reused for another
+  /// session, so a handle kept across a drop (a lease, a reservation) can tell.
+  std::uint32_t generation() const noexcept;
   const session_hash& key() const noexcept;
 
   /// Block table index of the session's i-th block (O(i)), or no_slot.
@@ -156,11 +164,15 @@ class cache_index {
   cache_index& operator=(const cache_index&) = delete;
 
   /// Opens and locks a session's record; creates it when `create` and it does not
-  /// exist. Returns an empty handle when it does not exist (or, creating, when all
-  /// max_sessions records are live: the caller evicts and retries).
-  locked_session open(const session_hash& key, bool create) noexcept;
+  /// exist. Returns an empty handle when it does not exist or cannot be created; then
+  /// `why` (when given) says: not_found (no such session), retry (all max_sessions
+  /// records are live: the caller evicts and retries) or no_space (the session's shard
+  /// is at its load limit: evicting elsewhere would not help). Never spins.
+  locked_session open(const session_hash& key, bool create, errc* why = nullptr) noexcept;
   /// Like open() but never blocks on the record mutex (eviction uses this).
   locked_session try_open_record(std::uint32_t record) noexcept;
+  /// Opens record `record` (blocking) only if it is still the incarnation `generation`.
+  locked_session open_record(std::uint32_t record, std::uint32_t generation) noexcept;
 
   /// Longest prefix of `prompt` whose blocks are stored with matching chain hashes;
   /// the last block may match partially (token ids compared inside it). Writes up to
@@ -204,6 +216,7 @@ class cache_index {
     std::uint32_t head = no_slot, tail = no_slot, count = 0;
     std::uint64_t tokens = 0;
     std::uint32_t dram_blocks = 0, ssd_blocks = 0, pins = 0;
+    std::uint32_t generation = 0;  // bumped when the record is freed for reuse
     bool truncated = false;
     // bit 0: live (indexed); bits 1..: handles held. One word, so "the last handle of
     // an erased record" is decided by a single read-modify-write.
@@ -215,6 +228,7 @@ class cache_index {
     std::vector<hash128> keys;
     std::vector<std::uint32_t> values;  // record id, or no_slot for empty
     std::uint32_t mask = 0;
+    std::uint32_t count = 0, limit = 0;  // entries; at most limit (< capacity: probes end)
   };
 
   shard& shard_of(const session_hash& k) noexcept { return shards_[k.value.hi & shard_mask_]; }

@@ -4,6 +4,8 @@
 
 #include <sys/uio.h>
 
+#include <cerrno>
+
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -18,8 +20,13 @@ namespace attnstore {
 
 enum class io_op : std::uint8_t { read, write };
 
+/// execute() result of a request whose transfer may still be under way after execute()
+/// returned (its channel broke with the piece in flight): its buffer must not be reused
+/// and the target range's content is unknown.
+inline constexpr std::int32_t io_in_doubt = -EINPROGRESS;
+
 /// One whole transfer the caller wants done. `result` is filled by execute(): the bytes
-/// transferred (== bytes) or a negative errno.
+/// transferred (== bytes), a negative errno, or io_in_doubt.
 struct io_request {
   io_op op = io_op::read;
   std::uint32_t file = 0;          ///< index into the device's files
@@ -93,6 +100,9 @@ class block_device {
   /// stopped; EAGAIN/EINTR are retried a bounded number of times.
   /// Returns ok when all succeeded, else the code of the first failure (each request's
   /// `result` says which): device_error, no_space, unsupported, retry, bad_state.
+  /// Every request's `result` is set, whatever happens: when no channel can be had, all
+  /// are -EIO; when the channel breaks, requests with a piece in flight are io_in_doubt
+  /// and those never started -ECANCELED. on_complete runs only for finished requests.
   ///
   /// `on_complete(context, index)` (optional) runs as soon as request `index` has
   /// finished (successfully or not), while later requests are still in flight: the

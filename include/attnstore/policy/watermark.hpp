@@ -28,6 +28,13 @@ struct demotion_watermark {
   constexpr bool should_start(std::uint32_t free_blocks, std::uint32_t reserved_blocks = 0) const noexcept {
     return free_blocks + reserved_blocks < low;
   }
+  /// Whether demotion that has started goes on: free DRAM still below `high`.
+  constexpr bool below_high(std::uint32_t free_blocks) const noexcept { return free_blocks < high; }
+  /// Free blocks above `high`: what background work (a prefetch of a likely returner)
+  /// may take without eating the room kept for saves.
+  constexpr std::uint32_t spare(std::uint32_t free_blocks) const noexcept {
+    return free_blocks > high ? free_blocks - high : 0;
+  }
   /// Blocks to demote to reach `high` (0 when demotion need not start).
   constexpr std::uint32_t deficit(std::uint32_t free_blocks, std::uint32_t reserved_blocks = 0) const noexcept {
     const std::uint64_t have = std::uint64_t(free_blocks) + reserved_blocks;

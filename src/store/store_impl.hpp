@@ -1,0 +1,319 @@
+// store::impl: the store's state and the routines its public members are made of.
+// Private to src/store/; each .cpp defines the part its name says:
+//   store_open.cpp        construction, MANIFEST, recovery, close, stats
+//   store_read.cpp        lookup, get, acquire and read leases, SSD read batches
+//   store_write.cpp       put, reserve, commit, abort, SSD write batches
+//   store_placement.cpp   DRAM/SSD allocation, demotion, victims, drop, truncate, pins
+//   store_background.cpp  the engine queue, prefetch, promotion, watermark, TTL
+//
+// Ownership rules (the reason for most of the code's shape):
+// - A published block's DRAM payload never changes. Its slot is freed only through
+//   free_dram(), which waits for every read lease on the slot to end (deferred free).
+// - A buffer an I/O may still write into (io_in_doubt) is never freed: quarantined.
+// - A read's verdict starts failed; only a completed, verified transfer makes it ok.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "attnstore/policy/predictive.hpp"
+#include "attnstore/policy/prefetcher.hpp"
+#include "attnstore/policy/watermark.hpp"
+#include "attnstore/store.hpp"
+#include "attnstore/tier/host_arena.hpp"
+
+namespace attnstore {
+
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                   \
+  X(lookups)                                                                                                          \
+  X(lookup_hits)                                                                                                      \
+  X(lookup_misses)                                                                                                    \
+  X(tokens_reusable)                                                                                                  \
+  X(puts)                                                                                                             \
+  X(put_blocks)                                                                                                       \
+  X(put_rejected)                                                                                                     \
+  X(put_failed)                                                                                                       \
+  X(gets)                                                                                                             \
+  X(blocks_served_dram)                                                                                               \
+  X(blocks_served_ssd)                                                                                                \
+  X(miss_not_found)                                                                                                   \
+  X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space)             \
+      X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)                  \
+          X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) \
+              X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) X(close_flushed_blocks)                   \
+                  X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)                \
+                      X(watermark_demoted_blocks) X(expired_sessions)
+
+namespace detail {
+inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+  c.fetch_add(n, std::memory_order_relaxed);
+}
+std::string hex128(const hash128& h);
+}  // namespace detail
+
+struct store::impl {
+  struct counters {
+#define ATTNSTORE_X(name) std::atomic<std::uint64_t> name{0};
+    ATTNSTORE_STORE_COUNTERS(ATTNSTORE_X)
+#undef ATTNSTORE_X
+  };
+
+  impl(store& owner, store_config config);
+  ~impl();
+
+  // ---- the public members (store.cpp forwards to these)
+  lookup_result lookup(const session_key& key, std::span<const token_id> prompt,
+                       std::span<block_location> out) noexcept;
+  errc put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+           std::span<const std::byte> blocks) noexcept;
+  get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
+                 std::uint32_t block_count, std::span<std::byte> out) noexcept;
+  get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
+                     read_lease& lease) noexcept;
+  void end_lease(read_lease& lease) noexcept;
+  errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+               std::span<std::byte*> payloads, save_reservation& r) noexcept;
+  errc commit(save_reservation& r) noexcept;
+  void abort(save_reservation& r) noexcept;
+  errc drop(const session_key& key) noexcept;
+  errc pin(const session_key& key) noexcept;
+  errc unpin(const session_key& key) noexcept;
+  errc truncate(const session_key& key, std::span<const token_id> history, const truncation_plan& plan) noexcept;
+  void set_queue(std::span<const session_key> waiting) noexcept;
+  errc hint(const session_key& key, policy::session_hint hint) noexcept;
+  errc keep_in_hbm(const session_hash& key, std::uint32_t blocks) noexcept;
+  bool hbm_victim(session_hash& out) noexcept;
+  std::uint32_t run_background() noexcept;
+  void drain() noexcept;
+  std::uint32_t expire_idle() noexcept;
+  errc demote(const session_key& key) noexcept;
+  errc flush() noexcept;
+  errc close() noexcept;
+  store_stats stats() const noexcept;
+  session_hash session_of(const session_key& key) const noexcept { return hash_session(key, secret_); }
+
+  // ---- DRAM slot ownership (store_read.cpp)
+  static constexpr std::uint32_t free_pending = 1u << 31;  // in dram_leases_: free when the last lease ends
+  void lease_dram(std::uint32_t slot) noexcept;
+  void unlease_dram(std::uint32_t slot) noexcept;
+  /// Frees a DRAM-tier slot now, or when the last read lease on it ends.
+  void free_dram(std::uint32_t slot) noexcept;
+  /// A buffer an I/O may still write into: never reused.
+  void quarantine_buffer() noexcept { detail::bump(counters_->quarantined_buffers); }
+  std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
+
+  // ---- placement (store_placement.cpp)
+  static constexpr unsigned batch_max = 256;  // I/O requests per device batch
+  std::uint32_t alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept;
+  /// A free SSD slot, evicting SSD victims for one unless `may_evict` is false.
+  std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict = true) noexcept;
+  /// Demotes DRAM blocks at view positions < until_position to SSD. Returns ok,
+  /// unsupported (no SSD), no_space (no SSD slot), device_error (the DRAM copies stay).
+  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
+                     bool may_evict = true) noexcept;
+  /// Demotes the policy's first DRAM victim; returns the DRAM blocks it freed (0: no
+  /// victim or nothing freed). On the allocation path (`background` false) a victim
+  /// that cannot be demoted for want of room (no SSD tier, SSD full of protected data)
+  /// is dropped; one that hit an I/O error keeps its blocks. Background work (prefetch
+  /// room, the watermark) only demotes, into free SSD slots (it evicts nobody), and
+  /// never a queued session.
+  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false) noexcept;
+  /// Frees DRAM for `blocks` blocks before a request locks its session, so the
+  /// demotions it takes are not done under that session's lock.
+  void make_room(std::uint32_t blocks, const session_hash& for_session) noexcept;
+  bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
+  /// Frees a detached chain of blocks: DRAM slots (deferred while leased), SSD copies
+  /// (header area zeroed; whole slot when `wipe`), block table entries.
+  errc release_chain(std::uint32_t first, bool wipe = false) noexcept;
+  errc drop_locked(locked_session& s, bool wipe = false) noexcept;
+  /// Zeroes the slots' header areas (whole slots when `wipe`) and frees them; a slot
+  /// that cannot be erased is quarantined. Returns ok or device_error.
+  errc invalidate_ssd(std::span<const std::uint32_t> slots, bool wipe = false) noexcept;
+  /// Zeroes the header areas (whole slots when `wipe`) of `slots` in batches (a failed
+  /// write is retried once); calls outcome(slot, erased) for each. Frees nothing.
+  template <class Outcome>
+  void erase_slots(std::span<const std::uint32_t> slots, bool wipe, Outcome&& outcome) noexcept;
+  /// Writes blocks of `s` (their DRAM copies, headers built from their metadata) to the
+  /// given SSD slots, up to batch_max at a time: the one SSD write routine (saves,
+  /// demotions, close). results[i] is bytes or -errno (io_in_doubt: slot quarantined).
+  errc write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
+                        std::span<const std::uint32_t> ssd_slots, std::span<std::int32_t> results) noexcept;
+  /// Sets the SSD copy of each block written whole; others give their slot back (or
+  /// quarantine it when the write is in doubt). Returns how many were adopted.
+  std::size_t adopt_written(locked_session& s, std::span<const std::uint32_t> blocks,
+                            std::span<const std::uint32_t> ssd_slots, std::span<const std::int32_t> results) noexcept;
+  locked_session open_or_evict(const session_hash& key, errc* why) noexcept;
+  /// The first session in the policy's victim order for `where` that is unpinned, not
+  /// busy (try-lock) and accepted by `want`, locked. Never one of the two excluded records.
+  template <class Want>
+  locked_session pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
+                             std::uint32_t exclude_b) noexcept;
+
+  // ---- save path (store_write.cpp)
+  errc reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
+                      save_reservation& r) noexcept;
+  errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
+  /// Gives a reservation's blocks back and empties it (the record is not touched).
+  void drop_reservation(save_reservation& r) noexcept;
+  void zero_unused_tail(std::byte* payload, std::uint32_t tokens) const noexcept;
+
+  // ---- read path (store_read.cpp)
+  get_result serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
+                          std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views,
+                          std::uint32_t* leased_slots) noexcept;
+  struct ssd_read_batch;
+  /// Reads a batch of SSD blocks into their buffers, verifying each (header, chain,
+  /// checksum; copying it out when the batch has an output) as it completes. A block
+  /// is ok only when its transfer completed and verified.
+  void read_ssd_batch(ssd_read_batch& rb) noexcept;
+  /// Frees (or quarantines, when its read is in doubt) the buffer of a read that is
+  /// not kept.
+  void give_back_read_buffer(const ssd_read_batch& rb, std::size_t i) noexcept;
+
+  // ---- policy events and background work (store_background.cpp)
+  std::uint64_t now() const noexcept;
+  /// Tells the policy the session's tier counts (and, when `accessed`, that it was used).
+  /// `prompt_tokens` > 0: a turn starts with a prompt that long (policy::on_prompt).
+  void note(locked_session& s, bool accessed, std::size_t prompt_tokens = 0) noexcept;
+  /// A load: the access is told before the blocks it promoted, so a learning policy
+  /// does not read the promotion as a save (a turn's end).
+  void note_load(locked_session& s, std::size_t prompt_tokens) noexcept;
+  void note_miss(const session_hash& key) noexcept;
+  void erase_record(locked_session& s) noexcept;
+  void erase_if_empty(locked_session& s) noexcept {
+    if (s.block_count() == 0 && s.pins() == 0) erase_record(s);
+  }
+  std::uint32_t promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept;
+  void plan_prefetch_locked(bool likely) noexcept;
+  void size_windows_locked(std::size_t queued) noexcept;
+  void set_held_locked(std::uint32_t record, std::uint32_t blocks) noexcept;
+  /// Free DRAM below the watermark's low mark: wake the background demotion.
+  void want_demotion_if_low() noexcept;
+  std::uint32_t free_dram_slots() const noexcept { return dram_->capacity() - dram_->used(); }
+  void wake_background() noexcept { work_cv_.notify_one(); }
+  void background_loop() noexcept;
+  void stop_background() noexcept;
+  struct prefetch_target;
+  struct promotion_job {
+    std::uint32_t record;
+    std::uint32_t blocks;
+    std::uint64_t ticket;
+    bool beyond_queue;  // a likely returner, not a queued session: free DRAM only
+  };
+  void run_promotion(const promotion_job& job) noexcept;
+
+  // ---- recovery and the on-disk format (store_open.cpp)
+  void recover();
+  bool write_tombstone(const session_hash& key) noexcept;
+  void write_or_check_manifest();
+  bool mark_clean() noexcept;
+  bool take_clean_mark();
+
+  // Blocks per promotion batch: a turn's own SSD read waits behind at most one, and
+  // background reads still keep the device busy (4 hid less: docs/benchmarks.md).
+  static constexpr unsigned promote_batch = 16;
+  static constexpr std::uint32_t likely_per_plan = 64;  // likely returners looked at per prefetch plan
+
+  store& owner_;
+  store_config config_;
+  kv_geometry geometry_;
+  model_id model_;
+  hash128 secret_{};
+  std::size_t header_bytes_ = 0;
+  std::size_t slot_bytes_ = 0;
+  std::unique_ptr<host_arena> dram_;
+  std::unique_ptr<std::atomic<std::uint32_t>[]> dram_leases_;  // per DRAM slot: leases | free_pending
+  std::unique_ptr<host_arena> staging_;
+  std::unique_ptr<ssd_space> ssd_;
+  std::unique_ptr<block_device> device_;
+  std::unique_ptr<cache_index> index_;
+  std::int32_t staging_buffer_base_ = 0;  // registered-buffer index of staging region 0
+  std::atomic<std::uint64_t> sequence_{1};
+  std::unique_ptr<counters> counters_;
+  struct free_deleter {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<void, free_deleter> zeros_;  // slot_bytes_ of zeros: what erasing writes
+  std::atomic<bool> closed_{false};
+  std::mutex close_mutex_;
+
+  // Policies. Lock order: record -> policy_mutex_ -> shard -> work_mutex_. Under the
+  // policy mutex, records are only try-locked (victim choice).
+  std::mutex policy_mutex_;
+  std::unique_ptr<policy::eviction_policy> policy_;
+  policy::predictive* predictive_ = nullptr;  // policy_ when it is the predictive one
+  std::unique_ptr<policy::prefetcher> prefetcher_;
+  policy::demotion_watermark watermark_{};
+  std::vector<std::uint32_t> held_;           // per record: distinct blocks (all tiers)
+  std::uint64_t held_total_ = 0;              // sum of held_
+  std::uint32_t held_sessions_ = 0;           // records with held_ > 0
+  std::uint64_t no_room_until_ = 0;           // queued promotions found no DRAM: none until then
+  std::vector<std::uint32_t> queue_records_;  // set_queue scratch (policy mutex)
+  std::mutex queue_mutex_;                    // set_queue's hashing scratch; taken before the policy mutex
+  std::vector<session_hash> queue_hashes_;
+
+  // Background work: promotions the prefetcher started, demotion, TTL.
+  std::mutex work_mutex_;
+  std::condition_variable work_cv_, idle_cv_;
+  std::vector<promotion_job> jobs_;  // ring, capacity max_sessions
+  std::size_t job_head_ = 0, job_count_ = 0;
+  bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
+  std::atomic<std::uint64_t> next_ttl_check_{0};
+  std::atomic<std::uint64_t> next_plan_{0};     // periodic prefetch plan
+  std::atomic<std::uint32_t> demand_reads_{0};  // SSD reads a request is waiting on
+  std::thread worker_;
+};
+
+// One batch of SSD reads. A buffer slot is in the DRAM tier (promoted: the block stays
+// there) or in the staging arena (read only to be copied out).
+struct store::impl::ssd_read_batch {
+  struct pending_read {
+    std::uint32_t block, position, buffer_slot;  // position: entry index in the view
+    bool promoted;
+    std::uint32_t matched;
+    errc verdict;                 // device_error until the transfer completed and verified
+    std::uint32_t first;          // first used token inside the block
+    std::uint64_t view_position;  // view position of that token
+  };
+  ssd_read_batch(locked_session* s, std::byte* copy_to, std::uint32_t first) noexcept
+      : session(s), out(copy_to), first_block(first) {}
+  void add(std::uint32_t block, std::uint32_t position, std::uint32_t buffer, bool promoted, std::uint32_t matched,
+           std::uint32_t first_token, std::uint64_t view_position) noexcept {
+    pending[count++] = {block, position, buffer, promoted, matched, errc::device_error, first_token, view_position};
+  }
+  locked_session* session;
+  std::byte* out;  // copy each verified payload to out + (position - first_block) blocks; null: no copy
+  std::uint32_t first_block;
+  std::size_t count = 0;
+  store::impl* self = nullptr;
+  pending_read pending[batch_max];
+  io_request reqs[batch_max];
+};
+
+template <class Outcome>
+void store::impl::erase_slots(std::span<const std::uint32_t> slots, bool wipe, Outcome&& outcome) noexcept {
+  const std::uint32_t bytes = std::uint32_t(wipe ? slot_bytes_ : header_bytes_);
+  for (std::size_t base = 0; base < slots.size(); base += batch_max) {
+    io_request reqs[batch_max];
+    const std::size_t n = std::min<std::size_t>(batch_max, slots.size() - base);
+    for (std::size_t i = 0; i < n; ++i)
+      reqs[i] = io_request{io_op::write, ssd_->file_of(slots[base + i]), ssd_->offset_of(slots[base + i]), zeros_.get(),
+                           bytes, -1, 0};
+    if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok)
+      for (std::size_t i = 0; i < n; ++i)
+        if (reqs[i].result != std::int32_t(bytes) && reqs[i].result != io_in_doubt)
+          (void)device_->execute(std::span(&reqs[i], 1));
+    for (std::size_t i = 0; i < n; ++i) outcome(slots[base + i], reqs[i].result == std::int32_t(bytes));
+  }
+}
+
+}  // namespace attnstore

@@ -1,0 +1,690 @@
+// Opening a store: configuration checks, the MANIFEST, recovery from the SSD tier's
+// block headers; and closing it: the DRAM tier flushed to SSD, everything durable.
+#include <fcntl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "attnstore/io/posix_device.hpp"
+#include "attnstore/io/uring_device.hpp"
+#include "attnstore/policy/lru.hpp"
+#include "attnstore/policy/scheduler_aware.hpp"
+#include "store_impl.hpp"
+
+namespace attnstore {
+
+std::string detail::hex128(const hash128& h) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%016" PRIx64 "%016" PRIx64, h.hi, h.lo);
+  return buf;
+}
+
+namespace {
+
+bool parse_hex128(const std::string& s, hash128& out) {
+  if (s.size() != 32 || s.find_first_not_of("0123456789abcdef") != std::string::npos) return false;
+  out.hi = std::stoull(s.substr(0, 16), nullptr, 16);
+  out.lo = std::stoull(s.substr(16), nullptr, 16);
+  return true;
+}
+
+hash128 random_secret() {
+  hash128 h;
+  std::uint64_t words[2];
+  std::size_t got = 0;
+  while (got < sizeof(words)) {
+    ssize_t n = ::getrandom(reinterpret_cast<char*>(words) + got, sizeof(words) - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw std::runtime_error(std::string("store: getrandom failed: ") + std::strerror(errno));
+    }
+    got += std::size_t(n);
+  }
+  h.lo = words[0];
+  h.hi = words[1];
+  return h;
+}
+
+// fsync of a directory: makes a file created or renamed in it durable.
+bool sync_directory(const std::string& dir) noexcept {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = ::fsync(fd) == 0;
+  ::close(fd);
+  return ok;
+}
+
+constexpr std::uint64_t max_file_bytes = std::uint64_t(16) << 30;
+
+}  // namespace
+
+store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::move(c)) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("store_config: " + m); };
+  geometry_ = config_.geometry.validated();
+  if (config_.model_name.empty()) fail("model_name is empty; give the model name or its weights checksum");
+  if (config_.tp_size == 0 || config_.tp_rank >= config_.tp_size)
+    fail("tp_rank is " + std::to_string(config_.tp_rank) + " with tp_size " + std::to_string(config_.tp_size) +
+         "; need tp_size >= 1 and tp_rank < tp_size");
+  if (config_.queue_depth == 0 || config_.queue_depth > 1024)
+    fail("queue_depth is " + std::to_string(config_.queue_depth) + ", allowed 1..1024");
+  if (config_.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
+  model_ = make_model_id(
+      {config_.model_name, geometry_, config_.rope, config_.keys_pre_rope, config_.tp_rank, config_.tp_size});
+  header_bytes_ = format::header_bytes(geometry_.tokens_per_block);
+  slot_bytes_ = format::slot_bytes(geometry_);
+  if (config_.dram_bytes < slot_bytes_)
+    fail("dram_bytes is " + std::to_string(config_.dram_bytes) + ", must hold at least one block (" +
+         std::to_string(slot_bytes_) + " bytes with its header)");
+  if (config_.ssd_directory.empty() && config_.ssd_bytes > 0) fail("ssd_bytes is set but ssd_directory is empty");
+  if (!config_.ssd_directory.empty() && config_.ssd_bytes < slot_bytes_)
+    fail("ssd_bytes is " + std::to_string(config_.ssd_bytes) + ", must hold at least one block (" +
+         std::to_string(slot_bytes_) + " bytes with its header)");
+  if (config_.queue_window == 0 || config_.queue_window > (1u << 20))
+    fail("queue_window is " + std::to_string(config_.queue_window) + ", allowed 1..1048576");
+  if (!(config_.demote_low_watermark >= 0 && config_.demote_low_watermark <= config_.demote_high_watermark &&
+        config_.demote_high_watermark < 1))
+    fail("demote_low_watermark " + std::to_string(config_.demote_low_watermark) + " and demote_high_watermark " +
+         std::to_string(config_.demote_high_watermark) + ": need 0 <= low <= high < 1");
+  if (config_.prefetch_bytes_in_flight && config_.prefetch_bytes_in_flight < geometry_.block_bytes())
+    fail("prefetch_bytes_in_flight is " + std::to_string(config_.prefetch_bytes_in_flight) +
+         ", must be 0 (automatic) or at least one block (" + std::to_string(geometry_.block_bytes()) + " bytes)");
+
+  const bool pin = config_.pin_host_memory;
+  dram_ = std::make_unique<host_arena>(host_arena_options{slot_bytes_, config_.dram_bytes, format::sector,
+                                                          std::size_t(1) << 30, pin, pin, false, config_.log});
+  dram_leases_ = std::make_unique<std::atomic<std::uint32_t>[]>(dram_->capacity());
+  for (std::uint32_t i = 0; i < dram_->capacity(); ++i) dram_leases_[i].store(0, std::memory_order_relaxed);
+  zeros_.reset(std::aligned_alloc(format::sector, slot_bytes_));
+  if (!zeros_) throw std::bad_alloc();
+  std::memset(zeros_.get(), 0, slot_bytes_);
+  counters_ = std::make_unique<counters>();
+
+  std::uint32_t ssd_slots = 0;
+  if (!config_.ssd_directory.empty()) {
+    // The MANIFEST is checked before the slot files are touched: a refused reopen
+    // changes nothing in the directory.
+    write_or_check_manifest();
+    const unsigned staging = config_.staging_blocks ? config_.staging_blocks : 4 * config_.queue_depth;
+    staging_ = std::make_unique<host_arena>(host_arena_options{slot_bytes_, std::size_t(staging) * slot_bytes_,
+                                                               format::sector, std::size_t(1) << 30, pin, pin, false,
+                                                               attnstore::logger{&logger::quiet, nullptr}});
+    ssd_ = std::make_unique<ssd_space>(ssd_space_options{config_.ssd_directory, slot_bytes_, config_.ssd_bytes,
+                                                         max_file_bytes, config_.direct_io, config_.require_direct_io,
+                                                         true, 2000, config_.log});
+    ssd_slots = ssd_->capacity();
+    std::string why;
+    if (config_.backend != io_backend::posix) {
+      device_ =
+          make_uring_device(ssd_->fds(), uring_options{std::max(config_.queue_depth, 8u), true, true, 4096}, &why);
+      if (!device_) {
+        if (config_.backend == io_backend::io_uring)
+          throw std::runtime_error("store: io_uring requested but unavailable: " + why);
+        config_.log(log_level::warning, "store: io_uring unavailable (" + why + "); using pread/pwrite");
+      }
+    }
+    if (!device_)
+      device_ = make_posix_device(ssd_->fds(), posix_options{config_.posix_threads, config_.queue_depth, 4096});
+    if (config_.wrap_device) device_ = config_.wrap_device(std::move(device_), *ssd_);
+    std::vector<iovec> regions(dram_->regions().begin(), dram_->regions().end());
+    staging_buffer_base_ = std::int32_t(regions.size());
+    regions.insert(regions.end(), staging_->regions().begin(), staging_->regions().end());
+    if (!device_->register_buffers(regions, &why)) config_.log(log_level::info, "store: " + why);
+  } else {
+    secret_ = random_secret();  // nothing outlives the process: any secret will do
+  }
+  if (config_.make_policy) {
+    policy_ = config_.make_policy(config_.max_sessions);
+    if (!policy_) fail("make_policy returned no policy");
+    if (policy_->max_sessions() < config_.max_sessions)
+      fail("make_policy made a policy for " + std::to_string(policy_->max_sessions()) + " sessions, need " +
+           std::to_string(config_.max_sessions));
+  } else {
+    // The window is set at each set_queue(): fixed, or the paper's rule from the sizes
+    // stored then.
+    const std::uint64_t capacity_blocks = std::uint64_t(dram_->capacity()) + ssd_slots;
+    if (config_.eviction_policy == "scheduler_aware") {
+      policy_ = std::make_unique<policy::scheduler_aware>(
+          policy::scheduler_aware_options{config_.max_sessions, config_.eviction_window, capacity_blocks});
+    } else if (config_.eviction_policy == "lru") {
+      policy_ = std::make_unique<policy::lru>(config_.max_sessions);
+    } else if (config_.eviction_policy == "predictive") {
+      policy::predictive_options po;
+      po.max_sessions = config_.max_sessions;
+      po.eviction_window = config_.eviction_window;
+      po.capacity_blocks = capacity_blocks;
+      po.ticks_per_second = 1e9;  // now() is in nanoseconds
+      po.tokens_per_block = geometry_.tokens_per_block;
+      auto p = std::make_unique<policy::predictive>(po);
+      predictive_ = p.get();
+      policy_ = std::move(p);
+    } else {
+      fail("eviction_policy is \"" + config_.eviction_policy +
+           "\"; known: scheduler_aware, lru, predictive (or set make_policy)");
+    }
+  }
+  held_.assign(config_.max_sessions, 0);
+  queue_records_.assign(config_.queue_window, policy::no_record);
+  queue_hashes_.resize(config_.queue_window);
+  // A block always holds a slot; the extra DRAM-sized share covers blocks being
+  // replaced (old and new both exist until the new ones are published).
+  const std::uint64_t max_blocks = std::uint64_t(dram_->capacity()) * 2 + ssd_slots + 64;
+  if (max_blocks >= no_slot) fail("dram_bytes and ssd_bytes hold too many blocks (max 2^31)");
+  index_ = std::make_unique<cache_index>(
+      cache_index_options{config_.max_sessions, std::uint32_t(max_blocks), geometry_.tokens_per_block, 64});
+  if (ssd_) {
+    recover();
+    if (config_.prefetch) {
+      const std::uint64_t bound =
+          config_.prefetch_bytes_in_flight
+              ? config_.prefetch_bytes_in_flight
+              : std::max<std::uint64_t>(64ull << 20, 4 * std::uint64_t(geometry_.block_bytes()));
+      const std::uint64_t for_prefetch =
+          config_.dram_for_prefetch_bytes ? config_.dram_for_prefetch_bytes : config_.dram_bytes / 4;
+      prefetcher_ = std::make_unique<policy::prefetcher>(
+          policy::prefetcher_options{config_.max_sessions, geometry_.block_bytes(), bound, config_.prefetch_window,
+                                     std::max<std::uint64_t>(1, for_prefetch)});
+      jobs_.resize(config_.max_sessions);
+    }
+    watermark_ = policy::demotion_watermark::of(dram_->capacity(), config_.demote_low_watermark,
+                                                config_.demote_high_watermark);
+  }
+  const bool work = prefetcher_ || watermark_.low > 0 || config_.session_ttl_ms > 0;
+  if (config_.background_thread && work) worker_ = std::thread([this] { background_loop(); });
+}
+
+store::impl::~impl() {
+  (void)close();
+  stop_background();
+}
+
+store_stats store::impl::stats() const noexcept {
+  store_stats s;
+#define ATTNSTORE_X(name) s.name = counters_->name.load(std::memory_order_relaxed);
+  ATTNSTORE_STORE_COUNTERS(ATTNSTORE_X)
+#undef ATTNSTORE_X
+  s.dram_used_bytes = std::uint64_t(dram_->used()) * slot_bytes_;
+  s.dram_capacity_bytes = std::uint64_t(dram_->capacity()) * slot_bytes_;
+  if (ssd_) {
+    s.ssd_used_bytes = std::uint64_t(ssd_->used()) * slot_bytes_;
+    s.ssd_capacity_bytes = std::uint64_t(ssd_->capacity()) * slot_bytes_;
+  }
+  s.sessions = index_->live_sessions();
+  return s;
+}
+
+errc store::impl::flush() noexcept { return device_ ? device_->sync() : errc::unsupported; }
+
+// ---------------------------------------------------------------- close
+
+errc store::impl::close() noexcept {
+  std::lock_guard lock(close_mutex_);
+  if (closed_.exchange(true)) return errc::ok;
+  stop_background();
+  if (!ssd_) return errc::unsupported;
+  errc status = errc::ok;
+  const auto start = std::chrono::steady_clock::now();
+  const auto bound = std::chrono::milliseconds(config_.close_flush_ms);
+  std::uint64_t before = counters_->demoted_blocks.load();
+  std::uint32_t left = 0;
+  for (std::uint32_t rec = 0; config_.close_flush_ms > 0 && rec < index_->max_sessions(); ++rec) {
+    locked_session s = index_->try_open_record(rec);
+    if (!s || s.dram_blocks() == 0) continue;
+    if (std::chrono::steady_clock::now() - start > bound) {
+      left += s.dram_blocks();
+      status = errc::retry;
+      continue;
+    }
+    // Only free SSD slots: closing must not drop one session to keep another.
+    if (errc e = demote_locked(s, no_slot, no_slot, false); e != errc::ok && status == errc::ok) status = e;
+    left += s.dram_blocks();  // whatever could not go (no room, I/O error)
+  }
+  const std::uint64_t flushed = counters_->demoted_blocks.load() - before;
+  detail::bump(counters_->close_flushed_blocks, flushed);
+  if (device_->sync() != errc::ok) {
+    status = errc::device_error;
+  } else if (!mark_clean()) {
+    config_.log(log_level::warning, "store: cannot write " + config_.ssd_directory +
+                                        "/CLEAN; the next open verifies every block");
+  }
+  if (left > 0)
+    config_.log(log_level::warning, "store: close left " + std::to_string(left) +
+                                        " DRAM blocks unwritten (" + std::string(to_string(status)) +
+                                        "); they are lost at this restart");
+  return status;
+}
+
+// ---------------------------------------------------------------- clean shutdown marker
+
+// CLEAN exists only between a close() that made every write durable and the next open:
+// then no write can be torn and recovery reads headers only. Any other open (after a
+// crash) also reads and checks every payload, since a write in flight at the crash
+// may have left a valid header over a torn payload.
+bool store::impl::mark_clean() noexcept {
+  const std::string path = config_.ssd_directory + "/CLEAN";
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return false;
+  const bool ok = ::fsync(fd) == 0;
+  ::close(fd);
+  return ok && sync_directory(config_.ssd_directory);
+}
+
+bool store::impl::take_clean_mark() {
+  const std::string path = config_.ssd_directory + "/CLEAN";
+  if (::access(path.c_str(), F_OK) != 0) return false;
+  // Gone before anything is written: a crash from now on is seen as one.
+  if (::unlink(path.c_str()) != 0 || !sync_directory(config_.ssd_directory))
+    throw std::runtime_error("store: cannot remove " + path + ": " + std::strerror(errno));
+  return true;
+}
+
+// ---------------------------------------------------------------- tombstones
+
+bool store::impl::write_tombstone(const session_hash& key) noexcept {
+  const std::string path = config_.ssd_directory + "/TOMBSTONES";
+  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  bool created = false;
+  if (fd < 0 && errno == ENOENT) {
+    fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    created = true;
+  }
+  if (fd < 0) return false;
+  // The bound is above every sequence the session's blocks carry: recovery ignores
+  // them, and a session re-created later numbers its blocks above it.
+  const std::uint64_t rec[3] = {key.value.lo, key.value.hi, sequence_.load()};
+  bool ok = ::write(fd, rec, sizeof(rec)) == ssize_t(sizeof(rec)) && ::fdatasync(fd) == 0;
+  ::close(fd);
+  if (ok && created) ok = sync_directory(config_.ssd_directory);  // the new file's name too
+  return ok;
+}
+
+// ---------------------------------------------------------------- manifest
+
+void store::impl::write_or_check_manifest() {
+  const std::string path = config_.ssd_directory + "/MANIFEST";
+  const std::uint64_t slots = config_.ssd_bytes / slot_bytes_;
+  const std::uint64_t per_file = std::min<std::uint64_t>(max_file_bytes / slot_bytes_, slots);
+  // Checked in this order: geometry first (the clearer message), then the capacity
+  // (slot placement depends on it), the model id last.
+  const std::vector<std::pair<std::string, std::string>> want{
+      {"format_version", std::to_string(format::format_version)},
+      {"num_layers", std::to_string(geometry_.num_layers)},
+      {"num_kv_heads", std::to_string(geometry_.num_kv_heads)},
+      {"head_dim", std::to_string(geometry_.head_dim)},
+      {"dtype", std::string(to_string(geometry_.dtype))},
+      {"tokens_per_block", std::to_string(geometry_.tokens_per_block)},
+      {"slot_bytes", std::to_string(slot_bytes_)},
+      {"ssd_slots", std::to_string(slots)},
+      {"slots_per_file", std::to_string(per_file)},
+      {"model_id", detail::hex128(model_.value)},
+  };
+  std::ifstream in(path);
+  if (in) {
+    std::map<std::string, std::string> have;
+    std::string line;
+    while (std::getline(in, line)) {
+      auto eq = line.find('=');
+      if (eq != std::string::npos) have[line.substr(0, eq)] = line.substr(eq + 1);
+    }
+    for (const auto& [k, v] : want) {
+      auto it = have.find(k);
+      const std::string got = it == have.end() ? "(missing)" : it->second;
+      if (got == v) continue;
+      if (k == "model_id")
+        throw std::runtime_error("store: " + config_.ssd_directory + " holds KV of another model (model_id " + got +
+                                 ", this store's is " + v +
+                                 "): model name, RoPE spec, keys_pre_rope or tensor-parallel rank differ. Use "
+                                 "another directory or remove this one.");
+      if (k == "ssd_slots")
+        throw std::runtime_error("store: " + config_.ssd_directory + " was written with ssd_slots=" + got +
+                                 " but this store is configured with ssd_slots=" + v + " (ssd_bytes " +
+                                 std::to_string(config_.ssd_bytes) +
+                                 "); blocks are placed by capacity, so it must not change. Set ssd_bytes to " + got +
+                                 " x " + std::to_string(slot_bytes_) + " bytes, or use another directory.");
+      throw std::runtime_error("store: " + config_.ssd_directory + " was written with " + k + "=" + got +
+                               " but this store is configured with " + k + "=" + v +
+                               ". Use another directory or remove this one.");
+    }
+    auto it = have.find("secret");
+    if (it == have.end() || !parse_hex128(it->second, secret_))
+      throw std::runtime_error("store: " + path + " has no valid secret line; the file is damaged");
+    return;
+  }
+  secret_ = random_secret();
+  // The directory may not exist yet: parents as mkdir -p would, the store's own 0700.
+  {
+    std::error_code ec;
+    auto parent = std::filesystem::path(config_.ssd_directory).parent_path();
+    if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+    if (::mkdir(config_.ssd_directory.c_str(), 0700) != 0 && errno != EEXIST)
+      throw std::runtime_error("store: cannot create directory " + config_.ssd_directory + ": " +
+                               std::strerror(errno));
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << "# attnstore store manifest: do not edit\n";
+    for (const auto& [k, v] : want) out << k << '=' << v << '\n';
+    out << "secret=" << detail::hex128(secret_) << '\n';
+    if (!out) throw std::runtime_error("store: cannot write " + tmp);
+  }
+  ::chmod(tmp.c_str(), 0600);  // the secret keys the session hashes
+  int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    if (fd >= 0) ::close(fd);
+    throw std::runtime_error("store: cannot sync " + tmp);
+  }
+  ::close(fd);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("store: cannot create " + path);
+  if (!sync_directory(config_.ssd_directory))
+    throw std::runtime_error("store: cannot sync directory " + config_.ssd_directory);
+}
+
+// ---------------------------------------------------------------- recovery
+
+// Recovery reads the header area of each slot (after a clean close; after a crash the
+// whole slot, checking the payload too: see mark_clean), then decides per session which
+// blocks form its latest committed history:
+//  1. A put numbers its blocks put_id + (index - put_first_block). Puts are judged
+//     newest first. A put replaces its session's blocks from its first block on, so a
+//     block of an older put at or past the first block of a newer valid put is
+//     superseded.
+//  2. A put is valid when every block it wrote that is not superseded is present. An
+//     incomplete put is still valid when no older put has a block at or past its first
+//     block: then nothing older could be its fallback (an append, or the older blocks
+//     were already erased, which happens only after the put was published), and its
+//     present prefix is the best history there is. Otherwise it is a put that never
+//     completed, and the older history stands.
+//  3. From block 0 on, the newest block of a valid put whose chain hash continues the
+//     chain is taken; the walk ends at a gap or a partial block.
+// Slots whose header could not be read are quarantined (kept, never reused, never
+// erased: a transient error must not destroy them). Slots whose valid header was judged
+// stale are erased (header area zeroed) before reuse; one that cannot be erased is
+// quarantined. Junk headers (torn, foreign) are simply free.
+void store::impl::recover() {
+  struct candidate {
+    hash128 session;
+    std::uint32_t index;
+    std::uint64_t sequence;
+    std::uint32_t slot;
+    hash128 chain;
+    std::uint64_t checksum;
+    std::size_t token_offset;
+    std::uint32_t token_count;
+    std::uint32_t put_first_block, put_blocks;
+    bool usable = false;
+    std::uint64_t put_id() const noexcept { return sequence - (index - put_first_block); }
+  };
+  std::vector<candidate> cands;
+  std::vector<token_id> token_store;
+  const std::uint32_t slots = ssd_->capacity();
+  std::vector<std::uint8_t> used(slots, 0);  // indexed or quarantined: not free
+  std::vector<std::uint32_t> stale;          // valid headers not indexed: erased
+  std::uint64_t max_sequence = 0;
+
+  // ---- 1. header scan (whole slots after a crash)
+  const bool clean = take_clean_mark();
+  const std::uint32_t read_bytes = std::uint32_t(clean ? header_bytes_ : slot_bytes_);
+  std::vector<std::uint32_t> buffers;
+  for (std::uint32_t b; (b = staging_->allocate()) != no_slot;) buffers.push_back(b);
+  if (buffers.empty()) throw std::runtime_error("store: no staging buffer for recovery");
+  for (std::uint32_t base = 0; base < slots;) {
+    const std::uint32_t n = std::min<std::uint32_t>({std::uint32_t(buffers.size()), batch_max, slots - base});
+    io_request reqs[batch_max];
+    for (std::uint32_t i = 0; i < n; ++i)
+      reqs[i] = io_request{io_op::read,
+                           ssd_->file_of(base + i),
+                           ssd_->offset_of(base + i),
+                           staging_->data(buffers[i]),
+                           read_bytes,
+                           staging_buffer_base_ + staging_->region_of(buffers[i]),
+                           0};
+    (void)device_->execute(std::span(reqs, n), config_.queue_depth);  // each result checked below
+    for (std::uint32_t i = 0; i < n; ++i) {
+      const std::uint32_t slot = base + i;
+      if (reqs[i].result != std::int32_t(read_bytes)) {
+        detail::bump(counters_->io_errors);
+        detail::bump(counters_->quarantined_slots);
+        used[slot] = 1;
+        if (reqs[i].result == io_in_doubt) {  // never reuse a buffer a read may still fill
+          quarantine_buffer();
+          buffers[i] = no_slot;
+        }
+        continue;
+      }
+      const std::byte* area = staging_->data(buffers[i]);
+      format::block_header h;
+      auto st = format::read_header(area, header_bytes_, geometry_.tokens_per_block, &h);
+      if (st == format::header_status::empty) continue;
+      // A put can hold no more blocks than both tiers: a larger count is junk, not a
+      // reason to allocate.
+      if (st != format::header_status::ok || !(h.model == model_.value) || h.payload_bytes != geometry_.block_bytes() ||
+          std::uint64_t(h.put_blocks) > std::uint64_t(dram_->capacity()) + slots) {
+        detail::bump(counters_->recovery_dropped_blocks);  // torn or foreign: junk, the slot is free
+        continue;
+      }
+      if (!clean && checksum64(area + header_bytes_, h.payload_bytes) != h.payload_checksum) {
+        // A torn write under a valid header: erased, or a later clean open would take it.
+        detail::bump(counters_->recovery_dropped_blocks);
+        stale.push_back(slot);
+        continue;
+      }
+      max_sequence = std::max(max_sequence, h.sequence);
+      const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
+      cands.push_back({h.session, h.block_index, h.sequence, slot, h.chain, h.payload_checksum, token_store.size(),
+                       h.token_count, h.put_first_block, h.put_blocks});
+      token_store.insert(token_store.end(), toks, toks + h.token_count);
+    }
+    // A buffer lost to an in-doubt read is replaced by the next free one, if any.
+    buffers.erase(std::remove(buffers.begin(), buffers.end(), no_slot), buffers.end());
+    if (buffers.empty()) throw std::runtime_error("store: recovery lost every staging buffer to I/O errors");
+    base += n;
+  }
+  for (auto b : buffers) staging_->release(b);
+
+  // ---- 2. tombstones: a dropped session's blocks (sequence below the bound) are gone
+  const std::string tomb_path = config_.ssd_directory + "/TOMBSTONES";
+  std::unordered_map<std::uint64_t, std::vector<std::pair<hash128, std::uint64_t>>> tombs;
+  std::uint64_t max_bound = 0;
+  if (std::FILE* f = std::fopen(tomb_path.c_str(), "rb")) {
+    std::uint64_t rec[3];
+    while (std::fread(rec, sizeof(rec), 1, f) == 1) {
+      const hash128 key{rec[0], rec[1]};
+      tombs[key.lo].push_back({key, rec[2]});
+      max_bound = std::max(max_bound, rec[2]);
+    }
+    std::fclose(f);
+  }
+  auto tomb_bound = [&](const hash128& s) -> std::uint64_t {
+    auto it = tombs.find(s.lo);
+    std::uint64_t b = 0;
+    if (it != tombs.end())
+      for (const auto& [k, v] : it->second)
+        if (k == s) b = std::max(b, v);
+    return b;
+  };
+
+  // ---- 3. per session: valid puts, then the chain walk
+  std::sort(cands.begin(), cands.end(), [](const candidate& a, const candidate& b) {
+    if (!(a.session == b.session))
+      return a.session.hi != b.session.hi ? a.session.hi < b.session.hi : a.session.lo < b.session.lo;
+    if (a.index != b.index) return a.index < b.index;
+    return a.sequence > b.sequence;  // newest version of a block first
+  });
+  struct session_pick {
+    std::size_t begin, end;             // its candidates
+    std::vector<std::size_t> chosen;    // candidate indices, block 0 on
+    std::uint64_t recency = 0;          // newest sequence chosen
+  };
+  std::vector<session_pick> picks;
+  struct put_info {
+    std::uint64_t id;
+    std::uint32_t first, blocks;
+    std::vector<std::uint8_t> present;
+    std::uint32_t max_index = 0;  // highest block index present
+    bool valid = false;
+    std::uint32_t superseded_from = ~0u;  // positions >= this belong to newer valid puts
+  };
+  for (std::size_t g = 0; g < cands.size();) {
+    std::size_t end = g;
+    while (end < cands.size() && cands[end].session == cands[g].session) ++end;
+    const std::uint64_t bound = tomb_bound(cands[g].session);
+    // Puts of this session, oldest first.
+    std::vector<put_info> puts;
+    auto put_of = [&](const candidate& c) -> put_info* {
+      for (auto& p : puts)
+        if (p.id == c.put_id()) return p.first == c.put_first_block && p.blocks == c.put_blocks ? &p : nullptr;
+      return nullptr;
+    };
+    for (std::size_t k = g; k < end; ++k) {
+      const candidate& c = cands[k];
+      if (c.sequence < bound) continue;  // tombstoned
+      put_info* p = put_of(c);
+      if (!p) {
+        bool clash = false;  // same id, other shape: a damaged header; ignore the block
+        for (auto& q : puts) clash |= q.id == c.put_id();
+        if (clash) continue;
+        puts.push_back(put_info{c.put_id(), c.put_first_block, c.put_blocks, std::vector<std::uint8_t>(c.put_blocks, 0)});
+        p = &puts.back();
+      }
+      p->present[c.index - p->first] = 1;
+      p->max_index = std::max(p->max_index, c.index);
+    }
+    std::sort(puts.begin(), puts.end(), [](const put_info& a, const put_info& b) { return a.id < b.id; });
+    // older_max[i]: highest present index among puts older than puts[i] (+1; 0 = none).
+    std::vector<std::uint64_t> older_max(puts.size(), 0);
+    for (std::size_t i = 1; i < puts.size(); ++i)
+      older_max[i] = std::max<std::uint64_t>(older_max[i - 1], std::uint64_t(puts[i - 1].max_index) + 1);
+    std::uint32_t cover_from = ~0u;
+    for (std::size_t i = puts.size(); i-- > 0;) {
+      put_info& p = puts[i];
+      p.superseded_from = cover_from;
+      bool complete = true;
+      for (std::uint32_t k = 0; k < p.blocks && complete; ++k)
+        if (p.first + k < cover_from && !p.present[k]) complete = false;
+      const bool has_fallback = older_max[i] > p.first;  // an older block at or past p.first
+      p.valid = complete || !has_fallback;
+      if (p.valid) cover_from = std::min(cover_from, p.first);
+    }
+    for (std::size_t k = g; k < end; ++k) {
+      candidate& c = cands[k];
+      if (c.sequence < bound) continue;
+      const put_info* p = nullptr;
+      for (const auto& q : puts)
+        if (q.id == c.put_id() && q.first == c.put_first_block && q.blocks == c.put_blocks) p = &q;
+      c.usable = p && p->valid && c.index < p->superseded_from;
+    }
+    session_pick pick{g, end, {}, 0};
+    hash128 prev{};
+    std::size_t k = g;
+    for (std::uint32_t index = 0; k < end && cands[k].index == index; ++index) {
+      std::size_t take = end;
+      for (; k < end && cands[k].index == index; ++k) {
+        const candidate& c = cands[k];
+        if (take != end || !c.usable) continue;
+        std::span<const token_id> toks(token_store.data() + c.token_offset, c.token_count);
+        if (c.chain == chain_hash(prev, model_, toks)) take = k;
+      }
+      if (take == end) break;
+      pick.chosen.push_back(take);
+      pick.recency = std::max(pick.recency, cands[take].sequence);
+      prev = cands[take].chain;
+      if (cands[take].token_count < geometry_.tokens_per_block) break;  // a partial block ends the session
+    }
+    picks.push_back(std::move(pick));
+    g = end;
+  }
+  // More sessions than records: the most recently saved ones are kept.
+  std::vector<std::size_t> order(picks.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return picks[a].recency > picks[b].recency; });
+  std::vector<std::uint8_t> kept(cands.size(), 0);
+  std::uint32_t too_many = 0;
+  for (std::size_t oi = 0; oi < order.size(); ++oi) {
+    session_pick& pick = picks[order[oi]];
+    if (pick.chosen.empty()) continue;
+    errc why = errc::ok;
+    locked_session s = index_->open(session_hash{cands[pick.begin].session}, true, &why);
+    if (!s) {
+      ++too_many;
+      continue;
+    }
+    std::uint32_t head = no_slot, tail = no_slot, count = 0;
+    for (std::size_t ci : pick.chosen) {
+      const candidate& c = cands[ci];
+      std::uint32_t b = s.new_block(std::span<const token_id>(token_store.data() + c.token_offset, c.token_count));
+      if (b == no_slot) break;
+      block_meta& m = s.meta(b);
+      m.chain = c.chain;
+      m.checksum = c.checksum;
+      m.sequence = c.sequence;
+      m.put_first_block = c.put_first_block;
+      m.put_blocks = c.put_blocks;
+      m.ssd_slot = c.slot;
+      m.saved_pos = std::uint64_t(c.index) * geometry_.tokens_per_block;
+      used[c.slot] = 1;
+      kept[ci] = 1;
+      if (tail == no_slot)
+        head = b;
+      else
+        s.meta(tail).next = b;
+      tail = b;
+      ++count;
+    }
+    s.publish(0, head, count);
+    note(s, false);
+    detail::bump(counters_->recovered_sessions);
+    detail::bump(counters_->recovered_blocks, count);
+  }
+  bool tombstoned_all_erased = true;
+  std::vector<std::uint8_t> tombstoned(cands.size(), 0);
+  for (std::size_t i = 0; i < cands.size(); ++i)
+    if (!kept[i]) {
+      stale.push_back(cands[i].slot);
+      tombstoned[i] = cands[i].sequence < tomb_bound(cands[i].session);
+      detail::bump(counters_->recovery_dropped_blocks);
+    }
+  sequence_.store(std::max(max_sequence, max_bound) + 1);
+  // Stale headers are erased before their slots are reused: a later restart must not
+  // mistake them for live blocks. A slot that cannot be erased stays out of use.
+  erase_slots(stale, false, [&](std::uint32_t slot, bool erased) {
+    if (erased) return;
+    used[slot] = 1;
+    detail::bump(counters_->io_errors);
+    detail::bump(counters_->quarantined_slots);
+  });
+  if (!stale.empty() && device_->sync() != errc::ok) tombstoned_all_erased = false;
+  for (std::size_t i = 0; i < cands.size(); ++i)
+    if (tombstoned[i] && used[cands[i].slot]) tombstoned_all_erased = false;
+  ssd_->rebuild(used);
+  // Every block a tombstone covered is erased now; the tombstones can go.
+  if (!tombs.empty() && tombstoned_all_erased) {
+    std::remove(tomb_path.c_str());
+    sync_directory(config_.ssd_directory);
+  }
+  if (too_many)
+    config_.log(log_level::warning, "store: " + std::to_string(too_many) + " sessions in " + config_.ssd_directory +
+                                        " did not fit max_sessions=" + std::to_string(config_.max_sessions) +
+                                        "; the least recently saved were dropped");
+  if (counters_->recovered_blocks.load() || counters_->recovery_dropped_blocks.load() ||
+      counters_->quarantined_slots.load())
+    config_.log(log_level::info, "store: recovered " + std::to_string(counters_->recovered_blocks.load()) +
+                                     " blocks of " + std::to_string(counters_->recovered_sessions.load()) +
+                                     " sessions from " + config_.ssd_directory + "; dropped " +
+                                     std::to_string(counters_->recovery_dropped_blocks.load()) +
+                                     " stale or torn; quarantined " +
+                                     std::to_string(counters_->quarantined_slots.load()) + " unreadable");
+}
+
+}  // namespace attnstore

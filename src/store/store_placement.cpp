@@ -1,0 +1,334 @@
+// Placement and eviction: DRAM and SSD slots, demotion, victims, drop, truncation, pins.
+// Every record lock taken while another is held is a try_lock (through
+// cache_index::try_open_record), so no two operations can wait on each other.
+#include <algorithm>
+
+#include "store_impl.hpp"
+
+namespace attnstore {
+
+// ---------------------------------------------------------------- freeing
+
+errc store::impl::invalidate_ssd(std::span<const std::uint32_t> slots, bool wipe) noexcept {
+  // Erase first so a restart cannot bring the block back. A slot that cannot be erased
+  // (after one retry) is quarantined, not reused: reusing it would let a later partial
+  // write pair its old header with new data.
+  errc status = errc::ok;
+  erase_slots(slots, wipe, [&](std::uint32_t slot, bool erased) {
+    if (erased) {
+      ssd_->release(slot);
+    } else {
+      detail::bump(counters_->io_errors);
+      detail::bump(counters_->quarantined_slots);
+      status = errc::device_error;
+    }
+  });
+  return status;
+}
+
+errc store::impl::release_chain(std::uint32_t first, bool wipe) noexcept {
+  // The blocks are detached from their session (or never were in one).
+  std::uint32_t ssd_slots[batch_max];
+  std::size_t n = 0;
+  errc status = errc::ok;
+  for (std::uint32_t b = first; b != no_slot;) {
+    block_meta& m = index_->block(b);
+    const std::uint32_t next = m.next;
+    if (m.dram_slot != no_slot) free_dram(m.dram_slot);
+    if (m.ssd_slot != no_slot) {
+      ssd_slots[n++] = m.ssd_slot;
+      if (n == batch_max) {
+        if (invalidate_ssd(std::span(ssd_slots, n), wipe) != errc::ok) status = errc::device_error;
+        n = 0;
+      }
+    }
+    index_->release_block(b);
+    b = next;
+  }
+  if (n && invalidate_ssd(std::span(ssd_slots, n), wipe) != errc::ok) status = errc::device_error;
+  return status;
+}
+
+errc store::impl::drop_locked(locked_session& s, bool wipe) noexcept {
+  errc e = release_chain(s.truncate(0), wipe);
+  erase_record(s);
+  return e;
+}
+
+// ---------------------------------------------------------------- victims
+
+template <class Want>
+locked_session store::impl::pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
+                                        std::uint32_t exclude_b) noexcept {
+  locked_session victim;
+  std::lock_guard lock(policy_mutex_);
+  policy_->pick_victim(where, [&](std::uint32_t rec) noexcept {
+    if (rec == exclude_a || rec == exclude_b) return false;
+    locked_session h = index_->try_open_record(rec);  // never waits: we hold the policy mutex
+    if (!h || h.pins() > 0 || !want(h)) return false;
+    victim = std::move(h);
+    return true;
+  });
+  return victim;
+}
+
+bool store::impl::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
+  locked_session victim = pick_victim(
+      policy::level::ssd, [](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
+  if (!victim) return false;
+  detail::bump(counters_->evicted_sessions);
+  detail::bump(counters_->evicted_blocks, victim.block_count());
+  drop_locked(victim);
+  return true;
+}
+
+std::uint32_t store::impl::alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict) noexcept {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    std::uint32_t slot = ssd_->allocate();
+    if (slot != no_slot) return slot;
+    if (!may_evict || !evict_some_ssd_victim(exclude_a, exclude_b)) break;
+  }
+  return no_slot;
+}
+
+// ---------------------------------------------------------------- demotion
+
+errc store::impl::demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
+                                bool may_evict) noexcept {
+  if (!ssd_) return errc::unsupported;
+  std::uint32_t blocks[batch_max], slots[batch_max];
+  std::int32_t results[batch_max];
+  errc status = errc::ok;
+  std::uint32_t pos = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot && pos < until_position && status == errc::ok;) {
+    // Gather up to batch_max DRAM-only blocks, then write them as one batch.
+    std::size_t n = 0;
+    for (; b != no_slot && pos < until_position && n < batch_max; b = s.meta(b).next, ++pos) {
+      block_meta& m = s.meta(b);
+      if (m.dram_slot == no_slot) continue;
+      if (m.ssd_slot != no_slot) {  // already durable: the DRAM copy just goes
+        free_dram(m.dram_slot);
+        m.dram_slot = no_slot;
+        detail::bump(counters_->demoted_blocks);
+        continue;
+      }
+      std::uint32_t ss = alloc_ssd(s.record_id(), exclude, may_evict);
+      if (ss == no_slot) {
+        status = errc::no_space;
+        break;
+      }
+      blocks[n] = b;
+      slots[n] = ss;
+      ++n;
+    }
+    if (n == 0) continue;
+    errc e = write_ssd_blocks(s, std::span(blocks, n), std::span(slots, n), std::span(results, n));
+    adopt_written(s, std::span(blocks, n), std::span(slots, n), std::span(results, n));
+    for (std::size_t i = 0; i < n; ++i) {
+      block_meta& m = s.meta(blocks[i]);
+      if (m.ssd_slot != no_slot) {  // written: the DRAM copy goes (the copy stays on failure)
+        free_dram(m.dram_slot);
+        m.dram_slot = no_slot;
+        detail::bump(counters_->demoted_blocks);
+      }
+    }
+    if (e != errc::ok) status = e;
+  }
+  s.count_tiers();
+  note(s, false);
+  return status;
+}
+
+std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool background) noexcept {
+  // `want` runs under the policy mutex, so it may ask the policy.
+  locked_session victim = pick_victim(
+      policy::level::dram,
+      [&](locked_session& h) { return h.dram_blocks() > 0 && !(background && policy_->queued(h.record_id())); },
+      exclude, no_slot);
+  if (!victim) return 0;
+  const std::uint32_t before = victim.dram_blocks();
+  // Background work takes only free SSD slots: it must not drop data to make room.
+  const errc e = demote_locked(victim, no_slot, exclude, !background);
+  if (background) return before - victim.dram_blocks();
+  if ((e == errc::no_space || e == errc::unsupported) && victim.dram_blocks() > 0) {
+    // No SSD tier, or SSD full of protected data: the cache gives the victim up rather
+    // than refusing the new blocks. An I/O error is not a reason to drop data: the
+    // victim keeps its DRAM copies and the request finds no room.
+    detail::bump(counters_->evicted_sessions);
+    detail::bump(counters_->evicted_blocks, victim.block_count());
+    drop_locked(victim);
+    return before;
+  }
+  return before - victim.dram_blocks();
+}
+
+void store::impl::make_room(std::uint32_t blocks, const session_hash& for_session) noexcept {
+  if (free_dram_slots() >= blocks) return;
+  const std::uint32_t self = index_->find(for_session);  // not the session being served
+  for (int attempt = 0; attempt < 16 && free_dram_slots() < blocks; ++attempt)
+    if (demote_some_victim(self) == 0) break;
+}
+
+std::uint32_t store::impl::alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    std::uint32_t slot = dram_->allocate();
+    if (slot != no_slot) return slot;
+    if (demote_some_victim(self ? self.record_id() : no_slot)) continue;
+    // Nobody else to demote: move this session's own older blocks down.
+    if (self && self_keep_from > 0 && self.dram_blocks() > 0 && ssd_) {
+      const std::uint32_t before = dram_->used();
+      (void)demote_locked(self, self_keep_from, no_slot);
+      if (dram_->used() < before) continue;
+    }
+    break;
+  }
+  return no_slot;
+}
+
+locked_session store::impl::open_or_evict(const session_hash& key, errc* why) noexcept {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    errc e = errc::ok;
+    locked_session s = index_->open(key, true, &e);
+    if (s) return s;
+    if (e != errc::retry) {  // the key's shard is at its limit: evicting elsewhere cannot help
+      if (why) *why = e;
+      return {};
+    }
+    // Every record is live: drop the policy's first victim, from SSD, else from DRAM,
+    // else any idle session that holds no blocks (the policy ranks only those with some).
+    auto any = [](locked_session&) { return true; };
+    locked_session victim = pick_victim(policy::level::ssd, any, no_slot, no_slot);
+    if (!victim) victim = pick_victim(policy::level::dram, any, no_slot, no_slot);
+    for (std::uint32_t rec = 0; !victim && rec < index_->max_sessions(); ++rec) {
+      locked_session h = index_->try_open_record(rec);
+      if (h && h.pins() == 0 && h.block_count() == 0) victim = std::move(h);
+    }
+    if (!victim) break;
+    detail::bump(counters_->evicted_sessions);
+    detail::bump(counters_->evicted_blocks, victim.block_count());
+    drop_locked(victim);
+  }
+  if (why) *why = errc::no_space;
+  return {};
+}
+
+// ---------------------------------------------------------------- drop, pin, demote, truncate
+
+errc store::impl::drop(const session_key& key) noexcept {
+  const session_hash h = session_of(key);
+  locked_session s = index_->open(h, false);
+  if (!s) return errc::not_found;
+  // A deletion deletes: SSD slots are zeroed whole (KV and token ids), not just their
+  // headers, and the zeroes are made durable before this returns.
+  errc e = drop_locked(s, true);
+  detail::bump(counters_->dropped_sessions);
+  // A header that could not be zeroed would bring the session back at the next
+  // restart: a tombstone (session, sequence bound) tells recovery to ignore it.
+  if (e != errc::ok) e = write_tombstone(h) ? errc::ok : errc::device_error;
+  if (ssd_ && device_->sync() != errc::ok) {
+    detail::bump(counters_->io_errors);
+    if (!write_tombstone(h)) e = errc::device_error;
+  }
+  return e;
+}
+
+errc store::impl::truncate(const session_key& key, std::span<const token_id> history,
+                           const truncation_plan& plan) noexcept {
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  if (!plan.needed || plan.drop == 0 || plan.drop % tpb || plan.sink + plan.drop > plan.history)
+    return errc::invalid_argument;
+  locked_session s = index_->open(session_of(key), false);
+  if (!s) return errc::not_found;
+  if (s.pins() > 0) return errc::rejected;
+  if (s.token_count() != plan.history || history.size() < plan.history) return errc::invalid_argument;
+  // The view must be `history` (token by token) before any of it is cut.
+  {
+    std::uint64_t pos = 0;
+    for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) {
+      const block_meta& m = s.meta(b);
+      const auto have = s.tokens_of(b).subspan(m.view_first, m.view_count);
+      if (!std::equal(have.begin(), have.end(), history.begin() + std::ptrdiff_t(pos))) return errc::invalid_argument;
+      pos += m.view_count;
+    }
+  }
+  const std::uint64_t cut_begin = plan.sink, cut_end = plan.sink + plan.drop;
+  std::uint32_t kept_head = no_slot, kept_tail = no_slot, gone_head = no_slot, gone_tail = no_slot;
+  auto append = [&](std::uint32_t& head, std::uint32_t& tail, std::uint32_t b) {
+    s.meta(b).next = no_slot;
+    if (tail == no_slot)
+      head = b;
+    else
+      s.meta(tail).next = b;
+    tail = b;
+  };
+  std::uint64_t pos = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot;) {
+    block_meta& m = s.meta(b);
+    const std::uint32_t next = m.next;
+    const std::uint64_t vs = pos, ve = pos + m.view_count;
+    pos = ve;
+    if (ve <= cut_begin) {
+      append(kept_head, kept_tail, b);  // inside the sink
+    } else if (vs >= cut_end) {
+      m.shift -= std::int64_t(plan.drop);  // after the cut: moves back
+      append(kept_head, kept_tail, b);
+    } else if (vs >= cut_begin && ve <= cut_end) {
+      append(gone_head, gone_tail, b);  // entirely cut
+    } else if (vs < cut_begin) {
+      m.view_count = std::uint32_t(cut_begin - vs);  // the sink's boundary block keeps its head
+      append(kept_head, kept_tail, b);
+    } else {
+      const std::uint32_t skip = std::uint32_t(cut_end - vs);  // keeps its tail, moved back
+      m.view_first += skip;
+      m.view_count -= skip;
+      m.shift -= std::int64_t(plan.drop);
+      append(kept_head, kept_tail, b);
+    }
+    b = next;
+  }
+  s.relink(kept_head);
+  s.set_truncated(true);
+  (void)release_chain(gone_head);
+  note(s, true);
+  return errc::ok;
+}
+
+errc store::impl::pin(const session_key& key) noexcept {
+  locked_session s = index_->open(session_of(key), false);
+  if (!s) return errc::not_found;
+  s.pin();
+  return errc::ok;
+}
+
+errc store::impl::unpin(const session_key& key) noexcept {
+  locked_session s = index_->open(session_of(key), false);
+  if (!s) return errc::not_found;
+  s.unpin();
+  return errc::ok;
+}
+
+errc store::impl::keep_in_hbm(const session_hash& key, std::uint32_t blocks) noexcept {
+  locked_session s = index_->open(key, false);
+  if (!s) return errc::not_found;
+  note(s, false);  // makes sure the policy knows the session
+  std::lock_guard lock(policy_mutex_);
+  policy_->on_blocks(s.record_id(), policy::level::hbm, blocks);
+  return errc::ok;
+}
+
+bool store::impl::hbm_victim(session_hash& out) noexcept {
+  locked_session victim = pick_victim(
+      policy::level::hbm, [](locked_session&) { return true; }, no_slot, no_slot);
+  if (!victim) return false;
+  out = victim.key();
+  return true;
+}
+
+errc store::impl::demote(const session_key& key) noexcept {
+  if (!ssd_) return errc::unsupported;
+  locked_session s = index_->open(session_of(key), false);
+  if (!s) return errc::not_found;
+  return demote_locked(s, no_slot, no_slot);
+}
+
+}  // namespace attnstore

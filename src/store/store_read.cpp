@@ -1,0 +1,317 @@
+// The read path: lookup, get, acquire and its read leases, verified SSD read batches.
+#include <cstring>
+
+#include "store_impl.hpp"
+
+namespace attnstore {
+
+// ---------------------------------------------------------------- DRAM slot ownership
+
+void store::impl::lease_dram(std::uint32_t slot) noexcept {
+  dram_leases_[slot].fetch_add(1, std::memory_order_acq_rel);
+}
+
+void store::impl::unlease_dram(std::uint32_t slot) noexcept {
+  // The last lease of a slot whose free was deferred frees it.
+  if (dram_leases_[slot].fetch_sub(1, std::memory_order_acq_rel) == (free_pending | 1u)) {
+    dram_leases_[slot].store(0, std::memory_order_relaxed);
+    dram_->release(slot);
+  }
+}
+
+void store::impl::free_dram(std::uint32_t slot) noexcept {
+  // Leases are taken only under the owning record's lock on a published block, and the
+  // caller has unlinked the slot from its block first: no lease can start after this.
+  const std::uint32_t was = dram_leases_[slot].fetch_or(free_pending, std::memory_order_acq_rel);
+  if ((was & ~free_pending) == 0) {
+    dram_leases_[slot].store(0, std::memory_order_relaxed);
+    dram_->release(slot);
+  } else {
+    detail::bump(counters_->deferred_frees);
+  }
+}
+
+void store::impl::end_lease(read_lease& lease) noexcept {
+  for (std::uint32_t i = 0; i < lease.count_; ++i) unlease_dram(lease.slots_[i]);
+  // The pin belongs to the incarnation the lease was taken on, not to whoever holds
+  // the key now.
+  if (locked_session s = index_->open_record(lease.record_, lease.generation_)) {
+    s.unpin();
+    erase_if_empty(s);
+  }
+  lease.owner_ = nullptr;
+  lease.count_ = 0;
+}
+
+// ---------------------------------------------------------------- lookup
+
+lookup_result store::impl::lookup(const session_key& key, std::span<const token_id> prompt,
+                                  std::span<block_location> out) noexcept {
+  detail::bump(counters_->lookups);
+  lookup_result r;
+  const session_hash h = session_of(key);
+  if (locked_session s = index_->open(h, false)) {
+    r = index_->lookup(s, model_, prompt, out);
+    note(s, true, prompt.size());
+  } else {
+    note_miss(h);
+  }
+  if (r.tokens > 0) {
+    detail::bump(counters_->lookup_hits);
+    detail::bump(counters_->tokens_reusable, r.tokens);
+  } else {
+    detail::bump(counters_->lookup_misses);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- get and acquire
+
+get_result store::impl::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
+                            std::uint32_t block_count, std::span<std::byte> out) noexcept {
+  detail::bump(counters_->gets);
+  const std::size_t bb = geometry_.block_bytes();
+  if (out.size() != std::size_t(block_count) * bb || block_count == 0) {
+    config_.log(log_level::error,
+                "store::get: out is " + std::to_string(out.size()) + " bytes for " + std::to_string(block_count) +
+                    " blocks; need block_count >= 1 and block_count x " + std::to_string(bb) + " bytes");
+    return {errc::invalid_argument, 0, 0};
+  }
+  const session_hash h = session_of(key);
+  locked_session s = index_->open(h, false);
+  if (!s) {
+    detail::bump(counters_->miss_not_found);
+    note_miss(h);
+    return {errc::not_found, 0, 0};
+  }
+  // A truncated view is not whole blocks at block-aligned positions: it is loaded
+  // through acquire() (the hooks), which places and re-rotates each kept range.
+  if (s.truncated()) return {errc::unsupported, 0, 0};
+  return serve_locked(s, prompt, first_block, block_count, out, {}, nullptr);
+}
+
+get_result store::impl::acquire(const session_key& key, std::span<const token_id> prompt,
+                                std::span<block_view> views, read_lease& lease) noexcept {
+  detail::bump(counters_->gets);
+  if (lease.capacity() < views.size()) {
+    config_.log(log_level::error, "store::acquire: lease capacity " + std::to_string(lease.capacity()) + " for " +
+                                      std::to_string(views.size()) + " views");
+    return {errc::invalid_argument, 0, 0};
+  }
+  lease.release();
+  const session_hash h = session_of(key);
+  {
+    // Room for what the load will read from SSD, made before the session is locked so
+    // that others' demotions do not run under its lock (a lookup would wait on them).
+    lookup_result want;
+    if (locked_session s = index_->open(h, false)) want = index_->lookup(s, model_, prompt, {});
+    if (want.ssd_blocks > free_dram_slots()) make_room(std::min<std::uint32_t>(want.ssd_blocks, std::uint32_t(views.size())), h);
+  }
+  locked_session s = index_->open(h, false);
+  if (!s) {
+    detail::bump(counters_->miss_not_found);
+    note_miss(h);
+    return {errc::not_found, 0, 0};
+  }
+  get_result res = serve_locked(s, prompt, 0, std::uint32_t(views.size()), {}, views, lease.slots_.data());
+  if (res.status == errc::not_found) res.status = errc::ok;  // fewer blocks than views is normal here
+  if (res.blocks > 0) {
+    for (std::uint32_t i = 0; i < res.blocks; ++i) lease_dram(lease.slots_[i]);
+    lease.owner_ = &owner_;
+    lease.record_ = s.record_id();
+    lease.generation_ = s.generation();
+    lease.count_ = res.blocks;
+    s.pin();  // not a victim while its blocks are being loaded
+  }
+  return res;
+}
+
+void store::impl::read_ssd_batch(ssd_read_batch& rb) noexcept {
+  rb.self = this;
+  for (std::size_t i = 0; i < rb.count; ++i) {
+    ssd_read_batch::pending_read& p = rb.pending[i];
+    p.verdict = errc::device_error;  // fail closed: only a verified completion says otherwise
+    const block_meta& m = rb.session->meta(p.block);
+    host_arena& arena = p.promoted ? *dram_ : *staging_;
+    const std::int32_t region =
+        p.promoted ? dram_->region_of(p.buffer_slot) : staging_buffer_base_ + staging_->region_of(p.buffer_slot);
+    rb.reqs[i] = io_request{io_op::read,
+                            ssd_->file_of(m.ssd_slot),
+                            ssd_->offset_of(m.ssd_slot),
+                            arena.data(p.buffer_slot),
+                            std::uint32_t(slot_bytes_),
+                            region,
+                            0};
+  }
+  auto verify_one = [](void* ctx, std::size_t i) noexcept {
+    auto& b = *static_cast<ssd_read_batch*>(ctx);
+    store::impl& st = *b.self;
+    ssd_read_batch::pending_read& p = b.pending[i];
+    const block_meta& m = b.session->meta(p.block);
+    if (b.reqs[i].result != std::int32_t(st.slot_bytes_)) return;  // stays device_error
+    const std::byte* area = static_cast<const std::byte*>(b.reqs[i].buffer);
+    const std::size_t bytes = st.geometry_.block_bytes();
+    std::uint64_t cs = b.out ? copy_with_checksum(b.out + std::size_t(p.position - b.first_block) * bytes,
+                                                  area + st.header_bytes_, bytes)
+                             : checksum64(area + st.header_bytes_, bytes);
+    format::block_header h;
+    bool ok =
+        format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) == format::header_status::ok &&
+        h.model == st.model_.value && h.session == b.session->key().value &&
+        h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) && h.sequence == m.sequence &&
+        h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
+    p.verdict = ok ? errc::ok : errc::checksum_error;
+  };
+  // Each request's result is set whatever execute() returns; a request whose callback
+  // did not run keeps its failed verdict.
+  (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
+  for (std::size_t i = 0; i < rb.count; ++i) {
+    if (rb.reqs[i].result == std::int32_t(slot_bytes_))
+      detail::bump(counters_->ssd_bytes_read, slot_bytes_);
+    else
+      detail::bump(counters_->io_errors);
+  }
+}
+
+void store::impl::give_back_read_buffer(const ssd_read_batch& rb, std::size_t i) noexcept {
+  const auto& p = rb.pending[i];
+  if (rb.reqs[i].result == io_in_doubt) {
+    quarantine_buffer();  // the transfer may still land in it
+    return;
+  }
+  if (p.promoted)
+    free_dram(p.buffer_slot);
+  else
+    staging_->release(p.buffer_slot);
+}
+
+get_result store::impl::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
+                                     std::uint32_t block_count, std::span<std::byte> out,
+                                     std::span<block_view> views, std::uint32_t* leased_slots) noexcept {
+  // Two modes: copy blocks into `out` (get), or make them resident in DRAM and describe
+  // them in `views` and their slots in leased_slots (acquire: the caller leases them).
+  const bool resident = out.empty();
+  const std::size_t bb = geometry_.block_bytes();
+  get_result res;
+  const std::uint32_t end = first_block + block_count;
+
+  // SSD blocks are read in batches; each block is verified (and, when copying, copied
+  // out) by the completion callback while the device still works on the rest.
+  ssd_read_batch rb{&s, out.data(), first_block};
+  bool failed = false;  // a block failed: the verified prefix ends there
+
+  auto fail_at = [&](std::uint32_t position, errc why) {
+    if (failed) return;
+    failed = true;
+    res.status = why;
+    res.blocks = position - first_block;
+    // Every entry before the failing one matched whole (only the last entry visited
+    // can match partially): the delivered tokens are their view counts, whatever a
+    // truncated view made of them.
+    res.tokens = 0;
+    std::uint32_t b = s.block_at(first_block);
+    for (std::uint32_t i = 0; i < res.blocks && b != no_slot; ++i, b = s.meta(b).next) res.tokens += s.meta(b).view_count;
+    if (why == errc::checksum_error) {
+      detail::bump(counters_->checksum_failures);
+      detail::bump(counters_->miss_checksum);
+      release_chain(s.truncate(position));  // never served, never kept
+    } else if (why == errc::device_error) {
+      detail::bump(counters_->miss_io_error);
+    }
+  };
+  auto flush = [&] {
+    if (rb.count == 0) return;
+    // A demand read: background promotions wait for it (they would share the device).
+    demand_reads_.fetch_add(1, std::memory_order_relaxed);
+    read_ssd_batch(rb);
+    demand_reads_.fetch_sub(1, std::memory_order_relaxed);
+    // Blocks complete in any order; outcomes are applied in position order.
+    for (std::size_t i = 0; i < rb.count; ++i) {
+      const ssd_read_batch::pending_read& p = rb.pending[i];
+      bool keep = false;
+      if (!failed) {
+        if (p.verdict != errc::ok) {
+          fail_at(p.position, p.verdict);
+        } else {
+          detail::bump(counters_->blocks_served_ssd);
+          res.tokens += p.matched;
+          if (p.promoted) {
+            s.meta(p.block).dram_slot = p.buffer_slot;
+            detail::bump(counters_->promoted_blocks);
+            keep = true;
+            if (resident) {
+              views[p.position - first_block] = {dram_payload(p.buffer_slot), p.matched, p.first, p.view_position,
+                                                 s.meta(p.block).shift};
+              leased_slots[p.position - first_block] = p.buffer_slot;
+            }
+          }
+        }
+      }
+      if (!keep) give_back_read_buffer(rb, i);
+    }
+    rb.count = 0;
+  };
+
+  std::uint32_t i = 0;  // entries walked
+  index_->match_prompt(s, model_, prompt, [&](const block_match& bm) {
+    if (bm.index >= end || failed) return false;
+    i = bm.index + 1;
+    if (bm.index < first_block) return true;
+    block_meta& m = s.meta(bm.block);
+    const std::uint32_t matched = bm.tokens;
+    if (m.dram_slot != no_slot) {
+      bool ok = true;
+      if (resident) {
+        // Verified like a copy: what the engine loads is what was checksummed.
+        if (config_.verify_dram_reads) ok = checksum64(dram_payload(m.dram_slot), bb) == m.checksum;
+        views[bm.index - first_block] = {dram_payload(m.dram_slot), matched, bm.first, bm.position, m.shift};
+        leased_slots[bm.index - first_block] = m.dram_slot;
+      } else {
+        std::byte* dst = out.data() + std::size_t(bm.index - first_block) * bb;
+        if (config_.verify_dram_reads)
+          ok = copy_with_checksum(dst, dram_payload(m.dram_slot), bb) == m.checksum;
+        else
+          std::memcpy(dst, dram_payload(m.dram_slot), bb);
+      }
+      if (!ok) {
+        flush();
+        fail_at(bm.index, errc::checksum_error);
+        return false;
+      }
+      detail::bump(counters_->blocks_served_dram);
+      res.tokens += matched;
+      return true;
+    }
+    // Reading for a copy promotes only into free DRAM; making a block resident may
+    // demote other sessions for room (never this one's).
+    std::uint32_t buf = resident ? alloc_dram(s, 0) : dram_->allocate();
+    const bool promoted = buf != no_slot;
+    if (!promoted && !resident) {
+      buf = staging_->allocate();
+      if (buf == no_slot) {
+        flush();
+        buf = staging_->allocate();
+      }
+    }
+    if (buf == no_slot) {
+      flush();
+      fail_at(bm.index, resident ? errc::no_space : errc::retry);
+      return false;
+    }
+    rb.add(bm.block, bm.index, buf, promoted, matched, bm.first, bm.position);
+    if (rb.count == batch_max) flush();
+    return true;
+  });
+  flush();
+  if (!failed) {
+    res.blocks = (i > first_block ? i : first_block) - first_block;
+    if (res.blocks < block_count) res.status = errc::not_found;
+    if (res.blocks == 0) detail::bump(counters_->miss_prefix_mismatch);
+  }
+  s.count_tiers();
+  note_load(s, prompt.size());
+  erase_if_empty(s);  // a corrupt first block left nothing
+  return res;
+}
+
+}  // namespace attnstore

@@ -1,0 +1,337 @@
+// The save path: put, reserve/commit/abort, and the one routine that writes blocks to SSD.
+#include <algorithm>
+#include <cstring>
+
+#include "store_impl.hpp"
+
+namespace attnstore {
+
+// ---------------------------------------------------------------- SSD writes
+
+errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
+                                   std::span<const std::uint32_t> ssd_slots, std::span<std::int32_t> results) noexcept {
+  errc first = errc::ok;
+  for (std::size_t base = 0; base < blocks.size(); base += batch_max) {
+    io_request reqs[batch_max];
+    const std::size_t n = std::min<std::size_t>(batch_max, blocks.size() - base);
+    for (std::size_t i = 0; i < n; ++i) {
+      const block_meta& m = s.meta(blocks[base + i]);
+      format::block_header h{};
+      h.header_bytes = std::uint32_t(header_bytes_);
+      h.model = model_.value;
+      h.session = s.key().value;
+      h.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
+      h.put_first_block = m.put_first_block;
+      h.put_blocks = m.put_blocks;
+      h.chain = m.chain;
+      h.payload_bytes = std::uint32_t(geometry_.block_bytes());
+      h.payload_checksum = m.checksum;
+      h.sequence = m.sequence;
+      h.tokens_per_block = geometry_.tokens_per_block;
+      // The header area is the slot's own (never leased: views point at the payload).
+      format::write_header(dram_->data(m.dram_slot), h, s.tokens_of(blocks[base + i]));
+      const std::uint32_t ss = ssd_slots[base + i];
+      reqs[i] = io_request{io_op::write,
+                           ssd_->file_of(ss),
+                           ssd_->offset_of(ss),
+                           dram_->data(m.dram_slot),
+                           std::uint32_t(slot_bytes_),
+                           dram_->region_of(m.dram_slot),
+                           0};
+    }
+    errc e = device_->execute(std::span(reqs, n), config_.queue_depth);
+    if (e != errc::ok && first == errc::ok) first = e;
+    for (std::size_t i = 0; i < n; ++i) {
+      results[base + i] = reqs[i].result;
+      if (reqs[i].result == std::int32_t(slot_bytes_))
+        detail::bump(counters_->ssd_bytes_written, slot_bytes_);
+      else
+        detail::bump(counters_->io_errors);
+    }
+  }
+  return first;
+}
+
+std::size_t store::impl::adopt_written(locked_session& s, std::span<const std::uint32_t> blocks,
+                                       std::span<const std::uint32_t> ssd_slots,
+                                       std::span<const std::int32_t> results) noexcept {
+  std::size_t adopted = 0;
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    if (results[i] == std::int32_t(slot_bytes_)) {
+      s.meta(blocks[i]).ssd_slot = ssd_slots[i];
+      ++adopted;
+    } else if (results[i] == io_in_doubt) {
+      // The write may still land: the slot holds nothing we can vouch for, and a later
+      // block written there could be overwritten by it.
+      detail::bump(counters_->quarantined_slots);
+    } else {
+      invalidate_ssd(ssd_slots.subspan(i, 1));  // a partial write may have left a header
+    }
+  }
+  return adopted;
+}
+
+// ---------------------------------------------------------------- reserve, commit, abort
+
+void store::impl::zero_unused_tail(std::byte* payload, std::uint32_t tokens) const noexcept {
+  // Layer-major: [layer][K|V][token][head][dim]. Rows past `tokens` in every K and V
+  // half are cleared, so nothing of the slot's previous occupant is checksummed,
+  // stored or served.
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  if (tokens >= tpb) return;
+  const std::size_t row = std::size_t(geometry_.num_kv_heads) * geometry_.head_dim * geometry_.element_bytes();
+  const std::size_t half = geometry_.half_layer_bytes();
+  for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) {
+    std::byte* layer = payload + std::size_t(l) * geometry_.layer_bytes();
+    std::memset(layer + tokens * row, 0, (tpb - tokens) * row);
+    std::memset(layer + half + tokens * row, 0, (tpb - tokens) * row);
+  }
+}
+
+errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
+                                 save_reservation& r) noexcept {
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::uint32_t total = geometry_.blocks_for(tokens.size());
+  if (tokens.empty() || first_block >= total) {
+    config_.log(log_level::error, "store: save of " + std::to_string(tokens.size()) + " tokens (" +
+                                      std::to_string(total) + " blocks) from first_block " +
+                                      std::to_string(first_block) + "; need tokens and first_block < blocks");
+    return errc::invalid_argument;
+  }
+  // The stored view up to position first_block x tokens_per_block must be these
+  // tokens: chain hashes for untruncated blocks, token ids in a truncated view.
+  const std::uint64_t boundary = std::uint64_t(first_block) * tpb;
+  hash128 prev{};
+  std::uint64_t pos = 0;
+  std::uint32_t from = 0;
+  std::uint32_t b = s.first_block();
+  for (; b != no_slot && pos < boundary; b = s.meta(b).next, ++from) {
+    const block_meta& m = s.meta(b);
+    if (pos + m.view_count > boundary || pos + m.view_count > tokens.size()) return errc::rejected;
+    const auto want = tokens.subspan(pos, m.view_count);
+    if (s.truncated()) {
+      const auto have = s.tokens_of(b).subspan(m.view_first, m.view_count);
+      if (!std::equal(have.begin(), have.end(), want.begin())) return errc::rejected;
+    } else if (!(m.chain == chain_hash(prev, model_, want))) {
+      return errc::rejected;
+    }
+    prev = m.chain;
+    pos += m.view_count;
+  }
+  if (pos != boundary) return errc::rejected;
+  // The blocks this save replaces stay published until commit. Those already on SSD
+  // give their DRAM copy up now, so a session that fills most of DRAM can still be
+  // replaced; nothing is lost if the save fails (a lease still reading one keeps it).
+  for (std::uint32_t o = b; o != no_slot; o = s.meta(o).next) {
+    block_meta& m = s.meta(o);
+    if (m.dram_slot != no_slot && m.ssd_slot != no_slot) {
+      free_dram(m.dram_slot);
+      m.dram_slot = no_slot;
+    }
+  }
+  s.count_tiers();
+  note(s, false);
+  r = save_reservation{};
+  r.owner_ = &owner_;
+  r.record_ = s.record_id();
+  r.generation_ = s.generation();
+  r.first_block_ = first_block;
+  r.blocks_ = total - first_block;
+  r.prev_chain_ = prev;
+  r.from_entry_ = from;
+  std::uint32_t tail = no_slot, head = no_slot;
+  for (std::uint32_t i = first_block; i < total; ++i) {
+    const std::size_t begin = std::size_t(i) * tpb;
+    const auto toks = tokens.subspan(begin, std::min<std::size_t>(tpb, tokens.size() - begin));
+    std::uint32_t nb = s.new_block(toks);
+    if (nb != no_slot) {
+      if (tail == no_slot)
+        head = nb;
+      else
+        s.meta(tail).next = nb;
+      tail = nb;
+      block_meta& m = s.meta(nb);
+      m.saved_pos = begin;
+      m.chain = prev = chain_hash(prev, model_, toks);
+      m.dram_slot = alloc_dram(s, no_slot);  // may demote any of this session's published blocks
+      if (m.dram_slot != no_slot) zero_unused_tail(dram_payload(m.dram_slot), std::uint32_t(toks.size()));
+    }
+    if (nb == no_slot || s.meta(nb).dram_slot == no_slot) {
+      release_chain(head);
+      r.owner_ = nullptr;  // nothing to abort
+      r = save_reservation{};
+      return errc::no_space;
+    }
+  }
+  r.head_ = head;
+  s.pin();  // the session cannot be evicted under an open save
+  return errc::ok;
+}
+
+void store::impl::drop_reservation(save_reservation& r) noexcept {
+  release_chain(r.head_);
+  r.head_ = no_slot;
+  r.owner_ = nullptr;
+}
+
+errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept {
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::size_t bb = geometry_.block_bytes();
+  auto fail = [&](errc e) {
+    drop_reservation(r);
+    s.unpin();
+    erase_if_empty(s);
+    if (e == errc::no_space) detail::bump(counters_->no_space);
+    if (e == errc::rejected)
+      detail::bump(counters_->put_rejected);
+    else
+      detail::bump(counters_->put_failed);
+    return e;
+  };
+  if (closed_.load(std::memory_order_acquire)) return fail(errc::bad_state);
+  // The prefix the reservation extends may have changed since (an edit, a drop, a
+  // truncation).
+  if (r.from_entry_ > 0) {
+    std::uint32_t b = s.block_at(r.from_entry_ - 1);
+    if (b == no_slot || !(s.meta(b).chain == r.prev_chain_) ||
+        s.meta(b).saved_pos + s.meta(b).view_first + s.meta(b).view_count + s.meta(b).shift !=
+            std::uint64_t(r.first_block_) * tpb)
+      return fail(errc::rejected);
+  }
+  // The put's blocks are numbered now, in commit order: recovery orders versions of a
+  // block by these numbers and groups a put's blocks by them (docs/format.md).
+  const std::uint64_t put_id = sequence_.fetch_add(r.blocks_, std::memory_order_relaxed);
+  {
+    std::uint32_t k = 0;
+    for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next, ++k) {
+      block_meta& m = s.meta(b);
+      if (!checksums_known) m.checksum = checksum64(dram_payload(m.dram_slot), bb);
+      m.sequence = put_id + k;
+      m.put_first_block = r.first_block_;
+      m.put_blocks = r.blocks_;
+    }
+  }
+  if (config_.write_through && ssd_) {
+    std::uint32_t bl[batch_max], slots[batch_max];
+    std::int32_t results[batch_max];
+    for (std::uint32_t b = r.head_; b != no_slot;) {
+      std::size_t n = 0;
+      for (; b != no_slot && n < batch_max; b = s.meta(b).next, ++n) {
+        slots[n] = alloc_ssd(s.record_id(), no_slot);
+        if (slots[n] == no_slot) {
+          for (std::size_t k = 0; k < n; ++k) ssd_->release(slots[k]);  // never written: still erased
+          return fail(errc::no_space);
+        }
+        bl[n] = b;
+      }
+      errc e = write_ssd_blocks(s, std::span(bl, n), std::span(slots, n), std::span(results, n));
+      if (adopt_written(s, std::span(bl, n), std::span(slots, n), std::span(results, n)) != n)
+        return fail(e != errc::ok ? e : errc::device_error);
+    }
+    if (errc e = device_->sync(); e != errc::ok) return fail(e);
+  }
+  // Replaced blocks go after the new ones are published: their SSD copies are erased,
+  // their DRAM slots freed once no lease reads them.
+  release_chain(s.publish(r.from_entry_, r.head_, r.blocks_));
+  if (r.from_entry_ == 0) s.set_truncated(false);  // the whole view is new
+  detail::bump(counters_->put_blocks, r.blocks_);
+  r.head_ = no_slot;
+  r.owner_ = nullptr;
+  s.unpin();
+  note(s, true);
+  // Demote ahead of need, so the next saves find free DRAM without waiting.
+  want_demotion_if_low();
+  return errc::ok;
+}
+
+errc store::impl::reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                          std::span<std::byte*> payloads, save_reservation& r) noexcept {
+  if (r) abort(r);
+  if (closed_.load(std::memory_order_acquire)) return errc::bad_state;
+  const std::uint32_t total = geometry_.blocks_for(tokens.size());
+  if (first_block < total && payloads.size() < total - first_block) {
+    config_.log(log_level::error, "store::reserve: payloads has " + std::to_string(payloads.size()) +
+                                      " entries, need " + std::to_string(total - first_block));
+    return errc::invalid_argument;
+  }
+  const session_hash h = session_of(key);
+  if (first_block < total) make_room(total - first_block, h);
+  errc why = errc::ok;
+  locked_session s = open_or_evict(h, &why);
+  if (!s) return why == errc::ok ? errc::no_space : why;
+  errc e = reserve_locked(s, tokens, first_block, r);
+  if (e != errc::ok) {
+    erase_if_empty(s);
+    return e;
+  }
+  std::size_t i = 0;
+  for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next) payloads[i++] = dram_payload(s.meta(b).dram_slot);
+  return errc::ok;
+}
+
+errc store::impl::commit(save_reservation& r) noexcept {
+  if (!r) return errc::bad_state;
+  detail::bump(counters_->puts);
+  // Only the incarnation the blocks were reserved in: a session dropped meanwhile (and
+  // perhaps saved again under the same key) must not receive them.
+  locked_session s = index_->open_record(r.record_, r.generation_);
+  if (!s) {
+    drop_reservation(r);
+    detail::bump(counters_->put_failed);
+    return errc::not_found;
+  }
+  return commit_locked(s, r, false);
+}
+
+void store::impl::abort(save_reservation& r) noexcept {
+  if (!r) return;
+  drop_reservation(r);
+  if (locked_session s = index_->open_record(r.record_, r.generation_)) {
+    s.unpin();
+    erase_if_empty(s);
+  }
+}
+
+// ---------------------------------------------------------------- put
+
+errc store::impl::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                      std::span<const std::byte> blocks) noexcept {
+  detail::bump(counters_->puts);
+  const std::uint32_t total = geometry_.blocks_for(tokens.size());
+  const std::size_t bb = geometry_.block_bytes();
+  if (tokens.empty() || first_block >= total || blocks.size() != std::size_t(total - first_block) * bb) {
+    config_.log(log_level::error,
+                "store::put: got " + std::to_string(tokens.size()) + " tokens (" + std::to_string(total) +
+                    " blocks), first_block " + std::to_string(first_block) + " and " + std::to_string(blocks.size()) +
+                    " bytes; need tokens non-empty, first_block < blocks and (blocks - first_block) x " +
+                    std::to_string(bb) + " bytes");
+    detail::bump(counters_->put_failed);
+    return errc::invalid_argument;
+  }
+  if (closed_.load(std::memory_order_acquire)) {
+    detail::bump(counters_->put_failed);
+    return errc::bad_state;
+  }
+  const session_hash h = session_of(key);
+  make_room(total - first_block, h);
+  errc why = errc::ok;
+  locked_session s = open_or_evict(h, &why);
+  if (!s) {
+    detail::bump(counters_->no_space);
+    detail::bump(counters_->put_failed);
+    return why == errc::ok ? errc::no_space : why;
+  }
+  save_reservation r;
+  if (errc e = reserve_locked(s, tokens, first_block, r); e != errc::ok) {
+    erase_if_empty(s);
+    detail::bump(e == errc::rejected ? counters_->put_rejected : counters_->put_failed);
+    if (e == errc::no_space) detail::bump(counters_->no_space);
+    return e;
+  }
+  const std::byte* src = blocks.data();
+  for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next, src += bb)
+    s.meta(b).checksum = copy_with_checksum(dram_payload(s.meta(b).dram_slot), src, bb);  // one pass: copy + hash
+  return commit_locked(s, r, true);
+}
+
+}  // namespace attnstore
