@@ -3,6 +3,7 @@
 // The one place CUDA errors become errc for copies.
 #include <cuda_runtime_api.h>
 
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -94,6 +95,7 @@ class cuda_copy_backend final : public copy_backend {
     stream_state* st = find(stream);
     if (!st) return errc::invalid_argument;
     // The batch arrays are read during the call only, so one set per stream suffices.
+    std::lock_guard batch_lock(*st->batch_mutex);
     for (std::size_t base = 0; base < segs.size(); base += batch_capacity) {
       const std::size_t n = std::min(batch_capacity, segs.size() - base);
       for (std::size_t i = 0; i < n; ++i) {
@@ -160,6 +162,9 @@ class cuda_copy_backend final : public copy_backend {
     std::vector<void*> dsts;
     std::vector<const void*> srcs;
     std::vector<std::size_t> sizes;
+    // Threads may share a stream (the hooks' write stream serves every save): the
+    // batch arrays are filled and handed to the driver under this lock.
+    std::unique_ptr<std::mutex> batch_mutex = std::make_unique<std::mutex>();
   };
   stream_state* find(cudaStream_t s) noexcept {
     std::lock_guard lock(mutex_);
