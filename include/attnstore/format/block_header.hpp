@@ -16,7 +16,7 @@
 namespace attnstore::format {
 
 inline constexpr std::uint64_t block_magic = 0x314b4c4253544e41ull;  // "ANTSBLK1" little-endian
-inline constexpr std::uint32_t format_version = 1;
+inline constexpr std::uint32_t format_version = 2;  // 2: put-numbered sequences, MANIFEST capacity and secret
 inline constexpr std::size_t fixed_header_bytes = 112;
 inline constexpr std::size_t sector = 4096;
 
