@@ -120,6 +120,7 @@ struct store_stats {
   std::uint64_t quarantined_buffers = 0;
   std::uint64_t deferred_frees = 0;      ///< DRAM slots whose free waited for a read lease to end
   std::uint64_t close_flushed_blocks = 0;  ///< DRAM-only blocks written to SSD by close()
+  std::uint64_t recovery_ns = 0;           ///< time the opening recovery took (scan, index, cleanup)
   std::uint64_t prefetch_started = 0, prefetch_completed = 0, prefetch_cancelled = 0, prefetched_blocks = 0;
   std::uint64_t watermark_demoted_blocks = 0, expired_sessions = 0;
   std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;

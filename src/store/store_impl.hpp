@@ -49,7 +49,7 @@ namespace attnstore {
   X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space)             \
       X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)                  \
           X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) \
-              X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) X(close_flushed_blocks)                   \
+              X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) X(close_flushed_blocks) X(recovery_ns)                   \
                   X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)                \
                       X(watermark_demoted_blocks) X(expired_sessions)
 

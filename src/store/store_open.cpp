@@ -183,7 +183,10 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   index_ = std::make_unique<cache_index>(
       cache_index_options{config_.max_sessions, std::uint32_t(max_blocks), geometry_.tokens_per_block, 64});
   if (ssd_) {
+    const auto t0 = std::chrono::steady_clock::now();
     recover();
+    counters_->recovery_ns.store(std::uint64_t(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count()));
     if (config_.prefetch) {
       const std::uint64_t bound =
           config_.prefetch_bytes_in_flight
