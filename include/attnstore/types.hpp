@@ -9,6 +9,10 @@
 
 namespace attnstore {
 
+/// "None" for every index the library hands around: a slot, a block, a record. Every
+/// other name for it (tier_allocator::no_slot, policy::no_record...) is this value.
+inline constexpr std::uint32_t no_slot = ~0u;
+
 /// One token id as the engine's tokenizer produced it.
 using token_id = std::uint32_t;
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attnstore/hooks.hpp"
+#include "attnstore/detail/policy_heap.hpp"
 #include "attnstore/io/forwarding_device.hpp"
 #include "support/kv_data.hpp"
 #include "support/paged_memory.hpp"
@@ -573,4 +574,67 @@ TEST_CASE("safety: an I/O error while making room drops nobody") {
   dev->fail_writes = false;
   CHECK(served_tokens(s, {"t", "a"}, ta, da) == 64);
   CHECK(s.stats().evicted_sessions == 0);
+}
+
+namespace {
+// A policy that counts what a learning policy reads as a turn's end: an access after
+// which the session holds more blocks than at its previous access.
+class turn_counter final : public policy::eviction_policy {
+ public:
+  explicit turn_counter(std::uint32_t n) : eviction_policy(n), last_(n, 0), scratch_(n) {
+    for (auto& h : heap_) h.reset(n);
+  }
+  std::string_view name() const noexcept override { return "turn_counter"; }
+  std::uint32_t turn_ends = 0;
+
+ protected:
+  void accessed(std::uint32_t r, std::uint64_t, std::uint64_t) noexcept override {
+    if (total_blocks(r) > last_[r]) ++turn_ends;
+    last_[r] = total_blocks(r);
+  }
+  void reposition(std::uint32_t r) noexcept override {
+    for (std::uint32_t l = 0; l < policy::level_count; ++l) {
+      if (state(r).blocks[l])
+        heap_[l].set(r, state(r).access);
+      else
+        heap_[l].erase(r);
+    }
+  }
+  void forget(std::uint32_t r) noexcept override {
+    for (auto& h : heap_) h.erase(r);
+    last_[r] = 0;
+  }
+  std::uint32_t victim(policy::level l, policy::victim_filter accept, void* context) noexcept override {
+    const std::uint32_t v =
+        heap_[std::size_t(l)].find_first([&](std::uint32_t r) { return accept(context, r); }, scratch_.data());
+    return v == detail::indexed_heap::npos ? policy::no_record : v;
+  }
+
+ private:
+  std::vector<std::uint32_t> last_;
+  detail::indexed_heap heap_[policy::level_count];
+  std::vector<std::uint32_t> scratch_;
+};
+}  // namespace
+
+// 97eabc8: a load that promoted SSD blocks told the policy "more blocks, then an
+// access": the predictive policy counted the load as a turn's end.
+TEST_CASE("safety: a load that promotes blocks from SSD is not a turn's end to the policy") {
+  temp_dir dir("turns");
+  turn_counter* counter = nullptr;
+  store_config c = config(dir.str(), 16, 32);
+  c.make_policy = [&](std::uint32_t n) {
+    auto p = std::make_unique<turn_counter>(n);
+    counter = p.get();
+    return p;
+  };
+  store s(c);
+  const auto toks = make_tokens(17, 64);
+  REQUIRE(s.put({"t", "u"}, toks, 0, make_blocks(s.block_bytes(), 17, 0, 4)) == errc::ok);
+  CHECK(counter->turn_ends == 1);  // the save
+  REQUIRE(s.demote({"t", "u"}) == errc::ok);
+  std::vector<block_view> views(4);
+  read_lease lease(4);
+  REQUIRE(s.acquire({"t", "u"}, toks, views, lease).blocks == 4);  // promotes all four
+  CHECK(counter->turn_ends == 1);                                   // a return, not a turn
 }

@@ -9,11 +9,13 @@
 #include <span>
 #include <vector>
 
+#include "attnstore/types.hpp"
+
 namespace attnstore::detail {
 
 class slot_pool {
  public:
-  static constexpr std::uint32_t none = ~0u;
+  static constexpr std::uint32_t none = attnstore::no_slot;
 
   explicit slot_pool(std::uint32_t capacity) : free_(capacity), in_use_(capacity, 0) {
     // Lowest slot numbers come out first: it keeps files and regions compact.

@@ -27,7 +27,6 @@ namespace attnstore {
 /// Which tier holds a block.
 enum class tier : std::uint8_t { none = 0, dram = 1, ssd = 2 };
 
-constexpr std::uint32_t no_slot = ~0u;
 
 /// One stored block of a session.
 struct block_meta {

@@ -40,6 +40,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "attnstore/types.hpp"
+
 namespace attnstore::policy {
 
 /// Storage levels a policy ranks victims in.
@@ -69,7 +71,7 @@ enum class session_hint : std::uint8_t {
 };
 
 /// "No record" (the same value as attnstore::no_slot).
-inline constexpr std::uint32_t no_record = ~0u;
+inline constexpr std::uint32_t no_record = attnstore::no_slot;
 
 /// Asked for each candidate in victim order: return true to take `record` as the victim
 /// (e.g. after try-locking it and checking that it is not pinned). A plain function

@@ -186,7 +186,7 @@ class predictive final : public eviction_policy {
   void dequeued(std::uint32_t r) noexcept override { place(r); }
 
  private:
-  static constexpr std::uint32_t none = ~0u;
+  static constexpr std::uint32_t none = no_record;
   static constexpr std::uint16_t no_cell = 0xffff;
   static constexpr std::uint32_t words = (cells + 63) / 64;
   static constexpr std::uint32_t likely_capacity = 64;

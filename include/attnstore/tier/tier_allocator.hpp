@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "attnstore/types.hpp"
+
 namespace attnstore {
 
 /// Where a tier's memory can be used from.
@@ -33,7 +35,7 @@ constexpr std::string_view to_string(memory_kind k) noexcept {
 /// thread-safe and never allocate.
 class tier_allocator {
  public:
-  static constexpr std::uint32_t no_slot = ~0u;
+  static constexpr std::uint32_t no_slot = attnstore::no_slot;
   virtual ~tier_allocator() = default;
   /// A free slot, or no_slot when the tier is full.
   [[nodiscard]] virtual std::uint32_t allocate() noexcept = 0;
