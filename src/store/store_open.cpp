@@ -652,12 +652,28 @@ void store::impl::recover() {
   }
   bool tombstoned_all_erased = true;
   std::vector<std::uint8_t> tombstoned(cands.size(), 0);
-  for (std::size_t i = 0; i < cands.size(); ++i)
-    if (!kept[i]) {
-      stale.push_back(cands[i].slot);
-      tombstoned[i] = cands[i].sequence < tomb_bound(cands[i].session);
-      detail::bump(counters_->recovery_dropped_blocks);
+  // With a slot unreadable, any judgement above may be wrong (a put looks incomplete, a
+  // chain looks cut where the unreadable block sits): nothing is erased this time. What
+  // was not indexed is held (not reused) until an open that reads every slot decides.
+  const bool degraded = counters_->quarantined_slots.load() > 0;
+  std::uint64_t held = 0;
+  for (std::size_t i = 0; i < cands.size(); ++i) {
+    if (kept[i]) continue;
+    if (degraded) {
+      used[cands[i].slot] = 1;
+      ++held;
+      tombstoned_all_erased = false;
+      continue;
     }
+    stale.push_back(cands[i].slot);
+    tombstoned[i] = cands[i].sequence < tomb_bound(cands[i].session);
+    detail::bump(counters_->recovery_dropped_blocks);
+  }
+  if (held) {
+    detail::bump(counters_->quarantined_slots, held);
+    config_.log(log_level::warning, "store: " + std::to_string(held) +
+                                        " blocks held back unjudged: some slots could not be read");
+  }
   sequence_.store(std::max(max_sequence, max_bound) + 1);
   // Stale headers are erased before their slots are reused: a later restart must not
   // mistake them for live blocks. A slot that cannot be erased stays out of use.

@@ -120,9 +120,9 @@ std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
   return std::strtoull(v, nullptr, 10);
 }
 
-// After a restart, are DRAM-only sessions expected back? Not yet: the store has no
-// close() that flushes them. Set when it does (or ATTNSTORE_MODEL_EXPECT_CLOSE=1).
-constexpr bool close_flushes_dram = false;
+// After a restart, are DRAM-only sessions expected back? Yes: store::close() (called by
+// close_store before each restart) writes them to SSD.
+constexpr bool close_flushes_dram = true;
 bool expect_close_flush() { return close_flushes_dram || env_u64("ATTNSTORE_MODEL_EXPECT_CLOSE", 0) != 0; }
 
 // ---------------------------------------------------------------- the oracle
@@ -199,10 +199,10 @@ inline int check_row(const std::byte* got, const kv_desc& d, std::uint32_t layer
 /// (the test never calls them; the hooks do), and the store gains close().
 template <class Handle>
 bool valid(const Handle& h) {
-  return h != no_handle;  // later: static_cast<bool>(h)
+  return static_cast<bool>(h);
 }
 /// An empty save handle (later: save_handle{}).
-inline save_handle no_save() { return no_handle; }
+inline save_handle no_save() { return save_handle{}; }
 
 /// Closes a store before it is destroyed, when the store has close().
 template <class Store>
