@@ -402,12 +402,13 @@ void store::impl::write_or_check_manifest() {
 //     newest first. A put replaces its session's blocks from its first block on, so a
 //     block of an older put at or past the first block of a newer valid put is
 //     superseded.
-//  2. A put is valid when every block it wrote that is not superseded is present. An
-//     incomplete put is still valid when no older put has a block at or past its first
-//     block: then nothing older could be its fallback (an append, or the older blocks
-//     were already erased, which happens only after the put was published), and its
-//     present prefix is the best history there is. Otherwise it is a put that never
-//     completed, and the older history stands.
+//  2. A put is valid when every block it wrote that is not superseded is present. The
+//     session's newest put, if incomplete, is still valid when no older put has a block
+//     at or past its first block: then nothing older could be its fallback (an append,
+//     or the older blocks were already erased, which happens only after the put was
+//     published), and its present prefix is the best history there is. Otherwise it is
+//     a put that never completed, and the older history stands. An older put can only
+//     be incomplete by design (a truncation erased blocks) or by a failed erase: valid.
 //  3. From block 0 on, the newest block of a valid put whose chain hash continues the
 //     chain is taken; the walk ends at a gap or a partial block.
 // Slots whose header could not be read are quarantined (kept, never reused, never
@@ -575,8 +576,12 @@ void store::impl::recover() {
       bool complete = true;
       for (std::uint32_t k = 0; k < p.blocks && complete; ++k)
         if (p.first + k < cover_from && !p.present[k]) complete = false;
+      // Only a session's newest put can have been in flight at a crash (its saves are
+      // serialized); an older put is incomplete because blocks were erased on purpose
+      // (a truncation) or left behind by a failed erase, never because it did not finish.
+      const bool newest = i + 1 == puts.size();
       const bool has_fallback = older_max[i] > p.first;  // an older block at or past p.first
-      p.valid = complete || !has_fallback;
+      p.valid = complete || !newest || !has_fallback;
       if (p.valid) cover_from = std::min(cover_from, p.first);
     }
     for (std::size_t k = g; k < end; ++k) {

@@ -19,6 +19,7 @@ class temp_dir {
     std::filesystem::create_directories(path_);
   }
   ~temp_dir() {
+    if (const char* keep = std::getenv("ATTNSTORE_TEST_KEEP"); keep && *keep == '1') return;  // for a post-mortem
     std::error_code ec;
     std::filesystem::remove_all(path_, ec);
   }

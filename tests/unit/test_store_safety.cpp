@@ -638,3 +638,46 @@ TEST_CASE("safety: a load that promotes blocks from SSD is not a turn's end to t
   REQUIRE(s.acquire({"t", "u"}, toks, views, lease).blocks == 4);  // promotes all four
   CHECK(counter->turn_ends == 1);                                   // a return, not a turn
 }
+
+// Found by test_model: a save into a truncated view numbers its blocks by view position,
+// so they share block indices with the original blocks still in the view. A restart
+// must still bring back the sink (docs: a truncated session recovers up to its first
+// dropped block), whatever was saved after the truncation.
+TEST_CASE("safety: a truncated session saved again keeps its sink across a restart") {
+  const std::size_t bb = geom16.validated().block_bytes();
+  for (std::uint64_t sink : {0u, 2u, 10u, 16u, 20u})
+    for (std::uint64_t drop : {16u, 32u, 48u})
+      for (bool close_clean : {true, false}) {
+        temp_dir dir("trunc-save");
+        const auto toks = make_tokens(20, 100);
+        std::vector<token_id> view(toks.begin(), toks.begin() + long(sink));
+        view.insert(view.end(), toks.begin() + long(sink + drop), toks.end());
+        auto work = [&] {
+          store_config c = config(dir.str(), 16, 64);
+          c.write_through = true;
+          store s(c);
+          REQUIRE(s.put({"t", "v"}, toks, 0, make_blocks(bb, 20, 0, 7)) == errc::ok);
+          truncation_plan plan{true, 100, sink, drop, 100 - drop, -std::int64_t(drop)};
+          REQUIRE(s.truncate({"t", "v"}, toks, plan) == errc::ok);
+          // A later turn appends to the view; saved from the first block boundary the
+          // view allows, or whole when none does.
+          std::vector<token_id> longer = view;
+          for (int i = 0; i < 20; ++i) longer.push_back(token_id(9000 + i));
+          const std::uint32_t n = geom16.blocks_for(longer.size());
+          for (std::uint32_t first = n - 1;; --first) {
+            errc e = s.put({"t", "v"}, longer, first, make_blocks(bb, 21, first, n - first));
+            if (e == errc::ok) break;
+            REQUIRE(e == errc::rejected);
+            REQUIRE(first > 0);
+          }
+          if (!close_clean) ::_exit(0);
+        };
+        if (close_clean)
+          work();
+        else
+          run_and_crash(work);
+        INFO("sink " << sink << " drop " << drop << (close_clean ? " clean" : " crash"));
+        store s(config(dir.str(), 16, 64));
+        CHECK(s.lookup({"t", "v"}, view).tokens >= sink);
+      }
+}
