@@ -26,7 +26,9 @@ inline constexpr std::uint64_t no_piece = ~std::uint64_t(0);
 enum class piece_fault : std::uint8_t {
   error,           ///< fails with fail_piece_errno; nothing is transferred
   short_transfer,  ///< transfers the first half (aligned) and reports that count: the loop resubmits the rest
-  torn,            ///< transfers the first half (aligned) but reports fail_piece_errno: a torn write (or read)
+                   ///< (a piece of one alignment unit goes through whole)
+  torn,            ///< transfers the first half (aligned) but reports fail_piece_errno: a torn write (or read);
+                   ///< a piece of one alignment unit transfers nothing and fails
 };
 
 struct fault_config {
@@ -169,7 +171,8 @@ class fault_device final : public forwarding_device {
       }
       const std::uint32_t a = std::uint32_t(dev_.required_alignment());
       const std::uint32_t half = std::max<std::uint32_t>(a, (p.bytes / 2) / a * a);
-      if (eligible && index == c.fail_piece) {
+      if (eligible && index == c.fail_piece && !(c.fail_piece_kind == piece_fault::short_transfer && p.bytes <= a)) {
+        // (One aligned unit cannot be cut short; torn, it lands not at all and fails.)
         if (c.fail_piece_kind == piece_fault::error || p.bytes <= a) return local(c.fail_piece_errno);
         ++dev_.injected_;
         p.bytes = half;
