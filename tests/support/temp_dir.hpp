@@ -10,9 +10,12 @@ namespace attnstore::testing {
 
 class temp_dir {
  public:
-  explicit temp_dir(const std::string& tag = "t") {
+  /// Under `root` when given, else $ATTNSTORE_TEST_TMP, else the system's temporary directory.
+  explicit temp_dir(const std::string& tag = "t", const std::string& root_dir = "") {
     const char* base = std::getenv("ATTNSTORE_TEST_TMP");
-    std::filesystem::path root = base && *base ? base : std::filesystem::temp_directory_path();
+    std::filesystem::path root = !root_dir.empty() ? std::filesystem::path(root_dir)
+                                 : base && *base   ? std::filesystem::path(base)
+                                                   : std::filesystem::temp_directory_path();
     std::filesystem::create_directories(root);
     std::random_device rd;
     path_ = root / (tag + "-" + std::to_string(rd()) + std::to_string(rd()));

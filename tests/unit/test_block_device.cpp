@@ -159,3 +159,104 @@ TEST_CASE("a write budget turns into ENOSPC") {
   io_request w{io_op::write, 0, 0, b.p, 4096, -1, 0};
   CHECK(dev.execute(std::span(&w, 1)) == errc::no_space);
 }
+
+TEST_CASE("fault_device fails exactly the chosen piece, counting from when it was armed") {
+  std::vector<std::uint64_t> sizes{1u << 20};
+  fault_device dev(std::make_unique<memory_device>(sizes, 4096));
+  aligned_buffer b(8 * 4096);
+  std::vector<io_request> reqs(8);
+  auto fill = [&] {
+    for (std::uint32_t i = 0; i < 8; ++i)
+      reqs[i] = io_request{io_op::write, 0, i * 4096ull, b.p + i * 4096, 4096, -1, 0};
+  };
+  fill();
+  REQUIRE(dev.execute(reqs, 1) == errc::ok);  // pieces 0..7 before arming
+  fault_config c;
+  c.fail_piece = 5;
+  c.fail_piece_errno = ENOSPC;
+  dev.set_faults(c);
+  fill();
+  CHECK(dev.execute(reqs, 1) == errc::no_space);
+  for (std::uint32_t i = 0; i < 8; ++i) CHECK(reqs[i].result == (i == 5 ? -ENOSPC : 4096));
+  CHECK(dev.pieces() == 8);
+  CHECK(dev.injected() == 1);
+  fill();
+  CHECK(dev.execute(reqs, 1) == errc::ok);  // only that one piece
+}
+
+TEST_CASE("fault_device: a short piece is resubmitted; a torn one lands in part and reports the error") {
+  std::vector<std::uint64_t> sizes{1u << 20};
+  auto mem = std::make_unique<memory_device>(sizes, 4096);
+  memory_device* m = mem.get();
+  fault_device dev(std::move(mem));
+  aligned_buffer b(4 * 4096);
+  std::memset(b.p, 0x5A, 4 * 4096);
+  fault_config c;
+  c.fail_piece = 0;
+  c.fail_piece_kind = piece_fault::short_transfer;
+  dev.set_faults(c);
+  io_request w{io_op::write, 0, 0, b.p, 4 * 4096, -1, 0};
+  CHECK(dev.execute(std::span(&w, 1)) == errc::ok);
+  CHECK(w.result == 4 * 4096);
+  CHECK(dev.pieces() == 2);  // the rest went as a second piece
+  c.fail_piece_kind = piece_fault::torn;
+  dev.set_faults(c);
+  std::memset(b.p, 0x33, 4 * 4096);
+  w = io_request{io_op::write, 0, 0, b.p, 4 * 4096, -1, 0};
+  CHECK(dev.execute(std::span(&w, 1)) == errc::device_error);
+  CHECK(w.result == -EIO);
+  CHECK(m->file_bytes(0)[0] == std::byte{0x33});         // the first half landed
+  CHECK(m->file_bytes(0)[3 * 4096] == std::byte{0x5A});  // the second did not
+}
+
+TEST_CASE("fault_device: a broken channel loses its pieces; with fail_open_after_break no new one opens") {
+  std::vector<std::uint64_t> sizes{1u << 20};
+  fault_device dev(std::make_unique<memory_device>(sizes, 4096));
+  aligned_buffer b(8 * 4096);
+  std::vector<io_request> reqs(8);
+  for (std::uint32_t i = 0; i < 8; ++i) reqs[i] = io_request{io_op::read, 0, i * 4096ull, b.p + i * 4096, 4096, -1, 0};
+  std::vector<int> seen(8, 0);
+  auto cb = [](void* ctx, std::size_t i) { (*static_cast<std::vector<int>*>(ctx))[i]++; };
+  fault_config c;
+  c.break_channel_at = 3;
+  c.fail_open_after_break = true;
+  dev.set_faults(c);
+  CHECK(dev.execute(reqs, 8, cb, &seen) == errc::device_error);
+  int lost = 0;
+  for (std::uint32_t i = 0; i < 8; ++i) lost += reqs[i].result < 0;
+  CHECK(lost >= 5);  // pieces 3.. never ran; what was outstanding is lost too
+  // The broken channel was not pooled and no new one can be opened.
+  CHECK(dev.execute(reqs, 8) == errc::device_error);
+  dev.set_faults({});
+  CHECK(dev.execute(reqs, 8) == errc::ok);
+}
+
+// A request lost with a broken channel, or never started because no channel could be
+// had, has not succeeded, and its caller must be able to tell: either on_complete ran
+// for it, or its result is set to an error (a result left at 0 reads as "no news" to a
+// caller that verifies in the callback, as the store's SSD reads do).
+TEST_CASE("the completion loop leaves no request unaccounted for when its channel breaks or none can be had") {
+  std::vector<std::uint64_t> sizes{1u << 20};
+  fault_device dev(std::make_unique<memory_device>(sizes, 4096));
+  aligned_buffer b(8 * 4096);
+  std::vector<io_request> reqs(8);
+  for (std::uint32_t i = 0; i < 8; ++i) reqs[i] = io_request{io_op::read, 0, i * 4096ull, b.p + i * 4096, 4096, -1, 0};
+  auto cb = [](void* ctx, std::size_t i) { (*static_cast<std::vector<int>*>(ctx))[i]++; };
+  fault_config c;
+  c.break_channel_at = 3;
+  c.fail_open_after_break = true;
+  dev.set_faults(c);
+  std::vector<int> seen(8, 0);
+  SECTION("the channel breaks") { CHECK(dev.execute(reqs, 8, cb, &seen) == errc::device_error); }
+  SECTION("no channel can be had") {
+    (void)dev.execute(reqs, 8);  // breaks the pooled channel; none can be opened after it
+    for (auto& r : reqs) r.result = 0;
+    CHECK(dev.execute(reqs, 8, cb, &seen) == errc::device_error);
+  }
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    INFO("request " << i << ": result " << reqs[i].result << ", callbacks " << seen[i]);
+    CHECK(seen[i] <= 1);
+    CHECK(reqs[i].result != 4096);  // nothing here succeeded
+    if (seen[i] == 0) CHECK(reqs[i].result < 0);
+  }
+}
