@@ -123,6 +123,10 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
                                                          max_file_bytes, config_.direct_io, config_.require_direct_io,
                                                          true, 2000, config_.log});
     ssd_slots = ssd_->capacity();
+    // The slot files' names (created or extended just now) are durable before any
+    // block is acknowledged as written to them.
+    if (!sync_directory(config_.ssd_directory))
+      throw std::runtime_error("store: cannot sync directory " + config_.ssd_directory);
     std::string why;
     if (config_.backend != io_backend::posix) {
       device_ =
