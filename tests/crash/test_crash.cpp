@@ -48,6 +48,7 @@
 #include "attnstore/io/fault_device.hpp"
 #include "attnstore/io/forwarding_device.hpp"
 #include "attnstore/store.hpp"
+#include "support/env.hpp"
 #include "support/kv_data.hpp"
 #include "support/temp_dir.hpp"
 
@@ -61,11 +62,7 @@ namespace {
 constexpr std::uint32_t tpb = 32;
 const kv_geometry geom{4, 2, 64, dtype::f16, tpb};  // 64 KiB blocks
 
-std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  return std::strtoull(v, nullptr, 10);
-}
+using attnstore::testing::env_u64;
 
 std::size_t slot_bytes() { return format::slot_bytes(geom.validated()); }
 std::size_t block_bytes() { return geom.validated().block_bytes(); }

@@ -58,6 +58,7 @@
 #include "attnstore/hooks.hpp"
 #include "attnstore/io/fault_device.hpp"
 #include "attnstore/store.hpp"
+#include "support/env.hpp"
 #include "support/expected_history.hpp"
 #include "support/kv_data.hpp"
 #include "support/store_fixture.hpp"
@@ -74,11 +75,7 @@ using attnstore::testing::temp_dir;
 
 namespace {
 
-std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  return std::strtoull(v, nullptr, 10);
-}
+using attnstore::testing::env_u64;
 
 // Where the runs' directories go: nothing here depends on durability, and each k makes
 // and removes a store directory, so a RAM file system (ATTNSTORE_FAULT_SITES_TMP, else

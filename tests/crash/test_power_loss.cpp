@@ -45,6 +45,7 @@
 
 #include "attnstore/format/block_header.hpp"
 #include "attnstore/store.hpp"
+#include "support/env.hpp"
 #include "support/expected_history.hpp"
 #include "support/kv_data.hpp"
 #include "support/power_loss_device.hpp"
@@ -63,11 +64,7 @@ using attnstore::testing::temp_dir;
 
 namespace {
 
-std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  return std::strtoull(v, nullptr, 10);
-}
+using attnstore::testing::env_u64;
 
 // A write-through store on `dir` whose device is a power_loss_device (*dev after
 // construction).

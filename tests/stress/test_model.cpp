@@ -79,6 +79,7 @@
 #include "attnstore/io/fault_device.hpp"
 #include "attnstore/store.hpp"
 #include "attnstore/truncate.hpp"
+#include "support/env.hpp"
 #include "support/kv_data.hpp"
 #include "support/temp_dir.hpp"
 
@@ -114,11 +115,7 @@ constexpr std::uint64_t ms = 1000000;  // clock units (ns)
 constexpr std::uint64_t no_cap = std::numeric_limits<std::uint64_t>::max();
 const rope_spec model_rope{rope_style::neox, head_dim};
 
-std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  return std::strtoull(v, nullptr, 10);
-}
+using attnstore::testing::env_u64;
 
 // After a restart, are DRAM-only sessions expected back? Yes: store::close() (called by
 // close_store before each restart) writes them to SSD.

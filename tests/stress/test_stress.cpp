@@ -31,6 +31,7 @@
 
 #include "attnstore/io/fault_device.hpp"
 #include "attnstore/store.hpp"
+#include "support/env.hpp"
 #include "support/kv_data.hpp"
 #include "support/temp_dir.hpp"
 
@@ -63,11 +64,7 @@ constexpr std::uint32_t max_whole_blocks = 4;         // a whole put writes at m
 constexpr std::uint32_t pinned_session = n_sessions;  // one more session, pinned, only read
 constexpr std::uint32_t pinned_tokens = 3 * tpb;
 
-std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  return std::strtoull(v, nullptr, 10);
-}
+using attnstore::testing::env_u64;
 
 std::vector<token_id> conv_tokens(std::uint32_t s, std::uint32_t gen, std::size_t n) {
   auto t = make_tokens(s, n, gen + 1);
