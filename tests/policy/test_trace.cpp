@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "attnstore/trace.hpp"
+#include "trace.hpp"
 #include "engine_sim.hpp"
 
 using namespace attnstore;

@@ -138,4 +138,4 @@ workload_stats describe(const workload& w);
 
 }  // namespace attnstore::trace
 
-#include "attnstore/detail/trace.inl"
+#include "trace.inl"
