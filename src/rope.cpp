@@ -4,6 +4,7 @@
 // two paths give identical results.
 #include "attnstore/rope.hpp"
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "attnstore/config.hpp"
@@ -68,7 +69,12 @@ __attribute__((target("avx2,f16c"))) void rotate_head_avx2(std::byte* head, int 
 }
 
 bool have_avx2() {
-  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // F16C from CPUID (leaf 1, ECX bit 29): clang before 16 rejects
+  // __builtin_cpu_supports("f16c") at compile time, and the fuzz build is clang.
+  static const bool v = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  }();
   return v;
 }
 

@@ -34,7 +34,7 @@
 #include <string>
 #include <vector>
 
-#include "attnstore/trace.hpp"
+#include "trace.hpp"
 #include "tiered_cache.hpp"
 
 namespace attnstore::sim {

@@ -43,7 +43,7 @@
 #include <vector>
 
 #include "attnstore/policy/return_model.hpp"
-#include "attnstore/trace.hpp"
+#include "trace.hpp"
 
 namespace attnstore::sim {
 

@@ -36,12 +36,13 @@
 
 #include "attnstore/hash.hpp"
 #include "attnstore/index/cache_index.hpp"
-#include "attnstore/policy/belady.hpp"
 #include "attnstore/policy/lru.hpp"
 #include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
 #include "attnstore/policy/watermark.hpp"
+
+#include "belady.hpp"
 
 namespace attnstore::sim {
 

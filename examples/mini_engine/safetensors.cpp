@@ -457,7 +457,7 @@ reader::reader(const std::string& path) : path_(path) {
     fail(std::string("cannot stat: ") + std::strerror(err));
   }
   const std::size_t size = static_cast<std::size_t>(sb.st_size);
-  if (size < 8) {
+  if (size < 8) {  // also keeps mmap from seeing a length of 0
     ::close(fd);
     fail("file of " + std::to_string(size) + " bytes is too short for a header");
   }
@@ -467,82 +467,9 @@ reader::reader(const std::string& path) : path_(path) {
   if (p == MAP_FAILED) fail(std::string("cannot mmap: ") + std::strerror(err));
   map_ = static_cast<const std::byte*>(p);
   map_size_ = size;
-
+  mapped_ = true;
   try {
-    std::uint64_t header_len = 0;
-    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::uint64_t(std::to_integer<unsigned>(map_[i]));
-    if (header_len > size - 8)
-      fail("bad header: length " + std::to_string(header_len) + " runs past the end of the file");
-    if (header_len > (std::uint64_t(100) << 20))
-      fail("bad header: length " + std::to_string(header_len) + " above 100 MiB");
-    const std::string_view text(reinterpret_cast<const char*>(map_ + 8), static_cast<std::size_t>(header_len));
-    json::value h;
-    try {
-      h = json::parse(text);
-    } catch (const std::exception& e) {
-      fail(std::string("bad header: ") + e.what());
-    }
-    if (!h.is_object()) fail("bad header: not a JSON object");
-    data_ = map_ + 8 + header_len;
-    const std::size_t data_size = size - 8 - static_cast<std::size_t>(header_len);
-
-    for (const auto& member : h.members) {
-      const std::string& name = member.first;
-      const json::value& entry = member.second;
-      if (name == "__metadata__") {
-        if (!entry.is_object()) fail("bad header: __metadata__ is not an object");
-        for (const auto& [k, v] : entry.members) {
-          if (!v.is_string()) fail("bad header: __metadata__ value '" + k + "' is not a string");
-          metadata_[k] = v.text;
-        }
-        continue;
-      }
-      auto bad = [&](const std::string& what) { fail("bad header: tensor '" + name + "': " + what); };
-      if (!entry.is_object()) bad("entry is not an object");
-      const json::value* dt = entry.find("dtype");
-      const json::value* shape = entry.find("shape");
-      const json::value* offs = entry.find("data_offsets");
-      if (!dt || !dt->is_string()) bad("missing or non-string dtype");
-      if (!shape || !shape->is_array()) bad("missing or non-array shape");
-      if (!offs || !offs->is_array() || offs->items.size() != 2) bad("data_offsets must be [begin, end]");
-      tensor_info t;
-      t.name = name;
-      t.dtype_str = dt->text;
-      t.type = parse_dtype(dt->text);
-      const std::size_t esize = any_dtype_size(dt->text);
-      if (esize == 0) bad("unknown dtype '" + dt->text + "'");
-      std::size_t numel = 1;
-      for (const auto& d : shape->items) {
-        std::int64_t v = -1;
-        try {
-          v = d.as_int();
-        } catch (const std::exception&) {
-          bad("shape entries must be integers");
-        }
-        if (v < 0 || v > (std::int64_t(1) << 48)) bad("shape entry " + std::to_string(v) + " out of range");
-        t.shape.push_back(v);
-        if (v != 0 && numel > (std::numeric_limits<std::size_t>::max() / 16) / std::size_t(v)) bad("shape too large");
-        numel *= std::size_t(v);
-      }
-      std::int64_t b = -1, e = -1;
-      try {
-        b = offs->items[0].as_int();
-        e = offs->items[1].as_int();
-      } catch (const std::exception&) {
-        bad("data_offsets must be integers");
-      }
-      if (b < 0 || e < b || std::uint64_t(e) > data_size)
-        bad("data_offsets [" + std::to_string(b) + ", " + std::to_string(e) + "] outside the " +
-            std::to_string(data_size) + " data bytes");
-      t.begin = std::size_t(b);
-      t.end = std::size_t(e);
-      if (t.end - t.begin != numel * esize)
-        bad("data_offsets span " + std::to_string(t.end - t.begin) + " bytes, but " + dt->text + " " +
-            shape_string(t.shape) + " needs " + std::to_string(numel * esize));
-      if (index_.count(name)) bad("duplicate tensor");
-      index_.emplace(name, tensors_.size());
-      tensors_.push_back(std::move(t));
-    }
+    parse();
   } catch (...) {
     ::munmap(const_cast<std::byte*>(map_), map_size_);
     map_ = nullptr;
@@ -550,14 +477,106 @@ reader::reader(const std::string& path) : path_(path) {
   }
 }
 
-reader::~reader() {
-  if (map_) ::munmap(const_cast<std::byte*>(map_), map_size_);
+reader reader::from_bytes(std::vector<std::byte> image, const std::string& name) {
+  reader r;
+  r.path_ = name;
+  r.owned_ = std::move(image);
+  r.map_ = r.owned_.data();
+  r.map_size_ = r.owned_.size();
+  r.parse();
+  return r;
 }
 
+void reader::parse() {
+  const std::size_t size = map_size_;
+  if (size < 8) fail("file of " + std::to_string(size) + " bytes is too short for a header");
+  std::uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::uint64_t(std::to_integer<unsigned>(map_[i]));
+  if (header_len > size - 8)
+    fail("bad header: length " + std::to_string(header_len) + " runs past the end of the file");
+  if (header_len > (std::uint64_t(100) << 20))
+    fail("bad header: length " + std::to_string(header_len) + " above 100 MiB");
+  const std::string_view text(reinterpret_cast<const char*>(map_ + 8), static_cast<std::size_t>(header_len));
+  json::value h;
+  try {
+    h = json::parse(text);
+  } catch (const std::exception& e) {
+    fail(std::string("bad header: ") + e.what());
+  }
+  if (!h.is_object()) fail("bad header: not a JSON object");
+  data_ = map_ + 8 + header_len;
+  const std::size_t data_size = size - 8 - static_cast<std::size_t>(header_len);
+
+  for (const auto& member : h.members) {
+    const std::string& name = member.first;
+    const json::value& entry = member.second;
+    if (name == "__metadata__") {
+      if (!entry.is_object()) fail("bad header: __metadata__ is not an object");
+      for (const auto& [k, v] : entry.members) {
+        if (!v.is_string()) fail("bad header: __metadata__ value '" + k + "' is not a string");
+        metadata_[k] = v.text;
+      }
+      continue;
+    }
+    auto bad = [&](const std::string& what) { fail("bad header: tensor '" + name + "': " + what); };
+    if (!entry.is_object()) bad("entry is not an object");
+    const json::value* dt = entry.find("dtype");
+    const json::value* shape = entry.find("shape");
+    const json::value* offs = entry.find("data_offsets");
+    if (!dt || !dt->is_string()) bad("missing or non-string dtype");
+    if (!shape || !shape->is_array()) bad("missing or non-array shape");
+    if (!offs || !offs->is_array() || offs->items.size() != 2) bad("data_offsets must be [begin, end]");
+    tensor_info t;
+    t.name = name;
+    t.dtype_str = dt->text;
+    t.type = parse_dtype(dt->text);
+    const std::size_t esize = any_dtype_size(dt->text);
+    if (esize == 0) bad("unknown dtype '" + dt->text + "'");
+    std::size_t numel = 1;
+    for (const auto& d : shape->items) {
+      std::int64_t v = -1;
+      try {
+        v = d.as_int();
+      } catch (const std::exception&) {
+        bad("shape entries must be integers");
+      }
+      if (v < 0 || v > (std::int64_t(1) << 48)) bad("shape entry " + std::to_string(v) + " out of range");
+      t.shape.push_back(v);
+      if (v != 0 && numel > (std::numeric_limits<std::size_t>::max() / 16) / std::size_t(v)) bad("shape too large");
+      numel *= std::size_t(v);
+    }
+    std::int64_t b = -1, e = -1;
+    try {
+      b = offs->items[0].as_int();
+      e = offs->items[1].as_int();
+    } catch (const std::exception&) {
+      bad("data_offsets must be integers");
+    }
+    if (b < 0 || e < b || std::uint64_t(e) > data_size)
+      bad("data_offsets [" + std::to_string(b) + ", " + std::to_string(e) + "] outside the " +
+          std::to_string(data_size) + " data bytes");
+    t.begin = std::size_t(b);
+    t.end = std::size_t(e);
+    if (t.end - t.begin != numel * esize)
+      bad("data_offsets span " + std::to_string(t.end - t.begin) + " bytes, but " + dt->text + " " +
+          shape_string(t.shape) + " needs " + std::to_string(numel * esize));
+    if (index_.count(name)) bad("duplicate tensor");
+    index_.emplace(name, tensors_.size());
+    tensors_.push_back(std::move(t));
+  }
+}
+
+reader::~reader() {
+  if (map_ && mapped_) ::munmap(const_cast<std::byte*>(map_), map_size_);
+}
+
+// owned_'s buffer moves with it, so map_ stays valid for an image in memory.
 reader::reader(reader&& o) noexcept
     : path_(std::move(o.path_)),
       map_(std::exchange(o.map_, nullptr)),
       map_size_(std::exchange(o.map_size_, 0)),
+      mapped_(std::exchange(o.mapped_, false)),
+      owned_(std::move(o.owned_)),
       data_(std::exchange(o.data_, nullptr)),
       tensors_(std::move(o.tensors_)),
       index_(std::move(o.index_)),
@@ -565,10 +584,12 @@ reader::reader(reader&& o) noexcept
 
 reader& reader::operator=(reader&& o) noexcept {
   if (this != &o) {
-    if (map_) ::munmap(const_cast<std::byte*>(map_), map_size_);
+    if (map_ && mapped_) ::munmap(const_cast<std::byte*>(map_), map_size_);
     path_ = std::move(o.path_);
     map_ = std::exchange(o.map_, nullptr);
     map_size_ = std::exchange(o.map_size_, 0);
+    mapped_ = std::exchange(o.mapped_, false);
+    owned_ = std::move(o.owned_);
     data_ = std::exchange(o.data_, nullptr);
     tensors_ = std::move(o.tensors_);
     index_ = std::move(o.index_);
@@ -599,7 +620,9 @@ void reader::read_f32_into(std::string_view name, std::span<float> out) const {
   const std::byte* src = data_ + t.begin;
   switch (t.type) {
     case dtype::f32:
-      std::memcpy(out.data(), src, n * 4);  // little-endian host
+      // An empty tensor's vector may have no storage, and memcpy from or to a null
+      // pointer is undefined even for 0 bytes.
+      if (n) std::memcpy(out.data(), src, n * 4);  // little-endian host
       break;
     case dtype::f64:
       for (std::size_t i = 0; i < n; ++i) {

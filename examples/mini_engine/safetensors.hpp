@@ -93,13 +93,17 @@ struct tensor_info {
 
 std::string shape_string(std::span<const std::int64_t> shape);  // "[a, b]"
 
-/// A safetensors file, memory-mapped read-only. Move-only.
+/// A safetensors file, memory-mapped read-only (or an image in memory). Move-only.
 class reader {
  public:
   /// Opens and validates the header. Throws std::runtime_error naming the file for an
   /// unreadable file, a truncated or malformed header, an unknown layout of an entry, or
   /// data offsets that do not match the dtype and shape or run past the end.
   explicit reader(const std::string& path);
+  /// Parses a safetensors image held in memory, with the same checks and errors as the
+  /// file constructor; `name` stands for the file name in messages. The reader owns the
+  /// image (move it in to avoid a copy). For tests and fuzzing.
+  static reader from_bytes(std::vector<std::byte> image, const std::string& name = "<memory>");
   ~reader();
   reader(reader&&) noexcept;
   reader& operator=(reader&&) noexcept;
@@ -125,9 +129,15 @@ class reader {
   void read_f32_into(std::string_view name, std::span<float> out) const;
 
  private:
+  reader() = default;
+  /// Validates the header of the image at map_ (map_size_ bytes) and fills the tables.
+  void parse();
+
   std::string path_;
-  const std::byte* map_ = nullptr;
+  const std::byte* map_ = nullptr;  // the image: mmapped (mapped_) or owned_.data()
   std::size_t map_size_ = 0;
+  bool mapped_ = false;
+  std::vector<std::byte> owned_;      // the image of from_bytes
   const std::byte* data_ = nullptr;   // start of the data section
   std::vector<tensor_info> tensors_;  // file order
   std::map<std::string, std::size_t, std::less<>> index_;

@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "attnstore/trace.hpp"
+#include "trace.hpp"
 #include "fluid_bound.hpp"
 
 using namespace attnstore;

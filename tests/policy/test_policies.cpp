@@ -4,9 +4,10 @@
 #include <random>
 #include <vector>
 
-#include "attnstore/policy/belady.hpp"
 #include "attnstore/policy/lru.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
+
+#include "belady.hpp"
 
 using namespace attnstore::policy;
 

@@ -8,11 +8,12 @@
 #include <new>
 #include <random>
 
-#include "attnstore/policy/belady.hpp"
 #include "attnstore/policy/lru.hpp"
 #include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/scheduler_aware.hpp"
+
+#include "belady.hpp"
 
 #include "support/alloc_counter.hpp"
 

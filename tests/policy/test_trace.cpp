@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "attnstore/trace.hpp"
 #include "engine_sim.hpp"
+#include "trace.hpp"
 
 using namespace attnstore;
 
@@ -133,6 +133,39 @@ TEST_CASE("trace: JSON lines import, ordering and errors") {
       "{\"session\": 1, \"turn\": 0, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 5}\n"
       "{\"session\": 1, \"turn\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 4}\n",
       "back in time");
+  // Values that would be undefined to convert, or would not survive a round trip, are
+  // refused (found by tests/fuzz/fuzz_trace_import.cpp).
+  fails("{\"session\": 1e308, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0}\n", "within +-2^53");
+  fails("{\"session\": 1, \"input_tokens\": 1.5, \"output_tokens\": 2, \"timestamp\": 0}\n", "integer 0..4e9");
+  fails("{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 1e300}\n", "within +-1e15");
+  fails("{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 1e999}\n", "\"timestamp\"");
+  // An ignored value nested past 64 levels is refused, not recursed into without bound.
+  const std::string deep = "{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0, \"x\": " +
+                           std::string(100000, '[') + std::string(100000, ']') + "}\n";
+  fails(deep.c_str(), "nested deeper than 64");
+  const std::string nested =
+      "{\"session\": 1, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 0, \"x\": " + std::string(64, '[') +
+      std::string(64, ']') + "}\n";
+  std::istringstream ok(nested);
+  CHECK(trace::read_jsonl(ok).has_value());
+}
+
+TEST_CASE("trace: a session whose lines do not all have turn numbers is ordered by timestamp") {
+  // Turn 0 at 10 s, no turn at 5 s, turn 1 at 1 s: ordering by turn where both lines
+  // have one and by time otherwise would be a cycle. All by time: 1 s, 5 s, 10 s.
+  std::istringstream in(
+      "{\"session\": 1, \"turn\": 0, \"input_tokens\": 1, \"output_tokens\": 2, \"timestamp\": 10}\n"
+      "{\"session\": 1, \"input_tokens\": 3, \"output_tokens\": 4, \"timestamp\": 5}\n"
+      "{\"session\": 1, \"turn\": 1, \"input_tokens\": 5, \"output_tokens\": 6, \"timestamp\": 1}\n");
+  std::string err;
+  auto r = trace::read_jsonl(in, &err);
+  INFO(err);
+  REQUIRE(r.has_value());
+  REQUIRE(r->requests.size() == 3);
+  CHECK(r->requests[0].input_tokens == 5);
+  CHECK(r->requests[1].input_tokens == 3);
+  CHECK(r->requests[2].input_tokens == 1);
+  CHECK(r->requests[2].think == Approx(5));
 }
 
 TEST_CASE("trace: the think preset: reading + typing, a heavy tail, users who leave") {

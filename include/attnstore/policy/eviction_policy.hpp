@@ -23,7 +23,7 @@
 //                    are protected; the victim is the unprotected session with the oldest
 //                    access, else the protected one farthest back in the queue.
 //   belady           the session used farthest in the future (simulator only: it must be
-//                    told the future).
+//                    told the future, so it lives in bench/sim/belady.hpp, not here).
 //   predictive       the session least likely to return soon per byte held, from the
 //                    think-time and session-length distributions it learns online.
 //

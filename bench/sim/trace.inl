@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <ostream>
 #include <stdexcept>
@@ -278,18 +280,25 @@ struct json_cursor {
     ++i;
     return true;
   }
+  /// A finite number. from_chars: no copy, and the same in every locale (strtod reads
+  /// "1,5" in a German one); out of double's range is not a number.
   bool number(double& out) {
     ws();
     const char* b = s.data() + i;
-    char* e = nullptr;
-    std::string tmp(b, std::min<std::size_t>(64, s.size() - i));
-    out = std::strtod(tmp.c_str(), &e);
-    if (e == tmp.c_str()) return false;
-    i += std::size_t(e - tmp.c_str());
+    const auto [e, ec] = std::from_chars(b, s.data() + s.size(), out);
+    if (ec != std::errc() || e == b) return false;
+    i += std::size_t(e - b);
     return std::isfinite(out);
   }
+  /// A number that is an integer in [lo, hi].
+  bool integer(double& out, double lo, double hi) {
+    return number(out) && out == std::floor(out) && out >= lo && out <= hi;
+  }
+  /// Arrays and objects nested deeper than this in an ignored value are refused: skip()
+  /// recurses, and a line of '[' would otherwise overflow the stack.
+  static constexpr int max_depth = 64;
   /// Skips any JSON value (for ignored keys).
-  bool skip() {
+  bool skip(int depth = 0) {
     ws();
     if (i >= s.size()) return false;
     const char c = s[i];
@@ -298,6 +307,7 @@ struct json_cursor {
       return string(tmp);
     }
     if (c == '{' || c == '[') {
+      if (depth >= max_depth) return false;
       const char close = c == '{' ? '}' : ']';
       ++i;
       if (eat(close)) return true;
@@ -306,7 +316,7 @@ struct json_cursor {
           std::string k;
           if (!string(k) || !eat(':')) return false;
         }
-        if (!skip()) return false;
+        if (!skip(depth + 1)) return false;
         if (eat(close)) return true;
         if (!eat(',')) return false;
       }
@@ -332,6 +342,11 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
     bool has_ts = false;
     std::uint64_t line = 0;
   };
+  // Bounds that keep every value exact and every difference finite: 2^53, and
+  // timestamps within +-1e15 s (30 million years: any epoch, even milliseconds given as
+  // seconds), whose differences write_jsonl's "%.3f" prints in full.
+  constexpr double max_exact = 9007199254740992.0;
+  constexpr double max_timestamp = 1e15;
   auto bad = [&](std::uint64_t line, const std::string& what) -> result<workload> {
     if (error) *error = "line " + std::to_string(line) + ": " + what;
     return errc::invalid_argument;
@@ -351,29 +366,31 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
     if (!c.eat('}')) {
       for (;;) {
         if (!c.string(key) || !c.eat(':')) return bad(line_no, "expected \"key\":");
-        auto num = [&](double& out) { return c.number(out); };
         if (key == "session") {
           c.ws();
           if (c.i < text.size() && text[c.i] == '"') {
             if (!c.string(sval)) return bad(line_no, "bad string for \"session\"");
             r.session = "s:" + sval;
           } else {
+            // Within +-2^53: every such integer is exact in a double and fits int64.
             double d;
-            if (!num(d)) return bad(line_no, "\"session\" must be a string or an integer");
+            if (!c.integer(d, -max_exact, max_exact))
+              return bad(line_no, "\"session\" must be a string or an integer within +-2^53");
             r.session = "n:" + std::to_string(std::int64_t(d));
           }
           has_session = true;
         } else if (key == "turn") {
-          if (!num(r.turn) || r.turn < 0) return bad(line_no, "\"turn\" must be a non-negative integer");
+          if (!c.integer(r.turn, 0, max_exact)) return bad(line_no, "\"turn\" must be an integer 0..2^53");
         } else if (key == "input_tokens") {
-          if (!num(r.input) || r.input < 0 || r.input > 4e9) return bad(line_no, "\"input_tokens\" must be 0..4e9");
+          if (!c.integer(r.input, 0, 4e9)) return bad(line_no, "\"input_tokens\" must be an integer 0..4e9");
         } else if (key == "output_tokens") {
-          if (!num(r.output) || r.output < 0 || r.output > 4e9) return bad(line_no, "\"output_tokens\" must be 0..4e9");
+          if (!c.integer(r.output, 0, 4e9)) return bad(line_no, "\"output_tokens\" must be an integer 0..4e9");
         } else if (key == "timestamp") {
-          if (!num(r.ts)) return bad(line_no, "\"timestamp\" must be a number (seconds)");
+          if (!c.number(r.ts) || !(std::fabs(r.ts) <= max_timestamp))
+            return bad(line_no, "\"timestamp\" must be a number of seconds within +-1e15");
           r.has_ts = true;
         } else if (!c.skip()) {
-          return bad(line_no, "bad value for \"" + key + "\"");
+          return bad(line_no, "bad value for \"" + key + "\" (or nested deeper than 64)");
         }
         if (c.eat('}')) break;
         if (!c.eat(',')) return bad(line_no, "expected ',' or '}'");
@@ -385,10 +402,12 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
     if (r.input < 0) return bad(line_no, "missing \"input_tokens\"");
     if (r.output < 0) return bad(line_no, "missing \"output_tokens\"");
     if (!r.has_ts) return bad(line_no, "missing \"timestamp\"");
+    // Rows and sessions are numbered with 32 bits.
+    if (rows.size() >= std::numeric_limits<std::uint32_t>::max() - 1) return bad(line_no, "more than 2^32-2 turns");
     rows.push_back(std::move(r));
   }
-  // Group by session; order turns by turn number (when given) then timestamp; order
-  // sessions by their first prompt.
+  // Group by session; order turns by turn number (when every line has one) then
+  // timestamp; order sessions by their first prompt.
   std::unordered_map<std::string, std::uint32_t> ids;
   std::vector<std::vector<std::uint32_t>> by_session;
   for (std::uint32_t i = 0; i < rows.size(); ++i) {
@@ -399,8 +418,13 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
   double t0 = 0;
   bool any = false;
   for (auto& turns : by_session) {
+    // By turn number (then timestamp) when every line of the session has one, else by
+    // timestamp alone. Comparing by turn only where both lines have one would not be a
+    // strict weak order when some lines lack it (a cycle: turn 0 at 10 s, no turn at
+    // 5 s, turn 1 at 1 s), and sorting with such a comparator is undefined behaviour.
+    const bool numbered = std::all_of(turns.begin(), turns.end(), [&](std::uint32_t k) { return rows[k].turn >= 0; });
     std::stable_sort(turns.begin(), turns.end(), [&](std::uint32_t a, std::uint32_t b) {
-      if (rows[a].turn >= 0 && rows[b].turn >= 0 && rows[a].turn != rows[b].turn) return rows[a].turn < rows[b].turn;
+      if (numbered && rows[a].turn != rows[b].turn) return rows[a].turn < rows[b].turn;
       return rows[a].ts < rows[b].ts;
     });
     for (std::size_t k = 1; k < turns.size(); ++k) {

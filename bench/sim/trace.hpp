@@ -112,13 +112,15 @@ generator_options preset(std::string_view name);
 workload generate(const generator_options& options);
 
 /// Reads a JSON-lines conversation log: one object per line with
-///   "session"        string or integer (required)
-///   "turn"           integer (optional; turns are ordered by it, else by timestamp)
-///   "input_tokens"   integer (required): new prompt tokens of the turn
-///   "output_tokens"  integer (required): reply tokens
-///   "timestamp"      number, seconds (required): when the prompt was sent
-/// Other keys are ignored; blank lines and lines starting with '#' are skipped. The
-/// result replays open loop; think = gap between consecutive prompts of a session.
+///   "session"        string, or integer within +-2^53 (required)
+///   "turn"           integer 0..2^53 (optional; a session's turns are ordered by it when
+///                    every line of the session has one, else by timestamp)
+///   "input_tokens"   integer 0..4e9 (required): new prompt tokens of the turn
+///   "output_tokens"  integer 0..4e9 (required): reply tokens
+///   "timestamp"      number, seconds within +-1e15 (required): when the prompt was sent
+/// Other keys (any JSON value nested up to 64 deep) are ignored; blank lines and lines
+/// starting with '#' are skipped. The result replays open loop; think = gap between
+/// consecutive prompts of a session. Memory is linear in the input.
 /// Returns invalid_argument on a malformed line, with "line N: what" in *error.
 result<workload> read_jsonl(std::istream& in, std::string* error = nullptr);
 /// Writes a trace in the same format (session as an integer, turn, tokens, timestamp).
@@ -138,4 +140,4 @@ workload_stats describe(const workload& w);
 
 }  // namespace attnstore::trace
 
-#include "attnstore/detail/trace.inl"
+#include "trace.inl"
