@@ -218,6 +218,10 @@ errc store::impl::drop(const session_key& key) noexcept {
   const session_hash h = session_of(key);
   locked_session s = index_->open(h, false);
   if (!s) return errc::not_found;
+  // Erasures of blocks the session's saves replaced are made durable first: a drop cut
+  // short by a power loss can then leave only a prefix of the latest history, never an
+  // older history brought back by undone erasures.
+  if (ssd_ && s.ssd_blocks() > 0 && device_->sync() != errc::ok) detail::bump(counters_->io_errors);
   // A deletion deletes: SSD slots are zeroed whole (KV and token ids), not just their
   // headers, and the zeroes are made durable before this returns.
   errc e = drop_locked(s, true);
