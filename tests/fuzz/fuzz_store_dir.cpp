@@ -21,7 +21,8 @@
 // "file" picks from the template's files (sorted by name) plus TOMBSTONES; slots are
 // format::slot_bytes(geometry) apart in the largest file (blocks-0000.dat).
 // The store is then opened; every known session is looked up and read; a new session
-// is put and read back; the store is closed and opened again and every session read.
+// is put, read back, demoted and flushed; the store is closed and opened again, every
+// session is read, and the new one must be there whole.
 
 #include <algorithm>
 #include <cstddef>
@@ -331,6 +332,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   apply_edits(fx, cursor{data, size}, files);
   write_dir(fx.work_dir, files);
 
+  bool fresh_durable = false;  // the new session was demoted to SSD and flushed
   for (int round = 0; round < 2; ++round) {
     std::unique_ptr<store> s;
     try {
@@ -345,7 +347,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       const errc e = s->put(key, fx.fresh.tokens, 0, fx.fresh.blocks);
       require(e == errc::ok || e == errc::no_space || e == errc::device_error, "put after recovery");
       if (e == errc::ok) {
-        (void)s->demote(key);  // to SSD when there is room; it stays in DRAM otherwise
+        // To SSD when there is room (it stays in DRAM otherwise), then made durable.
+        fresh_durable = s->demote(key) == errc::ok && s->flush() == errc::ok;
         // Acknowledged just now, nothing else running: it must come back whole. (A slot
         // that recovery left free while a recovered block still used it would show here.)
         std::vector<std::byte> out(fx.fresh.blocks.size());
@@ -358,6 +361,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       for (const auto& d : fx.sessions) check_session(*s, d);
     } else {
       check_session(*s, fx.fresh);
+      if (fresh_durable) {
+        // Written to SSD, flushed, and the store closed cleanly: reopening must find it.
+        std::vector<std::byte> out(fx.fresh.blocks.size());
+        const std::uint32_t blocks = std::uint32_t(fx.fresh.blocks.size() / s->block_bytes());
+        const get_result g = s->get({"t", fx.fresh.name}, fx.fresh.tokens, 0, blocks, out);
+        require(g.status == errc::ok && g.blocks == blocks && out == fx.fresh.blocks,
+                "a session acknowledged durable after recovery survives a clean reopen");
+      }
     }
   }
   // The directory iterator's own descriptor has a number of its own each time: compare
