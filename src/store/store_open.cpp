@@ -507,6 +507,7 @@ void store::impl::recover() {
   if (std::FILE* f = std::fopen(tomb_path.c_str(), "rb")) {
     std::uint64_t rec[3];
     while (std::fread(rec, sizeof(rec), 1, f) == 1) {
+      if (rec[2] >= format::max_sequence) continue;  // damaged: no bound can be that high
       const hash128 key{rec[0], rec[1]};
       tombs[key.lo].push_back({key, rec[2]});
       max_bound = std::max(max_bound, rec[2]);

@@ -19,6 +19,9 @@ inline constexpr std::uint64_t block_magic = 0x314b4c4253544e41ull;  // "ANTSBLK
 inline constexpr std::uint32_t format_version = 2;  // 2: put-numbered sequences, MANIFEST capacity and secret
 inline constexpr std::size_t fixed_header_bytes = 112;
 inline constexpr std::size_t sector = 4096;
+/// Sequence numbers stay below this (2^62: a million puts a second for 146,000 years), so
+/// "one more than the largest" can never wrap; a header claiming more is damaged.
+inline constexpr std::uint64_t max_sequence = std::uint64_t(1) << 62;
 
 constexpr std::size_t round_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
 
@@ -94,7 +97,8 @@ inline header_status read_header(const std::byte* area, std::size_t expect_heade
   if (h.version != format_version) return header_status::bad_version;
   if (h.header_bytes != expect_header_bytes || h.tokens_per_block != tokens_per_block || h.token_count == 0 ||
       h.token_count > tokens_per_block || h.put_blocks == 0 || h.block_index < h.put_first_block ||
-      h.block_index - h.put_first_block >= h.put_blocks || h.sequence < h.block_index - h.put_first_block)
+      h.block_index - h.put_first_block >= h.put_blocks || h.sequence < h.block_index - h.put_first_block ||
+      h.sequence >= max_sequence)
     return header_status::bad_fields;
   if (compute_header_checksum(area) != h.header_checksum) return header_status::bad_checksum;
   *out = h;
