@@ -89,7 +89,7 @@ errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads
 errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads, std::size_t token_stride,
               std::size_t head_stride, const rope_spec& spec, const float* cos, const float* sin,
               bool shared_row) noexcept {
-  if (dt == dtype::fp8_e4m3) return errc::unsupported;
+  if (!rotatable(dt)) return errc::unsupported;
   const int code = dtype_code(dt);
   const bool neox = spec.style == rope_style::neox;
   const std::uint32_t half = spec.rotary() / 2;
@@ -109,7 +109,7 @@ errc rerotate(std::byte* keys, dtype dt, std::size_t tokens, std::uint32_t heads
 }
 
 errc rerotate_runs(rope_runs_view b, const rope_spec& spec) noexcept {
-  if (b.dt == dtype::fp8_e4m3) return errc::unsupported;
+  if (!rotatable(b.dt)) return errc::unsupported;
   const std::size_t pairs = spec.rotary() / 2;
   for (std::uint32_t r = 0; r < b.count; ++r) {
     const rope_run& run = b.runs[r];

@@ -16,8 +16,13 @@ inline constexpr std::uint32_t no_slot = ~0u;
 /// One token id as the engine's tokenizer produced it.
 using token_id = std::uint32_t;
 
-/// Element type of the stored K and V tensors.
-enum class dtype : std::uint8_t { f32 = 0, f16 = 1, bf16 = 2, fp8_e4m3 = 3 };
+/// Element type of the stored K and V tensors. `bytes`: rows the engine lays out itself
+/// (quantized KV such as llama.cpp's q8_0 blocks); stored and served as they are, never
+/// re-rotated (a truncated view of them cannot move its keys).
+enum class dtype : std::uint8_t { f32 = 0, f16 = 1, bf16 = 2, fp8_e4m3 = 3, bytes = 4 };
+
+/// Whether keys of this type can be re-rotated (RoPE applied or removed) by attnstore.
+constexpr bool rotatable(dtype d) noexcept { return d == dtype::f32 || d == dtype::f16 || d == dtype::bf16; }
 
 constexpr std::size_t dtype_size(dtype d) noexcept {
   switch (d) {
@@ -27,6 +32,7 @@ constexpr std::size_t dtype_size(dtype d) noexcept {
     case dtype::bf16:
       return 2;
     case dtype::fp8_e4m3:
+    case dtype::bytes:
       return 1;
   }
   return 0;
@@ -42,6 +48,8 @@ constexpr std::string_view to_string(dtype d) noexcept {
       return "bf16";
     case dtype::fp8_e4m3:
       return "fp8_e4m3";
+    case dtype::bytes:
+      return "bytes";
   }
   return "unknown";
 }
@@ -94,7 +102,7 @@ struct kv_geometry {
     if (num_kv_heads == 0 || num_kv_heads > 4096)
       fail("num_kv_heads is " + std::to_string(num_kv_heads) + ", allowed 1..4096");
     if (head_dim == 0 || head_dim > 4096) fail("head_dim is " + std::to_string(head_dim) + ", allowed 1..4096");
-    if (dtype_size(dtype) == 0) fail("dtype is " + std::to_string(int(dtype)) + ", allowed f32, f16, bf16, fp8_e4m3");
+    if (dtype_size(dtype) == 0) fail("dtype is " + std::to_string(int(dtype)) + ", allowed f32, f16, bf16, fp8_e4m3, bytes");
     kv_geometry g = *this;
     if (g.tokens_per_block == 0) g.tokens_per_block = default_tokens_per_block();
     if (g.tokens_per_block > 65536)

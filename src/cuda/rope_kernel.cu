@@ -142,7 +142,7 @@ errc launch(launch_params p, unsigned count, unsigned max_tokens, unsigned heads
 
 // `single` is the run when b.runs is nullptr (rerotate_cuda).
 errc dispatch(const rope_runs_view& b, const rope_spec& spec, rope_run single, void* cuda_stream) noexcept {
-  if (b.dt == dtype::fp8_e4m3) return errc::unsupported;
+  if (!rotatable(b.dt)) return errc::unsupported;
   launch_params p{};
   p.base = b.base;
   p.runs = b.runs;

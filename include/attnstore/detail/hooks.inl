@@ -257,7 +257,7 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
   }
   const bool on_device = target.layout->where == memory_space::device;
   const bool can_rotate =
-      config_.rope && geometry_.dtype != dtype::fp8_e4m3 && shifts_fit &&
+      config_.rope && rotatable(geometry_.dtype) && shifts_fit &&
       (!config_.keys_pre_rope || got.tokens <= config_.max_positions) && tables_.base != nullptr &&
       (!on_device || (device_tables_ != nullptr && (!config_.keys_pre_rope || device_positions_ != nullptr)));
   if (L.rotate && !can_rotate) return give_up(errc::unsupported);
