@@ -25,6 +25,7 @@ jobs=$(nproc)
 build_llama() {
   [ -f "$prefix/.complete" ] && return 0
   "$root/scripts/deps.sh"
+  python3 -m pip --version >/dev/null 2>&1 || "$root/scripts/deps.sh" python3-pip
   mkdir -p "$cache/downloads"
   local sdist="$cache/downloads/llama_cpp_python-$version.tar.gz"
   if ! echo "$sha256  $sdist" | sha256sum -c --status 2>/dev/null; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: builds Release and runs every ctest test (unit, store,
-# crash recovery, stress, install-and-consume), then the same tests under ASan+UBSan
-# and the concurrent ones under TSan.
+# crash recovery, stress, install-and-consume, and attnstore behind llama.cpp, which
+# scripts/llama-cpp.sh fetches pinned and builds into a cache), then the same tests
+# under ASan+UBSan and the concurrent ones under TSan.
 #
 #   scripts/test.sh            everything (what CI runs)
 #   scripts/test.sh release    only the Release build's tests
@@ -24,7 +25,8 @@ run_suite() {  # name, build dir, ctest selection, cmake args...
 }
 
 case $what in
-  all|release) run_suite release "$root/build" "" -DCMAKE_BUILD_TYPE=Release ;;&
+  all|release) llama_dir=$("$root/scripts/llama-cpp.sh")  # fails the run if llama.cpp cannot be built
+    run_suite release "$root/build" "" -DCMAKE_BUILD_TYPE=Release -DATTNSTORE_LLAMA_CPP_DIR="${llama_dir##*$'\n'}" ;;&
   all|asan) run_suite "asan+ubsan" "$root/build-asan" "-L unit|crash|stress" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DATTNSTORE_SANITIZE=address -DATTNSTORE_BUILD_BENCH=OFF -DATTNSTORE_BUILD_EXAMPLES=OFF ;;&
   all|tsan) run_suite tsan "$root/build-tsan" "-L stress|concurrency" -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -52,7 +52,7 @@ void usage() {
       "  --user-tokens N (64)  --reply-tokens N (16)  --threads N (all cores)\n"
       "  --modes a,b,...  (recompute,llama-slot-file,llama-ram,store-dram,store-ssd)\n"
       "  --flash-attn on|off (on)  --kv f16|q8_0 (f16)  --tokens-per-block N (0: store default)\n"
-      "  --model PATH (default: generated under $ATTNSTORE_CACHE/models)\n"
+      "  --model PATH (generated there when missing; default under $ATTNSTORE_CACHE/models)\n"
       "  --embd N --layers N --heads N --kv-heads N --ff N --seed N  (generated model's shape: 1024 12 16 4 2816 1)\n"
       "  --dir DIR (SSD tier and slot files; default a fresh directory under /var/tmp)\n"
       "  --json  (last line: one JSON object)");
@@ -283,7 +283,9 @@ int main(int argc, char** argv) {
                                : xdg && *xdg   ? std::string(xdg) + "/attnstore"
                                                : std::string(home ? home : "/tmp") + "/.cache/attnstore";
       o.model = root + "/models/" + o.spec.name() + ".gguf";
-      if (!std::filesystem::exists(o.model)) std::fprintf(stderr, "llama_chat: generating %s\n", o.model.c_str());
+    }
+    if (!std::filesystem::exists(o.model)) {  // generated from --embd etc. where it is missing
+      std::fprintf(stderr, "llama_chat: generating %s\n", o.model.c_str());
       llama_chat::ensure_model(o.model, o.spec);
     }
     llama_model_params mp = llama_model_default_params();
