@@ -15,7 +15,7 @@ namespace llama_chat {
 /// Shape of the generated model. The default is the ~200M-parameter shape of small
 /// real Llama models (GQA 16/4, head dim 64).
 struct model_spec {
-  std::uint32_t embd = 1024, layers = 12, heads = 16, kv_heads = 4, ff = 2816, vocab = 512, ctx_train = 16384;
+  std::uint32_t embd = 1024, layers = 16, heads = 16, kv_heads = 4, ff = 2816, vocab = 512, ctx_train = 16384;
   std::uint64_t seed = 1;  ///< another seed: other weights, same shape
   std::string name() const;
 };

@@ -53,7 +53,7 @@ void usage() {
       "  --modes a,b,...  (recompute,llama-slot-file,llama-ram,store-dram,store-ssd)\n"
       "  --flash-attn on|off (on)  --kv f16|q8_0 (f16)  --tokens-per-block N (0: store default)\n"
       "  --model PATH (generated there when missing; default under $ATTNSTORE_CACHE/models)\n"
-      "  --embd N --layers N --heads N --kv-heads N --ff N --seed N  (generated model's shape: 1024 12 16 4 2816 1)\n"
+      "  --embd N --layers N --heads N --kv-heads N --ff N --seed N  (generated model's shape: 1024 16 16 4 2816 1)\n"
       "  --dir DIR (SSD tier and slot files; default a fresh directory under /var/tmp)\n"
       "  --json  (last line: one JSON object)");
 }
@@ -114,11 +114,10 @@ struct conversation {
 };
 
 struct mode_result {
-  std::vector<double> ttft_ms, warm_ttft_ms, save_ms;
+  std::vector<double> ttft_ms, warm_ttft_ms, warm_restore_ms, save_ms;
   std::vector<std::size_t> warm_history;
   std::vector<std::vector<llama_token>> replies;  // [turn * conversations + c]
   std::uint64_t restored_tokens = 0;
-  double restore_ms_mean = 0;  // store modes: the adapter's restore (acquire, blob, set_data)
 };
 
 double median(std::vector<double> v) {
@@ -135,126 +134,142 @@ void drop_from_page_cache(const std::string& path) {
   ::close(fd);
 }
 
-mode_result run_mode(const std::string& mode, const options& o, llama_model* model, const std::string& gguf,
-                     const std::string& dir) {
-  llama_chat::context_options co;
-  co.n_ctx = (o.history + o.turns * (o.user_tokens + o.reply_tokens) + 64 + 255) / 256 * 256;
-  co.threads = o.threads;
-  co.flash_attn = o.flash_attn;
-  co.kv_type = o.kv_type;
-  co.seqs = 2;  // sequence 1 is the adapter's scratch
-  const llama_context_params params = llama_chat::context_params(co);
-  std::unique_ptr<llama_context, decltype(&llama_free)> ctx(llama_init_from_model(model, params), &llama_free);
-  if (!ctx) throw std::runtime_error("llama_init_from_model failed");
-  llama_memory_t mem = llama_get_memory(ctx.get());
-
-  std::unique_ptr<attnstore::store> kv;
-  std::unique_ptr<attnstore::llama_cpp::session_cache> cache;
-  const bool on_store = mode.rfind("store-", 0) == 0, ssd = mode == "store-ssd";
-  if (on_store) {
-    const auto binding = attnstore::llama_cpp::bind(model, params, gguf, o.tokens_per_block);
-    attnstore::store_config c;
-    binding.configure(c);
-    // A session's blocks at full context, plus the partial block a save re-writes.
-    const attnstore::kv_geometry g = binding.geometry.validated();
-    const std::uint64_t per_session = std::uint64_t(g.blocks_for(co.n_ctx) + 2) * (g.block_bytes() + 8192);
-    c.dram_bytes = ssd ? std::max<std::uint64_t>(2 * per_session, 64ull << 20) : per_session * (o.conversations + 1);
-    if (ssd) {
-      c.ssd_directory = dir + "/store";
-      c.ssd_bytes = per_session * (o.conversations + 2);
-      c.require_direct_io = false;  // O_DIRECT where the file system has it (logged otherwise)
-      c.prefetch = false;           // every turn reads the SSD: the figure measured here
+/// One mode's engine: its own context, conversations and saved state. Every mode runs
+/// turn t of conversation c before any mode runs the next one, so machine noise (this
+/// VM's speed drifts by 10-20 % over minutes) falls on all modes alike.
+class mode_engine {
+ public:
+  mode_engine(std::string mode, const options& o, llama_model* model, const std::string& gguf, const std::string& dir)
+      : mode_(std::move(mode)), o_(o), dir_(dir), ctx_(nullptr, &llama_free) {
+    llama_chat::context_options co;
+    co.n_ctx = (o.history + o.turns * (o.user_tokens + o.reply_tokens) + 64 + 255) / 256 * 256;
+    co.threads = o.threads;
+    co.flash_attn = o.flash_attn;
+    co.kv_type = o.kv_type;
+    co.seqs = 2;  // sequence 1 is the adapter's scratch
+    const llama_context_params params = llama_chat::context_params(co);
+    ctx_.reset(llama_init_from_model(model, params));
+    if (!ctx_) throw std::runtime_error("llama_init_from_model failed");
+    on_store_ = mode_.rfind("store-", 0) == 0;
+    ssd_ = mode_ == "store-ssd";
+    if (on_store_) {
+      const auto binding = attnstore::llama_cpp::bind(model, params, gguf, o.tokens_per_block);
+      attnstore::store_config c;
+      binding.configure(c);
+      // A session's blocks at full context, plus the partial block a save re-writes.
+      const attnstore::kv_geometry g = binding.geometry.validated();
+      const std::uint64_t per_session = std::uint64_t(g.blocks_for(co.n_ctx) + 2) * (g.block_bytes() + 8192);
+      c.dram_bytes = ssd_ ? std::max<std::uint64_t>(2 * per_session, 64ull << 20) : per_session * (o.conversations + 1);
+      if (ssd_) {
+        c.ssd_directory = dir + "/store";
+        c.ssd_bytes = per_session * (o.conversations + 2);
+        c.require_direct_io = false;  // O_DIRECT where the file system has it (logged otherwise)
+        c.prefetch = false;           // every turn reads the SSD: the figure measured here
+      }
+      std::filesystem::remove_all(dir + "/store");
+      kv_ = std::make_unique<attnstore::store>(c);
+      cache_ = std::make_unique<attnstore::llama_cpp::session_cache>(*kv_, ctx_.get(), binding, 1);
     }
-    kv = std::make_unique<attnstore::store>(c);
-    cache = std::make_unique<attnstore::llama_cpp::session_cache>(*kv, ctx.get(), binding, 1);
-  }
-
-  std::vector<conversation> convs(o.conversations);
-  for (std::uint32_t c = 0; c < o.conversations; ++c) {
-    convs[c].tokens = llama_chat::random_tokens(1000 + c, o.history, o.spec.vocab);
-    convs[c].cuts = {0};
-  }
-  std::map<std::uint32_t, std::vector<std::uint8_t>> ram;  // llama-ram: state per conversation
-  std::vector<std::size_t> saved(o.conversations, 0);
-  mode_result out;
-  out.replies.resize(std::size_t(o.turns) * o.conversations);
-  std::vector<llama_token> file_tokens(co.n_ctx);
-
-  for (std::uint32_t t = 0; t < o.turns; ++t) {
+    convs_.resize(o.conversations);
     for (std::uint32_t c = 0; c < o.conversations; ++c) {
-      conversation& cv = convs[c];
-      auto& reply = out.replies[std::size_t(t) * o.conversations + c];
-      if (t > 0) {
-        const auto& last = out.replies[std::size_t(t - 1) * o.conversations + c];
-        cv.cuts.push_back(cv.tokens.size());
-        cv.tokens.insert(cv.tokens.end(), last.begin(), last.end());
-        const auto user = llama_chat::random_tokens(7000 + 31 * c + t, o.user_tokens, o.spec.vocab);
-        cv.tokens.insert(cv.tokens.end(), user.begin(), user.end());
-      }
-      const std::string session = "conversation-" + std::to_string(c);
-      const attnstore::session_key key{"llama_chat", session};
-      const std::string slot_file = dir + "/slot-" + std::to_string(c) + ".bin";
-      llama_memory_clear(mem, true);  // one conversation in the context at a time
-
-      const auto t0 = clock_type::now();
-      std::size_t prefix = 0;
-      if (mode == "llama-ram" && ram.count(c)) {
-        const auto& blob = ram[c];
-        if (llama_state_seq_set_data(ctx.get(), blob.data(), blob.size(), 0) == blob.size()) prefix = saved[c];
-      } else if (mode == "llama-slot-file" && saved[c]) {
-        std::size_t n = 0;
-        if (llama_state_seq_load_file(ctx.get(), slot_file.c_str(), 0, file_tokens.data(), file_tokens.size(), &n) &&
-            n < cv.tokens.size() && std::equal(file_tokens.begin(), file_tokens.begin() + long(n), cv.tokens.begin()))
-          prefix = n;
-        else
-          llama_memory_seq_rm(mem, 0, -1, -1);
-      } else if (on_store) {
-        prefix = cache->restore(key, cv.tokens, 0).tokens;
-      }
-      if (!llama_chat::decode_span(ctx.get(), 0, cv.tokens, prefix, cv.tokens.size(), cv.cuts))
-        throw std::runtime_error("llama_decode failed");
-      llama_token next = llama_chat::greedy(ctx.get());
-      const double ttft = ms_since(t0);
-      out.restored_tokens += prefix;
-      out.ttft_ms.push_back(ttft);
-      if (t > 0) {
-        out.warm_ttft_ms.push_back(ttft);
-        out.warm_history.push_back(cv.cuts.back());
-      }
-      for (std::uint32_t i = 0; i < o.reply_tokens; ++i) {
-        reply.push_back(next);
-        if (i + 1 == o.reply_tokens) break;
-        if (!llama_chat::decode_one(ctx.get(), 0, next, llama_pos(cv.tokens.size() + i)))
-          throw std::runtime_error("llama_decode failed");
-        next = llama_chat::greedy(ctx.get());
-      }
-      llama_memory_seq_rm(mem, 0, llama_pos(cv.tokens.size()), -1);  // the reply is prefilled with the next turn
-
-      const auto s0 = clock_type::now();
-      if (mode == "llama-ram") {
-        auto& blob = ram[c];
-        blob.resize(llama_state_seq_get_size(ctx.get(), 0));
-        blob.resize(llama_state_seq_get_data(ctx.get(), blob.data(), blob.size(), 0));
-      } else if (mode == "llama-slot-file") {
-        if (!llama_state_seq_save_file(ctx.get(), slot_file.c_str(), 0, cv.tokens.data(), cv.tokens.size()))
-          throw std::runtime_error("llama_state_seq_save_file failed");
-        drop_from_page_cache(slot_file);  // the next load reads the disk
-      } else if (on_store) {
-        const attnstore::errc e = cache->save(key, cv.tokens, 0);
-        if (e != attnstore::errc::ok) std::fprintf(stderr, "save: %s\n", std::string(attnstore::to_string(e)).c_str());
-        if (ssd) kv->demote(key);
-      }
-      saved[c] = cv.tokens.size();
-      out.save_ms.push_back(ms_since(s0));
-      if (!o.json)
-        std::printf("  %-16s turn %u conversation %u: history %6zu restored %6zu  TTFT %8.1f ms\n", mode.c_str(), t,
-                    c, cv.cuts.back(), prefix, ttft);
+      convs_[c].tokens = llama_chat::random_tokens(1000 + c, o.history, o.spec.vocab);
+      convs_[c].cuts = {0};
     }
+    saved_.assign(o.conversations, 0);
+    file_tokens_.resize(co.n_ctx);
+    out_.replies.resize(std::size_t(o.turns) * o.conversations);
   }
-  if (cache && cache->stats().restores)
-    out.restore_ms_mean = double(cache->stats().restore_ns) / 1e6 / double(cache->stats().restores);
-  return out;
-}
+
+  void turn(std::uint32_t t, std::uint32_t c) {
+    conversation& cv = convs_[c];
+    auto& reply = out_.replies[std::size_t(t) * o_.conversations + c];
+    if (t > 0) {
+      const auto& last = out_.replies[std::size_t(t - 1) * o_.conversations + c];
+      cv.cuts.push_back(cv.tokens.size());
+      cv.tokens.insert(cv.tokens.end(), last.begin(), last.end());
+      const auto user = llama_chat::random_tokens(7000 + 31 * c + t, o_.user_tokens, o_.spec.vocab);
+      cv.tokens.insert(cv.tokens.end(), user.begin(), user.end());
+    }
+    const std::string session = "conversation-" + std::to_string(c);
+    const attnstore::session_key key{"llama_chat", session};
+    const std::string slot_file = dir_ + "/slot-" + std::to_string(c) + ".bin";
+    llama_context* ctx = ctx_.get();
+    llama_memory_t mem = llama_get_memory(ctx);
+    llama_memory_clear(mem, true);  // one conversation in the context at a time
+
+    const auto t0 = clock_type::now();
+    std::size_t prefix = 0;
+    if (mode_ == "llama-ram" && ram_.count(c)) {
+      const auto& blob = ram_[c];
+      if (llama_state_seq_set_data(ctx, blob.data(), blob.size(), 0) == blob.size()) prefix = saved_[c];
+    } else if (mode_ == "llama-slot-file" && saved_[c]) {
+      std::size_t n = 0;
+      if (llama_state_seq_load_file(ctx, slot_file.c_str(), 0, file_tokens_.data(), file_tokens_.size(), &n) &&
+          n < cv.tokens.size() && std::equal(file_tokens_.begin(), file_tokens_.begin() + long(n), cv.tokens.begin()))
+        prefix = n;
+      else
+        llama_memory_seq_rm(mem, 0, -1, -1);
+    } else if (on_store_) {
+      prefix = cache_->restore(key, cv.tokens, 0).tokens;
+    }
+    const double restore_ms = ms_since(t0);
+    if (!llama_chat::decode_span(ctx, 0, cv.tokens, prefix, cv.tokens.size(), cv.cuts))
+      throw std::runtime_error("llama_decode failed");
+    llama_token next = llama_chat::greedy(ctx);
+    const double ttft = ms_since(t0);
+    out_.restored_tokens += prefix;
+    out_.ttft_ms.push_back(ttft);
+    if (t > 0) {
+      out_.warm_ttft_ms.push_back(ttft);
+      out_.warm_restore_ms.push_back(restore_ms);
+      out_.warm_history.push_back(cv.cuts.back());
+    }
+    for (std::uint32_t i = 0; i < o_.reply_tokens; ++i) {
+      reply.push_back(next);
+      if (i + 1 == o_.reply_tokens) break;
+      if (!llama_chat::decode_one(ctx, 0, next, llama_pos(cv.tokens.size() + i)))
+        throw std::runtime_error("llama_decode failed");
+      next = llama_chat::greedy(ctx);
+    }
+    llama_memory_seq_rm(mem, 0, llama_pos(cv.tokens.size()), -1);  // the reply is prefilled with the next turn
+
+    const auto s0 = clock_type::now();
+    if (mode_ == "llama-ram") {
+      auto& blob = ram_[c];
+      blob.resize(llama_state_seq_get_size(ctx, 0));
+      blob.resize(llama_state_seq_get_data(ctx, blob.data(), blob.size(), 0));
+    } else if (mode_ == "llama-slot-file") {
+      if (!llama_state_seq_save_file(ctx, slot_file.c_str(), 0, cv.tokens.data(), cv.tokens.size()))
+        throw std::runtime_error("llama_state_seq_save_file failed");
+      drop_from_page_cache(slot_file);  // the next load reads the disk
+    } else if (on_store_) {
+      const attnstore::errc e = cache_->save(key, cv.tokens, 0);
+      if (e != attnstore::errc::ok) std::fprintf(stderr, "save: %s\n", std::string(attnstore::to_string(e)).c_str());
+      if (ssd_) kv_->demote(key);
+    }
+    saved_[c] = cv.tokens.size();
+    out_.save_ms.push_back(ms_since(s0));
+    if (!o_.json)
+      std::printf("  %-16s turn %u conversation %u: history %6zu restored %6zu in %7.1f ms  TTFT %8.1f ms\n",
+                  mode_.c_str(), t, c, cv.cuts.back(), prefix, restore_ms, ttft);
+  }
+
+  const mode_result& result() const { return out_; }
+
+ private:
+  std::string mode_;
+  const options& o_;
+  std::string dir_;
+  std::unique_ptr<llama_context, decltype(&llama_free)> ctx_;
+  bool on_store_ = false, ssd_ = false;
+  std::unique_ptr<attnstore::store> kv_;
+  std::unique_ptr<attnstore::llama_cpp::session_cache> cache_;
+  std::vector<conversation> convs_;
+  std::map<std::uint32_t, std::vector<std::uint8_t>> ram_;  // llama-ram: state per conversation
+  std::vector<std::size_t> saved_;
+  std::vector<llama_token> file_tokens_;
+  mode_result out_;
+};
 
 }  // namespace
 
@@ -304,9 +319,17 @@ int main(int argc, char** argv) {
                   std::string(attnstore::llama_cpp::llama_cpp_version()).c_str());
 
     std::map<std::string, mode_result> results;
-    for (const auto& m : o.modes) {
-      std::filesystem::remove_all(o.dir + "/store");
-      results[m] = run_mode(m, o, model.get(), o.model, o.dir);
+    {
+      std::vector<std::unique_ptr<mode_engine>> engines;
+      for (const auto& m : o.modes) {
+        const std::string d = o.dir + "/" + m;
+        std::filesystem::create_directories(d);
+        engines.push_back(std::make_unique<mode_engine>(m, o, model.get(), o.model, d));
+      }
+      for (std::uint32_t t = 0; t < o.turns; ++t)
+        for (std::uint32_t c = 0; c < o.conversations; ++c)
+          for (auto& e : engines) e->turn(t, c);
+      for (std::size_t i = 0; i < o.modes.size(); ++i) results[o.modes[i]] = engines[i]->result();
     }
     if (own_dir) std::filesystem::remove_all(o.dir);
 
@@ -322,12 +345,16 @@ int main(int argc, char** argv) {
                 o.turns - 1, history);
     for (const auto& m : o.modes) {
       const auto& r = results[m];
-      std::printf("  %-16s %9.1f ms   (turn 0: %9.1f ms, save median %7.1f ms", m.c_str(), median(r.warm_ttft_ms),
+      std::printf("  %-16s %9.1f ms   (restore median %7.2f ms; turn 0: %9.1f ms; save median %7.2f ms)\n",
+                  m.c_str(), median(r.warm_ttft_ms), median(r.warm_restore_ms),
                   median(std::vector<double>(r.ttft_ms.begin(), r.ttft_ms.begin() + o.conversations)),
                   median(r.save_ms));
-      if (r.restore_ms_mean > 0) std::printf(", restore mean %.1f ms", r.restore_ms_mean);
-      std::printf(")\n");
     }
+    auto restore = [&](const char* m) { return results.count(m) ? median(results[m].warm_restore_ms) : 0.0; };
+    if (restore("store-dram") > 0 && restore("llama-ram") > 0)
+      std::printf("  restore: store-dram / llama-ram %.2f, store-ssd / llama-slot-file %.2f\n",
+                  restore("store-dram") / restore("llama-ram"),
+                  restore("llama-slot-file") > 0 ? restore("store-ssd") / restore("llama-slot-file") : 0.0);
     if (ttft("store-dram") > 0 && ttft("llama-ram") > 0)
       std::printf("  store-dram / llama-ram        %.3f (target <= 1.10)\n", ttft("store-dram") / ttft("llama-ram"));
     if (ttft("store-dram") > 0 && ttft("llama-slot-file") > 0)
@@ -345,8 +372,9 @@ int main(int argc, char** argv) {
       bool comma = false;
       for (const auto& m : o.modes) {
         const auto& r = results[m];
-        std::printf("%s\"%s\": {\"ttft_median_ms\": %.3f, \"ttft_turn0_median_ms\": %.3f, \"save_median_ms\": %.3f}",
-                    comma ? ", " : "", m.c_str(), median(r.warm_ttft_ms),
+        std::printf("%s\"%s\": {\"ttft_median_ms\": %.3f, \"restore_median_ms\": %.3f, "
+                    "\"ttft_turn0_median_ms\": %.3f, \"save_median_ms\": %.3f}",
+                    comma ? ", " : "", m.c_str(), median(r.warm_ttft_ms), median(r.warm_restore_ms),
                     median(std::vector<double>(r.ttft_ms.begin(), r.ttft_ms.begin() + o.conversations)),
                     median(r.save_ms));
         comma = true;
