@@ -14,6 +14,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "attnstore/format/manifest.hpp"
 #include "attnstore/hash.hpp"
 
 #ifndef ATTNSTORE_LLAMA_CPP_VERSION
@@ -25,12 +26,6 @@ namespace {
 
 constexpr std::uint32_t state_magic = 0xaf143cd8;  // llama-context.cpp io_magic
 
-std::string hex(const hash128& h) {
-  char buf[33];
-  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(h.hi),
-                static_cast<unsigned long long>(h.lo));
-  return buf;
-}
 
 /// XXH3-128 of a whole file (mapped, so the page cache is read in place).
 hash128 hash_file(const std::string& path) {
@@ -196,7 +191,7 @@ model_binding bind(const llama_model* model, const llama_context_params& params,
                 double(params.rope_freq_base), double(params.rope_freq_scale), double(params.yarn_ext_factor),
                 double(params.yarn_attn_factor), double(params.yarn_beta_fast), double(params.yarn_beta_slow),
                 params.yarn_orig_ctx);
-  b.fingerprint = "llama.cpp " + std::string(llama_cpp_version()) + " gguf=" + hex(hash_file(gguf_path)) +
+  b.fingerprint = "llama.cpp " + std::string(llama_cpp_version()) + " gguf=" + format::hex128(hash_file(gguf_path)) +
                   " k=" + ggml_type_name(ggml_type(params.type_k)) + " v=" + ggml_type_name(ggml_type(params.type_v)) +
                   " v_trans=" + (b.v_trans ? "1" : "0") + " streams=" + std::to_string(b.streams) + " " + rope;
   return b;

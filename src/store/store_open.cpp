@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "attnstore/format/manifest.hpp"
 #include "attnstore/io/posix_device.hpp"
 #include "attnstore/io/uring_device.hpp"
 #include "attnstore/policy/lru.hpp"
@@ -24,20 +25,11 @@
 
 namespace attnstore {
 
-std::string detail::hex128(const hash128& h) {
-  char buf[40];
-  std::snprintf(buf, sizeof(buf), "%016" PRIx64 "%016" PRIx64, h.hi, h.lo);
-  return buf;
-}
+std::string detail::hex128(const hash128& h) { return format::hex128(h); }
 
 namespace {
 
-bool parse_hex128(const std::string& s, hash128& out) {
-  if (s.size() != 32 || s.find_first_not_of("0123456789abcdef") != std::string::npos) return false;
-  out.hi = std::stoull(s.substr(0, 16), nullptr, 16);
-  out.lo = std::stoull(s.substr(16), nullptr, 16);
-  return true;
-}
+using format::parse_hex128;
 
 hash128 random_secret() {
   hash128 h;
@@ -335,14 +327,8 @@ void store::impl::write_or_check_manifest() {
       {"slots_per_file", std::to_string(per_file)},
       {"model_id", detail::hex128(model_.value)},
   };
-  std::ifstream in(path);
-  if (in) {
-    std::map<std::string, std::string> have;
-    std::string line;
-    while (std::getline(in, line)) {
-      auto eq = line.find('=');
-      if (eq != std::string::npos) have[line.substr(0, eq)] = line.substr(eq + 1);
-    }
+  if (const auto manifest = format::read_manifest(config_.ssd_directory)) {
+    const auto& have = *manifest;
     for (const auto& [k, v] : want) {
       auto it = have.find(k);
       const std::string got = it == have.end() ? "(missing)" : it->second;
@@ -443,6 +429,10 @@ void store::impl::recover() {
   // ---- 1. header scan (whole slots after a crash)
   const bool clean = take_clean_mark();
   const std::uint32_t read_bytes = std::uint32_t(clean ? header_bytes_ : slot_bytes_);
+  // A put can hold no more blocks than both tiers: a larger count is junk, not a
+  // reason to allocate.
+  const format::slot_expectation expect{header_bytes_, geometry_.tokens_per_block, model_.value,
+                                        geometry_.block_bytes(), std::uint64_t(dram_->capacity()) + slots};
   std::vector<std::uint32_t> buffers;
   for (std::uint32_t b; (b = staging_->allocate()) != no_slot;) buffers.push_back(b);
   if (buffers.empty()) throw std::runtime_error("store: no staging buffer for recovery");
@@ -472,16 +462,13 @@ void store::impl::recover() {
       }
       const std::byte* area = staging_->data(buffers[i]);
       format::block_header h;
-      auto st = format::read_header(area, header_bytes_, geometry_.tokens_per_block, &h);
-      if (st == format::header_status::empty) continue;
-      // A put can hold no more blocks than both tiers: a larger count is junk, not a
-      // reason to allocate.
-      if (st != format::header_status::ok || !(h.model == model_.value) || h.payload_bytes != geometry_.block_bytes() ||
-          std::uint64_t(h.put_blocks) > std::uint64_t(dram_->capacity()) + slots) {
+      const format::slot_verdict v = format::judge_slot(area, expect, !clean, &h);
+      if (v == format::slot_verdict::empty) continue;
+      if (v == format::slot_verdict::junk || v == format::slot_verdict::foreign) {
         detail::bump(counters_->recovery_dropped_blocks);  // torn or foreign: junk, the slot is free
         continue;
       }
-      if (!clean && checksum64(area + header_bytes_, h.payload_bytes) != h.payload_checksum) {
+      if (v == format::slot_verdict::bad_payload) {
         // A torn write under a valid header: erased, or a later clean open would take it.
         detail::bump(counters_->recovery_dropped_blocks);
         stale.push_back(slot);

@@ -105,4 +105,53 @@ inline header_status read_header(const std::byte* area, std::size_t expect_heade
   return header_status::ok;
 }
 
+/// What a slot holds, as recovery judges it (and `attnstore verify` reports it).
+enum class slot_verdict : std::uint8_t {
+  empty,        ///< never written, or erased
+  ok,           ///< a block of this store's model, header and (when checked) payload intact
+  junk,         ///< the header is damaged, of another format version, or claims impossible sizes
+  foreign,      ///< a valid header of another model or block size
+  bad_payload,  ///< a valid header over a payload whose checksum does not match (a torn write)
+};
+
+constexpr const char* to_string(slot_verdict v) noexcept {
+  switch (v) {
+    case slot_verdict::empty:
+      return "empty";
+    case slot_verdict::ok:
+      return "ok";
+    case slot_verdict::junk:
+      return "damaged header";
+    case slot_verdict::foreign:
+      return "block of another model or geometry";
+    case slot_verdict::bad_payload:
+      return "payload checksum mismatch";
+  }
+  return "unknown";
+}
+
+/// What a slot must be to count as a block of a store.
+struct slot_expectation {
+  std::size_t header_bytes = 0;
+  std::uint32_t tokens_per_block = 0;
+  hash128 model{};
+  std::size_t payload_bytes = 0;
+  std::uint64_t max_put_blocks = 0;  ///< a put can hold no more blocks than both tiers
+};
+
+/// Judges one slot from its first header_bytes (and, with `payload`, the payload that
+/// follows them). The one rule recovery and offline verification share.
+inline slot_verdict judge_slot(const std::byte* area, const slot_expectation& e, bool payload,
+                               block_header* out) noexcept {
+  block_header h;
+  const header_status st = read_header(area, e.header_bytes, e.tokens_per_block, &h);
+  if (st == header_status::empty) return slot_verdict::empty;
+  if (st != header_status::ok || std::uint64_t(h.put_blocks) > e.max_put_blocks) return slot_verdict::junk;
+  *out = h;
+  if (!(h.model == e.model) || h.payload_bytes != e.payload_bytes) return slot_verdict::foreign;
+  if (payload && checksum64(area + e.header_bytes, h.payload_bytes) != h.payload_checksum)
+    return slot_verdict::bad_payload;
+  return slot_verdict::ok;
+}
+
 }  // namespace attnstore::format

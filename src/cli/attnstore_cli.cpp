@@ -1,0 +1,329 @@
+// attnstore: the operator's command-line tool for a store directory (offline: run it on
+// a directory no store has open, or on a copy).
+//
+//   attnstore inspect DIR [--json]   what the directory holds: model, geometry, sessions,
+//                                    blocks and bytes, oldest and newest writes
+//   attnstore verify DIR [--json]    reads every slot whole and judges it with the rule
+//                                    recovery uses (format::judge_slot); exit status 1 when
+//                                    any block is bad, naming each one
+//
+// Exit status: 0 fine, 1 bad blocks found (verify), 2 usage error or unreadable directory.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attnstore/format/block_header.hpp"
+#include "attnstore/format/manifest.hpp"
+
+namespace {
+
+using namespace attnstore;
+
+struct store_dir {
+  std::string path;
+  std::map<std::string, std::string> manifest;
+  kv_geometry geometry;
+  hash128 model{};
+  std::uint64_t slots = 0, slots_per_file = 0, slot_bytes = 0, header_bytes = 0;
+};
+
+std::uint64_t number(const std::map<std::string, std::string>& m, const char* key) {
+  auto it = m.find(key);
+  if (it == m.end()) throw std::runtime_error(std::string("MANIFEST has no ") + key);
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(it->second.c_str(), &end, 10);
+  if (!end || *end || it->second.empty()) throw std::runtime_error(std::string("MANIFEST ") + key + " is not a number");
+  return v;
+}
+
+using format::hex128;
+using format::parse_hex128;
+std::string hex(const hash128& h) { return hex128(h); }
+
+store_dir open_dir(const std::string& path) {
+  store_dir d;
+  d.path = path;
+  auto m = format::read_manifest(path);
+  if (!m) throw std::runtime_error(path + "/MANIFEST cannot be read: not a store directory");
+  d.manifest = *m;
+  if (number(d.manifest, "format_version") != format::format_version)
+    throw std::runtime_error("format_version " + d.manifest["format_version"] + "; this tool reads version " +
+                             std::to_string(format::format_version));
+  d.geometry.num_layers = std::uint32_t(number(d.manifest, "num_layers"));
+  d.geometry.num_kv_heads = std::uint32_t(number(d.manifest, "num_kv_heads"));
+  d.geometry.head_dim = std::uint32_t(number(d.manifest, "head_dim"));
+  d.geometry.tokens_per_block = std::uint32_t(number(d.manifest, "tokens_per_block"));
+  const std::string dt = d.manifest["dtype"];
+  bool known = false;
+  for (auto t : {dtype::f32, dtype::f16, dtype::bf16, dtype::fp8_e4m3, dtype::bytes})
+    if (to_string(t) == dt) d.geometry.dtype = t, known = true;
+  if (!known) throw std::runtime_error("MANIFEST dtype " + dt + " is unknown");
+  d.geometry = d.geometry.validated();
+  d.slot_bytes = number(d.manifest, "slot_bytes");
+  d.slots = number(d.manifest, "ssd_slots");
+  d.slots_per_file = number(d.manifest, "slots_per_file");
+  d.header_bytes = format::header_bytes(d.geometry.tokens_per_block);
+  if (d.slot_bytes != format::slot_bytes(d.geometry) || d.slots_per_file == 0)
+    throw std::runtime_error("MANIFEST slot_bytes/slots_per_file do not match its geometry: damaged");
+  if (!parse_hex128(d.manifest["model_id"], d.model)) throw std::runtime_error("MANIFEST model_id is damaged");
+  return d;
+}
+
+std::string file_name(std::uint64_t index) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "blocks-%04" PRIu64 ".dat", index);
+  return buf;
+}
+
+/// Reads slots in order, `bytes` of each (the header area, or the whole slot), through
+/// O_DIRECT where the file system has it (what is on the device, not in the page cache).
+class slot_reader {
+ public:
+  slot_reader(const store_dir& d, std::size_t bytes) : d_(d), bytes_(bytes) {
+    void* p = nullptr;
+    if (posix_memalign(&p, format::sector, bytes) != 0) throw std::bad_alloc();
+    buf_.reset(static_cast<std::byte*>(p));
+  }
+  ~slot_reader() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  /// The slot's bytes, or nullptr with `error` set (errno, or -1 for a short read).
+  const std::byte* read(std::uint64_t slot, int& error) {
+    const std::uint64_t file = slot / d_.slots_per_file;
+    if (file != file_ || fd_ < 0) {
+      if (fd_ >= 0) ::close(fd_);
+      file_ = file;
+      const std::string name = d_.path + "/" + file_name(file);
+      fd_ = ::open(name.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+      if (fd_ < 0) fd_ = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd_ < 0) {
+        error = errno;
+        return nullptr;
+      }
+    }
+    const off_t at = off_t((slot % d_.slots_per_file) * d_.slot_bytes);
+    const ssize_t got = ::pread(fd_, buf_.get(), bytes_, at);
+    if (got != ssize_t(bytes_)) {
+      error = got < 0 ? errno : -1;
+      return nullptr;
+    }
+    return buf_.get();
+  }
+
+ private:
+  struct free_deleter {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  const store_dir& d_;
+  std::size_t bytes_;
+  std::unique_ptr<std::byte, free_deleter> buf_;
+  int fd_ = -1;
+  std::uint64_t file_ = ~0ull;
+};
+
+struct session_summary {
+  std::uint64_t blocks = 0, superseded = 0, tokens = 0, oldest = ~0ull, newest = 0;
+  std::map<std::uint32_t, std::pair<std::uint64_t, std::uint32_t>> newest_copy;  // block -> (sequence, tokens)
+};
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+int inspect(const store_dir& d, bool json) {
+  slot_reader reader(d, d.header_bytes);
+  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model,
+                                        d.geometry.block_bytes(), ~std::uint64_t(0)};
+  std::map<std::string, session_summary> sessions;
+  std::uint64_t counts[5] = {}, unreadable = 0, oldest = ~0ull, newest = 0;
+  for (std::uint64_t s = 0; s < d.slots; ++s) {
+    int err = 0;
+    const std::byte* area = reader.read(s, err);
+    if (!area) {
+      ++unreadable;
+      continue;
+    }
+    format::block_header h;
+    const format::slot_verdict v = format::judge_slot(area, expect, false, &h);
+    ++counts[int(v)];
+    if (v != format::slot_verdict::ok) continue;
+    session_summary& ss = sessions[hex(h.session)];
+    ++ss.blocks;
+    ss.oldest = std::min(ss.oldest, h.sequence);
+    ss.newest = std::max(ss.newest, h.sequence);
+    oldest = std::min(oldest, h.sequence);
+    newest = std::max(newest, h.sequence);
+    auto& nc = ss.newest_copy[h.block_index];
+    if (nc.second == 0 || h.sequence > nc.first) {
+      if (nc.second != 0) ++ss.superseded;
+      nc = {h.sequence, h.token_count};
+    } else {
+      ++ss.superseded;
+    }
+  }
+  for (auto& [k, ss] : sessions)
+    for (auto& [b, c] : ss.newest_copy) ss.tokens += c.second;
+  std::uint64_t tombstones = 0;
+  if (std::FILE* f = std::fopen((d.path + "/TOMBSTONES").c_str(), "rb")) {
+    std::fseek(f, 0, SEEK_END);
+    tombstones = std::uint64_t(std::ftell(f)) / 24;
+    std::fclose(f);
+  }
+  const bool clean = ::access((d.path + "/CLEAN").c_str(), F_OK) == 0;
+  const std::uint64_t used = counts[int(format::slot_verdict::ok)];
+  const auto& g = d.geometry;
+  if (json) {
+    std::printf("{\"directory\": \"%s\", \"format_version\": %u, \"model_id\": \"%s\", \"geometry\": {\"num_layers\": %u, "
+                "\"num_kv_heads\": %u, \"head_dim\": %u, \"dtype\": \"%s\", \"tokens_per_block\": %u}, "
+                "\"slot_bytes\": %" PRIu64 ", \"slots\": %" PRIu64 ", \"blocks\": %" PRIu64 ", \"bytes\": %" PRIu64
+                ", \"empty_slots\": %" PRIu64 ", \"damaged_slots\": %" PRIu64 ", \"foreign_slots\": %" PRIu64
+                ", \"unreadable_slots\": %" PRIu64 ", \"tombstones\": %" PRIu64 ", \"clean_close\": %s, "
+                "\"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 ", \"sessions\": [",
+                json_escape(d.path).c_str(), format::format_version, hex(d.model).c_str(), g.num_layers,
+                g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block,
+                d.slot_bytes, d.slots, used, used * d.slot_bytes, counts[int(format::slot_verdict::empty)],
+                counts[int(format::slot_verdict::junk)], counts[int(format::slot_verdict::foreign)], unreadable,
+                tombstones, clean ? "true" : "false", used ? oldest : 0, newest);
+    bool comma = false;
+    for (const auto& [k, ss] : sessions) {
+      std::printf("%s{\"session\": \"%s\", \"blocks\": %" PRIu64 ", \"superseded\": %" PRIu64 ", \"tokens\": %" PRIu64
+                  ", \"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 "}",
+                  comma ? ", " : "", k.c_str(), ss.blocks, ss.superseded, ss.tokens, ss.oldest, ss.newest);
+      comma = true;
+    }
+    std::printf("]}\n");
+    return 0;
+  }
+  std::printf("store %s\n", d.path.c_str());
+  std::printf("  format version %u, model_id %s, last close %s\n", format::format_version, hex(d.model).c_str(),
+              clean ? "clean" : "not clean (the next open checks every payload)");
+  std::printf("  geometry: %u layers, %u KV heads x %u, %s, %u tokens per block (%.2f MiB per block)\n", g.num_layers,
+              g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block,
+              double(g.block_bytes()) / 1048576.0);
+  std::printf("  slots: %" PRIu64 " (%.2f GiB), %" PRIu64 " holding blocks (%.2f GiB), %" PRIu64 " empty, %" PRIu64
+              " damaged, %" PRIu64 " of another model, %" PRIu64 " unreadable; %" PRIu64 " tombstones\n",
+              d.slots, double(d.slots * d.slot_bytes) / 1073741824.0, used,
+              double(used * d.slot_bytes) / 1073741824.0, counts[int(format::slot_verdict::empty)],
+              counts[int(format::slot_verdict::junk)], counts[int(format::slot_verdict::foreign)], unreadable,
+              tombstones);
+  std::printf("  writes: oldest sequence %" PRIu64 ", newest %" PRIu64 " (sequences order every put)\n",
+              used ? oldest : 0, newest);
+  std::printf("  sessions: %zu (keyed hashes: ids are never stored)\n", sessions.size());
+  if (!sessions.empty()) {
+    std::printf("    %-34s %8s %10s %10s %12s %12s\n", "session", "blocks", "superseded", "tokens", "oldest seq",
+                "newest seq");
+    for (const auto& [k, ss] : sessions)
+      std::printf("    %-34s %8" PRIu64 " %10" PRIu64 " %10" PRIu64 " %12" PRIu64 " %12" PRIu64 "\n", k.c_str(),
+                  ss.blocks, ss.superseded, ss.tokens, ss.oldest, ss.newest);
+  }
+  return 0;
+}
+
+int verify(const store_dir& d, bool json) {
+  slot_reader reader(d, d.slot_bytes);
+  // Recovery also refuses puts larger than both tiers; the DRAM tier's size is not in
+  // the directory, so that one bound is left out here.
+  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model,
+                                        d.geometry.block_bytes(), ~std::uint64_t(0)};
+  const bool progress = !json && ::isatty(STDERR_FILENO);
+  std::uint64_t checked = 0, empty = 0;
+  std::vector<std::string> bad;
+  int last_percent = -1;
+  for (std::uint64_t s = 0; s < d.slots; ++s) {
+    int err = 0;
+    const std::byte* area = reader.read(s, err);
+    char where[96];
+    std::snprintf(where, sizeof where, "%s slot %" PRIu64 " (offset %" PRIu64 ")",
+                  file_name(s / d.slots_per_file).c_str(), s % d.slots_per_file,
+                  (s % d.slots_per_file) * d.slot_bytes);
+    if (!area) {
+      bad.push_back(std::string(where) + ": read error: " + (err > 0 ? std::strerror(err) : "short read"));
+      ++checked;
+    } else {
+      format::block_header h;
+      const format::slot_verdict v = format::judge_slot(area, expect, true, &h);
+      if (v == format::slot_verdict::empty) {
+        ++empty;
+      } else {
+        ++checked;
+        if (v != format::slot_verdict::ok) {
+          std::string name = std::string(where) + ": " + to_string(v);
+          if (v != format::slot_verdict::junk)
+            name += " (session " + hex(h.session) + ", block " + std::to_string(h.block_index) + ", sequence " +
+                    std::to_string(h.sequence) + ")";
+          bad.push_back(name);
+        }
+      }
+    }
+    const int percent = int((s + 1) * 100 / d.slots);
+    if (progress && percent != last_percent) {
+      last_percent = percent;
+      std::fprintf(stderr, "\rverify: %3d%% [%-50s] %" PRIu64 "/%" PRIu64 " slots", percent,
+                   std::string(std::size_t(percent / 2), '#').c_str(), s + 1, d.slots);
+    }
+  }
+  if (progress) std::fprintf(stderr, "\n");
+  if (json) {
+    std::printf("{\"directory\": \"%s\", \"slots\": %" PRIu64 ", \"empty_slots\": %" PRIu64 ", \"blocks_checked\": %" PRIu64
+                ", \"blocks_bad\": %zu, \"bad\": [",
+                json_escape(d.path).c_str(), d.slots, empty, checked, bad.size());
+    for (std::size_t i = 0; i < bad.size(); ++i) std::printf("%s\"%s\"", i ? ", " : "", json_escape(bad[i]).c_str());
+    std::printf("]}\n");
+  } else {
+    std::printf("verify %s: %" PRIu64 " blocks checked, %zu bad, %" PRIu64 " empty slots\n", d.path.c_str(), checked,
+                bad.size(), empty);
+    for (const auto& b : bad) std::printf("  bad: %s\n", b.c_str());
+  }
+  return bad.empty() ? 0 : 1;
+}
+
+void usage(std::FILE* to) {
+  std::fputs(
+      "attnstore: inspect and verify an attnstore store directory (offline)\n"
+      "  attnstore inspect DIR [--json]   model, geometry, sessions, blocks and bytes, oldest and newest writes\n"
+      "  attnstore verify DIR [--json]    read every slot whole and check it as recovery does;\n"
+      "                                   exit status 1 when any block is bad (each one is named)\n"
+      "Exit status: 0 fine, 1 bad blocks (verify), 2 usage error or not a readable store directory.\n",
+      to);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  bool json = false;
+  args.erase(std::remove_if(args.begin(), args.end(),
+                            [&](const std::string& a) { return a == "--json" ? (json = true) : false; }),
+             args.end());
+  if (args.size() == 1 && (args[0] == "--help" || args[0] == "-h")) {
+    usage(stdout);
+    return 0;
+  }
+  if (args.size() != 2 || (args[0] != "inspect" && args[0] != "verify")) {
+    usage(stderr);
+    return 2;
+  }
+  try {
+    const store_dir d = open_dir(args[1]);
+    return args[0] == "inspect" ? inspect(d, json) : verify(d, json);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "attnstore: %s\n", e.what());
+    return 2;
+  }
+}
