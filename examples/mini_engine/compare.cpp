@@ -8,9 +8,12 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 
 #include "driver.hpp"
+#include "metrics_server.hpp"
 
 namespace mini {
 
@@ -33,6 +36,19 @@ compare_result run_compare(const compare_options& o) {
   const std::uint32_t pages = std::uint32_t(4 * (max_tokens / page_size + 4));  // current + prefetched request + slack
 
   compare_result result;
+  // --metrics-port: the store in use (or the last one's final text) on 127.0.0.1.
+  std::mutex metrics_mutex;
+  const attnstore::store* metrics_store = nullptr;
+  std::string metrics_last;
+  std::unique_ptr<metrics_server> metrics;
+  if (o.metrics_port)
+    metrics = std::make_unique<metrics_server>(o.metrics_port, [&] {
+      std::lock_guard lock(metrics_mutex);
+      if (!metrics_store) return metrics_last;
+      std::string text;
+      metrics_store->metrics(text);
+      return text;
+    });
   std::vector<std::vector<std::vector<std::uint32_t>>> replies;
   std::vector<std::vector<std::pair<std::vector<float>, std::size_t>>> logits_by_mode;
   for (const auto& mode : o.modes) {
@@ -80,6 +96,8 @@ compare_result run_compare(const compare_options& o) {
       result.copy_backend = std::string(copier->name());
       result.io_backend = std::string(kv->io_backend_name());
       result.dram_pinning = std::string(kv->dram_pinning());
+      std::lock_guard lock(metrics_mutex);
+      metrics_store = kv.get();
     } else {
       throw std::invalid_argument("unknown mode '" + mode + "' (recompute, resident, store-dram, store-ssd)");
     }
@@ -126,9 +144,23 @@ compare_result run_compare(const compare_options& o) {
     replies.push_back(std::move(mode_replies));
     logits_by_mode.push_back({});
     for (const auto& t : result.runs.back().turns) logits_by_mode.back().push_back({t.first_logits, t.truncations});
+    if (kv) {
+      std::lock_guard lock(metrics_mutex);
+      metrics_last.clear();
+      kv->metrics(metrics_last);
+      metrics_store = nullptr;
+    }
     hk.reset();
     kv.reset();
     if (!dir.empty() && o.ssd_dir.empty()) std::filesystem::remove_all(dir);
+  }
+  if (metrics && o.metrics_hold) {
+    // A scraper (tests/metrics/test_scrape.py) waits for this line, then scrapes once.
+    const std::uint64_t before = metrics->served();
+    std::printf("\nmetrics: final on 127.0.0.1:%u/metrics\n", unsigned(o.metrics_port));
+    std::fflush(stdout);
+    for (int i = 0; i < 600 && metrics->served() == before; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   // Reuse against recompute over the same kept tokens, on truncated conversations.
   auto index_of = [&](const char* m) -> int {
@@ -173,7 +205,9 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
                  "usage: %s [--sessions N] [--turns N] [--first-tokens N] [--trace FILE.jsonl] [--model DIR]\n"
                  "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
                  "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--context N [--sink N]]\n"
-                 "          [--quiet] [--json]\n",
+                 "          [--quiet] [--json] [--metrics-port N [--metrics-hold]]\n"
+                 "  --metrics-port N: serve the store's metrics (Prometheus text) on 127.0.0.1:N/metrics;\n"
+                 "  --metrics-hold: at the end, wait (up to 60 s) until they are scraped once more\n",
                  argv[0]);
   };
   for (int i = 1; i < argc; ++i) {
@@ -213,6 +247,10 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
         o.sink_tokens = std::stoul(next());
       else if (a == "--json")
         o.verbose = false;
+      else if (a == "--metrics-port")
+        o.metrics_port = std::uint16_t(std::stoul(next()));
+      else if (a == "--metrics-hold")
+        o.metrics_hold = true;
       else if (a == "--modes") {
         o.modes.clear();
         std::string m = next();

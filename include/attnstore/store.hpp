@@ -350,6 +350,12 @@ class store {
   errc close() noexcept;
 
   store_stats stats() const noexcept;
+  /// Appends the store's metrics in the Prometheus text exposition format (0.0.4):
+  /// every stats() counter as attnstore_<name>_total, gauges (bytes per tier, sessions,
+  /// reads in flight), latency histograms in seconds (lookup, load by source tier, save,
+  /// SSD read and write batches, prefetch lead time). No HTTP inside: serve the text
+  /// from the engine's own endpoint. docs/operations.md lists every metric.
+  void metrics(std::string& out) const;
   const kv_geometry& geometry() const noexcept;
   const model_id& model() const noexcept;
   std::size_t block_bytes() const noexcept { return geometry().block_bytes(); }

@@ -10,26 +10,37 @@ store::~store() = default;
 session_hash store::session_of(const session_key& key) const noexcept { return impl_->session_of(key); }
 lookup_result store::lookup(const session_key& key, std::span<const token_id> prompt,
                             std::span<block_location> out) noexcept {
-  return impl_->lookup(key, prompt, out);
+  const std::uint64_t t0 = detail::steady_ns();
+  lookup_result r = impl_->lookup(key, prompt, out);
+  impl_->latencies_->lookup.observe(detail::steady_ns() - t0);
+  return r;
 }
 errc store::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                 std::span<const std::byte> blocks) noexcept {
-  return impl_->put(key, tokens, first_block, blocks);
+  const std::uint64_t t0 = detail::steady_ns();
+  const errc e = impl_->put(key, tokens, first_block, blocks);
+  impl_->latencies_->save.observe(detail::steady_ns() - t0);
+  return e;
 }
 get_result store::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
                       std::uint32_t block_count, std::span<std::byte> out) noexcept {
-  return impl_->get(key, prompt, first_block, block_count, out);
+  return impl_->timed_load([&] { return impl_->get(key, prompt, first_block, block_count, out); });
 }
 get_result store::acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
                           read_lease& lease) noexcept {
-  return impl_->acquire(key, prompt, views, lease);
+  return impl_->timed_load([&] { return impl_->acquire(key, prompt, views, lease); });
 }
 void store::end_lease(read_lease& lease) noexcept { impl_->end_lease(lease); }
 errc store::reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                     std::span<std::byte*> payloads, save_reservation& reservation) noexcept {
   return impl_->reserve(key, tokens, first_block, payloads, reservation);
 }
-errc store::commit(save_reservation& reservation) noexcept { return impl_->commit(reservation); }
+errc store::commit(save_reservation& reservation) noexcept {
+  const std::uint64_t t0 = detail::steady_ns();
+  const errc e = impl_->commit(reservation);
+  impl_->latencies_->save.observe(detail::steady_ns() - t0);
+  return e;
+}
 void store::abort(save_reservation& reservation) noexcept { impl_->abort(reservation); }
 errc store::drop(const session_key& key) noexcept { return impl_->drop(key); }
 errc store::pin(const session_key& key) noexcept { return impl_->pin(key); }
@@ -52,6 +63,7 @@ errc store::demote(const session_key& key) noexcept { return impl_->demote(key);
 errc store::flush() noexcept { return impl_->flush(); }
 errc store::close() noexcept { return impl_->close(); }
 store_stats store::stats() const noexcept { return impl_->stats(); }
+void store::metrics(std::string& out) const { impl_->write_metrics(out); }
 const kv_geometry& store::geometry() const noexcept { return impl_->geometry_; }
 const model_id& store::model() const noexcept { return impl_->model_; }
 std::string_view store::io_backend_name() const noexcept {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <algorithm>
@@ -25,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "attnstore/detail/latency_histogram.hpp"
 #include "attnstore/policy/predictive.hpp"
 #include "attnstore/policy/prefetcher.hpp"
 #include "attnstore/policy/watermark.hpp"
@@ -57,6 +59,16 @@ namespace detail {
 inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
   c.fetch_add(n, std::memory_order_relaxed);
 }
+/// Steady-clock nanoseconds: what the latency histograms measure (not config_.clock,
+/// which tests may stop).
+inline std::uint64_t steady_ns() noexcept {
+  return std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           std::chrono::steady_clock::now().time_since_epoch())
+                           .count());
+}
+/// SSD read batches this thread has run: store.cpp tells a load served from SSD from
+/// one served from DRAM by whether it moved.
+inline thread_local std::uint64_t ssd_read_batches = 0;
 std::string hex128(const hash128& h);
 }  // namespace detail
 
@@ -239,6 +251,25 @@ struct store::impl {
   std::int32_t staging_buffer_base_ = 0;  // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
+  /// Latency histograms (store::metrics). lookup/load/save are timed in store.cpp
+  /// around the public calls; SSD batches and the prefetch lead time here.
+  struct latencies {
+    detail::latency_histogram lookup, load_dram, load_ssd, save, ssd_read, ssd_write, prefetch_lead;
+  };
+  std::unique_ptr<latencies> latencies_ = std::make_unique<latencies>();
+  /// Per record: when a prefetch last made it resident (steady ns), 0 once a load used it.
+  std::unique_ptr<std::atomic<std::uint64_t>[]> prefetched_at_;
+  void write_metrics(std::string& out) const;
+  /// Times one load into the histogram of the tier it was served from: SSD when this
+  /// thread ran an SSD read batch meanwhile.
+  template <class Load>
+  get_result timed_load(Load&& load) noexcept {
+    const std::uint64_t t0 = detail::steady_ns(), batches = detail::ssd_read_batches;
+    get_result r = load();
+    (detail::ssd_read_batches != batches ? latencies_->load_ssd : latencies_->load_dram)
+        .observe(detail::steady_ns() - t0);
+    return r;
+  }
   struct free_deleter {
     void operator()(void* p) const noexcept { std::free(p); }
   };

@@ -101,6 +101,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   if (!zeros_) throw std::bad_alloc();
   std::memset(zeros_.get(), 0, slot_bytes_);
   counters_ = std::make_unique<counters>();
+  prefetched_at_ = std::make_unique<std::atomic<std::uint64_t>[]>(config_.max_sessions);
 
   std::uint32_t ssd_slots = 0;
   if (!config_.ssd_directory.empty()) {

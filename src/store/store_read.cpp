@@ -164,7 +164,10 @@ void store::impl::read_ssd_batch(ssd_read_batch& rb) noexcept {
   };
   // Each request's result is set whatever execute() returns; a request whose callback
   // did not run keeps its failed verdict.
+  const std::uint64_t t0 = detail::steady_ns();
   (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
+  latencies_->ssd_read.observe(detail::steady_ns() - t0);
+  ++detail::ssd_read_batches;
   for (std::size_t i = 0; i < rb.count; ++i) {
     if (rb.reqs[i].result == std::int32_t(slot_bytes_))
       detail::bump(counters_->ssd_bytes_read, slot_bytes_);
@@ -188,6 +191,10 @@ void store::impl::give_back_read_buffer(const ssd_read_batch& rb, std::size_t i)
 get_result store::impl::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
                                      std::uint32_t block_count, std::span<std::byte> out,
                                      std::span<block_view> views, std::uint32_t* leased_slots) noexcept {
+  // A load of a session a prefetch made resident: how long ahead of its turn it was.
+  if (prefetched_at_)
+    if (const std::uint64_t at = prefetched_at_[s.record_id()].exchange(0, std::memory_order_relaxed))
+      latencies_->prefetch_lead.observe(detail::steady_ns() - at);
   // Two modes: copy blocks into `out` (get), or make them resident in DRAM and describe
   // them in `views` and their slots in leased_slots (acquire: the caller leases them).
   const bool resident = out.empty();
