@@ -16,6 +16,7 @@
 //   BM_Memcpy/<kib>                      memcpy of the same blocks: the DRAM limit
 //   BM_Lookup, BM_LookupCold             lookup of an 8192-token prompt, 256 tokens per
 //                                        block (one session; 1024 sessions in turn)
+//   BM_MetricsPerCall                    what the latency histograms add to each call
 //
 // Block sizes: SSD 1024, 256, 64 KiB at QD 32; DRAM 4096, 1024, 256 and 4 KiB (4 KiB:
 // the copy is negligible, so the time per block is the per-block overhead).
@@ -37,6 +38,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -47,6 +49,7 @@
 #include <string>
 #include <vector>
 
+#include "attnstore/detail/latency_histogram.hpp"
 #include "attnstore/store.hpp"
 
 namespace {
@@ -673,6 +676,19 @@ void lookup_bench(benchmark::State& state, bool cold) {
 void BM_Lookup(benchmark::State& state) { lookup_bench(state, false); }
 void BM_LookupCold(benchmark::State& state) { lookup_bench(state, true); }
 
+// What store::metrics adds to every timed call (lookup, get, acquire, put, commit): two
+// detail::ticks() reads (the TSC) and one histogram observation. Divided by a figure's per-call
+// time it bounds the metrics' share of that figure (docs/benchmarks.md).
+void BM_MetricsPerCall(benchmark::State& state) {
+  static attnstore::detail::latency_histogram h;
+  for (auto _ : state) {
+    const std::uint64_t t0 = attnstore::detail::ticks();
+    benchmark::ClobberMemory();
+    h.observe_ticks(attnstore::detail::ticks() - t0);
+  }
+  state.SetItemsProcessed(std::int64_t(state.iterations()));
+}
+
 // ---------------------------------------------------------------- registration
 // Adjacent order: each store figure runs right after its limit (the shared disk drifts).
 
@@ -709,6 +725,7 @@ void register_all() {
   }
   benchmark::RegisterBenchmark("BM_Lookup", BM_Lookup)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("BM_LookupCold", BM_LookupCold)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("BM_MetricsPerCall", BM_MetricsPerCall)->Unit(benchmark::kNanosecond);
 }
 
 // The SSD benchmarks measure wall-clock time (UseRealTime: they wait on the device, and

@@ -10,16 +10,16 @@ store::~store() = default;
 session_hash store::session_of(const session_key& key) const noexcept { return impl_->session_of(key); }
 lookup_result store::lookup(const session_key& key, std::span<const token_id> prompt,
                             std::span<block_location> out) noexcept {
-  const std::uint64_t t0 = detail::steady_ns();
+  const std::uint64_t t0 = detail::ticks();
   lookup_result r = impl_->lookup(key, prompt, out);
-  impl_->latencies_->lookup.observe(detail::steady_ns() - t0);
+  impl_->latencies_->lookup.observe_ticks(detail::ticks() - t0);
   return r;
 }
 errc store::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                 std::span<const std::byte> blocks) noexcept {
-  const std::uint64_t t0 = detail::steady_ns();
+  const std::uint64_t t0 = detail::ticks();
   const errc e = impl_->put(key, tokens, first_block, blocks);
-  impl_->latencies_->save.observe(detail::steady_ns() - t0);
+  impl_->latencies_->save.observe_ticks(detail::ticks() - t0);
   return e;
 }
 get_result store::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
@@ -36,9 +36,9 @@ errc store::reserve(const session_key& key, std::span<const token_id> tokens, st
   return impl_->reserve(key, tokens, first_block, payloads, reservation);
 }
 errc store::commit(save_reservation& reservation) noexcept {
-  const std::uint64_t t0 = detail::steady_ns();
+  const std::uint64_t t0 = detail::ticks();
   const errc e = impl_->commit(reservation);
-  impl_->latencies_->save.observe(detail::steady_ns() - t0);
+  impl_->latencies_->save.observe_ticks(detail::ticks() - t0);
   return e;
 }
 void store::abort(save_reservation& reservation) noexcept { impl_->abort(reservation); }

@@ -264,10 +264,10 @@ struct store::impl {
   /// thread ran an SSD read batch meanwhile.
   template <class Load>
   get_result timed_load(Load&& load) noexcept {
-    const std::uint64_t t0 = detail::steady_ns(), batches = detail::ssd_read_batches;
+    const std::uint64_t t0 = detail::ticks(), batches = detail::ssd_read_batches;
     get_result r = load();
     (detail::ssd_read_batches != batches ? latencies_->load_ssd : latencies_->load_dram)
-        .observe(detail::steady_ns() - t0);
+        .observe_ticks(detail::ticks() - t0);
     return r;
   }
   struct free_deleter {

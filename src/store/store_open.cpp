@@ -102,6 +102,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   std::memset(zeros_.get(), 0, slot_bytes_);
   counters_ = std::make_unique<counters>();
   prefetched_at_ = std::make_unique<std::atomic<std::uint64_t>[]>(config_.max_sessions);
+  (void)detail::ns_per_tick();  // calibrated here (once per process), not on a request's path
 
   std::uint32_t ssd_slots = 0;
   if (!config_.ssd_directory.empty()) {

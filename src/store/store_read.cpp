@@ -164,9 +164,9 @@ void store::impl::read_ssd_batch(ssd_read_batch& rb) noexcept {
   };
   // Each request's result is set whatever execute() returns; a request whose callback
   // did not run keeps its failed verdict.
-  const std::uint64_t t0 = detail::steady_ns();
+  const std::uint64_t t0 = detail::ticks();
   (void)device_->execute(std::span(rb.reqs, rb.count), config_.queue_depth, verify_one, &rb);
-  latencies_->ssd_read.observe(detail::steady_ns() - t0);
+  latencies_->ssd_read.observe_ticks(detail::ticks() - t0);
   ++detail::ssd_read_batches;
   for (std::size_t i = 0; i < rb.count; ++i) {
     if (rb.reqs[i].result == std::int32_t(slot_bytes_))

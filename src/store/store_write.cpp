@@ -39,9 +39,9 @@ errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint3
                            dram_->region_of(m.dram_slot),
                            0};
     }
-    const std::uint64_t t0 = detail::steady_ns();
+    const std::uint64_t t0 = detail::ticks();
     errc e = device_->execute(std::span(reqs, n), config_.queue_depth);
-    latencies_->ssd_write.observe(detail::steady_ns() - t0);
+    latencies_->ssd_write.observe_ticks(detail::ticks() - t0);
     if (e != errc::ok && first == errc::ok) first = e;
     for (std::size_t i = 0; i < n; ++i) {
       results[base + i] = reqs[i].result;
