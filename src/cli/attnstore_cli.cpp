@@ -6,9 +6,14 @@
 //   attnstore verify DIR [--json]    reads every slot whole and judges it with the rule
 //                                    recovery uses (format::judge_slot); exit status 1 when
 //                                    any block is bad, naming each one
+//   attnstore drop DIR --session TENANT/SESSION
+//                                    erases one session's blocks (every slot holding one is
+//                                    zeroed whole and synced, as store::drop does)
 //
-// Exit status: 0 fine, 1 bad blocks found (verify), 2 usage error or unreadable directory.
+// Exit status: 0 fine, 1 bad blocks found (verify) or an erase failed (drop), 2 usage
+// error or unreadable directory.
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,6 +30,7 @@
 
 #include "attnstore/format/block_header.hpp"
 #include "attnstore/format/manifest.hpp"
+#include "attnstore/hash.hpp"
 
 namespace {
 
@@ -34,7 +40,7 @@ struct store_dir {
   std::string path;
   std::map<std::string, std::string> manifest;
   kv_geometry geometry;
-  hash128 model{};
+  hash128 model{}, secret{};
   std::uint64_t slots = 0, slots_per_file = 0, slot_bytes = 0, header_bytes = 0;
 };
 
@@ -77,6 +83,7 @@ store_dir open_dir(const std::string& path) {
   if (d.slot_bytes != format::slot_bytes(d.geometry) || d.slots_per_file == 0)
     throw std::runtime_error("MANIFEST slot_bytes/slots_per_file do not match its geometry: damaged");
   if (!parse_hex128(d.manifest["model_id"], d.model)) throw std::runtime_error("MANIFEST model_id is damaged");
+  if (!parse_hex128(d.manifest["secret"], d.secret)) throw std::runtime_error("MANIFEST secret is damaged");
   return d;
 }
 
@@ -293,12 +300,99 @@ int verify(const store_dir& d, bool json) {
   return bad.empty() ? 0 : 1;
 }
 
+/// flock(LOCK_EX) within 3 s: a store that just closed may still hold its data files'
+/// locks for a moment (the kernel tears its io_uring down asynchronously), as
+/// ssd_space's own open allows for.
+bool lock_within(int fd) {
+  for (int i = 0; i < 300; ++i) {
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return true;
+    if (errno != EWOULDBLOCK) return false;
+    ::usleep(10000);
+  }
+  return false;
+}
+
+/// Zeroes every slot holding a block of the session (whole slots: KV and token ids),
+/// then syncs each file touched. The store must not have the directory open (its
+/// lock, flock on the slot files, is taken here too, so a running store refuses this).
+int drop(const store_dir& d, const std::string& id) {
+  const auto slash = id.find('/');
+  if (slash == std::string::npos) throw std::invalid_argument("--session takes TENANT/SESSION");
+  const std::string tenant = id.substr(0, slash), session = id.substr(slash + 1);
+  const hash128 key = hash_session(session_key{tenant, session}, d.secret).value;
+  // The store's own lock first: a store that has the directory open holds it.
+  const int lock = ::open((d.path + "/LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock < 0 || !lock_within(lock)) {
+    if (lock >= 0) ::close(lock);
+    throw std::runtime_error(d.path + " is locked: a store has it open; drop the session through the store");
+  }
+  struct unlock {
+    int fd;
+    ~unlock() { ::close(fd); }
+  } held{lock};
+  slot_reader reader(d, d.header_bytes);
+  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model,
+                                        d.geometry.block_bytes(), ~std::uint64_t(0)};
+  std::vector<std::uint64_t> victims;
+  std::uint64_t unreadable = 0;
+  for (std::uint64_t s = 0; s < d.slots; ++s) {
+    int err = 0;
+    const std::byte* area = reader.read(s, err);
+    if (!area) {
+      ++unreadable;
+      continue;
+    }
+    format::block_header h;
+    const format::slot_verdict v = format::judge_slot(area, expect, false, &h);
+    if ((v == format::slot_verdict::ok || v == format::slot_verdict::bad_payload) && h.session == key)
+      victims.push_back(s);
+  }
+  void* zeros = nullptr;
+  if (posix_memalign(&zeros, format::sector, d.slot_bytes) != 0) throw std::bad_alloc();
+  std::memset(zeros, 0, d.slot_bytes);
+  std::map<std::uint64_t, int> files;  // file index -> fd (locked)
+  int failed = 0;
+  for (std::uint64_t s : victims) {
+    const std::uint64_t f = s / d.slots_per_file;
+    if (!files.count(f)) {
+      const std::string name = d.path + "/" + file_name(f);
+      int fd = ::open(name.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+      if (fd < 0) fd = ::open(name.c_str(), O_RDWR | O_CLOEXEC);
+      if (fd >= 0 && !lock_within(fd)) {
+        ::close(fd);
+        std::free(zeros);
+        throw std::runtime_error(name + " is locked: a store has this directory open; drop through it instead");
+      }
+      files[f] = fd;
+    }
+    const int fd = files[f];
+    if (fd < 0 || ::pwrite(fd, zeros, d.slot_bytes, off_t((s % d.slots_per_file) * d.slot_bytes)) !=
+                      ssize_t(d.slot_bytes)) {
+      std::fprintf(stderr, "attnstore: cannot erase %s slot %" PRIu64 ": %s\n", file_name(f).c_str(),
+                   s % d.slots_per_file, std::strerror(errno));
+      ++failed;
+    }
+  }
+  for (auto& [f, fd] : files) {
+    if (fd >= 0 && ::fdatasync(fd) != 0) ++failed;
+    if (fd >= 0) ::close(fd);
+  }
+  std::free(zeros);
+  std::printf("drop %s: session %s: %zu blocks erased%s", d.path.c_str(), hex(key).c_str(),
+              victims.size() - std::size_t(failed > 0 ? failed : 0), failed ? ", some could not be" : "");
+  if (unreadable) std::printf(" (%" PRIu64 " slots could not be read: run verify)", unreadable);
+  std::printf("\n");
+  return failed || unreadable ? 1 : 0;
+}
+
 void usage(std::FILE* to) {
   std::fputs(
       "attnstore: inspect and verify an attnstore store directory (offline)\n"
       "  attnstore inspect DIR [--json]   model, geometry, sessions, blocks and bytes, oldest and newest writes\n"
       "  attnstore verify DIR [--json]    read every slot whole and check it as recovery does;\n"
       "                                   exit status 1 when any block is bad (each one is named)\n"
+      "  attnstore drop DIR --session TENANT/SESSION\n"
+      "                                   erase one session's blocks (zeroed whole, synced)\n"
       "Exit status: 0 fine, 1 bad blocks (verify), 2 usage error or not a readable store directory.\n",
       to);
 }
@@ -308,19 +402,31 @@ void usage(std::FILE* to) {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   bool json = false;
-  args.erase(std::remove_if(args.begin(), args.end(),
-                            [&](const std::string& a) { return a == "--json" ? (json = true) : false; }),
-             args.end());
+  std::string session;
+  for (std::size_t i = 0; i < args.size();) {
+    if (args[i] == "--json") {
+      json = true;
+      args.erase(args.begin() + long(i));
+    } else if (args[i] == "--session" && i + 1 < args.size()) {
+      session = args[i + 1];
+      args.erase(args.begin() + long(i), args.begin() + long(i) + 2);
+    } else {
+      ++i;
+    }
+  }
   if (args.size() == 1 && (args[0] == "--help" || args[0] == "-h")) {
     usage(stdout);
     return 0;
   }
-  if (args.size() != 2 || (args[0] != "inspect" && args[0] != "verify")) {
+  const bool known = args.size() == 2 && (args[0] == "inspect" || args[0] == "verify" ||
+                                          (args[0] == "drop" && !session.empty()));
+  if (!known) {
     usage(stderr);
     return 2;
   }
   try {
     const store_dir d = open_dir(args[1]);
+    if (args[0] == "drop") return drop(d, session);
     return args[0] == "inspect" ? inspect(d, json) : verify(d, json);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "attnstore: %s\n", e.what());

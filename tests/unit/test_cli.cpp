@@ -128,3 +128,26 @@ TEST_CASE("cli: refuses what is not a store, and bad usage", "[cli]") {
   CHECK(run_cli("").status == 2);
   CHECK(run_cli("--help").status == 0);
 }
+
+TEST_CASE("cli: drop erases one session offline and refuses a directory a store has open", "[cli]") {
+  temp_dir dir("cli-drop");
+  const std::vector<conversation> convs{{1, 100}, {2, 70}, {3, 33}};
+  {
+    store s(small_config(dir.str(), 16, 32));
+    for (const auto& c : convs) REQUIRE(put_all(s, c) == errc::ok);
+    // Open: the tool must not touch it.
+    CHECK(run_cli("drop " + dir.str() + " --session t/s1").status == 2);
+  }
+  run_result r = run_cli("drop " + dir.str() + " --session t/" + convs[0].name());
+  REQUIRE(r.status == 0);
+  CHECK(r.out.find(std::to_string(convs[0].blocks()) + " blocks erased") != std::string::npos);
+  CHECK(run_cli("drop " + dir.str() + " --session t/no-such-session").out.find(" 0 blocks erased") !=
+        std::string::npos);
+  CHECK(run_cli("drop " + dir.str() + " --session missing-slash").status == 2);
+  CHECK(run_cli("verify " + dir.str()).status == 0);  // erased slots are empty, not damaged
+  store s(small_config(dir.str(), 16, 32));
+  const auto toks = convs[0].toks();
+  CHECK(s.lookup({"t", convs[0].name()}, toks).tokens == 0);
+  require_exact(s, convs[1]);
+  require_exact(s, convs[2]);
+}
