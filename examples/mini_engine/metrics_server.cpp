@@ -25,6 +25,9 @@ metrics_server::metrics_server(std::uint16_t port, std::function<std::string()> 
     ::close(fd_);
     throw std::runtime_error("metrics: cannot listen on 127.0.0.1:" + std::to_string(port) + ": " + why);
   }
+  socklen_t len = sizeof addr;
+  ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+  port_ = ntohs(addr.sin_port);
   thread_ = std::thread([this] { loop(); });
 }
 

@@ -14,17 +14,20 @@ namespace mini {
 
 class metrics_server {
  public:
-  /// Listens on 127.0.0.1:port. Throws std::runtime_error when it cannot.
+  /// Listens on 127.0.0.1:port (0: any free port; port() says which). Throws
+  /// std::runtime_error when it cannot.
   metrics_server(std::uint16_t port, std::function<std::string()> body);
   ~metrics_server();
   metrics_server(const metrics_server&) = delete;
   metrics_server& operator=(const metrics_server&) = delete;
   /// Scrapes answered so far.
   std::uint64_t served() const noexcept { return served_.load(); }
+  std::uint16_t port() const noexcept { return port_; }
 
  private:
   void loop();
   int fd_ = -1;
+  std::uint16_t port_ = 0;
   std::function<std::string()> body_;
   std::atomic<bool> stop_{false};
   std::atomic<std::uint64_t> served_{0};

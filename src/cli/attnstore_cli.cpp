@@ -6,6 +6,10 @@
 //   attnstore verify DIR [--json]    reads every slot whole and judges it with the rule
 //                                    recovery uses (format::judge_slot); exit status 1 when
 //                                    any block is bad, naming each one
+//   attnstore stats URL|FILE|- [--json]
+//                                    a running engine's store metrics (store::metrics text,
+//                                    fetched from http://HOST:PORT/PATH or read from a file)
+//                                    summed up: hit ratio, tiers, latency quantiles, errors
 //   attnstore drop DIR --session TENANT/SESSION
 //                                    erases one session's blocks (every slot holding one is
 //                                    zeroed whole and synced, as store::drop does)
@@ -13,16 +17,22 @@
 // Exit status: 0 fine, 1 bad blocks found (verify) or an erase failed (drop), 2 usage
 // error or unreadable directory.
 #include <fcntl.h>
+#include <netdb.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iostream>
 #include <map>
+#include <sstream>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -385,12 +395,176 @@ int drop(const store_dir& d, const std::string& id) {
   return failed || unreadable ? 1 : 0;
 }
 
+// ---------------------------------------------------------------- stats
+
+/// GET http://host[:port]/path, HTTP/1.0 (the body ends at close). Throws on failure.
+std::string http_get(const std::string& url) {
+  const std::string rest = url.substr(7);
+  const auto slash = rest.find('/');
+  const std::string hostport = rest.substr(0, slash), path = slash == std::string::npos ? "/" : rest.substr(slash);
+  const auto colon = hostport.rfind(':');
+  const std::string host = hostport.substr(0, colon), port = colon == std::string::npos ? "80" : hostport.substr(colon + 1);
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_socktype = SOCK_STREAM;
+  if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || !res)
+    throw std::runtime_error("cannot resolve " + hostport);
+  const int fd = ::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+  const bool connected = fd >= 0 && ::connect(fd, res->ai_addr, res->ai_addrlen) == 0;
+  ::freeaddrinfo(res);
+  if (!connected) {
+    if (fd >= 0) ::close(fd);
+    throw std::runtime_error("cannot connect to " + hostport + ": " + std::strerror(errno));
+  }
+  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: " + hostport + "\r\nAccept: text/plain\r\n\r\n";
+  if (::write(fd, req.data(), req.size()) != ssize_t(req.size())) {
+    ::close(fd);
+    throw std::runtime_error("cannot send the request to " + hostport);
+  }
+  std::string reply;
+  char buf[65536];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) reply.append(buf, std::size_t(n));
+  ::close(fd);
+  const auto body = reply.find("\r\n\r\n");
+  if (reply.rfind("HTTP/1.", 0) != 0 || body == std::string::npos || reply.find(" 200 ") > reply.find("\r\n"))
+    throw std::runtime_error(url + " did not answer 200 OK");
+  return reply.substr(body + 4);
+}
+
+/// The samples of a text exposition: "name{labels}" -> value.
+std::map<std::string, double> parse_exposition(const std::string& text) {
+  std::map<std::string, double> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    const auto space = line.rfind(' ');
+    if (space == std::string::npos) continue;
+    out[line.substr(0, space)] = std::strtod(line.c_str() + space + 1, nullptr);
+  }
+  return out;
+}
+
+/// histogram_quantile as Prometheus computes it: linear within the bucket holding the
+/// rank. `series` is "name" or "name{labels,"; NaN when the histogram is empty.
+double quantile(const std::map<std::string, double>& m, const std::string& name, const std::string& labels, double q) {
+  std::vector<std::pair<double, double>> buckets;  // (upper bound, cumulative count)
+  const std::string prefix = name + "_bucket{" + (labels.empty() ? "" : labels + ",") + "le=\"";
+  for (auto it = m.lower_bound(prefix); it != m.end() && it->first.rfind(prefix, 0) == 0; ++it) {
+    const std::string le = it->first.substr(prefix.size(), it->first.size() - prefix.size() - 2);
+    buckets.push_back({le == "+Inf" ? INFINITY : std::strtod(le.c_str(), nullptr), it->second});
+  }
+  std::sort(buckets.begin(), buckets.end());
+  if (buckets.empty() || buckets.back().second <= 0) return NAN;
+  const double rank = q * buckets.back().second;
+  double lower = 0, below = 0;
+  for (const auto& [le, count] : buckets) {
+    if (count >= rank) {
+      if (std::isinf(le)) return lower;  // beyond the last finite bound: report that bound
+      return lower + (le - lower) * (count > below ? (rank - below) / (count - below) : 0);
+    }
+    lower = le;
+    below = count;
+  }
+  return lower;
+}
+
+int stats(const std::string& source, bool json) {
+  std::string text;
+  if (source.rfind("http://", 0) == 0) {
+    text = http_get(source);
+  } else if (source == "-") {
+    std::ostringstream ss;
+    ss << std::cin.rdbuf();
+    text = ss.str();
+  } else {
+    std::ifstream f(source);
+    if (!f) throw std::runtime_error("cannot read " + source);
+    std::ostringstream ss;
+    ss << f.rdbuf();
+    text = ss.str();
+  }
+  const auto m = parse_exposition(text);
+  auto v = [&](const std::string& k) {
+    auto it = m.find(k);
+    return it == m.end() ? 0.0 : it->second;
+  };
+  if (!m.count("attnstore_lookups_total")) throw std::runtime_error(source + " holds no attnstore metrics");
+  const double lookups = v("attnstore_lookups_total"), hits = v("attnstore_lookup_hits_total");
+  const double dram_blocks = v("attnstore_blocks_served_dram_total"), ssd_blocks = v("attnstore_blocks_served_ssd_total");
+  const double errors = v("attnstore_checksum_failures_total") + v("attnstore_io_errors_total") +
+                        v("attnstore_quarantined_slots_total") + v("attnstore_quarantined_buffers_total");
+  struct q3 {
+    const char* label;
+    std::string name, labels;
+  };
+  const q3 lat[] = {{"lookup", "attnstore_lookup_seconds", ""},
+                    {"load from DRAM", "attnstore_load_seconds", "source=\"dram\""},
+                    {"load from SSD", "attnstore_load_seconds", "source=\"ssd\""},
+                    {"save", "attnstore_save_seconds", ""},
+                    {"SSD read batch", "attnstore_ssd_read_seconds", ""},
+                    {"SSD write batch", "attnstore_ssd_write_seconds", ""},
+                    {"prefetch lead", "attnstore_prefetch_lead_seconds", ""}};
+  auto pct = [](double a, double b) { return b > 0 ? 100.0 * a / b : 0.0; };
+  if (json) {
+    std::printf("{\"lookups\": %.0f, \"hit_ratio\": %.6f, \"loads\": %.0f, \"ssd_block_share\": %.6f, "
+                "\"saves\": %.0f, \"save_failures\": %.0f, \"dram_used_ratio\": %.6f, \"ssd_used_ratio\": %.6f, "
+                "\"sessions\": %.0f, \"errors\": %.0f, \"latency_seconds\": {",
+                lookups, lookups > 0 ? hits / lookups : 0.0, v("attnstore_gets_total"),
+                dram_blocks + ssd_blocks > 0 ? ssd_blocks / (dram_blocks + ssd_blocks) : 0.0,
+                v("attnstore_puts_total"), v("attnstore_put_failed_total"),
+                v("attnstore_dram_capacity_bytes") > 0 ? v("attnstore_dram_used_bytes") / v("attnstore_dram_capacity_bytes") : 0.0,
+                v("attnstore_ssd_capacity_bytes") > 0 ? v("attnstore_ssd_used_bytes") / v("attnstore_ssd_capacity_bytes") : 0.0,
+                v("attnstore_sessions"), errors);
+    bool comma = false;
+    for (const q3& l : lat) {
+      const double p50 = quantile(m, l.name, l.labels, 0.5), p99 = quantile(m, l.name, l.labels, 0.99);
+      if (std::isnan(p50)) continue;
+      std::printf("%s\"%s\": {\"p50\": %.9f, \"p99\": %.9f}", comma ? ", " : "", l.label, p50, p99);
+      comma = true;
+    }
+    std::printf("}}\n");
+    return 0;
+  }
+  std::printf("attnstore stats from %s\n", source.c_str());
+  std::printf("  lookups %.0f, hit ratio %.1f %% (%.0f tokens reusable)\n", lookups, pct(hits, lookups),
+              v("attnstore_tokens_reusable_total"));
+  std::printf("  loads %.0f: %.0f blocks from DRAM, %.0f from SSD (%.1f %% SSD)\n", v("attnstore_gets_total"),
+              dram_blocks, ssd_blocks, pct(ssd_blocks, dram_blocks + ssd_blocks));
+  std::printf("  saves %.0f (%.0f blocks), %.0f rejected, %.0f failed; %.0f no-space\n", v("attnstore_puts_total"),
+              v("attnstore_put_blocks_total"), v("attnstore_put_rejected_total"), v("attnstore_put_failed_total"),
+              v("attnstore_no_space_total"));
+  std::printf("  DRAM %.1f %% of %.2f GiB, SSD %.1f %% of %.2f GiB, %.0f sessions\n",
+              pct(v("attnstore_dram_used_bytes"), v("attnstore_dram_capacity_bytes")),
+              v("attnstore_dram_capacity_bytes") / 1073741824.0,
+              pct(v("attnstore_ssd_used_bytes"), v("attnstore_ssd_capacity_bytes")),
+              v("attnstore_ssd_capacity_bytes") / 1073741824.0, v("attnstore_sessions"));
+  std::printf("  prefetch: %.0f started, %.0f completed, %.0f cancelled; %.0f sessions evicted, %.0f expired\n",
+              v("attnstore_prefetch_started_total"), v("attnstore_prefetch_completed_total"),
+              v("attnstore_prefetch_cancelled_total"), v("attnstore_evicted_sessions_total"),
+              v("attnstore_expired_sessions_total"));
+  std::printf("  latency (p50 / p99):\n");
+  for (const q3& l : lat) {
+    const double p50 = quantile(m, l.name, l.labels, 0.5), p99 = quantile(m, l.name, l.labels, 0.99);
+    if (std::isnan(p50))
+      std::printf("    %-16s -\n", l.label);
+    else
+      std::printf("    %-16s %10.1f us / %10.1f us\n", l.label, p50 * 1e6, p99 * 1e6);
+  }
+  std::printf("  errors: %.0f checksum failures, %.0f I/O errors, %.0f quarantined slots, %.0f quarantined buffers%s\n",
+              v("attnstore_checksum_failures_total"), v("attnstore_io_errors_total"),
+              v("attnstore_quarantined_slots_total"), v("attnstore_quarantined_buffers_total"),
+              errors > 0 ? "  <- look at the device (docs/operations.md)" : "");
+  return 0;
+}
+
 void usage(std::FILE* to) {
   std::fputs(
       "attnstore: inspect and verify an attnstore store directory (offline)\n"
       "  attnstore inspect DIR [--json]   model, geometry, sessions, blocks and bytes, oldest and newest writes\n"
       "  attnstore verify DIR [--json]    read every slot whole and check it as recovery does;\n"
       "                                   exit status 1 when any block is bad (each one is named)\n"
+      "  attnstore stats URL|FILE|- [--json]\n"
+      "                                   a running engine's metrics (http://HOST:PORT/metrics) summed up\n"
       "  attnstore drop DIR --session TENANT/SESSION\n"
       "                                   erase one session's blocks (zeroed whole, synced)\n"
       "Exit status: 0 fine, 1 bad blocks (verify), 2 usage error or not a readable store directory.\n",
@@ -418,13 +592,14 @@ int main(int argc, char** argv) {
     usage(stdout);
     return 0;
   }
-  const bool known = args.size() == 2 && (args[0] == "inspect" || args[0] == "verify" ||
+  const bool known = args.size() == 2 && (args[0] == "inspect" || args[0] == "verify" || args[0] == "stats" ||
                                           (args[0] == "drop" && !session.empty()));
   if (!known) {
     usage(stderr);
     return 2;
   }
   try {
+    if (args[0] == "stats") return stats(args[1], json);
     const store_dir d = open_dir(args[1]);
     if (args[0] == "drop") return drop(d, session);
     return args[0] == "inspect" ? inspect(d, json) : verify(d, json);

@@ -10,7 +10,10 @@
 #include <cstdio>
 #include <string>
 
+#include <fstream>
+
 #include "attnstore/format/block_header.hpp"
+#include "metrics_server.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
 
@@ -150,4 +153,47 @@ TEST_CASE("cli: drop erases one session offline and refuses a directory a store 
   CHECK(s.lookup({"t", convs[0].name()}, toks).tokens == 0);
   require_exact(s, convs[1]);
   require_exact(s, convs[2]);
+}
+
+TEST_CASE("cli: stats sums up a running engine's metrics, from a file and over HTTP", "[cli]") {
+  temp_dir dir("cli-stats");
+  store s(small_config(dir.str(), 16, 32));
+  const conversation a{1, 100}, b{2, 70};
+  REQUIRE(put_all(s, a) == errc::ok);
+  REQUIRE(put_all(s, b) == errc::ok);
+  const auto ta = a.toks();
+  for (int i = 0; i < 3; ++i) (void)s.lookup({"t", a.name()}, ta);
+  (void)s.lookup({"t", "nobody"}, ta);  // 3 hits, 1 miss
+  require_exact(s, a);
+  REQUIRE(s.demote({"t", b.name()}) == errc::ok);
+  require_exact(s, b);  // from SSD
+  std::string text;
+  s.metrics(text);
+  const std::string file = dir.str() + "/metrics.txt";
+  std::ofstream(file) << text;
+
+  run_result j = run_cli("stats " + file + " --json");
+  REQUIRE(j.status == 0);
+  CHECK(json_number(j.out, "lookups") == 4);
+  CHECK(j.out.find("\"hit_ratio\": 0.750000") != std::string::npos);
+  CHECK(json_number(j.out, "saves") == 2);
+  CHECK(j.out.find("\"load from SSD\": {\"p50\": ") != std::string::npos);
+  CHECK(j.out.find("\"ssd_block_share\": 0.") != std::string::npos);
+  run_result h = run_cli("stats " + file);
+  CHECK(h.status == 0);
+  CHECK(h.out.find("hit ratio 75.0 %") != std::string::npos);
+  CHECK(h.out.find("0 checksum failures") != std::string::npos);
+
+  // Over loopback HTTP, as from a running engine's endpoint.
+  mini::metrics_server server(0, [&] {
+    std::string t;
+    s.metrics(t);
+    return t;
+  });
+  run_result web = run_cli("stats http://127.0.0.1:" + std::to_string(server.port()) + "/metrics --json");
+  CHECK(web.status == 0);
+  CHECK(json_number(web.out, "lookups") == 4);
+  CHECK(server.served() == 1);
+  CHECK(run_cli("stats http://127.0.0.1:" + std::to_string(server.port()) + "/nothing").status == 2);  // 404
+  CHECK(run_cli("stats " + dir.str() + "/missing.txt").status == 2);
 }
