@@ -89,6 +89,7 @@ void store::impl::erase_record(locked_session& s) noexcept {
     policy_->on_erase(rec);
     set_held_locked(rec, 0);
   }
+  prefetched_at_[s.record_id()].store(0, std::memory_order_relaxed);  // its next session was not prefetched
   s.erase();
 }
 
