@@ -222,6 +222,9 @@ struct cuda_fixture {
     benchmark::AddCustomContext("backend_load_GBps", std::to_string(gbps(session_bytes, backend_load_us)));
     benchmark::AddCustomContext("hooks_load_GBps", std::to_string(gbps(session_bytes, hooks_load_us)));
     benchmark::AddCustomContext("commit_us", std::to_string(commit_us));
+    benchmark::AddCustomContext("hash_kernel", std::string(hash_kernel_name()));
+    const char* verify = std::getenv("ATTNSTORE_BENCH_VERIFY_DRAM");
+    benchmark::AddCustomContext("verify_dram_reads", verify && std::string(verify) == "0" ? "off" : "on");
     benchmark::AddCustomContext("segments_per_session", std::to_string(segs[0].size()));
     std::fprintf(stderr,
                  "pipeline_bench cuda: %s, DRAM tier %s, %zu segments per session (%zu KiB each)\n"

@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -13,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "attnstore/hash.hpp"
 #include "attnstore/hooks.hpp"
 
 namespace pipeline {
@@ -47,6 +49,10 @@ struct bench_store {
     c.dram_bytes =
         (std::size_t(sessions) * history_tokens / tokens_per_block + extra_blocks) * format::slot_bytes(geometry);
     c.log = logger{&logger::quiet, nullptr};
+    // ATTNSTORE_BENCH_VERIFY_DRAM=0: loads from DRAM skip the payload checksum
+    // (store_config::verify_dram_reads), to measure what verification costs.
+    if (const char* v = std::getenv("ATTNSTORE_BENCH_VERIFY_DRAM"); v && std::string(v) == "0")
+      c.verify_dram_reads = false;
     kv = std::make_unique<store>(c);
     const std::size_t bb = kv->block_bytes();
     std::vector<std::byte> blocks(history_tokens / tokens_per_block * bb);
