@@ -8,9 +8,9 @@ async_requests::async_requests(store& kv, const async_options& options) : store_
   if (options.threads == 0) throw std::invalid_argument("async_options: threads is 0, need at least 1");
   if (options.max_requests == 0) throw std::invalid_argument("async_options: max_requests is 0, need at least 1");
   slots_.resize(options.max_requests);
-  for (slot& s : slots_) {  // ids of ordinary length are copied without allocating
-    s.tenant.reserve(256);
-    s.session.reserve(256);
+  for (slot& s : slots_) {  // ids are copied into these, never reallocated
+    s.tenant.reserve(max_key_bytes);
+    s.session.reserve(max_key_bytes);
   }
   queue_.resize(options.max_requests);
   for (unsigned t = 0; t < options.threads; ++t) threads_.emplace_back([this] { worker(); });
@@ -27,35 +27,25 @@ async_requests::~async_requests() {
 
 async_requests::slot* async_requests::find(std::uint64_t id) noexcept {
   for (slot& s : slots_)
-    if (s.state != slot_state::free && s.id == id) return &s;
+    if (s.state != slot_state::free && s.req.id == id) return &s;
   return nullptr;
 }
 
 errc async_requests::submit_load(std::uint64_t id, const session_key& key, std::span<const token_id> prompt,
                                  std::uint32_t first_block, std::uint32_t count, std::span<std::byte> out) noexcept {
   if (out.size() != std::size_t(count) * store_.block_bytes() || count == 0) return errc::invalid_argument;
-  slot r;
-  r.id = id;
-  r.kind = request_kind::load;
-  r.tokens = prompt;
-  r.first_block = first_block;
-  r.count = count;
-  r.out = out;
-  return submit_keyed(std::move(r), key);
+  return submit({id, request_kind::load, prompt, first_block, count, out, {}}, key);
 }
 
 errc async_requests::submit_save(std::uint64_t id, const session_key& key, std::span<const token_id> tokens,
                                  std::uint32_t first_block, std::span<const std::byte> blocks) noexcept {
-  slot r;
-  r.id = id;
-  r.kind = request_kind::save;
-  r.tokens = tokens;
-  r.first_block = first_block;
-  r.in = blocks;
-  return submit_keyed(std::move(r), key);
+  return submit({id, request_kind::save, tokens, first_block, 0, {}, blocks}, key);
 }
 
-errc async_requests::submit_keyed(slot&& r, const session_key& key) noexcept {
+errc async_requests::submit(const request& r, const session_key& key) noexcept {
+  // A client-chosen id is copied into the slot: its length is bounded, so no request
+  // can make the table hold (or allocate) without limit.
+  if (key.tenant.size() > max_key_bytes || key.session.size() > max_key_bytes) return errc::invalid_argument;
   {
     std::lock_guard lock(mutex_);
     if (stopping_) return errc::bad_state;
@@ -68,19 +58,9 @@ errc async_requests::submit_keyed(slot&& r, const session_key& key) noexcept {
       }
     if (!free_slot) return errc::retry;
     slot& s = *free_slot;
-    s.id = r.id;
-    s.kind = r.kind;
-    try {
-      s.tenant.assign(key.tenant);
-      s.session.assign(key.session);
-    } catch (...) {
-      return errc::no_space;
-    }
-    s.tokens = r.tokens;
-    s.first_block = r.first_block;
-    s.count = r.count;
-    s.out = r.out;
-    s.in = r.in;
+    s.tenant.assign(key.tenant);  // within the capacity reserved at construction
+    s.session.assign(key.session);
+    s.req = r;
     s.cancelled = false;
     s.result = finished_request{r.id, r.kind, errc::ok, false, 0, 0};
     s.state = slot_state::queued;
@@ -98,7 +78,14 @@ bool async_requests::cancel(std::uint64_t id) noexcept {
   if (!s || s->state == slot_state::done) return false;
   s->cancelled = true;
   s->result.cancelled = true;
-  if (s->state == slot_state::queued) {  // never runs: done now (the worker skips it)
+  if (s->state == slot_state::queued) {  // never runs: out of the queue, done now
+    const std::uint32_t index = std::uint32_t(s - slots_.data());
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < queue_size_; ++i) {
+      const std::uint32_t q = queue_[(queue_head_ + i) % queue_.size()];
+      if (q != index) queue_[(queue_head_ + kept++) % queue_.size()] = q;
+    }
+    queue_size_ = kept;
     s->result.status = errc::rejected;
     s->state = slot_state::done;
     s->order = ++completions_;
@@ -115,18 +102,18 @@ void async_requests::worker() noexcept {
     slot& s = slots_[queue_[queue_head_]];
     queue_head_ = (queue_head_ + 1) % queue_.size();
     --queue_size_;
-    if (s.state != slot_state::queued) continue;  // cancelled while queued
     s.state = slot_state::running;
     lock.unlock();
     const session_key key{s.tenant, s.session};
     finished_request r = s.result;
-    if (s.kind == request_kind::load) {
-      const get_result g = store_.get(key, s.tokens, s.first_block, s.count, s.out);
+    const request& q = s.req;
+    if (q.kind == request_kind::load) {
+      const get_result g = store_.get(key, q.tokens, q.first_block, q.count, q.out);
       r.status = g.status;
       r.blocks = g.blocks;
       r.tokens = g.tokens;
     } else {
-      r.status = store_.put(key, s.tokens, s.first_block, s.in);
+      r.status = store_.put(key, q.tokens, q.first_block, q.in);
     }
     lock.lock();
     r.cancelled = s.cancelled;
@@ -156,7 +143,7 @@ bool async_requests::wait(std::uint64_t id) noexcept {
   std::unique_lock lock(mutex_);
   slot* s = find(id);
   if (!s) return false;
-  finished_.wait(lock, [&] { return s->state == slot_state::done || s->state == slot_state::free || s->id != id; });
+  finished_.wait(lock, [&] { return s->state == slot_state::done || s->state == slot_state::free || s->req.id != id; });
   return true;
 }
 

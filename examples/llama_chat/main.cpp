@@ -80,26 +80,46 @@ std::optional<options> parse(int argc, char** argv) {
     };
     auto num = [&]() { return std::uint32_t(std::stoul(next())); };
     if (a == "--help" || a == "-h") return std::nullopt;
-    if (a == "--conversations") o.conversations = num();
-    else if (a == "--turns") o.turns = num();
-    else if (a == "--history") o.history = num();
-    else if (a == "--user-tokens") o.user_tokens = num();
-    else if (a == "--reply-tokens") o.reply_tokens = std::max<std::uint32_t>(1, num());
-    else if (a == "--threads") o.threads = num();
-    else if (a == "--tokens-per-block") o.tokens_per_block = num();
-    else if (a == "--modes") o.modes = split(next());
-    else if (a == "--flash-attn") o.flash_attn = next() != "off";
-    else if (a == "--kv") o.kv_type = next() == "q8_0" ? GGML_TYPE_Q8_0 : GGML_TYPE_F16;
-    else if (a == "--model") o.model = next();
-    else if (a == "--embd") o.spec.embd = num();
-    else if (a == "--layers") o.spec.layers = num();
-    else if (a == "--heads") o.spec.heads = num();
-    else if (a == "--kv-heads") o.spec.kv_heads = num();
-    else if (a == "--ff") o.spec.ff = num();
-    else if (a == "--seed") o.spec.seed = num();
-    else if (a == "--dir") o.dir = next();
-    else if (a == "--json") o.json = true;
-    else throw std::invalid_argument("unknown option " + a);
+    if (a == "--conversations")
+      o.conversations = num();
+    else if (a == "--turns")
+      o.turns = num();
+    else if (a == "--history")
+      o.history = num();
+    else if (a == "--user-tokens")
+      o.user_tokens = num();
+    else if (a == "--reply-tokens")
+      o.reply_tokens = std::max<std::uint32_t>(1, num());
+    else if (a == "--threads")
+      o.threads = num();
+    else if (a == "--tokens-per-block")
+      o.tokens_per_block = num();
+    else if (a == "--modes")
+      o.modes = split(next());
+    else if (a == "--flash-attn")
+      o.flash_attn = next() != "off";
+    else if (a == "--kv")
+      o.kv_type = next() == "q8_0" ? GGML_TYPE_Q8_0 : GGML_TYPE_F16;
+    else if (a == "--model")
+      o.model = next();
+    else if (a == "--embd")
+      o.spec.embd = num();
+    else if (a == "--layers")
+      o.spec.layers = num();
+    else if (a == "--heads")
+      o.spec.heads = num();
+    else if (a == "--kv-heads")
+      o.spec.kv_heads = num();
+    else if (a == "--ff")
+      o.spec.ff = num();
+    else if (a == "--seed")
+      o.spec.seed = num();
+    else if (a == "--dir")
+      o.dir = next();
+    else if (a == "--json")
+      o.json = true;
+    else
+      throw std::invalid_argument("unknown option " + a);
   }
   for (const auto& m : o.modes)
     if (m != "recompute" && m != "llama-slot-file" && m != "llama-ram" && m != "store-dram" && m != "store-ssd")
@@ -305,18 +325,19 @@ int main(int argc, char** argv) {
     }
     llama_model_params mp = llama_model_default_params();
     std::unique_ptr<llama_model, decltype(&llama_model_free)> model(llama_model_load_from_file(o.model.c_str(), mp),
-                                                                     &llama_model_free);
+                                                                    &llama_model_free);
     if (!model) throw std::runtime_error("cannot load " + o.model);
     o.spec.vocab = std::uint32_t(llama_vocab_n_tokens(llama_model_get_vocab(model.get())));
     const bool own_dir = o.dir.empty();
     if (own_dir) o.dir = "/var/tmp/llama_chat." + std::to_string(::getpid());
     std::filesystem::create_directories(o.dir);
     if (!o.json)
-      std::printf("llama_chat: %s (%.0fM parameters), %u conversations x %u turns, first prompt %u tokens, "
-                  "flash attention %s, KV %s, llama.cpp %s\n",
-                  o.model.c_str(), double(llama_model_n_params(model.get())) / 1e6, o.conversations, o.turns,
-                  o.history, o.flash_attn ? "on" : "off", ggml_type_name(o.kv_type),
-                  std::string(attnstore::llama_cpp::llama_cpp_version()).c_str());
+      std::printf(
+          "llama_chat: %s (%.0fM parameters), %u conversations x %u turns, first prompt %u tokens, "
+          "flash attention %s, KV %s, llama.cpp %s\n",
+          o.model.c_str(), double(llama_model_n_params(model.get())) / 1e6, o.conversations, o.turns, o.history,
+          o.flash_attn ? "on" : "off", ggml_type_name(o.kv_type),
+          std::string(attnstore::llama_cpp::llama_cpp_version()).c_str());
 
     std::map<std::string, mode_result> results;
     {
@@ -345,8 +366,8 @@ int main(int argc, char** argv) {
                 o.turns - 1, history);
     for (const auto& m : o.modes) {
       const auto& r = results[m];
-      std::printf("  %-16s %9.1f ms   (restore median %7.2f ms; turn 0: %9.1f ms; save median %7.2f ms)\n",
-                  m.c_str(), median(r.warm_ttft_ms), median(r.warm_restore_ms),
+      std::printf("  %-16s %9.1f ms   (restore median %7.2f ms; turn 0: %9.1f ms; save median %7.2f ms)\n", m.c_str(),
+                  median(r.warm_ttft_ms), median(r.warm_restore_ms),
                   median(std::vector<double>(r.ttft_ms.begin(), r.ttft_ms.begin() + o.conversations)),
                   median(r.save_ms));
     }
@@ -360,7 +381,8 @@ int main(int argc, char** argv) {
     if (ttft("store-dram") > 0 && ttft("llama-slot-file") > 0)
       std::printf("  store-dram / llama-slot-file  %.3f (target < 1)\n", ttft("store-dram") / ttft("llama-slot-file"));
     if (ttft("store-ssd") > 0 && ttft("llama-slot-file") > 0)
-      std::printf("  store-ssd / llama-slot-file   %.3f (target <= 1.10)\n", ttft("store-ssd") / ttft("llama-slot-file"));
+      std::printf("  store-ssd / llama-slot-file   %.3f (target <= 1.10)\n",
+                  ttft("store-ssd") / ttft("llama-slot-file"));
     for (const char* m : {"store-dram", "store-ssd", "llama-ram", "llama-slot-file"})
       if (ttft(m) > 0 && ttft("recompute") > 0)
         std::printf("  TTFT reduction vs recompute, %-16s %.1f%%\n", m, 100.0 * (1 - ttft(m) / ttft("recompute")));
@@ -372,11 +394,11 @@ int main(int argc, char** argv) {
       bool comma = false;
       for (const auto& m : o.modes) {
         const auto& r = results[m];
-        std::printf("%s\"%s\": {\"ttft_median_ms\": %.3f, \"restore_median_ms\": %.3f, "
-                    "\"ttft_turn0_median_ms\": %.3f, \"save_median_ms\": %.3f}",
-                    comma ? ", " : "", m.c_str(), median(r.warm_ttft_ms), median(r.warm_restore_ms),
-                    median(std::vector<double>(r.ttft_ms.begin(), r.ttft_ms.begin() + o.conversations)),
-                    median(r.save_ms));
+        std::printf(
+            "%s\"%s\": {\"ttft_median_ms\": %.3f, \"restore_median_ms\": %.3f, "
+            "\"ttft_turn0_median_ms\": %.3f, \"save_median_ms\": %.3f}",
+            comma ? ", " : "", m.c_str(), median(r.warm_ttft_ms), median(r.warm_restore_ms),
+            median(std::vector<double>(r.ttft_ms.begin(), r.ttft_ms.begin() + o.conversations)), median(r.save_ms));
         comma = true;
       }
       std::printf("}}\n");

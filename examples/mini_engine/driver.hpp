@@ -63,7 +63,7 @@ struct compare_options {
   bool overlap_next = true;       ///< --no-overlap: loads never overlap the previous request
   std::size_t context_limit = 0;  ///< --context N: truncate conversations past N tokens
   std::size_t sink_tokens = 64;
-  bool verbose = true;  ///< per-turn lines
+  bool verbose = true;             ///< per-turn lines
   std::uint16_t metrics_port = 0;  ///< serve store metrics on 127.0.0.1:port (0: off)
   bool metrics_hold = false;       ///< wait at the end for one more scrape
 };

@@ -56,9 +56,10 @@ void metrics_server::loop() {
     }
     const bool wanted = req.rfind("GET /metrics", 0) == 0;
     const std::string body = wanted ? body_() : "not found: GET /metrics\n";
-    const std::string head = std::string(wanted ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.1 404 Not Found\r\n") +
-                             "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: " +
-                             std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
+    const std::string head =
+        std::string(wanted ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.1 404 Not Found\r\n") +
+        "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: " + std::to_string(body.size()) +
+        "\r\nConnection: close\r\n\r\n";
     const std::string out = head + body;
     for (std::size_t sent = 0; sent < out.size();) {
       const ssize_t n = ::write(c, out.data() + sent, out.size() - sent);

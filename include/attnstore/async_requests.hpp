@@ -10,7 +10,7 @@
 //
 // Requests run on a fixed set of worker threads, on a fixed table of request slots
 // (allocated once): submit, cancel and get_finished take one mutex for a few
-// instructions and never allocate (session ids longer than 256 bytes excepted).
+// instructions and never allocate.
 // Completion order is the order requests finish, not the order they were submitted.
 #pragma once
 
@@ -47,6 +47,8 @@ struct finished_request {
 
 class async_requests {
  public:
+  /// Longest tenant or session id a request may carry (submit refuses longer ones).
+  static constexpr std::size_t max_key_bytes = 1024;
   /// The store must outlive this object. Throws std::invalid_argument for 0 threads or
   /// 0 max_requests.
   explicit async_requests(store& kv, const async_options& options = {});
@@ -59,7 +61,8 @@ class async_requests {
   /// Queues store::get(key, prompt, first_block, count, out). `prompt` and `out` must
   /// stay valid and unused by others until the request is reported finished. Returns
   /// ok (queued), retry (max_requests outstanding), invalid_argument (the id is
-  /// outstanding already, or out is not count blocks).
+  /// outstanding already, out is not count blocks, or a key part is longer than
+  /// max_key_bytes).
   errc submit_load(std::uint64_t id, const session_key& key, std::span<const token_id> prompt,
                    std::uint32_t first_block, std::uint32_t count, std::span<std::byte> out) noexcept;
   /// Queues store::put(key, tokens, first_block, blocks). The spans must stay valid
@@ -84,20 +87,23 @@ class async_requests {
 
  private:
   enum class slot_state : std::uint8_t { free, queued, running, done };
-  struct slot {
-    slot_state state = slot_state::free;
+  struct request {
     std::uint64_t id = 0;
     request_kind kind = request_kind::load;
-    std::string tenant, session;  // copies: the caller's key may not outlive submit
     std::span<const token_id> tokens;
     std::uint32_t first_block = 0, count = 0;
-    std::span<std::byte> out;
-    std::span<const std::byte> in;
+    std::span<std::byte> out;       // load
+    std::span<const std::byte> in;  // save
+  };
+  struct slot {
+    slot_state state = slot_state::free;
+    request req;
+    std::string tenant, session;  // copies: the caller's key may not outlive submit
     bool cancelled = false;
     finished_request result;
     std::uint64_t order = 0;  // completion order, for get_finished
   };
-  errc submit_keyed(slot&& request, const session_key& key) noexcept;
+  errc submit(const request& r, const session_key& key) noexcept;
   slot* find(std::uint64_t id) noexcept;
   void worker() noexcept;
 
@@ -105,7 +111,7 @@ class async_requests {
   mutable std::mutex mutex_;
   std::condition_variable work_, finished_;
   std::vector<slot> slots_;
-  std::vector<std::uint32_t> queue_;  // ring of slot indices waiting to run
+  std::vector<std::uint32_t> queue_;  // ring of the queued slots' indices, in submission order
   std::size_t queue_head_ = 0, queue_size_ = 0;
   std::uint64_t completions_ = 0;
   std::uint32_t outstanding_ = 0;

@@ -41,15 +41,15 @@ std::string_view llama_cpp_version() noexcept;
 
 /// How one llama_context lays out its KV, and the fingerprint of what makes it valid.
 struct model_binding {
-  kv_geometry geometry;      ///< the store geometry: one K row and one V row per token and layer
-  std::string fingerprint;   ///< hex; the store's model_name
+  kv_geometry geometry;     ///< the store geometry: one K row and one V row per token and layer
+  std::string fingerprint;  ///< hex; the store's model_name
   std::uint32_t layers = 0;
   std::int32_t type_k = 0, type_v = 0;  ///< ggml_type of the cache
   std::size_t k_row_bytes = 0, v_row_bytes = 0;
-  std::uint32_t v_elements = 0;         ///< n_embd_v_gqa (the V row's elements)
-  bool v_trans = false;                 ///< V stored transposed (flash attention off)
-  std::uint32_t streams = 1;            ///< KV streams of the context (1 when unified)
-  std::uint32_t max_cells = 0;          ///< n_ctx: cells a restore may fill
+  std::uint32_t v_elements = 0;  ///< n_embd_v_gqa (the V row's elements)
+  bool v_trans = false;          ///< V stored transposed (flash attention off)
+  std::uint32_t streams = 1;     ///< KV streams of the context (1 when unified)
+  std::uint32_t max_cells = 0;   ///< n_ctx: cells a restore may fill
 
   /// Sets what makes up the store's model id: geometry, model_name (the fingerprint),
   /// rope "none" (keys are stored after RoPE), no TP. Capacities etc. stay the caller's.
@@ -115,8 +115,8 @@ class session_cache {
   llama_context* ctx_;
   model_binding binding_;
   llama_seq_id scratch_;
-  std::vector<std::uint8_t> blob_;          // llama.cpp sequence state, reused
-  std::vector<std::int32_t> cell_of_;       // save: cell index of each position from the first re-saved one
+  std::vector<std::uint8_t> blob_;                    // llama.cpp sequence state, reused
+  std::vector<std::int32_t> cell_of_;                 // save: cell index of each position from the first re-saved one
   std::vector<const std::uint8_t*> k_rows_, v_rows_;  // save: each layer's rows inside blob_
   std::vector<block_view> views_;
   std::vector<std::byte*> payloads_;

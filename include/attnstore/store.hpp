@@ -118,7 +118,7 @@ struct store_stats {
   /// DRAM or staging slots never reused: an I/O into them failed with the transfer's
   /// fate unknown (a broken channel), so it might still land.
   std::uint64_t quarantined_buffers = 0;
-  std::uint64_t deferred_frees = 0;      ///< DRAM slots whose free waited for a read lease to end
+  std::uint64_t deferred_frees = 0;        ///< DRAM slots whose free waited for a read lease to end
   std::uint64_t close_flushed_blocks = 0;  ///< DRAM-only blocks written to SSD by close()
   std::uint64_t recovery_ns = 0;           ///< time the opening recovery took (scan, index, cleanup)
   std::uint64_t prefetch_started = 0, prefetch_completed = 0, prefetch_cancelled = 0, prefetched_blocks = 0;

@@ -102,7 +102,8 @@ struct kv_geometry {
     if (num_kv_heads == 0 || num_kv_heads > 4096)
       fail("num_kv_heads is " + std::to_string(num_kv_heads) + ", allowed 1..4096");
     if (head_dim == 0 || head_dim > 4096) fail("head_dim is " + std::to_string(head_dim) + ", allowed 1..4096");
-    if (dtype_size(dtype) == 0) fail("dtype is " + std::to_string(int(dtype)) + ", allowed f32, f16, bf16, fp8_e4m3, bytes");
+    if (dtype_size(dtype) == 0)
+      fail("dtype is " + std::to_string(int(dtype)) + ", allowed f32, f16, bf16, fp8_e4m3, bytes");
     kv_geometry g = *this;
     if (g.tokens_per_block == 0) g.tokens_per_block = default_tokens_per_block();
     if (g.tokens_per_block > 65536)

@@ -24,16 +24,16 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cmath>
 #include <cinttypes>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <sstream>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -65,7 +65,6 @@ std::uint64_t number(const std::map<std::string, std::string>& m, const char* ke
 
 using format::hex128;
 using format::parse_hex128;
-std::string hex(const hash128& h) { return hex128(h); }
 
 store_dir open_dir(const std::string& path) {
   store_dir d;
@@ -149,6 +148,25 @@ class slot_reader {
   std::uint64_t file_ = ~0ull;
 };
 
+/// Reads every slot in order (`whole`: header and payload, else the header area only)
+/// and judges it as recovery does. Calls fn(slot, err, verdict, header): err is 0, or
+/// the errno (-1: short read) of a slot that could not be read (verdict then empty).
+template <class Fn>
+void judge_all(const store_dir& d, bool whole, Fn&& fn) {
+  slot_reader reader(d, whole ? d.slot_bytes : d.header_bytes);
+  // Recovery also refuses puts larger than both tiers; the DRAM tier's size is not in
+  // the directory, so that one bound is left out here.
+  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model, d.geometry.block_bytes(),
+                                        ~std::uint64_t(0)};
+  for (std::uint64_t s = 0; s < d.slots; ++s) {
+    int err = 0;
+    format::block_header h{};
+    const std::byte* area = reader.read(s, err);
+    const format::slot_verdict v = area ? format::judge_slot(area, expect, whole, &h) : format::slot_verdict::empty;
+    fn(s, area ? 0 : err, v, h);
+  }
+}
+
 struct session_summary {
   std::uint64_t blocks = 0, superseded = 0, tokens = 0, oldest = ~0ull, newest = 0;
   std::map<std::uint32_t, std::pair<std::uint64_t, std::uint32_t>> newest_copy;  // block -> (sequence, tokens)
@@ -164,23 +182,16 @@ std::string json_escape(const std::string& s) {
 }
 
 int inspect(const store_dir& d, bool json) {
-  slot_reader reader(d, d.header_bytes);
-  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model,
-                                        d.geometry.block_bytes(), ~std::uint64_t(0)};
   std::map<std::string, session_summary> sessions;
   std::uint64_t counts[5] = {}, unreadable = 0, oldest = ~0ull, newest = 0;
-  for (std::uint64_t s = 0; s < d.slots; ++s) {
-    int err = 0;
-    const std::byte* area = reader.read(s, err);
-    if (!area) {
+  judge_all(d, false, [&](std::uint64_t, int err, format::slot_verdict v, const format::block_header& h) {
+    if (err) {
       ++unreadable;
-      continue;
+      return;
     }
-    format::block_header h;
-    const format::slot_verdict v = format::judge_slot(area, expect, false, &h);
     ++counts[int(v)];
-    if (v != format::slot_verdict::ok) continue;
-    session_summary& ss = sessions[hex(h.session)];
+    if (v != format::slot_verdict::ok) return;
+    session_summary& ss = sessions[hex128(h.session)];
     ++ss.blocks;
     ss.oldest = std::min(ss.oldest, h.sequence);
     ss.newest = std::max(ss.newest, h.sequence);
@@ -193,7 +204,7 @@ int inspect(const store_dir& d, bool json) {
     } else {
       ++ss.superseded;
     }
-  }
+  });
   for (auto& [k, ss] : sessions)
     for (auto& [b, c] : ss.newest_copy) ss.tokens += c.second;
   std::uint64_t tombstones = 0;
@@ -206,17 +217,19 @@ int inspect(const store_dir& d, bool json) {
   const std::uint64_t used = counts[int(format::slot_verdict::ok)];
   const auto& g = d.geometry;
   if (json) {
-    std::printf("{\"directory\": \"%s\", \"format_version\": %u, \"model_id\": \"%s\", \"geometry\": {\"num_layers\": %u, "
-                "\"num_kv_heads\": %u, \"head_dim\": %u, \"dtype\": \"%s\", \"tokens_per_block\": %u}, "
-                "\"slot_bytes\": %" PRIu64 ", \"slots\": %" PRIu64 ", \"blocks\": %" PRIu64 ", \"bytes\": %" PRIu64
-                ", \"empty_slots\": %" PRIu64 ", \"damaged_slots\": %" PRIu64 ", \"foreign_slots\": %" PRIu64
-                ", \"unreadable_slots\": %" PRIu64 ", \"tombstones\": %" PRIu64 ", \"clean_close\": %s, "
-                "\"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 ", \"sessions\": [",
-                json_escape(d.path).c_str(), format::format_version, hex(d.model).c_str(), g.num_layers,
-                g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block,
-                d.slot_bytes, d.slots, used, used * d.slot_bytes, counts[int(format::slot_verdict::empty)],
-                counts[int(format::slot_verdict::junk)], counts[int(format::slot_verdict::foreign)], unreadable,
-                tombstones, clean ? "true" : "false", used ? oldest : 0, newest);
+    std::printf(
+        "{\"directory\": \"%s\", \"format_version\": %u, \"model_id\": \"%s\", \"geometry\": {\"num_layers\": %u, "
+        "\"num_kv_heads\": %u, \"head_dim\": %u, \"dtype\": \"%s\", \"tokens_per_block\": %u}, "
+        "\"slot_bytes\": %" PRIu64 ", \"slots\": %" PRIu64 ", \"blocks\": %" PRIu64 ", \"bytes\": %" PRIu64
+        ", \"empty_slots\": %" PRIu64 ", \"damaged_slots\": %" PRIu64 ", \"foreign_slots\": %" PRIu64
+        ", \"unreadable_slots\": %" PRIu64 ", \"tombstones\": %" PRIu64
+        ", \"clean_close\": %s, "
+        "\"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 ", \"sessions\": [",
+        json_escape(d.path).c_str(), format::format_version, hex128(d.model).c_str(), g.num_layers, g.num_kv_heads,
+        g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block, d.slot_bytes, d.slots, used,
+        used * d.slot_bytes, counts[int(format::slot_verdict::empty)], counts[int(format::slot_verdict::junk)],
+        counts[int(format::slot_verdict::foreign)], unreadable, tombstones, clean ? "true" : "false", used ? oldest : 0,
+        newest);
     bool comma = false;
     for (const auto& [k, ss] : sessions) {
       std::printf("%s{\"session\": \"%s\", \"blocks\": %" PRIu64 ", \"superseded\": %" PRIu64 ", \"tokens\": %" PRIu64
@@ -228,17 +241,16 @@ int inspect(const store_dir& d, bool json) {
     return 0;
   }
   std::printf("store %s\n", d.path.c_str());
-  std::printf("  format version %u, model_id %s, last close %s\n", format::format_version, hex(d.model).c_str(),
+  std::printf("  format version %u, model_id %s, last close %s\n", format::format_version, hex128(d.model).c_str(),
               clean ? "clean" : "not clean (the next open checks every payload)");
   std::printf("  geometry: %u layers, %u KV heads x %u, %s, %u tokens per block (%.2f MiB per block)\n", g.num_layers,
               g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block,
               double(g.block_bytes()) / 1048576.0);
   std::printf("  slots: %" PRIu64 " (%.2f GiB), %" PRIu64 " holding blocks (%.2f GiB), %" PRIu64 " empty, %" PRIu64
               " damaged, %" PRIu64 " of another model, %" PRIu64 " unreadable; %" PRIu64 " tombstones\n",
-              d.slots, double(d.slots * d.slot_bytes) / 1073741824.0, used,
-              double(used * d.slot_bytes) / 1073741824.0, counts[int(format::slot_verdict::empty)],
-              counts[int(format::slot_verdict::junk)], counts[int(format::slot_verdict::foreign)], unreadable,
-              tombstones);
+              d.slots, double(d.slots * d.slot_bytes) / 1073741824.0, used, double(used * d.slot_bytes) / 1073741824.0,
+              counts[int(format::slot_verdict::empty)], counts[int(format::slot_verdict::junk)],
+              counts[int(format::slot_verdict::foreign)], unreadable, tombstones);
   std::printf("  writes: oldest sequence %" PRIu64 ", newest %" PRIu64 " (sequences order every put)\n",
               used ? oldest : 0, newest);
   std::printf("  sessions: %zu (keyed hashes: ids are never stored)\n", sessions.size());
@@ -253,39 +265,27 @@ int inspect(const store_dir& d, bool json) {
 }
 
 int verify(const store_dir& d, bool json) {
-  slot_reader reader(d, d.slot_bytes);
-  // Recovery also refuses puts larger than both tiers; the DRAM tier's size is not in
-  // the directory, so that one bound is left out here.
-  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model,
-                                        d.geometry.block_bytes(), ~std::uint64_t(0)};
   const bool progress = !json && ::isatty(STDERR_FILENO);
   std::uint64_t checked = 0, empty = 0;
   std::vector<std::string> bad;
   int last_percent = -1;
-  for (std::uint64_t s = 0; s < d.slots; ++s) {
-    int err = 0;
-    const std::byte* area = reader.read(s, err);
+  judge_all(d, true, [&](std::uint64_t s, int err, format::slot_verdict v, const format::block_header& h) {
     char where[96];
     std::snprintf(where, sizeof where, "%s slot %" PRIu64 " (offset %" PRIu64 ")",
-                  file_name(s / d.slots_per_file).c_str(), s % d.slots_per_file,
-                  (s % d.slots_per_file) * d.slot_bytes);
-    if (!area) {
+                  file_name(s / d.slots_per_file).c_str(), s % d.slots_per_file, (s % d.slots_per_file) * d.slot_bytes);
+    if (err) {
       bad.push_back(std::string(where) + ": read error: " + (err > 0 ? std::strerror(err) : "short read"));
       ++checked;
+    } else if (v == format::slot_verdict::empty) {
+      ++empty;
     } else {
-      format::block_header h;
-      const format::slot_verdict v = format::judge_slot(area, expect, true, &h);
-      if (v == format::slot_verdict::empty) {
-        ++empty;
-      } else {
-        ++checked;
-        if (v != format::slot_verdict::ok) {
-          std::string name = std::string(where) + ": " + to_string(v);
-          if (v != format::slot_verdict::junk)
-            name += " (session " + hex(h.session) + ", block " + std::to_string(h.block_index) + ", sequence " +
-                    std::to_string(h.sequence) + ")";
-          bad.push_back(name);
-        }
+      ++checked;
+      if (v != format::slot_verdict::ok) {
+        std::string name = std::string(where) + ": " + to_string(v);
+        if (v != format::slot_verdict::junk)
+          name += " (session " + hex128(h.session) + ", block " + std::to_string(h.block_index) + ", sequence " +
+                  std::to_string(h.sequence) + ")";
+        bad.push_back(name);
       }
     }
     const int percent = int((s + 1) * 100 / d.slots);
@@ -294,11 +294,11 @@ int verify(const store_dir& d, bool json) {
       std::fprintf(stderr, "\rverify: %3d%% [%-50s] %" PRIu64 "/%" PRIu64 " slots", percent,
                    std::string(std::size_t(percent / 2), '#').c_str(), s + 1, d.slots);
     }
-  }
+  });
   if (progress) std::fprintf(stderr, "\n");
   if (json) {
-    std::printf("{\"directory\": \"%s\", \"slots\": %" PRIu64 ", \"empty_slots\": %" PRIu64 ", \"blocks_checked\": %" PRIu64
-                ", \"blocks_bad\": %zu, \"bad\": [",
+    std::printf("{\"directory\": \"%s\", \"slots\": %" PRIu64 ", \"empty_slots\": %" PRIu64
+                ", \"blocks_checked\": %" PRIu64 ", \"blocks_bad\": %zu, \"bad\": [",
                 json_escape(d.path).c_str(), d.slots, empty, checked, bad.size());
     for (std::size_t i = 0; i < bad.size(); ++i) std::printf("%s\"%s\"", i ? ", " : "", json_escape(bad[i]).c_str());
     std::printf("]}\n");
@@ -340,23 +340,14 @@ int drop(const store_dir& d, const std::string& id) {
     int fd;
     ~unlock() { ::close(fd); }
   } held{lock};
-  slot_reader reader(d, d.header_bytes);
-  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model,
-                                        d.geometry.block_bytes(), ~std::uint64_t(0)};
   std::vector<std::uint64_t> victims;
   std::uint64_t unreadable = 0;
-  for (std::uint64_t s = 0; s < d.slots; ++s) {
-    int err = 0;
-    const std::byte* area = reader.read(s, err);
-    if (!area) {
+  judge_all(d, false, [&](std::uint64_t s, int err, format::slot_verdict v, const format::block_header& h) {
+    if (err)
       ++unreadable;
-      continue;
-    }
-    format::block_header h;
-    const format::slot_verdict v = format::judge_slot(area, expect, false, &h);
-    if ((v == format::slot_verdict::ok || v == format::slot_verdict::bad_payload) && h.session == key)
+    else if (v == format::slot_verdict::ok && h.session == key)
       victims.push_back(s);
-  }
+  });
   void* zeros = nullptr;
   if (posix_memalign(&zeros, format::sector, d.slot_bytes) != 0) throw std::bad_alloc();
   std::memset(zeros, 0, d.slot_bytes);
@@ -376,8 +367,8 @@ int drop(const store_dir& d, const std::string& id) {
       files[f] = fd;
     }
     const int fd = files[f];
-    if (fd < 0 || ::pwrite(fd, zeros, d.slot_bytes, off_t((s % d.slots_per_file) * d.slot_bytes)) !=
-                      ssize_t(d.slot_bytes)) {
+    if (fd < 0 ||
+        ::pwrite(fd, zeros, d.slot_bytes, off_t((s % d.slots_per_file) * d.slot_bytes)) != ssize_t(d.slot_bytes)) {
       std::fprintf(stderr, "attnstore: cannot erase %s slot %" PRIu64 ": %s\n", file_name(f).c_str(),
                    s % d.slots_per_file, std::strerror(errno));
       ++failed;
@@ -388,7 +379,7 @@ int drop(const store_dir& d, const std::string& id) {
     if (fd >= 0) ::close(fd);
   }
   std::free(zeros);
-  std::printf("drop %s: session %s: %zu blocks erased%s", d.path.c_str(), hex(key).c_str(),
+  std::printf("drop %s: session %s: %zu blocks erased%s", d.path.c_str(), hex128(key).c_str(),
               victims.size() - std::size_t(failed > 0 ? failed : 0), failed ? ", some could not be" : "");
   if (unreadable) std::printf(" (%" PRIu64 " slots could not be read: run verify)", unreadable);
   std::printf("\n");
@@ -403,7 +394,8 @@ std::string http_get(const std::string& url) {
   const auto slash = rest.find('/');
   const std::string hostport = rest.substr(0, slash), path = slash == std::string::npos ? "/" : rest.substr(slash);
   const auto colon = hostport.rfind(':');
-  const std::string host = hostport.substr(0, colon), port = colon == std::string::npos ? "80" : hostport.substr(colon + 1);
+  const std::string host = hostport.substr(0, colon),
+                    port = colon == std::string::npos ? "80" : hostport.substr(colon + 1);
   addrinfo hints{}, *res = nullptr;
   hints.ai_socktype = SOCK_STREAM;
   if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || !res)
@@ -490,7 +482,8 @@ int stats(const std::string& source, bool json) {
   };
   if (!m.count("attnstore_lookups_total")) throw std::runtime_error(source + " holds no attnstore metrics");
   const double lookups = v("attnstore_lookups_total"), hits = v("attnstore_lookup_hits_total");
-  const double dram_blocks = v("attnstore_blocks_served_dram_total"), ssd_blocks = v("attnstore_blocks_served_ssd_total");
+  const double dram_blocks = v("attnstore_blocks_served_dram_total"),
+               ssd_blocks = v("attnstore_blocks_served_ssd_total");
   const double errors = v("attnstore_checksum_failures_total") + v("attnstore_io_errors_total") +
                         v("attnstore_quarantined_slots_total") + v("attnstore_quarantined_buffers_total");
   struct q3 {
@@ -506,15 +499,17 @@ int stats(const std::string& source, bool json) {
                     {"prefetch lead", "attnstore_prefetch_lead_seconds", ""}};
   auto pct = [](double a, double b) { return b > 0 ? 100.0 * a / b : 0.0; };
   if (json) {
-    std::printf("{\"lookups\": %.0f, \"hit_ratio\": %.6f, \"loads\": %.0f, \"ssd_block_share\": %.6f, "
-                "\"saves\": %.0f, \"save_failures\": %.0f, \"dram_used_ratio\": %.6f, \"ssd_used_ratio\": %.6f, "
-                "\"sessions\": %.0f, \"errors\": %.0f, \"latency_seconds\": {",
-                lookups, lookups > 0 ? hits / lookups : 0.0, v("attnstore_gets_total"),
-                dram_blocks + ssd_blocks > 0 ? ssd_blocks / (dram_blocks + ssd_blocks) : 0.0,
-                v("attnstore_puts_total"), v("attnstore_put_failed_total"),
-                v("attnstore_dram_capacity_bytes") > 0 ? v("attnstore_dram_used_bytes") / v("attnstore_dram_capacity_bytes") : 0.0,
-                v("attnstore_ssd_capacity_bytes") > 0 ? v("attnstore_ssd_used_bytes") / v("attnstore_ssd_capacity_bytes") : 0.0,
-                v("attnstore_sessions"), errors);
+    std::printf(
+        "{\"lookups\": %.0f, \"hit_ratio\": %.6f, \"loads\": %.0f, \"ssd_block_share\": %.6f, "
+        "\"saves\": %.0f, \"save_failures\": %.0f, \"dram_used_ratio\": %.6f, \"ssd_used_ratio\": %.6f, "
+        "\"sessions\": %.0f, \"errors\": %.0f, \"latency_seconds\": {",
+        lookups, lookups > 0 ? hits / lookups : 0.0, v("attnstore_gets_total"),
+        dram_blocks + ssd_blocks > 0 ? ssd_blocks / (dram_blocks + ssd_blocks) : 0.0, v("attnstore_puts_total"),
+        v("attnstore_put_failed_total"),
+        v("attnstore_dram_capacity_bytes") > 0 ? v("attnstore_dram_used_bytes") / v("attnstore_dram_capacity_bytes")
+                                               : 0.0,
+        v("attnstore_ssd_capacity_bytes") > 0 ? v("attnstore_ssd_used_bytes") / v("attnstore_ssd_capacity_bytes") : 0.0,
+        v("attnstore_sessions"), errors);
     bool comma = false;
     for (const q3& l : lat) {
       const double p50 = quantile(m, l.name, l.labels, 0.5), p99 = quantile(m, l.name, l.labels, 0.99);

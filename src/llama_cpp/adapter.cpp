@@ -26,7 +26,6 @@ namespace {
 
 constexpr std::uint32_t state_magic = 0xaf143cd8;  // llama-context.cpp io_magic
 
-
 /// XXH3-128 of a whole file (mapped, so the page cache is read in place).
 hash128 hash_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -93,9 +92,9 @@ struct blob_writer {
 };
 
 std::uint64_t now_ns() noexcept {
-  return std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                           std::chrono::steady_clock::now().time_since_epoch())
-                           .count());
+  return std::uint64_t(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
 }
 
 std::span<const token_id> as_token_ids(std::span<const llama_token> tokens) noexcept {
@@ -135,8 +134,9 @@ model_binding bind(const llama_model* model, const llama_context_params& params,
   if (rope_type != LLAMA_ROPE_TYPE_NONE && rope_type != LLAMA_ROPE_TYPE_NORM && rope_type != LLAMA_ROPE_TYPE_NEOX)
     fail("M-RoPE and vision RoPE are not supported (cells carry 2-D positions)");
   if (params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_AUTO)
-    fail("flash_attn_type AUTO: set it ENABLED or DISABLED (the V layout depends on it and llama.h does not say "
-         "what AUTO chose)");
+    fail(
+        "flash_attn_type AUTO: set it ENABLED or DISABLED (the V layout depends on it and llama.h does not say "
+        "what AUTO chose)");
 
   model_binding b;
   b.layers = std::uint32_t(llama_model_n_layer(model));
@@ -231,10 +231,10 @@ restore_result session_cache::restore(const session_key& session, std::span<cons
   if (prompt.size() < 2) return out;
   // Leave the last prompt token to the engine: its logits start the reply.
   const std::size_t usable = std::min<std::size_t>(prompt.size() - 1, binding_.max_cells);
-  const std::uint32_t want_views = std::min<std::uint32_t>(std::uint32_t(views_.size()),
-                                                           store_.geometry().blocks_for(usable));
-  get_result got = store_.acquire(session, as_token_ids(prompt.first(usable)),
-                                  std::span(views_).first(want_views), lease_);
+  const std::uint32_t want_views =
+      std::min<std::uint32_t>(std::uint32_t(views_.size()), store_.geometry().blocks_for(usable));
+  get_result got =
+      store_.acquire(session, as_token_ids(prompt.first(usable)), std::span(views_).first(want_views), lease_);
   out.status = got.status == errc::not_found ? errc::ok : got.status;
   // A truncated view moves keys to new positions; llama.cpp's keys are stored after
   // RoPE, so the restore ends at the first block that would need re-rotation.
@@ -257,7 +257,8 @@ restore_result session_cache::restore(const session_key& session, std::span<cons
   const std::size_t el = ggml_type_size(ggml_type(binding_.type_v));
   const std::size_t layer_data = 4 + 8 + n * row;  // type, row size, rows (K, or V not transposed)
   const std::size_t v_layer_data = binding_.v_trans ? 4 + 4 + 4 + n * binding_.v_elements * el : layer_data;
-  const std::size_t bytes = 4 + 4 + 4 + 4 * binding_.streams + n * 12 + 8 + binding_.layers * (layer_data + v_layer_data);
+  const std::size_t bytes =
+      4 + 4 + 4 + 4 * binding_.streams + n * 12 + 8 + binding_.layers * (layer_data + v_layer_data);
   if (blob_.size() < bytes) blob_.resize(bytes);  // grows to the longest restore, then stays
   blob_writer w{blob_.data()};
   w.put<std::uint32_t>(state_magic);
@@ -372,7 +373,7 @@ errc session_cache::save(const session_key& session, std::span<const llama_token
     if (!r.good || ids == 0 || ids > 64) return errc::unsupported;
     for (std::uint32_t i = 0; i < ids; ++i) r.get<std::int32_t>();
     if (pos < 0 || std::uint64_t(pos) >= n) return errc::invalid_argument;
-    if (std::uint64_t(pos) < from) continue;  // whole-sequence read: an old cell
+    if (std::uint64_t(pos) < from) continue;                        // whole-sequence read: an old cell
     if (cell_of_[pos - from] != -1) return errc::invalid_argument;  // one position twice
     cell_of_[pos - from] = std::int32_t(c);
   }

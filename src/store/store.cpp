@@ -45,8 +45,7 @@ void store::abort(save_reservation& reservation) noexcept { impl_->abort(reserva
 errc store::drop(const session_key& key) noexcept { return impl_->drop(key); }
 errc store::pin(const session_key& key) noexcept { return impl_->pin(key); }
 errc store::unpin(const session_key& key) noexcept { return impl_->unpin(key); }
-errc store::truncate(const session_key& key, std::span<const token_id> history,
-                     const truncation_plan& plan) noexcept {
+errc store::truncate(const session_key& key, std::span<const token_id> history, const truncation_plan& plan) noexcept {
   return impl_->truncate(key, history, plan);
 }
 void store::set_queue(std::span<const session_key> waiting) noexcept { impl_->set_queue(waiting); }
@@ -66,9 +65,7 @@ store_stats store::stats() const noexcept { return impl_->stats(); }
 void store::metrics(std::string& out) const { impl_->write_metrics(out); }
 const kv_geometry& store::geometry() const noexcept { return impl_->geometry_; }
 const model_id& store::model() const noexcept { return impl_->model_; }
-std::string_view store::io_backend_name() const noexcept {
-  return impl_->device_ ? impl_->device_->name() : "none";
-}
+std::string_view store::io_backend_name() const noexcept { return impl_->device_ ? impl_->device_->name() : "none"; }
 std::string_view store::dram_pinning() const noexcept { return impl_->dram_->pinning(); }
 bool store::has_ssd() const noexcept { return impl_->ssd_ != nullptr; }
 

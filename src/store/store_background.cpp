@@ -247,7 +247,7 @@ void store::impl::run_promotion(const promotion_job& job) noexcept {
     current = prefetcher_->ticket(job.record) == job.ticket;  // not cancelled meanwhile
   }
   const std::uint32_t got = current ? promote_locked(s, job.blocks, !job.beyond_queue) : 0;
-  if (got > 0 && prefetched_at_) prefetched_at_[job.record].store(detail::steady_ns(), std::memory_order_relaxed);
+  if (got > 0) prefetched_at_[job.record].store(detail::ticks(), std::memory_order_relaxed);
   std::lock_guard lock(policy_mutex_);
   if (prefetcher_->complete(job.record, job.ticket)) detail::bump(counters_->prefetch_completed);
   if (got > 0) {

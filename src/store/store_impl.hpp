@@ -13,11 +13,11 @@
 // - A read's verdict starts failed; only a completed, verified transfer makes it ok.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -35,36 +35,31 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                                   \
-  X(lookups)                                                                                                          \
-  X(lookup_hits)                                                                                                      \
-  X(lookup_misses)                                                                                                    \
-  X(tokens_reusable)                                                                                                  \
-  X(puts)                                                                                                             \
-  X(put_blocks)                                                                                                       \
-  X(put_rejected)                                                                                                     \
-  X(put_failed)                                                                                                       \
-  X(gets)                                                                                                             \
-  X(blocks_served_dram)                                                                                               \
-  X(blocks_served_ssd)                                                                                                \
-  X(miss_not_found)                                                                                                   \
-  X(miss_prefix_mismatch) X(miss_checksum) X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space)             \
-      X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions)                  \
-          X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) \
-              X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) X(close_flushed_blocks) X(recovery_ns)                   \
-                  X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks)                \
-                      X(watermark_demoted_blocks) X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                               \
+  X(lookups)                                                                                                      \
+  X(lookup_hits)                                                                                                  \
+  X(lookup_misses)                                                                                                \
+  X(tokens_reusable)                                                                                              \
+  X(puts)                                                                                                         \
+  X(put_blocks)                                                                                                   \
+  X(put_rejected)                                                                                                 \
+  X(put_failed)                                                                                                   \
+  X(gets)                                                                                                         \
+  X(blocks_served_dram)                                                                                           \
+  X(blocks_served_ssd)                                                                                            \
+  X(miss_not_found)                                                                                               \
+  X(miss_prefix_mismatch)                                                                                         \
+  X(miss_checksum)                                                                                                \
+  X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)             \
+      X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)            \
+          X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)               \
+              X(quarantined_buffers) X(deferred_frees) X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) \
+                  X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks)    \
+                      X(expired_sessions)
 
 namespace detail {
 inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
   c.fetch_add(n, std::memory_order_relaxed);
-}
-/// Steady-clock nanoseconds: what the latency histograms measure (not config_.clock,
-/// which tests may stop).
-inline std::uint64_t steady_ns() noexcept {
-  return std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                           std::chrono::steady_clock::now().time_since_epoch())
-                           .count());
 }
 /// SSD read batches this thread has run: store.cpp tells a load served from SSD from
 /// one served from DRAM by whether it moved.
@@ -257,7 +252,8 @@ struct store::impl {
     detail::latency_histogram lookup, load_dram, load_ssd, save, ssd_read, ssd_write, prefetch_lead;
   };
   std::unique_ptr<latencies> latencies_ = std::make_unique<latencies>();
-  /// Per record: when a prefetch last made it resident (steady ns), 0 once a load used it.
+  /// Per record: when a prefetch last made it resident (detail::ticks(), the clock of
+  /// the latency histograms, not config_.clock, which tests may stop), 0 once a load used it.
   std::unique_ptr<std::atomic<std::uint64_t>[]> prefetched_at_;
   void write_metrics(std::string& out) const;
   /// Times one load into the histogram of the tier it was served from: SSD when this
@@ -337,8 +333,8 @@ void store::impl::erase_slots(std::span<const std::uint32_t> slots, bool wipe, O
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, slots.size() - base);
     for (std::size_t i = 0; i < n; ++i)
-      reqs[i] = io_request{io_op::write, ssd_->file_of(slots[base + i]), ssd_->offset_of(slots[base + i]), zeros_.get(),
-                           bytes, -1, 0};
+      reqs[i] = io_request{
+          io_op::write, ssd_->file_of(slots[base + i]), ssd_->offset_of(slots[base + i]), zeros_.get(), bytes, -1, 0};
     if (device_->execute(std::span(reqs, n), config_.queue_depth) != errc::ok)
       for (std::size_t i = 0; i < n; ++i)
         if (reqs[i].result != std::int32_t(bytes) && reqs[i].result != io_in_doubt)

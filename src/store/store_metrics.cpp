@@ -76,10 +76,10 @@ void header(std::string& out, std::string_view name, std::string_view type, std:
 
 void store::impl::write_metrics(std::string& out) const {
   const store_stats st = stats();
-#define ATTNSTORE_X(name)                                                                \
-  if (std::string_view(#name) != "recovery_ns") {                                       \
-    header(out, "attnstore_" #name "_total", "counter", help_of(#name));                \
-    line(out, "attnstore_" #name "_total %" PRIu64 "\n", std::uint64_t(st.name));       \
+#define ATTNSTORE_X(name)                                                         \
+  if (std::string_view(#name) != "recovery_ns") {                                 \
+    header(out, "attnstore_" #name "_total", "counter", help_of(#name));          \
+    line(out, "attnstore_" #name "_total %" PRIu64 "\n", std::uint64_t(st.name)); \
   }
   ATTNSTORE_STORE_COUNTERS(ATTNSTORE_X)
 #undef ATTNSTORE_X
@@ -109,12 +109,11 @@ void store::impl::write_metrics(std::string& out) const {
       {"attnstore_load_seconds", "Latency of get() and acquire(), by the tier the blocks came from.", &l.load_dram,
        "source=\"dram\""},
       {"attnstore_load_seconds", nullptr, &l.load_ssd, "source=\"ssd\""},
-      {"attnstore_save_seconds", "Latency of put() and commit() (checksums and write-through included).", &l.save,
-       ""},
+      {"attnstore_save_seconds", "Latency of put() and commit() (checksums and write-through included).", &l.save, ""},
       {"attnstore_ssd_read_seconds", "Latency of one batch of SSD reads (verification included).", &l.ssd_read, ""},
       {"attnstore_ssd_write_seconds", "Latency of one batch of SSD writes.", &l.ssd_write, ""},
-      {"attnstore_prefetch_lead_seconds",
-       "How long before its load a prefetched session became resident in DRAM.", &l.prefetch_lead, ""},
+      {"attnstore_prefetch_lead_seconds", "How long before its load a prefetched session became resident in DRAM.",
+       &l.prefetch_lead, ""},
   };
   for (const hist& h : hists) {
     if (h.help) header(out, h.name, "histogram", h.help);

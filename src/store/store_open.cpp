@@ -197,8 +197,8 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
                                      std::max<std::uint64_t>(1, for_prefetch)});
       jobs_.resize(config_.max_sessions);
     }
-    watermark_ = policy::demotion_watermark::of(dram_->capacity(), config_.demote_low_watermark,
-                                                config_.demote_high_watermark);
+    watermark_ =
+        policy::demotion_watermark::of(dram_->capacity(), config_.demote_low_watermark, config_.demote_high_watermark);
   }
   const bool work = prefetcher_ || watermark_.low > 0 || config_.session_ttl_ms > 0;
   if (config_.background_thread && work) worker_ = std::thread([this] { background_loop(); });
@@ -255,13 +255,12 @@ errc store::impl::close() noexcept {
   if (device_->sync() != errc::ok) {
     status = errc::device_error;
   } else if (!mark_clean()) {
-    config_.log(log_level::warning, "store: cannot write " + config_.ssd_directory +
-                                        "/CLEAN; the next open verifies every block");
+    config_.log(log_level::warning,
+                "store: cannot write " + config_.ssd_directory + "/CLEAN; the next open verifies every block");
   }
   if (left > 0)
-    config_.log(log_level::warning, "store: close left " + std::to_string(left) +
-                                        " DRAM blocks unwritten (" + std::string(to_string(status)) +
-                                        "); they are lost at this restart");
+    config_.log(log_level::warning, "store: close left " + std::to_string(left) + " DRAM blocks unwritten (" +
+                                        std::string(to_string(status)) + "); they are lost at this restart");
   return status;
 }
 
@@ -362,8 +361,7 @@ void store::impl::write_or_check_manifest() {
     auto parent = std::filesystem::path(config_.ssd_directory).parent_path();
     if (!parent.empty()) std::filesystem::create_directories(parent, ec);
     if (::mkdir(config_.ssd_directory.c_str(), 0700) != 0 && errno != EEXIST)
-      throw std::runtime_error("store: cannot create directory " + config_.ssd_directory + ": " +
-                               std::strerror(errno));
+      throw std::runtime_error("store: cannot create directory " + config_.ssd_directory + ": " + std::strerror(errno));
   }
   const std::string tmp = path + ".tmp";
   {
@@ -520,9 +518,9 @@ void store::impl::recover() {
     return a.sequence > b.sequence;  // newest version of a block first
   });
   struct session_pick {
-    std::size_t begin, end;             // its candidates
-    std::vector<std::size_t> chosen;    // candidate indices, block 0 on
-    std::uint64_t recency = 0;          // newest sequence chosen
+    std::size_t begin, end;           // its candidates
+    std::vector<std::size_t> chosen;  // candidate indices, block 0 on
+    std::uint64_t recency = 0;        // newest sequence chosen
   };
   std::vector<session_pick> picks;
   struct put_info {
@@ -552,7 +550,8 @@ void store::impl::recover() {
         bool clash = false;  // same id, other shape: a damaged header; ignore the block
         for (auto& q : puts) clash |= q.id == c.put_id();
         if (clash) continue;
-        puts.push_back(put_info{c.put_id(), c.put_first_block, c.put_blocks, std::vector<std::uint8_t>(c.put_blocks, 0)});
+        puts.push_back(
+            put_info{c.put_id(), c.put_first_block, c.put_blocks, std::vector<std::uint8_t>(c.put_blocks, 0)});
         p = &puts.back();
       }
       p->present[c.index - p->first] = 1;
@@ -670,8 +669,8 @@ void store::impl::recover() {
   }
   if (held) {
     detail::bump(counters_->quarantined_slots, held);
-    config_.log(log_level::warning, "store: " + std::to_string(held) +
-                                        " blocks held back unjudged: some slots could not be read");
+    config_.log(log_level::warning,
+                "store: " + std::to_string(held) + " blocks held back unjudged: some slots could not be read");
   }
   sequence_.store(std::max(max_sequence, max_bound) + 1);
   // Stale headers are erased before their slots are reused: a later restart must not

@@ -90,8 +90,8 @@ get_result store::impl::get(const session_key& key, std::span<const token_id> pr
   return serve_locked(s, prompt, first_block, block_count, out, {}, nullptr);
 }
 
-get_result store::impl::acquire(const session_key& key, std::span<const token_id> prompt,
-                                std::span<block_view> views, read_lease& lease) noexcept {
+get_result store::impl::acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
+                                read_lease& lease) noexcept {
   detail::bump(counters_->gets);
   if (lease.capacity() < views.size()) {
     config_.log(log_level::error, "store::acquire: lease capacity " + std::to_string(lease.capacity()) + " for " +
@@ -105,7 +105,8 @@ get_result store::impl::acquire(const session_key& key, std::span<const token_id
     // that others' demotions do not run under its lock (a lookup would wait on them).
     lookup_result want;
     if (locked_session s = index_->open(h, false)) want = index_->lookup(s, model_, prompt, {});
-    if (want.ssd_blocks > free_dram_slots()) make_room(std::min<std::uint32_t>(want.ssd_blocks, std::uint32_t(views.size())), h);
+    if (want.ssd_blocks > free_dram_slots())
+      make_room(std::min<std::uint32_t>(want.ssd_blocks, std::uint32_t(views.size())), h);
   }
   locked_session s = index_->open(h, false);
   if (!s) {
@@ -189,12 +190,11 @@ void store::impl::give_back_read_buffer(const ssd_read_batch& rb, std::size_t i)
 }
 
 get_result store::impl::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
-                                     std::uint32_t block_count, std::span<std::byte> out,
-                                     std::span<block_view> views, std::uint32_t* leased_slots) noexcept {
+                                     std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views,
+                                     std::uint32_t* leased_slots) noexcept {
   // A load of a session a prefetch made resident: how long ahead of its turn it was.
-  if (prefetched_at_)
-    if (const std::uint64_t at = prefetched_at_[s.record_id()].exchange(0, std::memory_order_relaxed))
-      latencies_->prefetch_lead.observe(detail::steady_ns() - at);
+  if (const std::uint64_t at = prefetched_at_[s.record_id()].exchange(0, std::memory_order_relaxed))
+    latencies_->prefetch_lead.observe_ticks(detail::ticks() - at);
   // Two modes: copy blocks into `out` (get), or make them resident in DRAM and describe
   // them in `views` and their slots in leased_slots (acquire: the caller leases them).
   const bool resident = out.empty();
@@ -217,7 +217,8 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
     // truncated view made of them.
     res.tokens = 0;
     std::uint32_t b = s.block_at(first_block);
-    for (std::uint32_t i = 0; i < res.blocks && b != no_slot; ++i, b = s.meta(b).next) res.tokens += s.meta(b).view_count;
+    for (std::uint32_t i = 0; i < res.blocks && b != no_slot; ++i, b = s.meta(b).next)
+      res.tokens += s.meta(b).view_count;
     if (why == errc::checksum_error) {
       detail::bump(counters_->checksum_failures);
       detail::bump(counters_->miss_checksum);

@@ -156,8 +156,7 @@ void flip_first_block_payload(const std::string& dir, const kv_geometry& g) {
   int flipped = 0;
   for (std::size_t s = 0; ::pread(fd, area.data(), hb, off_t(s * slot)) == ssize_t(hb); ++s) {
     format::block_header h;
-    if (format::read_header(area.data(), hb, g.tokens_per_block, &h) != format::header_status::ok ||
-        h.block_index != 0)
+    if (format::read_header(area.data(), hb, g.tokens_per_block, &h) != format::header_status::ok || h.block_index != 0)
       continue;
     char byte = 0;
     const off_t at = off_t(s * slot + hb + 1000);
@@ -203,7 +202,8 @@ TEST_CASE("llama.cpp: restored turns give bitwise the logits of resident KV", "[
     // Restored: the context starts empty every turn.
     llama_memory_clear(llama_get_memory(restored.get()), true);
     if (ssd && turn > 0) {
-      const lookup_result where = kv.lookup(key, std::span(reinterpret_cast<const token_id*>(c.tokens.data()), history));
+      const lookup_result where =
+          kv.lookup(key, std::span(reinterpret_cast<const token_id*>(c.tokens.data()), history));
       REQUIRE(where.tokens == history);
       REQUIRE(where.dram_blocks == 0);  // served from SSD
     }
@@ -235,8 +235,6 @@ TEST_CASE("llama.cpp: an edit mid-history reuses exactly up to the edited token"
   step_out first = run_turn(ctx.get(), 0, c, 0, reply_len);
   REQUIRE(cache.save(key, c.tokens, 0) == errc::ok);
   c.add_turn(first.reply, user_len, 300);
-  const std::size_t history = first_prompt;
-  (void)history;
 
   const std::size_t edit = GENERATE(std::size_t(37), std::size_t(48), std::size_t(1), std::size_t(149));
   CAPTURE(edit);
@@ -345,7 +343,7 @@ TEST_CASE("llama.cpp: another model, KV type or attention layout restores nothin
     context_ptr ctx = o->context();
     REQUIRE_THROWS_AS(lc::session_cache(mine, ctx.get(), base, 1), std::invalid_argument);
   }
-  // Unchanged, the same fingerprint and a restore.
+  // Unchanged settings: the same fingerprint.
   REQUIRE(s.binding().fingerprint == base.fingerprint);
 }
 
@@ -405,8 +403,8 @@ TEST_CASE("llama.cpp: hostile input is refused, not acted on", "[llama_cpp]") {
   context_ptr ctx = s.context();
   lc::session_cache cache(kv, ctx.get(), b, 1);
   const auto toks = llama_chat::random_tokens(5, 60, 300);
-  REQUIRE(cache.restore(key, toks, 1).status == errc::invalid_argument);   // the scratch sequence
-  REQUIRE(cache.restore(key, toks, 7).status == errc::invalid_argument);   // no such sequence
+  REQUIRE(cache.restore(key, toks, 1).status == errc::invalid_argument);  // the scratch sequence
+  REQUIRE(cache.restore(key, toks, 7).status == errc::invalid_argument);  // no such sequence
   REQUIRE(cache.restore(key, toks, -1).status == errc::invalid_argument);
   std::vector<llama_token> negative = toks;
   negative[3] = -5;

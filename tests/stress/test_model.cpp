@@ -149,7 +149,7 @@ inline void oracle_row(std::uint64_t hash, std::uint32_t layer, int side, std::u
 
 inline double half_to_double(std::uint16_t h) {
   const int e = (h >> 10) & 31, m = h & 1023;
-  const double v = e == 0 ? std::ldexp(double(m), -24)
+  const double v = e == 0    ? std::ldexp(double(m), -24)
                    : e == 31 ? (m ? std::nan("") : std::numeric_limits<double>::infinity())
                              : std::ldexp(double(1024 + m), e - 25);
   return (h & 0x8000) ? -v : v;
@@ -206,7 +206,7 @@ inline save_handle no_save() { return save_handle{}; }
 template <class Store>
 errc close_store(std::unique_ptr<Store>& st) {
   errc e = errc::ok;
-  if constexpr (requires(Store& s) { s.close(); }) e = st->close();
+  if constexpr (requires(Store & s) { s.close(); }) e = st->close();
   st.reset();
   return e;
 }
@@ -268,7 +268,7 @@ struct engine_memory {
     table.resize(engine_pages);
     std::iota(table.begin(), table.end(), 0u);
     std::shuffle(table.begin(), table.end(), rng);
-    layout = kv_layout{n_layers,     n_heads,     head_dim, dtype::f16, page_tokens,        page_stride,
+    layout = kv_layout{n_layers,     n_heads,     head_dim, dtype::f16, page_tokens,       page_stride,
                        token_stride, head_stride, kb,       vb,         memory_space::host};
   }
   std::byte* at(std::uint32_t l, int side, std::size_t pos, std::uint32_t h) {
@@ -301,7 +301,7 @@ struct session_state {
   std::uint64_t trunc_cap = no_cap;  // truncated view: a restart recovers up to the sink at most
   std::uint32_t truncations = 0;
   bool truncated = false;  // the stored view is truncated (store::get refuses it)
-  std::mt19937_64 rng;  // token ids
+  std::mt19937_64 rng;     // token ids
   // Restart bookkeeping (main thread, between epochs).
   std::uint64_t expect_after = 0, held_before = 0;
   std::uint64_t ssd_prefix_before = 0;  // tokens of the leading blocks only on SSD before the restart
@@ -372,8 +372,8 @@ enum op_kind : std::uint8_t {
   op_verify,
   op_count
 };
-constexpr const char* op_names[op_count] = {"turn(hooks)", "turn(put)", "edit",   "read(hooks)", "get",
-                                            "lookup",      "demote",    "persist", "drop",       "set_queue",
+constexpr const char* op_names[op_count] = {"turn(hooks)", "turn(put)", "edit",    "read(hooks)", "get",
+                                            "lookup",      "demote",    "persist", "drop",        "set_queue",
                                             "clock",       "truncate",  "abort",   "verify"};
 
 struct event {
@@ -516,7 +516,7 @@ struct counters {
   std::atomic<std::uint64_t> blocks_checked{0}, positions_checked{0}, bytes_checked{0};
   std::atomic<std::uint64_t> saves_ok{0}, saves_failed{0}, truncations{0}, persisted{0}, restarts{0};
   std::atomic<std::uint64_t> wrong_blocks{0}, wrong_positions{0}, over_reuse{0}, lost_commits{0}, bad_codes{0};
-  std::atomic<std::uint64_t> wrong_ops{0};                 // operations that served a wrong byte
+  std::atomic<std::uint64_t> wrong_ops{0};                       // operations that served a wrong byte
   std::array<std::atomic<std::uint64_t>, dg_count> diagnoses{};  // of their first wrong row
   std::atomic<std::uint64_t> held_less_before_restart{0}, recovered_sessions{0};
   std::atomic<std::uint64_t> faulty_restarts{0}, refused_opens{0};
@@ -537,7 +537,7 @@ struct world {
   std::array<std::atomic<std::uint64_t>, fail_classes> failure_counts{};
   std::atomic<std::uint64_t> failure_count{0};
   int epoch = 0;
-  unsigned avoid = 0;         // ATTNSTORE_MODEL_AVOID triage bits
+  unsigned avoid = 0;          // ATTNSTORE_MODEL_AVOID triage bits
   fault_config open_faults{};  // faults of the device while the store opens (recovery)
 
   bool stop() const { return failure_count.load(std::memory_order_relaxed) > 400; }
@@ -613,24 +613,48 @@ class worker {
         demotee = owned_[rnd(owned_.size())];
       }
       switch (op) {
-        case op_turn: turn(s, turn_kind::hooks); break;
-        case op_turn_put: turn(s, turn_kind::put); break;
-        case op_edit: turn(s, turn_kind::edit); break;
-        case op_read: read_hooks(s); break;
-        case op_get: get(s); break;
-        case op_lookup: lookup(s); break;
-        case op_demote: demote(*demotee); break;
-        case op_persist: persist(s); break;
+        case op_turn:
+          turn(s, turn_kind::hooks);
+          break;
+        case op_turn_put:
+          turn(s, turn_kind::put);
+          break;
+        case op_edit:
+          turn(s, turn_kind::edit);
+          break;
+        case op_read:
+          read_hooks(s);
+          break;
+        case op_get:
+          get(s);
+          break;
+        case op_lookup:
+          lookup(s);
+          break;
+        case op_demote:
+          demote(*demotee);
+          break;
+        case op_persist:
+          persist(s);
+          break;
         case op_drop:
           drop(s, op_drop, "drop");
           // Shared sessions that are only read get a new history from the dropper, so
           // drops keep meeting loads (a put into an empty session frees nothing).
           if (!owned && (w_.avoid & avoid_shared_saves)) refill(s);
           break;
-        case op_queue: queue(); break;
-        case op_clock: clock(); break;
-        case op_truncate: truncate_op(s); break;
-        default: abort_save(s); break;
+        case op_queue:
+          queue();
+          break;
+        case op_clock:
+          clock();
+          break;
+        case op_truncate:
+          truncate_op(s);
+          break;
+        default:
+          abort_save(s);
+          break;
       }
     }
   }
@@ -679,16 +703,17 @@ class worker {
     w_.log.add(id_, op, s ? s->id : ~0u, step, e, a, b, c);
   }
   std::string where(op_kind op, const session_state& s) const {
-    return std::string(w_.sc->name) + ": epoch " + std::to_string(w_.epoch) + ", thread " + std::to_string(id_) +
-           ", " + op_names[op] + " on session " + s.name + (s.owner >= 0 ? " (owned)" : " (shared)");
+    return std::string(w_.sc->name) + ": epoch " + std::to_string(w_.epoch) + ", thread " + std::to_string(id_) + ", " +
+           op_names[op] + " on session " + s.name + (s.owner >= 0 ? " (owned)" : " (shared)");
   }
   /// A return code outside the documented set is a failure.
   void code(op_kind op, const session_state& s, const char* call, errc e, std::initializer_list<errc> allowed) {
     for (errc a : allowed)
       if (a == e) return;
     ++w_.n.bad_codes;
-    w_.fail(fail_bad_code, s.id, where(op, s) + ": " + call + " returned " + std::string(to_string(e)) +
-                      (faults() ? "" : " (no faults are injected in this scenario)"));
+    w_.fail(fail_bad_code, s.id,
+            where(op, s) + ": " + call + " returned " + std::string(to_string(e)) +
+                (faults() ? "" : " (no faults are injected in this scenario)"));
   }
 
   snapshot take(session_state& s) {
@@ -734,10 +759,11 @@ class worker {
       why = "never written: the engine memory still holds the scrub pattern (reuse over-reported?)";
     } else if (w_.registry.find(v_row, o)) {
       dg = o.session != s.id ? dg_foreign : o.hash == p.want[pos].hash ? dg_k_only : dg_stale;
-      why = dg == dg_foreign ? "another session's KV: " + w_.names[o.session] + " position " + std::to_string(o.position)
-            : dg == dg_k_only ? "the right token's V but another K: torn (overwritten while copied) or mis-rotated"
-                              : "stale KV of this session: position " + std::to_string(o.position) +
-                                    " of another history";
+      why = dg == dg_foreign
+                ? "another session's KV: " + w_.names[o.session] + " position " + std::to_string(o.position)
+            : dg == dg_k_only
+                ? "the right token's V but another K: torn (overwritten while copied) or mis-rotated"
+                : "stale KV of this session: position " + std::to_string(o.position) + " of another history";
     } else {
       dg = dg_unknown;
       why = "bytes no session ever computed (freed, reused or torn memory?)";
@@ -746,11 +772,12 @@ class worker {
     char buf[160];
     std::snprintf(buf, sizeof buf, "elem %d got 0x%04x (%g) want 0x%04x (%g)", elem, got[elem],
                   half_to_double(got[elem]), want[elem], half_to_double(want[elem]));
-    w_.fail(fail_class(unsigned(fail_wrong_bytes) + unsigned(dg)), s.id, where(op, s) + ": " + served_by + " served a wrong byte at position " + std::to_string(pos) +
-                      " (block " + std::to_string(pos / tpb) + ") layer " + std::to_string(l) + (side ? " V" : " K") +
-                      " head " + std::to_string(h) + ": " + buf + " (shift " + std::to_string(p.want[pos].shift) +
-                      "); prompt " + std::to_string(p.toks.size()) + " tokens, common prefix with the history " +
-                      std::to_string(p.cp) + ", reuse reported " + std::to_string(reused) + "; diagnosis: " + why);
+    w_.fail(fail_class(unsigned(fail_wrong_bytes) + unsigned(dg)), s.id,
+            where(op, s) + ": " + served_by + " served a wrong byte at position " + std::to_string(pos) + " (block " +
+                std::to_string(pos / tpb) + ") layer " + std::to_string(l) + (side ? " V" : " K") + " head " +
+                std::to_string(h) + ": " + buf + " (shift " + std::to_string(p.want[pos].shift) + "); prompt " +
+                std::to_string(p.toks.size()) + " tokens, common prefix with the history " + std::to_string(p.cp) +
+                ", reuse reported " + std::to_string(reused) + "; diagnosis: " + why);
   }
   void finish_check(check_state& cs) { w_.n.wrong_blocks += std::uint64_t(std::popcount(cs.wrong_mask)); }
 
@@ -794,18 +821,20 @@ class worker {
   std::uint64_t loaded_tokens(op_kind op, session_state& s, const prompt_t& p, const load_info& li) {
     const std::uint64_t t = valid(li.handle) ? li.tokens : 0;
     if (!valid(li.handle) && li.tokens != 0)
-      w_.fail(fail_over_reuse, s.id, where(op, s) + ": start_load reported " + std::to_string(li.tokens) + " tokens without a handle");
+      w_.fail(fail_over_reuse, s.id,
+              where(op, s) + ": start_load reported " + std::to_string(li.tokens) + " tokens without a handle");
     if (t > p.toks.size()) {
       ++w_.n.over_reuse;
-      w_.fail(fail_over_reuse, s.id, where(op, s) + ": start_load reported " + std::to_string(t) + " tokens for a prompt of " +
-                        std::to_string(p.toks.size()));
+      w_.fail(fail_over_reuse, s.id,
+              where(op, s) + ": start_load reported " + std::to_string(t) + " tokens for a prompt of " +
+                  std::to_string(p.toks.size()));
       return p.toks.size();
     }
     if (owns(s) && t > p.cp) {
       ++w_.n.over_reuse;
-      w_.fail(fail_over_reuse, s.id, where(op, s) + ": start_load reused " + std::to_string(t) + " tokens but the prompt shares only " +
-                        std::to_string(p.cp) + " with the history (status " + std::string(to_string(li.status)) +
-                        ")");
+      w_.fail(fail_over_reuse, s.id,
+              where(op, s) + ": start_load reused " + std::to_string(t) + " tokens but the prompt shares only " +
+                  std::to_string(p.cp) + " with the history (status " + std::string(to_string(li.status)) + ")");
     }
     w_.n.loaded_tokens += t;
     return t;
@@ -855,15 +884,17 @@ class worker {
     if (r.blocks > count || r.tokens > std::uint64_t(r.blocks) * tpb || (r.blocks == 0 && r.tokens) ||
         base + r.tokens > p.toks.size()) {
       ++w_.n.over_reuse;
-      w_.fail(fail_over_reuse, s.id, where(op, s) + ": get(first " + std::to_string(first) + ", count " + std::to_string(count) +
-                        ") returned " + std::to_string(r.blocks) + " blocks, " + std::to_string(r.tokens) +
-                        " tokens for a prompt of " + std::to_string(p.toks.size()));
+      w_.fail(fail_over_reuse, s.id,
+              where(op, s) + ": get(first " + std::to_string(first) + ", count " + std::to_string(count) +
+                  ") returned " + std::to_string(r.blocks) + " blocks, " + std::to_string(r.tokens) +
+                  " tokens for a prompt of " + std::to_string(p.toks.size()));
       return;
     }
     if (owns(s) && r.tokens && base + r.tokens > p.cp) {
       ++w_.n.over_reuse;
-      w_.fail(fail_over_reuse, s.id, where(op, s) + ": get reused up to position " + std::to_string(base + r.tokens) +
-                        " but the prompt shares only " + std::to_string(p.cp) + " with the history");
+      w_.fail(fail_over_reuse, s.id,
+              where(op, s) + ": get reused up to position " + std::to_string(base + r.tokens) +
+                  " but the prompt shares only " + std::to_string(p.cp) + " with the history");
     }
     check_state cs;
     for (std::uint64_t pos = base; pos < base + r.tokens; ++pos) {
@@ -1091,16 +1122,18 @@ class worker {
     // Blocks of a truncated view may hold fewer tokens than a block.
     const bool whole = !snap.truncated;
     if (r.tokens > p.toks.size() || r.blocks != r.dram_blocks + r.ssd_blocks ||
-        (r.blocks && (r.tokens > std::uint64_t(r.blocks) * tpb ||
-                      (whole && r.tokens <= std::uint64_t(r.blocks - 1) * tpb)))) {
+        (r.blocks &&
+         (r.tokens > std::uint64_t(r.blocks) * tpb || (whole && r.tokens <= std::uint64_t(r.blocks - 1) * tpb)))) {
       ++w_.n.over_reuse;
-      w_.fail(fail_over_reuse, s.id, where(op_lookup, s) + ": lookup of " + std::to_string(p.toks.size()) + " tokens found " +
-                        std::to_string(r.tokens) + " tokens in " + std::to_string(r.blocks) + " blocks (" +
-                        std::to_string(r.dram_blocks) + " DRAM, " + std::to_string(r.ssd_blocks) + " SSD)");
+      w_.fail(fail_over_reuse, s.id,
+              where(op_lookup, s) + ": lookup of " + std::to_string(p.toks.size()) + " tokens found " +
+                  std::to_string(r.tokens) + " tokens in " + std::to_string(r.blocks) + " blocks (" +
+                  std::to_string(r.dram_blocks) + " DRAM, " + std::to_string(r.ssd_blocks) + " SSD)");
     } else if (owns(s) && r.tokens > p.cp) {
       ++w_.n.over_reuse;
-      w_.fail(fail_over_reuse, s.id, where(op_lookup, s) + ": lookup found " + std::to_string(r.tokens) +
-                        " reusable tokens but the prompt shares only " + std::to_string(p.cp) + " with the history");
+      w_.fail(fail_over_reuse, s.id,
+              where(op_lookup, s) + ": lookup found " + std::to_string(r.tokens) +
+                  " reusable tokens but the prompt shares only " + std::to_string(p.cp) + " with the history");
     }
   }
 
@@ -1156,8 +1189,8 @@ class worker {
     w_.clock.fetch_add(by);
     std::uint32_t done = 0;
     if (!w_.sc->background_thread) done = api().run_background();
-    event(op_clock, nullptr, jump ? "clock(past the TTL)+run_background" : "clock+run_background", errc::ok,
-          by / ms, done);
+    event(op_clock, nullptr, jump ? "clock(past the TTL)+run_background" : "clock+run_background", errc::ok, by / ms,
+          done);
   }
 
   void truncate_op(session_state& s) {
@@ -1266,8 +1299,7 @@ store_config make_config(const scenario& sc, const std::string& dir, world& w, f
   c.demote_high_watermark = 0.30;
   c.clock = [&w] { return w.clock.load(std::memory_order_relaxed); };
   c.log = logger{&logger::quiet, nullptr};
-  c.wrap_device = [faults, &w](std::unique_ptr<block_device> inner,
-                                const ssd_space&) -> std::unique_ptr<block_device> {
+  c.wrap_device = [faults, &w](std::unique_ptr<block_device> inner, const ssd_space&) -> std::unique_ptr<block_device> {
     auto d = std::make_unique<fault_device>(std::move(inner), w.open_faults);  // none until the threads run
     *faults = d.get();
     return d;
@@ -1276,8 +1308,8 @@ store_config make_config(const scenario& sc, const std::string& dir, world& w, f
 }
 
 void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_t seed) {
-  INFO("scenario " << sc.name << ", seed " << seed << ", " << ops_per_thread << " ops per thread, ATTNSTORE_MODEL_AVOID="
-                   << env_u64("ATTNSTORE_MODEL_AVOID", 0));
+  INFO("scenario " << sc.name << ", seed " << seed << ", " << ops_per_thread
+                   << " ops per thread, ATTNSTORE_MODEL_AVOID=" << env_u64("ATTNSTORE_MODEL_AVOID", 0));
   temp_dir dir("model");
   world w;
   w.sc = &sc;
@@ -1339,8 +1371,8 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
         for (auto& sp : w.sessions) {
           sp->truncated = false;
           const std::uint64_t found = main.verify(*sp);
-          w.log.add(n_threads, op_verify, sp->id, "after restart with read errors: lookup", errc::ok,
-                    sp->tokens.size(), found, sp->expect_after);
+          w.log.add(n_threads, op_verify, sp->id, "after restart with read errors: lookup", errc::ok, sp->tokens.size(),
+                    found, sp->expect_after);
         }
         ++w.n.faulty_restarts;
       } catch (const std::exception&) {
@@ -1369,16 +1401,14 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
         if (found > 0) ++w.n.recovered_sessions;
         if (found < s.expect_after) {
           ++w.n.lost_commits;
-          w.fail(fail_lost_commit, s.id, std::string(sc.name) + ": restart " + std::to_string(epoch) +
-                                           (sc.faulty_recovery ? " (after an open with read errors)" : "") +
-                                           " lost history of session " +
-                           s.name + (s.owner >= 0 ? " (owned)" : " (shared)") + ": " + std::to_string(s.expect_after) +
-                           " tokens expected back (held before the restart " + std::to_string(s.held_before) +
-                           ", history " + std::to_string(s.tokens.size()) + ", durable by demote+flush " +
-                           std::to_string(s.durable) + ", truncation cap " +
-                           (s.trunc_cap == no_cap ? std::string("none") : std::to_string(s.trunc_cap)) +
-                           (sc.write_through ? ", write-through" : ", write-back") + "), found " +
-                           std::to_string(found));
+          w.fail(fail_lost_commit, s.id,
+                 std::string(sc.name) + ": restart " + std::to_string(epoch) +
+                     (sc.faulty_recovery ? " (after an open with read errors)" : "") + " lost history of session " +
+                     s.name + (s.owner >= 0 ? " (owned)" : " (shared)") + ": " + std::to_string(s.expect_after) +
+                     " tokens expected back (held before the restart " + std::to_string(s.held_before) + ", history " +
+                     std::to_string(s.tokens.size()) + ", durable by demote+flush " + std::to_string(s.durable) +
+                     ", truncation cap " + (s.trunc_cap == no_cap ? std::string("none") : std::to_string(s.trunc_cap)) +
+                     (sc.write_through ? ", write-through" : ", write-back") + "), found " + std::to_string(found));
         }
       }
     }
@@ -1455,9 +1485,8 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
       (unsigned long long)w.n.lost_commits.load(), (unsigned long long)w.n.bad_codes.load(),
       (unsigned long long)ss.demoted_blocks, (unsigned long long)ss.watermark_demoted_blocks,
       (unsigned long long)ss.promoted_blocks, (unsigned long long)ss.prefetched_blocks,
-      (unsigned long long)ss.evicted_sessions, (unsigned long long)ss.expired_sessions,
-      (unsigned long long)ss.no_space, (unsigned long long)ss.io_errors, (unsigned long long)ss.checksum_failures,
-      ops_line.c_str());
+      (unsigned long long)ss.evicted_sessions, (unsigned long long)ss.expired_sessions, (unsigned long long)ss.no_space,
+      (unsigned long long)ss.io_errors, (unsigned long long)ss.checksum_failures, ops_line.c_str());
   close_store(st);
 
   std::string all;

@@ -17,8 +17,8 @@ using namespace attnstore::testing;
 
 namespace {
 
-const std::string names[] = {"s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11",
-                             "s12", "s13", "s14", "s15", "s16", "s17", "s18", "s19", "s20"};
+const std::string names[] = {"s0",  "s1",  "s2",  "s3",  "s4",  "s5",  "s6",  "s7",  "s8",  "s9", "s10",
+                             "s11", "s12", "s13", "s14", "s15", "s16", "s17", "s18", "s19", "s20"};
 session_key key_of(const conversation& c) { return {"t", names[c.id]}; }
 
 /// A store whose SSD reads take `latency_us` each (a slow or stalled device).
@@ -98,7 +98,7 @@ TEST_CASE("async: loads and saves in flight finish out of order, each exact", "[
     order.push_back(f.id);
   }
   CHECK(order != std::vector<std::uint64_t>({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}));  // not submission order
-  CHECK(order.front() % 2 == 1);  // a DRAM load finished first
+  CHECK(order.front() % 2 == 1);                                                       // a DRAM load finished first
   CHECK(io.outstanding() == 0);
 }
 
@@ -110,7 +110,7 @@ TEST_CASE("async: the engine thread never waits on a stalled SSD; cancellation",
   REQUIRE(put_all(*s.kv, b) == errc::ok);
   REQUIRE(s.kv->demote(key_of(a)) == errc::ok);
   REQUIRE(s.kv->demote(key_of(b)) == errc::ok);
-  s.set_latency(300000);  // 300 ms per SSD piece: a stalled device
+  s.set_latency(300000);             // 300 ms per SSD piece: a stalled device
   async_requests io(*s.kv, {1, 8});  // one worker: b waits behind a
   const auto ta = a.toks(), tb = b.toks();
   std::vector<std::byte> oa(std::size_t(a.blocks()) * bb), ob(std::size_t(b.blocks()) * bb);
@@ -163,4 +163,48 @@ TEST_CASE("async: a scheduler step's lookups in one call", "[async]") {
   CHECK(r[1].tokens == 33);
   CHECK(r[2].tokens == 100);
   CHECK(r[3].tokens == 0);
+}
+
+TEST_CASE("async: cancel and resubmit in rounds behind a stalled load; every request runs once", "[async]") {
+  slow_store s;
+  const std::size_t bb = s.kv->block_bytes();
+  const conversation a{1, 200}, b{2, 100};
+  REQUIRE(put_all(*s.kv, a) == errc::ok);
+  REQUIRE(put_all(*s.kv, b) == errc::ok);
+  REQUIRE(s.kv->demote(key_of(a)) == errc::ok);
+  s.set_latency(100000);  // a's SSD reads stall the only worker
+  async_requests io(*s.kv, {1, 4});
+  const auto ta = a.toks(), tb = b.toks();
+  std::vector<std::byte> oa(std::size_t(a.blocks()) * bb);
+  std::vector<std::vector<std::byte>> ob(3, std::vector<std::byte>(std::size_t(b.blocks()) * bb));
+  REQUIRE(io.submit_load(1, key_of(a), ta, 0, a.blocks(), oa) == errc::ok);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::vector<finished_request> done(8);
+  for (int round = 0; round < 5; ++round) {  // 3 queued and cancelled per round: the queue holds only live ones
+    for (std::uint64_t i = 0; i < 3; ++i)
+      REQUIRE(io.submit_load(10 + i, key_of(b), tb, 0, b.blocks(), ob[i]) == errc::ok);
+    CHECK(io.submit_load(99, key_of(b), tb, 0, b.blocks(), ob[0]) == errc::retry);  // 4 outstanding
+    for (std::uint64_t i = 0; i < 3; ++i) CHECK(io.cancel(10 + i));
+    REQUIRE(io.get_finished(done) == 3);
+  }
+  for (std::uint64_t i = 0; i < 3; ++i)
+    REQUIRE(io.submit_load(20 + i, key_of(b), tb, 0, b.blocks(), ob[i]) == errc::ok);
+  s.set_latency(0);
+  std::map<std::uint64_t, int> seen;
+  for (int spin = 0; seen.size() < 4 && spin < 20000; ++spin) {
+    const std::size_t n = io.get_finished(done);
+    for (std::size_t i = 0; i < n; ++i) {
+      ++seen[done[i].id];
+      CHECK(done[i].status == errc::ok);
+      CHECK(!done[i].cancelled);
+    }
+    if (seen.size() < 4) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(seen == std::map<std::uint64_t, int>{{1, 1}, {20, 1}, {21, 1}, {22, 1}});
+  for (const auto& o : ob) CHECK(o == b.data(bb));
+  CHECK(oa == a.data(bb));
+  CHECK(io.outstanding() == 0);
+  // A client-chosen id cannot make a slot grow without bound.
+  const std::string long_id(async_requests::max_key_bytes + 1, 'x');
+  CHECK(io.submit_load(30, {"t", long_id}, tb, 0, b.blocks(), ob[0]) == errc::invalid_argument);
 }

@@ -133,9 +133,9 @@ TEST_CASE("metrics: a well-formed exposition whose histograms move with the call
   REQUIRE(put_all(s, b) == errc::ok);
   const auto a_toks = a.toks();
   for (int i = 0; i < 3; ++i) (void)s.lookup(key_of(a), a_toks);  // 3 lookups
-  require_exact(s, b);                                             // a load from DRAM
-  REQUIRE(s.demote(key_of(a)) == errc::ok);                        // SSD writes
-  require_exact(s, a);                                             // a load from SSD
+  require_exact(s, b);                                            // a load from DRAM
+  REQUIRE(s.demote(key_of(a)) == errc::ok);                       // SSD writes
+  require_exact(s, a);                                            // a load from SSD
   REQUIRE(s.demote(key_of(a)) == errc::ok);
   session_key queue[] = {key_of(a)};
   s.set_queue(queue);  // a prefetch brings a back to DRAM...
