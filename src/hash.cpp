@@ -90,6 +90,15 @@ session_hash hash_session(const session_key& key, const hash128& secret) noexcep
   return {w.digest()};
 }
 
+hash128 hash_tenant(std::string_view tenant, const hash128& secret) noexcept {
+  field_writer w;
+  w.u64(0x7e'4e'41'4e'54'49'44ull);  // domain tag: tenant ids
+  w.u64(secret.lo);
+  w.u64(secret.hi);
+  w.str(tenant);
+  return w.digest();
+}
+
 model_id make_model_id(const model_descriptor& d) noexcept {
   field_writer w;
   w.u64(0x4d'4f'44'45'4c'49'44ull);  // domain tag: model ids

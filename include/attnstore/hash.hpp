@@ -30,6 +30,11 @@ hash128 chain_hash(hash128 previous, const model_id& model, std::span<const toke
 /// index they land, and a store's hashes mean nothing to another store.
 session_hash hash_session(const session_key& key, const hash128& secret = {}) noexcept;
 
+/// Hash of a tenant id, keyed like hash_session (its own domain, so it never equals a
+/// session's hash): what block headers, quotas and metrics name a tenant by, never the
+/// id in clear.
+hash128 hash_tenant(std::string_view tenant, const hash128& secret = {}) noexcept;
+
 /// Copies `bytes` from src to dst and returns checksum64 of the data, in one pass over
 /// memory: each chunk is hashed while it is still in cache.
 std::uint64_t copy_with_checksum(void* dst, const void* src, std::size_t bytes) noexcept;

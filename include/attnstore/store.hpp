@@ -36,6 +36,13 @@ enum class io_backend : std::uint8_t {
   posix,      ///< pread/pwrite thread pool
 };
 
+/// A tenant's caps on one store, in bytes per tier (0: no cap). Bytes count whole slots
+/// (block plus header), as store_stats' tier bytes do.
+struct tenant_quota {
+  std::string tenant;  ///< the id engines pass as session_key::tenant
+  std::uint64_t dram_bytes = 0, ssd_bytes = 0;
+};
+
 struct store_config {
   kv_geometry geometry;       ///< validated by the store; tokens_per_block 0 = auto
   std::string model_name;     ///< with geometry etc. forms the model_id
@@ -97,6 +104,18 @@ struct store_config {
   /// flush at close.
   std::uint64_t close_flush_ms = 30000;
 
+  // ---- tenants (docs/operations.md "Tenants")
+  /// Per-tenant caps. A save that would take its tenant past its DRAM cap first makes
+  /// room from that tenant's own sessions; a tenant past a cap after a save or a
+  /// demotion is trimmed back at once (its own sessions demoted from DRAM, dropped from
+  /// SSD, in the policy's order); and when the store needs room, sessions of tenants
+  /// past their caps go before anyone else's. So a tenant that floods the store pushes
+  /// out its own sessions, not another tenant's within its share. One session larger
+  /// than a cap is not split: it stays, demoted to SSD when it passes the DRAM cap.
+  std::vector<tenant_quota> tenant_quotas;
+  /// The caps of every tenant not listed in tenant_quotas (0: none).
+  std::uint64_t tenant_dram_bytes = 0, tenant_ssd_bytes = 0;
+
   attnstore::logger log{};
   /// Tests and embedders may wrap or replace the SSD device (fault injection, an
   /// in-memory device). Called once at construction with the real device.
@@ -125,6 +144,16 @@ struct store_stats {
   std::uint64_t watermark_demoted_blocks = 0, expired_sessions = 0;
   std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;
   std::uint64_t sessions = 0;
+};
+
+/// One tenant's share of a store (store::tenant_usage).
+struct tenant_stats {
+  hash128 tenant{};  ///< hash_tenant(id, the store's secret): how files and metrics name it
+  std::uint32_t sessions = 0;
+  std::uint64_t dram_bytes = 0, ssd_bytes = 0;              ///< slots held (a block on both tiers counts on both)
+  std::uint64_t dram_quota_bytes = 0, ssd_quota_bytes = 0;  ///< 0: no cap
+  std::uint64_t quota_demoted_blocks = 0;    ///< DRAM blocks of its own demoted because it was at its cap
+  std::uint64_t quota_evicted_sessions = 0;  ///< its own sessions dropped because it was at a cap
 };
 
 class store;
@@ -274,6 +303,13 @@ class store {
   /// device_error, bad_state (empty reservation). The reservation is empty afterwards,
   /// whatever the outcome.
   [[nodiscard]] errc commit(save_reservation& reservation) noexcept;
+  /// commit() with the payload checksums already computed by the caller (one per
+  /// reserved block, in order: checksum64 of its block_bytes(), e.g. hashed layer by
+  /// layer as the copies landed), so the commit does not read the blocks again. A
+  /// wrong checksum only makes that block fail verification when read (it is then
+  /// dropped, never served). invalid_argument (the reservation is aborted) when the
+  /// span does not hold exactly reservation.blocks() values.
+  [[nodiscard]] errc commit(save_reservation& reservation, std::span<const std::uint64_t> payload_checksums) noexcept;
   /// Gives reserved blocks back unpublished.
   void abort(save_reservation& reservation) noexcept;
 
@@ -350,6 +386,23 @@ class store {
   errc close() noexcept;
 
   store_stats stats() const noexcept;
+
+  /// A tenant id as this store names it everywhere (block headers, metrics labels,
+  /// `attnstore purge`): hash_tenant keyed by the store's secret.
+  hash128 tenant_of(std::string_view tenant) const noexcept;
+  /// What the tenant holds and its caps (zero usage when it holds nothing).
+  tenant_stats tenant_usage(std::string_view tenant) const noexcept;
+  /// Sets (replaces) a tenant's caps, in bytes per tier, 0 for none; the tenant is
+  /// trimmed to them at its next save. Returns ok, or no_space when the store already
+  /// tracks as many tenants as it can (max_sessions + the configured ones).
+  errc set_tenant_quota(std::string_view tenant, std::uint64_t dram_bytes, std::uint64_t ssd_bytes) noexcept;
+  /// Drops every session of the tenant, as drop() does each (SSD slots zeroed whole and
+  /// synced; leased DRAM freed when the leases end; saves in flight fail at commit).
+  /// Sessions the tenant creates while this runs may survive it. Writes the sessions
+  /// dropped to `dropped`. Returns ok, not_found (the tenant holds nothing), or
+  /// device_error (a session's erasure and its tombstone both failed: logged).
+  errc purge(std::string_view tenant, std::uint32_t* dropped = nullptr) noexcept;
+
   /// Appends the store's metrics in the Prometheus text exposition format (0.0.4):
   /// every stats() counter as attnstore_<name>_total, gauges (bytes per tier, sessions,
   /// reads in flight), latency histograms in seconds (lookup, load by source tier, save,

@@ -13,8 +13,10 @@
 //   attnstore drop DIR --session TENANT/SESSION
 //                                    erases one session's blocks (every slot holding one is
 //                                    zeroed whole and synced, as store::drop does)
+//   attnstore purge DIR --tenant TENANT
+//                                    erases every session of one tenant the same way
 //
-// Exit status: 0 fine, 1 bad blocks found (verify) or an erase failed (drop), 2 usage
+// Exit status: 0 fine, 1 bad blocks found (verify) or an erase failed (drop, purge), 2 usage
 // error or unreadable directory.
 #include <fcntl.h>
 #include <netdb.h>
@@ -168,6 +170,7 @@ void judge_all(const store_dir& d, bool whole, Fn&& fn) {
 }
 
 struct session_summary {
+  std::string tenant;  // keyed hash, as the headers carry it
   std::uint64_t blocks = 0, superseded = 0, tokens = 0, oldest = ~0ull, newest = 0;
   std::map<std::uint32_t, std::pair<std::uint64_t, std::uint32_t>> newest_copy;  // block -> (sequence, tokens)
 };
@@ -192,6 +195,7 @@ int inspect(const store_dir& d, bool json) {
     ++counts[int(v)];
     if (v != format::slot_verdict::ok) return;
     session_summary& ss = sessions[hex128(h.session)];
+    if (ss.tenant.empty()) ss.tenant = hex128(h.tenant);
     ++ss.blocks;
     ss.oldest = std::min(ss.oldest, h.sequence);
     ss.newest = std::max(ss.newest, h.sequence);
@@ -232,9 +236,10 @@ int inspect(const store_dir& d, bool json) {
         newest);
     bool comma = false;
     for (const auto& [k, ss] : sessions) {
-      std::printf("%s{\"session\": \"%s\", \"blocks\": %" PRIu64 ", \"superseded\": %" PRIu64 ", \"tokens\": %" PRIu64
-                  ", \"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 "}",
-                  comma ? ", " : "", k.c_str(), ss.blocks, ss.superseded, ss.tokens, ss.oldest, ss.newest);
+      std::printf("%s{\"session\": \"%s\", \"tenant\": \"%s\", \"blocks\": %" PRIu64 ", \"superseded\": %" PRIu64
+                  ", \"tokens\": %" PRIu64 ", \"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 "}",
+                  comma ? ", " : "", k.c_str(), ss.tenant.c_str(), ss.blocks, ss.superseded, ss.tokens, ss.oldest,
+                  ss.newest);
       comma = true;
     }
     std::printf("]}\n");
@@ -255,11 +260,11 @@ int inspect(const store_dir& d, bool json) {
               used ? oldest : 0, newest);
   std::printf("  sessions: %zu (keyed hashes: ids are never stored)\n", sessions.size());
   if (!sessions.empty()) {
-    std::printf("    %-34s %8s %10s %10s %12s %12s\n", "session", "blocks", "superseded", "tokens", "oldest seq",
-                "newest seq");
+    std::printf("    %-34s %-34s %8s %10s %10s %12s %12s\n", "session", "tenant", "blocks", "superseded", "tokens",
+                "oldest seq", "newest seq");
     for (const auto& [k, ss] : sessions)
-      std::printf("    %-34s %8" PRIu64 " %10" PRIu64 " %10" PRIu64 " %12" PRIu64 " %12" PRIu64 "\n", k.c_str(),
-                  ss.blocks, ss.superseded, ss.tokens, ss.oldest, ss.newest);
+      std::printf("    %-34s %-34s %8" PRIu64 " %10" PRIu64 " %10" PRIu64 " %12" PRIu64 " %12" PRIu64 "\n", k.c_str(),
+                  ss.tenant.c_str(), ss.blocks, ss.superseded, ss.tokens, ss.oldest, ss.newest);
   }
   return 0;
 }
@@ -322,19 +327,29 @@ bool lock_within(int fd) {
   return false;
 }
 
-/// Zeroes every slot holding a block of the session (whole slots: KV and token ids),
-/// then syncs each file touched. The store must not have the directory open (its
-/// lock, flock on the slot files, is taken here too, so a running store refuses this).
-int drop(const store_dir& d, const std::string& id) {
-  const auto slash = id.find('/');
-  if (slash == std::string::npos) throw std::invalid_argument("--session takes TENANT/SESSION");
-  const std::string tenant = id.substr(0, slash), session = id.substr(slash + 1);
-  const hash128 key = hash_session(session_key{tenant, session}, d.secret).value;
+/// Zeroes every slot holding a block of one session (`drop --session T/S`) or of every
+/// session of one tenant (`purge --tenant T`): whole slots (KV and token ids), then each
+/// file touched is synced. The store must not have the directory open (its lock, flock
+/// on the slot files, is taken here too, so a running store refuses this).
+int erase_matching(const store_dir& d, const std::string& verb, const std::string& session_id,
+                   const std::string& tenant_id) {
+  hash128 key{};
+  std::string what;
+  if (!session_id.empty()) {
+    const auto slash = session_id.find('/');
+    if (slash == std::string::npos) throw std::invalid_argument("--session takes TENANT/SESSION");
+    key = hash_session(session_key{session_id.substr(0, slash), session_id.substr(slash + 1)}, d.secret).value;
+    what = "session " + hex128(key);
+  } else {
+    key = hash_tenant(tenant_id, d.secret);
+    what = "tenant " + hex128(key);
+  }
+  const bool by_session = !session_id.empty();
   // The store's own lock first: a store that has the directory open holds it.
   const int lock = ::open((d.path + "/LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (lock < 0 || !lock_within(lock)) {
     if (lock >= 0) ::close(lock);
-    throw std::runtime_error(d.path + " is locked: a store has it open; drop the session through the store");
+    throw std::runtime_error(d.path + " is locked: a store has it open; " + verb + " through the store");
   }
   struct unlock {
     int fd;
@@ -345,7 +360,7 @@ int drop(const store_dir& d, const std::string& id) {
   judge_all(d, false, [&](std::uint64_t s, int err, format::slot_verdict v, const format::block_header& h) {
     if (err)
       ++unreadable;
-    else if (v == format::slot_verdict::ok && h.session == key)
+    else if (v == format::slot_verdict::ok && (by_session ? h.session : h.tenant) == key)
       victims.push_back(s);
   });
   void* zeros = nullptr;
@@ -362,7 +377,7 @@ int drop(const store_dir& d, const std::string& id) {
       if (fd >= 0 && !lock_within(fd)) {
         ::close(fd);
         std::free(zeros);
-        throw std::runtime_error(name + " is locked: a store has this directory open; drop through it instead");
+        throw std::runtime_error(name + " is locked: a store has this directory open; " + verb + " through it instead");
       }
       files[f] = fd;
     }
@@ -379,7 +394,7 @@ int drop(const store_dir& d, const std::string& id) {
     if (fd >= 0) ::close(fd);
   }
   std::free(zeros);
-  std::printf("drop %s: session %s: %zu blocks erased%s", d.path.c_str(), hex128(key).c_str(),
+  std::printf("%s %s: %s: %zu blocks erased%s", verb.c_str(), d.path.c_str(), what.c_str(),
               victims.size() - std::size_t(failed > 0 ? failed : 0), failed ? ", some could not be" : "");
   if (unreadable) std::printf(" (%" PRIu64 " slots could not be read: run verify)", unreadable);
   std::printf("\n");
@@ -562,6 +577,8 @@ void usage(std::FILE* to) {
       "                                   a running engine's metrics (http://HOST:PORT/metrics) summed up\n"
       "  attnstore drop DIR --session TENANT/SESSION\n"
       "                                   erase one session's blocks (zeroed whole, synced)\n"
+      "  attnstore purge DIR --tenant TENANT\n"
+      "                                   erase every session of one tenant (zeroed whole, synced)\n"
       "Exit status: 0 fine, 1 bad blocks (verify), 2 usage error or not a readable store directory.\n",
       to);
 }
@@ -571,13 +588,18 @@ void usage(std::FILE* to) {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   bool json = false;
-  std::string session;
+  std::string session, tenant;
+  bool has_tenant = false;
   for (std::size_t i = 0; i < args.size();) {
     if (args[i] == "--json") {
       json = true;
       args.erase(args.begin() + long(i));
     } else if (args[i] == "--session" && i + 1 < args.size()) {
       session = args[i + 1];
+      args.erase(args.begin() + long(i), args.begin() + long(i) + 2);
+    } else if (args[i] == "--tenant" && i + 1 < args.size()) {
+      tenant = args[i + 1];  // may be empty: the default tenant
+      has_tenant = true;
       args.erase(args.begin() + long(i), args.begin() + long(i) + 2);
     } else {
       ++i;
@@ -587,8 +609,9 @@ int main(int argc, char** argv) {
     usage(stdout);
     return 0;
   }
-  const bool known = args.size() == 2 && (args[0] == "inspect" || args[0] == "verify" || args[0] == "stats" ||
-                                          (args[0] == "drop" && !session.empty()));
+  const bool known =
+      args.size() == 2 && (args[0] == "inspect" || args[0] == "verify" || args[0] == "stats" ||
+                           (args[0] == "drop" && !session.empty()) || (args[0] == "purge" && has_tenant));
   if (!known) {
     usage(stderr);
     return 2;
@@ -596,7 +619,8 @@ int main(int argc, char** argv) {
   try {
     if (args[0] == "stats") return stats(args[1], json);
     const store_dir d = open_dir(args[1]);
-    if (args[0] == "drop") return drop(d, session);
+    if (args[0] == "drop") return erase_matching(d, "drop", session, "");
+    if (args[0] == "purge") return erase_matching(d, "purge", "", tenant);
     return args[0] == "inspect" ? inspect(d, json) : verify(d, json);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "attnstore: %s\n", e.what());

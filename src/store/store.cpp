@@ -37,11 +37,23 @@ errc store::reserve(const session_key& key, std::span<const token_id> tokens, st
 }
 errc store::commit(save_reservation& reservation) noexcept {
   const std::uint64_t t0 = detail::ticks();
-  const errc e = impl_->commit(reservation);
+  const errc e = impl_->commit(reservation, {}, false);
+  impl_->latencies_->save.observe_ticks(detail::ticks() - t0);
+  return e;
+}
+errc store::commit(save_reservation& reservation, std::span<const std::uint64_t> payload_checksums) noexcept {
+  const std::uint64_t t0 = detail::ticks();
+  const errc e = impl_->commit(reservation, payload_checksums, true);
   impl_->latencies_->save.observe_ticks(detail::ticks() - t0);
   return e;
 }
 void store::abort(save_reservation& reservation) noexcept { impl_->abort(reservation); }
+hash128 store::tenant_of(std::string_view tenant) const noexcept { return impl_->tenant_of(tenant); }
+tenant_stats store::tenant_usage(std::string_view tenant) const noexcept { return impl_->tenant_usage(tenant); }
+errc store::set_tenant_quota(std::string_view tenant, std::uint64_t dram_bytes, std::uint64_t ssd_bytes) noexcept {
+  return impl_->set_tenant_quota(tenant, dram_bytes, ssd_bytes);
+}
+errc store::purge(std::string_view tenant, std::uint32_t* dropped) noexcept { return impl_->purge(tenant, dropped); }
 errc store::drop(const session_key& key) noexcept { return impl_->drop(key); }
 errc store::pin(const session_key& key) noexcept { return impl_->pin(key); }
 errc store::unpin(const session_key& key) noexcept { return impl_->unpin(key); }

@@ -51,6 +51,7 @@ void store::impl::note(locked_session& s, bool accessed, std::size_t prompt_toke
   // session holds more blocks" as a turn's end, and one without new blocks as a return.
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
+  account_locked(rec, s.dram_blocks(), s.ssd_blocks());
   if (accessed) policy_->on_access(rec, t);
   if (prompt_tokens > 0) policy_->on_prompt(rec, prompt_tokens);
   set_held_locked(rec, s.block_count());
@@ -65,6 +66,7 @@ void store::impl::note_load(locked_session& s, std::size_t prompt_tokens) noexce
   policy_->on_access(rec, t);
   policy_->on_blocks(rec, policy::level::dram, s.dram_blocks());
   policy_->on_blocks(rec, policy::level::ssd, s.ssd_blocks());
+  account_locked(rec, s.dram_blocks(), s.ssd_blocks());
   if (prompt_tokens > 0) policy_->on_prompt(rec, prompt_tokens);
   set_held_locked(rec, s.block_count());
 }
@@ -88,6 +90,12 @@ void store::impl::erase_record(locked_session& s) noexcept {
     }
     policy_->on_erase(rec);
     set_held_locked(rec, 0);
+    account_locked(rec, 0, 0);
+    if (const std::uint32_t t = record_tenant_[rec]; t != no_slot) {
+      record_tenant_[rec] = no_slot;
+      --(*tenants_)[t].sessions;
+      tenants_->remove_if_unused(t);
+    }
   }
   prefetched_at_[s.record_id()].store(0, std::memory_order_relaxed);  // its next session was not prefetched
   s.erase();

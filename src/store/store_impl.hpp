@@ -32,30 +32,31 @@
 #include "attnstore/policy/watermark.hpp"
 #include "attnstore/store.hpp"
 #include "attnstore/tier/host_arena.hpp"
+#include "tenant_table.hpp"
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                               \
-  X(lookups)                                                                                                      \
-  X(lookup_hits)                                                                                                  \
-  X(lookup_misses)                                                                                                \
-  X(tokens_reusable)                                                                                              \
-  X(puts)                                                                                                         \
-  X(put_blocks)                                                                                                   \
-  X(put_rejected)                                                                                                 \
-  X(put_failed)                                                                                                   \
-  X(gets)                                                                                                         \
-  X(blocks_served_dram)                                                                                           \
-  X(blocks_served_ssd)                                                                                            \
-  X(miss_not_found)                                                                                               \
-  X(miss_prefix_mismatch)                                                                                         \
-  X(miss_checksum)                                                                                                \
-  X(miss_io_error) X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks)             \
-      X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)            \
-          X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots)               \
-              X(quarantined_buffers) X(deferred_frees) X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) \
-                  X(prefetch_completed) X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks)    \
-                      X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                    \
+  X(lookups)                                                                                                           \
+  X(lookup_hits)                                                                                                       \
+  X(lookup_misses)                                                                                                     \
+  X(tokens_reusable)                                                                                                   \
+  X(puts)                                                                                                              \
+  X(put_blocks)                                                                                                        \
+  X(put_rejected)                                                                                                      \
+  X(put_failed)                                                                                                        \
+  X(gets)                                                                                                              \
+  X(blocks_served_dram)                                                                                                \
+  X(blocks_served_ssd)                                                                                                 \
+  X(miss_not_found)                                                                                                    \
+  X(miss_prefix_mismatch)                                                                                              \
+  X(miss_checksum)                                                                                                     \
+  X(miss_io_error)                                                                                                     \
+  X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions)               \
+      X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)               \
+          X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) \
+              X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)   \
+                  X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 namespace detail {
 inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
@@ -89,7 +90,7 @@ struct store::impl {
   void end_lease(read_lease& lease) noexcept;
   errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                std::span<std::byte*> payloads, save_reservation& r) noexcept;
-  errc commit(save_reservation& r) noexcept;
+  errc commit(save_reservation& r, std::span<const std::uint64_t> checksums, bool checksums_given) noexcept;
   void abort(save_reservation& r) noexcept;
   errc drop(const session_key& key) noexcept;
   errc pin(const session_key& key) noexcept;
@@ -107,6 +108,30 @@ struct store::impl {
   errc close() noexcept;
   store_stats stats() const noexcept;
   session_hash session_of(const session_key& key) const noexcept { return hash_session(key, secret_); }
+  hash128 tenant_of(std::string_view tenant) const noexcept { return hash_tenant(tenant, secret_); }
+  tenant_stats tenant_usage(std::string_view tenant) const noexcept;
+  errc set_tenant_quota(std::string_view tenant, std::uint64_t dram_bytes, std::uint64_t ssd_bytes) noexcept;
+  errc purge(std::string_view tenant, std::uint32_t* dropped) noexcept;
+
+  // ---- tenants (store_tenants.cpp). Everything here is guarded by policy_mutex_;
+  // record_tenant_ is also only written with the record locked.
+  /// Names the tenant of a session record just opened for a save. no_space when the
+  /// tenant table is full.
+  errc assign_tenant(locked_session& s, const hash128& tenant) noexcept;
+  /// The policy was told the record's tier counts: the tenant's usage follows (locked).
+  void account_locked(std::uint32_t record, std::uint32_t dram_blocks, std::uint32_t ssd_blocks) noexcept;
+  /// The record's tenant is past its cap at `where` (locked).
+  bool over_cap_locked(std::uint32_t record, policy::level where) const noexcept;
+  /// The tenant hash of a session record (zero if none): what its block headers carry.
+  hash128 tenant_hash_of(std::uint32_t record) noexcept;
+  /// The tenant of `s` back under its caps: its own other sessions are demoted from
+  /// DRAM (`dram`) and dropped from SSD, in the policy's order; `s` and `other` are
+  /// never touched (both may be locked by this thread). With `self_too`, s's own DRAM
+  /// blocks go to SSD when the others were not enough.
+  void trim_tenant(locked_session& s, std::uint32_t other, bool dram, bool self_too) noexcept;
+  std::uint64_t cap_blocks(std::uint64_t bytes) const noexcept {
+    return bytes ? std::max<std::uint64_t>(1, bytes / slot_bytes_) : 0;
+  }
 
   // ---- DRAM slot ownership (store_read.cpp)
   static constexpr std::uint32_t free_pending = 1u << 31;  // in dram_leases_: free when the last lease ends
@@ -133,15 +158,24 @@ struct store::impl {
   /// is dropped; one that hit an I/O error keeps its blocks. Background work (prefetch
   /// room, the watermark) only demotes, into free SSD slots (it evicts nobody), and
   /// never a queued session.
-  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false) noexcept;
+  /// `only_tenant`: victims of that tenant only (a cap being enforced).
+  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false,
+                                   const hash128* only_tenant = nullptr) noexcept;
+  /// Demotes a locked victim whole (drops it where it cannot be demoted for want of
+  /// room, on the allocation path); returns the DRAM blocks freed.
+  std::uint32_t demote_victim(locked_session& victim, std::uint32_t exclude, bool background) noexcept;
   /// Frees DRAM for `blocks` blocks before a request locks its session, so the
-  /// demotions it takes are not done under that session's lock.
-  void make_room(std::uint32_t blocks, const session_hash& for_session) noexcept;
+  /// demotions it takes are not done under that session's lock. A tenant that would
+  /// pass its DRAM cap makes the room from its own sessions first.
+  void make_room(std::uint32_t blocks, const session_hash& for_session, const hash128* tenant = nullptr) noexcept;
   bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
   /// Frees a detached chain of blocks: DRAM slots (deferred while leased), SSD copies
   /// (header area zeroed; whole slot when `wipe`), block table entries.
   errc release_chain(std::uint32_t first, bool wipe = false) noexcept;
   errc drop_locked(locked_session& s, bool wipe = false) noexcept;
+  /// What drop() and purge() do to a session: erased from every tier, durably (wiped
+  /// SSD slots, synced; a tombstone where an erase failed).
+  errc drop_session_locked(locked_session& s) noexcept;
   /// Zeroes the slots' header areas (whole slots when `wipe`) and frees them; a slot
   /// that cannot be erased is quarantined. Returns ok or device_error.
   errc invalidate_ssd(std::span<const std::uint32_t> slots, bool wipe = false) noexcept;
@@ -256,6 +290,7 @@ struct store::impl {
   /// the latency histograms, not config_.clock, which tests may stop), 0 once a load used it.
   std::unique_ptr<std::atomic<std::uint64_t>[]> prefetched_at_;
   void write_metrics(std::string& out) const;
+  void write_tenant_metrics(std::string& out) const;  // tier sessions and per-tenant usage
   /// Times one load into the histogram of the tier it was served from: SSD when this
   /// thread ran an SSD read batch meanwhile.
   template <class Load>
@@ -275,17 +310,21 @@ struct store::impl {
 
   // Policies. Lock order: record -> policy_mutex_ -> shard -> work_mutex_. Under the
   // policy mutex, records are only try-locked (victim choice).
-  std::mutex policy_mutex_;
+  mutable std::mutex policy_mutex_;
   std::unique_ptr<policy::eviction_policy> policy_;
   policy::predictive* predictive_ = nullptr;  // policy_ when it is the predictive one
   std::unique_ptr<policy::prefetcher> prefetcher_;
   policy::demotion_watermark watermark_{};
-  std::vector<std::uint32_t> held_;           // per record: distinct blocks (all tiers)
-  std::uint64_t held_total_ = 0;              // sum of held_
-  std::uint32_t held_sessions_ = 0;           // records with held_ > 0
-  std::uint64_t no_room_until_ = 0;           // queued promotions found no DRAM: none until then
-  std::vector<std::uint32_t> queue_records_;  // set_queue scratch (policy mutex)
-  std::mutex queue_mutex_;                    // set_queue's hashing scratch; taken before the policy mutex
+  std::unique_ptr<detail::tenant_table> tenants_;
+  std::vector<std::uint32_t> record_tenant_;                    // per record: tenant entry, or no_slot
+  std::vector<std::uint32_t> noted_dram_, noted_ssd_;           // per record: tier counts the tenant was charged
+  std::uint32_t over_dram_tenants_ = 0, over_ssd_tenants_ = 0;  // tenants past a cap now
+  std::vector<std::uint32_t> held_;                             // per record: distinct blocks (all tiers)
+  std::uint64_t held_total_ = 0;                                // sum of held_
+  std::uint32_t held_sessions_ = 0;                             // records with held_ > 0
+  std::uint64_t no_room_until_ = 0;                             // queued promotions found no DRAM: none until then
+  std::vector<std::uint32_t> queue_records_;                    // set_queue scratch (policy mutex)
+  std::mutex queue_mutex_;  // set_queue's hashing scratch; taken before the policy mutex
   std::vector<session_hash> queue_hashes_;
 
   // Background work: promotions the prefetcher started, demotion, TTL.
@@ -295,8 +334,9 @@ struct store::impl {
   std::size_t job_head_ = 0, job_count_ = 0;
   bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
   std::atomic<std::uint64_t> next_ttl_check_{0};
-  std::atomic<std::uint64_t> next_plan_{0};     // periodic prefetch plan
-  std::atomic<std::uint32_t> demand_reads_{0};  // SSD reads a request is waiting on
+  std::atomic<std::uint64_t> next_plan_{0};                    // periodic prefetch plan
+  std::atomic<std::uint32_t> demand_reads_{0};                 // SSD reads a request is waiting on
+  std::atomic<std::uint32_t> open_leases_{0}, open_saves_{0};  // in flight now (metrics)
   std::thread worker_;
 };
 
@@ -341,6 +381,25 @@ void store::impl::erase_slots(std::span<const std::uint32_t> slots, bool wipe, O
           (void)device_->execute(std::span(&reqs[i], 1));
     for (std::size_t i = 0; i < n; ++i) outcome(slots[base + i], reqs[i].result == std::int32_t(bytes));
   }
+}
+
+template <class Want>
+locked_session store::impl::pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
+                                        std::uint32_t exclude_b) noexcept {
+  locked_session victim;
+  std::lock_guard lock(policy_mutex_);
+  // Sessions of tenants past their cap at this level go first, in the policy's order.
+  const bool caps_first = (where == policy::level::dram && over_dram_tenants_ > 0) ||
+                          (where == policy::level::ssd && over_ssd_tenants_ > 0);
+  for (int pass = caps_first ? 0 : 1; pass < 2 && !victim; ++pass)
+    policy_->pick_victim(where, [&](std::uint32_t rec) noexcept {
+      if (rec == exclude_a || rec == exclude_b || (pass == 0 && !over_cap_locked(rec, where))) return false;
+      locked_session h = index_->try_open_record(rec);  // never waits: we hold the policy mutex
+      if (!h || h.pins() > 0 || !want(h)) return false;
+      victim = std::move(h);
+      return true;
+    });
+  return victim;
 }
 
 }  // namespace attnstore

@@ -96,6 +96,13 @@ void store::impl::write_metrics(std::string& out) const {
   gauge("attnstore_ssd_reads_waited_on", "SSD reads requests are waiting on now.",
         double(demand_reads_.load(std::memory_order_relaxed)));
   gauge("attnstore_recovery_seconds", "Time the opening recovery took.", double(st.recovery_ns) / 1e9);
+  gauge("attnstore_pinned_sessions", "Sessions pinned now (a load or save in progress, or pinned by the engine).",
+        double(index_->pinned_sessions()));
+  gauge("attnstore_read_leases", "Read leases held now (layer-wise loads copying out of DRAM).",
+        double(open_leases_.load(std::memory_order_relaxed)));
+  gauge("attnstore_saves_in_flight", "Saves reserved and not yet committed or aborted.",
+        double(open_saves_.load(std::memory_order_relaxed)));
+  write_tenant_metrics(out);
 
   struct hist {
     const char* name;
@@ -118,6 +125,62 @@ void store::impl::write_metrics(std::string& out) const {
   for (const hist& h : hists) {
     if (h.help) header(out, h.name, "histogram", h.help);
     h.h->write(out, h.name, h.labels);
+  }
+}
+
+void store::impl::write_tenant_metrics(std::string& out) const {
+  std::lock_guard lock(policy_mutex_);  // usage is charged under it
+  std::uint64_t in_dram = 0, in_ssd = 0;
+  for (std::size_t rec = 0; rec < noted_dram_.size(); ++rec) {
+    in_dram += noted_dram_[rec] > 0;
+    in_ssd += noted_ssd_[rec] > 0;
+  }
+  header(out, "attnstore_tier_sessions", "gauge", "Sessions with at least one block in the tier.");
+  line(out, "attnstore_tier_sessions{tier=\"dram\"} %" PRIu64 "\n", in_dram);
+  line(out, "attnstore_tier_sessions{tier=\"ssd\"} %" PRIu64 "\n", in_ssd);
+  // Tenants by their keyed hash (store::tenant_of), never the id in clear.
+  struct family {
+    const char* name;
+    const char* type;
+    const char* help;
+  };
+  const family families[] = {
+      {"attnstore_tenant_sessions", "gauge", "Sessions a tenant holds."},
+      {"attnstore_tenant_bytes", "gauge", "Bytes a tenant holds per tier."},
+      {"attnstore_tenant_quota_bytes", "gauge", "A tenant's cap per tier (only tiers with a cap)."},
+      {"attnstore_tenant_quota_demoted_blocks_total", "counter",
+       "DRAM blocks of a tenant's own demoted because it was at its cap."},
+      {"attnstore_tenant_quota_evicted_sessions_total", "counter",
+       "Sessions of a tenant's own dropped because it was at a cap."},
+  };
+  for (std::size_t f = 0; f < std::size(families); ++f) {
+    header(out, families[f].name, families[f].type, families[f].help);
+    for (std::uint32_t t = 0; t < tenants_->capacity(); ++t) {
+      if (!tenants_->live(t)) continue;
+      const detail::tenant_entry& e = (*tenants_)[t];
+      const std::string id = detail::hex128(e.tenant);
+      const char* n = families[f].name;
+      switch (f) {
+        case 0:
+          line(out, "%s{tenant=\"%s\"} %u\n", n, id.c_str(), e.sessions);
+          break;
+        case 1:
+          line(out, "%s{tenant=\"%s\",tier=\"dram\"} %" PRIu64 "\n", n, id.c_str(), e.dram_blocks * slot_bytes_);
+          line(out, "%s{tenant=\"%s\",tier=\"ssd\"} %" PRIu64 "\n", n, id.c_str(), e.ssd_blocks * slot_bytes_);
+          break;
+        case 2:
+          if (e.dram_cap)
+            line(out, "%s{tenant=\"%s\",tier=\"dram\"} %" PRIu64 "\n", n, id.c_str(), e.dram_cap * slot_bytes_);
+          if (e.ssd_cap)
+            line(out, "%s{tenant=\"%s\",tier=\"ssd\"} %" PRIu64 "\n", n, id.c_str(), e.ssd_cap * slot_bytes_);
+          break;
+        case 3:
+          line(out, "%s{tenant=\"%s\"} %" PRIu64 "\n", n, id.c_str(), e.quota_demoted_blocks);
+          break;
+        default:
+          line(out, "%s{tenant=\"%s\"} %" PRIu64 "\n", n, id.c_str(), e.quota_evicted_sessions);
+      }
+    }
   }
 }
 

@@ -172,6 +172,15 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
     }
   }
   held_.assign(config_.max_sessions, 0);
+  // A tenant entry lives while one of its sessions does, or while it has a quota of its
+  // own: max_sessions plus the configured tenants can never run out.
+  tenants_ =
+      std::make_unique<detail::tenant_table>(config_.max_sessions + std::uint32_t(config_.tenant_quotas.size()) + 64);
+  record_tenant_.assign(config_.max_sessions, no_slot);
+  noted_dram_.assign(config_.max_sessions, 0);
+  noted_ssd_.assign(config_.max_sessions, 0);
+  for (const tenant_quota& q : config_.tenant_quotas)
+    if (set_tenant_quota(q.tenant, q.dram_bytes, q.ssd_bytes) != errc::ok) fail("tenant_quotas: too many tenants");
   queue_records_.assign(config_.queue_window, policy::no_record);
   queue_hashes_.resize(config_.queue_window);
   // A block always holds a slot; the extra DRAM-sized share covers blocks being
@@ -407,7 +416,7 @@ void store::impl::write_or_check_manifest() {
 // quarantined. Junk headers (torn, foreign) are simply free.
 void store::impl::recover() {
   struct candidate {
-    hash128 session;
+    hash128 session, tenant;
     std::uint32_t index;
     std::uint64_t sequence;
     std::uint32_t slot;
@@ -476,8 +485,8 @@ void store::impl::recover() {
       }
       max_sequence = std::max(max_sequence, h.sequence);
       const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
-      cands.push_back({h.session, h.block_index, h.sequence, slot, h.chain, h.payload_checksum, token_store.size(),
-                       h.token_count, h.put_first_block, h.put_blocks});
+      cands.push_back({h.session, h.tenant, h.block_index, h.sequence, slot, h.chain, h.payload_checksum,
+                       token_store.size(), h.token_count, h.put_first_block, h.put_blocks});
       token_store.insert(token_store.end(), toks, toks + h.token_count);
     }
     // A buffer lost to an in-doubt read is replaced by the next free one, if any.
@@ -617,6 +626,10 @@ void store::impl::recover() {
     if (pick.chosen.empty()) continue;
     errc why = errc::ok;
     locked_session s = index_->open(session_hash{cands[pick.begin].session}, true, &why);
+    if (s && assign_tenant(s, cands[pick.chosen.front()].tenant) != errc::ok) {
+      s.erase();
+      s = {};
+    }
     if (!s) {
       ++too_many;
       continue;

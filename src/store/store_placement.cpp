@@ -57,25 +57,28 @@ errc store::impl::drop_locked(locked_session& s, bool wipe) noexcept {
 
 // ---------------------------------------------------------------- victims
 
-template <class Want>
-locked_session store::impl::pick_victim(policy::level where, Want&& want, std::uint32_t exclude_a,
-                                        std::uint32_t exclude_b) noexcept {
-  locked_session victim;
-  std::lock_guard lock(policy_mutex_);
-  policy_->pick_victim(where, [&](std::uint32_t rec) noexcept {
-    if (rec == exclude_a || rec == exclude_b) return false;
-    locked_session h = index_->try_open_record(rec);  // never waits: we hold the policy mutex
-    if (!h || h.pins() > 0 || !want(h)) return false;
-    victim = std::move(h);
-    return true;
-  });
-  return victim;
-}
-
 bool store::impl::evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept {
-  locked_session victim = pick_victim(
-      policy::level::ssd, [](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
+  // The slot is for exclude_a's blocks: a tenant at its SSD cap gives up its own first.
+  std::uint32_t own = no_slot;
+  if (exclude_a != no_slot) {
+    std::lock_guard lock(policy_mutex_);
+    const std::uint32_t t = record_tenant_[exclude_a];
+    if (t != no_slot && (*tenants_)[t].over_ssd(1)) own = t;
+  }
+  locked_session victim;
+  if (own != no_slot)
+    victim = pick_victim(
+        policy::level::ssd,
+        [&](locked_session& h) { return h.ssd_blocks() > 0 && record_tenant_[h.record_id()] == own; }, exclude_a,
+        exclude_b);
+  if (!victim)
+    victim = pick_victim(
+        policy::level::ssd, [](locked_session& h) { return h.ssd_blocks() > 0; }, exclude_a, exclude_b);
   if (!victim) return false;
+  if (own != no_slot && record_tenant_[victim.record_id()] == own) {
+    std::lock_guard lock(policy_mutex_);
+    ++(*tenants_)[own].quota_evicted_sessions;
+  }
   detail::bump(counters_->evicted_sessions);
   detail::bump(counters_->evicted_blocks, victim.block_count());
   drop_locked(victim);
@@ -136,16 +139,38 @@ errc store::impl::demote_locked(locked_session& s, std::uint32_t until_position,
   }
   s.count_tiers();
   note(s, false);
+  // What went to SSD counts against the tenant's SSD cap; only where data may be
+  // dropped for room (not background work, not close).
+  if (may_evict) trim_tenant(s, exclude, false, false);
   return status;
 }
 
-std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool background) noexcept {
-  // `want` runs under the policy mutex, so it may ask the policy.
+std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool background,
+                                              const hash128* only_tenant) noexcept {
+  // `want` runs under the policy mutex, so it may ask the policy and the tenant table.
+  // A tenant is matched by its hash: an entry index may be reused once its tenant is gone.
+  auto of_tenant = [&](std::uint32_t rec) {
+    const std::uint32_t t = record_tenant_[rec];
+    return t != no_slot && (*tenants_)[t].tenant == *only_tenant;
+  };
   locked_session victim = pick_victim(
       policy::level::dram,
-      [&](locked_session& h) { return h.dram_blocks() > 0 && !(background && policy_->queued(h.record_id())); },
+      [&](locked_session& h) {
+        return h.dram_blocks() > 0 && !(background && policy_->queued(h.record_id())) &&
+               (!only_tenant || of_tenant(h.record_id()));
+      },
       exclude, no_slot);
   if (!victim) return 0;
+  const std::uint32_t freed = demote_victim(victim, exclude, background);
+  if (only_tenant && freed > 0) {
+    std::lock_guard lock(policy_mutex_);
+    if (const std::uint32_t t = tenants_->find(*only_tenant); t != no_slot)
+      (*tenants_)[t].quota_demoted_blocks += freed;
+  }
+  return freed;
+}
+
+std::uint32_t store::impl::demote_victim(locked_session& victim, std::uint32_t exclude, bool background) noexcept {
   const std::uint32_t before = victim.dram_blocks();
   // Background work takes only free SSD slots: it must not drop data to make room.
   const errc e = demote_locked(victim, no_slot, exclude, !background);
@@ -162,9 +187,18 @@ std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool backgr
   return before - victim.dram_blocks();
 }
 
-void store::impl::make_room(std::uint32_t blocks, const session_hash& for_session) noexcept {
-  if (free_dram_slots() >= blocks) return;
+void store::impl::make_room(std::uint32_t blocks, const session_hash& for_session, const hash128* tenant) noexcept {
   const std::uint32_t self = index_->find(for_session);  // not the session being served
+  // A tenant that would pass its DRAM cap makes the room from its own sessions.
+  for (std::uint32_t round = 0; tenant && round < index_->max_sessions(); ++round) {
+    {
+      std::lock_guard lock(policy_mutex_);
+      const std::uint32_t t = tenants_->find(*tenant);
+      if (t == no_slot || !(*tenants_)[t].over_dram(blocks)) break;
+    }
+    if (demote_some_victim(self, false, tenant) == 0) break;
+  }
+  if (free_dram_slots() >= blocks) return;
   for (int attempt = 0; attempt < 16 && free_dram_slots() < blocks; ++attempt)
     if (demote_some_victim(self) == 0) break;
 }
@@ -215,9 +249,13 @@ locked_session store::impl::open_or_evict(const session_hash& key, errc* why) no
 // ---------------------------------------------------------------- drop, pin, demote, truncate
 
 errc store::impl::drop(const session_key& key) noexcept {
-  const session_hash h = session_of(key);
-  locked_session s = index_->open(h, false);
+  locked_session s = index_->open(session_of(key), false);
   if (!s) return errc::not_found;
+  return drop_session_locked(s);
+}
+
+errc store::impl::drop_session_locked(locked_session& s) noexcept {
+  const session_hash h = s.key();
   // Erasures of blocks the session's saves replaced are made durable first: a drop cut
   // short by a power loss can then leave only a prefix of the latest history, never an
   // older history brought back by undone erasures.

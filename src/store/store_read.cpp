@@ -41,6 +41,7 @@ void store::impl::end_lease(read_lease& lease) noexcept {
   }
   lease.owner_ = nullptr;
   lease.count_ = 0;
+  open_leases_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 // ---------------------------------------------------------------- lookup
@@ -119,6 +120,7 @@ get_result store::impl::acquire(const session_key& key, std::span<const token_id
   if (res.blocks > 0) {
     for (std::uint32_t i = 0; i < res.blocks; ++i) lease_dram(lease.slots_[i]);
     lease.owner_ = &owner_;
+    open_leases_.fetch_add(1, std::memory_order_relaxed);
     lease.record_ = s.record_id();
     lease.generation_ = s.generation();
     lease.count_ = res.blocks;

@@ -11,6 +11,7 @@ namespace attnstore {
 errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
                                    std::span<const std::uint32_t> ssd_slots, std::span<std::int32_t> results) noexcept {
   errc first = errc::ok;
+  const hash128 tenant = tenant_hash_of(s.record_id());
   for (std::size_t base = 0; base < blocks.size(); base += batch_max) {
     io_request reqs[batch_max];
     const std::size_t n = std::min<std::size_t>(batch_max, blocks.size() - base);
@@ -20,6 +21,7 @@ errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint3
       h.header_bytes = std::uint32_t(header_bytes_);
       h.model = model_.value;
       h.session = s.key().value;
+      h.tenant = tenant;
       h.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
       h.put_first_block = m.put_first_block;
       h.put_blocks = m.put_blocks;
@@ -166,11 +168,13 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
     }
   }
   r.head_ = head;
+  open_saves_.fetch_add(1, std::memory_order_relaxed);
   s.pin();  // the session cannot be evicted under an open save
   return errc::ok;
 }
 
 void store::impl::drop_reservation(save_reservation& r) noexcept {
+  if (r.head_ != no_slot) open_saves_.fetch_sub(1, std::memory_order_relaxed);
   release_chain(r.head_);
   r.head_ = no_slot;
   r.owner_ = nullptr;
@@ -239,8 +243,10 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
   detail::bump(counters_->put_blocks, r.blocks_);
   r.head_ = no_slot;
   r.owner_ = nullptr;
+  open_saves_.fetch_sub(1, std::memory_order_relaxed);
   s.unpin();
   note(s, true);
+  trim_tenant(s, no_slot, true, true);  // back under its caps, from its own sessions
   // Demote ahead of need, so the next saves find free DRAM without waiting.
   want_demotion_if_low();
   return errc::ok;
@@ -257,11 +263,13 @@ errc store::impl::reserve(const session_key& key, std::span<const token_id> toke
     return errc::invalid_argument;
   }
   const session_hash h = session_of(key);
-  if (first_block < total) make_room(total - first_block, h);
+  const hash128 tenant = tenant_of(key.tenant);
+  if (first_block < total) make_room(total - first_block, h, &tenant);
   errc why = errc::ok;
   locked_session s = open_or_evict(h, &why);
   if (!s) return why == errc::ok ? errc::no_space : why;
-  errc e = reserve_locked(s, tokens, first_block, r);
+  errc e = assign_tenant(s, tenant);
+  if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r);
   if (e != errc::ok) {
     erase_if_empty(s);
     return e;
@@ -271,9 +279,16 @@ errc store::impl::reserve(const session_key& key, std::span<const token_id> toke
   return errc::ok;
 }
 
-errc store::impl::commit(save_reservation& r) noexcept {
+errc store::impl::commit(save_reservation& r, std::span<const std::uint64_t> checksums, bool checksums_given) noexcept {
   if (!r) return errc::bad_state;
   detail::bump(counters_->puts);
+  if (checksums_given && checksums.size() != r.blocks_) {
+    config_.log(log_level::error, "store::commit: " + std::to_string(checksums.size()) + " checksums for " +
+                                      std::to_string(r.blocks_) + " reserved blocks");
+    abort(r);
+    detail::bump(counters_->put_failed);
+    return errc::invalid_argument;
+  }
   // Only the incarnation the blocks were reserved in: a session dropped meanwhile (and
   // perhaps saved again under the same key) must not receive them.
   locked_session s = index_->open_record(r.record_, r.generation_);
@@ -282,7 +297,11 @@ errc store::impl::commit(save_reservation& r) noexcept {
     detail::bump(counters_->put_failed);
     return errc::not_found;
   }
-  return commit_locked(s, r, false);
+  if (checksums_given) {
+    std::size_t i = 0;
+    for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next) s.meta(b).checksum = checksums[i++];
+  }
+  return commit_locked(s, r, checksums_given);
 }
 
 void store::impl::abort(save_reservation& r) noexcept {
@@ -315,7 +334,8 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
     return errc::bad_state;
   }
   const session_hash h = session_of(key);
-  make_room(total - first_block, h);
+  const hash128 tenant = tenant_of(key.tenant);
+  make_room(total - first_block, h, &tenant);
   errc why = errc::ok;
   locked_session s = open_or_evict(h, &why);
   if (!s) {
@@ -324,7 +344,9 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
     return why == errc::ok ? errc::no_space : why;
   }
   save_reservation r;
-  if (errc e = reserve_locked(s, tokens, first_block, r); e != errc::ok) {
+  errc e = assign_tenant(s, tenant);
+  if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r);
+  if (e != errc::ok) {
     erase_if_empty(s);
     detail::bump(e == errc::rejected ? counters_->put_rejected : counters_->put_failed);
     if (e == errc::no_space) detail::bump(counters_->no_space);

@@ -320,10 +320,12 @@ inline void locked_session::count_tiers() noexcept {
   }
 }
 
-inline void locked_session::pin() noexcept { ++index_->records_[record_].pins; }
+inline void locked_session::pin() noexcept {
+  if (index_->records_[record_].pins++ == 0) index_->pinned_.fetch_add(1, std::memory_order_relaxed);
+}
 inline void locked_session::unpin() noexcept {
   auto& p = index_->records_[record_].pins;
-  if (p) --p;
+  if (p && --p == 0) index_->pinned_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 inline void locked_session::erase() noexcept {
@@ -336,6 +338,10 @@ inline void locked_session::erase() noexcept {
     r.state.fetch_and(~1u, std::memory_order_acq_rel);
   }
   index_->live_.fetch_sub(1, std::memory_order_relaxed);
+  if (r.pins > 0) {  // an erased record's pins go with it
+    r.pins = 0;
+    index_->pinned_.fetch_sub(1, std::memory_order_relaxed);
+  }
 }
 
 }  // namespace attnstore

@@ -27,7 +27,6 @@ namespace attnstore {
 /// Which tier holds a block.
 enum class tier : std::uint8_t { none = 0, dram = 1, ssd = 2 };
 
-
 /// One stored block of a session.
 struct block_meta {
   hash128 chain;               ///< chain hash through this block
@@ -202,7 +201,11 @@ class cache_index {
   /// Returns a detached block table entry.
   void release_block(std::uint32_t b) noexcept { block_pool_.release(b); }
 
+  /// Whether a record holds a session now (it may stop right after).
+  bool record_live(std::uint32_t record) const noexcept { return records_[record].live(); }
   std::uint32_t live_sessions() const noexcept { return live_.load(std::memory_order_relaxed); }
+  /// Sessions pinned now (a load or save in progress, or pinned by the engine).
+  std::uint32_t pinned_sessions() const noexcept { return pinned_.load(std::memory_order_relaxed); }
   std::uint32_t max_sessions() const noexcept { return std::uint32_t(records_.size()); }
   std::uint32_t tokens_per_block() const noexcept { return tokens_per_block_; }
   std::uint32_t free_blocks() const noexcept { return block_pool_.capacity() - block_pool_.used(); }
@@ -245,6 +248,7 @@ class cache_index {
   std::vector<token_id> tokens_;
   detail::slot_pool block_pool_;
   std::atomic<std::uint32_t> live_{0};
+  std::atomic<std::uint32_t> pinned_{0};
 };
 
 }  // namespace attnstore
