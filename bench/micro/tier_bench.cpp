@@ -16,6 +16,10 @@
 //   BM_Memcpy/<kib>                      memcpy of the same blocks: the DRAM limit
 //   BM_Lookup, BM_LookupCold             lookup of an 8192-token prompt, 256 tokens per
 //                                        block (one session; 1024 sessions in turn)
+//   BM_LookupBatch                       async_requests::lookup_batch of one scheduler
+//                                        step: 256 requests of distinct sessions, against
+//                                        the same 256 store::lookup calls one by one
+//                                        (ratio_to_single: single-call time / batch time)
 //   BM_MetricsPerCall                    what the latency histograms add to each call
 //
 // Block sizes: SSD 1024, 256, 64 KiB at QD 32; DRAM 4096, 1024, 256 and 4 KiB (4 KiB:
@@ -49,6 +53,7 @@
 #include <string>
 #include <vector>
 
+#include "attnstore/async_requests.hpp"
 #include "attnstore/detail/latency_histogram.hpp"
 #include "attnstore/store.hpp"
 
@@ -673,6 +678,66 @@ void lookup_bench(benchmark::State& state, bool cold) {
   state.counters["blocks"] = double(fx->blocks_per_session);
 }
 
+// One scheduler step's lookups through async_requests::lookup_batch (what a connector
+// calls per step), and, timed in the same iterations, the same lookups made one by one.
+void BM_LookupBatch(benchmark::State& state) {
+  prepare_user_buffers();
+  lookup_fixture* fx;
+  try {
+    fx = &fixture_for<lookup_fixture>(g_dram_pool, "lookup");
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  constexpr std::size_t batch = 256;
+  async_requests requests(*fx->st);
+  std::vector<session_key> keys(batch);
+  std::vector<std::span<const token_id>> prompts(batch);
+  std::vector<lookup_result> results(batch);
+  double singles_s = 0, batch_s = 0;
+  std::size_t step = 0;
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < batch; ++i) {  // a different 256 of the 1024 sessions each step
+      const std::size_t s = (step * batch + i * 5) % lookup_fixture::nsessions;
+      keys[i] = fx->sessions.key(s);
+      prompts[i] = fx->sessions.tokens[s];
+    }
+    // Whichever runs second finds the sessions warm in cache: they take turns.
+    auto timed = [&](auto&& run) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run();
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    auto run_batch = [&] { return timed([&] { requests.lookup_batch(keys, prompts, results); }); };
+    auto run_singles = [&] {
+      return timed([&] {
+        for (std::size_t i = 0; i < batch; ++i) results[i] = fx->st->lookup(keys[i], prompts[i]);
+      });
+    };
+    double b, one;
+    if (step++ % 2) {
+      b = run_batch();
+      one = run_singles();
+    } else {
+      one = run_singles();
+      b = run_batch();
+    }
+    batch_s += b;
+    singles_s += one;
+    state.SetIterationTime(b);
+    for (const lookup_result& r : results)
+      if (r.tokens != lookup_fixture::prompt_tokens) {
+        state.SkipWithError("lookup did not find the whole prompt");
+        return;
+      }
+  }
+  const double n = double(std::max<std::int64_t>(1, state.iterations()));
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * std::int64_t(batch));
+  state.counters["requests"] = double(batch);
+  state.counters["us_per_request"] = batch_s / n / double(batch) * 1e6;
+  state.counters["ratio_to_single"] = singles_s / batch_s;
+}
+
 void BM_Lookup(benchmark::State& state) { lookup_bench(state, false); }
 void BM_LookupCold(benchmark::State& state) { lookup_bench(state, true); }
 
@@ -725,6 +790,7 @@ void register_all() {
   }
   benchmark::RegisterBenchmark("BM_Lookup", BM_Lookup)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("BM_LookupCold", BM_LookupCold)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("BM_LookupBatch", BM_LookupBatch)->UseManualTime()->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("BM_MetricsPerCall", BM_MetricsPerCall)->Unit(benchmark::kNanosecond);
 }
 

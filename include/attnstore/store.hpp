@@ -393,8 +393,8 @@ class store {
   /// What the tenant holds and its caps (zero usage when it holds nothing).
   tenant_stats tenant_usage(std::string_view tenant) const noexcept;
   /// Sets (replaces) a tenant's caps, in bytes per tier, 0 for none; the tenant is
-  /// trimmed to them at its next save. Returns ok, or no_space when the store already
-  /// tracks as many tenants as it can (max_sessions + the configured ones).
+  /// trimmed to them at its next save. Returns ok, or no_space when 64 tenants beyond
+  /// those in tenant_quotas already have caps set this way.
   errc set_tenant_quota(std::string_view tenant, std::uint64_t dram_bytes, std::uint64_t ssd_bytes) noexcept;
   /// Drops every session of the tenant, as drop() does each (SSD slots zeroed whole and
   /// synced; leased DRAM freed when the leases end; saves in flight fail at commit).

@@ -36,26 +36,27 @@
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                                    \
-  X(lookups)                                                                                                           \
-  X(lookup_hits)                                                                                                       \
-  X(lookup_misses)                                                                                                     \
-  X(tokens_reusable)                                                                                                   \
-  X(puts)                                                                                                              \
-  X(put_blocks)                                                                                                        \
-  X(put_rejected)                                                                                                      \
-  X(put_failed)                                                                                                        \
-  X(gets)                                                                                                              \
-  X(blocks_served_dram)                                                                                                \
-  X(blocks_served_ssd)                                                                                                 \
-  X(miss_not_found)                                                                                                    \
-  X(miss_prefix_mismatch)                                                                                              \
-  X(miss_checksum)                                                                                                     \
-  X(miss_io_error)                                                                                                     \
-  X(checksum_failures) X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions)               \
-      X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)               \
-          X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) \
-              X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)   \
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                  \
+  X(lookups)                                                                                                         \
+  X(lookup_hits)                                                                                                     \
+  X(lookup_misses)                                                                                                   \
+  X(tokens_reusable)                                                                                                 \
+  X(puts)                                                                                                            \
+  X(put_blocks)                                                                                                      \
+  X(put_rejected)                                                                                                    \
+  X(put_failed)                                                                                                      \
+  X(gets)                                                                                                            \
+  X(blocks_served_dram)                                                                                              \
+  X(blocks_served_ssd)                                                                                               \
+  X(miss_not_found)                                                                                                  \
+  X(miss_prefix_mismatch)                                                                                            \
+  X(miss_checksum)                                                                                                   \
+  X(miss_io_error)                                                                                                   \
+  X(checksum_failures)                                                                                               \
+  X(io_errors) X(no_space) X(demoted_blocks) X(promoted_blocks) X(evicted_sessions) X(evicted_blocks)                \
+      X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions) X(recovered_blocks)           \
+          X(recovery_dropped_blocks) X(quarantined_slots) X(quarantined_buffers) X(deferred_frees)                   \
+              X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled) \
                   X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
 
 namespace detail {
@@ -319,6 +320,8 @@ struct store::impl {
   std::vector<std::uint32_t> record_tenant_;                    // per record: tenant entry, or no_slot
   std::vector<std::uint32_t> noted_dram_, noted_ssd_;           // per record: tier counts the tenant was charged
   std::uint32_t over_dram_tenants_ = 0, over_ssd_tenants_ = 0;  // tenants past a cap now
+  std::size_t configured_tenants_ = 0;                          // entries with caps of their own
+  static constexpr std::size_t spare_tenants = 64;              // caps set at run time beyond the configured ones
   std::vector<std::uint32_t> held_;                             // per record: distinct blocks (all tiers)
   std::uint64_t held_total_ = 0;                                // sum of held_
   std::uint32_t held_sessions_ = 0;                             // records with held_ > 0

@@ -174,8 +174,8 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   held_.assign(config_.max_sessions, 0);
   // A tenant entry lives while one of its sessions does, or while it has a quota of its
   // own: max_sessions plus the configured tenants can never run out.
-  tenants_ =
-      std::make_unique<detail::tenant_table>(config_.max_sessions + std::uint32_t(config_.tenant_quotas.size()) + 64);
+  tenants_ = std::make_unique<detail::tenant_table>(config_.max_sessions +
+                                                    std::uint32_t(config_.tenant_quotas.size() + spare_tenants));
   record_tenant_.assign(config_.max_sessions, no_slot);
   noted_dram_.assign(config_.max_sessions, 0);
   noted_ssd_.assign(config_.max_sessions, 0);

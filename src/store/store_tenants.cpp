@@ -115,9 +115,15 @@ tenant_stats store::impl::tenant_usage(std::string_view tenant) const noexcept {
 errc store::impl::set_tenant_quota(std::string_view tenant, std::uint64_t dram_bytes,
                                    std::uint64_t ssd_bytes) noexcept {
   std::lock_guard lock(policy_mutex_);
-  const std::uint32_t t = tenants_->find_or_add(tenant_of(tenant), 0, 0);
+  const hash128 key = tenant_of(tenant);
+  // Entries with a cap of their own outlive their sessions: past the table's spare
+  // room they could crowd out the tenants of live sessions, so there is a limit.
+  const bool known = tenants_->find(key) != no_slot && (*tenants_)[tenants_->find(key)].configured;
+  if (!known && configured_tenants_ >= config_.tenant_quotas.size() + spare_tenants) return errc::no_space;
+  const std::uint32_t t = tenants_->find_or_add(key, 0, 0);
   if (t == no_slot) return errc::no_space;
   detail::tenant_entry& e = (*tenants_)[t];
+  if (!e.configured) ++configured_tenants_;
   const bool was_dram = e.over_dram(), was_ssd = e.over_ssd();
   e.dram_cap = cap_blocks(dram_bytes);
   e.ssd_cap = cap_blocks(ssd_bytes);

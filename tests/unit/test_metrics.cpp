@@ -7,6 +7,7 @@
 #include <sstream>
 #include <string>
 
+#include "attnstore/format/manifest.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
 
@@ -160,4 +161,59 @@ TEST_CASE("metrics: a well-formed exposition whose histograms move with the call
   CHECK(value(after, "attnstore_sessions") == 2);
   CHECK(value(after, "attnstore_ssd_used_bytes") > 0);
   CHECK(value(after, "attnstore_blocks_served_ssd_total") == a.blocks());
+}
+
+TEST_CASE("metrics: in-flight gauges, sessions per tier and tenant series move with the store", "[metrics]") {
+  temp_dir dir("metrics-gauges");
+  store s(small_config(dir.str(), 16, 64));
+  const std::size_t slot = format::slot_bytes(test_geometry.validated());
+  auto scrape = [&] {
+    std::string text;
+    s.metrics(text);
+    return parse(text);
+  };
+  conversation a{1, 200}, b{2, 64};
+  REQUIRE(put_all(s, a) == errc::ok);
+  REQUIRE(s.put({"other", "x"}, b.toks(), 0, b.data(s.block_bytes())) == errc::ok);
+  REQUIRE(s.set_tenant_quota("other", 4 * slot, 0) == errc::ok);
+  REQUIRE(s.demote(key_of(a)) == errc::ok);
+  const std::string ta = "tenant=\"" + format::hex128(s.tenant_of("t")) + "\"",
+                    tb = "tenant=\"" + format::hex128(s.tenant_of("other")) + "\"";
+  auto m = scrape();
+  CHECK(value(m, "attnstore_tier_sessions", "tier=\"dram\"") == 1);
+  CHECK(value(m, "attnstore_tier_sessions", "tier=\"ssd\"") == 1);
+  CHECK(value(m, "attnstore_tenant_sessions", ta) == 1);
+  CHECK(value(m, "attnstore_tenant_bytes", ta + ",tier=\"ssd\"") == double(a.blocks() * slot));
+  CHECK(value(m, "attnstore_tenant_bytes", tb + ",tier=\"dram\"") == double(b.blocks() * slot));
+  CHECK(value(m, "attnstore_tenant_quota_bytes", tb + ",tier=\"dram\"") == double(4 * slot));
+  CHECK(value(m, "attnstore_pinned_sessions") == 0);
+  CHECK(value(m, "attnstore_read_leases") == 0);
+  CHECK(value(m, "attnstore_saves_in_flight") == 0);
+  // A layer-wise load and a save, both open.
+  std::vector<block_view> views(8);
+  read_lease lease(8);
+  const auto toks = b.toks();
+  REQUIRE(s.acquire({"other", "x"}, toks, views, lease).status == errc::ok);
+  save_reservation r;
+  std::vector<std::byte*> payloads(8);
+  const auto c_toks = conversation{3, 40}.toks();
+  REQUIRE(s.reserve({"t", "new"}, c_toks, 0, payloads, r) == errc::ok);
+  m = scrape();
+  CHECK(value(m, "attnstore_pinned_sessions") == 2);
+  CHECK(value(m, "attnstore_read_leases") == 1);
+  CHECK(value(m, "attnstore_saves_in_flight") == 1);
+  s.abort(r);
+  lease.release();
+  m = scrape();
+  CHECK(value(m, "attnstore_pinned_sessions") == 0);
+  CHECK(value(m, "attnstore_read_leases") == 0);
+  CHECK(value(m, "attnstore_saves_in_flight") == 0);
+  // A purged tenant leaves the series once it holds nothing and has no cap.
+  REQUIRE(s.purge("t") == errc::ok);
+  m = scrape();
+  CHECK(value(m, "attnstore_tier_sessions", "tier=\"ssd\"") == 0);
+  CHECK(value(m, "attnstore_tenant_sessions", tb) == 1);
+  std::string text;
+  s.metrics(text);
+  CHECK(text.find(ta) == std::string::npos);
 }
