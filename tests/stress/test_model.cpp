@@ -306,7 +306,11 @@ struct session_state {
   std::uint64_t expect_after = 0, held_before = 0;
   std::uint64_t ssd_prefix_before = 0;  // tokens of the leading blocks only on SSD before the restart
 
-  session_key key() const { return {"model", name}; }
+  // Three tenants, by name: the tenant-caps scenario caps two of them.
+  session_key key() const {
+    static const std::string tenants[3] = {"model", "tenant-a", "tenant-b"};
+    return {tenants[(name.size() + std::size_t(name.back())) % 3], name};
+  }
   bool shifted() const {
     for (const auto& d : descs)
       if (d.shift) return true;
@@ -507,6 +511,7 @@ struct scenario {
   std::uint64_t ttl_ms = 0;
   std::size_t dram_blocks = 40, ssd_blocks = 100;
   unsigned epochs = 3;
+  bool tenant_caps = false;  // two of the three tenants capped in DRAM and SSD
 };
 
 struct counters {
@@ -1295,6 +1300,9 @@ store_config make_config(const scenario& sc, const std::string& dir, world& w, f
   c.write_through = sc.write_through;
   c.background_thread = sc.background_thread;
   c.session_ttl_ms = sc.ttl_ms;
+  if (sc.tenant_caps)
+    c.tenant_quotas = {{"tenant-a", sc.dram_blocks / 4 * slot, sc.ssd_blocks / 4 * slot},
+                       {"tenant-b", sc.dram_blocks / 5 * slot, sc.ssd_blocks / 3 * slot}};
   c.demote_low_watermark = 0.15;
   c.demote_high_watermark = 0.30;
   c.clock = [&w] { return w.clock.load(std::memory_order_relaxed); };
@@ -1523,6 +1531,13 @@ TEST_CASE("model: write-through store: every acknowledged commit survives a rest
   sc.write_through = true;
   sc.background_thread = true;
   run_scenario(sc, ops_per_thread(), model_seed() + 1);
+}
+
+TEST_CASE("model: tenant caps trim sessions under every other operation", "[model]") {
+  scenario sc{"write-back, tenant caps, background thread"};
+  sc.tenant_caps = true;
+  sc.background_thread = true;
+  run_scenario(sc, ops_per_thread() / 2, model_seed() + 3);
 }
 
 TEST_CASE("model: write-through store on a fault-injecting device", "[model]") {
