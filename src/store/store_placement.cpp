@@ -161,16 +161,22 @@ std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool backgr
       },
       exclude, no_slot);
   if (!victim) return 0;
-  const std::uint32_t freed = demote_victim(victim, exclude, background);
+  bool dropped = false;
+  const std::uint32_t freed = demote_victim(victim, exclude, background, &dropped);
   if (only_tenant && freed > 0) {
     std::lock_guard lock(policy_mutex_);
-    if (const std::uint32_t t = tenants_->find(*only_tenant); t != no_slot)
-      (*tenants_)[t].quota_demoted_blocks += freed;
+    if (const std::uint32_t t = tenants_->find(*only_tenant); t != no_slot) {
+      if (dropped)
+        ++(*tenants_)[t].quota_evicted_sessions;
+      else
+        (*tenants_)[t].quota_demoted_blocks += freed;
+    }
   }
   return freed;
 }
 
-std::uint32_t store::impl::demote_victim(locked_session& victim, std::uint32_t exclude, bool background) noexcept {
+std::uint32_t store::impl::demote_victim(locked_session& victim, std::uint32_t exclude, bool background,
+                                         bool* dropped) noexcept {
   const std::uint32_t before = victim.dram_blocks();
   // Background work takes only free SSD slots: it must not drop data to make room.
   const errc e = demote_locked(victim, no_slot, exclude, !background);
@@ -182,6 +188,7 @@ std::uint32_t store::impl::demote_victim(locked_session& victim, std::uint32_t e
     detail::bump(counters_->evicted_sessions);
     detail::bump(counters_->evicted_blocks, victim.block_count());
     drop_locked(victim);
+    *dropped = true;
     return before;
   }
   return before - victim.dram_blocks();

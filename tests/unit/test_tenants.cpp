@@ -106,7 +106,8 @@ TEST_CASE("tenants: a tenant flooding DRAM pushes out its own sessions, not anot
       CHECK(kept == quiet.size());
       CHECK(fu.dram_bytes <= 20 * slot);
       CHECK(fu.dram_quota_bytes == 20 * slot);
-      CHECK(fu.quota_evicted_sessions + fu.quota_demoted_blocks > 0);
+      CHECK(fu.quota_evicted_sessions >= 80);  // no SSD: its own sessions were dropped, not demoted
+      CHECK(fu.quota_demoted_blocks == 0);
       // The newest of its own sessions are the ones it kept.
       CHECK(intact(s, "flood", flood.back()));
     } else {
@@ -134,6 +135,10 @@ TEST_CASE("tenants: caps hold on both tiers; the flooding tenant's overflow leav
   }
   for (const auto& q : quiet) CHECK(intact(s, "quiet", q));
   CHECK(intact(s, "flood", flood.back()));
+  const tenant_stats fu = s.tenant_usage("flood");
+  CHECK(fu.quota_demoted_blocks > 0);    // its DRAM overflow went to SSD...
+  CHECK(fu.quota_evicted_sessions > 0);  // ...and its SSD overflow was dropped
+  CHECK(s.tenant_usage("quiet").quota_evicted_sessions == 0);
   require_accounts_add_up(s, {"quiet", "flood"});
   // A cap set online takes effect at the tenant's next save.
   REQUIRE(s.set_tenant_quota("quiet", 6 * slot, 0) == errc::ok);
