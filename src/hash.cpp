@@ -12,6 +12,9 @@ namespace detail {
   hash128 hash_bytes128(const void*, std::size_t) noexcept;                           \
   hash128 chain_hash(hash128, const hash128&, const token_id*, std::size_t) noexcept; \
   std::uint64_t copy_with_checksum(void*, const void*, std::size_t) noexcept;         \
+  void stream_reset(void*) noexcept;                                                  \
+  void stream_update(void*, const void*, std::size_t) noexcept;                       \
+  std::uint64_t stream_digest(const void*) noexcept;                                  \
   }
 ATTNSTORE_DECLARE_KERNEL(sse2)
 ATTNSTORE_DECLARE_KERNEL(avx2)
@@ -25,15 +28,39 @@ struct hash_kernels {
   hash128 (*hash_bytes128)(const void*, std::size_t) noexcept;
   hash128 (*chain_hash)(hash128, const hash128&, const token_id*, std::size_t) noexcept;
   std::uint64_t (*copy_with_checksum)(void*, const void*, std::size_t) noexcept;
+  void (*stream_reset)(void*) noexcept;
+  void (*stream_update)(void*, const void*, std::size_t) noexcept;
+  std::uint64_t (*stream_digest)(const void*) noexcept;
 };
 
 hash_kernels pick() noexcept {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-    return {"avx512", avx512::checksum64, avx512::hash_bytes128, avx512::chain_hash, avx512::copy_with_checksum};
+    return {"avx512",
+            avx512::checksum64,
+            avx512::hash_bytes128,
+            avx512::chain_hash,
+            avx512::copy_with_checksum,
+            avx512::stream_reset,
+            avx512::stream_update,
+            avx512::stream_digest};
   if (__builtin_cpu_supports("avx2"))
-    return {"avx2", avx2::checksum64, avx2::hash_bytes128, avx2::chain_hash, avx2::copy_with_checksum};
-  return {"sse2", sse2::checksum64, sse2::hash_bytes128, sse2::chain_hash, sse2::copy_with_checksum};
+    return {"avx2",
+            avx2::checksum64,
+            avx2::hash_bytes128,
+            avx2::chain_hash,
+            avx2::copy_with_checksum,
+            avx2::stream_reset,
+            avx2::stream_update,
+            avx2::stream_digest};
+  return {"sse2",
+          sse2::checksum64,
+          sse2::hash_bytes128,
+          sse2::chain_hash,
+          sse2::copy_with_checksum,
+          sse2::stream_reset,
+          sse2::stream_update,
+          sse2::stream_digest};
 }
 
 const hash_kernels& kernels() noexcept {
@@ -115,5 +142,11 @@ model_id make_model_id(const model_descriptor& d) noexcept {
   w.u64(d.tp_size);
   return {w.digest()};
 }
+
+void checksum_stream::reset() noexcept { detail::kernels().stream_reset(state_); }
+void checksum_stream::update(const void* data, std::size_t bytes) noexcept {
+  detail::kernels().stream_update(state_, data, bytes);
+}
+std::uint64_t checksum_stream::digest() const noexcept { return detail::kernels().stream_digest(state_); }
 
 }  // namespace attnstore

@@ -47,4 +47,14 @@ std::uint64_t copy_with_checksum(void* dst, const void* src, std::size_t bytes) 
   return XXH3_64bits_digest(&state);
 }
 
+// checksum_stream's state is an XXH3_state_t in caller storage (hash.hpp).
+static_assert(sizeof(XXH3_state_t) <= 640 && alignof(XXH3_state_t) <= 64);
+void stream_reset(void* state) noexcept { XXH3_64bits_reset(static_cast<XXH3_state_t*>(state)); }
+void stream_update(void* state, const void* data, std::size_t bytes) noexcept {
+  XXH3_64bits_update(static_cast<XXH3_state_t*>(state), data, bytes);
+}
+std::uint64_t stream_digest(const void* state) noexcept {
+  return XXH3_64bits_digest(static_cast<const XXH3_state_t*>(state));
+}
+
 }  // namespace attnstore::detail::ATTNSTORE_HASH_NS

@@ -8,6 +8,9 @@
 // hooks or pipelining. Reported per case:
 //   ratio_to_bound  = measured / (max(L*compute, L*transfer) + min(compute, transfer))
 //   ratio_to_serial = measured / (L * (compute + transfer))      (no overlap)
+// BM_Save: a 128 MiB turn saved through the hooks against its copies alone
+// (ratio_to_copy), with the checksums hashed at commit (hash_lanes 0) or layer by layer
+// while the copies run (1, 2 lanes).
 // --backend cuda: engine memory on the GPU, the DRAM tier CUDA-pinned; see
 // pipeline_bench_cuda.cpp.
 // Sessions rotate over a >= 1 GiB working set so the copies come from memory, not cache.
@@ -33,7 +36,7 @@ void spin_for(double us) {
 }
 
 struct fixture {
-  bench_store s;
+  bench_store s{history_tokens / tokens_per_block + 4};  // room for BM_Save's 128 MiB turn
   std::unique_ptr<copy_backend> copier = make_host_copy_backend();
   // Engine memory: one sequence's pages, K of every layer then V of every layer.
   std::vector<std::byte> k = std::vector<std::byte>(layer_side_bytes * layers),
@@ -102,6 +105,65 @@ void BM_Pipeline(benchmark::State& state) {
   state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(history_tokens * geometry.token_bytes()));
 }
 
+// A 128 MiB turn (1024 tokens, 32 layers) saved from paged engine memory through the
+// hooks, layer by layer, against the same save's copies alone (start_save, save_layer,
+// abort_save: no checksums, nothing published), timed in the same iterations and taking
+// turns at going first. Arg: hash lanes (0: the store hashes every block at commit,
+// after the copies; n: each layer is hashed on n lanes as it lands).
+//   ratio_to_copy = copies alone / whole save  (1.0: the checksums cost nothing)
+void BM_Save(benchmark::State& state) {
+  fixture& f = fix();
+  hooks_config hc = bench_hooks_config(2);
+  hc.hash_lanes = std::uint32_t(state.range(0));
+  hooks hk(*f.s.kv, *f.copier, hc);
+  const std::vector<token_id> toks = bench_store::make_tokens(97);
+  const session_key key{"bench", "save"};
+  double save_us = 0, copy_us = 0;
+  std::int64_t n = 0;
+  auto copies = [&] {
+    errc st;
+    const auto t0 = clock_type::now();
+    save_handle sh = hk.start_save(key, toks, 0, f.engine.target(), std::nullopt, &st);
+    if (st != errc::ok) return -1.0;
+    for (std::uint32_t l = 0; l < layers; ++l) (void)hk.save_layer(sh, l);
+    hk.abort_save(sh);
+    return us_since(t0);
+  };
+  auto whole = [&] {
+    errc st;
+    const auto t0 = clock_type::now();
+    save_handle sh = hk.start_save(key, toks, 0, f.engine.target(), std::nullopt, &st);
+    if (st != errc::ok) return -1.0;
+    for (std::uint32_t l = 0; l < layers; ++l) (void)hk.save_layer(sh, l);
+    if (hk.finish_save(sh) != errc::ok) return -1.0;
+    const double us = us_since(t0);
+    (void)hk.close_session(key);  // its blocks go back for the next save
+    return us;
+  };
+  for (auto _ : state) {
+    double c, w;
+    if (n++ % 2) {
+      c = copies();
+      w = whole();
+    } else {
+      w = whole();
+      c = copies();
+    }
+    if (c < 0 || w < 0) {
+      state.SkipWithError("save failed");
+      return;
+    }
+    copy_us += c;
+    save_us += w;
+    state.SetIterationTime(w / 1e6);
+  }
+  const double turn_bytes = double(history_tokens * geometry.token_bytes());
+  state.counters["GBps"] = turn_bytes / (save_us / double(n)) / 1e3;
+  state.counters["copy_GBps"] = turn_bytes / (copy_us / double(n)) / 1e3;
+  state.counters["ratio_to_copy"] = copy_us / save_us;
+  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(turn_bytes));
+}
+
 // Cost of the hook calls themselves on the host path, with the copies already done:
 // what an engine pays per call beyond the data movement.
 void BM_HookCall(benchmark::State& state) {
@@ -115,6 +177,13 @@ void register_host_benchmarks() {
       ->ArgsProduct({{25, 50, 100, 200, 400}, {1, 2, 4}})
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
+  benchmark::RegisterBenchmark("BM_Save", BM_Save)
+      ->ArgName("hash_lanes")
+      ->Arg(0)
+      ->Arg(1)
+      ->Arg(2)
+      ->Unit(benchmark::kMillisecond)
+      ->UseManualTime();
   benchmark::RegisterBenchmark("BM_HookCall", BM_HookCall)
       ->ArgName("save")
       ->Arg(0)

@@ -39,6 +39,19 @@ hash128 hash_tenant(std::string_view tenant, const hash128& secret = {}) noexcep
 /// memory: each chunk is hashed while it is still in cache.
 std::uint64_t copy_with_checksum(void* dst, const void* src, std::size_t bytes) noexcept;
 
+/// checksum64 of data fed in pieces: after reset(), update() with the pieces in order,
+/// and digest() is checksum64 of them back to back. What a save uses to hash each layer
+/// of a block as it lands. Plain storage (no allocation); reset() before first use.
+class checksum_stream {
+ public:
+  void reset() noexcept;
+  void update(const void* data, std::size_t bytes) noexcept;
+  std::uint64_t digest() const noexcept;
+
+ private:
+  alignas(64) unsigned char state_[640];  // an XXH3 state (src/hash_kernel.inl checks the size)
+};
+
 /// Name of the XXH3 kernel chosen at start-up ("avx512", "avx2" or "sse2").
 std::string_view hash_kernel_name() noexcept;
 

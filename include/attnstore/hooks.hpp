@@ -28,6 +28,7 @@
 
 #include "attnstore/copy/copy_backend.hpp"
 #include "attnstore/detail/host_memory.hpp"
+#include "attnstore/hash.hpp"
 #include "attnstore/kv_layout.hpp"
 #include "attnstore/rope.hpp"
 #include "attnstore/store.hpp"
@@ -58,6 +59,15 @@ struct hooks_config {
   /// kernel launch; a load with more runs falls back to one launch per run. Costs 16
   /// bytes per run per load handle, in pinned host memory and in device memory.
   std::uint32_t max_rotated_runs = 0;
+  /// Saves hash each layer of their blocks as it lands in DRAM, on this many backend
+  /// streams (host worker threads; CUDA host functions), overlapped with the copies of
+  /// later layers, so finish_save does not read the blocks again: a save costs its
+  /// copies. 0: the store hashes the blocks at commit. A save whose layers are not
+  /// saved in order 0, 1, 2, ..., or that spans more than hash_blocks_per_save
+  /// blocks, is hashed at commit too. A backend that runs out of streams gives fewer
+  /// lanes (hash_lanes_in_use()).
+  std::uint32_t hash_lanes = 2;
+  std::uint32_t hash_blocks_per_save = 256;  ///< per save handle: 640 bytes of hash state per block
 };
 
 /// A load in progress (start_load). Not interchangeable with a save_handle; false when
@@ -77,8 +87,8 @@ struct save_handle {
 /// What start_load found and began loading.
 struct load_info {
   errc status = errc::ok;
-  load_handle handle{};            ///< false when nothing is loaded
-  std::uint64_t tokens = 0;        ///< history tokens being loaded (positions [0, tokens))
+  load_handle handle{};      ///< false when nothing is loaded
+  std::uint64_t tokens = 0;  ///< history tokens being loaded (positions [0, tokens))
   std::uint32_t blocks = 0;
 };
 
@@ -154,6 +164,8 @@ class hooks {
 
   copy_backend& copier() noexcept { return copier_; }
   const hooks_config& config() const noexcept { return config_; }
+  /// Hash lanes the backend gave (hooks_config::hash_lanes or fewer).
+  std::uint32_t hash_lanes_in_use() const noexcept { return std::uint32_t(hash_lanes_.size()); }
 
  private:
   struct load_state;
@@ -169,6 +181,10 @@ class hooks {
   struct rotate_job;
   static void rotate_layer(void* job) noexcept;
   static void strip_layer(void* job) noexcept;
+  struct hash_job;
+  static void hash_layer(void* job) noexcept;
+  /// Waits until every hashing job queued for the save has run.
+  errc drain_hashing(save_state& S) noexcept;
   errc rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept;
   template <class Emit>
   void walk_runs(const load_state& L, Emit&& emit) const noexcept;
@@ -184,6 +200,7 @@ class hooks {
   kv_geometry geometry_;
   std::vector<stream_ref> read_streams_;
   std::optional<stream_ref> write_stream_;
+  std::vector<stream_ref> hash_lanes_;
   std::vector<load_state> loads_;
   std::vector<save_state> saves_;
   detail::slot_pool load_pool_;

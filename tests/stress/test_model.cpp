@@ -569,7 +569,7 @@ class worker {
     host_copy_options ho;
     ho.chaos_max_delay_us = 60;  // late, reordered copies: a slot freed under a load gets reused first
     ho.chaos_seed = seed;
-    ho.max_streams = 4;
+    ho.max_streams = 5;  // 2 read, 1 write, 2 hash lanes
     copier_ = make_host_copy_backend(ho);
     hooks_config hc;
     hc.preload_layers = 1 + id % 2;

@@ -13,6 +13,14 @@ struct hooks::rotate_job {
   save_state* save = nullptr;
 };
 
+// Hashes layer `layer` of the save's blocks lane, lane + lanes, ...: each block always
+// on the same lane, whose stream runs its layers in order.
+struct hooks::hash_job {
+  hooks* self = nullptr;
+  save_state* save = nullptr;
+  std::uint32_t layer = 0, lane = 0;
+};
+
 struct hooks::load_state {
   // Re-rotation: the angle rows of `shifts` (cos rows, then sin rows, max_shifts each)
   // and the run table, in this handle's host slot and (GPU copier) its device copy.
@@ -49,6 +57,14 @@ struct hooks::save_state {
   kv_source source{};
   std::optional<stream_ref> compute;
   std::uint64_t tokens = 0;
+  // Hashing while saving (hooks_config::hash_lanes).
+  std::vector<checksum_stream> sums;   // per block of the save
+  std::vector<std::uint64_t> digests;  // what commit is given
+  std::vector<hash_job> hash_jobs;     // lanes x layers
+  std::vector<event_id> hashed;        // per lane: its queued hashing done
+  std::uint32_t next_hash_layer = 0;   // layers queued for hashing, in order
+  bool hashing = false;                // the checksums come from the lanes
+  bool lanes_used = false;             // some hashing job was queued
   bool active = false;
 };
 
@@ -70,8 +86,16 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
          std::to_string(per_block) + " segments)");
   for (std::uint32_t i = 0; i < config.read_streams; ++i) read_streams_.push_back(copier.create_stream());
   write_stream_ = copier.create_stream();
-  auto take_events = [&](std::vector<event_id>& ev) {
-    ev.resize(geometry_.num_layers);
+  if (config.hash_lanes > 16) fail("hash_lanes is " + std::to_string(config.hash_lanes) + ", allowed 0..16");
+  // Lanes are a speed-up, not a need: a backend out of streams gets fewer (none: the
+  // store hashes at commit).
+  for (std::uint32_t i = 0; i < config.hash_lanes; ++i) try {
+      hash_lanes_.push_back(copier.create_stream());
+    } catch (const std::exception&) {
+      break;
+    }
+  auto take_events = [&](std::vector<event_id>& ev, std::size_t count) {
+    ev.resize(count);
     for (auto& e : ev) {
       e = copier.acquire_event();
       if (e == no_event)
@@ -143,7 +167,7 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
     L.shift_of.resize(config.max_blocks_per_request);
     L.shifts.reserve(max_shifts);
     L.segments.resize(config.segment_buffer);
-    take_events(L.events);
+    take_events(L.events, geometry_.num_layers);
   }
   saves_.resize(config.max_saves);
   for (auto& S : saves_) {
@@ -152,8 +176,17 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
     S.payloads.resize(config.max_blocks_per_request);
     S.segments.resize(config.segment_buffer);
     S.saved.resize(geometry_.num_layers);
-    take_events(S.written);
-    take_events(S.computed);
+    take_events(S.written, geometry_.num_layers);
+    take_events(S.computed, geometry_.num_layers);
+    if (!hash_lanes_.empty()) {
+      S.sums.resize(std::min(config.hash_blocks_per_save, config.max_blocks_per_request));
+      S.digests.resize(S.sums.size());
+      S.hash_jobs.resize(hash_lanes_.size() * geometry_.num_layers);
+      for (std::uint32_t lane = 0; lane < hash_lanes_.size(); ++lane)
+        for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
+          S.hash_jobs[std::size_t(lane) * geometry_.num_layers + l] = {this, &S, l, lane};
+      take_events(S.hashed, hash_lanes_.size());
+    }
   }
 }
 
@@ -167,9 +200,11 @@ inline hooks::~hooks() {
   for (auto& S : saves_) {
     for (auto e : S.written) copier_.release_event(e);
     for (auto e : S.computed) copier_.release_event(e);
+    for (auto e : S.hashed) copier_.release_event(e);
   }
   for (auto s : read_streams_) copier_.destroy_stream(s);
   if (write_stream_) copier_.destroy_stream(*write_stream_);
+  for (auto s : hash_lanes_) copier_.destroy_stream(s);
   copier_.free_device(device_tables_);
   detail::free_host_region(tables_);
   copier_.free_device(device_positions_);
@@ -390,6 +425,27 @@ inline void hooks::strip_layer(void* job) noexcept {
   }
 }
 
+inline void hooks::hash_layer(void* job) noexcept {
+  const hash_job& j = *static_cast<const hash_job*>(job);
+  save_state& S = *j.save;
+  const std::size_t layer_bytes = j.self->geometry_.layer_bytes();
+  const std::uint32_t lanes = std::uint32_t(j.self->hash_lanes_.size());
+  for (std::uint32_t i = j.lane; i < S.reservation.blocks(); i += lanes)
+    S.sums[i].update(S.payloads[i] + std::size_t(j.layer) * layer_bytes, layer_bytes);
+}
+
+inline errc hooks::drain_hashing(save_state& S) noexcept {
+  if (!S.lanes_used) return errc::ok;
+  errc status = errc::ok;
+  for (std::uint32_t lane = 0; lane < hash_lanes_.size(); ++lane) {
+    errc e = copier_.record(S.hashed[lane], hash_lanes_[lane]);
+    if (e == errc::ok) e = copier_.synchronize(S.hashed[lane]);
+    if (e != errc::ok && status == errc::ok) status = e;
+  }
+  S.lanes_used = false;
+  return status;
+}
+
 // One kernel launch for the layer's whole run table (uploaded by start_load on this
 // stream); one launch per run when the view has more runs than the table holds.
 inline errc hooks::rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept {
@@ -465,6 +521,11 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   S.compute = compute;
   S.tokens = tokens.size();
   std::fill(S.saved.begin(), S.saved.end(), 0);
+  S.hashing = !hash_lanes_.empty() && count <= S.sums.size();
+  S.next_hash_layer = 0;
+  S.lanes_used = false;
+  if (S.hashing)
+    for (std::uint32_t i = 0; i < count; ++i) S.sums[i].reset();
   S.active = true;
   if (status) *status = errc::ok;
   return h;
@@ -494,7 +555,23 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
   if (config_.keys_pre_rope)  // store keys without RoPE
     if (errc e = copier_.launch_host_fn(&hooks::strip_layer, &S.strips[layer], stream); e != errc::ok) return e;
   S.saved[layer] = 1;
-  return copier_.record(S.written[layer], stream);
+  if (errc e = copier_.record(S.written[layer], stream); e != errc::ok) return e;
+  // The layer's hashing runs on the lanes once its copies (and strip) have landed,
+  // while the write stream goes on with the next layers.
+  if (S.hashing && layer != S.next_hash_layer) S.hashing = false;  // out of order: hashed at commit
+  if (S.hashing) {
+    for (std::uint32_t lane = 0; lane < hash_lanes_.size() && S.hashing; ++lane) {
+      const stream_ref ls = hash_lanes_[lane];
+      if (copier_.wait(ls, S.written[layer]) != errc::ok ||
+          copier_.launch_host_fn(&hooks::hash_layer, &S.hash_jobs[std::size_t(lane) * geometry_.num_layers + layer],
+                                 ls) != errc::ok)
+        S.hashing = false;  // the store hashes at commit; what was queued is drained first
+      else
+        S.lanes_used = true;
+    }
+    ++S.next_hash_layer;
+  }
+  return errc::ok;
 }
 
 inline errc hooks::finish_save(save_handle h) noexcept {
@@ -509,13 +586,23 @@ inline errc hooks::finish_save(save_handle h) noexcept {
   errc status = errc::ok;
   for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
     if (errc e = copier_.synchronize(S.written[l]); e != errc::ok && status == errc::ok) status = e;
+  if (errc e = drain_hashing(S); e != errc::ok) {
+    S.hashing = false;
+    if (status == errc::ok) status = e;
+  }
   if (status != errc::ok) {
     abort_save(h);
     return status;
   }
   // A load of this session may still read the blocks this save replaces: it holds a
   // lease on them, so they stay until it finishes.
-  status = store_.commit(S.reservation);
+  if (S.hashing) {
+    const std::uint32_t n = S.reservation.blocks();
+    for (std::uint32_t i = 0; i < n; ++i) S.digests[i] = S.sums[i].digest();
+    status = store_.commit(S.reservation, std::span<const std::uint64_t>(S.digests.data(), n));
+  } else {
+    status = store_.commit(S.reservation);
+  }
   S.active = false;
   save_pool_.release(h.index);
   return status;
@@ -527,6 +614,7 @@ inline void hooks::abort_save(save_handle h) noexcept {
   save_state& S = *Sp;
   for (std::uint32_t l = 0; l < geometry_.num_layers; ++l)
     if (S.saved[l]) (void)copier_.synchronize(S.written[l]);
+  (void)drain_hashing(S);  // no lane may read the blocks once they go back
   store_.abort(S.reservation);
   S.active = false;
   save_pool_.release(h.index);
