@@ -320,6 +320,9 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
   }
   s.count_tiers();
   note_load(s, prompt.size());
+  // Blocks promoted for this load count against the tenant's DRAM cap: its other
+  // sessions make the room (never this one, which is being served).
+  if (res.blocks > 0) trim_tenant(s, no_slot, true, false);
   erase_if_empty(s);  // a corrupt first block left nothing
   return res;
 }

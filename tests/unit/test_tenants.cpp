@@ -240,3 +240,25 @@ TEST_CASE("tenants: concurrent saves, purges and drops of several tenants keep t
   CHECK(s.tenant_usage("t0").dram_bytes <= 16 * slot);
   CHECK(s.tenant_usage("t1").ssd_bytes <= 32 * slot);
 }
+
+TEST_CASE("tenants: loads that promote a capped tenant's blocks make room from its other sessions", "[tenants]") {
+  temp_dir dir("tenants-load");
+  const std::size_t slot = slot_of();
+  store_config c = small_config(dir.str(), 32, 64);
+  c.tenant_quotas = {{"capped", 8 * slot, 0}};
+  store s(c);
+  std::vector<conversation> convs;
+  for (std::uint64_t i = 0; i < 4; ++i) convs.push_back({10 + i, 96});  // 3 blocks each
+  for (const auto& cv : convs) {
+    REQUIRE(put_as(s, "capped", cv) == errc::ok);
+    REQUIRE(s.demote({"capped", cv.name()}) == errc::ok);
+  }
+  REQUIRE(s.tenant_usage("capped").dram_bytes == 0);
+  for (int round = 0; round < 2; ++round)
+    for (const auto& cv : convs) {
+      CHECK(intact(s, "capped", cv));  // promoted into DRAM (there is room)
+      CHECK(s.tenant_usage("capped").dram_bytes <= 8 * slot);
+    }
+  CHECK(s.tenant_usage("capped").quota_demoted_blocks > 0);
+  require_accounts_add_up(s, {"capped"});
+}
