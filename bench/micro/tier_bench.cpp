@@ -653,15 +653,20 @@ struct lookup_fixture : store_fixture {
   }
 };
 
-void lookup_bench(benchmark::State& state, bool cold) {
+/// The lookup fixture, made once; null (the benchmark skipped) when it cannot be.
+lookup_fixture* lookup_fixture_or_skip(benchmark::State& state) {
   prepare_user_buffers();
-  lookup_fixture* fx;
   try {
-    fx = &fixture_for<lookup_fixture>(g_dram_pool, "lookup");
+    return &fixture_for<lookup_fixture>(g_dram_pool, "lookup");
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
-    return;
+    return nullptr;
   }
+}
+
+void lookup_bench(benchmark::State& state, bool cold) {
+  lookup_fixture* fx = lookup_fixture_or_skip(state);
+  if (!fx) return;
   block_location out[64];
   std::size_t i = 0;
   for (auto _ : state) {
@@ -681,14 +686,8 @@ void lookup_bench(benchmark::State& state, bool cold) {
 // One scheduler step's lookups through async_requests::lookup_batch (what a connector
 // calls per step), and, timed in the same iterations, the same lookups made one by one.
 void BM_LookupBatch(benchmark::State& state) {
-  prepare_user_buffers();
-  lookup_fixture* fx;
-  try {
-    fx = &fixture_for<lookup_fixture>(g_dram_pool, "lookup");
-  } catch (const std::exception& e) {
-    state.SkipWithError(e.what());
-    return;
-  }
+  lookup_fixture* fx = lookup_fixture_or_skip(state);
+  if (!fx) return;
   constexpr std::size_t batch = 256;
   async_requests requests(*fx->st);
   std::vector<session_key> keys(batch);
