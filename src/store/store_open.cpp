@@ -483,6 +483,13 @@ void store::impl::recover() {
         stale.push_back(slot);
         continue;
       }
+      if (h.sequence >= format::max_start_sequence) {
+        // A checksummed header numbered where no store gets: damaged, and taking it as
+        // the counter's start would number every new block near the limit.
+        detail::bump(counters_->recovery_dropped_blocks);
+        stale.push_back(slot);
+        continue;
+      }
       max_sequence = std::max(max_sequence, h.sequence);
       const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
       cands.push_back({h.session, h.tenant, h.block_index, h.sequence, slot, h.chain, h.payload_checksum,
@@ -503,7 +510,7 @@ void store::impl::recover() {
   if (std::FILE* f = std::fopen(tomb_path.c_str(), "rb")) {
     std::uint64_t rec[3];
     while (std::fread(rec, sizeof(rec), 1, f) == 1) {
-      if (rec[2] >= format::max_sequence) continue;  // damaged: no bound can be that high
+      if (rec[2] >= format::max_start_sequence) continue;  // damaged: no bound can be that high
       const hash128 key{rec[0], rec[1]};
       tombs[key.lo].push_back({key, rec[2]});
       max_bound = std::max(max_bound, rec[2]);

@@ -207,6 +207,10 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
   // The put's blocks are numbered now, in commit order: recovery orders versions of a
   // block by these numbers and groups a put's blocks by them (docs/format.md).
   const std::uint64_t put_id = sequence_.fetch_add(r.blocks_, std::memory_order_relaxed);
+  if (put_id + r.blocks_ >= format::max_sequence) {  // 2^61 puts after the last open: never in practice
+    config_.log(log_level::error, "store: block sequence numbers exhausted (2^62); new saves are refused");
+    return fail(errc::no_space);
+  }
   {
     std::uint32_t k = 0;
     for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next, ++k) {

@@ -12,8 +12,8 @@
 #include <map>
 #include <vector>
 
-#include "attnstore/hooks.hpp"
 #include "attnstore/detail/policy_heap.hpp"
+#include "attnstore/hooks.hpp"
 #include "attnstore/io/forwarding_device.hpp"
 #include "support/kv_data.hpp"
 #include "support/paged_memory.hpp"
@@ -503,7 +503,7 @@ TEST_CASE("safety: a reservation belongs to the incarnation it was made in") {
   REQUIRE(s.reserve({"t", "i"}, toks, 0, payloads, r1) == errc::ok);
   REQUIRE(s.drop({"t", "i"}) == errc::ok);
   REQUIRE(s.reserve({"t", "i"}, toks, 0, payloads, r2) == errc::ok);  // the session again
-  s.abort(r1);                                                          // must not unpin r2's session
+  s.abort(r1);                                                        // must not unpin r2's session
   truncation_plan plan{};
   plan.needed = true;
   plan.history = 32;
@@ -636,7 +636,7 @@ TEST_CASE("safety: a load that promotes blocks from SSD is not a turn's end to t
   std::vector<block_view> views(4);
   read_lease lease(4);
   REQUIRE(s.acquire({"t", "u"}, toks, views, lease).blocks == 4);  // promotes all four
-  CHECK(counter->turn_ends == 1);                                   // a return, not a turn
+  CHECK(counter->turn_ends == 1);                                  // a return, not a turn
 }
 
 // Found by test_model: a save into a truncated view numbers its blocks by view position,
@@ -680,4 +680,29 @@ TEST_CASE("safety: a truncated session saved again keeps its sink across a resta
         store s(config(dir.str(), 16, 64));
         CHECK(s.lookup({"t", "v"}, view).tokens >= sink);
       }
+}
+
+// Found by fuzz_store_dir (corpus: regress_tombstone_near_limit): a TOMBSTONES record
+// whose bound sat just below the sequence limit started the counter there, so every
+// block saved afterwards carried a number reads refuse, and new sessions were lost.
+TEST_CASE("safety: a damaged sequence bound at open leaves room to number new blocks") {
+  temp_dir dir("seq-limit");
+  const auto toks = make_tokens(3, 48);
+  const auto data = make_blocks(geom16.validated().block_bytes(), 3, 0, 3);
+  { store s(config(dir.str(), 16, 32)); }
+  {
+    const std::uint64_t rec[3] = {1, 2, format::max_sequence - 1};  // no session's: only its bound counts
+    std::FILE* f = std::fopen((dir.str() + "/TOMBSTONES").c_str(), "wb");
+    REQUIRE(f);
+    REQUIRE(std::fwrite(rec, sizeof rec, 1, f) == 1);
+    std::fclose(f);
+  }
+  {
+    store s(config(dir.str(), 16, 32));
+    REQUIRE(s.put({"t", "new"}, toks, 0, data) == errc::ok);
+    REQUIRE(s.demote({"t", "new"}) == errc::ok);
+    CHECK(served_tokens(s, {"t", "new"}, toks, data) == 48);  // read back from SSD
+  }
+  store s(config(dir.str(), 16, 32));
+  CHECK(served_tokens(s, {"t", "new"}, toks, data) == 48);
 }

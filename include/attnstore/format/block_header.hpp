@@ -24,6 +24,10 @@ inline constexpr std::size_t sector = 4096;
 /// Sequence numbers stay below this (2^62: a million puts a second for 146,000 years), so
 /// "one more than the largest" can never wrap; a header claiming more is damaged.
 inline constexpr std::uint64_t max_sequence = std::uint64_t(1) << 62;
+/// Recovery takes no block or tombstone numbered at or above this (half the limit) as a
+/// starting point: it is damaged. So a store always reopens with at least 2^61
+/// sequences ahead of it, and never numbers new blocks where reads would refuse them.
+inline constexpr std::uint64_t max_start_sequence = max_sequence / 2;
 
 constexpr std::size_t round_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
 
