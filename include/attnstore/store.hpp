@@ -109,9 +109,9 @@ struct store_config {
   /// room from that tenant's own sessions; a tenant past a cap after a save, a
   /// demotion or a load that promoted blocks is trimmed back at once (its other
   /// sessions demoted from DRAM, dropped from SSD, in the policy's order); and when the
-  /// store needs room, sessions of tenants past their caps go before anyone else's. So a tenant that floods the store pushes
-  /// out its own sessions, not another tenant's within its share. One session larger
-  /// than a cap is not split: it stays, demoted to SSD when it passes the DRAM cap.
+  /// store needs room, sessions of tenants past their caps go before anyone else's. So a tenant that floods the store
+  /// pushes out its own sessions, not another tenant's within its share. One session larger than a cap is not split: it
+  /// stays, demoted to SSD when it passes the DRAM cap.
   std::vector<tenant_quota> tenant_quotas;
   /// The caps of every tenant not listed in tenant_quotas (0: none).
   std::uint64_t tenant_dram_bytes = 0, tenant_ssd_bytes = 0;
