@@ -11,6 +11,8 @@ async_requests::async_requests(store& kv, const async_options& options) : store_
   for (slot& s : slots_) {  // ids are copied into these, never reallocated
     s.tenant.reserve(max_key_bytes);
     s.session.reserve(max_key_bytes);
+    s.lora.reserve(max_key_bytes);
+    s.salt.reserve(max_key_bytes);
   }
   queue_.resize(options.max_requests);
   for (unsigned t = 0; t < options.threads; ++t) threads_.emplace_back([this] { worker(); });
@@ -32,20 +34,25 @@ async_requests::slot* async_requests::find(std::uint64_t id) noexcept {
 }
 
 errc async_requests::submit_load(std::uint64_t id, const session_key& key, std::span<const token_id> prompt,
-                                 std::uint32_t first_block, std::uint32_t count, std::span<std::byte> out) noexcept {
+                                 std::uint32_t first_block, std::uint32_t count, std::span<std::byte> out,
+                                 const request_keys& keys) noexcept {
   if (out.size() != std::size_t(count) * store_.block_bytes() || count == 0) return errc::invalid_argument;
-  return submit({id, request_kind::load, prompt, first_block, count, out, {}}, key);
+  return submit({id, request_kind::load, prompt, first_block, count, out, {}, keys.media}, key, keys);
 }
 
 errc async_requests::submit_save(std::uint64_t id, const session_key& key, std::span<const token_id> tokens,
-                                 std::uint32_t first_block, std::span<const std::byte> blocks) noexcept {
-  return submit({id, request_kind::save, tokens, first_block, 0, {}, blocks}, key);
+                                 std::uint32_t first_block, std::span<const std::byte> blocks,
+                                 const request_keys& keys) noexcept {
+  return submit({id, request_kind::save, tokens, first_block, 0, {}, blocks, keys.media}, key, keys);
 }
 
-errc async_requests::submit(const request& r, const session_key& key) noexcept {
+errc async_requests::submit(const request& r, const session_key& key, const request_keys& keys) noexcept {
   // A client-chosen id is copied into the slot: its length is bounded, so no request
-  // can make the table hold (or allocate) without limit.
+  // can make the table hold (or allocate) without limit. So are the LoRA id and salt.
   if (key.tenant.size() > max_key_bytes || key.session.size() > max_key_bytes) return errc::invalid_argument;
+  if (keys.lora.size() > max_key_bytes || keys.salt.size() > max_key_bytes) return errc::invalid_argument;
+  // Refused now rather than on a worker: the caller learns it at once.
+  if (validate_request_keys(keys, r.tokens.size()) != errc::ok) return errc::invalid_argument;
   {
     std::lock_guard lock(mutex_);
     if (stopping_) return errc::bad_state;
@@ -60,6 +67,8 @@ errc async_requests::submit(const request& r, const session_key& key) noexcept {
     slot& s = *free_slot;
     s.tenant.assign(key.tenant);  // within the capacity reserved at construction
     s.session.assign(key.session);
+    s.lora.assign(keys.lora);
+    s.salt.assign(keys.salt);
     s.req = r;
     s.cancelled = false;
     s.result = finished_request{r.id, r.kind, errc::ok, false, 0, 0};
@@ -107,13 +116,14 @@ void async_requests::worker() noexcept {
     const session_key key{s.tenant, s.session};
     finished_request r = s.result;
     const request& q = s.req;
+    const request_keys keys{s.lora, s.salt, q.media};
     if (q.kind == request_kind::load) {
-      const get_result g = store_.get(key, q.tokens, q.first_block, q.count, q.out);
+      const get_result g = store_.get(key, q.tokens, q.first_block, q.count, q.out, keys);
       r.status = g.status;
       r.blocks = g.blocks;
       r.tokens = g.tokens;
     } else {
-      r.status = store_.put(key, q.tokens, q.first_block, q.in);
+      r.status = store_.put(key, q.tokens, q.first_block, q.in, keys);
     }
     lock.lock();
     r.cancelled = s.cancelled;
@@ -148,9 +158,11 @@ bool async_requests::wait(std::uint64_t id) noexcept {
 }
 
 void async_requests::lookup_batch(std::span<const session_key> keys, std::span<const std::span<const token_id>> prompts,
-                                  std::span<lookup_result> results) noexcept {
+                                  std::span<lookup_result> results,
+                                  std::span<const request_keys> per_request) noexcept {
   const std::size_t n = std::min({keys.size(), prompts.size(), results.size()});
-  for (std::size_t i = 0; i < n; ++i) results[i] = store_.lookup(keys[i], prompts[i]);
+  for (std::size_t i = 0; i < n; ++i)
+    results[i] = store_.lookup(keys[i], prompts[i], {}, i < per_request.size() ? per_request[i] : request_keys{});
 }
 
 std::uint32_t async_requests::outstanding() const noexcept {

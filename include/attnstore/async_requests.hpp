@@ -58,17 +58,21 @@ class async_requests {
   async_requests(const async_requests&) = delete;
   async_requests& operator=(const async_requests&) = delete;
 
-  /// Queues store::get(key, prompt, first_block, count, out). `prompt` and `out` must
-  /// stay valid and unused by others until the request is reported finished. Returns
-  /// ok (queued), retry (max_requests outstanding), invalid_argument (the id is
-  /// outstanding already, out is not count blocks, or a key part is longer than
-  /// max_key_bytes).
+  /// Queues store::get(key, prompt, first_block, count, out, keys). `prompt`, `out` and
+  /// keys.media must stay valid (and `out` unused by others) until the request is
+  /// reported finished; keys.lora and keys.salt are copied. Returns ok (queued), retry
+  /// (max_requests outstanding), invalid_argument (the id is outstanding already, out
+  /// is not count blocks, a key part, lora or salt is longer than max_key_bytes, or
+  /// `keys` fail validate_request_keys against the prompt).
   errc submit_load(std::uint64_t id, const session_key& key, std::span<const token_id> prompt,
-                   std::uint32_t first_block, std::uint32_t count, std::span<std::byte> out) noexcept;
-  /// Queues store::put(key, tokens, first_block, blocks). The spans must stay valid
-  /// until the request is reported finished. Returns as submit_load.
+                   std::uint32_t first_block, std::uint32_t count, std::span<std::byte> out,
+                   const request_keys& keys = {}) noexcept;
+  /// Queues store::put(key, tokens, first_block, blocks, keys). The spans (and
+  /// keys.media) must stay valid until the request is reported finished. Returns as
+  /// submit_load.
   errc submit_save(std::uint64_t id, const session_key& key, std::span<const token_id> tokens,
-                   std::uint32_t first_block, std::span<const std::byte> blocks) noexcept;
+                   std::uint32_t first_block, std::span<const std::byte> blocks,
+                   const request_keys& keys = {}) noexcept;
   /// A queued request will not run; a running one is reported cancelled when it ends
   /// (its buffers are free only then). False when the id is not outstanding.
   bool cancel(std::uint64_t id) noexcept;
@@ -78,9 +82,11 @@ class async_requests {
   /// Blocks until request `id` has finished (it is still reported by get_finished).
   /// False when the id is not outstanding.
   bool wait(std::uint64_t id) noexcept;
-  /// One scheduler step's lookups: results[i] = store::lookup(keys[i], prompts[i]).
+  /// One scheduler step's lookups: results[i] = store::lookup(keys[i], prompts[i], {},
+  /// per_request[i]); with per_request empty, no request has keys (one shorter than
+  /// the batch leaves the rest unkeyed).
   void lookup_batch(std::span<const session_key> keys, std::span<const std::span<const token_id>> prompts,
-                    std::span<lookup_result> results) noexcept;
+                    std::span<lookup_result> results, std::span<const request_keys> per_request = {}) noexcept;
 
   /// Requests submitted and not yet reported finished.
   std::uint32_t outstanding() const noexcept;
@@ -92,18 +98,20 @@ class async_requests {
     request_kind kind = request_kind::load;
     std::span<const token_id> tokens;
     std::uint32_t first_block = 0, count = 0;
-    std::span<std::byte> out;       // load
-    std::span<const std::byte> in;  // save
+    std::span<std::byte> out;           // load
+    std::span<const std::byte> in;      // save
+    std::span<const media_span> media;  // the request's media keys (the caller keeps them)
   };
   struct slot {
     slot_state state = slot_state::free;
     request req;
     std::string tenant, session;  // copies: the caller's key may not outlive submit
+    std::string lora, salt;       // copies of the request's keys, likewise
     bool cancelled = false;
     finished_request result;
     std::uint64_t order = 0;  // completion order, for get_finished
   };
-  errc submit(const request& r, const session_key& key) noexcept;
+  errc submit(const request& r, const session_key& key, const request_keys& keys) noexcept;
   slot* find(std::uint64_t id) noexcept;
   void worker() noexcept;
 

@@ -10,6 +10,7 @@
 #include <span>
 #include <string_view>
 
+#include "attnstore/status.hpp"
 #include "attnstore/types.hpp"
 
 namespace attnstore {
@@ -21,8 +22,34 @@ std::uint64_t checksum64(const void* data, std::size_t bytes) noexcept;
 hash128 hash_bytes128(const void* data, std::size_t bytes) noexcept;
 
 /// Chain hash of one block: XXH3-128 over (previous chain hash, model id, token ids).
-/// The first block of a session uses a zero `previous`.
-hash128 chain_hash(hash128 previous, const model_id& model, std::span<const token_id> tokens) noexcept;
+/// The first block of a session uses a zero `previous`. `keys_digest` is the block's
+/// block_keys(): zero (a request without keys) gives exactly the plain chain hash;
+/// otherwise the model id is first mixed with it (docs/format.md "Hashes"), so a block
+/// keyed by a LoRA adapter, a cache salt or an image never matches one keyed otherwise.
+hash128 chain_hash(hash128 previous, const model_id& model, std::span<const token_id> tokens,
+                   const hash128& keys_digest = {}) noexcept;
+
+/// What a request's keys contribute to the block holding tokens
+/// [block_first_token, block_first_token + tokens): zero when the request has no lora,
+/// no salt and no media span overlapping the block (its KV is then that of the plain
+/// tokens, and it is shared with requests without keys); otherwise a domain-tagged
+/// XXH3-128 of the lora id, the salt and each overlapping span's first_token (relative
+/// to block_first_token), tokens and content hash. `keys` must be valid
+/// (validate_request_keys). Allocation-free.
+hash128 block_keys(const request_keys& keys, std::uint64_t block_first_token, std::uint32_t tokens) noexcept;
+
+/// Checks request keys against a prompt of `prompt_tokens` tokens: media spans sorted
+/// by first_token, non-overlapping, each with tokens > 0 and inside the prompt. Returns
+/// ok, or invalid_argument with `*why` (when given) set to a static message naming
+/// the first fault. Allocation-free.
+errc validate_request_keys(const request_keys& keys, std::size_t prompt_tokens, const char** why = nullptr) noexcept;
+
+namespace detail {
+/// block_keys for a block whose token 0 sits at a view position that may be negative
+/// (a truncated view: saved position + shift). block_keys(k, f, n) equals
+/// block_keys_at(k, std::int64_t(f), n).
+hash128 block_keys_at(const request_keys& keys, std::int64_t block_first_token, std::uint32_t tokens) noexcept;
+}  // namespace detail
 
 /// Hash of a session key; the tenant and session are length-prefixed, so
 /// ("ab","c") and ("a","bc") differ. `secret` keys the hash: a store uses its own

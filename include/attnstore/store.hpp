@@ -44,11 +44,17 @@ struct tenant_quota {
 };
 
 struct store_config {
+  // ---- identity: every field here is part of the model_id (model_descriptor), which the
+  // MANIFEST records; a directory written under another one is refused at open.
   kv_geometry geometry;       ///< validated by the store; tokens_per_block 0 = auto
   std::string model_name;     ///< with geometry etc. forms the model_id
   std::string rope = "none";  ///< positional-encoding spec (part of the model_id)
   bool keys_pre_rope = false;
   std::uint32_t tp_rank = 0, tp_size = 1;
+  std::string weights_revision;            ///< revision, commit or checksum of the weights
+  std::string tokenizer;                   ///< tokenizer name and revision (or a hash of its files)
+  std::uint32_t pp_rank = 0, pp_size = 1;  ///< pipeline-parallel stage: pp_rank < pp_size
+  std::uint32_t layout_version = 0;        ///< the engine's own KV layout version
 
   std::uint64_t dram_bytes = 0;  ///< DRAM tier capacity; at least one block
   std::string ssd_directory;     ///< empty: no SSD tier (DRAM eviction drops)
@@ -255,6 +261,12 @@ class store {
   /// Fills up to out.size() block locations.
   lookup_result lookup(const session_key& key, std::span<const token_id> prompt,
                        std::span<block_location> out = {}) noexcept;
+  /// lookup() of a request with keys (LoRA adapter, cache salt, media hashes at their
+  /// token positions): only blocks saved with the same keys where they apply
+  /// (block_keys) are reusable. Keys that fail validate_request_keys reuse nothing
+  /// (logged). The overloads without keys are these with `keys` = {}.
+  lookup_result lookup(const session_key& key, std::span<const token_id> prompt, std::span<block_location> out,
+                       const request_keys& keys) noexcept;
 
   /// Stores KV for the session whose history is `tokens`. `blocks` holds blocks
   /// [first_block, blocks_for(tokens.size())) back to back, block_bytes() each, in the
@@ -267,6 +279,12 @@ class store {
   /// room for a new session), device_error, bad_state (the store is closed).
   [[nodiscard]] errc put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                          std::span<const std::byte> blocks) noexcept;
+  /// put() of a request with keys: the blocks' chain hashes (and their headers) carry
+  /// block_keys() of `keys`, and the stored prefix before first_block must have been
+  /// saved with the same keys (else rejected). invalid_argument when `keys` fail
+  /// validate_request_keys against `tokens` (logged; nothing stored).
+  [[nodiscard]] errc put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                         std::span<const std::byte> blocks, const request_keys& keys) noexcept;
 
   /// Copies blocks [first_block, first_block + block_count) of the session into `out`
   /// (block_bytes() each), after checking that they belong to `prompt` (chain hashes)
@@ -276,6 +294,10 @@ class store {
   /// delivered blocks that match the prompt.
   get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
                  std::uint32_t block_count, std::span<std::byte> out) noexcept;
+  /// get() of a request with keys: blocks match only under the same keys (as lookup).
+  /// invalid_argument when `keys` fail validate_request_keys against `prompt`.
+  get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
+                 std::uint32_t block_count, std::span<std::byte> out, const request_keys& keys) noexcept;
 
   /// Makes the blocks of the session that match `prompt` resident in DRAM (reading SSD
   /// blocks, demoting other sessions for room), verifies them as get() does, and
@@ -288,6 +310,10 @@ class store {
   /// no_space, invalid_argument (lease capacity below views.size()).
   get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
                      read_lease& lease) noexcept;
+  /// acquire() of a request with keys: blocks match only under the same keys (as
+  /// lookup). invalid_argument when `keys` fail validate_request_keys against `prompt`.
+  get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
+                     read_lease& lease, const request_keys& keys) noexcept;
 
   /// Starts a save whose payloads the caller fills itself (layer by layer, by DMA...):
   /// reserves DRAM blocks [first_block, blocks_for(tokens.size())) and writes their
@@ -297,6 +323,11 @@ class store {
   /// prefix is not these tokens), no_space, bad_state (closed).
   [[nodiscard]] errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
                              std::span<std::byte*> payloads, save_reservation& reservation) noexcept;
+  /// reserve() of a request with keys, as put() with keys: the reserved blocks carry
+  /// block_keys() of `keys`; invalid_argument when they fail validate_request_keys.
+  [[nodiscard]] errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                             std::span<std::byte*> payloads, save_reservation& reservation,
+                             const request_keys& keys) noexcept;
   /// Checksums the filled blocks, writes them through to SSD if configured, and
   /// publishes them. Returns ok, rejected (the prefix changed meanwhile), not_found
   /// (the session was dropped since reserve, even if re-created), no_space,

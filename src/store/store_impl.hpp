@@ -82,17 +82,22 @@ struct store::impl {
   ~impl();
 
   // ---- the public members (store.cpp forwards to these)
-  lookup_result lookup(const session_key& key, std::span<const token_id> prompt,
-                       std::span<block_location> out) noexcept;
+  // (`keys`: the request's keys, validated here; the public overloads without them
+  // pass none.)
+  lookup_result lookup(const session_key& key, std::span<const token_id> prompt, std::span<block_location> out,
+                       const request_keys& keys = {}) noexcept;
   errc put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
-           std::span<const std::byte> blocks) noexcept;
+           std::span<const std::byte> blocks, const request_keys& keys = {}) noexcept;
   get_result get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
-                 std::uint32_t block_count, std::span<std::byte> out) noexcept;
+                 std::uint32_t block_count, std::span<std::byte> out, const request_keys& keys = {}) noexcept;
   get_result acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
-                     read_lease& lease) noexcept;
+                     read_lease& lease, const request_keys& keys = {}) noexcept;
   void end_lease(read_lease& lease) noexcept;
   errc reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
-               std::span<std::byte*> payloads, save_reservation& r) noexcept;
+               std::span<std::byte*> payloads, save_reservation& r, const request_keys& keys = {}) noexcept;
+  /// ok, or invalid_argument (logged, naming `what` and the fault) when `keys` fail
+  /// validate_request_keys against `tokens` tokens.
+  errc check_keys(const request_keys& keys, std::size_t tokens, const char* what) const noexcept;
   errc commit(save_reservation& r, std::span<const std::uint64_t> checksums, bool checksums_given) noexcept;
   void abort(save_reservation& r) noexcept;
   errc drop(const session_key& key) noexcept;
@@ -204,7 +209,7 @@ struct store::impl {
 
   // ---- save path (store_write.cpp)
   errc reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
-                      save_reservation& r) noexcept;
+                      save_reservation& r, const request_keys& keys) noexcept;
   errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
   /// Gives a reservation's blocks back and empties it (the record is not touched).
   void drop_reservation(save_reservation& r) noexcept;
@@ -213,7 +218,7 @@ struct store::impl {
   // ---- read path (store_read.cpp)
   get_result serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
                           std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views,
-                          std::uint32_t* leased_slots) noexcept;
+                          std::uint32_t* leased_slots, const request_keys& keys) noexcept;
   struct ssd_read_batch;
   /// Reads a batch of SSD blocks into their buffers, verifying each (header, chain,
   /// checksum; copying it out when the batch has an output) as it completes. A block

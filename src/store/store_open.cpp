@@ -68,11 +68,23 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   if (config_.tp_size == 0 || config_.tp_rank >= config_.tp_size)
     fail("tp_rank is " + std::to_string(config_.tp_rank) + " with tp_size " + std::to_string(config_.tp_size) +
          "; need tp_size >= 1 and tp_rank < tp_size");
+  if (config_.pp_size == 0 || config_.pp_rank >= config_.pp_size)
+    fail("pp_rank is " + std::to_string(config_.pp_rank) + " with pp_size " + std::to_string(config_.pp_size) +
+         "; need pp_size >= 1 and pp_rank < pp_size");
   if (config_.queue_depth == 0 || config_.queue_depth > 1024)
     fail("queue_depth is " + std::to_string(config_.queue_depth) + ", allowed 1..1024");
   if (config_.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
-  model_ = make_model_id(
-      {config_.model_name, geometry_, config_.rope, config_.keys_pre_rope, config_.tp_rank, config_.tp_size});
+  model_ = make_model_id(model_descriptor{.name = config_.model_name,
+                                          .geometry = geometry_,
+                                          .rope = config_.rope,
+                                          .keys_pre_rope = config_.keys_pre_rope,
+                                          .tp_rank = config_.tp_rank,
+                                          .tp_size = config_.tp_size,
+                                          .weights_revision = config_.weights_revision,
+                                          .tokenizer = config_.tokenizer,
+                                          .pp_rank = config_.pp_rank,
+                                          .pp_size = config_.pp_size,
+                                          .layout_version = config_.layout_version});
   header_bytes_ = format::header_bytes(geometry_.tokens_per_block);
   slot_bytes_ = format::slot_bytes(geometry_);
   if (config_.dram_bytes < slot_bytes_)
@@ -409,7 +421,8 @@ void store::impl::write_or_check_manifest() {
 //     a put that never completed, and the older history stands. An older put can only
 //     be incomplete by design (a truncation erased blocks) or by a failed erase: valid.
 //  3. From block 0 on, the newest block of a valid put whose chain hash continues the
-//     chain is taken; the walk ends at a gap or a partial block.
+//     chain (recomputed from its token ids and its stored request-key digest) is taken;
+//     the walk ends at a gap or a partial block.
 // Slots whose header could not be read are quarantined (kept, never reused, never
 // erased: a transient error must not destroy them). Slots whose valid header was judged
 // stale are erased (header area zeroed) before reuse; one that cannot be erased is
@@ -420,7 +433,7 @@ void store::impl::recover() {
     std::uint32_t index;
     std::uint64_t sequence;
     std::uint32_t slot;
-    hash128 chain;
+    hash128 chain, keys;
     std::uint64_t checksum;
     std::size_t token_offset;
     std::uint32_t token_count;
@@ -492,7 +505,7 @@ void store::impl::recover() {
       }
       max_sequence = std::max(max_sequence, h.sequence);
       const auto* toks = reinterpret_cast<const token_id*>(area + format::fixed_header_bytes);
-      cands.push_back({h.session, h.tenant, h.block_index, h.sequence, slot, h.chain, h.payload_checksum,
+      cands.push_back({h.session, h.tenant, h.block_index, h.sequence, slot, h.chain, h.keys, h.payload_checksum,
                        token_store.size(), h.token_count, h.put_first_block, h.put_blocks});
       token_store.insert(token_store.end(), toks, toks + h.token_count);
     }
@@ -610,7 +623,8 @@ void store::impl::recover() {
         const candidate& c = cands[k];
         if (take != end || !c.usable) continue;
         std::span<const token_id> toks(token_store.data() + c.token_offset, c.token_count);
-        if (c.chain == chain_hash(prev, model_, toks)) take = k;
+        // The request's keys entered the chain through the digest the header keeps.
+        if (c.chain == chain_hash(prev, model_, toks, c.keys)) take = k;
       }
       if (take == end) break;
       pick.chosen.push_back(take);
@@ -648,6 +662,7 @@ void store::impl::recover() {
       if (b == no_slot) break;
       block_meta& m = s.meta(b);
       m.chain = c.chain;
+      m.keys = c.keys;
       m.checksum = c.checksum;
       m.sequence = c.sequence;
       m.put_first_block = c.put_first_block;

@@ -5,6 +5,25 @@
 
 namespace attnstore {
 
+// ---------------------------------------------------------------- the public reads with keys
+// (store.cpp forwards the overloads without keys; these time the calls the same way)
+
+lookup_result store::lookup(const session_key& key, std::span<const token_id> prompt, std::span<block_location> out,
+                            const request_keys& keys) noexcept {
+  const std::uint64_t t0 = detail::ticks();
+  lookup_result r = impl_->lookup(key, prompt, out, keys);
+  impl_->latencies_->lookup.observe_ticks(detail::ticks() - t0);
+  return r;
+}
+get_result store::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
+                      std::uint32_t block_count, std::span<std::byte> out, const request_keys& keys) noexcept {
+  return impl_->timed_load([&] { return impl_->get(key, prompt, first_block, block_count, out, keys); });
+}
+get_result store::acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
+                          read_lease& lease, const request_keys& keys) noexcept {
+  return impl_->timed_load([&] { return impl_->acquire(key, prompt, views, lease, keys); });
+}
+
 // ---------------------------------------------------------------- DRAM slot ownership
 
 void store::impl::lease_dram(std::uint32_t slot) noexcept {
@@ -46,13 +65,26 @@ void store::impl::end_lease(read_lease& lease) noexcept {
 
 // ---------------------------------------------------------------- lookup
 
+errc store::impl::check_keys(const request_keys& keys, std::size_t tokens, const char* what) const noexcept {
+  if (keys.media.empty()) return errc::ok;  // lora and salt are any strings
+  const char* why = nullptr;
+  if (validate_request_keys(keys, tokens, &why) == errc::ok) return errc::ok;
+  config_.log(log_level::error, std::string(what) + ": " + why + " (" + std::to_string(keys.media.size()) + " spans, " +
+                                    std::to_string(tokens) + " tokens)");
+  return errc::invalid_argument;
+}
+
 lookup_result store::impl::lookup(const session_key& key, std::span<const token_id> prompt,
-                                  std::span<block_location> out) noexcept {
+                                  std::span<block_location> out, const request_keys& keys) noexcept {
   detail::bump(counters_->lookups);
   lookup_result r;
   const session_hash h = session_of(key);
+  if (check_keys(keys, prompt.size(), "store::lookup") != errc::ok) {
+    detail::bump(counters_->lookup_misses);  // nothing is reusable for keys that say nothing
+    return r;
+  }
   if (locked_session s = index_->open(h, false)) {
-    r = index_->lookup(s, model_, prompt, out);
+    r = index_->lookup(s, model_, prompt, out, keys);
     note(s, true, prompt.size());
   } else {
     note_miss(h);
@@ -69,7 +101,7 @@ lookup_result store::impl::lookup(const session_key& key, std::span<const token_
 // ---------------------------------------------------------------- get and acquire
 
 get_result store::impl::get(const session_key& key, std::span<const token_id> prompt, std::uint32_t first_block,
-                            std::uint32_t block_count, std::span<std::byte> out) noexcept {
+                            std::uint32_t block_count, std::span<std::byte> out, const request_keys& keys) noexcept {
   detail::bump(counters_->gets);
   const std::size_t bb = geometry_.block_bytes();
   if (out.size() != std::size_t(block_count) * bb || block_count == 0) {
@@ -78,6 +110,7 @@ get_result store::impl::get(const session_key& key, std::span<const token_id> pr
                     " blocks; need block_count >= 1 and block_count x " + std::to_string(bb) + " bytes");
     return {errc::invalid_argument, 0, 0};
   }
+  if (check_keys(keys, prompt.size(), "store::get") != errc::ok) return {errc::invalid_argument, 0, 0};
   const session_hash h = session_of(key);
   locked_session s = index_->open(h, false);
   if (!s) {
@@ -88,24 +121,25 @@ get_result store::impl::get(const session_key& key, std::span<const token_id> pr
   // A truncated view is not whole blocks at block-aligned positions: it is loaded
   // through acquire() (the hooks), which places and re-rotates each kept range.
   if (s.truncated()) return {errc::unsupported, 0, 0};
-  return serve_locked(s, prompt, first_block, block_count, out, {}, nullptr);
+  return serve_locked(s, prompt, first_block, block_count, out, {}, nullptr, keys);
 }
 
 get_result store::impl::acquire(const session_key& key, std::span<const token_id> prompt, std::span<block_view> views,
-                                read_lease& lease) noexcept {
+                                read_lease& lease, const request_keys& keys) noexcept {
   detail::bump(counters_->gets);
   if (lease.capacity() < views.size()) {
     config_.log(log_level::error, "store::acquire: lease capacity " + std::to_string(lease.capacity()) + " for " +
                                       std::to_string(views.size()) + " views");
     return {errc::invalid_argument, 0, 0};
   }
+  if (check_keys(keys, prompt.size(), "store::acquire") != errc::ok) return {errc::invalid_argument, 0, 0};
   lease.release();
   const session_hash h = session_of(key);
   {
     // Room for what the load will read from SSD, made before the session is locked so
     // that others' demotions do not run under its lock (a lookup would wait on them).
     lookup_result want;
-    if (locked_session s = index_->open(h, false)) want = index_->lookup(s, model_, prompt, {});
+    if (locked_session s = index_->open(h, false)) want = index_->lookup(s, model_, prompt, {}, keys);
     if (want.ssd_blocks > free_dram_slots())
       make_room(std::min<std::uint32_t>(want.ssd_blocks, std::uint32_t(views.size())), h);
   }
@@ -115,7 +149,7 @@ get_result store::impl::acquire(const session_key& key, std::span<const token_id
     note_miss(h);
     return {errc::not_found, 0, 0};
   }
-  get_result res = serve_locked(s, prompt, 0, std::uint32_t(views.size()), {}, views, lease.slots_.data());
+  get_result res = serve_locked(s, prompt, 0, std::uint32_t(views.size()), {}, views, lease.slots_.data(), keys);
   if (res.status == errc::not_found) res.status = errc::ok;  // fewer blocks than views is normal here
   if (res.blocks > 0) {
     for (std::uint32_t i = 0; i < res.blocks; ++i) lease_dram(lease.slots_[i]);
@@ -162,7 +196,7 @@ void store::impl::read_ssd_batch(ssd_read_batch& rb) noexcept {
         format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) == format::header_status::ok &&
         h.model == st.model_.value && h.session == b.session->key().value &&
         h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) && h.sequence == m.sequence &&
-        h.chain == m.chain && h.payload_checksum == m.checksum && cs == m.checksum;
+        h.chain == m.chain && h.keys == m.keys && h.payload_checksum == m.checksum && cs == m.checksum;
     p.verdict = ok ? errc::ok : errc::checksum_error;
   };
   // Each request's result is set whatever execute() returns; a request whose callback
@@ -193,7 +227,7 @@ void store::impl::give_back_read_buffer(const ssd_read_batch& rb, std::size_t i)
 
 get_result store::impl::serve_locked(locked_session& s, std::span<const token_id> prompt, std::uint32_t first_block,
                                      std::uint32_t block_count, std::span<std::byte> out, std::span<block_view> views,
-                                     std::uint32_t* leased_slots) noexcept {
+                                     std::uint32_t* leased_slots, const request_keys& keys) noexcept {
   // A load of a session a prefetch made resident: how long ahead of its turn it was.
   if (const std::uint64_t at = prefetched_at_[s.record_id()].exchange(0, std::memory_order_relaxed))
     latencies_->prefetch_lead.observe_ticks(detail::ticks() - at);
@@ -263,7 +297,7 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
   };
 
   std::uint32_t i = 0;  // entries walked
-  index_->match_prompt(s, model_, prompt, [&](const block_match& bm) {
+  auto visit = [&](const block_match& bm) {
     if (bm.index >= end || failed) return false;
     i = bm.index + 1;
     if (bm.index < first_block) return true;
@@ -311,7 +345,8 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
     rb.add(bm.block, bm.index, buf, promoted, matched, bm.first, bm.position);
     if (rb.count == batch_max) flush();
     return true;
-  });
+  };
+  index_->match_prompt(s, model_, prompt, visit, keys);
   flush();
   if (!failed) {
     res.blocks = (i > first_block ? i : first_block) - first_block;

@@ -6,6 +6,21 @@
 
 namespace attnstore {
 
+// ---------------------------------------------------------------- the public saves with keys
+// (store.cpp forwards the overloads without keys; these time the calls the same way)
+
+errc store::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                std::span<const std::byte> blocks, const request_keys& keys) noexcept {
+  const std::uint64_t t0 = detail::ticks();
+  const errc e = impl_->put(key, tokens, first_block, blocks, keys);
+  impl_->latencies_->save.observe_ticks(detail::ticks() - t0);
+  return e;
+}
+errc store::reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
+                    std::span<std::byte*> payloads, save_reservation& reservation, const request_keys& keys) noexcept {
+  return impl_->reserve(key, tokens, first_block, payloads, reservation, keys);
+}
+
 // ---------------------------------------------------------------- SSD writes
 
 errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
@@ -26,6 +41,7 @@ errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint3
       h.put_first_block = m.put_first_block;
       h.put_blocks = m.put_blocks;
       h.chain = m.chain;
+      h.keys = m.keys;
       h.payload_bytes = std::uint32_t(geometry_.block_bytes());
       h.payload_checksum = m.checksum;
       h.sequence = m.sequence;
@@ -93,7 +109,7 @@ void store::impl::zero_unused_tail(std::byte* payload, std::uint32_t tokens) con
 }
 
 errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> tokens, std::uint32_t first_block,
-                                 save_reservation& r) noexcept {
+                                 save_reservation& r, const request_keys& keys) noexcept {
   const std::uint32_t tpb = geometry_.tokens_per_block;
   const std::uint32_t total = geometry_.blocks_for(tokens.size());
   if (tokens.empty() || first_block >= total) {
@@ -103,7 +119,9 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
     return errc::invalid_argument;
   }
   // The stored view up to position first_block x tokens_per_block must be these
-  // tokens: chain hashes for untruncated blocks, token ids in a truncated view.
+  // tokens under these keys: chain hashes (computed with the keys) for untruncated
+  // blocks, token ids and the blocks' key digests in a truncated view.
+  const bool keyed = !keys.empty();
   const std::uint64_t boundary = std::uint64_t(first_block) * tpb;
   hash128 prev{};
   std::uint64_t pos = 0;
@@ -113,10 +131,12 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
     const block_meta& m = s.meta(b);
     if (pos + m.view_count > boundary || pos + m.view_count > tokens.size()) return errc::rejected;
     const auto want = tokens.subspan(pos, m.view_count);
+    const hash128 digest =
+        keyed ? detail::block_keys_at(keys, std::int64_t(m.saved_pos) + m.shift, m.tokens) : hash128{};
     if (s.truncated()) {
       const auto have = s.tokens_of(b).subspan(m.view_first, m.view_count);
-      if (!std::equal(have.begin(), have.end(), want.begin())) return errc::rejected;
-    } else if (!(m.chain == chain_hash(prev, model_, want))) {
+      if (!std::equal(have.begin(), have.end(), want.begin()) || !(m.keys == digest)) return errc::rejected;
+    } else if (!(m.chain == chain_hash(prev, model_, want, digest))) {
       return errc::rejected;
     }
     prev = m.chain;
@@ -156,7 +176,8 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
       tail = nb;
       block_meta& m = s.meta(nb);
       m.saved_pos = begin;
-      m.chain = prev = chain_hash(prev, model_, toks);
+      m.keys = keyed ? block_keys(keys, begin, std::uint32_t(toks.size())) : hash128{};
+      m.chain = prev = chain_hash(prev, model_, toks, m.keys);
       m.dram_slot = alloc_dram(s, no_slot);  // may demote any of this session's published blocks
       if (m.dram_slot != no_slot) zero_unused_tail(dram_payload(m.dram_slot), std::uint32_t(toks.size()));
     }
@@ -257,9 +278,10 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
 }
 
 errc store::impl::reserve(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
-                          std::span<std::byte*> payloads, save_reservation& r) noexcept {
+                          std::span<std::byte*> payloads, save_reservation& r, const request_keys& keys) noexcept {
   if (r) abort(r);
   if (closed_.load(std::memory_order_acquire)) return errc::bad_state;
+  if (check_keys(keys, tokens.size(), "store::reserve") != errc::ok) return errc::invalid_argument;
   const std::uint32_t total = geometry_.blocks_for(tokens.size());
   if (first_block < total && payloads.size() < total - first_block) {
     config_.log(log_level::error, "store::reserve: payloads has " + std::to_string(payloads.size()) +
@@ -273,7 +295,7 @@ errc store::impl::reserve(const session_key& key, std::span<const token_id> toke
   locked_session s = open_or_evict(h, &why);
   if (!s) return why == errc::ok ? errc::no_space : why;
   errc e = assign_tenant(s, tenant);
-  if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r);
+  if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r, keys);
   if (e != errc::ok) {
     erase_if_empty(s);
     return e;
@@ -320,7 +342,7 @@ void store::impl::abort(save_reservation& r) noexcept {
 // ---------------------------------------------------------------- put
 
 errc store::impl::put(const session_key& key, std::span<const token_id> tokens, std::uint32_t first_block,
-                      std::span<const std::byte> blocks) noexcept {
+                      std::span<const std::byte> blocks, const request_keys& keys) noexcept {
   detail::bump(counters_->puts);
   const std::uint32_t total = geometry_.blocks_for(tokens.size());
   const std::size_t bb = geometry_.block_bytes();
@@ -330,6 +352,10 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
                     " blocks), first_block " + std::to_string(first_block) + " and " + std::to_string(blocks.size()) +
                     " bytes; need tokens non-empty, first_block < blocks and (blocks - first_block) x " +
                     std::to_string(bb) + " bytes");
+    detail::bump(counters_->put_failed);
+    return errc::invalid_argument;
+  }
+  if (check_keys(keys, tokens.size(), "store::put") != errc::ok) {
     detail::bump(counters_->put_failed);
     return errc::invalid_argument;
   }
@@ -349,7 +375,7 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
   }
   save_reservation r;
   errc e = assign_tenant(s, tenant);
-  if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r);
+  if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r, keys);
   if (e != errc::ok) {
     erase_if_empty(s);
     detail::bump(e == errc::rejected ? counters_->put_rejected : counters_->put_failed);

@@ -157,16 +157,17 @@ inline std::uint32_t cache_index::find(const session_hash& key) noexcept {
 }
 
 inline lookup_result cache_index::lookup(const session_hash& key, const model_id& model,
-                                         std::span<const token_id> prompt, std::span<block_location> out) noexcept {
+                                         std::span<const token_id> prompt, std::span<block_location> out,
+                                         const request_keys& keys) noexcept {
   locked_session s = open(key, false);
   if (!s) return {};
-  return lookup(s, model, prompt, out);
+  return lookup(s, model, prompt, out, keys);
 }
 
 inline lookup_result cache_index::lookup(locked_session& s, const model_id& model, std::span<const token_id> prompt,
-                                         std::span<block_location> out) noexcept {
+                                         std::span<block_location> out, const request_keys& keys) noexcept {
   lookup_result res;
-  res.tokens = match_prompt(s, model, prompt, [&](const block_match& bm) {
+  auto visit = [&](const block_match& bm) {
     const block_meta& m = blocks_[bm.block];
     const tier t = m.fastest();
     if (res.blocks < out.size()) out[res.blocks] = {t, t == tier::dram ? m.dram_slot : m.ssd_slot, bm.tokens};
@@ -176,14 +177,16 @@ inline lookup_result cache_index::lookup(locked_session& s, const model_id& mode
     else
       ++res.ssd_blocks;
     return true;
-  });
+  };
+  res.tokens = match_prompt(s, model, prompt, visit, keys);
   return res;
 }
 
 template <class Visit>
 std::uint64_t cache_index::match_prompt(locked_session& s, const model_id& model, std::span<const token_id> prompt,
-                                        Visit&& visit) noexcept {
+                                        Visit&& visit, const request_keys& keys) noexcept {
   const bool by_tokens = s.truncated();
+  const bool keyed = !keys.empty();
   hash128 prev{};
   std::uint64_t pos = 0;
   std::uint32_t index = 0;
@@ -191,17 +194,21 @@ std::uint64_t cache_index::match_prompt(locked_session& s, const model_id& model
     const block_meta& m = blocks_[b];
     const std::size_t remaining = prompt.size() - pos;
     const auto stored = s.tokens_of(b).subspan(m.view_first, m.view_count);
+    // The request's keys over the block's whole stored range, placed where the view
+    // puts the block's token 0 (its saved position, untruncated).
+    const hash128 digest =
+        keyed ? detail::block_keys_at(keys, std::int64_t(m.saved_pos) + m.shift, m.tokens) : hash128{};
     std::uint32_t matched = 0;
     bool chained = false;
     if (!by_tokens && remaining >= m.view_count &&
-        chain_hash(prev, model, prompt.subspan(pos, m.view_count)) == m.chain) {
+        chain_hash(prev, model, prompt.subspan(pos, m.view_count), digest) == m.chain) {
       matched = m.view_count;
       prev = m.chain;
       chained = true;
-    } else {
+    } else if (digest == m.keys) {
       // The block differs (an edit), the prompt ends inside it, or the view is
       // truncated: its KV is valid for the tokens before the first difference, since
-      // KV of a token depends only on the tokens up to it.
+      // KV of a token depends only on the tokens up to it (and the keys, which match).
       const std::size_t limit = std::min<std::size_t>(remaining, m.view_count);
       while (matched < limit && stored[matched] == prompt[pos + matched]) ++matched;
     }

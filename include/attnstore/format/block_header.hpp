@@ -17,9 +17,11 @@ namespace attnstore::format {
 
 inline constexpr std::uint64_t block_magic = 0x314b4c4253544e41ull;  // "ANTSBLK1" little-endian
 // 2: put-numbered sequences, MANIFEST capacity and secret. 3: the tenant hash in every
-// header (offline purge by tenant, tenant accounting rebuilt at recovery).
-inline constexpr std::uint32_t format_version = 3;
-inline constexpr std::size_t fixed_header_bytes = 128;
+// header (offline purge by tenant, tenant accounting rebuilt at recovery). 4: the
+// block's request-key digest in every header (recovery recomputes keyed chains), the
+// complete model identity, layer groups in the MANIFEST.
+inline constexpr std::uint32_t format_version = 4;
+inline constexpr std::size_t fixed_header_bytes = 144;
 inline constexpr std::size_t sector = 4096;
 /// Sequence numbers stay below this (2^62: a million puts a second for 146,000 years), so
 /// "one more than the largest" can never wrap; a header claiming more is damaged.
@@ -59,19 +61,23 @@ struct block_header {
   std::uint32_t tokens_per_block;  //  96
   std::uint32_t put_blocks;        // 100: blocks its put wrote (all or none are valid)
   hash128 tenant;                  // 104: the session's tenant, keyed by the store's secret (hash_tenant)
-  std::uint64_t header_checksum;   // 120: XXH3-64 of bytes [0,120) and the token ids
+  hash128 keys;                    // 120: block_keys() of the request that saved it (zero: none)
+  std::uint64_t header_checksum;   // 136: XXH3-64 of bytes [0,136) and the token ids
 };
 static_assert(sizeof(block_header) == fixed_header_bytes);
 static_assert(offsetof(block_header, chain) == 56);
 static_assert(offsetof(block_header, tenant) == 104);
-static_assert(offsetof(block_header, header_checksum) == 120);
+static_assert(offsetof(block_header, keys) == 120);
+static_assert(offsetof(block_header, header_checksum) == 136);
+static_assert(offsetof(block_header, header_checksum) + sizeof(std::uint64_t) == fixed_header_bytes,
+              "header_checksum stays the last fixed field");
 
 inline std::uint64_t compute_header_checksum(const std::byte* area) noexcept {
   block_header h;
   std::memcpy(&h, area, sizeof(h));
   const std::size_t tokens = h.token_count <= h.tokens_per_block ? h.token_count : 0;
   // Hash the fixed fields before the checksum, then the token ids, as one buffer view:
-  // both live in the same area, so hash [0,120) and [128, 128+4n) and combine.
+  // both live in the same area, so hash [0,136) and [144, 144+4n) and combine.
   std::uint64_t a = checksum64(area, offsetof(block_header, header_checksum));
   std::uint64_t b = checksum64(area + fixed_header_bytes, tokens * sizeof(token_id));
   return a ^ (b * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull);

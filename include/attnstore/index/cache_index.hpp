@@ -29,7 +29,10 @@ enum class tier : std::uint8_t { none = 0, dram = 1, ssd = 2 };
 
 /// One stored block of a session.
 struct block_meta {
-  hash128 chain;               ///< chain hash through this block
+  hash128 chain;  ///< chain hash through this block
+  /// block_keys() of the request that saved the block (zero: none): what its chain hash
+  /// was computed with, and what a partial or token-wise match must present too.
+  hash128 keys{};
   std::uint64_t checksum = 0;  ///< XXH3-64 of the payload
   /// Sequence number: the put that made the block numbers its blocks put_sequence +
   /// (index - put_first_block); every SSD copy of the block carries it (docs/format.md).
@@ -175,21 +178,28 @@ class cache_index {
   /// Longest prefix of `prompt` whose blocks are stored with matching chain hashes;
   /// the last block may match partially (token ids compared inside it). Writes up to
   /// out.size() locations. Allocation-free. Recency is the caller's business (the store
-  /// tells its eviction policy).
+  /// tells its eviction policy). `keys`: the request's keys (valid: validate_request_keys),
+  /// as match_prompt takes them.
   lookup_result lookup(const session_hash& key, const model_id& model, std::span<const token_id> prompt,
-                       std::span<block_location> out = {}) noexcept;
+                       std::span<block_location> out = {}, const request_keys& keys = {}) noexcept;
   /// The same on a session already locked.
   lookup_result lookup(locked_session& s, const model_id& model, std::span<const token_id> prompt,
-                       std::span<block_location> out = {}) noexcept;
+                       std::span<block_location> out = {}, const request_keys& keys = {}) noexcept;
 
   /// Walks the longest prefix of `prompt` that the session's view holds: chain hashes
   /// for whole untruncated blocks, token ids inside the first block that differs and
   /// everywhere in a truncated view. Calls visit(const block_match&) for each matched
   /// entry, in order; visit returns false to stop. Returns the tokens matched up to
   /// where the walk stopped. Allocation-free.
+  ///
+  /// Keys: the chain hash of block i is computed with block_keys(keys, its first token,
+  /// its tokens), and a block matched by token ids (a partial match, a truncated view)
+  /// must hold that same digest: a block saved under another LoRA adapter, salt or
+  /// image never matches, not even partly. A block whose stored range held a media
+  /// span the request does not have (the prompt ends before it) is not matched either.
   template <class Visit>
-  std::uint64_t match_prompt(locked_session& s, const model_id& model, std::span<const token_id> prompt,
-                             Visit&& visit) noexcept;
+  std::uint64_t match_prompt(locked_session& s, const model_id& model, std::span<const token_id> prompt, Visit&& visit,
+                             const request_keys& keys = {}) noexcept;
 
   /// The record id of a live session, or no_slot; takes only the shard lock (the
   /// record may be erased right after: callers recheck under try_open_record or open).
