@@ -172,9 +172,9 @@ class hooks {
   struct save_state;
   static constexpr std::size_t max_shifts = 8;  // distinct position shifts in one loaded view
   errc queue_load_layer(load_state& L, std::uint32_t layer) noexcept;
-  /// invalid_argument (none, or not this store's geometry), unsupported (GPU memory with
-  /// a host copier), or ok.
-  errc check_layout(const kv_layout* layout) const noexcept;
+  /// invalid_argument (missing, not this store's geometry, or groups in different
+  /// memory), unsupported (GPU memory with a host copier), or ok.
+  errc check_layout(const kv_target& target) const noexcept;
   /// All of the load's runs fit its run table (one rotation call per layer), else one
   /// call per run.
   bool uses_table(const load_state& L) const noexcept;
@@ -187,7 +187,7 @@ class hooks {
   errc drain_hashing(save_state& S) noexcept;
   errc rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept;
   template <class Emit>
-  void walk_runs(const load_state& L, Emit&& emit) const noexcept;
+  void walk_runs(const load_state& L, std::uint32_t group, Emit&& emit) const noexcept;
   errc prepare_rotation(load_state& L, bool on_device, stream_ref stream) noexcept;
   rope_runs_view runs_view(const load_state& L, std::uint32_t layer, bool device) const noexcept;
   errc flush_segments(std::span<copy_segment> buf, std::size_t& used, stream_ref s) noexcept;
@@ -198,6 +198,7 @@ class hooks {
   copy_backend& copier_;
   hooks_config config_;
   kv_geometry geometry_;
+  bool rope_fits_groups_ = false;  // config_.rope rotates every rotary group (shape and dtype)
   std::vector<stream_ref> read_streams_;
   std::optional<stream_ref> write_stream_;
   std::vector<stream_ref> hash_lanes_;

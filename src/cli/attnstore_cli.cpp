@@ -51,9 +51,10 @@ using namespace attnstore;
 struct store_dir {
   std::string path;
   std::map<std::string, std::string> manifest;
-  kv_geometry geometry;
+  std::uint32_t num_layers = 0, tokens_per_block = 0;
+  std::string layer_groups;  // kv_geometry::describe() of the store's geometry
   hash128 model{}, secret{};
-  std::uint64_t slots = 0, slots_per_file = 0, slot_bytes = 0, header_bytes = 0;
+  std::uint64_t slots = 0, slots_per_file = 0, slot_bytes = 0, header_bytes = 0, block_bytes = 0;
 };
 
 std::uint64_t number(const std::map<std::string, std::string>& m, const char* key) {
@@ -77,21 +78,18 @@ store_dir open_dir(const std::string& path) {
   if (number(d.manifest, "format_version") != format::format_version)
     throw std::runtime_error("format_version " + d.manifest["format_version"] + "; this tool reads version " +
                              std::to_string(format::format_version));
-  d.geometry.num_layers = std::uint32_t(number(d.manifest, "num_layers"));
-  d.geometry.num_kv_heads = std::uint32_t(number(d.manifest, "num_kv_heads"));
-  d.geometry.head_dim = std::uint32_t(number(d.manifest, "head_dim"));
-  d.geometry.tokens_per_block = std::uint32_t(number(d.manifest, "tokens_per_block"));
-  const std::string dt = d.manifest["dtype"];
-  bool known = false;
-  for (auto t : {dtype::f32, dtype::f16, dtype::bf16, dtype::fp8_e4m3, dtype::bytes})
-    if (to_string(t) == dt) d.geometry.dtype = t, known = true;
-  if (!known) throw std::runtime_error("MANIFEST dtype " + dt + " is unknown");
-  d.geometry = d.geometry.validated();
+  d.num_layers = std::uint32_t(number(d.manifest, "num_layers"));
+  d.tokens_per_block = std::uint32_t(number(d.manifest, "tokens_per_block"));
+  d.block_bytes = number(d.manifest, "block_bytes");
+  d.layer_groups = d.manifest["layer_groups"];
+  if (d.layer_groups.empty()) throw std::runtime_error("MANIFEST has no layer_groups");
   d.slot_bytes = number(d.manifest, "slot_bytes");
   d.slots = number(d.manifest, "ssd_slots");
   d.slots_per_file = number(d.manifest, "slots_per_file");
-  d.header_bytes = format::header_bytes(d.geometry.tokens_per_block);
-  if (d.slot_bytes != format::slot_bytes(d.geometry) || d.slots_per_file == 0)
+  if (d.tokens_per_block == 0 || d.tokens_per_block > 65536 || d.block_bytes == 0 || d.block_bytes > (1ull << 30))
+    throw std::runtime_error("MANIFEST tokens_per_block/block_bytes are out of range: damaged");
+  d.header_bytes = format::header_bytes(d.tokens_per_block);
+  if (d.slot_bytes != d.header_bytes + format::round_up(d.block_bytes, format::sector) || d.slots_per_file == 0)
     throw std::runtime_error("MANIFEST slot_bytes/slots_per_file do not match its geometry: damaged");
   if (!parse_hex128(d.manifest["model_id"], d.model)) throw std::runtime_error("MANIFEST model_id is damaged");
   if (!parse_hex128(d.manifest["secret"], d.secret)) throw std::runtime_error("MANIFEST secret is damaged");
@@ -158,8 +156,7 @@ void judge_all(const store_dir& d, bool whole, Fn&& fn) {
   slot_reader reader(d, whole ? d.slot_bytes : d.header_bytes);
   // Recovery also refuses puts larger than both tiers; the DRAM tier's size is not in
   // the directory, so that one bound is left out here.
-  const format::slot_expectation expect{d.header_bytes, d.geometry.tokens_per_block, d.model, d.geometry.block_bytes(),
-                                        ~std::uint64_t(0)};
+  const format::slot_expectation expect{d.header_bytes, d.tokens_per_block, d.model, d.block_bytes, ~std::uint64_t(0)};
   for (std::uint64_t s = 0; s < d.slots; ++s) {
     int err = 0;
     format::block_header h{};
@@ -219,18 +216,18 @@ int inspect(const store_dir& d, bool json) {
   }
   const bool clean = ::access((d.path + "/CLEAN").c_str(), F_OK) == 0;
   const std::uint64_t used = counts[int(format::slot_verdict::ok)];
-  const auto& g = d.geometry;
   if (json) {
     std::printf(
         "{\"directory\": \"%s\", \"format_version\": %u, \"model_id\": \"%s\", \"geometry\": {\"num_layers\": %u, "
-        "\"num_kv_heads\": %u, \"head_dim\": %u, \"dtype\": \"%s\", \"tokens_per_block\": %u}, "
+        "\"layer_groups\": \"%s\", \"tokens_per_block\": %u, \"block_bytes\": %" PRIu64
+        "}, "
         "\"slot_bytes\": %" PRIu64 ", \"slots\": %" PRIu64 ", \"blocks\": %" PRIu64 ", \"bytes\": %" PRIu64
         ", \"empty_slots\": %" PRIu64 ", \"damaged_slots\": %" PRIu64 ", \"foreign_slots\": %" PRIu64
         ", \"unreadable_slots\": %" PRIu64 ", \"tombstones\": %" PRIu64
         ", \"clean_close\": %s, "
         "\"oldest_sequence\": %" PRIu64 ", \"newest_sequence\": %" PRIu64 ", \"sessions\": [",
-        json_escape(d.path).c_str(), format::format_version, hex128(d.model).c_str(), g.num_layers, g.num_kv_heads,
-        g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block, d.slot_bytes, d.slots, used,
+        json_escape(d.path).c_str(), format::format_version, hex128(d.model).c_str(), d.num_layers,
+        json_escape(d.layer_groups).c_str(), d.tokens_per_block, d.block_bytes, d.slot_bytes, d.slots, used,
         used * d.slot_bytes, counts[int(format::slot_verdict::empty)], counts[int(format::slot_verdict::junk)],
         counts[int(format::slot_verdict::foreign)], unreadable, tombstones, clean ? "true" : "false", used ? oldest : 0,
         newest);
@@ -248,9 +245,8 @@ int inspect(const store_dir& d, bool json) {
   std::printf("store %s\n", d.path.c_str());
   std::printf("  format version %u, model_id %s, last close %s\n", format::format_version, hex128(d.model).c_str(),
               clean ? "clean" : "not clean (the next open checks every payload)");
-  std::printf("  geometry: %u layers, %u KV heads x %u, %s, %u tokens per block (%.2f MiB per block)\n", g.num_layers,
-              g.num_kv_heads, g.head_dim, std::string(to_string(g.dtype)).c_str(), g.tokens_per_block,
-              double(g.block_bytes()) / 1048576.0);
+  std::printf("  geometry: %u layers (%s), %u tokens per block (%.2f MiB per block)\n", d.num_layers,
+              d.layer_groups.c_str(), d.tokens_per_block, double(d.block_bytes) / 1048576.0);
   std::printf("  slots: %" PRIu64 " (%.2f GiB), %" PRIu64 " holding blocks (%.2f GiB), %" PRIu64 " empty, %" PRIu64
               " damaged, %" PRIu64 " of another model, %" PRIu64 " unreadable; %" PRIu64 " tombstones\n",
               d.slots, double(d.slots * d.slot_bytes) / 1073741824.0, used, double(used * d.slot_bytes) / 1073741824.0,

@@ -340,9 +340,8 @@ void store::impl::write_or_check_manifest() {
   const std::vector<std::pair<std::string, std::string>> want{
       {"format_version", std::to_string(format::format_version)},
       {"num_layers", std::to_string(geometry_.num_layers)},
-      {"num_kv_heads", std::to_string(geometry_.num_kv_heads)},
-      {"head_dim", std::to_string(geometry_.head_dim)},
-      {"dtype", std::string(to_string(geometry_.dtype))},
+      {"layer_groups", geometry_.describe()},
+      {"block_bytes", std::to_string(geometry_.block_bytes())},
       {"tokens_per_block", std::to_string(geometry_.tokens_per_block)},
       {"slot_bytes", std::to_string(slot_bytes_)},
       {"ssd_slots", std::to_string(slots)},
@@ -358,8 +357,9 @@ void store::impl::write_or_check_manifest() {
       if (k == "model_id")
         throw std::runtime_error("store: " + config_.ssd_directory + " holds KV of another model (model_id " + got +
                                  ", this store's is " + v +
-                                 "): model name, RoPE spec, keys_pre_rope or tensor-parallel rank differ. Use "
-                                 "another directory or remove this one.");
+                                 "): model name, weights revision, tokenizer, layer groups, RoPE spec, keys_pre_rope, "
+                                 "tensor- or pipeline-parallel rank or layout version differ. Use another directory or "
+                                 "remove this one.");
       if (k == "ssd_slots")
         throw std::runtime_error("store: " + config_.ssd_directory + " was written with ssd_slots=" + got +
                                  " but this store is configured with ssd_slots=" + v + " (ssd_bytes " +

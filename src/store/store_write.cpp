@@ -94,17 +94,16 @@ std::size_t store::impl::adopt_written(locked_session& s, std::span<const std::u
 // ---------------------------------------------------------------- reserve, commit, abort
 
 void store::impl::zero_unused_tail(std::byte* payload, std::uint32_t tokens) const noexcept {
-  // Layer-major: [layer][K|V][token][head][dim]. Rows past `tokens` in every K and V
-  // half are cleared, so nothing of the slot's previous occupant is checksummed,
-  // stored or served.
+  // Layer-major: each layer's slice holds its tensors (K and V, or one latent row) of
+  // [token][row]. Rows past `tokens` in every tensor are cleared, so nothing of the
+  // slot's previous occupant is checksummed, stored or served.
   const std::uint32_t tpb = geometry_.tokens_per_block;
   if (tokens >= tpb) return;
-  const std::size_t row = std::size_t(geometry_.num_kv_heads) * geometry_.head_dim * geometry_.element_bytes();
-  const std::size_t half = geometry_.half_layer_bytes();
   for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) {
-    std::byte* layer = payload + std::size_t(l) * geometry_.layer_bytes();
-    std::memset(layer + tokens * row, 0, (tpb - tokens) * row);
-    std::memset(layer + half + tokens * row, 0, (tpb - tokens) * row);
+    const layer_shape& s = geometry_.layers[l];
+    const std::size_t row = geometry_.group_of(l).row_bytes();
+    for (std::size_t t = 0; t * s.tensor_bytes < s.bytes; ++t)
+      std::memset(payload + s.offset + t * s.tensor_bytes + tokens * row, 0, (tpb - tokens) * row);
   }
 }
 

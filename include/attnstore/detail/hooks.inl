@@ -28,7 +28,9 @@ struct hooks::load_state {
   float* device_angles = nullptr;
   rope_run* runs = nullptr;
   rope_run* device_runs = nullptr;
-  std::uint32_t run_count = 0;         // runs of the view (may exceed the capacity)
+  std::uint32_t run_count = 0;  // runs of the view (may exceed the capacity)
+  // Runs of layer group g: [run_first[g], run_first[g + 1]) (each group pages apart).
+  std::uint32_t run_first[kv_max_groups + 1] = {};
   std::uint32_t max_run_tokens = 0;    // tokens of the longest run
   std::vector<rotate_job> rotations;   // one per layer
   std::vector<std::uint8_t> shift_of;  // per view: index into shifts
@@ -80,7 +82,9 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
   if (config.max_blocks_per_request == 0) fail("max_blocks_per_request is 0");
   if (config.read_streams == 0 || config.read_streams > 8)
     fail("read_streams is " + std::to_string(config.read_streams) + ", allowed 1..8");
-  const std::size_t per_block = 2 * std::size_t(geometry_.tokens_per_block) * geometry_.num_kv_heads;
+  std::size_t per_block = 0;  // segments of one block's largest layer, heads apart
+  for (const kv_group& k : geometry_.groups)
+    per_block = std::max(per_block, std::size_t(k.tensors()) * geometry_.tokens_per_block * k.num_kv_heads);
   if (config.segment_buffer < per_block)
     fail("segment_buffer is " + std::to_string(config.segment_buffer) + ", must hold one block's layer (" +
          std::to_string(per_block) + " segments)");
@@ -115,6 +119,16 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
     }
   } else if (config.keys_pre_rope) {
     fail("keys_pre_rope needs the rope spec");
+  }
+  if (config.rope) {  // one spec rotates every group whose keys carry RoPE
+    rope_fits_groups_ = true;
+    for (const kv_group& k : geometry_.groups)
+      if (k.rotated_dims() && (k.rope_variant != 0 || !rotatable(k.dtype) || config.rope->head_dim != k.rotated_dims()))
+        rope_fits_groups_ = false;
+    if (config.keys_pre_rope && !rope_fits_groups_)
+      fail("keys_pre_rope: the rope spec (head_dim " + std::to_string(config.rope->head_dim) +
+           ") must rotate every rotary layer group: f32/f16/bf16 keys whose rotated dims equal its head_dim, "
+           "all of rope_variant 0");
   }
   const std::uint32_t pairs = config.rope ? config.rope->rotary() / 2 : 0;
   if (config.rope && copier.supports_device_memory()) {
@@ -221,7 +235,7 @@ inline errc hooks::flush_segments(std::span<copy_segment> buf, std::size_t& used
 
 inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept {
   const stream_ref stream = read_streams_[L.read_stream];
-  const std::size_t need = max_layer_segments(geometry_, *L.target.layout);
+  const std::size_t need = max_layer_segments(geometry_, L.target);
   std::size_t used = 0;
   for (std::uint32_t b = 0; b < L.blocks; ++b) {
     if (L.segments.size() - used < need)
@@ -230,8 +244,8 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
                            L.views[b].tokens, L.target, copy_direction::to_engine, std::span(L.segments).subspan(used));
   }
   if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
-  if (L.rotate) {  // keys moved to new positions: re-rotate them right after their copy
-    errc e = L.target.layout->where == memory_space::host
+  if (L.rotate && geometry_.group_of(layer).rotated_dims()) {  // keys moved: re-rotate them after their copy
+    errc e = L.target.where() == memory_space::host
                  ? copier_.launch_host_fn(&hooks::rotate_layer, &L.rotations[layer], stream)
                  : rotate_layer_device(L, layer, stream);
     if (e != errc::ok) return e;
@@ -242,21 +256,23 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
 
 inline bool hooks::uses_table(const load_state& L) const noexcept { return L.run_count <= run_capacity_; }
 
-inline errc hooks::check_layout(const kv_layout* layout) const noexcept {
-  if (!layout) return errc::invalid_argument;
+inline errc hooks::check_layout(const kv_target& target) const noexcept {
   try {
-    layout->check_against(geometry_);
+    target.check_against(geometry_);
   } catch (const std::exception&) {
     return errc::invalid_argument;
   }
-  // A host copier would dereference GPU pointers on a CPU thread.
-  if (layout->where == memory_space::device && !copier_.supports_device_memory()) return errc::unsupported;
+  // One memory space per target; a host copier would dereference GPU pointers on a CPU thread.
+  const memory_space where = target.where();
+  for (std::uint32_t i = 0; i < geometry_.groups.size(); ++i)
+    if (target.group(i).layout->where != where) return errc::invalid_argument;
+  if (where == memory_space::device && !copier_.supports_device_memory()) return errc::unsupported;
   return errc::ok;
 }
 
 inline load_info hooks::start_load(const session_key& session, std::span<const token_id> prompt,
                                    const kv_target& target, std::optional<stream_ref> compute) noexcept {
-  if (errc e = check_layout(target.layout); e != errc::ok) return {e};
+  if (errc e = check_layout(target); e != errc::ok) return {e};
   const load_handle h{load_pool_.allocate()};
   if (!h) return {errc::retry};
   load_state& L = loads_[h.index];
@@ -269,8 +285,7 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     return load_info{e};
   };
   if (got.blocks == 0) return give_up(got.status == errc::not_found ? errc::ok : got.status);
-  if (std::uint64_t(target.pages.size()) * target.layout->page_size < got.tokens)
-    return give_up(errc::invalid_argument);
+  if (!target.holds(geometry_, got.tokens)) return give_up(errc::invalid_argument);
   // Keys that move (a truncated view) or lack RoPE are rotated on load.
   L.rotate = config_.keys_pre_rope;
   L.shifts.clear();
@@ -290,9 +305,9 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     }
     L.shift_of[b] = std::uint8_t(it - L.shifts.begin());
   }
-  const bool on_device = target.layout->where == memory_space::device;
+  const bool on_device = target.where() == memory_space::device;
   const bool can_rotate =
-      config_.rope && rotatable(geometry_.dtype) && shifts_fit &&
+      config_.rope && rope_fits_groups_ && shifts_fit &&
       (!config_.keys_pre_rope || got.tokens <= config_.max_positions) && tables_.base != nullptr &&
       (!on_device || (device_tables_ != nullptr && (!config_.keys_pre_rope || device_positions_ != nullptr)));
   if (L.rotate && !can_rotate) return give_up(errc::unsupported);
@@ -318,8 +333,9 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
 // from a layer's K base (the same for every layer); rows are positions (keys stored
 // before RoPE) or indices into L.shifts.
 template <class Emit>
-void hooks::walk_runs(const load_state& L, Emit&& emit) const noexcept {
-  const kv_layout& lay = *L.target.layout;
+void hooks::walk_runs(const load_state& L, std::uint32_t group, Emit&& emit) const noexcept {
+  const kv_group_target gt = L.target.group(group);
+  const kv_layout& lay = *gt.layout;
   const bool per_position = config_.keys_pre_rope;
   rope_run run{};  // pending
   for (std::uint32_t b = 0; b < L.blocks; ++b) {
@@ -329,9 +345,9 @@ void hooks::walk_runs(const load_state& L, Emit&& emit) const noexcept {
       const std::uint64_t pos = v.position + done;
       const std::uint32_t in_page = std::uint32_t(pos % lay.page_size);
       const std::uint32_t n = std::min<std::uint32_t>(v.tokens - done, lay.page_size - in_page);
-      const rope_run piece{std::uint64_t(L.target.pages[pos / lay.page_size]) * lay.page_stride +
-                               std::uint64_t(in_page) * lay.token_stride,
-                           n, per_position ? std::uint32_t(pos) : std::uint32_t(L.shift_of[b])};
+      const rope_run piece{
+          std::uint64_t(gt.pages[pos / lay.page_size]) * lay.page_stride + std::uint64_t(in_page) * lay.token_stride, n,
+          per_position ? std::uint32_t(pos) : std::uint32_t(L.shift_of[b])};
       if (run.tokens != 0 && run.tokens <= 0x7FFFFFFFu - n &&
           piece.offset == run.offset + std::uint64_t(run.tokens) * lay.token_stride &&
           piece.row == run.row + (per_position ? run.tokens : 0)) {
@@ -354,11 +370,16 @@ inline errc hooks::prepare_rotation(load_state& L, bool on_device, stream_ref st
     shift_rows_->row(L.shifts[i], L.angles + i * pairs, L.angles + (max_shifts + i) * pairs);
   L.run_count = 0;
   L.max_run_tokens = 0;
-  walk_runs(L, [&](const rope_run& r) {
-    if (L.run_count < run_capacity_) L.runs[L.run_count] = r;
-    L.run_count += L.run_count <= run_capacity_;  // stops one past: enough to know it overflowed
-    L.max_run_tokens = std::max(L.max_run_tokens, r.tokens);
-  });
+  for (std::uint32_t g = 0; g < geometry_.groups.size(); ++g) {
+    L.run_first[g] = std::min(L.run_count, run_capacity_);
+    if (!geometry_.groups[g].rotated_dims()) continue;  // NoPE layers keep their keys
+    walk_runs(L, g, [&](const rope_run& r) {
+      if (L.run_count < run_capacity_) L.runs[L.run_count] = r;
+      L.run_count += L.run_count <= run_capacity_;  // stops one past: enough to know it overflowed
+      L.max_run_tokens = std::max(L.max_run_tokens, r.tokens);
+    });
+  }
+  L.run_first[geometry_.groups.size()] = std::min(L.run_count, run_capacity_);
   if (!on_device) return errc::ok;
   // One copy: the slot starts with the angle rows (none for keys stored before RoPE).
   const std::size_t bytes = angle_bytes_ + (uses_table(L) ? L.run_count * sizeof(rope_run) : 0);
@@ -368,12 +389,15 @@ inline errc hooks::prepare_rotation(load_state& L, bool on_device, stream_ref st
 
 // Layer `layer`'s keys of L as a batch of runs: host tables, or their device copies.
 inline rope_runs_view hooks::runs_view(const load_state& L, std::uint32_t layer, bool device) const noexcept {
-  const kv_layout& lay = *L.target.layout;
+  const layer_shape& shape = geometry_.layers[layer];
+  const kv_group& k = geometry_.groups[shape.group];
+  const kv_layout& lay = *L.target.group(shape.group).layout;
   const std::size_t pairs = config_.rope->rotary() / 2;
   rope_runs_view b;
-  b.base = lay.k_base[layer];
-  b.runs = device ? L.device_runs : L.runs;
-  b.count = L.run_count;
+  // A latent row's RoPE part is its last rope_dims: the spec rotates from there.
+  b.base = lay.k_base[shape.in_group] + std::size_t(k.rope_first()) * dtype_size(k.dtype);
+  b.runs = (device ? L.device_runs : L.runs) + L.run_first[shape.group];
+  b.count = L.run_first[shape.group + 1] - L.run_first[shape.group];
   b.max_tokens = L.max_run_tokens;
   if (config_.keys_pre_rope) {  // row p = R(p)
     b.row_step = 1;
@@ -384,8 +408,8 @@ inline rope_runs_view hooks::runs_view(const load_state& L, std::uint32_t layer,
     b.cos = device ? L.device_angles : L.angles;
     b.sin = b.cos + max_shifts * pairs;
   }
-  b.dt = geometry_.dtype;
-  b.heads = geometry_.num_kv_heads;
+  b.dt = k.dtype;
+  b.heads = k.num_kv_heads;
   b.token_stride = lay.token_stride;
   b.head_stride = lay.head_stride;
   return b;
@@ -401,7 +425,7 @@ inline void hooks::rotate_layer(void* job) noexcept {
     (void)rerotate_runs(all, spec);
     return;
   }
-  H.walk_runs(L, [&](const rope_run& r) {  // more runs than the table holds
+  H.walk_runs(L, H.geometry_.layers[j.layer].group, [&](const rope_run& r) {  // more runs than the table holds
     rope_runs_view one = all;
     one.runs = &r;
     one.count = 1;
@@ -414,13 +438,17 @@ inline void hooks::strip_layer(void* job) noexcept {
   const hooks& H = *j.self;
   const save_state& S = *j.save;
   const kv_geometry& g = H.geometry_;
+  const layer_shape& shape = g.layers[j.layer];
+  const kv_group& k = g.groups[shape.group];
+  if (!k.rotated_dims()) return;  // NoPE layers
   const std::uint32_t pairs = H.config_.rope->rotary() / 2;
-  const std::size_t head_bytes = std::size_t(g.head_dim) * g.element_bytes();
+  const std::size_t head_bytes = std::size_t(k.head_dim) * dtype_size(k.dtype);
   for (std::uint32_t i = 0; i < S.reservation.blocks(); ++i) {
     const std::uint64_t first = std::uint64_t(S.reservation.first_block() + i) * g.tokens_per_block;
     const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(g.tokens_per_block, S.tokens - first));
-    std::byte* keys = S.payloads[i] + std::size_t(j.layer) * g.layer_bytes();  // K comes first in a layer
-    (void)rerotate(keys, g.dtype, n, g.num_kv_heads, head_bytes * g.num_kv_heads, head_bytes, *H.config_.rope,
+    // K (or the latent row) comes first in a layer; RoPE starts at rope_first.
+    std::byte* keys = S.payloads[i] + shape.offset + std::size_t(k.rope_first()) * dtype_size(k.dtype);
+    (void)rerotate(keys, k.dtype, n, k.num_kv_heads, head_bytes * k.num_kv_heads, head_bytes, *H.config_.rope,
                    H.strip_angles_->cos_row(0) + first * pairs, H.strip_angles_->sin_row(0) + first * pairs, false);
   }
 }
@@ -428,10 +456,10 @@ inline void hooks::strip_layer(void* job) noexcept {
 inline void hooks::hash_layer(void* job) noexcept {
   const hash_job& j = *static_cast<const hash_job*>(job);
   save_state& S = *j.save;
-  const std::size_t layer_bytes = j.self->geometry_.layer_bytes();
+  const layer_shape& shape = j.self->geometry_.layers[j.layer];
   const std::uint32_t lanes = std::uint32_t(j.self->hash_lanes_.size());
   for (std::uint32_t i = j.lane; i < S.reservation.blocks(); i += lanes)
-    S.sums[i].update(S.payloads[i] + std::size_t(j.layer) * layer_bytes, layer_bytes);
+    S.sums[i].update(S.payloads[i] + shape.offset, shape.bytes);
 }
 
 inline errc hooks::drain_hashing(save_state& S) noexcept {
@@ -454,7 +482,7 @@ inline errc hooks::rotate_layer_device(const load_state& L, std::uint32_t layer,
   if (uses_table(L)) return rerotate_runs_cuda(all, spec, stream.get());
   const std::size_t pairs = spec.rotary() / 2;
   errc e = errc::ok;
-  walk_runs(L, [&](const rope_run& r) {
+  walk_runs(L, geometry_.layers[layer].group, [&](const rope_run& r) {
     if (e == errc::ok)
       e = rerotate_cuda(all.base + r.offset, all.dt, r.tokens, all.heads, all.token_stride, all.head_stride,
                         all.cos + std::size_t(r.row) * pairs, all.sin + std::size_t(r.row) * pairs, all.row_step == 0,
@@ -502,10 +530,9 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
     if (status) *status = e;
     return save_handle{};
   };
-  if (errc e = check_layout(source.layout); e != errc::ok) return fail(e);
+  if (errc e = check_layout(source); e != errc::ok) return fail(e);
   if (from_token >= tokens.size()) return fail(errc::invalid_argument);
-  if (std::uint64_t(source.pages.size()) * source.layout->page_size < tokens.size())
-    return fail(errc::invalid_argument);
+  if (!source.holds(geometry_, tokens.size())) return fail(errc::invalid_argument);
   const std::uint32_t first_block = std::uint32_t(from_token / geometry_.tokens_per_block);
   const std::uint32_t count = geometry_.blocks_for(tokens.size()) - first_block;
   if (count > config_.max_blocks_per_request) return fail(errc::invalid_argument);
@@ -541,7 +568,7 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
     if (errc e = copier_.wait(stream, S.computed[layer]); e != errc::ok) return e;
   }
   const std::uint32_t tpb = geometry_.tokens_per_block;
-  const std::size_t need = max_layer_segments(geometry_, *S.source.layout);
+  const std::size_t need = max_layer_segments(geometry_, S.source);
   std::size_t used = 0;
   for (std::uint32_t i = 0; i < S.reservation.blocks(); ++i) {
     const std::uint64_t first_token = std::uint64_t(S.reservation.first_block() + i) * tpb;
