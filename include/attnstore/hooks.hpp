@@ -103,9 +103,12 @@ class hooks {
 
   // ---------------------------------------------------------------- scheduler side
 
-  /// How much of `prompt` the session can reuse, and where it is.
-  lookup_result lookup(const session_key& session, std::span<const token_id> prompt) noexcept {
-    return store_.lookup(session, prompt);
+  /// How much of `prompt` the session can reuse, and where it is. `keys`: the request's
+  /// LoRA adapter, cache salt and media hashes (types.hpp request_keys); only blocks
+  /// saved with the same keys where they apply are reused.
+  lookup_result lookup(const session_key& session, std::span<const token_id> prompt,
+                       const request_keys& keys = {}) noexcept {
+    return store_.lookup(session, prompt, {}, keys);
   }
   /// The engine's waiting queue, first to run first. The store keeps these sessions'
   /// KV out of eviction's way while others can go (see store::set_queue).
@@ -132,8 +135,9 @@ class hooks {
   /// unsupported (keys must move but no rope spec is configured, or the copy backend
   /// has no device memory for a GPU target), no_space,
   /// checksum_error/device_error (the verified prefix is still loaded).
+  /// `keys` as for lookup (invalid_argument when they do not fit the prompt).
   load_info start_load(const session_key& session, std::span<const token_id> prompt, const kv_target& target,
-                       std::optional<stream_ref> compute = std::nullopt) noexcept;
+                       std::optional<stream_ref> compute = std::nullopt, const request_keys& keys = {}) noexcept;
   /// Layer `layer`'s history is in engine memory before compute uses it: on a GPU the
   /// compute stream waits for an event (no host block); on the host this blocks until
   /// the copy is done. Also queues layer layer + preload_layers.
@@ -149,9 +153,11 @@ class hooks {
   /// Returns the handle, or an empty one with `status` set (invalid_argument, rejected:
   /// positions before from_token are not stored, no_space, retry: handles busy,
   /// unsupported: a GPU source and a copy backend without device memory).
+  /// `keys`: the request's keys, which the saved blocks' chain hashes carry (a later
+  /// load must give the same ones).
   save_handle start_save(const session_key& session, std::span<const token_id> tokens, std::uint64_t from_token,
                          const kv_source& source, std::optional<stream_ref> compute = std::nullopt,
-                         errc* status = nullptr) noexcept;
+                         errc* status = nullptr, const request_keys& keys = {}) noexcept;
   /// Layer `layer` of the new KV is in engine memory: queue its copy to DRAM behind
   /// the compute that produced it. Returns ok, invalid_argument, device_error.
   errc save_layer(save_handle h, std::uint32_t layer) noexcept;

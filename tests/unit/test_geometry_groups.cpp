@@ -356,3 +356,52 @@ TEST_CASE(
     }
   }
 }
+
+TEST_CASE("geometry groups: the hooks carry a request's keys (LoRA, salt, image hashes) into saves and loads") {
+  temp_dir dir("groups-keys");
+  const auto m = models::gpt_oss_20b();
+  store kv(config_for(m, dir.str()));
+  const kv_geometry& g = kv.geometry();
+  const std::uint32_t T = g.tokens_per_block;
+  auto copier_owner = make_host_copy_backend();
+  hooks hk(kv, *copier_owner, {});
+  engine_memory mem(g, 8 * T);
+  const auto toks = tokens_of(3, 6 * T);
+  const media_span image{2 * T + 5, 40, hash128{11, 12}};
+  const request_keys keys{.lora = "sql-adapter", .salt = "acme", .media = std::span(&image, 1)};
+  const session_key key{"acme", "c1"};
+  mem.fill(3, 0, toks.size());
+  errc st;
+  save_handle sh = hk.start_save(key, toks, 0, mem.target(), std::nullopt, &st, keys);
+  REQUIRE(st == errc::ok);
+  for (std::uint32_t l = 0; l < g.num_layers; ++l) REQUIRE(hk.save_layer(sh, l) == errc::ok);
+  REQUIRE(hk.finish_save(sh) == errc::ok);
+
+  CHECK(hk.lookup(key, toks, keys).tokens == toks.size());
+  CHECK(hk.lookup(key, toks).tokens == 0);  // saved under keys: a plain request reuses nothing
+  request_keys other = keys;
+  other.lora = "chat-adapter";
+  CHECK(hk.lookup(key, toks, other).tokens == 0);
+  other = keys;
+  other.salt = "globex";
+  CHECK(hk.lookup(key, toks, other).tokens == 0);
+  const media_span edited_image{2 * T + 5, 40, hash128{11, 13}};
+  other = keys;
+  other.media = std::span(&edited_image, 1);
+  CHECK(hk.lookup(key, toks, other).tokens == 2 * T);  // reuse ends at the block the image starts in
+
+  mem.scrub();
+  load_info li = hk.start_load(key, toks, mem.target(), std::nullopt, other);
+  REQUIRE(li.status == errc::ok);
+  CHECK(li.tokens == 2 * T);
+  for (std::uint32_t l = 0; l < g.num_layers; ++l) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
+  REQUIRE(hk.finish_load(li.handle) == errc::ok);
+  CHECK(mem.first_wrong(3, 2 * T) == 2 * T);
+  // Hostile keys: an image past the prompt is refused, nothing loaded or saved.
+  const media_span outside{toks.size() + 10, 4, hash128{1, 2}};
+  request_keys bad = keys;
+  bad.media = std::span(&outside, 1);
+  CHECK(hk.start_load(key, toks, mem.target(), std::nullopt, bad).status == errc::invalid_argument);
+  CHECK(!hk.start_save(key, toks, 0, mem.target(), std::nullopt, &st, bad));
+  CHECK(st == errc::invalid_argument);
+}

@@ -271,14 +271,15 @@ inline errc hooks::check_layout(const kv_target& target) const noexcept {
 }
 
 inline load_info hooks::start_load(const session_key& session, std::span<const token_id> prompt,
-                                   const kv_target& target, std::optional<stream_ref> compute) noexcept {
+                                   const kv_target& target, std::optional<stream_ref> compute,
+                                   const request_keys& keys) noexcept {
   if (errc e = check_layout(target); e != errc::ok) return {e};
   const load_handle h{load_pool_.allocate()};
   if (!h) return {errc::retry};
   load_state& L = loads_[h.index];
   // Nothing is leased on failure; on a partial success (a verified prefix before a bad
   // block) the prefix is loaded and leased.
-  get_result got = store_.acquire(session, prompt, L.views, L.lease);
+  get_result got = store_.acquire(session, prompt, L.views, L.lease, keys);
   auto give_up = [&](errc e) {
     L.lease.release();
     load_pool_.release(h.index);
@@ -525,7 +526,8 @@ inline errc hooks::finish_load(load_handle h) noexcept {
 
 inline save_handle hooks::start_save(const session_key& session, std::span<const token_id> tokens,
                                      std::uint64_t from_token, const kv_source& source,
-                                     std::optional<stream_ref> compute, errc* status) noexcept {
+                                     std::optional<stream_ref> compute, errc* status,
+                                     const request_keys& keys) noexcept {
   auto fail = [&](errc e) {
     if (status) *status = e;
     return save_handle{};
@@ -540,7 +542,7 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   const save_handle h{save_pool_.allocate()};
   if (!h) return fail(errc::retry);
   save_state& S = saves_[h.index];
-  if (errc e = store_.reserve(session, tokens, first_block, S.payloads, S.reservation); e != errc::ok) {
+  if (errc e = store_.reserve(session, tokens, first_block, S.payloads, S.reservation, keys); e != errc::ok) {
     save_pool_.release(h.index);
     return fail(e);
   }
