@@ -17,9 +17,30 @@
 
 namespace mini {
 
+// The default seeded model with the attention variant the options name.
+llama_config seeded_config(const compare_options& o) {
+  llama_config c;
+  if (o.attention == "window") {
+    c.attention = attention_kind::window;
+    c.window = o.window;
+  } else if (o.attention == "latent") {
+    c.attention = attention_kind::latent;
+    c.n_kv_heads = c.n_heads;  // every head reconstructs its own key and value
+    c.kv_lora_rank = o.kv_lora_rank;
+    c.rope_dims = o.rope_dims;
+  } else if (o.attention != "full") {
+    throw std::invalid_argument("unknown attention '" + o.attention + "' (full, window, latent)");
+  }
+  c.validate();
+  return c;
+}
+
 compare_result run_compare(const compare_options& o) {
+  if (!o.model_dir.empty() && o.attention != "full")
+    throw std::invalid_argument("--attention " + o.attention +
+                                " needs seeded weights (checkpoints are full attention)");
   llama_model model =
-      o.model_dir.empty() ? llama_model::random(llama_config{}, o.model_seed) : llama_model::load(o.model_dir);
+      o.model_dir.empty() ? llama_model::random(seeded_config(o), o.model_seed) : llama_model::load(o.model_dir);
   const auto& cfg = model.config();
   std::vector<request> work =
       o.trace.empty() ? make_workload(o.workload, cfg.vocab_size) : load_jsonl(o.trace, cfg.vocab_size);
@@ -68,8 +89,8 @@ compare_result run_compare(const compare_options& o) {
       attnstore::store_config sc;
       sc.geometry = kv_geometry_of(cfg);
       sc.model_name = o.model_dir.empty() ? "mini-llama-seed-" + std::to_string(o.model_seed) : o.model_dir;
-      sc.rope =
-          attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(cfg.head_dim), 0, cfg.rope_theta}.to_string();
+      if (cfg.attention != attention_kind::full) sc.model_name += "-" + o.attention;
+      sc.rope = rope_spec_of(cfg).to_string();
       sc.dram_bytes = o.dram_mib << 20;
       dir =
           o.ssd_dir.empty()
@@ -87,7 +108,7 @@ compare_result run_compare(const compare_options& o) {
       copier = attnstore::make_copy_backend(&why);
       attnstore::hooks_config hc;
       hc.preload_layers = o.preload_layers;
-      hc.rope = attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(cfg.head_dim), 0, cfg.rope_theta};
+      hc.rope = rope_spec_of(cfg);
       hk = std::make_unique<attnstore::hooks>(*kv, *copier, hc);
       eo.hooks = hk.get();
       eo.store = kv.get();
@@ -206,6 +227,9 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
                  "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
                  "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--context N [--sink N]]\n"
                  "          [--quiet] [--json] [--metrics-port N [--metrics-hold]]\n"
+                 "          [--attention full|window|latent] [--window N]\n"
+                 "  --attention: the seeded model's layers: full (default), window (even layers attend the\n"
+                 "    last --window tokens, default 128; odd ones all) or latent (MLA: one row per token);\n"
                  "  --metrics-port N: serve the store's metrics (Prometheus text) on 127.0.0.1:N/metrics;\n"
                  "  --metrics-hold: at the end, wait (up to 60 s) until they are scraped once more\n",
                  argv[0]);
@@ -251,7 +275,14 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
         o.metrics_port = std::uint16_t(std::stoul(next()));
       else if (a == "--metrics-hold")
         o.metrics_hold = true;
-      else if (a == "--modes") {
+      else if (a == "--attention") {
+        o.attention = next();
+        if (o.attention != "full" && o.attention != "window" && o.attention != "latent")
+          throw std::invalid_argument("--attention is '" + o.attention + "', allowed full, window, latent");
+      } else if (a == "--window") {
+        o.window = std::stoi(next());
+        if (o.window < 1) throw std::invalid_argument("--window must be >= 1");
+      } else if (a == "--modes") {
         o.modes.clear();
         std::string m = next();
         for (std::size_t p = 0; p <= m.size();) {

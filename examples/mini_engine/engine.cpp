@@ -33,30 +33,74 @@ struct layer_bridge {
 }  // namespace
 
 attnstore::kv_geometry kv_geometry_of(const llama_config& c, std::uint32_t tokens_per_block) {
-  return attnstore::kv_geometry{std::uint32_t(c.n_layers), std::uint32_t(c.n_kv_heads), std::uint32_t(c.head_dim),
-                                attnstore::dtype::f32, tokens_per_block};
+  using attnstore::layer_kind;
+  if (c.attention == attention_kind::full)
+    return attnstore::kv_geometry{std::uint32_t(c.n_layers), std::uint32_t(c.n_kv_heads), std::uint32_t(c.head_dim),
+                                  attnstore::dtype::f32, tokens_per_block};
+  attnstore::kv_geometry g;
+  g.tokens_per_block = tokens_per_block;
+  g.dtype = attnstore::dtype::f32;
+  if (c.attention == attention_kind::latent) {
+    g.groups.push_back(attnstore::kv_group{.kind = layer_kind::latent,
+                                           .num_layers = std::uint32_t(c.n_layers),
+                                           .num_kv_heads = 1,
+                                           .head_dim = std::uint32_t(c.kv_lora_rank + c.rope_dims),
+                                           .dtype = attnstore::dtype::f32,
+                                           .rope_dims = std::uint32_t(c.rope_dims)});
+    return g;
+  }
+  // window: layers 0, 2, 4... in group 0, the others in group 1.
+  const std::uint32_t windowed = std::uint32_t(c.n_layers + 1) / 2;
+  g.groups.push_back(attnstore::kv_group{.kind = layer_kind::sliding_window,
+                                         .num_layers = windowed,
+                                         .num_kv_heads = std::uint32_t(c.n_kv_heads),
+                                         .head_dim = std::uint32_t(c.head_dim),
+                                         .dtype = attnstore::dtype::f32,
+                                         .window = std::uint32_t(c.window)});
+  g.groups.push_back(attnstore::kv_group{.kind = layer_kind::full,
+                                         .num_layers = std::uint32_t(c.n_layers) - windowed,
+                                         .num_kv_heads = std::uint32_t(c.n_kv_heads),
+                                         .head_dim = std::uint32_t(c.head_dim),
+                                         .dtype = attnstore::dtype::f32});
+  for (int l = 0; l < c.n_layers; ++l) g.layer_group.push_back(c.windowed(l) ? 0 : 1);
+  return g;
+}
+
+attnstore::rope_spec rope_spec_of(const llama_config& c) {
+  return attnstore::rope_spec{attnstore::rope_style::neox, std::uint32_t(c.rotary_dims()), 0, c.rope_theta};
+}
+
+cache_view::cache_view(paged_kv_cache& cache, const llama_config& c) {
+  const attnstore::kv_geometry g = kv_geometry_of(c, 16).validated();
+  k_.resize(g.groups.size());
+  v_.resize(g.groups.size());
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::uint32_t gi = g.layers[std::size_t(l)].group;
+    k_[gi].push_back(reinterpret_cast<std::byte*>(cache.k(l)));
+    if (cache.tensors() == 2) v_[gi].push_back(reinterpret_cast<std::byte*>(cache.v(l)));
+  }
+  for (std::size_t gi = 0; gi < g.groups.size(); ++gi)
+    layouts_.push_back(attnstore::kv_layout{g.groups[gi].num_layers, std::uint32_t(cache.n_kv_heads()),
+                                            std::uint32_t(cache.head_dim()), attnstore::dtype::f32, cache.page_size(),
+                                            cache.page_stride_bytes(), cache.token_stride_bytes(),
+                                            cache.head_stride_bytes(), k_[gi], v_[gi], attnstore::memory_space::host});
+}
+
+attnstore::kv_target cache_view::target(std::span<const std::uint32_t> pages,
+                                        std::vector<attnstore::kv_group_target>& groups) const {
+  groups.clear();
+  if (layouts_.size() == 1) return attnstore::kv_target{&layouts_[0], pages};
+  for (const auto& l : layouts_) groups.push_back({&l, pages});
+  return attnstore::kv_target{nullptr, {}, groups};
 }
 
 engine::engine(const llama_model& model, const engine_options& options)
-    : model_(model), options_(options), cache_(model.config(), options.num_pages, options.page_size) {
+    : model_(model),
+      options_(options),
+      cache_(model.config(), options.num_pages, options.page_size),
+      view_(cache_, model.config()) {
   if (options.mode == kv_mode::store && !options.hooks)
     throw std::invalid_argument("engine_options: store mode needs hooks");
-  const auto& c = model.config();
-  for (int l = 0; l < c.n_layers; ++l) {
-    k_base_.push_back(reinterpret_cast<std::byte*>(cache_.k(l)));
-    v_base_.push_back(reinterpret_cast<std::byte*>(cache_.v(l)));
-  }
-  layout_ = attnstore::kv_layout{std::uint32_t(c.n_layers),
-                                 std::uint32_t(c.n_kv_heads),
-                                 std::uint32_t(c.head_dim),
-                                 attnstore::dtype::f32,
-                                 cache_.page_size(),
-                                 cache_.page_stride_bytes(),
-                                 cache_.token_stride_bytes(),
-                                 cache_.head_stride_bytes(),
-                                 k_base_,
-                                 v_base_,
-                                 attnstore::memory_space::host};
 }
 
 void engine::release_pages(sequence& seq) {
@@ -105,7 +149,7 @@ void engine::prepare(const request& r, prepared& p) {
     auto got = cache_.allocate(std::uint32_t(pages));
     p.seq.pages.assign(got.begin(), got.end());
     p.found = options_.hooks->lookup(key, p.prompt);
-    p.load = options_.hooks->start_load(key, p.prompt, attnstore::kv_target{&layout_, p.seq.pages});
+    p.load = options_.hooks->start_load(key, p.prompt, view_.target(p.seq.pages, p.load_targets));
     // At least the last prompt token is computed: its logits give the first token.
     p.start = std::min<std::size_t>(p.load.tokens, p.prompt.size() - 1);
     p.seq.length = p.start;
@@ -117,7 +161,8 @@ attnstore::errc engine::save_range(const std::string& session, std::span<const s
                                    const sequence& seq) {
   attnstore::session_key key{"mini", session};
   attnstore::errc st;
-  auto h = options_.hooks->start_save(key, tokens, from, attnstore::kv_source{&layout_, seq.pages}, std::nullopt, &st);
+  std::vector<attnstore::kv_group_target> targets;
+  auto h = options_.hooks->start_save(key, tokens, from, view_.target(seq.pages, targets), std::nullopt, &st);
   if (!h) return st;
   for (int l = 0; l < model_.config().n_layers; ++l)
     if ((st = options_.hooks->save_layer(h, std::uint32_t(l))) != attnstore::errc::ok) {
@@ -148,7 +193,7 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
     attnstore::session_key key{"mini", r.session};
     bridge.load = p.load.handle;
     attnstore::errc st;
-    bridge.save = options_.hooks->start_save(key, p.prompt, p.start, attnstore::kv_source{&layout_, p.seq.pages},
+    bridge.save = options_.hooks->start_save(key, p.prompt, p.start, view_.target(p.seq.pages, p.save_targets),
                                              std::nullopt, &st);
     hooks = &lh;
   }
@@ -159,8 +204,7 @@ turn_result engine::execute(prepared& p, double prepare_ms, const std::function<
   out.ttft_ms = prepare_ms + ms_between(t0, std::chrono::steady_clock::now());
   if (options_.mode == kv_mode::store) {
     if (bridge.load) (void)options_.hooks->finish_load(bridge.load);
-    out.save_status =
-        bridge.save ? options_.hooks->finish_save(bridge.save) : attnstore::errc::bad_state;
+    out.save_status = bridge.save ? options_.hooks->finish_save(bridge.save) : attnstore::errc::bad_state;
     if (bridge.first_error != attnstore::errc::ok) out.save_status = bridge.first_error;
   }
   if (after_first_token) after_first_token();
@@ -257,6 +301,12 @@ std::vector<turn_result> engine::run_queue(std::span<const request> queue) {
     results.push_back(execute(cur, cur_prepare_ms, start_next));
   }
   return results;
+}
+
+void engine::edit_history(const std::string& session, std::vector<std::uint32_t> tokens) {
+  session_state& s = sessions_[session];
+  if (!s.resident.pages.empty()) release_pages(s.resident);
+  s.history = std::move(tokens);
 }
 
 void engine::end_session(const std::string& session) {

@@ -66,6 +66,28 @@ struct turn_result {
   attnstore::errc save_status = attnstore::errc::ok;
 };
 
+/// The store's view of a paged_kv_cache: one kv_layout per layer group of
+/// kv_geometry_of(config), over the same pages (full and latent models have one group;
+/// window models two, the windowed layers' and the full ones', each layout listing only
+/// its layers' bases in model order). Not copyable: the layouts point into it.
+class cache_view {
+ public:
+  cache_view(paged_kv_cache& cache, const llama_config& c);
+  cache_view(const cache_view&) = delete;
+  cache_view& operator=(const cache_view&) = delete;
+
+  /// The target (or source) for a sequence's pages. A several-group model's per-group
+  /// targets go to `groups`; it and `pages` must outlive the load or save.
+  attnstore::kv_target target(std::span<const std::uint32_t> pages,
+                              std::vector<attnstore::kv_group_target>& groups) const;
+  const attnstore::kv_layout& layout(std::size_t group = 0) const { return layouts_[group]; }
+  std::size_t groups() const { return layouts_.size(); }
+
+ private:
+  std::vector<std::vector<std::byte*>> k_, v_;  // per group, per layer of the group
+  std::vector<attnstore::kv_layout> layouts_;
+};
+
 struct request {
   std::string session;
   std::vector<std::uint32_t> user_tokens;
@@ -84,9 +106,14 @@ class engine {
   std::vector<turn_result> run_queue(std::span<const request> queue);
   /// Forgets a session (and drops its KV from the store).
   void end_session(const std::string& session);
+  /// Replaces a session's history (a user edited an earlier message): its next turn
+  /// reuses what the store still matches (resident mode: nothing, the kept pages hold
+  /// the old tokens' KV).
+  void edit_history(const std::string& session, std::vector<std::uint32_t> tokens);
 
   const std::vector<std::uint32_t>& history(const std::string& session) { return sessions_[session].history; }
-  const attnstore::kv_layout& layout() const { return layout_; }
+  const attnstore::kv_layout& layout() const { return view_.layout(0); }
+  const cache_view& view() const { return view_; }
   paged_kv_cache& cache() { return cache_; }
 
  private:
@@ -99,6 +126,8 @@ class engine {
     const request* req = nullptr;
     std::vector<std::uint32_t> prompt;
     sequence seq;
+    // Per layer group, over seq.pages: what the load and the save read until they finish.
+    std::vector<attnstore::kv_group_target> load_targets, save_targets;
     attnstore::load_info load;
     attnstore::lookup_result found;
     std::size_t start = 0;
@@ -119,12 +148,16 @@ class engine {
   const llama_model& model_;
   engine_options options_;
   paged_kv_cache cache_;
-  std::vector<std::byte*> k_base_, v_base_;
-  attnstore::kv_layout layout_;
+  cache_view view_;
   std::unordered_map<std::string, session_state> sessions_;
 };
 
-/// A kv_geometry matching the model's KV cache (f32), for the store.
+/// A kv_geometry matching the model's KV cache (f32), for the store: one full group;
+/// window models a sliding_window group (layers 0, 2, 4...) and a full one (1, 3...);
+/// latent models one latent group (rows of kv_lora_rank + rope_dims, RoPE part last).
 attnstore::kv_geometry kv_geometry_of(const llama_config& c, std::uint32_t tokens_per_block = 256);
+/// The RoPE the model's cached keys carry, for hooks_config::rope and store_config::rope
+/// (latent: the k_rope part only).
+attnstore::rope_spec rope_spec_of(const llama_config& c);
 
 }  // namespace mini

@@ -49,16 +49,43 @@ void llama_config::validate() const {
   if (max_seq <= 0) bad("max_seq must be positive");
   if (!(rope_theta > 0.0f) || !std::isfinite(rope_theta)) bad("rope_theta must be positive");
   if (!(norm_eps >= 0.0f) || !std::isfinite(norm_eps)) bad("norm_eps must be >= 0");
+  switch (attention) {
+    case attention_kind::full:
+      if (window || kv_lora_rank || rope_dims) bad("window, kv_lora_rank and rope_dims must be 0 for full attention");
+      break;
+    case attention_kind::window:
+      if (window <= 0) bad("window must be positive for window attention");
+      if (n_layers < 2) bad("window attention needs n_layers >= 2 (windowed and full layers alternate)");
+      if (kv_lora_rank || rope_dims) bad("kv_lora_rank and rope_dims must be 0 for window attention");
+      break;
+    case attention_kind::latent:
+      if (kv_lora_rank <= 0) bad("kv_lora_rank must be positive for latent attention");
+      if (rope_dims <= 0 || rope_dims % 2 != 0) bad("rope_dims must be positive and even for latent attention");
+      if (n_kv_heads != n_heads)
+        bad("n_kv_heads (" + std::to_string(n_kv_heads) + ") must equal n_heads (" + std::to_string(n_heads) +
+            ") for latent attention");
+      if (window) bad("window must be 0 for latent attention");
+      break;
+    default:
+      bad("attention must be full, window or latent");
+  }
   const double big =
       double(vocab_size) * dim +
-      double(n_layers) * (double(dim) * head_dim * (n_heads * 2 + n_kv_heads * 2) + 3.0 * dim * hidden_dim);
+      double(n_layers) * (double(dim) * head_dim * (n_heads * 2 + n_kv_heads * 2) + 3.0 * dim * hidden_dim) +
+      double(n_layers) * (double(dim) + 2.0 * head_dim * n_heads) * (kv_lora_rank + rope_dims);
   if (big > 4e10) bad("model too large");
 }
 
 std::size_t llama_config::param_count() const {
   const std::size_t D = std::size_t(dim), HD = std::size_t(head_dim);
-  const std::size_t per_layer =
+  std::size_t per_layer =
       2 * D + D * HD * (std::size_t(n_heads) * 2 + std::size_t(n_kv_heads) * 2) + 3 * D * std::size_t(hidden_dim);
+  if (attention == attention_kind::latent) {
+    const std::size_t H = std::size_t(n_heads), R = std::size_t(kv_lora_rank), DR = std::size_t(rope_dims);
+    // q_proj, kv_a_proj_with_mqa, kv_b_proj (k_nope and v per head), o_proj, norms, MLP.
+    per_layer =
+        2 * D + H * (HD + DR) * D + (R + DR) * D + H * 2 * HD * R + D * H * HD + 3 * D * std::size_t(hidden_dim);
+  }
   return 2 * std::size_t(vocab_size) * D + D + std::size_t(n_layers) * per_layer;
 }
 
@@ -154,6 +181,9 @@ llama_config load_config(const std::string& path) {
 }
 
 void save_config(const llama_config& c, const std::string& path) {
+  if (c.attention != attention_kind::full)
+    throw std::invalid_argument("llama config: " + path +
+                                ": only full-attention models have a config.json form (attention is window or latent)");
   char eps[64], theta[64];
   std::snprintf(eps, sizeof eps, "%.9g", double(c.norm_eps));
   std::snprintf(theta, sizeof theta, "%.9g", double(c.rope_theta));
@@ -190,13 +220,14 @@ paged_kv_cache::paged_kv_cache(const llama_config& c, std::uint32_t num_pages, s
     : num_pages_(num_pages),
       page_size_(page_size),
       n_layers_(c.n_layers),
-      n_kv_heads_(c.n_kv_heads),
-      head_dim_(c.head_dim) {
+      n_kv_heads_(c.cache_kv_heads()),
+      head_dim_(c.cache_head_dim()),
+      tensors_(c.cache_tensors()) {
   c.validate();
   if (num_pages == 0) throw std::invalid_argument("paged_kv_cache: num_pages is 0");
   if (page_size == 0) throw std::invalid_argument("paged_kv_cache: page_size is 0");
   layer_floats_ = std::size_t(num_pages) * page_size * std::size_t(n_kv_heads_) * std::size_t(head_dim_);
-  std::size_t bytes = layer_floats_ * 4 * 2 * std::size_t(n_layers_);
+  std::size_t bytes = layer_floats_ * 4 * std::size_t(tensors_) * std::size_t(n_layers_);
   bytes = (bytes + 4095) & ~std::size_t(4095);
   base_ = static_cast<float*>(std::aligned_alloc(4096, bytes));
   if (!base_) throw std::bad_alloc();
@@ -214,6 +245,7 @@ paged_kv_cache::paged_kv_cache(paged_kv_cache&& o) noexcept
       n_layers_(o.n_layers_),
       n_kv_heads_(o.n_kv_heads_),
       head_dim_(o.head_dim_),
+      tensors_(o.tensors_),
       layer_floats_(o.layer_floats_),
       base_(std::exchange(o.base_, nullptr)),
       free_(std::move(o.free_)),
@@ -230,6 +262,7 @@ paged_kv_cache& paged_kv_cache::operator=(paged_kv_cache&& o) noexcept {
     n_layers_ = o.n_layers_;
     n_kv_heads_ = o.n_kv_heads_;
     head_dim_ = o.head_dim_;
+    tensors_ = o.tensors_;
     layer_floats_ = std::exchange(o.layer_floats_, 0);
     base_ = std::exchange(o.base_, nullptr);
     free_ = std::move(o.free_);
@@ -879,6 +912,8 @@ struct packed_matrix {
 struct layer_weights {
   std::vector<float> attn_norm, mlp_norm;
   packed_matrix wqkv;   // rows: q (n_heads*head_dim), k, v (n_kv_heads*head_dim each)
+                        // latent: q (n_heads*(head_dim+rope_dims)), kv_a (kv_lora_rank+rope_dims)
+  packed_matrix wkvb;   // latent only: [n_heads*2*head_dim][kv_lora_rank], per head k_nope then v
   packed_matrix wo;     // [dim][n_heads*head_dim]
   packed_matrix wgu;    // rows: gate (hidden), up (hidden)
   packed_matrix wdown;  // [dim][hidden]
@@ -925,7 +960,7 @@ struct llama_model::impl {
   std::vector<layer_weights> layers;
   std::vector<float> final_norm;
   packed_matrix lm_head;
-  std::vector<double> inv_freq;  // head_dim/2
+  std::vector<double> inv_freq;  // rotary_dims()/2
   std::unique_ptr<thread_pool> pool;
 
   using getter = std::function<std::vector<float>(const std::string&, std::vector<std::int64_t>)>;
@@ -952,7 +987,14 @@ void llama_model::impl::build(const llama_config& c, const getter& get) {
     layer_weights& L = layers[std::size_t(l)];
     L.attn_norm = get(layer_name(l, "input_layernorm.weight"), {D});
     L.mlp_norm = get(layer_name(l, "post_attention_layernorm.weight"), {D});
-    {
+    if (c.attention == attention_kind::latent) {
+      const std::int64_t R = c.kv_lora_rank, DR = c.rope_dims;
+      std::vector<float> q = get(layer_name(l, "self_attn.q_proj.weight"), {H * (HD + DR), D});
+      const std::vector<float> kva = get(layer_name(l, "self_attn.kv_a_proj_with_mqa.weight"), {R + DR, D});
+      q.insert(q.end(), kva.begin(), kva.end());
+      L.wqkv.pack(q, int(H * (HD + DR) + R + DR), int(D));
+      L.wkvb.pack(get(layer_name(l, "self_attn.kv_b_proj.weight"), {H * 2 * HD, R}), int(H * 2 * HD), int(R));
+    } else {
       std::vector<float> q = get(layer_name(l, "self_attn.q_proj.weight"), {H * HD, D});
       const std::vector<float> k = get(layer_name(l, "self_attn.k_proj.weight"), {KV * HD, D});
       const std::vector<float> v = get(layer_name(l, "self_attn.v_proj.weight"), {KV * HD, D});
@@ -971,9 +1013,10 @@ void llama_model::impl::build(const llama_config& c, const getter& get) {
   }
   final_norm = get("model.norm.weight", {D});
   lm_head.pack(get("lm_head.weight", {V, D}), int(V), int(D));
-  inv_freq.resize(std::size_t(HD / 2));
-  for (std::int64_t i = 0; i < HD / 2; ++i)
-    inv_freq[std::size_t(i)] = std::pow(double(c.rope_theta), -double(2 * i) / double(HD));
+  const std::int64_t RD = c.rotary_dims();
+  inv_freq.resize(std::size_t(RD / 2));
+  for (std::int64_t i = 0; i < RD / 2; ++i)
+    inv_freq[std::size_t(i)] = std::pow(double(c.rope_theta), -double(2 * i) / double(RD));
   if (!pool) pool = std::make_unique<thread_pool>(default_threads());
 }
 
@@ -1128,6 +1171,19 @@ std::vector<weight_tensor> llama_model::weights() const {
   for (int l = 0; l < c.n_layers; ++l) {
     const layer_weights& L = p_->layers[std::size_t(l)];
     out.push_back({layer_name(l, "input_layernorm.weight"), {D}, L.attn_norm});
+    if (c.attention == attention_kind::latent) {
+      const std::int64_t R = c.kv_lora_rank, DR = c.rope_dims, QR = H * (HD + DR);
+      out.push_back({layer_name(l, "self_attn.q_proj.weight"), {QR, D}, L.wqkv.unpack(0, int(QR))});
+      out.push_back(
+          {layer_name(l, "self_attn.kv_a_proj_with_mqa.weight"), {R + DR, D}, L.wqkv.unpack(int(QR), int(R + DR))});
+      out.push_back({layer_name(l, "self_attn.kv_b_proj.weight"), {H * 2 * HD, R}, L.wkvb.unpack(0, int(H * 2 * HD))});
+      out.push_back({layer_name(l, "self_attn.o_proj.weight"), {D, H * HD}, L.wo.unpack(0, int(D))});
+      out.push_back({layer_name(l, "post_attention_layernorm.weight"), {D}, L.mlp_norm});
+      out.push_back({layer_name(l, "mlp.gate_proj.weight"), {F, D}, L.wgu.unpack(0, int(F))});
+      out.push_back({layer_name(l, "mlp.up_proj.weight"), {F, D}, L.wgu.unpack(int(F), int(F))});
+      out.push_back({layer_name(l, "mlp.down_proj.weight"), {D, F}, L.wdown.unpack(0, int(D))});
+      continue;
+    }
     out.push_back({layer_name(l, "self_attn.q_proj.weight"), {H * HD, D}, L.wqkv.unpack(0, int(H * HD))});
     out.push_back({layer_name(l, "self_attn.k_proj.weight"), {KV * HD, D}, L.wqkv.unpack(int(H * HD), int(KV * HD))});
     out.push_back(
@@ -1165,6 +1221,33 @@ double llama_model::forward_flops(std::size_t n_new, std::size_t start) const {
   const double att_pairs = n * s + n * (n + 1) / 2;  // sum over new positions p of (p + 1)
   const double att_last = s + n;                     // the last token's keys
   const double att = 4 * HD * H;
+  if (c.attention == attention_kind::window) {
+    // Pairs a windowed layer attends: sum over new positions p of min(p + 1, window).
+    const double W = c.window;
+    auto windowed_pairs = [&](double first, double last) {  // positions [first, last]
+      double pairs = 0;
+      const double full_until = std::min(last, W - 1);  // p + 1 <= W
+      if (full_until >= first) pairs += (first + 1 + full_until + 1) * (full_until - first + 1) / 2;
+      const double from = std::max(first, W);
+      if (last >= from) pairs += W * (last - from + 1);
+      return pairs;
+    };
+    double pairs = 0;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const bool last = l == c.n_layers - 1;
+      const double first = last ? s + n - 1 : s;
+      pairs += c.windowed(l) ? windowed_pairs(first, s + n - 1) : (last ? att_last : att_pairs);
+    }
+    return L * n * qkv + (L - 1) * n * (o + mlp) + (o + mlp) + pairs * att + 2 * D * V;
+  }
+  if (c.attention == attention_kind::latent) {
+    const double R = c.kv_lora_rank, DR = c.rope_dims;
+    const double proj = 2 * D * (H * (HD + DR) + R + DR);
+    const double up = 2 * R * 2 * H * HD * (s + n);  // every cached row, every layer
+    const double att_l = 4 * (HD + DR) * H;
+    return L * (n * proj + up) + (L - 1) * n * (o + mlp) + (o + mlp) + (L - 1) * att_pairs * att_l + att_last * att_l +
+           2 * D * V;
+  }
   return L * n * qkv + (L - 1) * n * (o + mlp) + (o + mlp) + (L - 1) * att_pairs * att + att_last * att + 2 * D * V;
 }
 
@@ -1182,7 +1265,8 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
     bad("logits holds " + std::to_string(logits.size()) + " floats, vocab_size is " + std::to_string(c.vocab_size));
   for (const auto t : tokens)
     if (t >= std::uint32_t(c.vocab_size)) bad("token id " + std::to_string(t) + " >= vocab_size");
-  if (cache.n_layers() != c.n_layers || cache.n_kv_heads() != c.n_kv_heads || cache.head_dim() != c.head_dim)
+  if (cache.n_layers() != c.n_layers || cache.n_kv_heads() != c.cache_kv_heads() ||
+      cache.head_dim() != c.cache_head_dim() || cache.tensors() != c.cache_tensors())
     bad("cache geometry (layers/kv heads/head_dim) differs from the model's");
   const std::size_t ps = cache.page_size();
   if (seq.pages.size() < (start + ps - 1) / ps) bad("seq.pages has fewer pages than start positions need");
@@ -1198,7 +1282,11 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
   }
 
   const int D = c.dim, H = c.n_heads, KV = c.n_kv_heads, HD = c.head_dim, F = c.hidden_dim, G = H / KV;
-  const int QKV = (H + 2 * KV) * HD, QD = H * HD;
+  const bool latent = c.attention == attention_kind::latent;
+  // Latent: R + DR floats of [c_kv | k_rope] per token; keys and (zero-padded) values of
+  // HDK = head_dim + rope_dims floats per head once reconstructed.
+  const int R = c.kv_lora_rank, DR = c.rope_dims, HDK = HD + DR;
+  const int QKV = latent ? H * HDK + R + DR : (H + 2 * KV) * HD, QD = H * HD;
   thread_pool& pool = *m.pool;
   const int T = pool.size();
 
@@ -1208,7 +1296,7 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
     std::memcpy(x.p + std::size_t(t) * D, m.embed.data() + std::size_t(tokens[std::size_t(t)]) * D, std::size_t(D) * 4);
 
   // RoPE tables for the new positions (double precision angle, rounded once).
-  const int half = HD / 2;
+  const int half = c.rotary_dims() / 2;
   std::vector<float> rc(std::size_t(n) * half), rs(std::size_t(n) * half);
   for (int t = 0; t < n; ++t)
     for (int i = 0; i < half; ++i) {
@@ -1222,12 +1310,27 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
   scratch.reserve(std::size_t(T));
   for (int i = 0; i < T; ++i) scratch.emplace_back(std::size_t(G) * Pp + std::size_t(G));  // scores, 1/sums
 
-  const std::size_t token_floats = std::size_t(KV) * HD, page_floats = ps * token_floats;
+  const std::size_t token_floats = std::size_t(cache.n_kv_heads()) * cache.head_dim(), page_floats = ps * token_floats;
   // Float offset of position j's token within a layer's K (V) array.
   std::vector<std::size_t> offsets(total);
   for (std::size_t j = 0; j < total; ++j)
     offsets[j] = std::size_t(seq.pages[j / ps]) * page_floats + (j % ps) * token_floats;
-  const float scale = float(1.0 / std::sqrt(double(HD)));
+  const float scale = float(1.0 / std::sqrt(double(latent ? HDK : HD)));
+
+  // Latent: the cached c_kv rows gathered, their up-projection, the reconstructed keys
+  // and values of every position ([position][head][HDK], contiguous) and the attention
+  // output per head before the V padding is dropped.
+  fbuf ckv, kvb, kr, vr, attl;
+  std::vector<std::size_t> loff;
+  if (latent) {
+    ckv.resize(total * std::size_t(R));
+    kvb.resize(total * std::size_t(2 * H * HD));
+    kr.resize(total * std::size_t(H * HDK));
+    vr.resize(total * std::size_t(H * HDK));
+    attl.resize(std::size_t(n) * H * HDK);
+    loff.resize(total);
+    for (std::size_t j = 0; j < total; ++j) loff[j] = j * std::size_t(H * HDK);
+  }
 
   // Row-parallel helper for the cheap elementwise steps.
   auto rows = [&](int r0, int r1, auto&& f) {
@@ -1253,13 +1356,18 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
         float* row = qkv.p + std::size_t(t) * QKV;
         const float* cs = rc.data() + std::size_t(t) * half;
         const float* sn = rs.data() + std::size_t(t) * half;
-        for (int h = 0; h < H + KV; ++h) {  // q heads, then k heads
-          float* v = row + std::size_t(h) * HD;
+        auto rotate = [&](float* v) {
           for (int i = 0; i < half; ++i) {
             const float x0 = v[i], x1 = v[i + half];
             v[i] = x0 * cs[i] - x1 * sn[i];
             v[i + half] = x1 * cs[i] + x0 * sn[i];
           }
+        };
+        if (latent) {  // each head's q_rope, then the shared k_rope
+          for (int h = 0; h < H; ++h) rotate(row + std::size_t(h) * HDK + HD);
+          rotate(row + std::size_t(H) * HDK + R);
+        } else {
+          for (int h = 0; h < H + KV; ++h) rotate(row + std::size_t(h) * HD);  // q heads, then k heads
         }
       }
     });
@@ -1271,29 +1379,84 @@ void llama_model::forward(paged_kv_cache& cache, sequence& seq, std::span<const 
       const std::size_t pos = start + std::size_t(t);
       const std::size_t off = std::size_t(seq.pages[pos / ps]) * page_floats + (pos % ps) * token_floats;
       const float* row = qkv.p + std::size_t(t) * QKV;
-      std::memcpy(kl + off, row + QD, token_floats * 4);
-      std::memcpy(vl + off, row + QD + token_floats, token_floats * 4);
+      if (latent) {
+        std::memcpy(kl + off, row + std::size_t(H) * HDK, token_floats * 4);  // [c_kv | k_rope]
+      } else {
+        std::memcpy(kl + off, row + QD, token_floats * 4);
+        std::memcpy(vl + off, row + QD + token_floats, token_floats * 4);
+      }
     }
     if (hooks && hooks->after_layer) hooks->after_layer(hooks->ctx, l);
 
-    // Attention: tasks (row, kv head), most expensive (latest) rows first.
     const int nrows = n - r0;
-    pool.run(std::size_t(nrows) * KV, [&](std::size_t i, int w) {
-      const int t = n - 1 - int(i) / KV, g = int(i) % KV;
-      attn_args a;
-      a.q = qkv.p + std::size_t(t) * QKV + std::size_t(g) * G * HD;
-      a.kbase = kl + std::size_t(g) * HD;
-      a.vbase = vl + std::size_t(g) * HD;
-      a.off = offsets.data();
-      a.P = start + std::size_t(t) + 1;
-      a.G = G;
-      a.HD = HD;
-      a.scale = scale;
-      a.S = scratch[std::size_t(w)].p;
-      a.Pp = Pp;
-      a.out = att.p + std::size_t(t) * QD + std::size_t(g) * G * HD;
-      attn_kernel(a);
-    });
+    if (latent) {
+      // Keys and values of every position from its cached row: [W_uk c_kv | k_rope] and
+      // [W_uv c_kv | 0] per head. Each is a function of that row alone (the matmul's
+      // sums do not depend on the other rows of the call).
+      const int tot = int(total);
+      rows(0, tot, [&](int a, int b) {
+        for (int j = a; j < b; ++j)
+          std::memcpy(ckv.p + std::size_t(j) * R, kl + offsets[std::size_t(j)], std::size_t(R) * 4);
+      });
+      m.matmul(ckv.p, std::size_t(R), tot, L.wkvb, kvb.p, std::size_t(2 * H * HD), false);
+      rows(0, tot, [&](int a, int b) {
+        for (int j = a; j < b; ++j) {
+          const float* up = kvb.p + std::size_t(j) * 2 * H * HD;
+          const float* rope = kl + offsets[std::size_t(j)] + R;
+          for (int h = 0; h < H; ++h) {
+            float* kd = kr.p + loff[std::size_t(j)] + std::size_t(h) * HDK;
+            float* vd = vr.p + loff[std::size_t(j)] + std::size_t(h) * HDK;
+            std::memcpy(kd, up + std::size_t(h) * 2 * HD, std::size_t(HD) * 4);
+            std::memcpy(kd + HD, rope, std::size_t(DR) * 4);
+            std::memcpy(vd, up + std::size_t(h) * 2 * HD + HD, std::size_t(HD) * 4);
+            std::memset(vd + HD, 0, std::size_t(DR) * 4);
+          }
+        }
+      });
+      // Attention: tasks (row, head), most expensive (latest) rows first.
+      pool.run(std::size_t(nrows) * H, [&](std::size_t i, int w) {
+        const int t = n - 1 - int(i) / H, h = int(i) % H;
+        attn_args a;
+        a.q = qkv.p + std::size_t(t) * QKV + std::size_t(h) * HDK;
+        a.kbase = kr.p + std::size_t(h) * HDK;
+        a.vbase = vr.p + std::size_t(h) * HDK;
+        a.off = loff.data();
+        a.P = start + std::size_t(t) + 1;
+        a.G = 1;
+        a.HD = HDK;
+        a.scale = scale;
+        a.S = scratch[std::size_t(w)].p;
+        a.Pp = Pp;
+        a.out = attl.p + std::size_t(t) * H * HDK + std::size_t(h) * HDK;
+        attn_kernel(a);
+      });
+      for (int t = r0; t < n; ++t)
+        for (int h = 0; h < H; ++h)
+          std::memcpy(att.p + std::size_t(t) * QD + std::size_t(h) * HD,
+                      attl.p + std::size_t(t) * H * HDK + std::size_t(h) * HDK, std::size_t(HD) * 4);
+    } else {
+      // Attention: tasks (row, kv head), most expensive (latest) rows first. A windowed
+      // layer's query at p sees only positions (p - window, p].
+      const bool windowed = c.windowed(l);
+      pool.run(std::size_t(nrows) * KV, [&](std::size_t i, int w) {
+        const int t = n - 1 - int(i) / KV, g = int(i) % KV;
+        const std::size_t P = start + std::size_t(t) + 1;
+        const std::size_t first = windowed && P > std::size_t(c.window) ? P - std::size_t(c.window) : 0;
+        attn_args a;
+        a.q = qkv.p + std::size_t(t) * QKV + std::size_t(g) * G * HD;
+        a.kbase = kl + std::size_t(g) * HD;
+        a.vbase = vl + std::size_t(g) * HD;
+        a.off = offsets.data() + first;
+        a.P = P - first;
+        a.G = G;
+        a.HD = HD;
+        a.scale = scale;
+        a.S = scratch[std::size_t(w)].p;
+        a.Pp = Pp;
+        a.out = att.p + std::size_t(t) * QD + std::size_t(g) * G * HD;
+        attn_kernel(a);
+      });
+    }
 
     const std::size_t ro = std::size_t(r0);
     m.matmul(att.p + ro * QD, std::size_t(QD), nrows, L.wo, x.p + ro * D, std::size_t(D), true);

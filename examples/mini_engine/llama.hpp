@@ -25,16 +25,46 @@
 
 namespace mini {
 
+/// What the attention layers of a model keep and attend.
+enum class attention_kind : int {
+  full = 0,    ///< every layer attends every earlier token (Llama)
+  window = 1,  ///< even layers attend the last `window` tokens, odd layers all of them (gpt-oss)
+  latent = 2,  ///< multi-head latent attention: one compressed row per token (DeepSeek's MLA)
+};
+
 struct llama_config {
   int vocab_size = 512, dim = 256, n_layers = 4, n_heads = 8, n_kv_heads = 2, head_dim = 32, hidden_dim = 688;
   float rope_theta = 10000.0f, norm_eps = 1e-5f;
   int max_seq = 8192;
+  /// full: the Llama above. window: layers 0, 2, 4... attend only keys at positions
+  /// (p - window, p] for a query at p (their own included); the others attend all.
+  /// latent (MLA as DeepSeek-V2-Lite, without its query LoRA and kv norm): a layer
+  /// caches one row per token, [c_kv (kv_lora_rank) | k_rope (rope_dims, rotated by
+  /// position)]; at attention time head h's key is [W_uk_h c_kv (head_dim) | k_rope]
+  /// and its value W_uv_h c_kv (head_dim); queries are [q_nope (head_dim) | q_rope
+  /// (rope_dims, rotated)]. n_kv_heads must equal n_heads (every head reconstructs
+  /// its own key and value). Only full models have a checkpoint (config.json) form.
+  attention_kind attention = attention_kind::full;
+  int window = 0;        ///< window: tokens a windowed layer attends
+  int kv_lora_rank = 0;  ///< latent: dimensions of c_kv
+  int rope_dims = 0;     ///< latent: dimensions of k_rope and of each head's q_rope
 
   /// Throws std::invalid_argument naming the first bad field (sizes must be positive,
-  /// n_heads a multiple of n_kv_heads, head_dim even).
+  /// n_heads a multiple of n_kv_heads, head_dim even; window > 0 and at least 2 layers
+  /// for window models; kv_lora_rank > 0, rope_dims even and > 0, n_kv_heads ==
+  /// n_heads for latent ones; the fields of the other kinds 0).
   void validate() const;
   /// Number of weights (embeddings, projections, norms, lm_head).
   std::size_t param_count() const;
+  /// Whether layer `layer` attends only the last `window` tokens.
+  bool windowed(int layer) const { return attention == attention_kind::window && layer % 2 == 0; }
+  /// The KV cache's shape per layer: tensors per token (K and V, or the latent row),
+  /// heads per tensor and floats per head.
+  int cache_tensors() const { return attention == attention_kind::latent ? 1 : 2; }
+  int cache_kv_heads() const { return attention == attention_kind::latent ? 1 : n_kv_heads; }
+  int cache_head_dim() const { return attention == attention_kind::latent ? kv_lora_rank + rope_dims : head_dim; }
+  /// Dimensions RoPE rotates in a cached key head (the trailing ones for latent).
+  int rotary_dims() const { return attention == attention_kind::latent ? rope_dims : head_dim; }
   bool operator==(const llama_config&) const = default;
 };
 
@@ -42,12 +72,15 @@ struct llama_config {
 /// naming the file for a missing key, a bad value or an unsupported feature (rope_scaling,
 /// biases, an activation other than silu, a model_type other than llama/mistral).
 llama_config load_config(const std::string& config_json_path);
-/// Writes `c` as a Hugging Face config.json.
+/// Writes `c` as a Hugging Face config.json. Throws std::invalid_argument for a window or
+/// latent model (they have no checkpoint form here).
 void save_config(const llama_config& c, const std::string& config_json_path);
 
 // Engine KV memory: per layer a K and a V array of shape
 // [num_pages][page_size][n_kv_heads][head_dim], float32, owned here (one 4 KiB-aligned,
-// zero-initialised allocation; layer l's K then V). Move-only.
+// zero-initialised allocation; layer l's K then V). Move-only. A latent model's cache
+// has one array per layer, [num_pages][page_size][1][kv_lora_rank + rope_dims] (k() is
+// that array, v() null): its shape comes from llama_config::cache_*().
 class paged_kv_cache {
  public:
   paged_kv_cache(const llama_config&, std::uint32_t num_pages, std::uint32_t page_size);
@@ -62,12 +95,15 @@ class paged_kv_cache {
   int n_layers() const { return n_layers_; }
   int n_kv_heads() const { return n_kv_heads_; }
   int head_dim() const { return head_dim_; }
+  /// Arrays per layer: 2 (K and V) or 1 (a latent row).
+  int tensors() const { return tensors_; }
 
-  /// Base of layer `layer`'s [num_pages][page_size][kv_heads][head_dim] K (V) array.
-  float* k(int layer) { return base_ + std::size_t(layer) * 2 * layer_floats_; }
-  float* v(int layer) { return k(layer) + layer_floats_; }
-  const float* k(int layer) const { return base_ + std::size_t(layer) * 2 * layer_floats_; }
-  const float* v(int layer) const { return k(layer) + layer_floats_; }
+  /// Base of layer `layer`'s [num_pages][page_size][kv_heads][head_dim] K (V) array (V:
+  /// nullptr in a latent cache).
+  float* k(int layer) { return base_ + std::size_t(layer) * tensors_ * layer_floats_; }
+  float* v(int layer) { return tensors_ == 2 ? k(layer) + layer_floats_ : nullptr; }
+  const float* k(int layer) const { return base_ + std::size_t(layer) * tensors_ * layer_floats_; }
+  const float* v(int layer) const { return tensors_ == 2 ? k(layer) + layer_floats_ : nullptr; }
 
   std::size_t page_stride_bytes() const { return std::size_t(page_size_) * token_stride_bytes(); }
   std::size_t token_stride_bytes() const { return std::size_t(n_kv_heads_) * head_stride_bytes(); }
@@ -85,7 +121,7 @@ class paged_kv_cache {
 
  private:
   std::uint32_t num_pages_ = 0, page_size_ = 0;
-  int n_layers_ = 0, n_kv_heads_ = 0, head_dim_ = 0;
+  int n_layers_ = 0, n_kv_heads_ = 0, head_dim_ = 0, tensors_ = 2;
   std::size_t layer_floats_ = 0;
   float* base_ = nullptr;
   std::vector<std::uint32_t> free_;  // stack; back() is allocated next
@@ -168,7 +204,8 @@ class llama_model {
   /// Prefill/decode: runs tokens[0..n) at positions [start, start+n) of `seq`
   /// (seq.length must equal start; the KV of positions < start is in `cache` at
   /// seq.pages, or is put there by hooks->before_layer). Grows seq.pages from `cache` as
-  /// needed, writes the new tokens' K (after RoPE) and V into the cache, sets
+  /// needed, writes the new tokens' K (after RoPE) and V (latent: the row [c_kv |
+  /// k_rope after RoPE]) into the cache, sets
   /// seq.length = start+n, and writes the logits of the LAST token into
   /// logits[0..vocab_size). Throws std::invalid_argument for an empty call, a token id
   /// >= vocab_size, seq.length != start, start+n > max_seq, too small logits, a cache of
@@ -181,7 +218,9 @@ class llama_model {
   /// multiply-add of the matrix products (Q/K/V for every new token in every layer; in
   /// the last layer the attention, O and MLP only for the last token, whose logits are
   /// the only ones wanted; lm_head for the last token) plus 4*head_dim*n_heads per
-  /// (query, key) pair of attention.
+  /// (query, key) pair of attention (window: only the pairs a windowed layer attends;
+  /// latent: 4*(head_dim + rope_dims)*n_heads per pair, plus the up-projection of every
+  /// cached row in every layer).
   double forward_flops(std::size_t n_new, std::size_t start) const;
 
  private:

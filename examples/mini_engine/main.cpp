@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
     if (!json) std::printf("mini_engine: %d sessions x %d turns; modes:", o.workload.sessions, o.workload.turns);
     if (!json)
       for (auto& m : o.modes) std::printf(" %s", m.c_str());
+    if (!json && o.attention != "full") std::printf("; attention: %s", o.attention.c_str());
     auto r = mini::run_compare(o);
     if (json)
       mini::print_compare_json(r);
