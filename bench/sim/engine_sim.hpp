@@ -15,7 +15,14 @@
 //     at its logged timestamp but not before (open loop).
 //   - context overflow: when history + prompt + reply exceeds context_tokens, the oldest
 //     truncation_ratio of the history (whole blocks) is dropped; the cache keeps the
-//     rest valid (decoupled positional encoding, the paper's mechanism 6).
+//     rest valid (decoupled positional encoding, the paper's mechanism 6). A session
+//     that starts with a system prompt keeps the blocks holding it and drops the oldest
+//     blocks after them, unless the prompt itself must go to make room.
+//   - system prompts (trace::request::prefix): turn 0's prompt is the system prompt,
+//     then the user's message; the system prompt is context a cache may already hold,
+//     so it counts as history (the turn's lookup covers it). With prefix_sharing the
+//     cache stores its whole blocks once for all sessions (tiered_cache, "Shared
+//     prefixes"); without, every session stores its own copy.
 // The SSD read channel is shared by prefetches and demand loads; demand reads go first
 // (they wait for one prefetch block at most; the prefetch reads they overtake are not
 // delayed in the model, a small optimism while demand reads are a fraction of the
@@ -34,8 +41,8 @@
 #include <string>
 #include <vector>
 
-#include "trace.hpp"
 #include "tiered_cache.hpp"
+#include "trace.hpp"
 
 namespace attnstore::sim {
 
@@ -93,6 +100,9 @@ struct sim_config {
   /// after the last reply). Traces without those times give no hints.
   double hint_composing = 0, hint_left = 0;
   bool check = false;  ///< verify the cache's invariants every 1000 events (slow)
+  /// Sessions that start with the same system prompt share its whole blocks in the cache
+  /// (stored once per tier, reference-counted); false: each stores its own copy.
+  bool prefix_sharing = true;
 };
 
 /// Runs with all history hits from DRAM and no capacity limit, to measure the working set.
@@ -110,6 +120,7 @@ struct sim_result {
   /// would have spent: the work a policy saves is 1 - spent / full.
   double prefill_work_s = 0, prefill_work_full_s = 0;
   std::uint64_t truncations = 0;
+  std::uint64_t prefix_cuts = 0;  ///< of which dropped the session's system prompt (it did not fit)
   double ttft_mean = 0, ttft_p50 = 0, ttft_p90 = 0, ttft_p99 = 0;
   double bytes_hbm_to_dram = 0, bytes_dram_to_hbm = 0, bytes_ssd_to_hbm = 0;
   double bytes_ssd_to_dram = 0, bytes_dram_to_ssd = 0, bytes_dropped = 0;
@@ -120,6 +131,16 @@ struct sim_result {
   std::uint64_t prefetch_started = 0, prefetch_cancelled = 0, prefetch_waits = 0;
   double prefetch_peak_bytes = 0, prefetch_bound_bytes = 0;
   std::uint64_t evicted_sessions = 0, bypassed_blocks = 0, rejected_blocks = 0, expired_sessions = 0;
+  /// Storage over the steady-state window: bytes of blocks holding data in DRAM and on
+  /// SSD (each copy of a shared block once; DRAM reserved for reads in flight excluded),
+  /// time-averaged, per tier, and the most at any time; `referenced`: the time average of
+  /// what the stored sessions hold with a shared block counted once per holder (= the
+  /// bytes stored when no block is shared).
+  double bytes_stored = 0, bytes_stored_peak = 0, bytes_stored_dram = 0, bytes_stored_ssd = 0;
+  double bytes_referenced = 0;
+  std::uint64_t shared_hit_tokens = 0;  ///< hit_tokens found in shared prefix blocks
+  double bytes_dedup = 0;               ///< saves of shared blocks found in DRAM: bytes not written
+  bool prefix_sharing = false;          ///< sharing was on and the trace has system prompts
   /// predictive: what it has learned at checkpoints through the run (its last refit).
   struct learned_point {
     double at_s = 0;             ///< simulated time
@@ -138,6 +159,7 @@ struct sim_result {
   double dram_hit_rate() const { return history_tokens ? double(dram_hit_tokens) / double(history_tokens) : 0; }
   double ssd_hit_rate() const { return history_tokens ? double(ssd_hit_tokens) / double(history_tokens) : 0; }
   double reuse_rate() const { return history_tokens ? double(reused_tokens) / double(history_tokens) : 0; }
+  double shared_hit_rate() const { return history_tokens ? double(shared_hit_tokens) / double(history_tokens) : 0; }
   double work_saved() const { return prefill_work_full_s > 0 ? 1 - prefill_work_s / prefill_work_full_s : 0; }
   double bytes_moved() const {
     return bytes_hbm_to_dram + bytes_dram_to_hbm + bytes_ssd_to_hbm + bytes_ssd_to_dram + bytes_dram_to_ssd;
@@ -245,6 +267,14 @@ class engine_sim {
     result_.mean_queue = span > 0 ? queue_area_ / span : 0;
     result_.busy_prefill = span > 0 ? prefill_busy_ / span : 0;
     result_.working_set_bytes = span > 0 ? ws_area_ / span * c_.model.kv_bytes_per_token : 0;
+    result_.prefix_sharing = c_.prefix_sharing && w_.prefixes > 0;
+    if (span > 0) {
+      result_.bytes_stored_dram = stored_dram_area_ / span * block_bytes_;
+      result_.bytes_stored_ssd = stored_ssd_area_ / span * block_bytes_;
+      result_.bytes_stored = result_.bytes_stored_dram + result_.bytes_stored_ssd;
+      result_.bytes_referenced = referenced_area_ / span * block_bytes_;
+    }
+    result_.bytes_stored_peak = stored_peak_ * block_bytes_;
     result_.dram_bytes = c_.tiers.dram_bytes;
     result_.ssd_bytes = c_.tiers.ssd_bytes;
     if (!ttft_.empty()) {
@@ -273,6 +303,7 @@ class engine_sim {
       k.rejected_blocks -= c0_.rejected_blocks;
       k.expired_sessions -= c0_.expired_sessions;
       k.prefetch_waits -= c0_.prefetch_waits;
+      k.dedup_blocks -= c0_.dedup_blocks;
       result_.bytes_hbm_to_dram = double(k.saved_blocks) * block_bytes_;
       result_.bytes_ssd_to_dram = double(k.prefetched_blocks) * block_bytes_;
       result_.bytes_dram_to_ssd = double(k.demoted_blocks) * block_bytes_;
@@ -282,6 +313,7 @@ class engine_sim {
       result_.rejected_blocks = k.rejected_blocks;
       result_.expired_sessions = k.expired_sessions;
       result_.prefetch_waits = k.prefetch_waits;
+      result_.bytes_dedup = double(k.dedup_blocks) * block_bytes_;
       if (auto* pf = cache_->prefetcher()) {
         result_.prefetch_started = pf->started();
         result_.prefetch_cancelled = pf->cancelled();
@@ -328,11 +360,13 @@ class engine_sim {
     std::uint64_t start = 0;       // absolute position of tokens[0]
     std::uint64_t live = 0;        // tokens counted in the working set
     double arrival = 0;            // arrival of the turn in progress
+    std::uint32_t prefix = 0;      // system prompt tokens at the front of tokens (0: none, or cut)
   };
   struct request_rt {
-    std::uint64_t ctx = 0;  // context tokens for the decode cost
-    std::uint64_t hbm = 0;  // HBM tokens reserved
-    std::uint64_t seq = 0;  // arrival order (queue position key)
+    std::uint64_t ctx = 0;               // context tokens for the decode cost
+    std::uint64_t hbm = 0;               // HBM tokens reserved
+    std::uint64_t seq = 0;               // arrival order (queue position key)
+    std::uint32_t prefix_in_prompt = 0;  // turn 0: system prompt tokens moved to the history
   };
 
   /// Token ids only need to be distinct per (session, position): the index compares
@@ -340,7 +374,13 @@ class engine_sim {
   static token_id token_of(std::uint32_t session, std::uint64_t pos) noexcept {
     return token_id((std::uint64_t(session) * 0x9e3779b1u + pos * 0x85ebca6bu) & 0x7fffffff);
   }
+  /// Tokens of system prompt `prefix`: the same for every session that uses it.
+  static token_id prefix_token(std::uint32_t prefix, std::uint64_t pos) noexcept {
+    return token_id(((std::uint64_t(prefix) + 1) * 0xc2b2ae3du + pos * 0x27d4eb2fu + 0x165667b1u) & 0x7fffffff);
+  }
   static std::uint64_t us(double seconds) noexcept { return std::uint64_t(seconds * 1e6); }
+  /// Whole blocks of the session's history that the cache may share with other sessions.
+  std::uint32_t shared_blocks_of(const session_rt& s) const noexcept { return c_.prefix_sharing ? s.prefix / tpb_ : 0; }
 
   double step_time() const noexcept {
     return c_.engine.decode_step_s + c_.engine.decode_s_per_ctx_token * double(running_ctx_);
@@ -356,6 +396,13 @@ class engine_sim {
         if (prefilling_ != none_idx) prefill_busy_ += in;
         queue_area_ += in * double(queue_.size());
         ws_area_ += in * double(live_tokens_);
+        if (cache_) {
+          const double d = cache_->stored_dram_blocks(), sd = cache_->stored_ssd_blocks();
+          stored_dram_area_ += in * d;
+          stored_ssd_area_ += in * sd;
+          referenced_area_ += in * double(cache_->referenced_blocks());
+          stored_peak_ = std::max(stored_peak_, d + sd);
+        }
       }
       if (cache_ && !snap_start_ && t >= window_start_) {
         snap_start_ = true;
@@ -423,7 +470,7 @@ class engine_sim {
     const auto& e = c_.engine;
     while (prefilling_ == none_idx && !queue_.empty()) {
       const std::uint32_t qi = queue_.front();
-      const trace::request r = clipped(w_.requests[qi]);
+      trace::request r = clipped(w_.requests[qi]);
       session_rt& s = rt_[r.session];
       std::uint64_t hist = s.tokens.size();
       const std::uint64_t need = std::min<std::uint64_t>(hist + r.input_tokens + r.output_tokens, e.context_tokens);
@@ -436,17 +483,43 @@ class engine_sim {
         live_tokens_ -= s.live;
         s.live = 0;
       }
-      // Context overflow: drop the oldest truncation_ratio of the history, whole blocks.
+      // Turn 0 of a session with a system prompt: the prompt is the system prompt (cut to
+      // the clipped prompt, from the end), then the user's message. The system prompt is
+      // context the cache may hold, so it moves to the history.
+      if (r.turn == 0 && r.prefix != trace::no_prefix && r.prefix_tokens > 0 && hist == 0) {
+        const std::uint32_t pe = std::min(r.prefix_tokens, r.input_tokens);
+        if (s.tokens.capacity() < c_.engine.context_tokens + tpb_) s.tokens.reserve(c_.engine.context_tokens + tpb_);
+        s.tokens.resize(pe);
+        for (std::uint32_t i = 0; i < pe; ++i) s.tokens[i] = prefix_token(r.prefix, i);
+        s.prefix = pe;
+        r.input_tokens -= pe;
+        hist = pe;
+        req_rt_[qi].prefix_in_prompt = pe;
+      }
+      // Context overflow: drop the oldest truncation_ratio of the history, whole blocks;
+      // the blocks holding a system prompt stay (their share of the history does not
+      // count) when the blocks after them make room, else the prompt goes too.
       if (hist > 0 && hist + r.input_tokens + r.output_tokens > e.context_tokens) {
         const std::uint64_t over = hist + r.input_tokens + r.output_tokens - e.context_tokens;
-        std::uint64_t drop = std::max<std::uint64_t>(std::uint64_t(e.truncation_ratio * double(hist)), over);
-        drop = std::min<std::uint64_t>((drop + tpb_ - 1) / tpb_ * tpb_, hist / tpb_ * tpb_);
+        std::uint64_t head =
+            s.prefix ? std::min<std::uint64_t>((s.prefix + tpb_ - 1) / tpb_ * tpb_, hist / tpb_ * tpb_) : 0;
+        const std::uint64_t body = hist - head;
+        std::uint64_t drop = std::max<std::uint64_t>(std::uint64_t(e.truncation_ratio * double(body)), over);
+        drop = std::min<std::uint64_t>((drop + tpb_ - 1) / tpb_ * tpb_, body / tpb_ * tpb_);
+        if (head > 0 && drop < over) {  // the system prompt cannot stay: it goes first
+          drop = std::max<std::uint64_t>(
+              {std::uint64_t(e.truncation_ratio * double(hist)), over, std::uint64_t(s.prefix) / tpb_ * tpb_});
+          drop = std::min<std::uint64_t>((drop + tpb_ - 1) / tpb_ * tpb_, hist / tpb_ * tpb_);
+          head = 0;
+          s.prefix = 0;
+          if (measuring()) ++result_.prefix_cuts;
+        }
         if (drop > 0) {
-          s.tokens.erase(s.tokens.begin(), s.tokens.begin() + std::ptrdiff_t(drop));
+          s.tokens.erase(s.tokens.begin() + std::ptrdiff_t(head), s.tokens.begin() + std::ptrdiff_t(head + drop));
           s.start += drop;
           hist -= drop;
           if (measuring()) ++result_.truncations;
-          if (cache_) cache_->truncate_front(key, std::uint32_t(drop / tpb_), s.tokens);
+          if (cache_) cache_->truncate(key, std::uint32_t(head / tpb_), std::uint32_t(drop / tpb_), s.tokens);
         }
       }
       std::uint64_t hit = 0, dram = 0, ssd = 0, flying = 0;
@@ -455,7 +528,7 @@ class engine_sim {
       if (mode_ == run_mode::ideal) {
         hit = dram = hist;
       } else if (cache_) {
-        h = cache_->admit(key, s.tokens, us(now_), hist + r.input_tokens);  // dequeues the session
+        h = cache_->admit(key, s.tokens, us(now_), hist + r.input_tokens, shared_blocks_of(s));  // dequeues the session
         hit = h.tokens;
         dram = h.dram_tokens;
         ssd = h.ssd_tokens;
@@ -512,6 +585,7 @@ class engine_sim {
         result_.input_tokens += r.input_tokens;
         result_.output_tokens += r.output_tokens;
         result_.hit_tokens += hit;
+        result_.shared_hit_tokens += h.shared_tokens;
         result_.dram_hit_tokens += dram;
         result_.ssd_hit_tokens += ssd;
         result_.reused_tokens += reused;
@@ -569,12 +643,12 @@ class engine_sim {
     hbm_used_ -= rr.hbm;
     const std::size_t old_size = s.tokens.size();
     if (s.tokens.capacity() < c_.engine.context_tokens + tpb_) s.tokens.reserve(c_.engine.context_tokens + tpb_);
-    s.tokens.resize(old_size + r.input_tokens + r.output_tokens);
+    s.tokens.resize(old_size + r.input_tokens - rr.prefix_in_prompt + r.output_tokens);
     for (std::size_t i = old_size; i < s.tokens.size(); ++i) s.tokens[i] = token_of(r.session, s.start + i);
     const session_hash key = sim_session_hash(r.session);
     const bool last = qi + 1 >= w_.first[r.session + 1];
     if (cache_) {
-      cache_->save(key, s.tokens, us(now_), next_use_after(qi, now_));
+      cache_->save(key, s.tokens, us(now_), next_use_after(qi, now_), shared_blocks_of(s));
       if (last && c_.close_on_last) cache_->close(key);
       schedule_hint(qi, last);
     }
@@ -638,6 +712,7 @@ class engine_sim {
   std::uint32_t prefilling_ = none_idx;
   std::uint64_t running_ctx_ = 0, hbm_used_ = 0, live_tokens_ = 0;
   double queue_area_ = 0, ws_area_ = 0, prefill_busy_ = 0;
+  double stored_dram_area_ = 0, stored_ssd_area_ = 0, referenced_area_ = 0, stored_peak_ = 0;  // blocks (x s)
   double window_start_ = 0, window_end_ = 0;
   bool snap_start_ = false, snap_end_ = false;
   cache_counters c0_{}, c1_{};

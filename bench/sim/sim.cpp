@@ -47,7 +47,8 @@ struct cli {
   if (!error.empty()) std::fprintf(stderr, "sim: %s\n\n", error.c_str());
   std::fprintf(stderr,
                "usage: sim [options]\n"
-               "  --preset NAME           trace preset: paper (default), light, heavy, long, think, diurnal\n"
+               "  --preset NAME           trace preset: paper (default), light, heavy, long, think, diurnal,\n"
+               "                          shared-prompt (sessions start with one of their app's system prompts)\n"
                "  --requests N            trace length in requests (default 200000)\n"
                "  --seed N                trace seed (default 1)\n"
                "  --rate R                session arrivals per second (default: the preset's)\n"
@@ -76,6 +77,8 @@ struct cli {
                "  --watermark F           DRAM fraction kept free (default 0.02)\n"
                "  --ttl S                 expire sessions idle for S seconds (default off)\n"
                "  --close-on-last         the engine closes a session after its last turn\n"
+               "  --no-prefix-sharing     every session stores its own copy of its system prompt (default:\n"
+               "                          shared prompt blocks are stored once per tier, reference-counted)\n"
                "  --hint-composing P      the engine says when a user starts typing, for a share P of\n"
                "                          turns (store::hint composing; predictive learns from it)\n"
                "  --hint-left P           ... and when a user leaves, for a share P of sessions\n"
@@ -216,6 +219,8 @@ cli parse(int argc, char** argv) {
       c.config.tiers.ttl_s = number(val(), a.c_str());
     else if (a == "--close-on-last")
       c.config.close_on_last = true;
+    else if (a == "--no-prefix-sharing")
+      c.config.prefix_sharing = false;
     else if (a == "--hint-composing")
       c.config.hint_composing = share(val(), a.c_str());
     else if (a == "--hint-left")
@@ -334,6 +339,30 @@ void print_table(const std::vector<sim::sim_result>& rs, std::FILE* f) {
   }
 }
 
+/// Storage and shared-prefix figures (traces with system prompts).
+void print_storage(const std::vector<sim::sim_result>& rs, std::FILE* f) {
+  std::fprintf(f,
+               "\nstorage over the measured window (DRAM + SSD; each copy of a shared block once):\n"
+               "| policy | prefix sharing | hit rate | shared-block hits | stored mean | stored peak | DRAM mean | "
+               "SSD mean | held by sessions (mean, a shared block per holder) | writes saved | prompts cut |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rs) {
+    if (r.kind == policy_kind::none) continue;
+    std::fprintf(f, "| %s | %s | %.2f%% | %.2f%% | %s | %s | %s | %s | %s | %s | %llu |\n",
+                 std::string(sim::to_string(r.kind)).c_str(), r.prefix_sharing ? "on" : "off", 100 * r.hit_rate(),
+                 100 * r.shared_hit_rate(), human_bytes(r.bytes_stored).c_str(),
+                 human_bytes(r.bytes_stored_peak).c_str(), human_bytes(r.bytes_stored_dram).c_str(),
+                 human_bytes(r.bytes_stored_ssd).c_str(), human_bytes(r.bytes_referenced).c_str(),
+                 human_bytes(r.bytes_dedup).c_str(), (unsigned long long)r.prefix_cuts);
+  }
+  for (const auto& r : rs)
+    if (r.kind == policy_kind::opt && r.prefix_sharing)
+      std::fprintf(f,
+                   "NOTE: opt is Belady's MIN per session; a shared block is worth its holders' and future "
+                   "sessions' earliest use, which it does not see: with prefix sharing it is a heuristic, not an "
+                   "upper bound (\"opt_bound\": false)\n");
+}
+
 /// What the trace really holds, for the learned estimates to be compared with.
 struct trace_truth {
   double think_median = 0, think_mean = 0, think_p90 = 0;  ///< seconds, turns after the first
@@ -410,7 +439,10 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
       "\"prefetch_started\": %llu, \"prefetch_cancelled\": %llu, \"prefetch_waits\": %llu, "
       "\"prefetch_peak_bytes\": %.0f, \"prefetch_bound_bytes\": %.0f, \"dram_bytes\": %.0f, \"ssd_bytes\": %.0f, "
       "\"working_set_bytes\": %.0f, \"capacity_ratio\": %.4f, \"mean_queue\": %.2f, \"sim_seconds\": %.1f, "
-      "\"wall_seconds\": %.2f, \"prefill_work_saved\": %.6f, \"bytes_moved\": %.0f, \"invariants_ok\": %s",
+      "\"wall_seconds\": %.2f, \"prefill_work_saved\": %.6f, \"bytes_moved\": %.0f, \"prefix_sharing\": %s, "
+      "\"bytes_stored\": %.0f, \"bytes_stored_peak\": %.0f, \"bytes_stored_dram\": %.0f, \"bytes_stored_ssd\": %.0f, "
+      "\"bytes_referenced\": %.0f, \"shared_hit_rate\": %.6f, \"bytes_dedup\": %.0f, \"prefix_cuts\": %llu, "
+      "\"invariants_ok\": %s",
       (unsigned long long)r.requests, (unsigned long long)r.measured_requests, (unsigned long long)r.sessions,
       r.hit_rate(), r.dram_hit_rate(), r.ssd_hit_rate(), r.reuse_rate(), (unsigned long long)r.history_tokens,
       (unsigned long long)r.hit_tokens, (unsigned long long)r.prefill_tokens, (unsigned long long)r.reused_tokens,
@@ -419,8 +451,14 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
       (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations, (unsigned long long)r.prefetch_started,
       (unsigned long long)r.prefetch_cancelled, (unsigned long long)r.prefetch_waits, r.prefetch_peak_bytes,
       r.prefetch_bound_bytes, r.dram_bytes, r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) / ws : 0.0,
-      r.mean_queue, r.sim_seconds, r.wall_seconds, r.work_saved(), r.bytes_moved(), r.invariants_ok ? "true" : "false");
+      r.mean_queue, r.sim_seconds, r.wall_seconds, r.work_saved(), r.bytes_moved(), r.prefix_sharing ? "true" : "false",
+      r.bytes_stored, r.bytes_stored_peak, r.bytes_stored_dram, r.bytes_stored_ssd, r.bytes_referenced,
+      r.shared_hit_rate(), r.bytes_dedup, (unsigned long long)r.prefix_cuts, r.invariants_ok ? "true" : "false");
   o << buf;
+  // OPT knows each session's next use; a block shared by several sessions is worth its
+  // holders' and future sessions' earliest use, which it does not see: with sharing it
+  // is a heuristic, not a bound.
+  if (r.kind == policy_kind::opt) o << ", \"opt_bound\": " << (r.prefix_sharing ? "false" : "true");
 }
 
 // ---------------------------------------------------------------- sweep and plot
@@ -635,6 +673,12 @@ int main(int argc, char** argv) {
                  100 * st.multi_turn_fraction, st.mean_input, st.mean_output, st.mean_session_tokens,
                  100 * st.sessions_over_2k, 100 * st.sessions_over_4k, st.mean_think, st.duration,
                  w.open_loop ? "open" : "closed");
+    if (st.prefixes > 0)
+      std::fprintf(stdout,
+                   "system prompts: %llu distinct, %.0f%% of sessions start with one, mean %.0f tokens, %.1f%% of "
+                   "their tokens repeat a prompt an earlier session used; prefix sharing %s\n",
+                   (unsigned long long)st.prefixes, 100 * st.sessions_with_prefix, st.mean_prefix_tokens,
+                   100 * st.repeated_prefix_fraction, c.config.prefix_sharing ? "on" : "off (--no-prefix-sharing)");
   }
   if (c.stats_only) return 0;
   if (c.bound) {
@@ -729,6 +773,7 @@ int main(int argc, char** argv) {
                    human_bytes(r.prefetch_bound_bytes).c_str(), r.mean_queue, r.sim_seconds,
                    r.invariants_ok ? "" : ", INVARIANT BROKEN: ", r.invariant_error.c_str());
     }
+    if (w.prefixes > 0) print_storage(results, stdout);
   }
   const trace_truth truth = truth_of(w);
   if (!c.quiet) {

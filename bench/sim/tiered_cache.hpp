@@ -24,6 +24,21 @@
 // needed, and declines (bypasses) what would be used after all of those; demotion is
 // partial (tail first) too, and never drops.
 //
+// Shared prefixes (docs/sim.md, "Shared prefixes"): when the engine says that the first
+// `shared` blocks of a session's history are a system prompt other sessions may share
+// (save's and admit's last argument; 0: none, every block the session's own), those
+// blocks are content-addressed in shared_blocks by their chain hashes instead of being
+// kept in the session's index record, whose chain then starts after them. A session
+// holds (claims) each of its shared blocks in one tier, as it would a block of its own,
+// and the policies see its claims in its block counts; physically a block has at most
+// one copy per tier, reference-counted by the claims in that tier. So a save finds a
+// shared block already in DRAM and writes nothing, a lookup finds it wherever any holder
+// keeps it (also for a session that never stored it), demoting a holder writes an SSD
+// copy only when none exists, and dropping a holder frees its private blocks and only
+// the copies it was the last to claim. OPT's next use is per session; with shared blocks
+// it is a heuristic, not a bound (a shared block's next use is its holders' and future
+// sessions' earliest, which the oracle does not see).
+//
 // Single-threaded (the simulator is); the index's locks are taken but never contended.
 #pragma once
 
@@ -43,6 +58,7 @@
 #include "attnstore/policy/watermark.hpp"
 
 #include "belady.hpp"
+#include "shared_blocks.hpp"
 
 namespace attnstore::sim {
 
@@ -99,7 +115,9 @@ struct cache_counters {
   std::uint64_t bypassed_blocks = 0;  ///< OPT declined to store
   std::uint64_t rejected_blocks = 0;  ///< no room at all for a save
   std::uint64_t truncated_blocks = 0, expired_sessions = 0, closed_sessions = 0;
-  std::uint64_t prefetch_waits = 0;  ///< turns that started while their promotion was in flight
+  std::uint64_t prefetch_waits = 0;     ///< turns that started while their promotion was in flight
+  std::uint64_t shared_hit_tokens = 0;  ///< hit_tokens found in shared prefix blocks
+  std::uint64_t dedup_blocks = 0;       ///< shared blocks a save found in DRAM (not written)
 };
 
 struct hit {
@@ -107,6 +125,7 @@ struct hit {
   std::uint64_t dram_tokens = 0;      ///< of which in DRAM
   std::uint64_t ssd_tokens = 0;       ///< of which on SSD (including those being promoted)
   std::uint64_t inflight_tokens = 0;  ///< of the SSD ones, those whose promotion was in flight
+  std::uint64_t shared_tokens = 0;    ///< of `tokens`, those in shared prefix blocks
   std::uint32_t record = no_slot;
   std::uint64_t waited_ticket = 0;  ///< that promotion (finished now; the engine charges the wait)
 };
@@ -160,6 +179,8 @@ class tiered_cache {
         reserved_(max_records(o)),
         locations_(o.max_session_blocks + 2) {
     scratch_.reserve(o.max_session_blocks + 2);
+    keys_.resize(o.max_session_blocks + 2);
+    ids_.resize(o.max_session_blocks + 2);
     if (o.kind == policy_kind::none) throw std::invalid_argument("tiered_cache: kind none has no cache");
     if (o.max_session_blocks == 0) throw std::invalid_argument("tiered_cache: max_session_blocks is 0");
     if (o.dram_blocks < o.max_session_blocks + 1)
@@ -222,13 +243,33 @@ class tiered_cache {
   /// Turn start: the session leaves the queue; the reusable prefix of `history` and
   /// where it is. A promotion in flight for the session is finished (the engine charges
   /// the wait). `prompt_tokens`: the turn's prompt (history and new message), told to
-  /// the policy as the store does (0: not told).
+  /// the policy as the store does (0: not told). `shared`: the first this many blocks of
+  /// `history` are a shared prefix (a session that holds shared blocks uses its own
+  /// count); they hit wherever any session keeps them, even when this one is not stored.
   hit admit(const session_hash& key, std::span<const token_id> history, std::uint64_t now,
-            std::uint64_t prompt_tokens = 0) {
+            std::uint64_t prompt_tokens = 0, std::uint32_t shared = 0) {
     hit h;
     ++c_.lookups;
     locked_session s = index_.open(key, false);
-    if (!s) return h;
+    const std::uint32_t tpb = o_.tokens_per_block;
+    const std::uint32_t hp = shared_prefix_of(s ? s.record_id() : no_slot, shared, history.size());
+    // The shared part: content-addressed, wherever a holder keeps it (DRAM when any does).
+    std::uint32_t k = 0;
+    if (hp > 0 && shared_.reserved()) {
+      prefix_keys(history, hp);
+      for (; k < hp; ++k) {
+        const std::uint32_t id = shared_.find(keys_[k]);
+        if (id == shared_blocks::none) break;
+        ids_[k] = id;
+      }
+    }
+    h.shared_tokens = std::uint64_t(k) * tpb;
+    if (!s) {
+      for (std::uint32_t i = 0; i < k; ++i) (shared_[ids_[i]].dram_refs ? h.dram_tokens : h.ssd_tokens) += tpb;
+      h.tokens = h.shared_tokens;
+      count_hit(h);
+      return h;
+    }
     const std::uint32_t r = s.record_id();
     h.record = r;
     policy_->dequeue(r);
@@ -238,10 +279,24 @@ class tiered_cache {
       flying = pf_->blocks_in_flight(r);
       ++c_.prefetch_waits;
     }
-    lookup_result lr = index_.lookup(s, model_, history, locations_);
-    if (lr.blocks > locations_.size()) {  // longer than max_session_blocks: look again
-      locations_.resize(lr.blocks);
-      lr = index_.lookup(s, model_, history, locations_);
+    const holder* ho = holder_of(r);
+    for (std::uint32_t i = 0; i < k; ++i) {
+      const bool in_dram = shared_[ids_[i]].dram_refs > 0;
+      (in_dram ? h.dram_tokens : h.ssd_tokens) += tpb;
+      // Promotions take the session's SSD blocks in prefix order, its SSD claims first.
+      if (ho && i < ho->ids.size() && !ho->in_dram[i] && flying) {
+        --flying;
+        if (!in_dram) h.inflight_tokens += tpb;
+      }
+    }
+    lookup_result lr{};
+    if (k == hp) {  // the session's own blocks follow the shared ones
+      const auto rest = history.subspan(std::size_t(hp) * tpb);
+      lr = index_.lookup(s, model_, rest, locations_);
+      if (lr.blocks > locations_.size()) {  // longer than max_session_blocks: look again
+        locations_.resize(lr.blocks);
+        lr = index_.lookup(s, model_, rest, locations_);
+      }
     }
     const std::uint32_t n = std::min<std::uint32_t>(lr.blocks, std::uint32_t(locations_.size()));
     for (std::uint32_t i = 0; i < n; ++i) {
@@ -256,11 +311,8 @@ class tiered_cache {
       }
     }
     if (h.waited_ticket) finish_promotion(s, pf_->complete(r, h.waited_ticket));
-    h.tokens = lr.tokens;
-    c_.hit_tokens += h.tokens;
-    c_.dram_hit_tokens += h.dram_tokens;
-    c_.ssd_hit_tokens += h.ssd_tokens;
-    if (h.tokens) ++c_.lookup_hits;
+    h.tokens = h.shared_tokens + lr.tokens;
+    count_hit(h);
     policy_->on_access(r, now);
     if (prompt_tokens > 0) policy_->on_prompt(r, prompt_tokens);
     return h;
@@ -268,9 +320,11 @@ class tiered_cache {
 
   /// Turn end: stores the session whose history is now `tokens` (its earlier blocks
   /// stay; the partial last block and the new ones are written to DRAM). `next_use` is
-  /// for OPT only: when the session is used next (belady::never when never).
+  /// for OPT only: when the session is used next (belady::never when never). `shared`:
+  /// the first this many blocks are a shared prefix (taken when the session is first
+  /// stored; the session then holds them as claims on shared_blocks entries).
   void save(const session_hash& key, std::span<const token_id> tokens, std::uint64_t now,
-            std::uint64_t next_use = policy::belady::never) {
+            std::uint64_t next_use = policy::belady::never, std::uint32_t shared = 0) {
     const std::uint32_t tpb = o_.tokens_per_block;
     const std::uint32_t total = std::uint32_t((tokens.size() + tpb - 1) / tpb);
     if (total == 0) return;
@@ -279,30 +333,56 @@ class tiered_cache {
       locked_session s = index_.open(key, true);
       if (!s) return;  // cannot happen: records outnumber blocks
       r = s.record_id();
-      if (!policy_->live(r)) policy_->on_insert(r, now, identity_of(key));
+      if (!policy_->live(r)) {
+        policy_->on_insert(r, now, identity_of(key));
+        if (shared > 0) start_holding(r, shared_prefix_of(no_slot, shared, tokens.size()));
+      }
       if (opt_) opt_->set_next_use(r, next_use);
       if (pf_) pf_->cancel(r, *this);
+      holder* ho = holder_of(r);
+      const std::uint32_t hp = ho ? std::min(ho->prefix, std::uint32_t(tokens.size() / tpb)) : 0;
+      const std::uint32_t held = ho ? std::min(hp, std::uint32_t(ho->ids.size())) : 0;
+      if (hp > 0) {
+        prefix_keys(tokens, hp);
+        upgrade_claims(r);
+      }
       // Stored full blocks stay (token ids never change in the simulator, so they match).
-      std::uint32_t first = 0;
-      for (std::uint32_t b = s.first_block(); b != no_slot && s.meta(b).tokens == tpb && first < total;
-           b = s.meta(b).next)
-        ++first;
+      // A session holding only part of its shared prefix has no blocks of its own.
+      std::uint32_t first = held;
+      if (held == hp)
+        for (std::uint32_t b = s.first_block(); b != no_slot && s.meta(b).tokens == tpb && first < total;
+             b = s.meta(b).next)
+          ++first;
       std::uint32_t want = total - first;
       bool wrote = false;
       if (want > 0) {
-        std::uint32_t allowed = want;
-        if (opt_) allowed = opt_total_room(r, want);
-        c_.bypassed_blocks += want - allowed;
+        // DRAM slots needed for the first m blocks from `first`, and how many blocks
+        // `slots` slots store: a shared block already in DRAM needs none.
+        auto need = [&](std::uint32_t m) { return dram_need(first, m, hp); };
+        auto fit = [&](std::uint32_t slots, std::uint32_t m) { return blocks_within(first, m, hp, slots); };
+        std::uint32_t allowed = need(want);
+        if (opt_) allowed = opt_total_room(r, allowed);
+        const std::uint32_t m = hp > 0 ? fit(allowed, want) : allowed;
+        c_.bypassed_blocks += want - m;
+        const std::uint32_t m_slots = hp > 0 ? need(m) : m;
         if (opt_)
-          opt_dram_room(s, r, allowed, first);
+          opt_dram_room(s, r, m_slots, first);
         else
-          dram_room_for_save(s, r, allowed, first);
-        const std::uint32_t n = std::min(allowed, dram_free());
-        c_.rejected_blocks += allowed - n;
-        if (n > 0) write_blocks(s, tokens, first, n);
-        wrote = n > 0;
+          dram_room_for_save(s, r, m_slots, first);
+        const std::uint32_t n = hp > 0 ? fit(dram_free(), m) : std::min(m, dram_free());
+        c_.rejected_blocks += m - n;
+        // Shared blocks first (claims), then the session's own.
+        const std::uint32_t own = std::max(first, hp);  // the session's own blocks start here
+        std::uint32_t i = first;
+        for (; i < std::min(first + n, own); ++i)
+          if (!claim_for_save(r, keys_[i])) break;
+        if (i == std::min(first + n, own) && first + n > own) {
+          write_blocks(s, tokens.subspan(std::size_t(hp) * tpb), own - hp, first + n - own);
+          wrote = true;
+        }
       }
-      if (s.block_count() == 0) {
+      if (s.block_count() == 0 && holding(r) == 0) {
+        stop_holding(r);
         s.erase();
         policy_->on_erase(r);
         return;
@@ -319,41 +399,44 @@ class tiered_cache {
   /// slice: decoupled positional encoding keeps the rest valid). `kept` is the new
   /// history; the retained blocks are re-keyed (chain hashes from the new start).
   void truncate_front(const session_hash& key, std::uint32_t blocks, std::span<const token_id> kept) {
+    truncate(key, 0, blocks, kept);
+  }
+
+  /// The history lost blocks [from, from + blocks) (a truncation that keeps the system
+  /// prompt's blocks at the front drops the oldest blocks after them). `kept` is the new
+  /// history; the blocks after the cut are re-keyed. A session holding a shared prefix
+  /// keeps the shared blocks before `from` and lets go of the others (its history no
+  /// longer starts with the whole prompt); a cut inside the shared prefix must reach
+  /// past it.
+  void truncate(const session_hash& key, std::uint32_t from, std::uint32_t blocks, std::span<const token_id> kept) {
     locked_session s = index_.open(key, false);
     if (!s || blocks == 0) return;
     const std::uint32_t r = s.record_id();
     if (pf_) pf_->cancel(r, *this);
-    std::uint32_t b = s.truncate(0);
-    for (std::uint32_t i = 0; i < blocks && b != no_slot; ++i) {
-      const std::uint32_t next = index_.block(b).next;
-      index_.block(b).next = no_slot;
-      release_chain(b);
-      ++c_.truncated_blocks;
-      b = next;
-    }
-    // Re-key the rest: block i now starts at kept[i * tpb].
+    holder* ho = holder_of(r);
+    const std::uint32_t hp = ho ? ho->prefix : 0;
     const std::uint32_t tpb = o_.tokens_per_block;
-    hash128 prev{};
-    std::uint32_t n = 0;
-    for (std::uint32_t x = b; x != no_slot; x = index_.block(x).next, ++n) {
-      auto t = s.tokens_of(x);
-      const std::size_t at = std::size_t(n) * tpb;
-      if (at + t.size() > kept.size() || !std::equal(t.begin(), t.end(), kept.begin() + std::ptrdiff_t(at))) {
-        // Not the expected slice (the caller's bug): drop the rest rather than serve it.
-        release_chain(x);
-        if (n == 0)
-          b = no_slot;
-        else {
-          std::uint32_t y = b;
-          for (std::uint32_t i = 1; i < n; ++i) y = index_.block(y).next;
-          index_.block(y).next = no_slot;
-        }
-        break;
+    if (hp > 0 && from < hp) {
+      if (from + blocks < hp && s.block_count() > 0) {
+        // Shared blocks after the cut would become the session's own: not modelled (the
+        // engine never cuts inside the prompt); drop the session instead.
+        c_.truncated_blocks += view_count(s);
+        drop_locked(s, false);
+        return;
       }
-      prev = index_.block(x).chain = chain_hash(prev, model_, t);
+      // The shared prefix shrinks to the blocks before the cut.
+      while (ho->ids.size() > from) {
+        unclaim(*ho, std::uint32_t(ho->ids.size() - 1));
+        ++c_.truncated_blocks;
+      }
+      const std::uint32_t own_cut = from + blocks > hp ? from + blocks - hp : 0;
+      ho->prefix = from;
+      cut_own(s, 0, own_cut, kept.subspan(std::min(kept.size(), std::size_t(from) * tpb)));
+    } else {
+      cut_own(s, from - hp, blocks, kept.subspan(std::min(kept.size(), std::size_t(hp) * tpb)));
     }
-    if (b != no_slot && n > 0) (void)s.publish(0, b, n);
-    if (s.block_count() == 0) {
+    if (s.block_count() == 0 && holding(r) == 0) {
+      stop_holding(r);
       s.erase();
       policy_->on_erase(r);
       return;
@@ -386,7 +469,14 @@ class tiered_cache {
   /// plan_prefetch() once it has scheduled what it can (only what still waits is worth
   /// fetching).
   void enqueue(const session_hash& key, std::uint64_t position, std::uint64_t now) {
-    const std::uint32_t r = record_of(key);
+    std::uint32_t r;
+    {
+      locked_session s = index_.open(key, false);
+      r = s ? s.record_id() : no_slot;
+      // Its shared blocks that another holder keeps in DRAM are its in DRAM too (no I/O):
+      // not for the prefetcher to read again.
+      if (s && !(pf_ && pf_->in_flight(r)) && upgrade_claims(r)) sync(s, false);
+    }
     if (r == no_slot) {  // not stored: a policy that evicted it learns when it came back
       policy_->on_miss(identity_of(key), now);
       return;
@@ -456,7 +546,7 @@ class tiered_cache {
       if (!vs) break;
       if (pf_) pf_->cancel(v, *this);
       const std::uint32_t m =
-          opt_ ? std::min({keep + max_blocks - dram_free(), vs.dram_blocks(), ssd_free()}) : vs.dram_blocks();
+          opt_ ? std::min({keep + max_blocks - dram_free(), view_dram(vs), ssd_free()}) : view_dram(vs);
       move_dram_to_ssd(vs, m);
     }
     const std::uint32_t free = dram_free();
@@ -477,13 +567,15 @@ class tiered_cache {
 
   // ------------------------------------------------------------------ inspection
 
-  /// Every block is accounted for exactly once: pools vs index vs policy vs reservations.
+  /// Every block is accounted for exactly once: pools vs index vs shared entries vs
+  /// policy vs reservations; every shared copy's count is its holders' claims.
   bool check(std::string* why = nullptr) {
     auto fail = [&](const std::string& m) {
       if (why) *why = m;
       return false;
     };
-    std::uint64_t dram = 0, ssd = 0, blocks = 0, reserved = 0;
+    std::uint64_t dram = 0, ssd = 0, blocks = 0, reserved = 0, claims = 0;
+    std::vector<std::uint32_t> dram_refs(shared_.capacity(), 0), ssd_refs(shared_.capacity(), 0);
     for (std::uint32_t r = 0; r < reserved_.size(); ++r) {
       reserved += reserved_[r].size();
       const bool flying = pf_ && pf_->in_flight(r);
@@ -506,13 +598,59 @@ class tiered_cache {
         d += m.dram_slot != no_slot;
         sd += m.ssd_slot != no_slot;
       }
-      if (n == 0) return fail("live record without blocks");
-      if (d != policy_->blocks(r, policy::level::dram) || sd != policy_->blocks(r, policy::level::ssd))
-        return fail("policy block counts differ from the index for record " + std::to_string(r));
       dram += d;
       ssd += sd;
       blocks += n;
+      if (const holder* ho = holder_of(r)) {
+        const std::uint32_t held = std::uint32_t(ho->ids.size());
+        if (held > ho->prefix || (held < ho->prefix && n > 0))
+          return fail("record " + std::to_string(r) + " holds part of its shared prefix and blocks of its own");
+        std::uint32_t in = 0;
+        for (std::uint32_t i = 0; i < held; ++i) {
+          const std::uint32_t id = ho->ids[i];
+          if (id >= shared_.capacity()) return fail("claim on no shared entry");
+          ++(ho->in_dram[i] ? dram_refs : ssd_refs)[id];
+          in += ho->in_dram[i];
+        }
+        if (in != ho->dram) return fail("record " + std::to_string(r) + ": DRAM claim count drifted");
+        d += in;
+        sd += held - in;
+        n += held;
+        claims += held;
+      }
+      if (n == 0) return fail("live record without blocks");
+      if (d != policy_->blocks(r, policy::level::dram) || sd != policy_->blocks(r, policy::level::ssd))
+        return fail("policy block counts differ from the index for record " + std::to_string(r));
     }
+    for (std::uint32_t r = 0; r < holders_.size(); ++r)
+      if (!policy_->live(r) && (holders_[r].prefix || !holders_[r].ids.empty()))
+        return fail("a dead record holds shared blocks");
+    if (claims != claims_total_) return fail("claim count drifted");
+    std::uint64_t copies = 0;
+    bool shared_ok = true;
+    std::string shared_why;
+    shared_.for_each([&](std::uint32_t id, const shared_blocks::entry& e) {
+      if (!shared_ok) return;
+      auto bad = [&](const char* m) {
+        shared_ok = false;
+        shared_why = "shared entry " + std::to_string(id) + ": " + m;
+      };
+      if (e.dram_refs != dram_refs[id] || e.ssd_refs != ssd_refs[id]) return bad("references differ from the claims");
+      if (e.dram_refs + e.ssd_refs == 0) return bad("no holder left");
+      if ((e.dram_refs > 0) != (e.dram_slot != no_slot) || (e.ssd_refs > 0) != (e.ssd_slot != no_slot))
+        return bad("a copy without holders, or holders without a copy");
+      if (e.dram_refs && !dram_.is_used(e.dram_slot)) return bad("DRAM slot not in use");
+      if (e.ssd_refs && !ssd_.is_used(e.ssd_slot)) return bad("SSD slot not in use");
+      dram += e.dram_refs > 0;
+      ssd += e.ssd_refs > 0;
+      copies += (e.dram_refs > 0) + (e.ssd_refs > 0);
+    });
+    if (!shared_ok) return fail(shared_why);
+    for (std::uint32_t id = 0; id < shared_.capacity(); ++id)
+      if ((dram_refs[id] || ssd_refs[id]) && shared_[id].dram_refs + shared_[id].ssd_refs == 0)
+        return fail("claim on an erased shared entry");
+    if (copies != shared_copies_) return fail("shared copy count drifted");
+    if (!shared_.check()) return fail("shared table probe runs broken");
     if (dram + reserved != dram_.used())
       return fail("DRAM slots leaked: used " + std::to_string(dram_.used()) + ", accounted " +
                   std::to_string(dram + reserved));
@@ -528,6 +666,17 @@ class tiered_cache {
   }
 
   const cache_counters& counters() const noexcept { return c_; }
+  /// Blocks holding data in DRAM and on SSD (DRAM reserved for promotions in flight
+  /// excluded): what the tiers store, each shared copy once.
+  std::uint32_t stored_dram_blocks() const noexcept { return dram_.used() - reserved_blocks_; }
+  std::uint32_t stored_ssd_blocks() const noexcept { return ssd_.used(); }
+  /// Blocks the stored sessions hold, a shared block once per holder: what the tiers
+  /// would store if every session kept its own copy.
+  std::uint64_t referenced_blocks() const noexcept {
+    return std::uint64_t(stored_dram_blocks()) + stored_ssd_blocks() - shared_copies_ + claims_total_;
+  }
+  /// Copies of shared blocks stored (DRAM and SSD).
+  std::uint32_t shared_copies() const noexcept { return shared_copies_; }
   policy::eviction_policy& policy() noexcept { return *policy_; }
   policy::prefetcher* prefetcher() noexcept { return pf_.get(); }
   policy::predictive* predictive() noexcept { return pred_; }
@@ -539,6 +688,18 @@ class tiered_cache {
   const cache_index& index() const noexcept { return index_; }
 
  private:
+  /// The shared blocks a session holds (its claims): the first `prefix` blocks of its
+  /// history are shared; ids[i] is the shared_blocks entry of block i, claimed in DRAM
+  /// when in_dram[i], for i < ids.size() (<= prefix). Its index record holds the blocks
+  /// after the prefix, chain hashes starting there, and only when it holds the whole
+  /// prefix (a partial save or a tail drop leaves fewer claims and no blocks of its own).
+  struct holder {
+    std::uint32_t prefix = 0;
+    std::vector<std::uint32_t> ids;
+    std::vector<std::uint8_t> in_dram;
+    std::uint32_t dram = 0;  ///< claims in DRAM
+  };
+
   static std::uint32_t max_records(const cache_options& o) noexcept {
     return std::uint32_t(std::min<std::uint64_t>(std::uint64_t(o.dram_blocks) + o.ssd_blocks + 1024, 0x7fffffffu));
   }
@@ -554,12 +715,224 @@ class tiered_cache {
     return io;
   }
 
+  void count_hit(const hit& h) noexcept {
+    c_.hit_tokens += h.tokens;
+    c_.dram_hit_tokens += h.dram_tokens;
+    c_.ssd_hit_tokens += h.ssd_tokens;
+    c_.shared_hit_tokens += h.shared_tokens;
+    if (h.tokens) ++c_.lookup_hits;
+  }
+
   /// Tells the policy the session's block counts (recounting them unless publish() or
-  /// truncate() just did: the count is O(blocks)).
+  /// truncate() just did: the count is O(blocks)); its shared blocks count in the tier
+  /// it claims them in.
   void sync(locked_session& s, bool recount = true) noexcept {
     if (recount) s.count_tiers();
-    policy_->on_blocks(s.record_id(), policy::level::dram, s.dram_blocks());
-    policy_->on_blocks(s.record_id(), policy::level::ssd, s.ssd_blocks());
+    policy_->on_blocks(s.record_id(), policy::level::dram, view_dram(s));
+    policy_->on_blocks(s.record_id(), policy::level::ssd, view_ssd(s));
+  }
+
+  // ---- the session's view: its shared blocks (claims) first, then its own blocks
+
+  /// The session's shared blocks, or nullptr while no session has held any.
+  holder* holder_of(std::uint32_t r) noexcept { return holders_.empty() ? nullptr : &holders_[r]; }
+  const holder* holder_of(std::uint32_t r) const noexcept { return holders_.empty() ? nullptr : &holders_[r]; }
+  std::uint32_t holding(std::uint32_t r) const noexcept {
+    const holder* ho = holder_of(r);
+    return ho ? std::uint32_t(ho->ids.size()) : 0;
+  }
+  std::uint32_t view_dram(locked_session& s) const noexcept {
+    const holder* ho = holder_of(s.record_id());
+    return s.dram_blocks() + (ho ? ho->dram : 0);
+  }
+  std::uint32_t view_ssd(locked_session& s) const noexcept {
+    const holder* ho = holder_of(s.record_id());
+    return s.ssd_blocks() + (ho ? std::uint32_t(ho->ids.size()) - ho->dram : 0);
+  }
+  std::uint32_t view_count(locked_session& s) const noexcept { return s.block_count() + holding(s.record_id()); }
+
+  /// Shared blocks at the start of a history of `tokens` tokens: the record's own count
+  /// when it is stored, else `shared` (the engine's), at most the whole blocks there are.
+  std::uint32_t shared_prefix_of(std::uint32_t r, std::uint32_t shared, std::size_t tokens) const noexcept {
+    if (r != no_slot) shared = holder_of(r) ? holder_of(r)->prefix : 0;
+    return std::uint32_t(std::min<std::size_t>({shared, tokens / o_.tokens_per_block, keys_.size(), ids_.size()}));
+  }
+
+  /// keys_[i] = chain hash of `tokens` through block i, for i < n (whole blocks).
+  void prefix_keys(std::span<const token_id> tokens, std::uint32_t n) noexcept {
+    const std::uint32_t tpb = o_.tokens_per_block;
+    hash128 prev{};
+    for (std::uint32_t i = 0; i < n; ++i)
+      keys_[i] = prev = chain_hash(prev, model_, tokens.subspan(std::size_t(i) * tpb, tpb));
+  }
+
+  /// Record r starts holding a shared prefix of `prefix` blocks (none claimed yet). The
+  /// table and the per-record state are made on first use.
+  void start_holding(std::uint32_t r, std::uint32_t prefix) {
+    if (prefix == 0) return;
+    if (holders_.empty()) {
+      holders_.resize(max_records(o_));
+      shared_.reserve(
+          std::uint32_t(std::min<std::uint64_t>(std::uint64_t(o_.dram_blocks) + o_.ssd_blocks, 0x7fffffffu)));
+    }
+    holder& ho = holders_[r];
+    ho.prefix = prefix;
+    ho.ids.reserve(keys_.size());
+    ho.in_dram.reserve(keys_.size());
+  }
+  /// Record r is erased: it must have let go of its claims.
+  void stop_holding(std::uint32_t r) noexcept {
+    if (holder* ho = holder_of(r)) ho->prefix = 0;
+  }
+
+  /// The DRAM slots to store blocks [first, first + m) of a session whose first `prefix`
+  /// blocks are shared (keys_ filled): one each, except a shared block already in DRAM.
+  std::uint32_t dram_need(std::uint32_t first, std::uint32_t m, std::uint32_t prefix) const noexcept {
+    std::uint32_t need = 0;
+    for (std::uint32_t i = first; i < first + m; ++i) need += i >= prefix || !in_dram_copy(keys_[i]);
+    return need;
+  }
+  /// How many of blocks [first, first + m) fit in `slots` DRAM slots, in order.
+  std::uint32_t blocks_within(std::uint32_t first, std::uint32_t m, std::uint32_t prefix,
+                              std::uint32_t slots) const noexcept {
+    std::uint32_t i = first;
+    for (; i < first + m; ++i) {
+      const std::uint32_t cost = i >= prefix || !in_dram_copy(keys_[i]);
+      if (cost > slots) break;
+      slots -= cost;
+    }
+    return i - first;
+  }
+  bool in_dram_copy(const hash128& key) const noexcept {
+    const std::uint32_t id = shared_.find(key);
+    return id != shared_blocks::none && shared_[id].dram_refs > 0;
+  }
+
+  /// A save claims the shared block `key` in DRAM: the DRAM copy when there is one (no
+  /// write), else a new copy written from HBM. False when there is no room (the caller
+  /// made it, so only on a bug) or no table entry left.
+  bool claim_for_save(std::uint32_t r, const hash128& key) noexcept {
+    std::uint32_t id = shared_.find(key);
+    if (id == shared_blocks::none) {
+      if (dram_free() == 0) return false;
+      id = shared_.insert(key);
+      if (id == shared_blocks::none) return false;
+    }
+    shared_blocks::entry& e = shared_[id];
+    if (e.dram_refs == 0) {
+      const std::uint32_t slot = dram_.allocate();
+      if (slot == no_slot) {
+        if (e.ssd_refs == 0) shared_.erase(id);
+        return false;
+      }
+      e.dram_slot = slot;
+      ++shared_copies_;
+      ++c_.saved_blocks;
+    } else {
+      ++c_.dedup_blocks;
+    }
+    ++e.dram_refs;
+    holder& ho = holders_[r];
+    ho.ids.push_back(id);
+    ho.in_dram.push_back(1);
+    ++ho.dram;
+    ++claims_total_;
+    return true;
+  }
+
+  /// Lets go of claim i (the last one: claims stay a prefix). Returns the copies freed
+  /// (0 or 1); erases the entry when nobody holds it.
+  std::uint32_t unclaim(holder& ho, std::uint32_t i) noexcept {
+    const std::uint32_t id = ho.ids[i];
+    shared_blocks::entry& e = shared_[id];
+    std::uint32_t freed = 0;
+    if (ho.in_dram[i]) {
+      --ho.dram;
+      if (--e.dram_refs == 0) {
+        dram_.release(e.dram_slot);
+        e.dram_slot = no_slot;
+        ++freed;
+      }
+    } else if (--e.ssd_refs == 0) {
+      ssd_.release(e.ssd_slot);
+      e.ssd_slot = no_slot;
+      ++freed;
+    }
+    shared_copies_ -= freed;
+    if (e.dram_refs + e.ssd_refs == 0) shared_.erase(id);
+    ho.ids.pop_back();
+    ho.in_dram.pop_back();
+    --claims_total_;
+    return freed;
+  }
+  /// Lets go of every claim of record r; returns the copies freed.
+  std::uint32_t unclaim_all(std::uint32_t r) noexcept {
+    holder* ho = holder_of(r);
+    std::uint32_t freed = 0;
+    while (ho && !ho->ids.empty()) freed += unclaim(*ho, std::uint32_t(ho->ids.size() - 1));
+    return freed;
+  }
+
+  /// Claim i of `ho` moves from DRAM to SSD: onto the SSD copy when there is one (no
+  /// write), else a new copy. False when there is no SSD slot.
+  bool demote_claim(holder& ho, std::uint32_t i) noexcept {
+    shared_blocks::entry& e = shared_[ho.ids[i]];
+    if (e.ssd_refs == 0) {
+      const std::uint32_t slot = ssd_.allocate();
+      if (slot == no_slot) return false;
+      e.ssd_slot = slot;
+      ++shared_copies_;
+      ++c_.demoted_blocks;
+    }
+    ++e.ssd_refs;
+    if (--e.dram_refs == 0) {
+      dram_.release(e.dram_slot);
+      e.dram_slot = no_slot;
+      --shared_copies_;
+    }
+    ho.in_dram[i] = 0;
+    --ho.dram;
+    return true;
+  }
+  /// Claim i of `ho` moves from SSD to DRAM onto `slot` (a reserved DRAM slot, returned
+  /// when the DRAM copy already exists; no_slot: only onto an existing DRAM copy).
+  void promote_claim(holder& ho, std::uint32_t i, std::uint32_t slot) noexcept {
+    shared_blocks::entry& e = shared_[ho.ids[i]];
+    if (e.dram_refs == 0) {
+      e.dram_slot = slot;
+      ++shared_copies_;
+    } else if (slot != no_slot) {
+      dram_.release(slot);
+    }
+    ++e.dram_refs;
+    if (--e.ssd_refs == 0) {
+      ssd_.release(e.ssd_slot);
+      e.ssd_slot = no_slot;
+      --shared_copies_;
+    }
+    ho.in_dram[i] = 1;
+    ++ho.dram;
+  }
+  /// Record r's SSD claims on blocks with a DRAM copy move onto it (no I/O). Returns
+  /// whether any did.
+  bool upgrade_claims(std::uint32_t r) noexcept {
+    holder* ho = holder_of(r);
+    if (!ho || ho->dram == ho->ids.size()) return false;
+    bool any = false;
+    for (std::uint32_t i = 0; i < ho->ids.size(); ++i) {
+      if (ho->in_dram[i] || shared_[ho->ids[i]].dram_refs == 0) continue;
+      promote_claim(*ho, i, no_slot);
+      any = true;
+    }
+    return any;
+  }
+  /// SSD slots a whole demotion of the session needs: its own DRAM blocks, and its DRAM
+  /// claims on blocks without an SSD copy.
+  std::uint32_t ssd_need_to_demote(locked_session& s) const noexcept {
+    std::uint32_t need = s.dram_blocks();
+    if (const holder* ho = holder_of(s.record_id()))
+      for (std::uint32_t i = 0; i < ho->ids.size(); ++i) need += ho->in_dram[i] && shared_[ho->ids[i]].ssd_refs == 0;
+    return need;
   }
 
   void release_chain(std::uint32_t b) noexcept {
@@ -573,47 +946,116 @@ class tiered_cache {
     }
   }
 
+  /// Drops the session's own blocks [a, a + d) and re-keys the rest: own block i then
+  /// starts at kept[i * tpb]. A block whose tokens are not there (the caller's bug) is
+  /// dropped with everything after it rather than served.
+  void cut_own(locked_session& s, std::uint32_t a, std::uint32_t d, std::span<const token_id> kept) noexcept {
+    std::uint32_t head = s.truncate(0);
+    std::uint32_t before = no_slot, x = head;
+    for (std::uint32_t i = 0; i < a && x != no_slot; ++i) {
+      before = x;
+      x = index_.block(x).next;
+    }
+    for (std::uint32_t i = 0; i < d && x != no_slot; ++i) {
+      const std::uint32_t next = index_.block(x).next;
+      index_.block(x).next = no_slot;
+      release_chain(x);
+      ++c_.truncated_blocks;
+      x = next;
+    }
+    if (before == no_slot)
+      head = x;
+    else
+      index_.block(before).next = x;
+    const std::uint32_t tpb = o_.tokens_per_block;
+    hash128 prev{};
+    std::uint32_t n = 0;
+    for (std::uint32_t y = head; y != no_slot; y = index_.block(y).next, ++n) {
+      auto t = s.tokens_of(y);
+      const std::size_t at = std::size_t(n) * tpb;
+      if (at + t.size() > kept.size() || !std::equal(t.begin(), t.end(), kept.begin() + std::ptrdiff_t(at))) {
+        release_chain(y);
+        if (n == 0)
+          head = no_slot;
+        else {
+          std::uint32_t z = head;
+          for (std::uint32_t i = 1; i < n; ++i) z = index_.block(z).next;
+          index_.block(z).next = no_slot;
+        }
+        break;
+      }
+      prev = index_.block(y).chain = chain_hash(prev, model_, t);
+    }
+    if (head != no_slot && n > 0) (void)s.publish(0, head, n);
+  }
+
   void drop_locked(locked_session& s, bool count_as_eviction = true) noexcept {
     const std::uint32_t r = s.record_id();
     if (pf_) pf_->cancel(r, *this);
+    const std::uint32_t own = s.block_count();
+    release_chain(s.truncate(0));
+    const std::uint32_t freed = unclaim_all(r);
     if (count_as_eviction) {
       ++c_.dropped_sessions;
-      c_.dropped_blocks += s.block_count();
+      c_.dropped_blocks += own + freed;
     }
-    release_chain(s.truncate(0));
+    stop_holding(r);
     s.erase();
     policy_->on_erase(r);
   }
 
-  /// Drops the last `n` blocks of a session (all of it when n >= its blocks).
+  /// Drops the last `n` blocks of a session (all of it when n >= its blocks): its own
+  /// first, then its claims from the last.
   void drop_tail(locked_session& s, std::uint32_t n) noexcept {
-    const std::uint32_t count = s.block_count();
+    const std::uint32_t count = view_count(s);
     if (n >= count) {
       drop_locked(s);
       return;
     }
     if (pf_) pf_->cancel(s.record_id(), *this);
-    c_.dropped_blocks += n;
-    release_chain(s.truncate(count - n));
+    const std::uint32_t own = s.block_count();
+    const std::uint32_t k = std::min(n, own);
+    c_.dropped_blocks += k;
+    release_chain(s.truncate(own - k));
+    if (n > k) {
+      holder& ho = holders_[s.record_id()];
+      for (std::uint32_t i = 0; i < n - k; ++i) c_.dropped_blocks += unclaim(ho, std::uint32_t(ho.ids.size() - 1));
+    }
     sync(s, false);
   }
 
-  /// Moves the session's last `n` DRAM blocks to SSD (all when n >= its DRAM blocks).
-  /// The caller made SSD room.
+  /// Moves the session's last `n` DRAM blocks (its claims first in order, then its own)
+  /// to SSD (all when n >= its DRAM blocks). The caller made SSD room.
   void move_dram_to_ssd(locked_session& s, std::uint32_t n) noexcept {
     scratch_.clear();  // capacity reserved for the longest session: no allocation
     for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next)
       if (s.meta(b).dram_slot != no_slot) scratch_.push_back(b);
     const std::uint32_t k = std::uint32_t(scratch_.size());
     const std::uint32_t from = n >= k ? 0 : k - n;
+    bool room = true;
     for (std::uint32_t i = from; i < k; ++i) {
       const std::uint32_t slot = ssd_.allocate();
-      if (slot == no_slot) break;
+      if (slot == no_slot) {
+        room = false;
+        break;
+      }
       block_meta& m = s.meta(scratch_[i]);
       m.ssd_slot = slot;
       dram_.release(m.dram_slot);
       m.dram_slot = no_slot;
       ++c_.demoted_blocks;
+    }
+    holder* ho = holder_of(s.record_id());
+    if (room && ho && ho->dram > 0 && n > k) {  // DRAM claims too: the last n - k of them
+      std::uint32_t skip = n - k >= ho->dram ? 0 : ho->dram - (n - k);
+      for (std::uint32_t i = 0; i < ho->ids.size(); ++i) {
+        if (!ho->in_dram[i]) continue;
+        if (skip > 0) {
+          --skip;
+          continue;
+        }
+        if (!demote_claim(*ho, i)) break;
+      }
     }
     sync(s);
   }
@@ -636,11 +1078,11 @@ class tiered_cache {
     locked_session vs = index_.try_open_record(v);
     if (!vs) return;
     if (pf_) pf_->cancel(v, *this);
-    if (!ssd_room(vs.dram_blocks(), v, exclude)) {
+    if (!ssd_room(ssd_need_to_demote(vs), v, exclude)) {
       drop_locked(vs);
       return;
     }
-    move_dram_to_ssd(vs, vs.dram_blocks());
+    move_dram_to_ssd(vs, view_dram(vs));
   }
 
   /// lru / scheduler_aware: DRAM room for a save of `n` blocks by `self`, whose blocks
@@ -655,8 +1097,17 @@ class tiered_cache {
     if (dram_free() < n) demote_own_prefix(self, r, n, keep);
   }
 
-  /// store::alloc_dram's last resort: the session's own older blocks go to SSD.
+  /// store::alloc_dram's last resort: the session's own older blocks go to SSD (its
+  /// DRAM claims among them first: they come first in its history).
   void demote_own_prefix(locked_session& self, std::uint32_t r, std::uint32_t n, std::uint32_t keep) noexcept {
+    if (holder* ho = holder_of(r)) {
+      for (std::uint32_t i = 0; i < ho->ids.size() && i < keep && dram_free() < n; ++i) {
+        if (!ho->in_dram[i]) continue;
+        if (shared_[ho->ids[i]].ssd_refs == 0 && ssd_free() == 0 && (opt_ || !ssd_room(1, r, no_slot))) return;
+        if (!demote_claim(*ho, i)) return;
+      }
+      keep = keep > ho->ids.size() ? keep - std::uint32_t(ho->ids.size()) : 0;
+    }
     std::uint32_t pos = 0;
     scratch_.clear();
     for (std::uint32_t b = self.first_block(); b != no_slot && pos < keep; b = self.meta(b).next, ++pos)
@@ -697,7 +1148,7 @@ class tiered_cache {
       locked_session vs = index_.try_open_record(v);
       if (!vs) break;
       if (pf_) pf_->cancel(v, *this);
-      move_dram_to_ssd(vs, std::min({n - dram_free(), vs.dram_blocks(), ssd_free()}));
+      move_dram_to_ssd(vs, std::min({n - dram_free(), view_dram(vs), ssd_free()}));
     }
     if (dram_free() < n) demote_own_prefix(self, r, n, keep);
   }
@@ -728,11 +1179,19 @@ class tiered_cache {
     release_chain(s.publish(first, head, made));
   }
 
-  /// Moves up to n SSD-only blocks (prefix order) into the session's reserved DRAM.
+  /// Moves up to n SSD-only blocks (prefix order: SSD claims first) into the session's
+  /// reserved DRAM.
   void finish_promotion(locked_session& s, std::uint32_t n) noexcept {
     auto& res = reserved_[s.record_id()];
     reserved_blocks_ -= std::uint32_t(res.size());
     std::uint32_t moved = 0;
+    if (holder* ho = holder_of(s.record_id()))
+      for (std::uint32_t i = 0; i < ho->ids.size() && moved < n && !res.empty(); ++i) {
+        if (ho->in_dram[i]) continue;
+        promote_claim(*ho, i, res.back());
+        res.pop_back();
+        ++moved;
+      }
     for (std::uint32_t b = s.first_block(); b != no_slot && moved < n && !res.empty(); b = s.meta(b).next) {
       block_meta& m = s.meta(b);
       if (m.ssd_slot == no_slot) continue;
@@ -761,8 +1220,7 @@ class tiered_cache {
         locked_session vs = index_.try_open_record(v);
         if (!vs) return;
         if (pf_) pf_->cancel(v, *this);
-        move_dram_to_ssd(vs,
-                         std::min({watermark_.high - dram_free() - reserved_blocks_, vs.dram_blocks(), ssd_free()}));
+        move_dram_to_ssd(vs, std::min({watermark_.high - dram_free() - reserved_blocks_, view_dram(vs), ssd_free()}));
         continue;
       }
       const std::uint32_t v = policy_->pick_victim(policy::level::dram, [](std::uint32_t) noexcept { return true; });
@@ -798,6 +1256,12 @@ class tiered_cache {
   std::vector<std::vector<std::uint32_t>> reserved_;  // DRAM slots reserved per record
   std::vector<std::uint32_t> scratch_;
   std::vector<block_location> locations_;
+  shared_blocks shared_;             // shared prefix blocks, content-addressed (reserved on first use)
+  std::vector<holder> holders_;      // by record; empty until a session holds shared blocks
+  std::vector<hash128> keys_;        // chain hashes of a history's shared blocks
+  std::vector<std::uint32_t> ids_;   // their shared_ entries (admit)
+  std::uint64_t claims_total_ = 0;   // claims of all records
+  std::uint32_t shared_copies_ = 0;  // shared copies stored, DRAM and SSD
   model_id model_{};
   policy::demotion_watermark watermark_{};
   std::uint32_t watermark_blocks_ = 0;

@@ -23,6 +23,9 @@
 
 namespace attnstore::trace {
 
+/// request::prefix of a session without a shared system prompt.
+inline constexpr std::uint32_t no_prefix = ~0u;
+
 /// One turn of one session.
 struct request {
   std::uint32_t session = 0;        ///< dense session number (0..sessions-1)
@@ -38,6 +41,14 @@ struct request {
   /// Last turn of a session only: seconds after its reply when the user left (the
   /// simulator's "left" hint); 0: not known (as for typing), or not the last turn.
   double leave = 0;
+  /// The shared system prompt the session starts with (every turn of the session carries
+  /// the same two values): an id that the sessions using the same prompt share, 0 ..
+  /// workload::prefixes - 1, or no_prefix; and its length in tokens, which are the first
+  /// prefix_tokens of turn 0's input_tokens (turn 0's prompt is the system prompt
+  /// followed by the user's first message). The simulator stores a prompt's blocks once
+  /// for all the sessions that hold it (docs/sim.md, "Shared prefixes").
+  std::uint32_t prefix = no_prefix;
+  std::uint32_t prefix_tokens = 0;
 };
 
 /// Sessions, each a contiguous run of requests in turn order; sessions are ordered by
@@ -47,6 +58,7 @@ struct workload {
   std::vector<request> requests;
   std::vector<std::uint32_t> first;  ///< session s is requests[first[s], first[s+1])
   bool open_loop = false;            ///< replay by `arrival` (imported logs) or by `think`
+  std::uint32_t prefixes = 0;        ///< distinct system prompts (request::prefix ids)
 
   std::uint32_t sessions() const noexcept { return first.empty() ? 0 : std::uint32_t(first.size() - 1); }
   std::span<const request> session(std::uint32_t s) const noexcept {
@@ -95,6 +107,18 @@ struct generator_options {
   /// Open-loop timestamps: arrival of turn k+1 = arrival of turn k + output tokens of
   /// turn k * this + think. Used only for open-loop replay.
   double nominal_seconds_per_output_token = 0.03;
+  /// Shared system prompts. `apps` applications (0, the default: none), each with a
+  /// number of prompts drawn uniformly from [prompts_per_app_min, prompts_per_app_max],
+  /// each prompt `system_prompt` tokens long (drawn once per prompt). A session belongs
+  /// to app k (0-based) with probability proportional to 1 / (k + 1)^app_skew (Zipf: a
+  /// few popular apps, a long tail) and uses one of its app's prompts, chosen uniformly;
+  /// its first prompt is that system prompt followed by the user's message (first_input
+  /// tokens). These draws use their own generator, so the conversations (turns, tokens,
+  /// times) are those of the same options without apps.
+  std::uint32_t apps = 0;
+  std::uint32_t prompts_per_app_min = 2, prompts_per_app_max = 4;
+  lognormal system_prompt{1800, 0.4, 1000, 4000};
+  double app_skew = 1.0;
 };
 
 /// Preset names: "paper" (ShareGPT-like, the paper's setup), "light" (the same
@@ -103,7 +127,9 @@ struct generator_options {
 /// "think" (the paper's conversations with a user who reads each reply and types the next
 /// prompt: reading time grows with the reply, log-normal typing time with a heavy tail,
 /// and users who leave when a turn would take longer than their patience), "diurnal"
-/// (think's conversations, arrival rate following a 24-hour day).
+/// (think's conversations, arrival rate following a 24-hour day), "shared-prompt" (20
+/// applications with 2-4 system prompts of 1K-4K tokens each; every session starts with
+/// one of its app's prompts, then converses as in "paper").
 std::span<const std::string_view> preset_names() noexcept;
 /// Options of a preset. Throws std::invalid_argument naming the allowed presets.
 generator_options preset(std::string_view name);
@@ -118,12 +144,17 @@ workload generate(const generator_options& options);
 ///   "input_tokens"   integer 0..4e9 (required): new prompt tokens of the turn
 ///   "output_tokens"  integer 0..4e9 (required): reply tokens
 ///   "timestamp"      number, seconds within +-1e15 (required): when the prompt was sent
+///   "prefix"         string, or integer within +-2^53 (optional): the shared system
+///                    prompt the session starts with; sessions with equal values share it
+///   "prefix_tokens"  integer 0..4e9 (with "prefix"): its length, part of the first turn's
+///                    input_tokens (at most those)
 /// Other keys (any JSON value nested up to 64 deep) are ignored; blank lines and lines
 /// starting with '#' are skipped. The result replays open loop; think = gap between
 /// consecutive prompts of a session. Memory is linear in the input.
 /// Returns invalid_argument on a malformed line, with "line N: what" in *error.
 result<workload> read_jsonl(std::istream& in, std::string* error = nullptr);
-/// Writes a trace in the same format (session as an integer, turn, tokens, timestamp).
+/// Writes a trace in the same format (session as an integer, turn, tokens, timestamp, and
+/// prefix and prefix_tokens for sessions with a system prompt).
 void write_jsonl(const workload& w, std::ostream& out);
 
 /// Summary statistics (the checks against PAPER.md). Session tokens = sum of input and
@@ -135,6 +166,12 @@ struct workload_stats {
   double mean_session_tokens = 0;
   double sessions_over_2k = 0, sessions_over_4k = 0;  ///< fractions of sessions
   double duration = 0;                                ///< seconds to the last session's arrival
+  std::uint64_t prefixes = 0;                         ///< distinct system prompts the sessions use
+  double sessions_with_prefix = 0;                    ///< fraction of sessions with a system prompt
+  double mean_prefix_tokens = 0;                      ///< over those sessions
+  /// System-prompt tokens of the sessions that use a prompt some earlier session used /
+  /// all their system-prompt tokens: what sharing could save at most.
+  double repeated_prefix_fraction = 0;
 };
 workload_stats describe(const workload& w);
 

@@ -76,7 +76,7 @@ inline void check_lognormal(const lognormal& d, const char* field) {
 }  // namespace detail
 
 inline std::span<const std::string_view> preset_names() noexcept {
-  static constexpr std::string_view names[] = {"paper", "light", "heavy", "long", "think", "diurnal"};
+  static constexpr std::string_view names[] = {"paper", "light", "heavy", "long", "think", "diurnal", "shared-prompt"};
   return names;
 }
 
@@ -96,6 +96,21 @@ inline generator_options preset(std::string_view name) {
   // Think time is not published; ours: median 1 min, mean ~3 min, up to 2 h (log-normal).
   o.think = {60, 1.5, 2, 7200};
   if (name == "paper") return o;
+  if (name == "shared-prompt") {
+    // Applications that put a system prompt (instructions, persona, tool schemas, few-shot
+    // examples) in front of every conversation: 20 apps, each with 2-4 prompts (versions,
+    // languages, tiers), 1K-4K tokens each (median 1,800), app popularity Zipf(1). After
+    // the prompt, the user converses as in "paper" (first_input is the user's first
+    // message). The histories are ~1,800 tokens longer than paper's, so the arrival rate
+    // is lower (0.6 sessions/s, as think's) to keep the simulated engine stable.
+    o.apps = 20;
+    o.prompts_per_app_min = 2;
+    o.prompts_per_app_max = 4;
+    o.system_prompt = {1800, 0.4, 1000, 4000};
+    o.app_skew = 1.0;
+    o.session_rate = 0.6;
+    return o;
+  }
   if (name == "light") {
     o.session_rate = 0.5;
     return o;
@@ -154,6 +169,15 @@ inline workload generate(const generator_options& o) {
   if (o.patience.median != 0) detail::check_lognormal(o.patience, "patience");
   if (!(o.diurnal_amplitude >= 0 && o.diurnal_amplitude < 1)) fail("diurnal_amplitude must be in [0, 1)");
   if (o.diurnal_amplitude > 0 && !(o.day_seconds > 0)) fail("day_seconds must be > 0");
+  if (o.apps > 0) {
+    if (o.apps > 1000000) fail("apps must be at most 1000000");
+    if (o.prompts_per_app_min < 1 || o.prompts_per_app_min > o.prompts_per_app_max || o.prompts_per_app_max > 1000)
+      fail("prompts_per_app needs 1 <= min <= max <= 1000");
+    detail::check_lognormal(o.system_prompt, "system_prompt");
+    if (!(o.system_prompt.max + o.first_input.max < 4e9))
+      fail("system_prompt.max + first_input.max must be below 4e9 tokens");
+    if (!(o.app_skew >= 0 && o.app_skew <= 10)) fail("app_skew must be in [0, 10]");
+  }
   // Extra turns beyond 2 are geometric on {0, 1, ...} with mean multi_mean - 2.
   const double extra_mean = multi_mean - 2;
   const double p_stop = 1.0 / (extra_mean + 1.0);
@@ -167,6 +191,27 @@ inline workload generate(const generator_options& o) {
   detail::rng leave_g(o.seed ^ 0x6c656176655f6174ull);
   const std::uint64_t limit = o.requests ? o.requests : ~0ull;
   if (o.requests) w.requests.reserve(o.requests);
+  // System prompts (apps > 0) are drawn apart too: the conversations stay those of the
+  // same options without apps. App a's prompts are ids [prompt_first[a], prompt_first[a+1]).
+  detail::rng prompt_g(o.seed ^ 0x73797374656d5f70ull);
+  std::vector<std::uint32_t> prompt_first, prompt_tokens;
+  std::vector<double> app_cdf;
+  if (o.apps > 0) {
+    double sum = 0;
+    for (std::uint32_t a = 0; a < o.apps; ++a) {
+      prompt_first.push_back(std::uint32_t(prompt_tokens.size()));
+      const std::uint32_t span = o.prompts_per_app_max - o.prompts_per_app_min + 1;
+      const std::uint32_t n =
+          o.prompts_per_app_min + std::min(span - 1, std::uint32_t(prompt_g.uniform() * double(span)));
+      for (std::uint32_t k = 0; k < n; ++k)
+        prompt_tokens.push_back(std::uint32_t(std::lround(prompt_g.sample(o.system_prompt))));
+      sum += 1.0 / std::pow(double(a + 1), o.app_skew);
+      app_cdf.push_back(sum);
+    }
+    prompt_first.push_back(std::uint32_t(prompt_tokens.size()));
+    for (double& c : app_cdf) c /= sum;
+    w.prefixes = std::uint32_t(prompt_tokens.size());
+  }
   double t = 0;
   for (std::uint32_t s = 0; o.sessions == 0 || s < o.sessions; ++s) {
     if (w.requests.size() >= limit) break;
@@ -187,12 +232,24 @@ inline workload generate(const generator_options& o) {
       while (turns < o.max_turns && g.uniform() >= p_stop) ++turns;
     }
     w.first.push_back(std::uint32_t(w.requests.size()));
+    std::uint32_t prefix = no_prefix, prefix_tokens = 0;
+    if (o.apps > 0) {
+      const double u = prompt_g.uniform();
+      const std::uint32_t a = std::min<std::uint32_t>(
+          o.apps - 1, std::uint32_t(std::lower_bound(app_cdf.begin(), app_cdf.end(), u) - app_cdf.begin()));
+      const std::uint32_t n = prompt_first[a + 1] - prompt_first[a];
+      prefix = prompt_first[a] + std::min(n - 1, std::uint32_t(prompt_g.uniform() * double(n)));
+      prefix_tokens = prompt_tokens[prefix];
+    }
     double arrival = t;
     for (std::uint32_t k = 0; k < turns && w.requests.size() < limit; ++k) {
       request r;
       r.session = s;
       r.turn = k;
       r.input_tokens = std::uint32_t(std::lround(g.sample(k == 0 ? o.first_input : o.input)));
+      r.prefix = prefix;
+      r.prefix_tokens = prefix_tokens;
+      if (k == 0) r.input_tokens += prefix_tokens;
       r.output_tokens = std::uint32_t(std::lround(g.sample(o.output)));
       if (k > 0) {
         r.think = g.sample(o.think);
@@ -337,8 +394,9 @@ struct json_cursor {
 inline result<workload> read_jsonl(std::istream& in, std::string* error) {
   struct row {
     std::string session;
+    std::string prefix;  // empty: none
     double turn = -1;
-    double input = -1, output = -1, ts = 0;
+    double input = -1, output = -1, ts = 0, prefix_tokens = -1;
     bool has_ts = false;
     std::uint64_t line = 0;
   };
@@ -385,6 +443,19 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
           if (!c.integer(r.input, 0, 4e9)) return bad(line_no, "\"input_tokens\" must be an integer 0..4e9");
         } else if (key == "output_tokens") {
           if (!c.integer(r.output, 0, 4e9)) return bad(line_no, "\"output_tokens\" must be an integer 0..4e9");
+        } else if (key == "prefix") {
+          c.ws();
+          if (c.i < text.size() && text[c.i] == '"') {
+            if (!c.string(sval)) return bad(line_no, "bad string for \"prefix\"");
+            r.prefix = "s:" + sval;
+          } else {
+            double d;
+            if (!c.integer(d, -max_exact, max_exact))
+              return bad(line_no, "\"prefix\" must be a string or an integer within +-2^53");
+            r.prefix = "n:" + std::to_string(std::int64_t(d));
+          }
+        } else if (key == "prefix_tokens") {
+          if (!c.integer(r.prefix_tokens, 0, 4e9)) return bad(line_no, "\"prefix_tokens\" must be an integer 0..4e9");
         } else if (key == "timestamp") {
           if (!c.number(r.ts) || !(std::fabs(r.ts) <= max_timestamp))
             return bad(line_no, "\"timestamp\" must be a number of seconds within +-1e15");
@@ -402,6 +473,7 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
     if (r.input < 0) return bad(line_no, "missing \"input_tokens\"");
     if (r.output < 0) return bad(line_no, "missing \"output_tokens\"");
     if (!r.has_ts) return bad(line_no, "missing \"timestamp\"");
+    if (r.prefix.empty() != (r.prefix_tokens < 0)) return bad(line_no, "\"prefix\" and \"prefix_tokens\" go together");
     // Rows and sessions are numbered with 32 bits.
     if (rows.size() >= std::numeric_limits<std::uint32_t>::max() - 1) return bad(line_no, "more than 2^32-2 turns");
     rows.push_back(std::move(r));
@@ -431,6 +503,17 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
       if (rows[turns[k]].ts < rows[turns[k - 1]].ts)
         return bad(rows[turns[k]].line, "timestamp goes back in time within its session");
     }
+    // The system prompt is the session's: the lines that name one agree, and it fits in
+    // the first turn's prompt.
+    const row* named = nullptr;
+    for (std::uint32_t k : turns) {
+      if (rows[k].prefix.empty()) continue;
+      if (named && (rows[k].prefix != named->prefix || rows[k].prefix_tokens != named->prefix_tokens))
+        return bad(rows[k].line, "\"prefix\" or \"prefix_tokens\" differs within its session");
+      if (!named) named = &rows[k];
+    }
+    if (named && named->prefix_tokens > rows[turns.front()].input)
+      return bad(named->line, "\"prefix_tokens\" exceeds the first turn's input_tokens");
     const double first_ts = rows[turns.front()].ts;
     if (!any || first_ts < t0) t0 = first_ts;
     any = true;
@@ -444,9 +527,17 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
   w.name = "imported";
   w.open_loop = true;
   w.requests.reserve(rows.size());
+  std::unordered_map<std::string, std::uint32_t> prefix_ids;  // dense, by first session
   for (std::uint32_t s = 0; s < order.size(); ++s) {
     w.first.push_back(std::uint32_t(w.requests.size()));
     const auto& turns = by_session[order[s]];
+    std::uint32_t prefix = no_prefix, prefix_tokens = 0;
+    for (std::uint32_t k : turns) {
+      if (rows[k].prefix.empty()) continue;
+      prefix = prefix_ids.try_emplace(rows[k].prefix, std::uint32_t(prefix_ids.size())).first->second;
+      prefix_tokens = std::uint32_t(rows[k].prefix_tokens);
+      break;
+    }
     for (std::uint32_t k = 0; k < turns.size(); ++k) {
       const row& r = rows[turns[k]];
       request q;
@@ -456,19 +547,29 @@ inline result<workload> read_jsonl(std::istream& in, std::string* error) {
       q.output_tokens = std::uint32_t(r.output);
       q.arrival = r.ts - t0;
       q.think = k ? r.ts - rows[turns[k - 1]].ts : 0;
+      q.prefix = prefix;
+      q.prefix_tokens = prefix_tokens;
       w.requests.push_back(q);
     }
   }
+  w.prefixes = std::uint32_t(prefix_ids.size());
   w.first.push_back(std::uint32_t(w.requests.size()));
   return w;
 }
 
 inline void write_jsonl(const workload& w, std::ostream& out) {
-  char buf[192];
+  char buf[256];
   for (const request& r : w.requests) {
-    std::snprintf(buf, sizeof buf,
-                  "{\"session\": %u, \"turn\": %u, \"input_tokens\": %u, \"output_tokens\": %u, \"timestamp\": %.3f}\n",
-                  r.session, r.turn, r.input_tokens, r.output_tokens, r.arrival);
+    if (r.prefix == no_prefix)
+      std::snprintf(
+          buf, sizeof buf,
+          "{\"session\": %u, \"turn\": %u, \"input_tokens\": %u, \"output_tokens\": %u, \"timestamp\": %.3f}\n",
+          r.session, r.turn, r.input_tokens, r.output_tokens, r.arrival);
+    else
+      std::snprintf(buf, sizeof buf,
+                    "{\"session\": %u, \"turn\": %u, \"input_tokens\": %u, \"output_tokens\": %u, \"timestamp\": %.3f, "
+                    "\"prefix\": %u, \"prefix_tokens\": %u}\n",
+                    r.session, r.turn, r.input_tokens, r.output_tokens, r.arrival, r.prefix, r.prefix_tokens);
     out << buf;
   }
 }
@@ -479,6 +580,8 @@ inline workload_stats describe(const workload& w) {
   st.requests = w.requests.size();
   if (!st.sessions) return st;
   double in = 0, outp = 0, think = 0, think_n = 0, tokens = 0, multi = 0, over2 = 0, over4 = 0;
+  double with_prefix = 0, prefix_tokens = 0, repeated = 0;
+  std::vector<std::uint8_t> seen;  // by prefix id
   for (std::uint32_t s = 0; s < st.sessions; ++s) {
     auto turns = w.session(s);
     double sum = 0;
@@ -492,6 +595,14 @@ inline workload_stats describe(const workload& w) {
       }
     }
     tokens += sum;
+    if (!turns.empty() && turns.front().prefix != no_prefix) {
+      const request& f = turns.front();
+      with_prefix += 1;
+      prefix_tokens += f.prefix_tokens;
+      if (f.prefix >= seen.size()) seen.resize(std::size_t(f.prefix) + 1, 0);
+      if (seen[f.prefix]) repeated += f.prefix_tokens;
+      seen[f.prefix] = 1;
+    }
     if (turns.size() > 1) multi += 1;
     if (sum > 2048) over2 += 1;
     if (sum > 4096) over4 += 1;
@@ -506,6 +617,10 @@ inline workload_stats describe(const workload& w) {
   st.mean_session_tokens = tokens / n;
   st.sessions_over_2k = over2 / n;
   st.sessions_over_4k = over4 / n;
+  st.prefixes = std::uint64_t(std::count(seen.begin(), seen.end(), std::uint8_t(1)));
+  st.sessions_with_prefix = with_prefix / n;
+  st.mean_prefix_tokens = with_prefix ? prefix_tokens / with_prefix : 0;
+  st.repeated_prefix_fraction = prefix_tokens ? repeated / prefix_tokens : 0;
   return st;
 }
 
