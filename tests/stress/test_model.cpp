@@ -9,6 +9,12 @@
 // by `shift` positions are R(shift) of the oracle keys (RoPE, neox), compared to f16
 // precision; everything else is compared bit for bit.
 //
+// Request keys: a session's history is computed under one of three adapters (no keys, or
+// a LoRA adapter and a salt each); a turn sometimes switches adapter (nothing reused, the
+// whole view saved under the new keys) and a read sometimes asks under another adapter
+// (nothing may be served). Each adapter's prefix hashes start from their own root, so KV
+// served across adapters is wrong in every byte.
+//
 // The model. Each session has its history (token ids) and, per position, the prefix hash
 // its KV was computed under and the shift it has moved by (non-zero only after a
 // truncation). Sessions are owned by one thread (the model is exact: reuse may never
@@ -131,6 +137,19 @@ struct kv_desc {
   std::int64_t shift = 0;
 };
 constexpr std::uint64_t root_hash = 0x243F6A8885A308D3ull;
+/// Request keys (issue 14): a session's turns run under adapter 0 (no keys), 1 or 2 (a
+/// LoRA adapter each, and a salt). KV computed under one adapter is another function of
+/// the prefix: the oracle starts each adapter's running hash from its own root, so KV
+/// served across adapters differs from the oracle in every byte.
+constexpr std::uint8_t adapters = 3;
+inline std::uint64_t root_of(std::uint8_t adapter) {
+  return adapter ? mix(root_hash + 0x9E3779B97F4A7C15ull * adapter) : root_hash;
+}
+inline const request_keys& keys_of(std::uint8_t adapter) {
+  static const request_keys table[adapters] = {
+      {}, {.lora = "adapter-a", .salt = "salt-1"}, {.lora = "adapter-b", .salt = "salt-1"}};
+  return table[adapter % adapters];
+}
 inline std::uint64_t next_hash(std::uint64_t prev, token_id t) {
   return mix(prev ^ (std::uint64_t(t) * 0x9E3779B97F4A7C15ull + 0x7F4A7C15ull));
 }
@@ -214,22 +233,26 @@ errc close_store(std::unique_ptr<Store>& st) {
 struct store_api {
   store& st;
   hooks& hk;
-  lookup_result lookup(const session_key& k, std::span<const token_id> prompt) { return st.lookup(k, prompt); }
+  lookup_result lookup(const session_key& k, std::span<const token_id> prompt, const request_keys& keys) {
+    return st.lookup(k, prompt, {}, keys);
+  }
   get_result get(const session_key& k, std::span<const token_id> prompt, std::uint32_t first, std::uint32_t count,
-                 std::span<std::byte> out) {
-    return st.get(k, prompt, first, count, out);
+                 std::span<std::byte> out, const request_keys& keys) {
+    return st.get(k, prompt, first, count, out, keys);
   }
-  errc put(const session_key& k, std::span<const token_id> toks, std::uint32_t first, std::span<const std::byte> b) {
-    return st.put(k, toks, first, b);
+  errc put(const session_key& k, std::span<const token_id> toks, std::uint32_t first, std::span<const std::byte> b,
+           const request_keys& keys) {
+    return st.put(k, toks, first, b, keys);
   }
-  load_info start_load(const session_key& k, std::span<const token_id> prompt, const kv_target& t) {
-    return hk.start_load(k, prompt, t);
+  load_info start_load(const session_key& k, std::span<const token_id> prompt, const kv_target& t,
+                       const request_keys& keys) {
+    return hk.start_load(k, prompt, t, std::nullopt, keys);
   }
   errc wait_layer(load_info& li, std::uint32_t layer) { return hk.wait_layer(li.handle, layer); }
   errc finish_load(load_info& li) { return hk.finish_load(li.handle); }
   save_handle start_save(const session_key& k, std::span<const token_id> toks, std::uint64_t from, const kv_source& s,
-                         errc* status) {
-    return hk.start_save(k, toks, from, s, std::nullopt, status);
+                         errc* status, const request_keys& keys) {
+    return hk.start_save(k, toks, from, s, std::nullopt, status, keys);
   }
   errc save_layer(save_handle& h, std::uint32_t layer) { return hk.save_layer(h, layer); }
   errc finish_save(save_handle& h) { return hk.finish_save(h); }
@@ -300,8 +323,9 @@ struct session_state {
   std::uint64_t durable = 0;         // write-back: tokens demote + flush made durable
   std::uint64_t trunc_cap = no_cap;  // truncated view: a restart recovers up to the sink at most
   std::uint32_t truncations = 0;
-  bool truncated = false;  // the stored view is truncated (store::get refuses it)
-  std::mt19937_64 rng;     // token ids
+  bool truncated = false;    // the stored view is truncated (store::get refuses it)
+  std::uint8_t adapter = 0;  // the request keys its history was computed under
+  std::mt19937_64 rng;       // token ids
   // Restart bookkeeping (main thread, between epochs).
   std::uint64_t expect_after = 0, held_before = 0;
   std::uint64_t ssd_prefix_before = 0;  // tokens of the leading blocks only on SSD before the restart
@@ -331,6 +355,7 @@ struct snapshot {
   std::vector<kv_desc> descs;
   bool shifted = false;
   bool truncated = false;
+  std::uint8_t adapter = 0;
 };
 
 /// A prompt, what each of its positions must hold when served, and its common prefix
@@ -339,21 +364,28 @@ struct prompt_t {
   std::vector<token_id> toks;
   std::vector<kv_desc> want;
   std::size_t cp = 0;
+  std::uint8_t adapter = 0;  // the request's keys: keys_of(adapter)
+  const request_keys& keys() const { return keys_of(adapter); }
 };
 
+/// `adapter`: the request's keys, when not the history's (then nothing is common).
 prompt_t make_prompt(const snapshot& snap, std::size_t keep, std::optional<std::size_t> edit_at,
-                     std::span<const token_id> extra, token_id edit_token) {
+                     std::span<const token_id> extra, token_id edit_token,
+                     std::optional<std::uint8_t> adapter = std::nullopt) {
   prompt_t p;
+  p.adapter = adapter.value_or(snap.adapter);
   p.toks.assign(snap.tokens.begin(), snap.tokens.begin() + std::ptrdiff_t(keep));
   p.cp = keep;
   if (edit_at && *edit_at < keep) {
     p.toks[*edit_at] = edit_token;
     p.cp = *edit_at;
   }
+  if (p.adapter != snap.adapter) p.cp = 0;
   p.toks.insert(p.toks.end(), extra.begin(), extra.end());
   p.want.resize(p.toks.size());
   for (std::size_t i = 0; i < p.toks.size(); ++i)
-    p.want[i] = i < p.cp ? snap.descs[i] : kv_desc{next_hash(i ? p.want[i - 1].hash : root_hash, p.toks[i]), 0};
+    p.want[i] =
+        i < p.cp ? snap.descs[i] : kv_desc{next_hash(i ? p.want[i - 1].hash : root_of(p.adapter), p.toks[i]), 0};
   return p;
 }
 
@@ -667,14 +699,14 @@ class worker {
   /// Main thread, between epochs: how much of the session's history the store holds.
   std::uint64_t held(session_state& s) {
     if (s.tokens.empty()) return 0;
-    return api().lookup(s.key(), s.tokens).tokens;
+    return api().lookup(s.key(), s.tokens, keys_of(s.adapter)).tokens;
   }
   /// Tokens of the session's leading blocks that are only on SSD: what survives a
   /// restart whose close() could not write DRAM blocks out.
   std::uint64_t ssd_prefix(session_state& s) {
     if (s.tokens.empty()) return 0;
     std::vector<block_location> where(geom.validated().blocks_for(s.tokens.size()));
-    const lookup_result r = st_.lookup(s.key(), s.tokens, where);
+    const lookup_result r = st_.lookup(s.key(), s.tokens, where, keys_of(s.adapter));
     std::uint64_t tokens = 0;
     for (std::uint32_t b = 0; b < r.blocks && b < where.size() && where[b].where == tier::ssd; ++b)
       tokens += where[b].tokens;
@@ -688,7 +720,7 @@ class worker {
     if (snap.tokens.empty()) return 0;
     const token_id extra = token_id(rng_() & 0x7FFFFFFFu);
     prompt_t p = make_prompt(snap, snap.tokens.size(), std::nullopt, std::span(&extra, 1), 0);
-    const std::uint64_t found = api().lookup(s.key(), p.toks).tokens;
+    const std::uint64_t found = api().lookup(s.key(), p.toks, p.keys()).tokens;
     load_and_check(s, p, op_verify, false);
     if (!snap.shifted) get_and_check(s, p, 0, op_verify);
     return found;
@@ -723,7 +755,7 @@ class worker {
 
   snapshot take(session_state& s) {
     std::lock_guard lock(s.m);
-    return {s.tokens, s.descs, s.shifted(), s.truncated};
+    return {s.tokens, s.descs, s.shifted(), s.truncated, s.adapter};
   }
   std::vector<token_id> draw(session_state& s, std::size_t n) {
     std::lock_guard lock(s.m);
@@ -814,7 +846,7 @@ class worker {
 
   /// The engine's start_load and the codes it may return.
   load_info start_load(op_kind op, session_state& s, const prompt_t& p, bool shifted) {
-    load_info li = api().start_load(s.key(), p.toks, mem_.target());
+    load_info li = api().start_load(s.key(), p.toks, mem_.target(), p.keys());
     ++w_.n.loads;
     event(op, &s, "start_load", li.status, p.toks.size(), li.tokens, li.blocks);
     std::initializer_list<errc> ok_codes = {errc::ok, errc::retry, errc::no_space};
@@ -873,7 +905,7 @@ class worker {
     const std::size_t bb = geom.block_bytes();
     std::span<std::byte> out(blocks_.data(), std::size_t(count) * bb);
     std::memset(out.data(), 0xEE, out.size());
-    const get_result r = api().get(s.key(), p.toks, first, count, out);
+    const get_result r = api().get(s.key(), p.toks, first, count, out, p.keys());
     ++w_.n.gets;
     event(op, &s, "get", r.status, p.toks.size(), first, r.tokens);
     {
@@ -950,7 +982,11 @@ class worker {
       edit_token = draw(s, 1)[0];
     }
     const std::vector<token_id> fresh = draw(s, incoming);
-    const prompt_t p = make_prompt(snap, snap.tokens.size(), edit_at, fresh, edit_token);
+    // Sometimes the turn runs under other request keys (another adapter): nothing of
+    // the history may be reused, and the whole view is saved under the new keys.
+    std::optional<std::uint8_t> switch_to;
+    if (rnd(12) == 0) switch_to = std::uint8_t((snap.adapter + 1 + rnd(adapters - 1)) % adapters);
+    const prompt_t p = make_prompt(snap, snap.tokens.size(), edit_at, fresh, edit_token, switch_to);
     const std::size_t n = p.toks.size();
 
     mem_.scrub();
@@ -960,7 +996,7 @@ class worker {
     // What the engine computes now: positions [from, n) under this prompt's prefix.
     std::vector<kv_desc> next(n);
     for (std::size_t i = 0; i < n; ++i)
-      next[i] = i < from ? p.want[i] : kv_desc{next_hash(i ? next[i - 1].hash : root_hash, p.toks[i]), 0};
+      next[i] = i < from ? p.want[i] : kv_desc{next_hash(i ? next[i - 1].hash : root_of(p.adapter), p.toks[i]), 0};
     for (std::size_t i = from; i < n; ++i) w_.registry.add(next[i].hash, s.id, std::uint32_t(i));
 
     const bool via_put = kind == turn_kind::put;
@@ -970,11 +1006,11 @@ class worker {
     errc st = errc::ok;
     save_handle sh = no_save();
     auto open_save = [&] {
-      sh = api().start_save(s.key(), p.toks, save_from, mem_.target(), &st);
+      sh = api().start_save(s.key(), p.toks, save_from, mem_.target(), &st, p.keys());
       event(op, &s, "start_save", st, n, save_from);
       if (!valid(sh) && st == errc::rejected && save_from > 0) {  // the stored prefix went: save it all
         save_from = 0;
-        sh = api().start_save(s.key(), p.toks, 0, mem_.target(), &st);
+        sh = api().start_save(s.key(), p.toks, 0, mem_.target(), &st, p.keys());
         event(op, &s, "start_save", st, n, 0);
       }
       code(op, s, "start_save", st, {errc::ok, errc::rejected, errc::no_space, errc::retry});
@@ -1026,7 +1062,8 @@ class worker {
                             row_bytes);
         }
         return api().put(s.key(), p.toks, first,
-                         std::span<const std::byte>(blocks_.data(), std::size_t(total - first) * geom.block_bytes()));
+                         std::span<const std::byte>(blocks_.data(), std::size_t(total - first) * geom.block_bytes()),
+                         p.keys());
       };
       saved = put_from(fb);
       event(op, &s, "put", saved, n, fb);
@@ -1050,6 +1087,7 @@ class worker {
       std::lock_guard lock(s.m);
       s.tokens = p.toks;
       s.descs = std::move(next);
+      s.adapter = p.adapter;
       const std::uint64_t first_token = save_from / tpb * tpb;
       s.durable = std::min(s.durable, first_token);
       if (first_token == 0) {  // the whole view is new: nothing truncated is left
@@ -1078,13 +1116,15 @@ class worker {
             std::memcpy(block_row(block, l, side, std::uint32_t(pos % tpb), h), row, row_bytes);
           }
     }
-    const errc e = api().put(s.key(), toks, 0,
-                             std::span<const std::byte>(blocks_.data(), std::size_t(blocks) * geom.block_bytes()));
+    const errc e =
+        api().put(s.key(), toks, 0,
+                  std::span<const std::byte>(blocks_.data(), std::size_t(blocks) * geom.block_bytes()), p.keys());
     event(op_drop, &s, "put(refill)", e, toks.size());
     if (e != errc::ok) return;
     std::lock_guard lock(s.m);
     s.tokens = toks;
     s.descs = p.want;
+    s.adapter = p.adapter;
   }
 
   /// A prompt to read with: the history, a prefix, the history and more, or an edit.
@@ -1101,7 +1141,9 @@ class worker {
     if (h > 0 && (r == 4 || r == 5)) keep = 1 + rnd(h);
     if (h > 0 && r >= 8) edit_at = rnd(h);
     (void)s;
-    return make_prompt(snap, keep, edit_at, extra, token_id(rng_() & 0x7FFFFFFFu));
+    std::optional<std::uint8_t> other;  // a read under other keys reuses nothing
+    if (rnd(10) == 0) other = std::uint8_t((snap.adapter + 1 + rnd(adapters - 1)) % adapters);
+    return make_prompt(snap, keep, edit_at, extra, token_id(rng_() & 0x7FFFFFFFu), other);
   }
 
   void read_hooks(session_state& s) {
@@ -1121,7 +1163,7 @@ class worker {
     ++w_.n.ops[op_lookup];
     const snapshot snap = take(s);
     const prompt_t p = read_prompt(s, snap);
-    const lookup_result r = api().lookup(s.key(), p.toks);
+    const lookup_result r = api().lookup(s.key(), p.toks, p.keys());
     ++w_.n.lookups;
     event(op_lookup, &s, "lookup", errc::ok, p.toks.size(), r.tokens, r.blocks);
     // Blocks of a truncated view may hold fewer tokens than a block.
@@ -1161,7 +1203,7 @@ class worker {
     if (!faults()) code(op_persist, s, "flush", f, {errc::ok});
     if (d != errc::ok || f != errc::ok) return;
     std::lock_guard lock(s.m);  // owned: nobody else changes what the session holds
-    const std::uint64_t held = api().lookup(s.key(), s.tokens).tokens;
+    const std::uint64_t held = api().lookup(s.key(), s.tokens, keys_of(s.adapter)).tokens;
     s.durable = held;
     ++w_.n.persisted;
   }
@@ -1238,7 +1280,7 @@ class worker {
       // engine drops it and recomputes the kept tokens next turn.
       (void)api().drop(s.key());
       for (std::size_t i = 0; i < s.descs.size(); ++i)
-        s.descs[i] = {next_hash(i ? s.descs[i - 1].hash : root_hash, s.tokens[i]), 0};
+        s.descs[i] = {next_hash(i ? s.descs[i - 1].hash : root_of(s.adapter), s.tokens[i]), 0};
       s.durable = 0;
       s.trunc_cap = no_cap;
     }
@@ -1251,9 +1293,10 @@ class worker {
     if (snap.tokens.empty() || snap.tokens.size() + 8 > context_limit) return;
     const std::vector<token_id> fresh = draw(s, 1 + rnd(8));
     const prompt_t p = make_prompt(snap, snap.tokens.size(), std::nullopt, fresh, 0);
-    const std::uint64_t from = std::min<std::uint64_t>(api().lookup(s.key(), p.toks).tokens, p.toks.size() - 1);
+    const std::uint64_t from =
+        std::min<std::uint64_t>(api().lookup(s.key(), p.toks, p.keys()).tokens, p.toks.size() - 1);
     errc st = errc::ok;
-    save_handle sh = api().start_save(s.key(), p.toks, from, mem_.target(), &st);
+    save_handle sh = api().start_save(s.key(), p.toks, from, mem_.target(), &st, p.keys());
     event(op_abort, &s, "start_save", st, p.toks.size(), from);
     code(op_abort, s, "start_save", st, {errc::ok, errc::rejected, errc::no_space, errc::retry});
     if (!valid(sh)) return;
