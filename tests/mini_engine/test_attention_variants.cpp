@@ -17,9 +17,11 @@
 
 #include "attnstore/hooks.hpp"
 #include "driver.hpp"
+#include "mini_engine/model_support.hpp"
 #include "support/temp_dir.hpp"
 
 using namespace mini;
+using namespace mini::testing;
 
 namespace {
 
@@ -54,38 +56,6 @@ llama_config latent_model() {
   c.kv_lora_rank = 32;
   c.rope_dims = 16;
   return c;
-}
-
-std::vector<std::uint32_t> make_tokens(std::size_t n, std::uint32_t vocab, std::uint32_t seed) {
-  std::vector<std::uint32_t> t(n);
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (auto& v : t) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    v = std::uint32_t((s >> 33) % vocab);
-  }
-  return t;
-}
-
-bool same_bits(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-std::vector<float> prefill(const llama_model& m, paged_kv_cache& cache, sequence& seq,
-                           std::span<const std::uint32_t> tokens, const std::vector<std::size_t>& chunks) {
-  std::vector<float> logits(std::size_t(m.config().vocab_size));
-  std::size_t i = 0;
-  for (std::size_t c : chunks) {
-    m.forward(cache, seq, tokens.subspan(i, c), seq.length, logits);
-    i += c;
-  }
-  REQUIRE(i == tokens.size());
-  return logits;
-}
-
-std::vector<float> prefill_once(const llama_model& m, std::span<const std::uint32_t> tokens) {
-  paged_kv_cache cache(m.config(), std::uint32_t(tokens.size() / 16 + 2), 16);
-  sequence seq;
-  return prefill(m, cache, seq, tokens, {tokens.size()});
 }
 
 // ---- a double-precision reference of both variants --------------------------------------
@@ -366,15 +336,6 @@ std::size_t load_into(attnstore::hooks& hk, const attnstore::session_key& key, s
   REQUIRE(hk.finish_load(li.handle) == attnstore::errc::ok);
   seq.length = li.tokens;
   return li.tokens;
-}
-
-float rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += double(a[i] - b[i]) * double(a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return float(std::sqrt(num / den));
 }
 
 }  // namespace

@@ -8,9 +8,11 @@
 
 #include "attnstore/hooks.hpp"
 #include "driver.hpp"
+#include "mini_engine/model_support.hpp"
 #include "support/temp_dir.hpp"
 
 using namespace mini;
+using namespace mini::testing;
 
 namespace {
 llama_config small_model() {
@@ -60,14 +62,6 @@ std::vector<request> workload(int sessions, int turns) {
   return make_workload(w, 256);
 }
 
-float rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += double(a[i] - b[i]) * double(a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return float(std::sqrt(num / den));
-}
 }  // namespace
 
 TEST_CASE("restored KV (DRAM and SSD) gives bitwise the logits of resident KV over 5 turns") {
