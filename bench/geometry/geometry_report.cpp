@@ -8,6 +8,9 @@
 // bytes_per_token_full: what keeping every layer's KV for every token takes (K and V,
 // or the latent row), with no header, padding or trimming. bytes_per_token_stored: the
 // SSD tier's used bytes (headers and sector padding included) over the tokens saved.
+// State groups (hybrids) add one checkpoint per session: state_bytes_per_sequence, and
+// checkpoint_bytes_stored, the slots the hooks' checkpoint takes (derived from the
+// format: its blocks are ordinary blocks).
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +29,7 @@ struct figures {
   bool stored = false;
   std::string why;
   double full = 0, stored_ssd = 0, stored_dram = 0;
+  double checkpoint = 0, checkpoint_stored = 0;  // state groups: per sequence
   std::uint32_t tokens_per_block = 0;
 };
 
@@ -58,6 +62,11 @@ figures measure(const models::real_model& m, std::uint64_t tokens, const std::st
   }
   f.full = full_bytes_per_token(g);
   f.tokens_per_block = g.tokens_per_block;
+  // The hooks keep the states as one checkpoint per session, in ordinary blocks: this
+  // many slots (derived from the format, not measured here).
+  f.checkpoint = double(g.checkpoint_bytes());
+  f.checkpoint_stored =
+      double((g.checkpoint_bytes() + g.block_bytes() - 1) / g.block_bytes()) * double(format::slot_bytes(g));
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   const std::uint32_t blocks = g.blocks_for(tokens);
@@ -132,9 +141,10 @@ int main(int argc, char** argv) {
       std::snprintf(line, sizeof line,
                     "%s\"%s\": {\"tokens\": %" PRIu64
                     ", \"tokens_per_block\": %u, \"bytes_per_token_full\": %.1f, \"bytes_per_token_stored\": %.1f, "
-                    "\"bytes_per_token_dram\": %.1f, \"stored_over_full\": %.4f}",
+                    "\"bytes_per_token_dram\": %.1f, \"stored_over_full\": %.4f, \"state_bytes_per_sequence\": %.0f, "
+                    "\"checkpoint_bytes_stored\": %.0f}",
                     first ? "" : ", ", m.name.c_str(), tokens, f.tokens_per_block, f.full, f.stored_ssd, f.stored_dram,
-                    f.stored_ssd / f.full);
+                    f.stored_ssd / f.full, f.checkpoint, f.checkpoint_stored);
     } else {
       std::printf("%-16s %10s %12.0f %14s %14s %7s  refused: %s\n", m.name.c_str(), "-", f.full, "-", "-", "-",
                   f.why.c_str());

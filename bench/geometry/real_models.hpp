@@ -77,7 +77,8 @@ inline real_model gemma3_12b() {
 /// fourth, the other 36 Gated DeltaNet: per sequence a recurrent state of 32 value heads
 /// x 128 x 128 and a convolution state of 3 x 8192, both bf16 (~1.05 MiB a layer).
 inline real_model qwen3_next_80b() {
-  real_model m{"Qwen3-Next-80B", {}, 1, {}, "per-sequence state groups are not stored by this version"};
+  real_model m{
+      "Qwen3-Next-80B", {}, 1, {}, "the state is one checkpoint per session (the last turn's end), kept by the hooks"};
   kv_group state{.kind = layer_kind::state,
                  .num_layers = 36,
                  .num_kv_heads = 1,

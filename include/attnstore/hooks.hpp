@@ -106,17 +106,18 @@ class hooks {
   /// How much of `prompt` the session can reuse, and where it is. `keys`: the request's
   /// LoRA adapter, cache salt and media hashes (types.hpp request_keys); only blocks
   /// saved with the same keys where they apply are reused.
+  /// A model with state groups (linear attention, SSM) resumes only where a checkpoint
+  /// of its state was saved: the end of the session's last saved turn. Its lookup is
+  /// that position when the prompt extends the stored history there, else nothing.
   lookup_result lookup(const session_key& session, std::span<const token_id> prompt,
-                       const request_keys& keys = {}) noexcept {
-    return store_.lookup(session, prompt, {}, keys);
-  }
+                       const request_keys& keys = {}) noexcept;
   /// The engine's waiting queue, first to run first. The store keeps these sessions'
   /// KV out of eviction's way while others can go (see store::set_queue).
   void set_queue(std::span<const session_key> waiting) noexcept;
   /// The user is typing the session's next turn, or has gone (store::hint).
   errc hint(const session_key& session, policy::session_hint h) noexcept { return store_.hint(session, h); }
-  /// The conversation is over: its KV is dropped from every tier.
-  errc close_session(const session_key& session) noexcept { return store_.drop(session); }
+  /// The conversation is over: its KV (and its state checkpoint) is dropped from every tier.
+  errc close_session(const session_key& session) noexcept;
 
   // ---------------------------------------------------------------- worker side
 
@@ -192,6 +193,25 @@ class hooks {
   /// Waits until every hashing job queued for the save has run.
   errc drain_hashing(save_state& S) noexcept;
   errc rotate_layer_device(const load_state& L, std::uint32_t layer, stream_ref stream) noexcept;
+  // State checkpoints (models with state groups): a companion session of the same
+  // tenant holds, in ordinary blocks, every state layer's state at the end of the last
+  // saved turn; its token ids are derived from the prefix (and keys) it belongs to, so
+  // the store's chain hashes and checksums verify it like any block.
+  static constexpr std::size_t max_session_bytes = 480;
+  static constexpr std::size_t max_checkpoint_tokens = 16384;  // a lookup hashes them on its stack
+  struct checkpoint_name {
+    char bytes[max_session_bytes + 32];
+    session_key key;
+  };
+  /// The companion's key; false when the session id is too long for it.
+  static bool checkpoint_key(const session_key& session, checkpoint_name& out) noexcept;
+  /// The companion's token ids for a checkpoint at the end of `prefix`.
+  void checkpoint_tokens(std::span<const token_id> prefix, const request_keys& keys,
+                         std::span<token_id> out) const noexcept;
+  /// Segments moving `bytes` at `offset` of a checkpoint (its blocks' payloads) to or
+  /// from `engine`; returns how many were written to `out`.
+  std::size_t state_segments(std::span<std::byte* const> payloads, std::size_t offset, std::size_t bytes,
+                             std::byte* engine, copy_direction dir, std::span<copy_segment> out) const noexcept;
   template <class Emit>
   void walk_runs(const load_state& L, std::uint32_t group, Emit&& emit) const noexcept;
   errc prepare_rotation(load_state& L, bool on_device, stream_ref stream) noexcept;
@@ -204,7 +224,8 @@ class hooks {
   copy_backend& copier_;
   hooks_config config_;
   kv_geometry geometry_;
-  bool rope_fits_groups_ = false;  // config_.rope rotates every rotary group (shape and dtype)
+  bool rope_fits_groups_ = false;        // config_.rope rotates every rotary group (shape and dtype)
+  std::uint32_t checkpoint_blocks_ = 0;  // blocks of one state checkpoint (0: no state groups)
   std::vector<stream_ref> read_streams_;
   std::optional<stream_ref> write_stream_;
   std::vector<stream_ref> hash_lanes_;

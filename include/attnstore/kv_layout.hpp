@@ -42,6 +42,14 @@ struct kv_layout {
   /// group's layers.
   void check_against(const kv_group& g) const {
     auto fail = [](const std::string& m) { throw std::invalid_argument("kv_layout: " + m); };
+    if (g.kind == layer_kind::state) {  // k_base[i]: layer i's state, state_bytes contiguous bytes
+      if (num_layers != g.num_layers || k_base.size() != num_layers || !v_base.empty())
+        fail("a state group's layout has num_layers " + std::to_string(g.num_layers) +
+             ", one k_base per layer (its state) and no v_base");
+      for (std::size_t i = 0; i < k_base.size(); ++i)
+        if (!k_base[i]) fail("layer " + std::to_string(i) + " has a null state");
+      return;
+    }
     if (num_layers != g.num_layers || num_kv_heads != g.num_kv_heads || head_dim != g.head_dim || dtype != g.dtype)
       fail("layers/heads/head_dim/dtype (" + std::to_string(num_layers) + "/" + std::to_string(num_kv_heads) + "/" +
            std::to_string(head_dim) + "/" + std::string(to_string(dtype)) + ") differ from the store's " +
@@ -105,6 +113,7 @@ struct kv_target {
   /// Whether every group's pages hold `tokens` positions.
   bool holds(const kv_geometry& g, std::uint64_t tokens) const noexcept {
     for (std::uint32_t i = 0; i < std::max<std::size_t>(1, groups.size()) && i < g.groups.size(); ++i) {
+      if (g.groups[i].kind == layer_kind::state) continue;  // one state per sequence, no pages
       const kv_group_target t = group(i);
       if (std::uint64_t(t.pages.size()) * t.layout->page_size < tokens) return false;
     }

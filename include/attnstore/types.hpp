@@ -114,8 +114,11 @@ struct kv_group {
   /// part of the row: describe such rows with dtype::bytes.
   std::string_view quantization = {};
 
-  /// Tensors per token: K and V, or one latent row.
-  constexpr std::uint32_t tensors() const noexcept { return kind == layer_kind::latent ? 1 : 2; }
+  /// Tensors per token: K and V, one latent row, or none (a state group keeps its
+  /// bytes per sequence, in the session's checkpoint).
+  constexpr std::uint32_t tensors() const noexcept {
+    return kind == layer_kind::state ? 0 : kind == layer_kind::latent ? 1 : 2;
+  }
   constexpr std::size_t row_bytes() const noexcept { return std::size_t(num_kv_heads) * head_dim * dtype_size(dtype); }
   /// Bytes one layer of the group keeps per token (0 for a state group).
   constexpr std::size_t token_layer_bytes() const noexcept {
@@ -140,7 +143,8 @@ struct layer_shape {
   std::uint32_t in_group = 0;    ///< this layer's index among its group's layers
   std::size_t offset = 0;        ///< of the layer's slice in a block's payload
   std::size_t tensor_bytes = 0;  ///< one tensor (K, V or the latent) of one block
-  std::size_t bytes = 0;         ///< the whole slice: tensors x tensor_bytes
+  std::size_t bytes = 0;         ///< the whole slice: tensors x tensor_bytes (0 for a state layer)
+  std::size_t state_offset = 0;  ///< a state layer: where its state starts in the sequence's checkpoint
   friend bool operator==(const layer_shape&, const layer_shape&) = default;
 };
 
@@ -170,6 +174,13 @@ struct kv_geometry {
   bool uniform() const noexcept { return groups.size() <= 1 && (groups.empty() || groups[0].kind == layer_kind::full); }
 
   constexpr std::size_t element_bytes() const noexcept { return dtype_size(dtype); }
+  /// A sequence's state checkpoint: every state layer's state, back to back.
+  constexpr std::uint64_t checkpoint_bytes() const noexcept {
+    std::uint64_t t = 0;
+    for (const kv_group& g : groups)
+      if (g.kind == layer_kind::state) t += g.state_bytes * g.num_layers;
+    return t;
+  }
   /// Everything one token adds across all layers (state groups excluded).
   constexpr std::size_t token_bytes() const noexcept {
     if (groups.empty()) return 2ull * num_kv_heads * head_dim * element_bytes() * num_layers;
@@ -248,10 +259,14 @@ struct kv_geometry {
       if (std::uint8_t(k.kind) > std::uint8_t(layer_kind::state)) fail(name + "kind is not one of the five kinds");
       if (k.num_layers == 0) fail(name + "num_layers is 0");
       if (k.kind == layer_kind::state) {
-        // Honest limit: a state checkpoint is tens of MiB per sequence; it needs its own
-        // storage objects, which the store does not have yet (docs/format.md).
-        fail(name + "per-sequence state groups (linear attention / SSM) are not stored by this version");
+        // Kept per sequence, in the checkpoint the hooks save at each turn's end.
+        if (k.state_bytes == 0 || k.state_bytes > (std::uint64_t(1) << 30))
+          fail(name + "state_bytes is " + std::to_string(k.state_bytes) + ", allowed 1..1073741824");
+        if (k.window || k.chunk || k.rope_dims)
+          fail(name + "window, chunk and rope_dims do not apply to a state group");
+        continue;
       }
+      if (k.state_bytes != 0) fail(name + "state_bytes is set on a group that keeps KV per token");
       if (k.num_kv_heads == 0 || k.num_kv_heads > 4096)
         fail(name + "num_kv_heads is " + std::to_string(k.num_kv_heads) + ", allowed 1..4096");
       if (k.kind == layer_kind::latent && k.num_kv_heads != 1)
@@ -295,7 +310,7 @@ struct kv_geometry {
       fail("tokens_per_block is " + std::to_string(g.tokens_per_block) + ", allowed 1..65536 (0 = auto)");
     g.layers.assign(g.num_layers, layer_shape{});
     std::vector<std::uint32_t> seen(g.groups.size(), 0);
-    std::size_t offset = 0;
+    std::size_t offset = 0, state_offset = 0;
     for (std::uint32_t l = 0; l < g.num_layers; ++l) {
       const std::uint32_t gi = g.layer_group[l];
       const kv_group& k = g.groups[gi];
@@ -306,7 +321,12 @@ struct kv_geometry {
       s.tensor_bytes = std::size_t(g.tokens_per_block) * k.row_bytes();
       s.bytes = s.tensor_bytes * k.tensors();
       offset += s.bytes;
+      if (k.kind == layer_kind::state) {
+        s.state_offset = state_offset;
+        state_offset += k.state_bytes;
+      }
     }
+    if (g.block_bytes() == 0) fail("every group is a state group: at least one must keep KV per token");
     if (g.block_bytes() > (std::size_t(1) << 30))
       fail("one block is " + std::to_string(g.block_bytes()) +
            " bytes; a block must be at most 1 GiB (lower tokens_per_block)");

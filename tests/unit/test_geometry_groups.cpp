@@ -32,6 +32,14 @@ struct group_memory {
   std::vector<std::uint32_t> table;  // page of position p / page_size
   group_memory(const kv_group& grp, std::uint32_t psize, std::uint64_t capacity, std::uint32_t seed)
       : k(grp), page_size(psize), pages(std::uint32_t((capacity + psize - 1) / psize)) {
+    if (k.kind == layer_kind::state) {  // one state per layer for the sequence, no pages
+      for (std::uint32_t l = 0; l < k.num_layers; ++l) {
+        bufs.emplace_back(k.state_bytes);
+        kb.push_back(bufs.back().data());
+      }
+      layout = kv_layout{.num_layers = k.num_layers, .dtype = k.dtype, .k_base = kb, .where = memory_space::host};
+      return;
+    }
     head_stride = std::size_t(k.head_dim) * dtype_size(k.dtype) + 16;  // not attnstore's layout
     token_stride = head_stride * k.num_kv_heads;
     page_stride = token_stride * page_size;
@@ -102,6 +110,23 @@ struct engine_memory {
   }
   void scrub() {
     for (auto& m : groups) m.scrub();
+  }
+  // A state layer's state after `tokens` tokens of `session`.
+  void fill_state(std::uint64_t session, std::uint64_t tokens) {
+    for (std::uint32_t l = 0; l < g.num_layers; ++l)
+      if (g.group_of(l).kind == layer_kind::state)
+        attnstore::testing::fill_block(groups[g.layers[l].group].bufs[g.layers[l].in_group],
+                                       seed(session, l, 9, tokens, 0));
+  }
+  bool state_is(std::uint64_t session, std::uint64_t tokens) {
+    for (std::uint32_t l = 0; l < g.num_layers; ++l)
+      if (g.group_of(l).kind == layer_kind::state) {
+        const auto& have = groups[g.layers[l].group].bufs[g.layers[l].in_group];
+        std::vector<std::byte> want(have.size());
+        attnstore::testing::fill_block(want, seed(session, l, 9, tokens, 0));
+        if (want != have) return false;
+      }
+    return true;
   }
 };
 
@@ -177,10 +202,6 @@ void flip_payload_byte_of_block(const std::string& dir, const kv_geometry& g, st
 TEST_CASE("geometry groups: real model geometries validate, and state groups are refused with a reason") {
   for (const auto& m : models::all()) {
     INFO(m.name);
-    if (m.name == "Qwen3-Next-80B") {
-      CHECK_THROWS_WITH(m.geometry.validated(), Catch::Contains("per-sequence state groups"));
-      continue;
-    }
     const kv_geometry g = m.geometry.validated();
     CHECK(g.validated() == g);  // idempotent
     CHECK(g.layers.size() == g.num_layers);
@@ -197,6 +218,11 @@ TEST_CASE("geometry groups: real model geometries validate, and state groups are
   const kv_geometry oss = models::gpt_oss_20b().geometry.validated();
   CHECK(oss.group_of(0).kind == layer_kind::sliding_window);
   CHECK(oss.group_of(1).kind == layer_kind::full);
+  const kv_geometry qwen = models::qwen3_next_80b().geometry.validated();
+  CHECK(qwen.checkpoint_bytes() == 36ull * (32 * 128 * 128 + 3 * 8192) * 2);
+  CHECK(qwen.token_bytes() == 12u * 2 * 2 * 256 * 2);  // the state layers add nothing per token
+  CHECK(qwen.layers[0].bytes == 0);
+  CHECK(qwen.layers[1].state_offset == qwen.groups[0].state_bytes);
   const kv_geometry gemma = models::gemma3_12b().geometry.validated();
   CHECK(gemma.group_of(5).kind == layer_kind::full);
   CHECK(gemma.group_of(4).kind == layer_kind::sliding_window);
@@ -404,4 +430,89 @@ TEST_CASE("geometry groups: the hooks carry a request's keys (LoRA, salt, image 
   CHECK(hk.start_load(key, toks, mem.target(), std::nullopt, bad).status == errc::invalid_argument);
   CHECK(!hk.start_save(key, toks, 0, mem.target(), std::nullopt, &st, bad));
   CHECK(st == errc::invalid_argument);
+}
+
+TEST_CASE("geometry groups: a hybrid model (Qwen3-Next) resumes only at its state checkpoint, verified like KV") {
+  temp_dir dir("groups-state");
+  const auto m = models::qwen3_next_80b();
+  const kv_geometry g = m.geometry.validated();
+  const std::uint32_t T = g.tokens_per_block;
+  auto copier_owner = make_host_copy_backend();
+  copy_backend& copier = *copier_owner;
+  engine_memory mem(g, 8 * T);
+  const auto toks = tokens_of(5, 6 * T);
+  const std::uint64_t n1 = 2 * T + 7, n2 = 4 * T + 3;
+  const session_key key{"acme", "hybrid"};
+  auto extended = [&](std::uint64_t n) {  // the history and one new token
+    std::vector<token_id> p(toks.begin(), toks.begin() + std::ptrdiff_t(n));
+    p.push_back(99);
+    return p;
+  };
+  {
+    store kv(config_for(m, dir.str()));
+    hooks hk(kv, copier, {});
+    mem.fill(5, 0, toks.size());
+    mem.fill_state(5, n1);
+    save(hk, mem, key, std::span(toks).first(n1), 0);
+    mem.fill_state(5, n2);
+    save(hk, mem, key, std::span(toks).first(n2), n1);
+    // The prompt extends the saved history: everything, the state at its end.
+    CHECK(hk.lookup(key, extended(n2)).tokens == n2);
+    CHECK(load(hk, mem, key, extended(n2)) == n2);
+    CHECK(mem.first_wrong(5, n2) == n2);
+    CHECK(mem.state_is(5, n2));
+    // Anything else has no state to resume from (one checkpoint: the last turn's end):
+    // a prompt that stops at the first turn, an edit inside the history, another salt.
+    CHECK(hk.lookup(key, extended(n1)).tokens == 0);
+    CHECK(load(hk, mem, key, extended(n1)) == 0);
+    auto edited = extended(n2);
+    edited[3 * T] ^= 1;
+    CHECK(hk.lookup(key, edited).tokens == 0);
+    CHECK(load(hk, mem, key, edited) == 0);
+    const request_keys salted{.salt = "other"};
+    CHECK(hk.lookup(key, extended(n2), salted).tokens == 0);
+    REQUIRE(kv.close() == errc::ok);
+  }
+  {  // restart: both the attention blocks and the checkpoint come back from SSD
+    store kv(config_for(m, dir.str()));
+    hooks hk(kv, copier, {});
+    mem.scrub();
+    CHECK(load(hk, mem, key, extended(n2)) == n2);
+    CHECK(mem.first_wrong(5, n2) == n2);
+    CHECK(mem.state_is(5, n2));
+    REQUIRE(kv.close() == errc::ok);
+  }
+  {  // a flipped byte in the checkpoint: nothing is resumed, nothing wrong is served
+    const std::size_t slot = format::slot_bytes(g), hb = format::header_bytes(T);
+    const int fd = ::open((dir.str() + "/blocks-0000.dat").c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    std::vector<std::byte> area(hb);
+    bool flipped = false;
+    for (std::size_t s = 0; !flipped && ::pread(fd, area.data(), hb, off_t(s * slot)) == ssize_t(hb); ++s) {
+      format::block_header h;
+      // Block 10 exists only in the checkpoint (26 blocks; the history has 5).
+      if (format::read_header(area.data(), hb, T, &h) != format::header_status::ok || h.block_index != 10) continue;
+      char byte = 0;
+      REQUIRE(::pread(fd, &byte, 1, off_t(s * slot + hb + 5000)) == 1);
+      byte ^= 0x20;
+      REQUIRE(::pwrite(fd, &byte, 1, off_t(s * slot + hb + 5000)) == 1);
+      flipped = true;
+    }
+    ::close(fd);
+    REQUIRE(flipped);
+    store kv(config_for(m, dir.str()));
+    hooks hk(kv, copier, {});
+    mem.scrub();
+    const std::uint64_t got = load(hk, mem, key, extended(n2), errc::checksum_error);
+    CHECK(got == 0);
+    // A new turn saves a new checkpoint, and the session resumes again.
+    mem.fill(5, 0, toks.size());
+    mem.fill_state(5, n2 + 5);
+    save(hk, mem, key, std::span(toks).first(n2 + 5), 0);
+    CHECK(load(hk, mem, key, extended(n2 + 5)) == n2 + 5);
+    CHECK(mem.state_is(5, n2 + 5));
+    // Closing the session drops its checkpoint too.
+    REQUIRE(hk.close_session(key) == errc::ok);
+    CHECK(kv.stats().sessions == 0);
+  }
 }

@@ -38,6 +38,12 @@ struct hooks::load_state {
   bool rotate = false;
   read_lease lease;  // the DRAM blocks `views` point into, until finish_load
   std::vector<block_view> views;
+  // State groups: the checkpoint's blocks, leased like the views.
+  read_lease ckpt_lease;
+  std::vector<block_view> ckpt_views;
+  std::vector<std::byte*> ckpt_payloads;  // ckpt_views' payloads (only read from)
+  std::vector<token_id> ckpt_tokens;
+  checkpoint_name ckpt_name;
   std::vector<event_id> events;  // one per layer: layer copied into engine memory
   std::vector<copy_segment> segments;
   kv_target target{};
@@ -52,6 +58,11 @@ struct hooks::save_state {
   std::vector<rotate_job> strips;  // one per layer (keys_pre_rope)
   save_reservation reservation;
   std::vector<std::byte*> payloads;
+  // State groups: the checkpoint at the end of the saved tokens, in its own blocks.
+  save_reservation ckpt_reservation;
+  std::vector<std::byte*> ckpt_payloads;
+  std::vector<token_id> ckpt_tokens;
+  checkpoint_name ckpt_name;
   std::vector<event_id> written;   // one per layer: layer copied into DRAM
   std::vector<event_id> computed;  // one per layer: recorded on the compute stream
   std::vector<std::uint8_t> saved;
@@ -161,6 +172,15 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
         {.bytes = config.max_loads * slot_bytes_, .try_cuda = gpu, .try_lock = false, .huge_pages = false}, nullptr);
     if (gpu) device_tables_ = static_cast<std::byte*>(copier.allocate_device(config.max_loads * slot_bytes_));
   }
+  if (const std::uint64_t cb = geometry_.checkpoint_bytes()) {
+    const std::uint64_t blocks = (cb + geometry_.block_bytes() - 1) / geometry_.block_bytes();
+    if (blocks > config.max_blocks_per_request || blocks * geometry_.tokens_per_block > max_checkpoint_tokens)
+      fail("a state checkpoint of " + std::to_string(cb) + " bytes takes " + std::to_string(blocks) +
+           " blocks; allowed max_blocks_per_request and at most " + std::to_string(max_checkpoint_tokens) +
+           " tokens of blocks");
+    checkpoint_blocks_ = std::uint32_t(blocks);
+  }
+  const std::size_t ckpt_tokens = std::size_t(checkpoint_blocks_) * geometry_.tokens_per_block;
   loads_.resize(config.max_loads);
   for (std::size_t i = 0; i < loads_.size(); ++i) {
     load_state& L = loads_[i];
@@ -176,6 +196,12 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
     }
     L.views.resize(config.max_blocks_per_request);
     L.lease = read_lease(config.max_blocks_per_request);
+    if (checkpoint_blocks_) {
+      L.ckpt_lease = read_lease(checkpoint_blocks_);
+      L.ckpt_views.resize(checkpoint_blocks_);
+      L.ckpt_payloads.resize(checkpoint_blocks_);
+      L.ckpt_tokens.resize(ckpt_tokens);
+    }
     L.rotations.resize(geometry_.num_layers);
     for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) L.rotations[l] = {this, &L, l};
     L.shift_of.resize(config.max_blocks_per_request);
@@ -189,6 +215,8 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
     for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) S.strips[l] = {this, nullptr, l, &S};
     S.payloads.resize(config.max_blocks_per_request);
     S.segments.resize(config.segment_buffer);
+    S.ckpt_payloads.resize(checkpoint_blocks_);
+    S.ckpt_tokens.resize(ckpt_tokens);
     S.saved.resize(geometry_.num_layers);
     take_events(S.written, geometry_.num_layers);
     take_events(S.computed, geometry_.num_layers);
@@ -237,7 +265,15 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
   const stream_ref stream = read_streams_[L.read_stream];
   const std::size_t need = max_layer_segments(geometry_, L.target);
   std::size_t used = 0;
-  for (std::uint32_t b = 0; b < L.blocks; ++b) {
+  const layer_shape& shape = geometry_.layers[layer];
+  const kv_group& group = geometry_.groups[shape.group];
+  if (group.kind == layer_kind::state) {  // the layer's state, from the checkpoint
+    std::byte* engine = L.target.group(shape.group).layout->k_base[shape.in_group];
+    used = state_segments(L.ckpt_payloads, shape.state_offset, group.state_bytes, engine, copy_direction::to_engine,
+                          L.segments);
+    if (used == 0) return errc::invalid_argument;
+  }
+  for (std::uint32_t b = 0; b < L.blocks && group.kind != layer_kind::state; ++b) {
     if (L.segments.size() - used < need)
       if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
     used += layer_segments(geometry_, L.views[b].payload, layer, L.views[b].first, L.views[b].position,
@@ -282,10 +318,28 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
   get_result got = store_.acquire(session, prompt, L.views, L.lease, keys);
   auto give_up = [&](errc e) {
     L.lease.release();
+    L.ckpt_lease.release();
     load_pool_.release(h.index);
     return load_info{e};
   };
   if (got.blocks == 0) return give_up(got.status == errc::not_found ? errc::ok : got.status);
+  if (checkpoint_blocks_) {
+    // Every group must restore at the same position: the state only at its checkpoint,
+    // which must be for exactly the verified prefix (and these keys), else nothing loads.
+    const std::span<const token_id> prefix = prompt.first(std::size_t(got.tokens));
+    get_result ck{errc::invalid_argument};
+    if (checkpoint_key(session, L.ckpt_name)) {
+      checkpoint_tokens(prefix, keys, L.ckpt_tokens);
+      ck = store_.acquire(L.ckpt_name.key, L.ckpt_tokens, L.ckpt_views, L.ckpt_lease);
+    }
+    if (ck.tokens != L.ckpt_tokens.size() || ck.blocks != checkpoint_blocks_) {
+      L.ckpt_lease.release();
+      const errc why = ck.status == errc::checksum_error || ck.status == errc::device_error ? ck.status : errc::ok;
+      return give_up(why);  // no checkpoint here: recompute
+    }
+    for (std::uint32_t b = 0; b < checkpoint_blocks_; ++b)
+      L.ckpt_payloads[b] = const_cast<std::byte*>(L.ckpt_views[b].payload);
+  }
   if (!target.holds(geometry_, got.tokens)) return give_up(errc::invalid_argument);
   // Keys that move (a truncated view) or lack RoPE are rotated on load.
   L.rotate = config_.keys_pre_rope;
@@ -519,6 +573,7 @@ inline errc hooks::finish_load(load_handle h) noexcept {
   for (std::uint32_t l = 0; l < L.queued_layers; ++l)
     if (errc e = copier_.synchronize(L.events[l]); e != errc::ok && status == errc::ok) status = e;
   L.lease.release();  // every copy from the blocks is done: they may be freed and reused
+  L.ckpt_lease.release();
   L.active = false;
   load_pool_.release(h.index);
   return status;
@@ -546,6 +601,22 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
     save_pool_.release(h.index);
     return fail(e);
   }
+  if (checkpoint_blocks_) {  // the state at the end of `tokens`, replacing the last checkpoint
+    errc e = errc::invalid_argument;
+    if (checkpoint_key(session, S.ckpt_name)) {
+      checkpoint_tokens(tokens, keys, S.ckpt_tokens);
+      e = store_.reserve(S.ckpt_name.key, S.ckpt_tokens, 0, S.ckpt_payloads, S.ckpt_reservation);
+    }
+    if (e != errc::ok) {
+      store_.abort(S.reservation);
+      save_pool_.release(h.index);
+      return fail(e);
+    }
+    // Past the last state, nothing of the slot's previous occupant may stay.
+    const std::size_t bb = geometry_.block_bytes();
+    const std::size_t used = std::size_t(geometry_.checkpoint_bytes() - std::uint64_t(checkpoint_blocks_ - 1) * bb);
+    std::memset(S.ckpt_payloads[checkpoint_blocks_ - 1] + used, 0, bb - used);
+  }
   S.source = source;
   S.compute = compute;
   S.tokens = tokens.size();
@@ -572,7 +643,15 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
   const std::uint32_t tpb = geometry_.tokens_per_block;
   const std::size_t need = max_layer_segments(geometry_, S.source);
   std::size_t used = 0;
-  for (std::uint32_t i = 0; i < S.reservation.blocks(); ++i) {
+  const layer_shape& shape = geometry_.layers[layer];
+  const kv_group& group = geometry_.groups[shape.group];
+  if (group.kind == layer_kind::state) {  // the layer's state, into the checkpoint
+    std::byte* engine = S.source.group(shape.group).layout->k_base[shape.in_group];
+    used = state_segments(S.ckpt_payloads, shape.state_offset, group.state_bytes, engine, copy_direction::from_engine,
+                          S.segments);
+    if (used == 0) return errc::invalid_argument;
+  }
+  for (std::uint32_t i = 0; i < S.reservation.blocks() && group.kind != layer_kind::state; ++i) {
     const std::uint64_t first_token = std::uint64_t(S.reservation.first_block() + i) * tpb;
     const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(tpb, S.tokens - first_token));
     if (S.segments.size() - used < need)
@@ -632,6 +711,14 @@ inline errc hooks::finish_save(save_handle h) noexcept {
   } else {
     status = store_.commit(S.reservation);
   }
+  // The checkpoint goes second: until it lands, lookups find the new history without a
+  // state for it, and reuse nothing.
+  if (checkpoint_blocks_) {
+    if (status == errc::ok)
+      status = store_.commit(S.ckpt_reservation);
+    else
+      store_.abort(S.ckpt_reservation);
+  }
   S.active = false;
   save_pool_.release(h.index);
   return status;
@@ -645,8 +732,78 @@ inline void hooks::abort_save(save_handle h) noexcept {
     if (S.saved[l]) (void)copier_.synchronize(S.written[l]);
   (void)drain_hashing(S);  // no lane may read the blocks once they go back
   store_.abort(S.reservation);
+  if (checkpoint_blocks_) store_.abort(S.ckpt_reservation);
   S.active = false;
   save_pool_.release(h.index);
+}
+
+inline bool hooks::checkpoint_key(const session_key& session, checkpoint_name& out) noexcept {
+  static constexpr std::string_view suffix =
+      "\x1f"
+      "attnstore-state";
+  if (session.session.size() > max_session_bytes) return false;
+  std::memcpy(out.bytes, session.session.data(), session.session.size());
+  std::memcpy(out.bytes + session.session.size(), suffix.data(), suffix.size());
+  out.key = {session.tenant, std::string_view(out.bytes, session.session.size() + suffix.size())};
+  return true;
+}
+
+inline void hooks::checkpoint_tokens(std::span<const token_id> prefix, const request_keys& keys,
+                                     std::span<token_id> out) const noexcept {
+  struct {
+    std::uint64_t tag = 0x5453'504b'4345'4843ull;  // "CHECKPST": the domain of state checkpoints
+    std::uint64_t tokens;
+    hash128 ids, keys;
+  } in{};
+  in.tokens = prefix.size();
+  in.ids = hash_bytes128(prefix.data(), prefix.size_bytes());
+  in.keys = block_keys(keys, 0, std::uint32_t(prefix.size()));
+  const hash128 d = hash_bytes128(&in, sizeof in);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    std::uint64_t x = d.lo + (i + 1) * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 31) ^ d.hi) * 0xBF58476D1CE4E5B9ull;
+    out[i] = token_id(x >> 32);
+  }
+}
+
+inline std::size_t hooks::state_segments(std::span<std::byte* const> payloads, std::size_t offset, std::size_t bytes,
+                                         std::byte* engine, copy_direction dir,
+                                         std::span<copy_segment> out) const noexcept {
+  const std::size_t bb = geometry_.block_bytes();
+  std::size_t n = 0;
+  for (std::size_t done = 0; done < bytes;) {
+    const std::size_t at = offset + done, block = at / bb, in = at % bb;
+    const std::size_t len = std::min(bytes - done, bb - in);
+    if (n == out.size() || block >= payloads.size()) return 0;
+    out[n++] = dir == copy_direction::to_engine ? copy_segment{payloads[block] + in, engine + done, len}
+                                                : copy_segment{engine + done, payloads[block] + in, len};
+    done += len;
+  }
+  return n;
+}
+
+inline lookup_result hooks::lookup(const session_key& session, std::span<const token_id> prompt,
+                                   const request_keys& keys) noexcept {
+  lookup_result r = store_.lookup(session, prompt, {}, keys);
+  if (!checkpoint_blocks_ || r.tokens == 0) return r;
+  // The state restores only at its checkpoint: the verified prefix must end exactly there.
+  checkpoint_name name;
+  token_id ids[max_checkpoint_tokens];
+  const std::span<token_id> ckpt(ids, std::size_t(checkpoint_blocks_) * geometry_.tokens_per_block);
+  if (!checkpoint_key(session, name)) return {};
+  checkpoint_tokens(prompt.first(std::size_t(r.tokens)), keys, ckpt);
+  if (store_.lookup(name.key, ckpt).tokens != ckpt.size()) return {};
+  return r;
+}
+
+inline errc hooks::close_session(const session_key& session) noexcept {
+  const errc e = store_.drop(session);
+  checkpoint_name name;
+  if (checkpoint_blocks_ && checkpoint_key(session, name)) {
+    const errc c = store_.drop(name.key);
+    if (e == errc::not_found) return c;
+  }
+  return e;
 }
 
 }  // namespace attnstore
