@@ -6,11 +6,14 @@
 //   geometry_report [--tokens N] [--dir PATH]
 //
 // bytes_per_token_full: what keeping every layer's KV for every token takes (K and V,
-// or the latent row), with no header, padding or trimming. bytes_per_token_stored: the
-// SSD tier's used bytes (headers and sector padding included) over the tokens saved.
-// State groups (hybrids) add one checkpoint per session: state_bytes_per_sequence, and
-// checkpoint_bytes_stored, the slots the hooks' checkpoint takes (derived from the
-// format: its blocks are ordinary blocks).
+// or the latent row), with no header, padding or trimming. bytes_per_token_blocks: the
+// SSD tier's used bytes (headers and sector padding included) over the tokens saved;
+// bytes_per_token_stored adds the session's one checkpoint (state groups, window tails)
+// spread over its tokens.
+// checkpoint_bytes: a session's checkpoint (the states of state groups, the window tails
+// with window_tails); checkpoint_bytes_stored: the slots it takes (derived from the
+// format: its blocks are ordinary blocks). For state groups, "full" counts one state
+// per session too, spread over its tokens.
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -60,7 +63,7 @@ figures measure(const models::real_model& m, std::uint64_t tokens, const std::st
     f.full = full_bytes_per_token(m.geometry);
     return f;
   }
-  f.full = full_bytes_per_token(g);
+  f.full = full_bytes_per_token(g) + state_bytes_per_sequence(g) / double(tokens);
   f.tokens_per_block = g.tokens_per_block;
   // The hooks keep the states as one checkpoint per session, in ordinary blocks: this
   // many slots (derived from the format, not measured here).
@@ -129,24 +132,40 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::string json = "{";
-  std::printf("%-16s %10s %12s %14s %14s %7s  %s\n", "model", "tok/block", "full B/tok", "stored B/tok", "(DRAM B/tok)",
+  std::printf("%-30s %10s %12s %14s %14s %7s  %s\n", "model", "tok/block", "full B/tok", "stored B/tok", "(DRAM B/tok)",
               "ratio", "note");
   bool first = true;
+  // Every real model, and each with sliding-window groups again with window_tails (its
+  // windows kept only before the checkpoint).
+  std::vector<models::real_model> runs;
   for (const auto& m : models::all()) {
+    runs.push_back(m);
+    bool windows = false;
+    for (const auto& k : m.geometry.groups) windows |= k.kind == layer_kind::sliding_window;
+    if (!windows) continue;
+    models::real_model t = m;
+    t.name += " (window_tails)";
+    t.geometry.window_tails = true;
+    t.note = "windows kept only before the checkpoint: resumes only there";
+    runs.push_back(t);
+  }
+  for (const auto& m : runs) {
     const figures f = measure(m, tokens, dir);
     char line[1024];
     if (f.stored) {
-      std::printf("%-16s %10u %12.0f %14.0f %14.0f %7.3f  %s\n", m.name.c_str(), f.tokens_per_block, f.full,
-                  f.stored_ssd, f.stored_dram, f.stored_ssd / f.full, m.note.c_str());
+      // A session of `tokens` tokens: its blocks and one checkpoint.
+      const double with_ckpt = f.stored_ssd + f.checkpoint_stored / double(tokens);
+      std::printf("%-30s %10u %12.0f %14.0f %14.0f %7.3f  %s\n", m.name.c_str(), f.tokens_per_block, f.full, with_ckpt,
+                  f.stored_dram, with_ckpt / f.full, m.note.c_str());
       std::snprintf(line, sizeof line,
                     "%s\"%s\": {\"tokens\": %" PRIu64
                     ", \"tokens_per_block\": %u, \"bytes_per_token_full\": %.1f, \"bytes_per_token_stored\": %.1f, "
-                    "\"bytes_per_token_dram\": %.1f, \"stored_over_full\": %.4f, \"state_bytes_per_sequence\": %.0f, "
-                    "\"checkpoint_bytes_stored\": %.0f}",
-                    first ? "" : ", ", m.name.c_str(), tokens, f.tokens_per_block, f.full, f.stored_ssd, f.stored_dram,
-                    f.stored_ssd / f.full, f.checkpoint, f.checkpoint_stored);
+                    "\"bytes_per_token_dram\": %.1f, \"stored_over_full\": %.4f, \"checkpoint_bytes\": %.0f, "
+                    "\"checkpoint_bytes_stored\": %.0f, \"bytes_per_token_blocks\": %.1f}",
+                    first ? "" : ", ", m.name.c_str(), tokens, f.tokens_per_block, f.full, with_ckpt, f.stored_dram,
+                    with_ckpt / f.full, f.checkpoint, f.checkpoint_stored, f.stored_ssd);
     } else {
-      std::printf("%-16s %10s %12.0f %14s %14s %7s  refused: %s\n", m.name.c_str(), "-", f.full, "-", "-", "-",
+      std::printf("%-30s %10s %12.0f %14s %14s %7s  refused: %s\n", m.name.c_str(), "-", f.full, "-", "-", "-",
                   f.why.c_str());
       std::snprintf(line, sizeof line,
                     "%s\"%s\": {\"tokens\": %" PRIu64

@@ -212,6 +212,15 @@ class hooks {
   /// from `engine`; returns how many were written to `out`.
   std::size_t state_segments(std::span<std::byte* const> payloads, std::size_t offset, std::size_t bytes,
                              std::byte* engine, copy_direction dir, std::span<copy_segment> out) const noexcept;
+  /// Segments moving a window-tail layer's last `window` tokens before `end` (engine
+  /// pages of `target`) to or from its part of the checkpoint.
+  std::size_t tail_segments(std::span<std::byte* const> payloads, std::uint32_t layer, const kv_target& target,
+                            std::uint64_t end, copy_direction dir, std::span<copy_segment> out) const noexcept;
+  /// Zeroes `bytes` at `offset` of a checkpoint.
+  void zero_checkpoint(std::span<std::byte* const> payloads, std::size_t offset, std::size_t bytes) const noexcept;
+  /// The checkpoint's segments of layer `layer` (a state or a window tail).
+  std::size_t checkpoint_segments(std::span<std::byte* const> payloads, std::uint32_t layer, const kv_target& target,
+                                  std::uint64_t end, copy_direction dir, std::span<copy_segment> out) const noexcept;
   template <class Emit>
   void walk_runs(const load_state& L, std::uint32_t group, Emit&& emit) const noexcept;
   errc prepare_rotation(load_state& L, bool on_device, stream_ref stream) noexcept;

@@ -164,6 +164,7 @@ inline std::size_t layer_segments(const kv_geometry& g, const std::byte* block_p
                                   std::uint32_t block_first, std::uint64_t first_token, std::uint32_t tokens,
                                   const kv_target& t, copy_direction dir, std::span<copy_segment> out) noexcept {
   const layer_shape& shape = g.layers[layer];
+  if (shape.bytes == 0) return 0;  // kept in the checkpoint, not in blocks
   const kv_group& k = g.groups[shape.group];
   const kv_group_target gt = t.group(shape.group);
   const kv_layout& L = *gt.layout;

@@ -144,7 +144,9 @@ struct layer_shape {
   std::size_t offset = 0;        ///< of the layer's slice in a block's payload
   std::size_t tensor_bytes = 0;  ///< one tensor (K, V or the latent) of one block
   std::size_t bytes = 0;         ///< the whole slice: tensors x tensor_bytes (0 for a state layer)
-  std::size_t state_offset = 0;  ///< a state layer: where its state starts in the sequence's checkpoint
+  /// A layer kept in the checkpoint (state; a sliding window with window_tails): where
+  /// its part starts in the checkpoint.
+  std::size_t checkpoint_offset = 0;
   friend bool operator==(const layer_shape&, const layer_shape&) = default;
 };
 
@@ -167,6 +169,16 @@ struct kv_geometry {
   std::vector<kv_group> groups{};           ///< empty: one full-attention group of the fields above
   std::vector<std::uint8_t> layer_group{};  ///< per layer; empty: groups' layers in order
   std::vector<layer_shape> layers{};        ///< derived by validated(); one per layer
+  /// Sliding-window groups are kept only as the last `window` tokens before the
+  /// checkpoint (the end of the last saved turn), not in every block: far fewer bytes
+  /// for long conversations, but a session then resumes only at its checkpoint (an
+  /// edit recomputes), as a model with state groups does. Part of the model id.
+  bool window_tails = false;
+
+  /// Whether layers of group `g` have a slice in every block (else: in the checkpoint).
+  constexpr bool in_blocks(const kv_group& g) const noexcept {
+    return g.kind != layer_kind::state && !(window_tails && g.kind == layer_kind::sliding_window);
+  }
 
   /// Layer l's group (validated geometry).
   const kv_group& group_of(std::uint32_t l) const noexcept { return groups[layers[l].group]; }
@@ -174,18 +186,24 @@ struct kv_geometry {
   bool uniform() const noexcept { return groups.size() <= 1 && (groups.empty() || groups[0].kind == layer_kind::full); }
 
   constexpr std::size_t element_bytes() const noexcept { return dtype_size(dtype); }
-  /// A sequence's state checkpoint: every state layer's state, back to back.
+  /// One layer's part of the checkpoint: a state, or a window tail (K then V rows).
+  static constexpr std::uint64_t checkpoint_layer_bytes(const kv_group& g) noexcept {
+    return g.kind == layer_kind::state ? g.state_bytes : std::uint64_t(g.tensors()) * g.window * g.row_bytes();
+  }
+  /// A sequence's checkpoint: every checkpointed layer's part, in layer order.
   constexpr std::uint64_t checkpoint_bytes() const noexcept {
     std::uint64_t t = 0;
     for (const kv_group& g : groups)
-      if (g.kind == layer_kind::state) t += g.state_bytes * g.num_layers;
+      if (!in_blocks(g)) t += checkpoint_layer_bytes(g) * g.num_layers;
     return t;
   }
-  /// Everything one token adds across all layers (state groups excluded).
+  /// Everything one token adds to the blocks across all layers (layers kept in the
+  /// checkpoint excluded).
   constexpr std::size_t token_bytes() const noexcept {
     if (groups.empty()) return 2ull * num_kv_heads * head_dim * element_bytes() * num_layers;
     std::size_t t = 0;
-    for (const kv_group& g : groups) t += g.token_layer_bytes() * g.num_layers;
+    for (const kv_group& g : groups)
+      if (in_blocks(g)) t += g.token_layer_bytes() * g.num_layers;
     return t;
   }
   /// K and V of one token in one layer (one-group form).
@@ -215,6 +233,7 @@ struct kv_geometry {
     }
     s += "order=";
     for (const layer_shape& l : layers) s += char('a' + (l.group % 26));
+    if (window_tails) s += ";window_tails";
     return s;
   }
 
@@ -310,7 +329,7 @@ struct kv_geometry {
       fail("tokens_per_block is " + std::to_string(g.tokens_per_block) + ", allowed 1..65536 (0 = auto)");
     g.layers.assign(g.num_layers, layer_shape{});
     std::vector<std::uint32_t> seen(g.groups.size(), 0);
-    std::size_t offset = 0, state_offset = 0;
+    std::size_t offset = 0, checkpoint_offset = 0;
     for (std::uint32_t l = 0; l < g.num_layers; ++l) {
       const std::uint32_t gi = g.layer_group[l];
       const kv_group& k = g.groups[gi];
@@ -318,15 +337,17 @@ struct kv_geometry {
       s.group = gi;
       s.in_group = seen[gi]++;
       s.offset = offset;
-      s.tensor_bytes = std::size_t(g.tokens_per_block) * k.row_bytes();
-      s.bytes = s.tensor_bytes * k.tensors();
-      offset += s.bytes;
-      if (k.kind == layer_kind::state) {
-        s.state_offset = state_offset;
-        state_offset += k.state_bytes;
+      if (g.in_blocks(k)) {
+        s.tensor_bytes = std::size_t(g.tokens_per_block) * k.row_bytes();
+        s.bytes = s.tensor_bytes * k.tensors();
+        offset += s.bytes;
+      } else {
+        s.checkpoint_offset = checkpoint_offset;
+        checkpoint_offset += checkpoint_layer_bytes(k);
       }
     }
-    if (g.block_bytes() == 0) fail("every group is a state group: at least one must keep KV per token");
+    if (g.block_bytes() == 0)
+      fail("no group keeps KV in blocks (state groups, or windows with window_tails): at least one must");
     if (g.block_bytes() > (std::size_t(1) << 30))
       fail("one block is " + std::to_string(g.block_bytes()) +
            " bytes; a block must be at most 1 GiB (lower tokens_per_block)");

@@ -111,6 +111,29 @@ struct engine_memory {
   void scrub() {
     for (auto& m : groups) m.scrub();
   }
+  // With window_tails: rows that must hold fill()'s bytes after a load of n tokens (every
+  // position of other layers, the last `window` of window layers) that do not, and rows
+  // of window layers before that which hold anything but the scrub pattern.
+  std::pair<std::uint64_t, std::uint64_t> tails_wrong(std::uint64_t session, std::uint64_t n) {
+    std::uint64_t wrong = 0, leaked = 0;
+    for (std::uint32_t l = 0; l < g.num_layers; ++l) {
+      const kv_group& k = g.group_of(l);
+      const std::size_t hb = groups[g.layers[l].group].head_bytes();
+      std::vector<std::byte> want(hb), scrubbed(hb, std::byte{0xEE});
+      const std::uint64_t from = k.kind == layer_kind::sliding_window && n > k.window ? n - k.window : 0;
+      for (std::uint64_t p = 0; p < n; ++p)
+        for (int side = 0; side < int(k.tensors()); ++side)
+          for (std::uint32_t h = 0; h < k.num_kv_heads; ++h) {
+            if (p < from) {
+              leaked += std::memcmp(scrubbed.data(), at(l, side, p, h), hb) != 0;
+              continue;
+            }
+            attnstore::testing::fill_block(want, seed(session, l, side, p, h));
+            wrong += std::memcmp(want.data(), at(l, side, p, h), hb) != 0;
+          }
+    }
+    return {wrong, leaked};
+  }
   // A state layer's state after `tokens` tokens of `session`.
   void fill_state(std::uint64_t session, std::uint64_t tokens) {
     for (std::uint32_t l = 0; l < g.num_layers; ++l)
@@ -222,7 +245,7 @@ TEST_CASE("geometry groups: real model geometries validate, and state groups are
   CHECK(qwen.checkpoint_bytes() == 36ull * (32 * 128 * 128 + 3 * 8192) * 2);
   CHECK(qwen.token_bytes() == 12u * 2 * 2 * 256 * 2);  // the state layers add nothing per token
   CHECK(qwen.layers[0].bytes == 0);
-  CHECK(qwen.layers[1].state_offset == qwen.groups[0].state_bytes);
+  CHECK(qwen.layers[1].checkpoint_offset == qwen.groups[0].state_bytes);
   const kv_geometry gemma = models::gemma3_12b().geometry.validated();
   CHECK(gemma.group_of(5).kind == layer_kind::full);
   CHECK(gemma.group_of(4).kind == layer_kind::sliding_window);
@@ -515,4 +538,88 @@ TEST_CASE("geometry groups: a hybrid model (Qwen3-Next) resumes only at its stat
     REQUIRE(hk.close_session(key) == errc::ok);
     CHECK(kv.stats().sessions == 0);
   }
+}
+
+TEST_CASE("geometry groups: window_tails keeps a sliding window only before the checkpoint, and saves its bytes") {
+  temp_dir dir("groups-tails"), dir_full("groups-tails-full");
+  auto m = models::gpt_oss_20b();
+  const kv_geometry full_g = m.geometry.validated();
+  m.geometry.window_tails = true;
+  m.geometry.tokens_per_block = full_g.tokens_per_block;  // same blocks, fewer layers in them
+  const kv_geometry g = m.geometry.validated();
+  CHECK(g.block_bytes() * 2 == full_g.block_bytes());  // half of gpt-oss's layers are window layers
+  CHECK(g.checkpoint_bytes() == 12ull * 2 * 128 * 8 * 64 * 2);
+  CHECK(g.describe() != full_g.describe());  // another model id: another layout
+  const std::uint32_t T = g.tokens_per_block;
+  auto copier_owner = make_host_copy_backend();
+  copy_backend& copier = *copier_owner;
+  engine_memory mem(g, 40 * T);
+  const auto toks = tokens_of(9, 36 * T);
+  const std::uint64_t n1 = 12 * T + 5, n2 = 33 * T + 11;
+  const session_key key{"acme", "long"};
+  auto extended = [&](std::uint64_t n) {
+    std::vector<token_id> p(toks.begin(), toks.begin() + std::ptrdiff_t(n));
+    p.push_back(7);
+    return p;
+  };
+  auto load_tails = [&](hooks& hk, std::span<const token_id> prompt) {
+    mem.scrub();
+    load_info li = hk.start_load(key, prompt, mem.target());
+    REQUIRE(li.status == errc::ok);
+    if (!li.handle) return std::uint64_t(0);
+    for (std::uint32_t l = 0; l < g.num_layers; ++l) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
+    REQUIRE(hk.finish_load(li.handle) == errc::ok);
+    return li.tokens;
+  };
+  std::uint64_t bytes_tails = 0, bytes_full = 0;
+  {
+    store kv(config_for(m, dir.str()));
+    hooks hk(kv, copier, {});
+    mem.fill(9, 0, toks.size());
+    save(hk, mem, key, std::span(toks).first(n1), 0);
+    save(hk, mem, key, std::span(toks).first(n2), n1);
+    CHECK(hk.lookup(key, extended(n2)).tokens == n2);
+    CHECK(load_tails(hk, extended(n2)) == n2);
+    const auto [wrong, leaked] = mem.tails_wrong(9, n2);
+    CHECK(wrong == 0);   // full layers everywhere, window layers in their last window
+    CHECK(leaked == 0);  // window layers before it were neither stored nor loaded
+    // Resume points are the checkpoint only: the first turn's end and edits reuse nothing.
+    CHECK(hk.lookup(key, extended(n1)).tokens == 0);
+    auto edited = extended(n2);
+    edited[n2 - 3] ^= 1;  // inside the last window
+    CHECK(hk.lookup(key, edited).tokens == 0);
+    CHECK(load_tails(hk, edited) == 0);
+    bytes_tails = kv.stats().dram_used_bytes;
+    REQUIRE(kv.close() == errc::ok);
+  }
+  {  // restart: the tail comes back from SSD with the blocks
+    store kv(config_for(m, dir.str()));
+    hooks hk(kv, copier, {});
+    CHECK(load_tails(hk, extended(n2)) == n2);
+    const auto [wrong, leaked] = mem.tails_wrong(9, n2);
+    CHECK(wrong == 0);
+    CHECK(leaked == 0);
+    // A short session (under one window) keeps all of its window rows.
+    const session_key small{"acme", "short"};
+    mem.fill(9, 0, 50);
+    save(hk, mem, small, std::span(toks).first(50), 0);
+    mem.scrub();
+    load_info li = hk.start_load(small, extended(50), mem.target());
+    REQUIRE(li.tokens == 50);
+    for (std::uint32_t l = 0; l < g.num_layers; ++l) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
+    REQUIRE(hk.finish_load(li.handle) == errc::ok);
+    CHECK(mem.first_wrong(9, 50) == 50);
+  }
+  {  // the same history without window_tails, for the bytes it takes
+    models::real_model plain = models::gpt_oss_20b();
+    store kv(config_for(plain, dir_full.str()));
+    hooks hk(kv, copier, {});
+    engine_memory mem_full(full_g, 40 * T);
+    mem_full.fill(9, 0, toks.size());
+    save(hk, mem_full, key, std::span(toks).first(n1), 0);
+    save(hk, mem_full, key, std::span(toks).first(n2), n1);
+    bytes_full = kv.stats().dram_used_bytes;
+  }
+  INFO("DRAM bytes with window tails " << bytes_tails << ", every layer in full " << bytes_full);
+  CHECK(bytes_tails < bytes_full * 6 / 10);  // 34 blocks of half the size plus a 3 MiB checkpoint
 }

@@ -44,6 +44,7 @@ struct hooks::load_state {
   std::vector<std::byte*> ckpt_payloads;  // ckpt_views' payloads (only read from)
   std::vector<token_id> ckpt_tokens;
   checkpoint_name ckpt_name;
+  std::uint64_t ckpt_end = 0;    // the position the checkpoint is at (the tokens loaded)
   std::vector<event_id> events;  // one per layer: layer copied into engine memory
   std::vector<copy_segment> segments;
   kv_target target{};
@@ -179,6 +180,13 @@ inline hooks::hooks(store& kv, copy_backend& copier, const hooks_config& config)
            " blocks; allowed max_blocks_per_request and at most " + std::to_string(max_checkpoint_tokens) +
            " tokens of blocks");
     checkpoint_blocks_ = std::uint32_t(blocks);
+    if (geometry_.window_tails && config.keys_pre_rope)
+      fail("keys_pre_rope with window_tails: window tails are stored as computed, after RoPE");
+    for (const kv_group& k : geometry_.groups)
+      if (!geometry_.in_blocks(k) && k.kind == layer_kind::sliding_window &&
+          config.segment_buffer < 2ull * k.window * k.num_kv_heads + blocks)
+        fail("segment_buffer is " + std::to_string(config.segment_buffer) + ", must hold a window tail's copies (" +
+             std::to_string(2ull * k.window * k.num_kv_heads + blocks) + ")");
   }
   const std::size_t ckpt_tokens = std::size_t(checkpoint_blocks_) * geometry_.tokens_per_block;
   loads_.resize(config.max_loads);
@@ -267,20 +275,20 @@ inline errc hooks::queue_load_layer(load_state& L, std::uint32_t layer) noexcept
   std::size_t used = 0;
   const layer_shape& shape = geometry_.layers[layer];
   const kv_group& group = geometry_.groups[shape.group];
-  if (group.kind == layer_kind::state) {  // the layer's state, from the checkpoint
-    std::byte* engine = L.target.group(shape.group).layout->k_base[shape.in_group];
-    used = state_segments(L.ckpt_payloads, shape.state_offset, group.state_bytes, engine, copy_direction::to_engine,
-                          L.segments);
+  const bool in_blocks = geometry_.in_blocks(group);
+  if (!in_blocks) {  // the layer's state or window tail, from the checkpoint
+    used = checkpoint_segments(L.ckpt_payloads, layer, L.target, L.ckpt_end, copy_direction::to_engine, L.segments);
     if (used == 0) return errc::invalid_argument;
   }
-  for (std::uint32_t b = 0; b < L.blocks && group.kind != layer_kind::state; ++b) {
+  for (std::uint32_t b = 0; b < L.blocks && in_blocks; ++b) {
     if (L.segments.size() - used < need)
       if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
     used += layer_segments(geometry_, L.views[b].payload, layer, L.views[b].first, L.views[b].position,
                            L.views[b].tokens, L.target, copy_direction::to_engine, std::span(L.segments).subspan(used));
   }
   if (errc e = flush_segments(L.segments, used, stream); e != errc::ok) return e;
-  if (L.rotate && geometry_.group_of(layer).rotated_dims()) {  // keys moved: re-rotate them after their copy
+  if (L.rotate && geometry_.group_of(layer).rotated_dims() &&
+      in_blocks) {  // keys moved: re-rotate them after their copy
     errc e = L.target.where() == memory_space::host
                  ? copier_.launch_host_fn(&hooks::rotate_layer, &L.rotations[layer], stream)
                  : rotate_layer_device(L, layer, stream);
@@ -339,6 +347,7 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     }
     for (std::uint32_t b = 0; b < checkpoint_blocks_; ++b)
       L.ckpt_payloads[b] = const_cast<std::byte*>(L.ckpt_views[b].payload);
+    L.ckpt_end = got.tokens;
   }
   if (!target.holds(geometry_, got.tokens)) return give_up(errc::invalid_argument);
   // Keys that move (a truncated view) or lack RoPE are rotated on load.
@@ -427,7 +436,9 @@ inline errc hooks::prepare_rotation(load_state& L, bool on_device, stream_ref st
   L.max_run_tokens = 0;
   for (std::uint32_t g = 0; g < geometry_.groups.size(); ++g) {
     L.run_first[g] = std::min(L.run_count, run_capacity_);
-    if (!geometry_.groups[g].rotated_dims()) continue;  // NoPE layers keep their keys
+    // NoPE layers keep their keys; checkpointed ones are never moved (a view that moves
+    // keys cannot match a checkpoint).
+    if (!geometry_.groups[g].rotated_dims() || !geometry_.in_blocks(geometry_.groups[g])) continue;
     walk_runs(L, g, [&](const rope_run& r) {
       if (L.run_count < run_capacity_) L.runs[L.run_count] = r;
       L.run_count += L.run_count <= run_capacity_;  // stops one past: enough to know it overflowed
@@ -495,7 +506,7 @@ inline void hooks::strip_layer(void* job) noexcept {
   const kv_geometry& g = H.geometry_;
   const layer_shape& shape = g.layers[j.layer];
   const kv_group& k = g.groups[shape.group];
-  if (!k.rotated_dims()) return;  // NoPE layers
+  if (!k.rotated_dims() || shape.bytes == 0) return;  // NoPE layers; layers kept in the checkpoint
   const std::uint32_t pairs = H.config_.rope->rotary() / 2;
   const std::size_t head_bytes = std::size_t(k.head_dim) * dtype_size(k.dtype);
   for (std::uint32_t i = 0; i < S.reservation.blocks(); ++i) {
@@ -612,10 +623,19 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
       save_pool_.release(h.index);
       return fail(e);
     }
-    // Past the last state, nothing of the slot's previous occupant may stay.
+    // Past the last part, and in window tails past the tokens there are, nothing of the
+    // slots' previous occupants may stay.
     const std::size_t bb = geometry_.block_bytes();
     const std::size_t used = std::size_t(geometry_.checkpoint_bytes() - std::uint64_t(checkpoint_blocks_ - 1) * bb);
     std::memset(S.ckpt_payloads[checkpoint_blocks_ - 1] + used, 0, bb - used);
+    for (std::uint32_t l = 0; l < geometry_.num_layers; ++l) {
+      const kv_group& k = geometry_.group_of(l);
+      if (k.kind != layer_kind::sliding_window || geometry_.in_blocks(k) || tokens.size() >= k.window) continue;
+      const std::size_t row = k.row_bytes(), w = tokens.size();
+      for (std::uint32_t side = 0; side < 2; ++side)
+        zero_checkpoint(S.ckpt_payloads, geometry_.layers[l].checkpoint_offset + (side * k.window + w) * row,
+                        (k.window - w) * row);
+    }
   }
   S.source = source;
   S.compute = compute;
@@ -645,13 +665,12 @@ inline errc hooks::save_layer(save_handle h, std::uint32_t layer) noexcept {
   std::size_t used = 0;
   const layer_shape& shape = geometry_.layers[layer];
   const kv_group& group = geometry_.groups[shape.group];
-  if (group.kind == layer_kind::state) {  // the layer's state, into the checkpoint
-    std::byte* engine = S.source.group(shape.group).layout->k_base[shape.in_group];
-    used = state_segments(S.ckpt_payloads, shape.state_offset, group.state_bytes, engine, copy_direction::from_engine,
-                          S.segments);
+  const bool in_blocks = geometry_.in_blocks(group);
+  if (!in_blocks) {  // the layer's state or window tail, into the checkpoint
+    used = checkpoint_segments(S.ckpt_payloads, layer, S.source, S.tokens, copy_direction::from_engine, S.segments);
     if (used == 0) return errc::invalid_argument;
   }
-  for (std::uint32_t i = 0; i < S.reservation.blocks() && group.kind != layer_kind::state; ++i) {
+  for (std::uint32_t i = 0; i < S.reservation.blocks() && in_blocks; ++i) {
     const std::uint64_t first_token = std::uint64_t(S.reservation.first_block() + i) * tpb;
     const std::uint32_t n = std::uint32_t(std::min<std::uint64_t>(tpb, S.tokens - first_token));
     if (S.segments.size() - used < need)
@@ -780,6 +799,66 @@ inline std::size_t hooks::state_segments(std::span<std::byte* const> payloads, s
     done += len;
   }
   return n;
+}
+
+inline std::size_t hooks::tail_segments(std::span<std::byte* const> payloads, std::uint32_t layer,
+                                        const kv_target& target, std::uint64_t end, copy_direction dir,
+                                        std::span<copy_segment> out) const noexcept {
+  const layer_shape& shape = geometry_.layers[layer];
+  const kv_group& k = geometry_.groups[shape.group];
+  const kv_group_target gt = target.group(shape.group);
+  const kv_layout& L = *gt.layout;
+  const std::size_t bb = geometry_.block_bytes(), row = k.row_bytes();
+  const std::size_t head_bytes = std::size_t(k.head_dim) * dtype_size(k.dtype);
+  const bool dense = L.head_stride == head_bytes;
+  const std::uint64_t w = std::min<std::uint64_t>(k.window, end);
+  std::size_t n = 0;
+  auto emit = [&](std::size_t offset, std::byte* engine, std::size_t len) {
+    for (std::size_t done = 0; done < len;) {  // a row may straddle two checkpoint blocks
+      const std::size_t at = offset + done, block = at / bb, in = at % bb, piece = std::min(len - done, bb - in);
+      if (n == out.size() || block >= payloads.size()) return false;
+      out[n++] = dir == copy_direction::to_engine ? copy_segment{payloads[block] + in, engine + done, piece}
+                                                  : copy_segment{engine + done, payloads[block] + in, piece};
+      done += piece;
+    }
+    return true;
+  };
+  for (std::uint32_t side = 0; side < 2; ++side) {  // K rows, then V rows, `window` each
+    std::byte* const base = side == 0 ? L.k_base[shape.in_group] : L.v_base[shape.in_group];
+    for (std::uint64_t t = 0; t < w; ++t) {
+      const std::uint64_t pos = end - w + t;
+      std::byte* engine = base + std::size_t(gt.pages[pos / L.page_size]) * L.page_stride +
+                          std::size_t(pos % L.page_size) * L.token_stride;
+      const std::size_t offset = shape.checkpoint_offset + (side * std::size_t(k.window) + t) * row;
+      if (dense) {
+        if (!emit(offset, engine, row)) return 0;
+      } else {
+        for (std::uint32_t h = 0; h < k.num_kv_heads; ++h)
+          if (!emit(offset + h * head_bytes, engine + std::size_t(h) * L.head_stride, head_bytes)) return 0;
+      }
+    }
+  }
+  return n;
+}
+
+inline std::size_t hooks::checkpoint_segments(std::span<std::byte* const> payloads, std::uint32_t layer,
+                                              const kv_target& target, std::uint64_t end, copy_direction dir,
+                                              std::span<copy_segment> out) const noexcept {
+  const layer_shape& shape = geometry_.layers[layer];
+  const kv_group& k = geometry_.groups[shape.group];
+  if (k.kind != layer_kind::state) return end ? tail_segments(payloads, layer, target, end, dir, out) : 0;
+  std::byte* engine = target.group(shape.group).layout->k_base[shape.in_group];
+  return state_segments(payloads, shape.checkpoint_offset, k.state_bytes, engine, dir, out);
+}
+
+inline void hooks::zero_checkpoint(std::span<std::byte* const> payloads, std::size_t offset,
+                                   std::size_t bytes) const noexcept {
+  const std::size_t bb = geometry_.block_bytes();
+  for (std::size_t done = 0; done < bytes;) {
+    const std::size_t at = offset + done, piece = std::min(bytes - done, bb - at % bb);
+    std::memset(payloads[at / bb] + at % bb, 0, piece);
+    done += piece;
+  }
 }
 
 inline lookup_result hooks::lookup(const session_key& session, std::span<const token_id> prompt,
