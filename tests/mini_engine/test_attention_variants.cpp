@@ -204,9 +204,11 @@ struct store_rig {
   std::unique_ptr<attnstore::store> kv;
   std::unique_ptr<attnstore::copy_backend> copier;
   std::unique_ptr<attnstore::hooks> hk;
-  store_rig(const llama_config& c, std::uint32_t tokens_per_block, unsigned chaos_us = 0, bool prefetch = true) {
+  store_rig(const llama_config& c, std::uint32_t tokens_per_block, unsigned chaos_us = 0, bool prefetch = true,
+            bool window_tails = false) {
     attnstore::store_config sc;
     sc.geometry = kv_geometry_of(c, tokens_per_block);
+    sc.geometry.window_tails = window_tails;
     sc.model_name = "mini-variants-test";
     sc.rope = rope_spec_of(c).to_string();
     sc.dram_bytes = 64 << 20;
@@ -254,12 +256,12 @@ std::vector<request> conversation(int sessions, int turns, std::uint64_t seed) {
   return make_workload(w, 256);
 }
 
-void check_restored_equals_resident(const llama_config& cfg, std::uint64_t seed) {
+void check_restored_equals_resident(const llama_config& cfg, std::uint64_t seed, bool window_tails = false) {
   const auto model = llama_model::random(cfg, seed, 0.08f);
   const auto work = conversation(2, 6, seed);
   for (bool via_ssd : {false, true}) {
     INFO((via_ssd ? "from SSD" : "from DRAM"));
-    store_rig rig(cfg, 16, 50, !via_ssd);
+    store_rig rig(cfg, 16, 50, !via_ssd, window_tails);
     engine_options so = rig.options();
     so.demote_after_turn = via_ssd;
     engine stored(model, so);
@@ -483,6 +485,12 @@ TEST_CASE("store geometry of the variants: two alternating groups, or one latent
 
 TEST_CASE("window model: 6 turns restored from the store give bitwise the logits of resident KV") {
   check_restored_equals_resident(window_model(), 21);
+}
+
+// The window layers kept only as their last window before the checkpoint: each turn
+// resumes there, and the windowed kernel must never need what was not kept.
+TEST_CASE("window model with window_tails: 6 turns restored from the store give bitwise the logits of resident KV") {
+  check_restored_equals_resident(window_model(), 23, true);
 }
 
 TEST_CASE("latent model: 6 turns restored from the store give bitwise the logits of resident KV") {
