@@ -3,7 +3,8 @@
 # Extra package names given as arguments are checked too (scripts/fuzz.sh passes clang
 # and libFuzzer's runtime, which only fuzzing needs).
 set -euo pipefail
-pkgs=(g++ cmake ninja-build pkg-config liburing-dev libxxhash-dev catch2 libbenchmark-dev fio "$@")
+pkgs=(g++ cmake ninja-build pkg-config liburing-dev libxxhash-dev catch2 libbenchmark-dev fio
+  redis-server libhiredis-dev "$@")  # redis: the shared tier's client and its test cluster (issue 15)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
