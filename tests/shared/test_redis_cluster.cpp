@@ -1,0 +1,639 @@
+// The Redis Cluster client against real clusters that scripts/redis-cluster.sh starts
+// (ctest fixtures; the server is never mocked). Environment:
+//   ATTNSTORE_REDIS_SEED      host:port of a node of the running cluster
+//   ATTNSTORE_REDIS_PASSWORD  its password (requirepass), ATTNSTORE_REDIS_USER its ACL user
+// Exits 77 (skipped) when redis-server is not installed.
+//   [cluster]   3 masters: big values, batches, OOM, MOVED/ASK during a migration, a hung
+//               node, a killed and restarted master, threads sharing a client
+//   [failover]  3 masters + 3 replicas: a killed master's slots come back on its replica
+#define CATCH_CONFIG_RUNNER
+#include <hiredis/hiredis.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "attnstore/shared/redis_cluster.hpp"
+
+using namespace attnstore::shared;
+using std::chrono::milliseconds;
+using steady = std::chrono::steady_clock;
+
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
+bool on_path(const char* exe) {
+  const std::string path = env("PATH");
+  std::size_t start = 0;
+  while (start <= path.size()) {
+    const std::size_t end = path.find(':', start);
+    const std::string dir = path.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (!dir.empty() && ::access((dir + "/" + exe).c_str(), X_OK) == 0) return true;
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  return false;
+}
+
+int seed_port() {
+  return std::atoi(env("ATTNSTORE_REDIS_SEED").substr(env("ATTNSTORE_REDIS_SEED").rfind(':') + 1).c_str());
+}
+
+// ---- an admin connection (plain blocking hiredis), to inspect and disturb the cluster
+struct reply_free {
+  void operator()(redisReply* r) const { freeReplyObject(r); }
+};
+using reply = std::unique_ptr<redisReply, reply_free>;
+
+struct admin {
+  explicit admin(int port) : port(port) {
+    ctx = redisConnectWithTimeout("127.0.0.1", port, timeval{2, 0});
+    REQUIRE(ctx);
+    REQUIRE(ctx->err == 0);
+    redisSetTimeout(ctx, timeval{5, 0});
+    const std::string pw = env("ATTNSTORE_REDIS_PASSWORD");
+    if (!pw.empty()) {
+      reply r(static_cast<redisReply*>(redisCommand(ctx, "AUTH %s", pw.c_str())));
+      REQUIRE(r);
+      REQUIRE(r->type == REDIS_REPLY_STATUS);
+    }
+  }
+  ~admin() { redisFree(ctx); }
+  admin(const admin&) = delete;
+  admin& operator=(const admin&) = delete;
+
+  template <class... A>
+  reply cmd(const char* fmt, A... args) {
+    reply r(static_cast<redisReply*>(redisCommand(ctx, fmt, args...)));
+    INFO("port " << port << ": " << fmt << (ctx->err ? std::string(" -> ") + ctx->errstr : ""));
+    REQUIRE(r);
+    return r;
+  }
+  std::string str(const char* fmt, const char* arg = nullptr) {
+    reply r = arg ? cmd(fmt, arg) : cmd(fmt);
+    return r->str ? std::string(r->str, r->len) : std::string();
+  }
+  std::string info_field(const char* section, const std::string& field) {
+    const std::string text = str("INFO %s", section);
+    const std::size_t at = text.find(field + ":");
+    if (at == std::string::npos) return {};
+    const std::size_t from = at + field.size() + 1;
+    return text.substr(from, text.find("\r\n", from) - from);
+  }
+  int port;
+  redisContext* ctx = nullptr;
+};
+
+/// slot -> port of the master serving it, from CLUSTER SLOTS on `port`.
+std::vector<int> slot_owners(int port) {
+  admin a(port);
+  reply r = a.cmd("CLUSTER SLOTS");
+  REQUIRE(r->type == REDIS_REPLY_ARRAY);
+  std::vector<int> owner(redis_slot_count, 0);
+  for (std::size_t i = 0; i < r->elements; ++i) {
+    const redisReply* e = r->element[i];
+    for (long long s = e->element[0]->integer; s <= e->element[1]->integer; ++s) {
+      owner[static_cast<std::size_t>(s)] = static_cast<int>(e->element[2]->element[1]->integer);
+    }
+  }
+  return owner;
+}
+
+std::vector<int> masters(const std::vector<int>& owner) {
+  std::set<int> s(owner.begin(), owner.end());
+  s.erase(0);
+  return {s.begin(), s.end()};
+}
+
+/// A key (with `prefix`) whose slot the master on `port` serves.
+std::string key_on(const std::vector<int>& owner, int port, const std::string& prefix) {
+  for (int i = 0;; ++i) {
+    std::string k = prefix + ":" + std::to_string(i);
+    if (owner[key_slot(k)] == port) return k;
+  }
+}
+
+/// Deterministic bytes for (key, size): every value differs from every other.
+std::vector<std::byte> pattern(const std::string& key, std::size_t size) {
+  std::vector<std::byte> v(size);
+  std::uint64_t x = crc16(key) * 0x9E3779B97F4A7C15ull + size;
+  for (std::size_t i = 0; i < size; ++i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    v[i] = std::byte(x & 0xff);
+  }
+  return v;
+}
+
+bool same(const redis_value& v, const std::vector<std::byte>& want) {
+  return v.size() == want.size() && std::memcmp(v.data(), want.data(), want.size()) == 0;
+}
+
+redis_cluster_config base_config();
+
+/// The configuration of the tests of the time bounds.
+redis_cluster_config tight_config() {
+  redis_cluster_config c = base_config();
+  c.connect_timeout = milliseconds{200};
+  c.command_timeout = milliseconds{300};
+  c.request_timeout = milliseconds{600};
+  return c;
+}
+
+/// What a call may take beyond request_timeout on a loaded machine (wake-up latency).
+constexpr double slack_ms = 400;
+
+redis_cluster_config base_config() {
+  redis_cluster_config c;
+  c.seeds = {env("ATTNSTORE_REDIS_SEED")};
+  c.user = env("ATTNSTORE_REDIS_USER");
+  c.password = env("ATTNSTORE_REDIS_PASSWORD");
+  // Generous: ctest runs other tests beside this one. The tests of the bounds tighten them.
+  c.connect_timeout = milliseconds{1000};
+  c.command_timeout = milliseconds{2000};
+  c.request_timeout = milliseconds{10000};
+  c.breaker_threshold = 2;
+  c.breaker_cooldown = milliseconds{500};
+  c.refresh_interval = milliseconds{50};
+  c.log.fn = &attnstore::logger::quiet;
+  return c;
+}
+
+double ms_since(steady::time_point t0) { return std::chrono::duration<double, std::milli>(steady::now() - t0).count(); }
+
+/// Every node answers PING and reports cluster_state:ok (within `limit`).
+bool wait_cluster_ok(const std::vector<int>& ports, milliseconds limit) {
+  const auto t0 = steady::now();
+  while (steady::now() - t0 < limit) {
+    bool all = true;
+    for (int p : ports) {
+      redisContext* c = redisConnectWithTimeout("127.0.0.1", p, timeval{0, 200000});
+      bool ok = c && !c->err;
+      if (ok) {
+        redisSetTimeout(c, timeval{1, 0});
+        const std::string pw = env("ATTNSTORE_REDIS_PASSWORD");
+        if (!pw.empty()) freeReplyObject(redisCommand(c, "AUTH %s", pw.c_str()));
+        auto* r = static_cast<redisReply*>(redisCommand(c, "CLUSTER INFO"));
+        ok = r && r->type == REDIS_REPLY_STRING && std::strstr(r->str, "cluster_state:ok");
+        if (r) freeReplyObject(r);
+      }
+      if (c) redisFree(c);
+      all = all && ok;
+    }
+    if (all) return true;
+    std::this_thread::sleep_for(milliseconds{100});
+  }
+  return false;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!on_path("redis-server")) {
+    std::fprintf(stderr, "test_redis_cluster: redis-server not installed (scripts/deps.sh): skipped\n");
+    return 77;
+  }
+  if (env("ATTNSTORE_REDIS_SEED").empty()) {
+    std::fprintf(stderr,
+                 "test_redis_cluster: ATTNSTORE_REDIS_SEED is not set; run it through ctest "
+                 "(its fixture starts the cluster with scripts/redis-cluster.sh)\n");
+    return 1;
+  }
+  return Catch::Session().run(argc, argv);
+}
+
+TEST_CASE("key_slot agrees with the server's CLUSTER KEYSLOT", "[cluster]") {
+  admin a(seed_port());
+  for (int i = 0; i < 300; ++i) {
+    std::string k = "k";
+    k += std::to_string(i * 7919);  // not "k" + ...: GCC 12's -Wrestrict misfires on that
+    if (i % 3 == 1) k = "x{" + std::to_string(i) + "}y";
+    if (i % 5 == 2) k = "{}" + k + "{z}";
+    CAPTURE(k);
+    reply r = a.cmd("CLUSTER KEYSLOT %b", k.data(), k.size());
+    CHECK(r->integer == key_slot(k));
+  }
+}
+
+TEST_CASE("1 MiB and 4 MiB values round-trip across many slots", "[cluster]") {
+  redis_cluster client(base_config());
+  const auto owner = slot_owners(seed_port());
+  std::set<std::string> nodes_hit;
+  const auto t0 = steady::now();
+  for (int i = 0; i < 40; ++i) {
+    const std::string key = "big:" + std::to_string(i);
+    const std::size_t size = (i % 4 == 3 ? 4u : 1u) << 20;
+    const auto value = pattern(key, size);
+    REQUIRE(client.set(key, value, milliseconds{60000}) == redis_status::ok);
+    const auto got = client.get(key);
+    REQUIRE(got.status == redis_status::ok);
+    CHECK(same(got.value, value));
+    nodes_hit.insert(client.endpoint_of_slot(key_slot(key)));
+    CHECK(client.endpoint_of_slot(key_slot(key)) == "127.0.0.1:" + std::to_string(owner[key_slot(key)]));
+  }
+  WARN("40 values (30 x 1 MiB, 10 x 4 MiB) set and read back one by one in " << ms_since(t0) << " ms");
+  CHECK(nodes_hit.size() == masters(owner).size());
+  CHECK(client.get("big:never-written").status == redis_status::not_found);
+  CHECK(client.del("big:0") == redis_status::ok);
+  CHECK(client.del("big:0") == redis_status::not_found);
+  CHECK(client.get("big:0").status == redis_status::not_found);
+  const std::vector<std::byte> small(10, std::byte{7});
+  REQUIRE(client.set("ttl:a", small, milliseconds{50}) == redis_status::ok);
+  std::this_thread::sleep_for(milliseconds{150});
+  CHECK(client.get("ttl:a").status == redis_status::not_found);  // PX took effect
+  const auto s = client.stats();
+  CHECK(s.refreshes >= 1);
+  CHECK(s.moved == 0);
+  CHECK(s.timeouts == 0);
+}
+
+TEST_CASE("pipelined batches span every node", "[cluster]") {
+  redis_cluster client(base_config());
+  const auto owner = slot_owners(seed_port());
+  constexpr int n = 96;
+  std::vector<std::string> keys;
+  std::vector<std::vector<std::byte>> values;
+  std::set<int> ports;
+  for (int i = 0; i < n; ++i) {
+    keys.push_back("batch:{" + std::to_string(i) + "}");
+    values.push_back(pattern(keys.back(), i % 8 == 0 ? (4u << 20) : (1u << 20) + i));
+    ports.insert(owner[key_slot(keys.back())]);
+  }
+  REQUIRE(ports.size() == masters(owner).size());
+  std::vector<redis_set_item> items;
+  for (int i = 0; i < n; ++i) items.push_back({keys[i], values[i], milliseconds{60000}});
+  std::vector<redis_status> st(n, redis_status::internal_error);
+  auto t0 = steady::now();
+  client.set_many(items, st);
+  const double set_ms = ms_since(t0);
+  for (int i = 0; i < n; ++i) CHECK(st[i] == redis_status::ok);
+
+  std::vector<std::string_view> views(keys.begin(), keys.end());
+  views.push_back("batch:missing");
+  std::vector<redis_get_result> got(views.size());
+  t0 = steady::now();
+  client.get_many(views, got);
+  const double get_ms = ms_since(t0);
+  for (int i = 0; i < n; ++i) {
+    CAPTURE(i);
+    REQUIRE(got[i].status == redis_status::ok);
+    CHECK(same(got[i].value, values[i]));
+  }
+  CHECK(got[n].status == redis_status::not_found);
+  std::size_t bytes = 0;
+  for (auto& v : values) bytes += v.size();
+  WARN("batch of " << n << " values (" << bytes / (1 << 20) << " MiB) over " << ports.size() << " nodes: set " << set_ms
+                   << " ms, get " << get_ms << " ms");
+
+  std::vector<redis_status> del(n);
+  client.del_many(std::span<const std::string_view>(views.data(), n), del);
+  for (auto s : del) CHECK(s == redis_status::ok);
+  client.get_many(views, got);
+  for (auto& g : got) CHECK(g.status == redis_status::not_found);
+  CHECK(client.stats().connects == ports.size());  // one connection per node, reused
+}
+
+TEST_CASE("a wrong password or user is an auth_error value, fast", "[cluster]") {
+  if (env("ATTNSTORE_REDIS_PASSWORD").empty()) return;
+  for (int variant = 0; variant < 3; ++variant) {
+    auto c = base_config();
+    if (variant == 0) c.password = "not-the-password";
+    if (variant == 1) c.user = "nobody";
+    if (variant == 2) {
+      c.user.clear();
+      c.password.clear();  // no AUTH at all: NOAUTH
+    }
+    CAPTURE(variant);
+    redis_cluster client(c);
+    const auto t0 = steady::now();
+    const auto r = client.get("auth:k");
+    CHECK(r.status == redis_status::auth_error);
+    CHECK(client.set("auth:k", pattern("auth:k", 100)) == redis_status::auth_error);
+    CHECK(client.refresh_slots() == redis_status::auth_error);
+    CHECK(ms_since(t0) < 500);
+  }
+  // The default user with the right password works as well as the ACL user.
+  auto c = base_config();
+  c.user.clear();
+  redis_cluster client(c);
+  CHECK(client.set("auth:ok", pattern("auth:ok", 100)) == redis_status::ok);
+}
+
+TEST_CASE("-OOM from a full node is an oom value for its keys only", "[cluster]") {
+  redis_cluster client(base_config());
+  const auto owner = slot_owners(seed_port());
+  const auto ms = masters(owner);
+  const int full = ms.back();
+  const std::string k_full = key_on(owner, full, "oom");
+  const std::string k_other = key_on(owner, ms.front(), "oom");
+  admin a(full);
+  const std::string saved = [&] {
+    reply r = a.cmd("CONFIG GET maxmemory");
+    return std::string(r->element[1]->str, r->element[1]->len);
+  }();
+  a.cmd("CONFIG SET maxmemory 1");
+  const auto v = pattern(k_full, 1 << 20);
+  CHECK(client.set(k_full, v) == redis_status::oom);
+  CHECK(client.set(k_other, v) == redis_status::ok);
+  a.cmd("CONFIG SET maxmemory %s", saved.c_str());
+  CHECK(client.set(k_full, v) == redis_status::ok);
+}
+
+TEST_CASE("MOVED and ASK are followed while a slot migrates", "[cluster]") {
+  const auto owner = slot_owners(seed_port());
+  const auto ms = masters(owner);
+  REQUIRE(ms.size() >= 3);
+  const int src = ms[1];
+  const int dst = ms[2];
+  // A hash tag whose slot the source owns: every key with it is in that slot.
+  std::string tag;
+  for (int i = 0; tag.empty(); ++i) {
+    if (owner[key_slot("mig" + std::to_string(i))] == src) tag = "mig" + std::to_string(i);
+  }
+  const std::uint16_t slot = key_slot(tag);
+  const std::string k_old = "{" + tag + "}:old";
+  const std::string k_new = "{" + tag + "}:new";
+  const auto v_old = pattern(k_old, 1 << 20);
+  const auto v_new = pattern(k_new, 2 << 20);
+
+  redis_cluster client(base_config());
+  REQUIRE(client.set(k_old, v_old) == redis_status::ok);
+  REQUIRE(client.endpoint_of_slot(slot) == "127.0.0.1:" + std::to_string(src));
+
+  admin a_src(src), a_dst(dst);
+  const std::string src_id = a_src.str("CLUSTER MYID");
+  const std::string dst_id = a_dst.str("CLUSTER MYID");
+  a_dst.cmd("CLUSTER SETSLOT %d IMPORTING %s", int(slot), src_id.c_str());
+  a_src.cmd("CLUSTER SETSLOT %d MIGRATING %s", int(slot), dst_id.c_str());
+
+  // A key the source does not hold: ASK to the destination, for writes and reads.
+  const auto s0 = client.stats();
+  CHECK(client.set(k_new, v_new) == redis_status::ok);
+  auto got = client.get(k_new);
+  REQUIRE(got.status == redis_status::ok);
+  CHECK(same(got.value, v_new));
+  CHECK(client.stats().ask >= s0.ask + 2);
+  a_dst.cmd("ASKING");
+  CHECK(a_dst.cmd("EXISTS %s", k_new.c_str())->integer == 1);  // it really went to the destination
+  // A key still on the source is served there; once migrated, ASK again.
+  got = client.get(k_old);
+  REQUIRE(got.status == redis_status::ok);
+  CHECK(same(got.value, v_old));
+  const std::string pw = env("ATTNSTORE_REDIS_PASSWORD");
+  const std::string user = env("ATTNSTORE_REDIS_USER");
+  auto migrate = [&](const std::string& key) {
+    reply m = pw.empty()
+                  ? a_src.cmd("MIGRATE 127.0.0.1 %d %s 0 5000 KEYS %s", dst, "", key.c_str())
+                  : a_src.cmd("MIGRATE 127.0.0.1 %d %s 0 5000 AUTH %s KEYS %s", dst, "", pw.c_str(), key.c_str());
+    INFO("MIGRATE " << key << ": " << (m->str ? m->str : ""));
+    REQUIRE(m->type == REDIS_REPLY_STATUS);
+  };
+  migrate(k_old);
+  got = client.get(k_old);
+  REQUIRE(got.status == redis_status::ok);
+  CHECK(same(got.value, v_old));
+  CHECK(client.endpoint_of_slot(slot) == "127.0.0.1:" + std::to_string(src));  // ASK leaves the map alone
+
+  // The migration ends: every master learns the new owner. The client's map is now stale:
+  // MOVED sends it to the destination, and later calls go there directly.
+  for (;;) {  // keys of earlier tests may share the slot: the source must be empty first
+    reply left = a_src.cmd("CLUSTER GETKEYSINSLOT %d 100", int(slot));
+    if (left->elements == 0) break;
+    for (std::size_t i = 0; i < left->elements; ++i) migrate(std::string(left->element[i]->str, left->element[i]->len));
+  }
+  for (int p : ms) {
+    admin a(p);
+    reply r = a.cmd("CLUSTER SETSLOT %d NODE %s", int(slot), dst_id.c_str());
+    INFO(p << ": " << (r->str ? r->str : ""));
+    CHECK(r->type == REDIS_REPLY_STATUS);
+  }
+  const auto s1 = client.stats();
+  got = client.get(k_old);
+  REQUIRE(got.status == redis_status::ok);
+  CHECK(same(got.value, v_old));
+  CHECK(client.stats().moved == s1.moved + 1);
+  CHECK(client.endpoint_of_slot(slot) == "127.0.0.1:" + std::to_string(dst));
+  got = client.get(k_new);
+  CHECK(got.status == redis_status::ok);
+  CHECK(client.stats().moved == s1.moved + 1);
+  CHECK(wait_cluster_ok(ms, milliseconds{5000}));
+}
+
+TEST_CASE("a hung node times out within the bound, its breaker opens, the others serve", "[cluster]") {
+  const auto owner = slot_owners(seed_port());
+  const auto ms = masters(owner);
+  const int hung = ms[1];
+  const std::string k_hung = key_on(owner, hung, "hung");
+  const std::string k_fine = key_on(owner, ms[0], "hung");
+  auto cfg = tight_config();
+  redis_cluster client(cfg);
+  REQUIRE(client.set(k_hung, pattern(k_hung, 1 << 20)) == redis_status::ok);
+  REQUIRE(client.set(k_fine, pattern(k_fine, 1 << 20)) == redis_status::ok);
+  const pid_t pid = std::atoi(admin(hung).info_field("server", "process_id").c_str());
+  REQUIRE(pid > 0);
+
+  REQUIRE(::kill(pid, SIGSTOP) == 0);  // accepts nothing, answers nothing; < cluster-node-timeout
+  const double bound = double(cfg.request_timeout.count()) + slack_ms;
+  auto t0 = steady::now();
+  const auto r1 = client.get(k_hung);
+  const double t1 = ms_since(t0);
+  t0 = steady::now();
+  const auto r2 = client.set(k_hung, pattern(k_hung, 4 << 20));
+  const double t2 = ms_since(t0);
+  t0 = steady::now();
+  const auto r3 = client.get(k_hung);
+  const double t3 = ms_since(t0);
+  t0 = steady::now();
+  const auto fine = client.get(k_fine);
+  const double t4 = ms_since(t0);
+  const auto s = client.stats();
+  ::kill(pid, SIGCONT);
+
+  CHECK(r1.status == redis_status::timeout);
+  CHECK(t1 < bound);
+  CHECK(t1 >= double(cfg.command_timeout.count()) - 5);
+  CHECK(r2 == redis_status::timeout);
+  CHECK(t2 < bound);
+  CHECK(r3.status == redis_status::circuit_open);  // breaker_threshold 2: open
+  CHECK(t3 < 50);
+  CHECK(fine.status == redis_status::ok);
+  CHECK(t4 < bound);
+  CHECK(s.timeouts >= 2);
+  CHECK(s.breaker_opens >= 1);
+  CHECK(s.fast_fails >= 1);
+  WARN("hung node: timeouts after " << t1 << " and " << t2 << " ms, then fast fail in " << t3 << " ms");
+
+  // After the cool-down one call tries the node again and closes the breaker.
+  std::this_thread::sleep_for(cfg.breaker_cooldown + milliseconds{50});
+  const auto back = client.get(k_hung);
+  CHECK(back.status == redis_status::ok);
+  // The timed-out SET may or may not have been stored (the kernel may have buffered all of it).
+  CHECK((same(back.value, pattern(k_hung, 1 << 20)) || same(back.value, pattern(k_hung, 4 << 20))));
+  CHECK(wait_cluster_ok(ms, milliseconds{10000}));
+}
+
+TEST_CASE("a killed master fails fast for its slots only, and serves again once restarted", "[cluster]") {
+  const auto owner = slot_owners(seed_port());
+  const auto ms = masters(owner);
+  const int dead = ms[2];
+  const std::string k_dead = key_on(owner, dead, "kill");
+  std::vector<std::string> k_live = {key_on(owner, ms[0], "kill"), key_on(owner, ms[1], "kill")};
+  auto cfg = tight_config();
+  redis_cluster client(cfg);
+  REQUIRE(client.set(k_dead, pattern(k_dead, 1 << 20)) == redis_status::ok);
+  for (auto& k : k_live) REQUIRE(client.set(k, pattern(k, 1 << 20)) == redis_status::ok);
+  admin a(dead);
+  const pid_t pid = std::atoi(a.info_field("server", "process_id").c_str());
+  const std::string conf = a.info_field("server", "config_file");
+  REQUIRE(pid > 0);
+  REQUIRE(!conf.empty());
+
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  for (int i = 0; i < 50 && ::kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(milliseconds{20});
+  const double bound = double(cfg.request_timeout.count()) + slack_ms;
+  std::vector<redis_status> seen;
+  double worst = 0;
+  for (int i = 0; i < 4; ++i) {
+    const auto t0 = steady::now();
+    seen.push_back(client.get(k_dead).status);
+    worst = std::max(worst, ms_since(t0));
+  }
+  CHECK(worst < bound);
+  CHECK(seen[0] == redis_status::io_error);
+  CHECK(seen[1] == redis_status::io_error);
+  CHECK(seen[2] == redis_status::circuit_open);
+  CHECK(seen[3] == redis_status::circuit_open);
+  CHECK(client.stats().breaker_opens >= 1);
+  // The other masters' slots work, alone and in a batch with the dead node's keys.
+  std::vector<std::string_view> mixed = {k_live[0], k_dead, k_live[1]};
+  std::vector<redis_get_result> got(3);
+  const auto t0 = steady::now();
+  client.get_many(mixed, got);
+  CHECK(ms_since(t0) < bound);
+  CHECK(got[0].status == redis_status::ok);
+  CHECK(got[1].status == redis_status::circuit_open);
+  CHECK(got[2].status == redis_status::ok);
+  CHECK(same(got[2].value, pattern(k_live[1], 1 << 20)));
+
+  // Restarted (its nodes.conf keeps its slots; its data is gone: nothing is persisted).
+  REQUIRE(std::system(("redis-server " + conf + " >/dev/null").c_str()) == 0);
+  REQUIRE(wait_cluster_ok(ms, milliseconds{15000}));
+  std::this_thread::sleep_for(cfg.breaker_cooldown);
+  redis_status st = redis_status::internal_error;
+  for (int i = 0; i < 40 && st != redis_status::not_found; ++i) {  // the first try may hit the old socket
+    st = client.get(k_dead).status;
+    if (st != redis_status::not_found) std::this_thread::sleep_for(cfg.breaker_cooldown / 4);
+  }
+  CHECK(st == redis_status::not_found);
+  CHECK(client.set(k_dead, pattern(k_dead, 4 << 20)) == redis_status::ok);
+  const auto back = client.get(k_dead);
+  CHECK(back.status == redis_status::ok);
+  CHECK(same(back.value, pattern(k_dead, 4 << 20)));
+}
+
+TEST_CASE("threads may share one client", "[cluster]") {
+  redis_cluster client(base_config());
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  std::atomic<int> first_bad{-1};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 25; ++i) {
+        const std::string key = "thr:" + std::to_string(t) + ":" + std::to_string(i);
+        const auto v = pattern(key, 64 * 1024 + i);
+        const auto s = client.set(key, v);
+        const auto got = client.get(key);
+        const bool ok = s == redis_status::ok && got.status == redis_status::ok && same(got.value, v);
+        if (!ok) {
+          ++bad;
+          int expected = -1;
+          first_bad.compare_exchange_strong(expected, int(s) * 100 + int(got.status));
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  INFO("first failure: set " << to_string(redis_status(first_bad.load() / 100)) << ", get "
+                             << to_string(redis_status(first_bad.load() % 100)));
+  CHECK(bad.load() == 0);
+}
+
+TEST_CASE("after a failover the replica's promotion is found and hits resume", "[failover]") {
+  const auto owner = slot_owners(seed_port());
+  const auto ms = masters(owner);
+  REQUIRE(ms.size() == 3);
+  const int dead = ms[1];
+  std::vector<std::string> keys;
+  for (int i = 0; i < 8; ++i) keys.push_back(key_on(owner, dead, "fo" + std::to_string(i)));
+  const std::string k_live = key_on(owner, ms[0], "fo");
+  auto cfg = tight_config();
+  redis_cluster client(cfg);
+  for (auto& k : keys) REQUIRE(client.set(k, pattern(k, 1 << 20)) == redis_status::ok);
+  REQUIRE(client.set(k_live, pattern(k_live, 1 << 20)) == redis_status::ok);
+
+  // Wait until the replica has everything, then kill the master.
+  admin a(dead);
+  const pid_t pid = std::atoi(a.info_field("server", "process_id").c_str());
+  const std::string offset = a.info_field("replication", "master_repl_offset");
+  const int replica_port = std::atoi(
+      a.info_field("replication", "slave0").substr(a.info_field("replication", "slave0").find("port=") + 5).c_str());
+  REQUIRE(replica_port > 0);
+  {
+    admin r(replica_port);
+    const auto t0 = steady::now();
+    while (r.info_field("replication", "slave_repl_offset") != offset && ms_since(t0) < 5000) {
+      std::this_thread::sleep_for(milliseconds{20});
+    }
+    REQUIRE(r.info_field("replication", "slave_repl_offset") == offset);
+  }
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  const auto killed = steady::now();
+  const double bound = double(cfg.request_timeout.count()) + slack_ms;
+  double worst = 0;
+  redis_status last = redis_status::internal_error;
+  std::map<std::string, int> statuses;
+  while (ms_since(killed) < 20000) {
+    auto t0 = steady::now();
+    const auto r = client.get(keys[0]);
+    worst = std::max(worst, ms_since(t0));
+    last = r.status;
+    ++statuses[std::string(to_string(last))];
+    if (last == redis_status::ok) break;
+    t0 = steady::now();
+    CHECK(client.get(k_live).status == redis_status::ok);  // the rest of the cluster keeps serving
+    worst = std::max(worst, ms_since(t0));
+    std::this_thread::sleep_for(milliseconds{50});
+  }
+  std::string summary;
+  for (auto& [k, v] : statuses) summary += k + "=" + std::to_string(v) + " ";
+  WARN("failover: hits resumed " << ms_since(killed) << " ms after the kill; statuses " << summary << "; slowest call "
+                                 << worst << " ms");
+  REQUIRE(last == redis_status::ok);
+  CHECK(worst < bound);
+  CHECK(client.endpoint_of_slot(key_slot(keys[0])) == "127.0.0.1:" + std::to_string(replica_port));
+  std::vector<std::string_view> views(keys.begin(), keys.end());
+  std::vector<redis_get_result> got(keys.size());
+  client.get_many(views, got);
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    CHECK(got[i].status == redis_status::ok);
+    CHECK(same(got[i].value, pattern(keys[i], 1 << 20)));
+  }
+}
