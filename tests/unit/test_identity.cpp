@@ -501,7 +501,8 @@ TEST_CASE("identity: invalid request keys are refused and nothing is stored", "[
   for (std::size_t i = 0; i < hostile.size(); ++i) {
     INFO("case " << i);
     const request_keys k{"adapter-a", "salt-1", hostile[i]};
-    const session_key key{"t", "hostile-" + std::to_string(i)};
+    const std::string name = "hostile-" + std::to_string(i);  // session_key only views it
+    const session_key key{"t", name};
     CHECK(validate_request_keys(k, prompt_tokens) == errc::invalid_argument);
     CHECK(s.put(key, toks, 0, data, k) == errc::invalid_argument);
     std::vector<std::byte*> payloads(talk.blocks());
