@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "attnstore/copy/copy_backend.hpp"
+#include "attnstore/detail/checkpoint_name.hpp"
 #include "attnstore/detail/host_memory.hpp"
 #include "attnstore/hash.hpp"
 #include "attnstore/kv_layout.hpp"
@@ -197,14 +198,8 @@ class hooks {
   // tenant holds, in ordinary blocks, every state layer's state at the end of the last
   // saved turn; its token ids are derived from the prefix (and keys) it belongs to, so
   // the store's chain hashes and checksums verify it like any block.
-  static constexpr std::size_t max_session_bytes = 480;
   static constexpr std::size_t max_checkpoint_tokens = 16384;  // a lookup hashes them on its stack
-  struct checkpoint_name {
-    char bytes[max_session_bytes + 32];
-    session_key key;
-  };
-  /// The companion's key; false when the session id is too long for it.
-  static bool checkpoint_key(const session_key& session, checkpoint_name& out) noexcept;
+  using checkpoint_name = detail::checkpoint_name;             // the companion session (detail/checkpoint_name.hpp)
   /// The companion's token ids for a checkpoint at the end of `prefix`.
   void checkpoint_tokens(std::span<const token_id> prefix, const request_keys& keys,
                          std::span<token_id> out) const noexcept;

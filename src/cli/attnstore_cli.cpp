@@ -40,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "attnstore/detail/checkpoint_name.hpp"
 #include "attnstore/format/block_header.hpp"
 #include "attnstore/format/manifest.hpp"
 #include "attnstore/hash.hpp"
@@ -329,13 +330,18 @@ bool lock_within(int fd) {
 /// on the slot files, is taken here too, so a running store refuses this).
 int erase_matching(const store_dir& d, const std::string& verb, const std::string& session_id,
                    const std::string& tenant_id) {
-  hash128 key{};
+  hash128 key{}, companion_key{};
   std::string what;
   if (!session_id.empty()) {
     const auto slash = session_id.find('/');
     if (slash == std::string::npos) throw std::invalid_argument("--session takes TENANT/SESSION");
-    key = hash_session(session_key{session_id.substr(0, slash), session_id.substr(slash + 1)}, d.secret).value;
+    const std::string tenant = session_id.substr(0, slash), session = session_id.substr(slash + 1);
+    const session_key sk{tenant, session};  // views of the two strings above
+    key = hash_session(sk, d.secret).value;
     what = "session " + hex128(key);
+    // and its checkpoint (state groups, window tails), which the hooks keep as a companion
+    detail::checkpoint_name companion;
+    if (detail::checkpoint_key(sk, companion)) companion_key = hash_session(companion.key, d.secret).value;
   } else {
     key = hash_tenant(tenant_id, d.secret);
     what = "tenant " + hex128(key);
@@ -356,7 +362,9 @@ int erase_matching(const store_dir& d, const std::string& verb, const std::strin
   judge_all(d, false, [&](std::uint64_t s, int err, format::slot_verdict v, const format::block_header& h) {
     if (err)
       ++unreadable;
-    else if (v == format::slot_verdict::ok && (by_session ? h.session : h.tenant) == key)
+    else if (v == format::slot_verdict::ok &&
+             (by_session ? h.session == key || (!companion_key.is_zero() && h.session == companion_key)
+                         : h.tenant == key))
       victims.push_back(s);
   });
   void* zeros = nullptr;

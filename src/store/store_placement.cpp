@@ -3,6 +3,7 @@
 // cache_index::try_open_record), so no two operations can wait on each other.
 #include <algorithm>
 
+#include "attnstore/detail/checkpoint_name.hpp"
 #include "store_impl.hpp"
 
 namespace attnstore {
@@ -256,9 +257,17 @@ locked_session store::impl::open_or_evict(const session_hash& key, errc* why) no
 // ---------------------------------------------------------------- drop, pin, demote, truncate
 
 errc store::impl::drop(const session_key& key) noexcept {
-  locked_session s = index_->open(session_of(key), false);
-  if (!s) return errc::not_found;
-  return drop_session_locked(s);
+  errc e = errc::not_found;
+  if (locked_session s = index_->open(session_of(key), false)) e = drop_session_locked(s);
+  // A model that keeps a checkpoint (state groups, window tails): the hooks save it as a
+  // companion session; a drop of the session deletes it too.
+  detail::checkpoint_name companion;
+  if (geometry_.checkpoint_bytes() > 0 && detail::checkpoint_key(key, companion))
+    if (locked_session c = index_->open(session_of(companion.key), false)) {
+      const errc ce = drop_session_locked(c);
+      if (e == errc::not_found) e = ce;
+    }
+  return e;
 }
 
 errc store::impl::drop_session_locked(locked_session& s) noexcept {

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -534,8 +535,22 @@ TEST_CASE("geometry groups: a hybrid model (Qwen3-Next) resumes only at its stat
     save(hk, mem, key, std::span(toks).first(n2 + 5), 0);
     CHECK(load(hk, mem, key, extended(n2 + 5)) == n2 + 5);
     CHECK(mem.state_is(5, n2 + 5));
-    // Closing the session drops its checkpoint too.
+    // Closing the session drops its checkpoint too, and so does a bare store drop.
     REQUIRE(hk.close_session(key) == errc::ok);
+    CHECK(kv.stats().sessions == 0);
+    save(hk, mem, key, std::span(toks).first(n2 + 5), 0);
+    CHECK(kv.stats().sessions == 2);  // the session and its checkpoint
+    REQUIRE(kv.drop(key) == errc::ok);
+    CHECK(kv.stats().sessions == 0);
+    CHECK(kv.drop(key) == errc::not_found);
+    // Offline too: `attnstore drop` erases the checkpoint's slots with the session's.
+    save(hk, mem, key, std::span(toks).first(n2 + 5), 0);
+    REQUIRE(kv.close() == errc::ok);
+  }
+  {
+    const std::string cli = std::string(ATTNSTORE_CLI) + " drop " + dir.str() + " --session acme/hybrid > /dev/null";
+    REQUIRE(std::system(cli.c_str()) == 0);
+    store kv(config_for(m, dir.str()));
     CHECK(kv.stats().sessions == 0);
   }
 }

@@ -336,7 +336,7 @@ inline load_info hooks::start_load(const session_key& session, std::span<const t
     // which must be for exactly the verified prefix (and these keys), else nothing loads.
     const std::span<const token_id> prefix = prompt.first(std::size_t(got.tokens));
     get_result ck{errc::invalid_argument};
-    if (checkpoint_key(session, L.ckpt_name)) {
+    if (detail::checkpoint_key(session, L.ckpt_name)) {
       checkpoint_tokens(prefix, keys, L.ckpt_tokens);
       ck = store_.acquire(L.ckpt_name.key, L.ckpt_tokens, L.ckpt_views, L.ckpt_lease);
     }
@@ -614,7 +614,7 @@ inline save_handle hooks::start_save(const session_key& session, std::span<const
   }
   if (checkpoint_blocks_) {  // the state at the end of `tokens`, replacing the last checkpoint
     errc e = errc::invalid_argument;
-    if (checkpoint_key(session, S.ckpt_name)) {
+    if (detail::checkpoint_key(session, S.ckpt_name)) {
       checkpoint_tokens(tokens, keys, S.ckpt_tokens);
       e = store_.reserve(S.ckpt_name.key, S.ckpt_tokens, 0, S.ckpt_payloads, S.ckpt_reservation);
     }
@@ -756,17 +756,6 @@ inline void hooks::abort_save(save_handle h) noexcept {
   save_pool_.release(h.index);
 }
 
-inline bool hooks::checkpoint_key(const session_key& session, checkpoint_name& out) noexcept {
-  static constexpr std::string_view suffix =
-      "\x1f"
-      "attnstore-state";
-  if (session.session.size() > max_session_bytes) return false;
-  std::memcpy(out.bytes, session.session.data(), session.session.size());
-  std::memcpy(out.bytes + session.session.size(), suffix.data(), suffix.size());
-  out.key = {session.tenant, std::string_view(out.bytes, session.session.size() + suffix.size())};
-  return true;
-}
-
 inline void hooks::checkpoint_tokens(std::span<const token_id> prefix, const request_keys& keys,
                                      std::span<token_id> out) const noexcept {
   struct {
@@ -869,7 +858,7 @@ inline lookup_result hooks::lookup(const session_key& session, std::span<const t
   checkpoint_name name;
   token_id ids[max_checkpoint_tokens];
   const std::span<token_id> ckpt(ids, std::size_t(checkpoint_blocks_) * geometry_.tokens_per_block);
-  if (!checkpoint_key(session, name)) return {};
+  if (!detail::checkpoint_key(session, name)) return {};
   checkpoint_tokens(prompt.first(std::size_t(r.tokens)), keys, ckpt);
   if (store_.lookup(name.key, ckpt).tokens != ckpt.size()) return {};
   return r;
@@ -878,7 +867,7 @@ inline lookup_result hooks::lookup(const session_key& session, std::span<const t
 inline errc hooks::close_session(const session_key& session) noexcept {
   const errc e = store_.drop(session);
   checkpoint_name name;
-  if (checkpoint_blocks_ && checkpoint_key(session, name)) {
+  if (checkpoint_blocks_ && detail::checkpoint_key(session, name)) {
     const errc c = store_.drop(name.key);
     if (e == errc::not_found) return c;
   }
