@@ -7,6 +7,12 @@ namespace attnstore {
 async_requests::async_requests(store& kv, const async_options& options) : store_(kv) {
   if (options.threads == 0) throw std::invalid_argument("async_options: threads is 0, need at least 1");
   if (options.max_requests == 0) throw std::invalid_argument("async_options: max_requests is 0, need at least 1");
+  // It moves whole blocks; a model that keeps part of its KV in a checkpoint (state
+  // groups, window tails) would get its blocks back without it: wrong output. Refused.
+  if (kv.geometry().checkpoint_bytes() > 0)
+    throw std::invalid_argument(
+        "async_requests: this store's model keeps state groups or window tails in a checkpoint that only the hooks "
+        "save and restore; use attnstore::hooks for it");
   slots_.resize(options.max_requests);
   for (slot& s : slots_) {  // ids are copied into these, never reallocated
     s.tenant.reserve(max_key_bytes);

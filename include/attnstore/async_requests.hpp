@@ -50,7 +50,9 @@ class async_requests {
   /// Longest tenant or session id a request may carry (submit refuses longer ones).
   static constexpr std::size_t max_key_bytes = 1024;
   /// The store must outlive this object. Throws std::invalid_argument for 0 threads or
-  /// 0 max_requests.
+  /// 0 max_requests, and for a model that keeps part of its KV in a checkpoint (state
+  /// groups, window tails): requests move whole blocks, and only the hooks restore a
+  /// checkpoint.
   explicit async_requests(store& kv, const async_options& options = {});
   /// Requests not started are dropped (their buffers are not touched again); running
   /// ones finish first.

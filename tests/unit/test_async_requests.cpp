@@ -208,3 +208,16 @@ TEST_CASE("async: cancel and resubmit in rounds behind a stalled load; every req
   const std::string long_id(async_requests::max_key_bytes + 1, 'x');
   CHECK(io.submit_load(30, {"t", long_id}, tb, 0, b.blocks(), ob[0]) == errc::invalid_argument);
 }
+
+TEST_CASE("async: a model with a checkpoint (state groups) is refused, naming the hooks", "[async]") {
+  temp_dir dir("async-state");
+  store_config c = small_config(dir.str(), 16, 32);
+  c.geometry = kv_geometry{};
+  c.geometry.groups = {kv_group{.kind = layer_kind::state, .num_layers = 2, .state_bytes = 4096},
+                       kv_group{.kind = layer_kind::full, .num_layers = 2, .num_kv_heads = 2, .head_dim = 64}};
+  c.geometry.tokens_per_block = 32;
+  c.dram_bytes = 16 * format::slot_bytes(c.geometry.validated());
+  c.ssd_bytes = 32 * format::slot_bytes(c.geometry.validated());
+  store s(c);
+  CHECK_THROWS_WITH(async_requests(s, {}), Catch::Contains("use attnstore::hooks"));
+}
