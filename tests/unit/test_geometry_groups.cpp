@@ -176,6 +176,13 @@ std::vector<token_id> tokens_of(std::uint64_t session, std::size_t n) {
   return t;
 }
 
+// The first n tokens of a history and one new token: a prompt that extends a saved turn.
+std::vector<token_id> prefix_and_one(const std::vector<token_id>& toks, std::uint64_t n) {
+  std::vector<token_id> p(toks.begin(), toks.begin() + std::ptrdiff_t(n));
+  p.push_back(99);
+  return p;
+}
+
 // Saves positions [from, tokens.size()) of `session` from engine memory.
 void save(hooks& hk, engine_memory& mem, const session_key& key, std::span<const token_id> toks, std::uint64_t from) {
   errc st;
@@ -467,11 +474,7 @@ TEST_CASE("geometry groups: a hybrid model (Qwen3-Next) resumes only at its stat
   const auto toks = tokens_of(5, 6 * T);
   const std::uint64_t n1 = 2 * T + 7, n2 = 4 * T + 3;
   const session_key key{"acme", "hybrid"};
-  auto extended = [&](std::uint64_t n) {  // the history and one new token
-    std::vector<token_id> p(toks.begin(), toks.begin() + std::ptrdiff_t(n));
-    p.push_back(99);
-    return p;
-  };
+  auto extended = [&](std::uint64_t n) { return prefix_and_one(toks, n); };
   {
     store kv(config_for(m, dir.str()));
     hooks hk(kv, copier, {});
@@ -572,20 +575,7 @@ TEST_CASE("geometry groups: window_tails keeps a sliding window only before the 
   const auto toks = tokens_of(9, 36 * T);
   const std::uint64_t n1 = 12 * T + 5, n2 = 33 * T + 11;
   const session_key key{"acme", "long"};
-  auto extended = [&](std::uint64_t n) {
-    std::vector<token_id> p(toks.begin(), toks.begin() + std::ptrdiff_t(n));
-    p.push_back(7);
-    return p;
-  };
-  auto load_tails = [&](hooks& hk, std::span<const token_id> prompt) {
-    mem.scrub();
-    load_info li = hk.start_load(key, prompt, mem.target());
-    REQUIRE(li.status == errc::ok);
-    if (!li.handle) return std::uint64_t(0);
-    for (std::uint32_t l = 0; l < g.num_layers; ++l) REQUIRE(hk.wait_layer(li.handle, l) == errc::ok);
-    REQUIRE(hk.finish_load(li.handle) == errc::ok);
-    return li.tokens;
-  };
+  auto extended = [&](std::uint64_t n) { return prefix_and_one(toks, n); };
   std::uint64_t bytes_tails = 0, bytes_full = 0;
   {
     store kv(config_for(m, dir.str()));
@@ -594,7 +584,7 @@ TEST_CASE("geometry groups: window_tails keeps a sliding window only before the 
     save(hk, mem, key, std::span(toks).first(n1), 0);
     save(hk, mem, key, std::span(toks).first(n2), n1);
     CHECK(hk.lookup(key, extended(n2)).tokens == n2);
-    CHECK(load_tails(hk, extended(n2)) == n2);
+    CHECK(load(hk, mem, key, extended(n2)) == n2);
     const auto [wrong, leaked] = mem.tails_wrong(9, n2);
     CHECK(wrong == 0);   // full layers everywhere, window layers in their last window
     CHECK(leaked == 0);  // window layers before it were neither stored nor loaded
@@ -603,14 +593,14 @@ TEST_CASE("geometry groups: window_tails keeps a sliding window only before the 
     auto edited = extended(n2);
     edited[n2 - 3] ^= 1;  // inside the last window
     CHECK(hk.lookup(key, edited).tokens == 0);
-    CHECK(load_tails(hk, edited) == 0);
+    CHECK(load(hk, mem, key, edited) == 0);
     bytes_tails = kv.stats().dram_used_bytes;
     REQUIRE(kv.close() == errc::ok);
   }
   {  // restart: the tail comes back from SSD with the blocks
     store kv(config_for(m, dir.str()));
     hooks hk(kv, copier, {});
-    CHECK(load_tails(hk, extended(n2)) == n2);
+    CHECK(load(hk, mem, key, extended(n2)) == n2);
     const auto [wrong, leaked] = mem.tails_wrong(9, n2);
     CHECK(wrong == 0);
     CHECK(leaked == 0);
