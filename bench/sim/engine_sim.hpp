@@ -27,6 +27,20 @@
 // (they wait for one prefetch block at most; the prefetch reads they overtake are not
 // delayed in the model, a small optimism while demand reads are a fraction of the
 // bandwidth). Writes (demotion) go to a separate channel, off the critical path.
+//
+// Several nodes (cluster_config; docs/sim.md, "Several nodes"): N such engines, each with
+// its own queue, batch, HBM, PCIe, SSD channels and tiered_cache (DRAM and SSD of
+// tier_config each), driven by one event loop. A router sends each turn to a node
+// (sticky, round-robin or random: route_ is drawn once, so every policy sees the same
+// routes). A session's conversation is global; its KV is wherever nodes saved it. With a
+// shared tier (shared_tier.hpp: content-addressed blocks, LRU over bytes), a turn whose
+// node does not hold the whole history locally continues the lookup there by chain hash
+// (a missing block ends the reusable prefix), and reads those blocks over the node's link
+// to the shared tier, a demand channel planned like the SSD's; after each turn the node
+// publishes the blocks the tier lacks (write-behind on the link's other direction,
+// visible when the write completes, bounded bytes in flight per node). Each node's state
+// advances only at its own events, so with sticky routing and no shared tier a node
+// behaves exactly as a one-node engine_sim given its sessions alone.
 #pragma once
 
 #include <algorithm>
@@ -34,17 +48,82 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <optional>
 #include <queue>
 #include <random>
+#include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "shared_tier.hpp"
 #include "tiered_cache.hpp"
 #include "trace.hpp"
 
 namespace attnstore::sim {
+
+/// Which node a turn goes to (cluster_config::route). A session's home node is its
+/// number mod N (sessions are numbered by arrival, so new sessions are spread evenly).
+enum class routing : std::uint8_t {
+  sticky,       ///< every turn to the session's home node
+  round_robin,  ///< turn k to node (home + k) mod N: never the node of the turn before (N > 1)
+  random,       ///< every turn to a node drawn uniformly (route_seed)
+};
+
+inline std::string_view to_string(routing r) noexcept {
+  switch (r) {
+    case routing::sticky:
+      return "sticky";
+    case routing::round_robin:
+      return "round-robin";
+    case routing::random:
+      return "random";
+  }
+  return "?";
+}
+
+/// routing from its name (sticky, round-robin, random); nullopt for another name.
+inline std::optional<routing> parse_routing(std::string_view s) noexcept {
+  if (s == "sticky") return routing::sticky;
+  if (s == "round-robin" || s == "round_robin" || s == "rr") return routing::round_robin;
+  if (s == "random") return routing::random;
+  return std::nullopt;
+}
+
+/// Several engines and a tier they share (issue 15). The defaults are one node, no
+/// shared tier: the one-engine simulation, figures unchanged.
+struct cluster_config {
+  std::uint32_t nodes = 1;  ///< engines, each with the tier_config DRAM and SSD
+  routing route = routing::sticky;
+  std::uint64_t route_seed = 1;  ///< routing::random's draws
+  /// Bytes the shared tier stores (LRU beyond them, as allkeys-lru); 0: no shared tier.
+  double shared_tier_bytes = 0;
+  /// Each node's link to the shared tier, per direction (reads and writes do not
+  /// compete): 12.5 GB/s, a 100 Gb/s NIC.
+  double shared_tier_bytes_per_s = 12.5e9;
+  double shared_tier_latency_s = 200e-6;  ///< per request (one pipelined batch of blocks)
+  /// Write-behind: a node sends at most this many bytes ahead of its link; blocks of a
+  /// publish beyond it are skipped (counted in bytes_shared_skipped).
+  double shared_write_bytes_in_flight = 8e9;
+};
+
+/// What passes through the shared tier, for tests (function pointers and a context; any
+/// may be null).
+struct cluster_observer {
+  void* context = nullptr;
+  /// A node's write completed at `at`: `keys` (blocks of the session's history at its
+  /// save) are in the shared tier from now on, those that fit.
+  void (*published)(void* context, double at, std::uint32_t node, std::uint32_t session,
+                    std::span<const hash128> keys) = nullptr;
+  /// A turn starting at `at` on `node` found `keys` (blocks first_block.. of its history)
+  /// in the shared tier.
+  void (*served)(void* context, double at, std::uint32_t node, std::uint32_t session, std::uint32_t first_block,
+                 std::span<const hash128> keys) = nullptr;
+  /// The shared tier evicted `key`.
+  void (*evicted)(void* context, const hash128& key) = nullptr;
+};
 
 struct model_config {
   std::string name = "llama-13b";
@@ -103,6 +182,7 @@ struct sim_config {
   /// Sessions that start with the same system prompt share its whole blocks in the cache
   /// (stored once per tier, reference-counted); false: each stores its own copy.
   bool prefix_sharing = true;
+  cluster_config cluster;  ///< nodes, routing and the shared tier (default: one node)
 };
 
 /// Runs with all history hits from DRAM and no capacity limit, to measure the working set.
@@ -152,6 +232,23 @@ struct sim_result {
     bool learned = false;
   };
   std::vector<learned_point> learned;
+  /// Several nodes (cluster_config). hit_tokens = dram_hit_tokens + ssd_hit_tokens (the
+  /// node's own tiers) + shared_tier_hit_tokens. dram_bytes and ssd_bytes are per node.
+  std::uint32_t nodes = 1;
+  routing route = routing::sticky;
+  double shared_tier_bytes = 0;
+  std::uint64_t shared_tier_hit_tokens = 0;  ///< history found in the shared tier after the local prefix
+  /// Turns after a session's first, and those routed to the node that served its turn
+  /// before (their history and what the node's own tiers found of it).
+  std::uint64_t later_turns = 0, same_node_turns = 0;
+  std::uint64_t same_node_history_tokens = 0, same_node_local_hit_tokens = 0;
+  double bytes_to_shared = 0;                ///< published (written to the shared tier)
+  double bytes_from_shared = 0;              ///< read from the shared tier into HBM
+  double bytes_shared_skipped = 0;           ///< not published: over the bound on bytes in flight
+  double bytes_shared_touched = 0;           ///< already there when published: refreshed, not sent
+  double shared_tier_stored_bytes = 0;       ///< time average over the window
+  double shared_tier_evicted_bytes = 0;      ///< evicted by LRU over the window
+  std::vector<std::uint64_t> node_requests;  ///< measured turns per node
   bool invariants_ok = true;
   std::string invariant_error;
 
@@ -160,9 +257,20 @@ struct sim_result {
   double ssd_hit_rate() const { return history_tokens ? double(ssd_hit_tokens) / double(history_tokens) : 0; }
   double reuse_rate() const { return history_tokens ? double(reused_tokens) / double(history_tokens) : 0; }
   double shared_hit_rate() const { return history_tokens ? double(shared_hit_tokens) / double(history_tokens) : 0; }
+  /// History found in the serving node's own DRAM and SSD / history.
+  double hit_rate_local() const {
+    return history_tokens ? double(dram_hit_tokens + ssd_hit_tokens) / double(history_tokens) : 0;
+  }
+  /// History found in the shared tier (after the local prefix) / history.
+  double hit_rate_shared() const {
+    return history_tokens ? double(shared_tier_hit_tokens) / double(history_tokens) : 0;
+  }
+  /// Turns after a session's first that went to the node that served its turn before.
+  double same_node_rate() const { return later_turns ? double(same_node_turns) / double(later_turns) : 0; }
   double work_saved() const { return prefill_work_full_s > 0 ? 1 - prefill_work_s / prefill_work_full_s : 0; }
   double bytes_moved() const {
-    return bytes_hbm_to_dram + bytes_dram_to_hbm + bytes_ssd_to_hbm + bytes_ssd_to_dram + bytes_dram_to_ssd;
+    return bytes_hbm_to_dram + bytes_dram_to_hbm + bytes_ssd_to_hbm + bytes_ssd_to_dram + bytes_dram_to_ssd +
+           bytes_to_shared + bytes_from_shared;
   }
 };
 
@@ -171,40 +279,69 @@ class engine_sim {
   engine_sim(const trace::workload& w, policy_kind kind, const sim_config& c, run_mode mode = run_mode::normal)
       : w_(w), kind_(kind), c_(c), mode_(mode) {
     const auto& t = c.tiers;
+    const auto& k = c.cluster;
+    if (k.nodes == 0) throw std::invalid_argument("engine_sim: cluster.nodes must be at least 1");
+    if (k.shared_tier_bytes > 0 && (k.shared_tier_bytes_per_s <= 0 || k.shared_tier_latency_s < 0))
+      throw std::invalid_argument("engine_sim: cluster.shared_tier_bytes_per_s must be > 0 and latency >= 0");
     tpb_ = t.tokens_per_block;
     block_bytes_ = double(tpb_) * c.model.kv_bytes_per_token;
     max_session_blocks_ = c.engine.context_tokens / tpb_ + 2;
-    if (kind != policy_kind::none && mode == run_mode::normal) {
-      cache_options o;
-      o.kind = kind;
-      o.tokens_per_block = tpb_;
-      o.dram_blocks = std::uint32_t(t.dram_bytes / block_bytes_);
-      o.ssd_blocks = std::uint32_t(t.ssd_bytes / block_bytes_);
-      o.max_session_blocks = max_session_blocks_;
-      o.block_bytes = std::uint64_t(block_bytes_);
-      o.watermark = t.watermark;
-      o.eviction_window = t.eviction_window;
-      o.prefetch = t.prefetch;
-      o.prefetch_window = t.prefetch_window;
-      o.prefetch_dram_fraction = t.prefetch_dram_fraction;
-      // DRAM reserved for reads in flight holds no data until they land: bound it by a
-      // small share of DRAM too (1/32: the default 4 GB at the paper's 128 GB).
-      o.prefetch_bytes_in_flight = std::max<std::uint64_t>(
-          std::uint64_t(std::min(t.prefetch_bytes_in_flight, t.dram_bytes / 32)), o.block_bytes);
-      if (o.eviction_window == 0) o.eviction_window = t.queue_window;
-      o.predictive = t.predictive;
-      o.prefetch_likely = t.prefetch_likely;
-      cache_.emplace(o, io_hook{this, &engine_sim::on_read});
-      flight_done_.assign(cache_->policy().max_sessions(), 0.0);
+    for (std::uint32_t i = 0; i < k.nodes; ++i) {
+      nodes_.push_back(std::make_unique<node>());
+      node& n = *nodes_.back();
+      n.sim = this;
+      n.id = i;
+      if (kind != policy_kind::none && mode == run_mode::normal) {
+        cache_options o;
+        o.kind = kind;
+        o.tokens_per_block = tpb_;
+        o.dram_blocks = std::uint32_t(t.dram_bytes / block_bytes_);
+        o.ssd_blocks = std::uint32_t(t.ssd_bytes / block_bytes_);
+        o.max_session_blocks = max_session_blocks_;
+        o.block_bytes = std::uint64_t(block_bytes_);
+        o.watermark = t.watermark;
+        o.eviction_window = t.eviction_window;
+        o.prefetch = t.prefetch;
+        o.prefetch_window = t.prefetch_window;
+        o.prefetch_dram_fraction = t.prefetch_dram_fraction;
+        // DRAM reserved for reads in flight holds no data until they land: bound it by a
+        // small share of DRAM too (1/32: the default 4 GB at the paper's 128 GB).
+        o.prefetch_bytes_in_flight = std::max<std::uint64_t>(
+            std::uint64_t(std::min(t.prefetch_bytes_in_flight, t.dram_bytes / 32)), o.block_bytes);
+        if (o.eviction_window == 0) o.eviction_window = t.queue_window;
+        o.predictive = t.predictive;
+        o.prefetch_likely = t.prefetch_likely;
+        n.cache.emplace(o, io_hook{&n, &engine_sim::on_read});
+        n.flight_done.assign(n.cache->policy().max_sessions(), 0.0);
+      }
+    }
+    if (k.shared_tier_bytes > 0 && kind != policy_kind::none && mode == run_mode::normal) {
+      shared_.emplace(k.shared_tier_bytes, shared_tier::observer{this, &engine_sim::on_shared_evicted});
+      model_ = make_model_id({"attnstore-sim", kv_geometry{1, 1, 1, dtype::f16, tpb_}.validated()});
+      keys_.reserve(max_session_blocks_ + 2);
     }
     rt_.resize(w.sessions());
     req_rt_.resize(w.requests.size());
+    route_.assign(w.requests.size(), 0);
+    if (k.nodes > 1) {
+      std::mt19937_64 rng(k.route_seed);
+      for (std::uint32_t s = 0; s < w.sessions(); ++s)
+        for (std::uint32_t q = w.first[s]; q < w.first[s + 1]; ++q) {
+          const std::uint32_t home = s % k.nodes, turn = q - w.first[s];
+          route_[q] = k.route == routing::sticky        ? home
+                      : k.route == routing::round_robin ? (home + turn) % k.nodes
+                                                        : std::uint32_t(rng() % k.nodes);
+        }
+    }
     if (w.sessions()) {
       window_end_ = w.requests[w.first[w.sessions() - 1]].arrival;
       window_start_ = c.warmup_fraction * window_end_;
     }
     for (double f : {0.02, 0.05, 0.1, 0.2, 0.5, 1.0}) checkpoints_.push_back(f * window_end_);
   }
+
+  /// Tells `o` what passes through the shared tier (call before run()).
+  void observe(const cluster_observer& o) noexcept { obs_ = o; }
 
   sim_result run() {
     const auto wall0 = std::chrono::steady_clock::now();
@@ -214,27 +351,43 @@ class engine_sim {
       const double t_first = next_session < w_.sessions() ? w_.requests[w_.first[next_session]].arrival : inf;
       const double t_next = arrivals_.empty() ? inf : arrivals_.top().time;
       const double t_arrival = std::min(t_first, t_next);
-      const double t_io = io_.empty() ? inf : io_.top().time;
       const double t_hint = hints_.empty() ? inf : hints_.top().time;
-      double t_engine = inf;
-      const double tau = step_time();
-      if (prefilling_ != none_idx)
-        t_engine = busy_until_;
-      else if (!running_.empty())
-        t_engine = now_ + std::max(0.0, running_.top().finish - v_) * tau;
-      const double t = std::min({t_arrival, t_io, t_engine, t_hint});
+      const double t_pub = publishes_.empty() ? inf : publishes_.top().time;
+      // The earliest I/O completion and engine step of any node (the first node on a tie).
+      double t_io = inf, t_engine = inf;
+      node *io_node = nullptr, *engine_node = nullptr;
+      for (auto& np : nodes_) {
+        node& n = *np;
+        if (!n.io.empty() && n.io.top().time < t_io) {
+          t_io = n.io.top().time;
+          io_node = &n;
+        }
+        const double te = engine_time(n);
+        if (te < t_engine) {
+          t_engine = te;
+          engine_node = &n;
+        }
+      }
+      const double t = std::min({t_arrival, t_io, t_engine, t_hint, t_pub});
       if (t == inf) break;
-      advance(t, tau);
+      advance(t);
       ++events;
-      if (c_.check && cache_ && events % 1000 == 0) verify();
-      if (t_hint < t_io && t_hint < t_arrival && t_hint < t_engine) {
+      if (c_.check && events % 1000 == 0) verify();
+      node* touched = nullptr;
+      if (t_pub <= t_io && t_pub <= t_arrival && t_pub <= t_engine && t_pub <= t_hint) {
+        complete_publish();
+      } else if (t_hint < t_io && t_hint < t_arrival && t_hint < t_engine) {
         const hint_event ev = hints_.top();
         hints_.pop();
-        cache_->hint(sim_session_hash(ev.session), ev.hint, us(now_));
+        touched = nodes_[rt_[ev.session].node].get();
+        advance_node(*touched, t);
+        touched->cache->hint(sim_session_hash(ev.session), ev.hint, us(now_));
       } else if (t_io <= t_arrival && t_io <= t_engine) {
-        const io_event ev = io_.top();
-        io_.pop();
-        cache_->io_complete(ev.record, ev.ticket);
+        touched = io_node;
+        advance_node(*touched, t);
+        const io_event ev = touched->io.top();
+        touched->io.pop();
+        touched->cache->io_complete(ev.record, ev.ticket);
       } else if (t_arrival <= t_engine) {
         std::uint32_t qi;
         if (t_first <= t_next) {
@@ -244,88 +397,37 @@ class engine_sim {
           qi = arrivals_.top().request;
           arrivals_.pop();
         }
-        arrive(qi);
-      } else if (prefilling_ != none_idx) {
-        const std::uint32_t qi = prefilling_;
-        prefilling_ = none_idx;
-        running_.push({v_ + double(clipped(w_.requests[qi]).output_tokens), qi});
+        touched = nodes_[route_[qi]].get();
+        advance_node(*touched, t);
+        arrive(*touched, qi);
       } else {
-        while (!running_.empty() && running_.top().finish <= v_ + 1e-6) {
-          const std::uint32_t qi = running_.top().request;
-          running_.pop();
-          finish(qi);
+        node& n = *(touched = engine_node);
+        advance_node(n, t);
+        if (n.prefilling != none_idx) {
+          const std::uint32_t qi = n.prefilling;
+          n.prefilling = none_idx;
+          n.running.push({n.v + double(clipped(w_.requests[qi]).output_tokens), qi});
+        } else {
+          while (!n.running.empty() && n.running.top().finish <= n.v + 1e-6) {
+            const std::uint32_t qi = n.running.top().request;
+            n.running.pop();
+            finish(n, qi);
+          }
         }
       }
-      try_admit();
-      if (cache_) cache_->plan_prefetch();
-    }
-    if (c_.check && cache_) verify();
-    result_.kind = kind_;
-    result_.sim_seconds = now_;
-    result_.sessions = w_.sessions();
-    const double span = window_end_ - window_start_;
-    result_.mean_queue = span > 0 ? queue_area_ / span : 0;
-    result_.busy_prefill = span > 0 ? prefill_busy_ / span : 0;
-    result_.working_set_bytes = span > 0 ? ws_area_ / span * c_.model.kv_bytes_per_token : 0;
-    result_.prefix_sharing = c_.prefix_sharing && w_.prefixes > 0;
-    if (span > 0) {
-      result_.bytes_stored_dram = stored_dram_area_ / span * block_bytes_;
-      result_.bytes_stored_ssd = stored_ssd_area_ / span * block_bytes_;
-      result_.bytes_stored = result_.bytes_stored_dram + result_.bytes_stored_ssd;
-      result_.bytes_referenced = referenced_area_ / span * block_bytes_;
-    }
-    result_.bytes_stored_peak = stored_peak_ * block_bytes_;
-    result_.dram_bytes = c_.tiers.dram_bytes;
-    result_.ssd_bytes = c_.tiers.ssd_bytes;
-    if (!ttft_.empty()) {
-      double sum = 0;
-      for (float x : ttft_) sum += x;
-      result_.ttft_mean = sum / double(ttft_.size());
-      auto pct = [&](double p) {
-        const std::size_t k = std::min(ttft_.size() - 1, std::size_t(p * double(ttft_.size())));
-        std::nth_element(ttft_.begin(), ttft_.begin() + std::ptrdiff_t(k), ttft_.end());
-        return double(ttft_[k]);
-      };
-      result_.ttft_p50 = pct(0.5);
-      result_.ttft_p90 = pct(0.9);
-      result_.ttft_p99 = pct(0.99);
-    }
-    if (cache_) {
-      if (!snap_start_) c0_ = cache_->counters();
-      if (!snap_end_) c1_ = cache_->counters();
-      cache_counters k = c1_;  // counters over the window
-      k.saved_blocks -= c0_.saved_blocks;
-      k.prefetched_blocks -= c0_.prefetched_blocks;
-      k.demoted_blocks -= c0_.demoted_blocks;
-      k.dropped_blocks -= c0_.dropped_blocks;
-      k.dropped_sessions -= c0_.dropped_sessions;
-      k.bypassed_blocks -= c0_.bypassed_blocks;
-      k.rejected_blocks -= c0_.rejected_blocks;
-      k.expired_sessions -= c0_.expired_sessions;
-      k.prefetch_waits -= c0_.prefetch_waits;
-      k.dedup_blocks -= c0_.dedup_blocks;
-      result_.bytes_hbm_to_dram = double(k.saved_blocks) * block_bytes_;
-      result_.bytes_ssd_to_dram = double(k.prefetched_blocks) * block_bytes_;
-      result_.bytes_dram_to_ssd = double(k.demoted_blocks) * block_bytes_;
-      result_.bytes_dropped = double(k.dropped_blocks) * block_bytes_;
-      result_.evicted_sessions = k.dropped_sessions;
-      result_.bypassed_blocks = k.bypassed_blocks;
-      result_.rejected_blocks = k.rejected_blocks;
-      result_.expired_sessions = k.expired_sessions;
-      result_.prefetch_waits = k.prefetch_waits;
-      result_.bytes_dedup = double(k.dedup_blocks) * block_bytes_;
-      if (auto* pf = cache_->prefetcher()) {
-        result_.prefetch_started = pf->started();
-        result_.prefetch_cancelled = pf->cancelled();
-        result_.prefetch_peak_bytes = double(pf->peak_bytes_in_flight());
-        result_.prefetch_bound_bytes = double(pf->max_bytes_in_flight());
+      if (touched) {
+        try_admit(*touched);
+        if (touched->cache) touched->cache->plan_prefetch();
       }
     }
-    result_.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
-    return result_;
+    if (c_.check) verify();
+    return results(wall0);
   }
 
-  tiered_cache* cache() { return cache_ ? &*cache_ : nullptr; }
+  /// Node 0's cache (the only one without cluster_config), or nullptr for `none`.
+  tiered_cache* cache() { return nodes_[0]->cache ? &*nodes_[0]->cache : nullptr; }
+  /// The shared tier, or nullptr when there is none.
+  const shared_tier* shared() const { return shared_ ? &*shared_ : nullptr; }
 
  private:
   static constexpr double inf = 1e300;
@@ -355,18 +457,53 @@ class engine_sim {
     std::uint64_t ticket;
     bool operator>(const io_event& o) const { return time > o.time || (time == o.time && ticket > o.ticket); }
   };
+  /// A node's write to the shared tier, visible when it completes.
+  struct publish_event {
+    double time;
+    std::uint64_t seq;
+    std::uint32_t slot;  // in publish_data_
+    bool operator>(const publish_event& o) const { return time > o.time || (time == o.time && seq > o.seq); }
+  };
+  struct publish_data {
+    std::uint32_t node = 0, session = 0;
+    std::vector<hash128> keys;
+    std::vector<std::uint64_t> bytes;
+  };
   struct session_rt {
     std::vector<token_id> tokens;  // current history (after truncations)
     std::uint64_t start = 0;       // absolute position of tokens[0]
     std::uint64_t live = 0;        // tokens counted in the working set
     double arrival = 0;            // arrival of the turn in progress
     std::uint32_t prefix = 0;      // system prompt tokens at the front of tokens (0: none, or cut)
+    std::uint32_t node = 0;        // the node that served its latest turn
   };
   struct request_rt {
     std::uint64_t ctx = 0;               // context tokens for the decode cost
     std::uint64_t hbm = 0;               // HBM tokens reserved
     std::uint64_t seq = 0;               // arrival order (queue position key)
     std::uint32_t prefix_in_prompt = 0;  // turn 0: system prompt tokens moved to the history
+  };
+  /// One engine with its own tiers. Its clock (`now`, and `v`, decode steps done) moves
+  /// only at its own events, so other nodes' events do not change its arithmetic.
+  struct node {
+    engine_sim* sim = nullptr;
+    std::uint32_t id = 0;
+    std::optional<tiered_cache> cache;
+    std::vector<double> flight_done;  // by record: when its promotion's reads land
+    std::priority_queue<running_entry, std::vector<running_entry>, std::greater<>> running;
+    std::priority_queue<io_event, std::vector<io_event>, std::greater<>> io;
+    std::deque<std::uint32_t> queue;
+    std::uint64_t queue_seq = 0;
+    double now = 0, v = 0, busy_until = 0;
+    double ssd_read_free = 0;   // demand reads scheduled until
+    double prefetch_free = 0;   // prefetch reads scheduled until
+    double net_read_free = 0;   // shared-tier reads: the link is busy until
+    double net_write_free = 0;  // shared-tier writes: the link is busy until
+    std::uint32_t prefilling = none_idx;
+    std::uint64_t running_ctx = 0, hbm_used = 0;
+    bool snap_start = false, snap_end = false;
+    cache_counters c0{}, c1{};
+    std::uint64_t measured = 0;
   };
 
   /// Token ids only need to be distinct per (session, position): the index compares
@@ -382,35 +519,73 @@ class engine_sim {
   /// Whole blocks of the session's history that the cache may share with other sessions.
   std::uint32_t shared_blocks_of(const session_rt& s) const noexcept { return c_.prefix_sharing ? s.prefix / tpb_ : 0; }
 
-  double step_time() const noexcept {
-    return c_.engine.decode_step_s + c_.engine.decode_s_per_ctx_token * double(running_ctx_);
+  double step_time(const node& n) const noexcept {
+    return c_.engine.decode_step_s + c_.engine.decode_s_per_ctx_token * double(n.running_ctx);
+  }
+  /// When the node's next engine event happens: its prefill ends, or a decode step
+  /// completes a reply.
+  double engine_time(const node& n) const noexcept {
+    if (n.prefilling != none_idx) return n.busy_until;
+    if (!n.running.empty()) return n.now + std::max(0.0, n.running.top().finish - n.v) * step_time(n);
+    return inf;
   }
 
-  void advance(double t, double tau) {
+  /// Moves the node's clock to t (its decode steps progress while it is not prefilling).
+  void advance_node(node& n, double t) {
+    const double dt = t - n.now;
+    if (dt > 0) {
+      if (n.prefilling == none_idx && !n.running.empty()) n.v += dt / step_time(n);
+      n.now = t;
+    }
+  }
+
+  /// Moves the cluster's clock to t: time averages over the window, counter snapshots.
+  void advance(double t) {
     const double dt = t - now_;
     if (dt > 0) {
-      if (prefilling_ == none_idx && !running_.empty()) v_ += dt / tau;
       // Time inside the measurement window.
       const double in = std::max(0.0, std::min(t, window_end_) - std::max(now_, window_start_));
       if (in > 0) {
-        if (prefilling_ != none_idx) prefill_busy_ += in;
-        queue_area_ += in * double(queue_.size());
+        double queued = 0, prefilling = 0, d = 0, sd = 0, referenced = 0;
+        for (auto& np : nodes_) {
+          const node& n = *np;
+          prefilling += n.prefilling != none_idx;
+          queued += double(n.queue.size());
+          if (n.cache) {
+            d += n.cache->stored_dram_blocks();
+            sd += n.cache->stored_ssd_blocks();
+            referenced += double(n.cache->referenced_blocks());
+          }
+        }
+        prefill_busy_ += in * prefilling;
+        queue_area_ += in * queued;
         ws_area_ += in * double(live_tokens_);
-        if (cache_) {
-          const double d = cache_->stored_dram_blocks(), sd = cache_->stored_ssd_blocks();
+        if (nodes_[0]->cache) {
           stored_dram_area_ += in * d;
           stored_ssd_area_ += in * sd;
-          referenced_area_ += in * double(cache_->referenced_blocks());
+          referenced_area_ += in * referenced;
           stored_peak_ = std::max(stored_peak_, d + sd);
         }
+        if (shared_) shared_area_ += in * double(shared_->stored_bytes());
       }
-      if (cache_ && !snap_start_ && t >= window_start_) {
-        snap_start_ = true;
-        c0_ = cache_->counters();
+      for (auto& np : nodes_) {
+        node& n = *np;
+        if (n.cache && !n.snap_start && t >= window_start_) {
+          n.snap_start = true;
+          n.c0 = n.cache->counters();
+        }
+        if (n.cache && !n.snap_end && t >= window_end_) {
+          n.snap_end = true;
+          n.c1 = n.cache->counters();
+        }
       }
-      if (cache_ && !snap_end_ && t >= window_end_) {
-        snap_end_ = true;
-        c1_ = cache_->counters();
+      if (shared_ && !shared_snap_start_ && t >= window_start_) {
+        shared_snap_start_ = true;
+        shared_evicted0_ = shared_->evicted_bytes();
+      }
+      if (shared_ && !shared_snap_end_ && t >= window_end_) {
+        shared_snap_end_ = true;
+        shared_evicted1_ = shared_->evicted_bytes();
       }
       while (next_checkpoint_ < checkpoints_.size() && t >= checkpoints_[next_checkpoint_])
         record_learned(checkpoints_[next_checkpoint_++]);
@@ -421,34 +596,43 @@ class engine_sim {
 
   request_rt& running_rt(std::uint32_t qi) { return req_rt_[qi]; }
 
-  static void on_read(void* self, std::uint32_t record, std::uint32_t blocks, std::uint64_t ticket) {
-    auto* s = static_cast<engine_sim*>(self);
+  static void on_read(void* context, std::uint32_t record, std::uint32_t blocks, std::uint64_t ticket) {
+    auto* n = static_cast<node*>(context);
+    const engine_sim* s = n->sim;
     // Prefetch reads queue behind every read already scheduled (FIFO among themselves).
-    const double start = std::max({s->now_, s->ssd_read_free_, s->prefetch_free_});
+    const double start = std::max({s->now_, n->ssd_read_free, n->prefetch_free});
     const double done = start + double(blocks) * s->block_bytes_ / s->c_.tiers.ssd_read_bytes_per_s;
-    s->prefetch_free_ = done;
-    s->flight_done_[record] = done;
-    s->io_.push({done, record, ticket});
+    n->prefetch_free = done;
+    n->flight_done[record] = done;
+    n->io.push({done, record, ticket});
   }
 
-  void arrive(std::uint32_t qi) {
+  static void on_shared_evicted(void* context, const hash128& key) {
+    auto* s = static_cast<engine_sim*>(context);
+    if (s->obs_.evicted) s->obs_.evicted(s->obs_.context, key);
+  }
+
+  void arrive(node& n, std::uint32_t qi) {
     const trace::request& r = w_.requests[qi];
     rt_[r.session].arrival = now_;
-    queue_.push_back(qi);
-    req_rt_[qi].seq = ++queue_seq_;
-    result_.max_queue = std::max(result_.max_queue, double(queue_.size()));
-    if (cache_) {
-      if (c_.tiers.ttl_s > 0) cache_->expire(us(now_), us(c_.tiers.ttl_s));
-      if (!c_.tiers.queue_window || queue_.size() <= c_.tiers.queue_window) show(qi);
+    n.queue.push_back(qi);
+    req_rt_[qi].seq = ++n.queue_seq;
+    result_.max_queue = std::max(result_.max_queue, double(n.queue.size()));
+    if (n.cache) {
+      if (c_.tiers.ttl_s > 0) n.cache->expire(us(now_), us(c_.tiers.ttl_s));
+      if (!c_.tiers.queue_window || n.queue.size() <= c_.tiers.queue_window) show(n, qi);
     }
   }
 
   /// The engine tells the cache that request qi waits (it entered the look-ahead).
-  void show(std::uint32_t qi) { cache_->enqueue(sim_session_hash(w_.requests[qi].session), req_rt_[qi].seq, us(now_)); }
+  void show(node& n, std::uint32_t qi) {
+    n.cache->enqueue(sim_session_hash(w_.requests[qi].session), req_rt_[qi].seq, us(now_));
+  }
 
   void record_learned(double at) {
-    if (!cache_ || !cache_->predictive()) return;
-    const policy::predictive& p = *cache_->predictive();
+    node& n0 = *nodes_[0];
+    if (!n0.cache || !n0.cache->predictive()) return;
+    const policy::predictive& p = *n0.cache->predictive();
     const policy::return_model& m = p.model();
     sim_result::learned_point x;
     x.at_s = at;
@@ -466,18 +650,108 @@ class engine_sim {
     result_.learned.push_back(x);
   }
 
-  void try_admit() {
+  /// keys_[i] = chain hash of the session's history through block i (the last block may
+  /// be partial), for every block of `tokens`.
+  void chain_keys(std::span<const token_id> tokens) {
+    keys_.clear();
+    hash128 prev{};
+    for (std::size_t at = 0; at < tokens.size(); at += tpb_)
+      keys_.push_back(
+          prev = chain_hash(prev, model_, tokens.subspan(at, std::min<std::size_t>(tpb_, tokens.size() - at))));
+  }
+
+  /// The history tokens after the first `local` that the shared tier holds: its blocks
+  /// from the one holding token `local` on, up to the first it lacks (each hit refreshes
+  /// the block, as a GET does under allkeys-lru).
+  std::uint64_t shared_lookup(const node& n, std::uint32_t session, std::span<const token_id> history,
+                              std::uint64_t local) {
+    if (!shared_ || local >= history.size()) return 0;
+    chain_keys(history);
+    const std::uint32_t b0 = std::uint32_t(local / tpb_);
+    std::uint64_t end = local;
+    std::uint32_t b = b0;
+    for (; b < keys_.size() && shared_->get(keys_[b]); ++b)
+      end = std::max<std::uint64_t>(end, std::min<std::uint64_t>(history.size(), std::uint64_t(b + 1) * tpb_));
+    if (b > b0 && obs_.served)
+      obs_.served(obs_.context, now_, n.id, session, b0, std::span<const hash128>(keys_).subspan(b0, b - b0));
+    return end - local;
+  }
+
+  /// Write-behind after a save: the node sends the blocks of `history` that the shared
+  /// tier lacks (those it has are refreshed, as SET NX does), as far as its bound on bytes
+  /// in flight allows; they become visible when the write completes.
+  void publish(node& n, std::uint32_t session, std::span<const token_id> history) {
+    const auto& k = c_.cluster;
+    chain_keys(history);
+    const double kvb = c_.model.kv_bytes_per_token;
+    const double in_flight = std::max(0.0, n.net_write_free - now_) * k.shared_tier_bytes_per_s;
+    double room = std::max(0.0, k.shared_write_bytes_in_flight - in_flight);
+    std::uint32_t slot;
+    if (!free_publish_.empty()) {
+      slot = free_publish_.back();
+      free_publish_.pop_back();
+    } else {
+      slot = std::uint32_t(publish_data_.size());
+      publish_data_.emplace_back();
+    }
+    publish_data& p = publish_data_[slot];
+    p.node = n.id;
+    p.session = session;
+    p.keys.clear();
+    p.bytes.clear();
+    double sent = 0, skipped = 0, touched = 0;
+    bool gap = false;  // a block before was skipped: the blocks after it are unreachable
+    for (std::uint32_t b = 0; b < keys_.size(); ++b) {
+      const double bytes = double(std::min<std::size_t>(tpb_, history.size() - std::size_t(b) * tpb_)) * kvb;
+      if (shared_->touch(keys_[b])) {  // stored already: refreshed, nothing sent
+        touched += bytes;
+        continue;
+      }
+      if (gap || bytes > room) {
+        skipped += bytes;
+        gap = true;
+        continue;
+      }
+      p.keys.push_back(keys_[b]);
+      p.bytes.push_back(std::uint64_t(bytes));
+      room -= bytes;
+      sent += bytes;
+    }
+    if (measuring()) {
+      result_.bytes_to_shared += sent;
+      result_.bytes_shared_skipped += skipped;
+      result_.bytes_shared_touched += touched;
+    }
+    if (p.keys.empty()) {
+      free_publish_.push_back(slot);
+      return;
+    }
+    n.net_write_free = std::max(now_, n.net_write_free) + sent / k.shared_tier_bytes_per_s;
+    publishes_.push({n.net_write_free + k.shared_tier_latency_s, ++publish_seq_, slot});
+  }
+
+  /// The earliest write to the shared tier completes: its blocks are stored.
+  void complete_publish() {
+    const publish_event ev = publishes_.top();
+    publishes_.pop();
+    publish_data& p = publish_data_[ev.slot];
+    for (std::size_t i = 0; i < p.keys.size(); ++i) (void)shared_->put(p.keys[i], p.bytes[i], p.node);
+    if (obs_.published) obs_.published(obs_.context, now_, p.node, p.session, p.keys);
+    free_publish_.push_back(ev.slot);
+  }
+
+  void try_admit(node& n) {
     const auto& e = c_.engine;
-    while (prefilling_ == none_idx && !queue_.empty()) {
-      const std::uint32_t qi = queue_.front();
+    while (n.prefilling == none_idx && !n.queue.empty()) {
+      const std::uint32_t qi = n.queue.front();
       trace::request r = clipped(w_.requests[qi]);
       session_rt& s = rt_[r.session];
       std::uint64_t hist = s.tokens.size();
       const std::uint64_t need = std::min<std::uint64_t>(hist + r.input_tokens + r.output_tokens, e.context_tokens);
-      if (!running_.empty() && (running_.size() >= e.max_batch || hbm_used_ + need > e.hbm_kv_tokens)) return;
-      queue_.pop_front();
-      if (cache_ && c_.tiers.queue_window && queue_.size() >= c_.tiers.queue_window)
-        show(queue_[c_.tiers.queue_window - 1]);  // the next one enters the look-ahead
+      if (!n.running.empty() && (n.running.size() >= e.max_batch || n.hbm_used + need > e.hbm_kv_tokens)) return;
+      n.queue.pop_front();
+      if (n.cache && c_.tiers.queue_window && n.queue.size() >= c_.tiers.queue_window)
+        show(n, n.queue[c_.tiers.queue_window - 1]);  // the next one enters the look-ahead
       const session_hash key = sim_session_hash(r.session);
       if (s.live) {
         live_tokens_ -= s.live;
@@ -519,94 +793,145 @@ class engine_sim {
           s.start += drop;
           hist -= drop;
           if (measuring()) ++result_.truncations;
-          if (cache_) cache_->truncate(key, std::uint32_t(head / tpb_), std::uint32_t(drop / tpb_), s.tokens);
+          if (n.cache) n.cache->truncate(key, std::uint32_t(head / tpb_), std::uint32_t(drop / tpb_), s.tokens);
         }
       }
-      std::uint64_t hit = 0, dram = 0, ssd = 0, flying = 0;
+      std::uint64_t hit = 0, dram = 0, ssd = 0, flying = 0, net = 0;
       sim::hit h;
       double flight_wait = 0;
       if (mode_ == run_mode::ideal) {
         hit = dram = hist;
-      } else if (cache_) {
-        h = cache_->admit(key, s.tokens, us(now_), hist + r.input_tokens, shared_blocks_of(s));  // dequeues the session
+      } else if (n.cache) {
+        h = n.cache->admit(key, s.tokens, us(now_), hist + r.input_tokens,
+                           shared_blocks_of(s));  // dequeues the session
         hit = h.tokens;
         dram = h.dram_tokens;
         ssd = h.ssd_tokens;
         flying = h.inflight_tokens;
-        if (h.waited_ticket && h.record < flight_done_.size())
-          flight_wait = std::max(0.0, flight_done_[h.record] - now_);
+        if (h.waited_ticket && h.record < n.flight_done.size())
+          flight_wait = std::max(0.0, n.flight_done[h.record] - now_);
+        // What the node's own tiers lack, the shared tier may hold (by chain hash).
+        net = shared_lookup(n, r.session, s.tokens, hit);
       }
       // Prefill: DRAM hits load over PCIe layer by layer, hidden behind compute; SSD hits
       // whose promotion is in flight are ready when it completes; other SSD hits are read
-      // on demand through the SSD read channel. The engine picks the fastest plan: use or
-      // recompute the in-flight part, read as many other SSD hits as arrive within the
-      // compute time of the rest, and never do worse than recomputing everything.
+      // on demand through the SSD read channel, and shared-tier hits through the node's
+      // link to it. The engine picks the fastest plan: use or recompute the in-flight
+      // part, read as many other hits as arrive within the compute time of the rest, and
+      // never do worse than recomputing everything.
       const double kvb = c_.model.kv_bytes_per_token;
-      auto compute_s = [&](double n, double ctx) {
-        return n * (e.prefill_s_per_token + e.prefill_s_per_token_ctx * (ctx + n / 2));
+      auto compute_s = [&](double m, double ctx) {
+        return m * (e.prefill_s_per_token + e.prefill_s_per_token_ctx * (ctx + m / 2));
       };
       const double per_token = e.prefill_s_per_token + e.prefill_s_per_token_ctx * double(hist) / 2;
       // Demand reads go ahead of queued prefetch reads: they wait for other demand reads
       // and at most the one prefetch block being read.
-      const double ssd_wait = std::max(0.0, ssd_read_free_ - now_) +
-                              (prefetch_free_ > now_ ? block_bytes_ / c_.tiers.ssd_read_bytes_per_s : 0.0);
+      const double ssd_wait = std::max(0.0, n.ssd_read_free - now_) +
+                              (n.prefetch_free > now_ ? block_bytes_ / c_.tiers.ssd_read_bytes_per_s : 0.0);
       const double ssd_per_token = kvb / c_.tiers.ssd_read_bytes_per_s;
+      // Shared-tier reads wait for the node's earlier ones, then the request's latency.
+      const double net_queue = net ? std::max(0.0, n.net_read_free - now_) : 0.0;
+      const double net_wait = net ? net_queue + c_.cluster.shared_tier_latency_s : 0.0;
+      const double net_per_token = net ? kvb / c_.cluster.shared_tier_bytes_per_s : 0.0;
       struct plan {
         double time;
-        std::uint64_t reused, ssd_read;
+        std::uint64_t reused, ssd_read, net_read;
       };
       auto make_plan = [&](bool use_flying) {
         // Without waiting for the promotion, its blocks can be read on demand like the rest.
         const std::uint64_t base = dram + (use_flying ? flying : 0);
         const std::uint64_t demand_ssd = ssd - (use_flying ? flying : 0);
-        const double recompute = double(hist - base + r.input_tokens);  // before demand SSD reads
-        double x = demand_ssd ? (per_token * recompute - ssd_wait) / (per_token + ssd_per_token) : 0;
-        const std::uint64_t read = std::uint64_t(std::clamp(x, 0.0, double(demand_ssd)));
-        const std::uint64_t reused = base + read;
+        const double recompute = double(hist - base + r.input_tokens);  // before demand reads
+        // Tokens of `avail` one channel can deliver while the rest (recompute - other) is
+        // computed: where its finish time meets the compute time.
+        auto one = [&](double other, double wait, double per, std::uint64_t avail) {
+          const double x = (per_token * (recompute - other) - wait) / (per_token + per);
+          return std::uint64_t(std::clamp(x, 0.0, double(avail)));
+        };
+        std::uint64_t read = 0, nread = 0;
+        if (!net) {
+          double x = demand_ssd ? (per_token * recompute - ssd_wait) / (per_token + ssd_per_token) : 0;
+          read = std::uint64_t(std::clamp(x, 0.0, double(demand_ssd)));
+        } else if (!demand_ssd) {
+          nread = one(0, net_wait, net_per_token, net);
+        } else {
+          // Both channels finish when compute does: T = per_token (recompute - x - y),
+          // x = (T - ssd_wait) / ssd_per_token, y = (T - net_wait) / net_per_token.
+          const double T = per_token * (recompute + ssd_wait / ssd_per_token + net_wait / net_per_token) /
+                           (1 + per_token / ssd_per_token + per_token / net_per_token);
+          const double x = (T - ssd_wait) / ssd_per_token, y = (T - net_wait) / net_per_token;
+          if (x < 0 || x > double(demand_ssd)) {
+            read = std::uint64_t(std::clamp(x, 0.0, double(demand_ssd)));
+            nread = one(double(read), net_wait, net_per_token, net);
+          } else if (y < 0 || y > double(net)) {
+            nread = std::uint64_t(std::clamp(y, 0.0, double(net)));
+            read = one(double(nread), ssd_wait, ssd_per_token, demand_ssd);
+          } else {
+            read = std::uint64_t(x);
+            nread = std::uint64_t(y);
+          }
+        }
+        const std::uint64_t reused = base + read + nread;
         double load = double(reused) * kvb / c_.tiers.pcie_bytes_per_s;
         if (use_flying && flying) load = std::max(load, flight_wait);
         if (read) load = std::max(load, ssd_wait + double(read) * ssd_per_token);
-        return plan{std::max(compute_s(double(hist - reused + r.input_tokens), double(reused)), load), reused, read};
+        if (nread) load = std::max(load, net_wait + double(nread) * net_per_token);
+        return plan{std::max(compute_s(double(hist - reused + r.input_tokens), double(reused)), load), reused, read,
+                    nread};
       };
-      plan best{compute_s(double(hist + r.input_tokens), 0), 0, 0};  // recompute everything
+      plan best{compute_s(double(hist + r.input_tokens), 0), 0, 0, 0};  // recompute everything
       for (bool f : {true, false}) {
         const plan q = make_plan(f);
         if (q.time < best.time) best = q;
         if (!flying) break;
       }
-      const std::uint64_t reused = best.reused, ssd_used = best.ssd_read;
-      if (ssd_used) ssd_read_free_ = now_ + ssd_wait + double(ssd_used) * ssd_per_token;
+      const std::uint64_t reused = best.reused, ssd_used = best.ssd_read, net_used = best.net_read;
+      if (ssd_used) n.ssd_read_free = now_ + ssd_wait + double(ssd_used) * ssd_per_token;
+      if (net_used) n.net_read_free = now_ + net_queue + double(net_used) * net_per_token;
       const double p = best.time + e.prefill_overhead_s;
       ++result_.requests;
+      const bool same_node = s.node == n.id;
+      s.node = n.id;
       if (measuring()) {
         ttft_.push_back(float(now_ + p - s.arrival));
         ++result_.measured_requests;
+        ++n.measured;
         result_.history_tokens += hist;
         result_.input_tokens += r.input_tokens;
         result_.output_tokens += r.output_tokens;
-        result_.hit_tokens += hit;
+        result_.hit_tokens += hit + net;
         result_.shared_hit_tokens += h.shared_tokens;
         result_.dram_hit_tokens += dram;
         result_.ssd_hit_tokens += ssd;
+        result_.shared_tier_hit_tokens += net;
         result_.reused_tokens += reused;
         result_.prefill_tokens += hist - reused + r.input_tokens;
         result_.prefill_work_s += compute_s(double(hist - reused + r.input_tokens), double(reused));
         result_.prefill_work_full_s += compute_s(double(hist + r.input_tokens), 0);
         if (reused) result_.bytes_dram_to_hbm += double(dram) * kvb;
         result_.bytes_ssd_to_hbm += double(ssd_used) * kvb;
+        result_.bytes_from_shared += double(net_used) * kvb;
+        if (qi > w_.first[r.session]) {
+          ++result_.later_turns;
+          if (same_node) {
+            ++result_.same_node_turns;
+            result_.same_node_history_tokens += hist;
+            result_.same_node_local_hit_tokens += hit;
+          }
+        }
       }
       // The request now runs: prefill, then decode.
       request_rt& rr = running_rt(qi);
       rr.ctx = hist + r.input_tokens + r.output_tokens / 2;
       rr.hbm = need;
-      running_ctx_ += rr.ctx;
-      hbm_used_ += rr.hbm;
-      prefilling_ = qi;
-      busy_until_ = now_ + p;
-      if (cache_ && kind_ == policy_kind::opt) {
+      n.running_ctx += rr.ctx;
+      n.hbm_used += rr.hbm;
+      n.prefilling = qi;
+      n.busy_until = now_ + p;
+      if (n.cache && kind_ == policy_kind::opt) {
         // OPT's estimate of this session's next use: after this turn and the think time.
-        const double end = busy_until_ + double(r.output_tokens) * step_time();
-        cache_->set_next_use(h.record, next_use_after(qi, end));
+        const double end = n.busy_until + double(r.output_tokens) * step_time(n);
+        n.cache->set_next_use(h.record, next_use_after(qi, end));
       }
     }
   }
@@ -617,11 +942,20 @@ class engine_sim {
     return w_.open_loop ? std::max(end, next.arrival) : end + next.think;
   }
 
-  /// When the session's next turn arrives if this turn (qi) completes at `end`.
+  /// When the session next comes to the node of turn qi if qi completes at `end`. With
+  /// several nodes, the turns in between run elsewhere: their think times count, their
+  /// service times are not known in advance and do not (OPT's future is then an estimate).
   std::uint64_t next_use_after(std::uint32_t qi, double end) const {
     const trace::request& r = w_.requests[qi];
-    if (qi + 1 >= w_.first[r.session + 1]) return policy::belady::never;
-    return us(arrival_after(w_.requests[qi + 1], end));
+    const std::uint32_t last = w_.first[r.session + 1];
+    if (qi + 1 >= last) return policy::belady::never;
+    if (nodes_.size() == 1) return us(arrival_after(w_.requests[qi + 1], end));
+    double t = end;
+    for (std::uint32_t j = qi + 1; j < last; ++j) {
+      t = arrival_after(w_.requests[j], t);
+      if (route_[j] == route_[qi]) return us(t);
+    }
+    return policy::belady::never;
   }
 
   /// A turn whose prompt and reply alone exceed the context is clipped (the reply is
@@ -635,21 +969,22 @@ class engine_sim {
     return r;
   }
 
-  void finish(std::uint32_t qi) {
+  void finish(node& n, std::uint32_t qi) {
     const trace::request r = clipped(w_.requests[qi]);
     session_rt& s = rt_[r.session];
     request_rt& rr = running_rt(qi);
-    running_ctx_ -= rr.ctx;
-    hbm_used_ -= rr.hbm;
+    n.running_ctx -= rr.ctx;
+    n.hbm_used -= rr.hbm;
     const std::size_t old_size = s.tokens.size();
     if (s.tokens.capacity() < c_.engine.context_tokens + tpb_) s.tokens.reserve(c_.engine.context_tokens + tpb_);
     s.tokens.resize(old_size + r.input_tokens - rr.prefix_in_prompt + r.output_tokens);
     for (std::size_t i = old_size; i < s.tokens.size(); ++i) s.tokens[i] = token_of(r.session, s.start + i);
     const session_hash key = sim_session_hash(r.session);
     const bool last = qi + 1 >= w_.first[r.session + 1];
-    if (cache_) {
-      cache_->save(key, s.tokens, us(now_), next_use_after(qi, now_), shared_blocks_of(s));
-      if (last && c_.close_on_last) cache_->close(key);
+    if (n.cache) {
+      n.cache->save(key, s.tokens, us(now_), next_use_after(qi, now_), shared_blocks_of(s));
+      if (last && c_.close_on_last) n.cache->close(key);
+      if (shared_ && !(last && c_.close_on_last)) publish(n, r.session, s.tokens);
       schedule_hint(qi, last);
     }
     if (last) {
@@ -658,8 +993,8 @@ class engine_sim {
     }
     s.live = s.tokens.size();
     live_tokens_ += s.live;
-    const trace::request& n = w_.requests[qi + 1];
-    arrivals_.push({arrival_after(n, now_), qi + 1});
+    const trace::request& nx = w_.requests[qi + 1];
+    arrivals_.push({arrival_after(nx, now_), qi + 1});
   }
 
   /// What the front end would see next of this session's user, if it is seen at all.
@@ -670,19 +1005,108 @@ class engine_sim {
         hints_.push({now_ + leave, w_.requests[qi].session, policy::session_hint::left});
       return;
     }
-    const trace::request& n = w_.requests[qi + 1];
-    if (n.typing > 0 && c_.hint_composing > 0 && hint_draw_(hint_rng_) < c_.hint_composing) {
-      const double arrival = arrival_after(n, now_);
-      hints_.push({std::max(now_, arrival - n.typing), n.session, policy::session_hint::composing});
+    const trace::request& nx = w_.requests[qi + 1];
+    if (nx.typing > 0 && c_.hint_composing > 0 && hint_draw_(hint_rng_) < c_.hint_composing) {
+      const double arrival = arrival_after(nx, now_);
+      hints_.push({std::max(now_, arrival - nx.typing), nx.session, policy::session_hint::composing});
     }
   }
 
   void verify() {
-    std::string why;
-    if (!cache_->check(&why) && result_.invariants_ok) {
-      result_.invariants_ok = false;
-      result_.invariant_error = why + " (at t=" + std::to_string(now_) + ")";
+    for (auto& np : nodes_) {
+      if (!np->cache) continue;
+      std::string why;
+      if (!np->cache->check(&why) && result_.invariants_ok) {
+        result_.invariants_ok = false;
+        result_.invariant_error = (nodes_.size() > 1 ? "node " + std::to_string(np->id) + ": " : std::string()) + why +
+                                  " (at t=" + std::to_string(now_) + ")";
+      }
     }
+    if (shared_ && !shared_->check() && result_.invariants_ok) {
+      result_.invariants_ok = false;
+      result_.invariant_error = "shared tier: LRU list, map and bytes disagree (at t=" + std::to_string(now_) + ")";
+    }
+  }
+
+  sim_result results(std::chrono::steady_clock::time_point wall0) {
+    const double N = double(nodes_.size());
+    result_.kind = kind_;
+    result_.sim_seconds = now_;
+    result_.sessions = w_.sessions();
+    const double span = window_end_ - window_start_;
+    // Queue and prefill busy time: per node, averaged over the nodes.
+    result_.mean_queue = span > 0 ? queue_area_ / span / N : 0;
+    result_.busy_prefill = span > 0 ? prefill_busy_ / span / N : 0;
+    result_.working_set_bytes = span > 0 ? ws_area_ / span * c_.model.kv_bytes_per_token : 0;
+    result_.prefix_sharing = c_.prefix_sharing && w_.prefixes > 0;
+    if (span > 0) {
+      result_.bytes_stored_dram = stored_dram_area_ / span * block_bytes_;
+      result_.bytes_stored_ssd = stored_ssd_area_ / span * block_bytes_;
+      result_.bytes_stored = result_.bytes_stored_dram + result_.bytes_stored_ssd;
+      result_.bytes_referenced = referenced_area_ / span * block_bytes_;
+      result_.shared_tier_stored_bytes = shared_area_ / span;
+    }
+    result_.bytes_stored_peak = stored_peak_ * block_bytes_;
+    result_.dram_bytes = c_.tiers.dram_bytes;
+    result_.ssd_bytes = c_.tiers.ssd_bytes;
+    result_.nodes = std::uint32_t(nodes_.size());
+    result_.route = c_.cluster.route;
+    result_.shared_tier_bytes = shared_ ? c_.cluster.shared_tier_bytes : 0;
+    if (shared_) {
+      if (!shared_snap_start_) shared_evicted0_ = shared_->evicted_bytes();
+      if (!shared_snap_end_) shared_evicted1_ = shared_->evicted_bytes();
+      result_.shared_tier_evicted_bytes = double(shared_evicted1_ - shared_evicted0_);
+    }
+    for (auto& np : nodes_) result_.node_requests.push_back(np->measured);
+    if (!ttft_.empty()) {
+      double sum = 0;
+      for (float x : ttft_) sum += x;
+      result_.ttft_mean = sum / double(ttft_.size());
+      auto pct = [&](double p) {
+        const std::size_t k = std::min(ttft_.size() - 1, std::size_t(p * double(ttft_.size())));
+        std::nth_element(ttft_.begin(), ttft_.begin() + std::ptrdiff_t(k), ttft_.end());
+        return double(ttft_[k]);
+      };
+      result_.ttft_p50 = pct(0.5);
+      result_.ttft_p90 = pct(0.9);
+      result_.ttft_p99 = pct(0.99);
+    }
+    if (nodes_[0]->cache) {
+      cache_counters k{};  // counters over the window, all nodes
+      for (auto& np : nodes_) {
+        node& n = *np;
+        if (!n.snap_start) n.c0 = n.cache->counters();
+        if (!n.snap_end) n.c1 = n.cache->counters();
+        k.saved_blocks += n.c1.saved_blocks - n.c0.saved_blocks;
+        k.prefetched_blocks += n.c1.prefetched_blocks - n.c0.prefetched_blocks;
+        k.demoted_blocks += n.c1.demoted_blocks - n.c0.demoted_blocks;
+        k.dropped_blocks += n.c1.dropped_blocks - n.c0.dropped_blocks;
+        k.dropped_sessions += n.c1.dropped_sessions - n.c0.dropped_sessions;
+        k.bypassed_blocks += n.c1.bypassed_blocks - n.c0.bypassed_blocks;
+        k.rejected_blocks += n.c1.rejected_blocks - n.c0.rejected_blocks;
+        k.expired_sessions += n.c1.expired_sessions - n.c0.expired_sessions;
+        k.prefetch_waits += n.c1.prefetch_waits - n.c0.prefetch_waits;
+        k.dedup_blocks += n.c1.dedup_blocks - n.c0.dedup_blocks;
+        if (auto* pf = n.cache->prefetcher()) {
+          result_.prefetch_started += pf->started();
+          result_.prefetch_cancelled += pf->cancelled();
+          result_.prefetch_peak_bytes = std::max(result_.prefetch_peak_bytes, double(pf->peak_bytes_in_flight()));
+          result_.prefetch_bound_bytes = double(pf->max_bytes_in_flight());
+        }
+      }
+      result_.bytes_hbm_to_dram = double(k.saved_blocks) * block_bytes_;
+      result_.bytes_ssd_to_dram = double(k.prefetched_blocks) * block_bytes_;
+      result_.bytes_dram_to_ssd = double(k.demoted_blocks) * block_bytes_;
+      result_.bytes_dropped = double(k.dropped_blocks) * block_bytes_;
+      result_.evicted_sessions = k.dropped_sessions;
+      result_.bypassed_blocks = k.bypassed_blocks;
+      result_.rejected_blocks = k.rejected_blocks;
+      result_.expired_sessions = k.expired_sessions;
+      result_.prefetch_waits = k.prefetch_waits;
+      result_.bytes_dedup = double(k.dedup_blocks) * block_bytes_;
+    }
+    result_.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+    return result_;
   }
 
   const trace::workload& w_;
@@ -692,30 +1116,33 @@ class engine_sim {
   std::uint32_t tpb_ = 64;
   double block_bytes_ = 0;
   std::uint32_t max_session_blocks_ = 0;
-  std::optional<tiered_cache> cache_;
-  std::vector<double> flight_done_;
+  std::vector<std::unique_ptr<node>> nodes_;  // stable addresses: each cache's io_hook points at its node
+  std::vector<std::uint32_t> route_;          // by request: its node
   std::vector<session_rt> rt_;
   std::vector<request_rt> req_rt_;
   std::priority_queue<timed, std::vector<timed>, std::greater<>> arrivals_;
-  std::priority_queue<running_entry, std::vector<running_entry>, std::greater<>> running_;
-  std::priority_queue<io_event, std::vector<io_event>, std::greater<>> io_;
   std::priority_queue<hint_event, std::vector<hint_event>, std::greater<>> hints_;
   std::mt19937_64 hint_rng_{0x68696e74};  // which turns and sessions the front end sees
   std::uniform_real_distribution<double> hint_draw_{0.0, 1.0};
-  std::deque<std::uint32_t> queue_;
-  std::uint64_t queue_seq_ = 0;
   std::vector<double> checkpoints_;  // simulated times at which predictive's estimates are recorded
   std::size_t next_checkpoint_ = 0;
-  double now_ = 0, v_ = 0, busy_until_ = 0;
-  double ssd_read_free_ = 0;  // demand reads scheduled until
-  double prefetch_free_ = 0;  // prefetch reads scheduled until
-  std::uint32_t prefilling_ = none_idx;
-  std::uint64_t running_ctx_ = 0, hbm_used_ = 0, live_tokens_ = 0;
+  double now_ = 0;
+  std::uint64_t live_tokens_ = 0;
   double queue_area_ = 0, ws_area_ = 0, prefill_busy_ = 0;
   double stored_dram_area_ = 0, stored_ssd_area_ = 0, referenced_area_ = 0, stored_peak_ = 0;  // blocks (x s)
   double window_start_ = 0, window_end_ = 0;
-  bool snap_start_ = false, snap_end_ = false;
-  cache_counters c0_{}, c1_{};
+  // The shared tier: its contents, the writes in flight, and what the window saw.
+  std::optional<shared_tier> shared_;
+  model_id model_{};
+  std::vector<hash128> keys_;  // chain hashes of a history's blocks
+  std::priority_queue<publish_event, std::vector<publish_event>, std::greater<>> publishes_;
+  std::vector<publish_data> publish_data_;
+  std::vector<std::uint32_t> free_publish_;
+  std::uint64_t publish_seq_ = 0;
+  double shared_area_ = 0;  // bytes x s
+  bool shared_snap_start_ = false, shared_snap_end_ = false;
+  std::uint64_t shared_evicted0_ = 0, shared_evicted1_ = 0;
+  cluster_observer obs_{};
   std::vector<float> ttft_;
   sim_result result_;
 };

@@ -7,6 +7,7 @@
 //   sim --trace log.jsonl                     replay an imported JSON-lines log
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -37,9 +38,10 @@ struct cli {
   unsigned threads = 2;
   std::vector<policy_kind> policies{policy_kind::none, policy_kind::lru, policy_kind::scheduler_aware, policy_kind::opt,
                                     policy_kind::predictive};
-  std::vector<double> ratios;  // sweep points; empty: the default list
-  double capacity_ratio = 0;   // 0: absolute sizes
-  double session_rate = 0;     // 0: the preset's
+  std::vector<double> ratios;    // sweep points; empty: the default list
+  double capacity_ratio = 0;     // 0: absolute sizes
+  double session_rate = 0;       // 0: the preset's
+  double shared_tier_ratio = 0;  // > 0: the shared tier holds this many working sets
   sim::sim_config config;
 };
 
@@ -87,6 +89,17 @@ struct cli {
                "  --ssd-write-gbps X      SSD write bandwidth (default 4)\n"
                "  --context N             context window in tokens (default 4096)\n"
                "  --max-batch N           running requests (default 256)\n"
+               "  --nodes N               engines, each with its own GPU, DRAM and SSD (default 1); with\n"
+               "                          --capacity-ratio, the nodes' DRAM + SSD together are R x working set\n"
+               "  --routing R             sticky (default), round-robin (turn k of a session to node\n"
+               "                          (home + k) mod N) or random (a node per turn); home = session mod N\n"
+               "  --route-seed N          random routing's seed (default 1)\n"
+               "  --shared-tier-bytes B   a tier all nodes share (content-addressed blocks, LRU over bytes, as\n"
+               "                          Redis allkeys-lru); suffixes K M G T; default 0: none\n"
+               "  --shared-tier-ratio X   ... sized X x the working set instead\n"
+               "  --shared-tier-gbps X    each node's link to it, per direction (default 12.5: 100 Gb/s)\n"
+               "  --shared-tier-latency-us X  per request to it (default 200)\n"
+               "  --shared-write-inflight-gb X  write-behind: bytes a node may have in flight (default 8)\n"
                "  --sweep                 capacity sweeps (total and DRAM); with --svg/--csv/--markdown\n"
                "  --ratios a,b,...        total sweep points, (DRAM+SSD) / working set\n"
                "                          (default 0.05,0.075,0.1,0.15,0.25,0.5,1,2 and the configured point)\n"
@@ -117,6 +130,21 @@ double number(const char* s, const char* what) {
   const double v = std::strtod(s, &end);
   if (!end || *end || !std::isfinite(v) || v < 0) usage(std::string("bad number for ") + what + ": " + s);
   return v;
+}
+
+/// Bytes with an optional suffix K, M, G or T (powers of 1000).
+double bytes_value(const char* s, const char* what) {
+  std::string v = s;
+  double scale = 1;
+  if (!v.empty()) {
+    const char u = char(std::toupper(static_cast<unsigned char>(v.back())));
+    const std::string units = "KMGT";
+    if (const auto at = units.find(u); at != std::string::npos) {
+      scale = std::pow(1000.0, double(at + 1));
+      v.pop_back();
+    }
+  }
+  return number(v.c_str(), what) * scale;
 }
 
 /// The capacity sweep's points, (DRAM + SSD) / working set, from starved to ample.
@@ -235,6 +263,27 @@ cli parse(int argc, char** argv) {
       c.config.engine.context_tokens = std::uint32_t(number(val(), a.c_str()));
     else if (a == "--max-batch")
       c.config.engine.max_batch = std::uint32_t(number(val(), a.c_str()));
+    else if (a == "--nodes") {
+      c.config.cluster.nodes = std::uint32_t(number(val(), a.c_str()));
+      if (c.config.cluster.nodes < 1 || c.config.cluster.nodes > 4096) usage("--nodes must be 1..4096");
+    } else if (a == "--routing") {
+      const std::string r = val();
+      const auto k = sim::parse_routing(r);
+      if (!k) usage("unknown routing '" + r + "' (sticky, round-robin, random)");
+      c.config.cluster.route = *k;
+    } else if (a == "--route-seed")
+      c.config.cluster.route_seed = std::uint64_t(number(val(), a.c_str()));
+    else if (a == "--shared-tier-bytes")
+      c.config.cluster.shared_tier_bytes = bytes_value(val(), a.c_str());
+    else if (a == "--shared-tier-ratio")
+      c.shared_tier_ratio = number(val(), a.c_str());
+    else if (a == "--shared-tier-gbps") {
+      c.config.cluster.shared_tier_bytes_per_s = number(val(), a.c_str()) * 1e9;
+      if (c.config.cluster.shared_tier_bytes_per_s <= 0) usage("--shared-tier-gbps must be > 0");
+    } else if (a == "--shared-tier-latency-us")
+      c.config.cluster.shared_tier_latency_s = number(val(), a.c_str()) * 1e-6;
+    else if (a == "--shared-write-inflight-gb")
+      c.config.cluster.shared_write_bytes_in_flight = number(val(), a.c_str()) * 1e9;
     else if (a == "--sweep")
       c.sweep = true;
     else if (a == "--bound")
@@ -298,10 +347,11 @@ double working_set(const trace::workload& w, const sim::sim_config& c) {
   return e.run().working_set_bytes;
 }
 
-/// DRAM + SSD = ratio x working set, split as the paper's 128 GB : 10 TB, with DRAM
+/// DRAM + SSD = ratio x working set (all nodes together; each node has its share), split
+/// as the paper's 128 GB : 10 TB, with DRAM
 /// at least enough for two longest sessions plus the watermark.
 void scale_capacity(sim::sim_config& c, double ratio, double ws) {
-  const double total = ratio * ws;
+  const double total = ratio * ws / double(c.cluster.nodes);  // per node
   const double share = 128e9 / (128e9 + 10e12);
   const double block = c.tiers.tokens_per_block * c.model.kv_bytes_per_token;
   const double min_dram =
@@ -337,6 +387,38 @@ void print_table(const std::vector<sim::sim_result>& rs, std::FILE* f) {
         human_bytes(r.bytes_ssd_to_hbm).c_str(), human_bytes(r.bytes_ssd_to_dram).c_str(),
         human_bytes(r.bytes_dram_to_ssd).c_str(), human_bytes(r.bytes_dropped).c_str(), r.wall_seconds);
   }
+}
+
+/// Whether OPT's figures are an upper bound (see json_result).
+bool opt_is_bound(const sim::sim_result& r) {
+  return !r.prefix_sharing && (r.nodes == 1 || (r.route == sim::routing::sticky && r.shared_tier_bytes == 0));
+}
+
+/// Several nodes: where the history was found, how turns were routed, the shared tier.
+void print_cluster(const std::vector<sim::sim_result>& rs, std::FILE* f) {
+  std::fprintf(f,
+               "\ncluster (hits / history; same node: turns after the first routed to the node that served the "
+               "turn before; bytes over the measured window):\n"
+               "| policy | hit rate | local | shared tier | same node | turns per node | to shared | from shared | "
+               "skipped | shared stored mean | shared evicted | TTFT mean | TTFT p50 | TTFT p99 |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rs) {
+    std::string per;
+    for (auto n : r.node_requests) per += (per.empty() ? "" : " / ") + std::to_string(n);
+    std::fprintf(
+        f, "| %s | %.2f%% | %.2f%% | %.2f%% | %.1f%% | %s | %s | %s | %s | %s | %s | %.3f s | %.3f s | %.3f s |\n",
+        std::string(sim::to_string(r.kind)).c_str(), 100 * r.hit_rate(), 100 * r.hit_rate_local(),
+        100 * r.hit_rate_shared(), 100 * r.same_node_rate(), per.c_str(), human_bytes(r.bytes_to_shared).c_str(),
+        human_bytes(r.bytes_from_shared).c_str(), human_bytes(r.bytes_shared_skipped).c_str(),
+        human_bytes(r.shared_tier_stored_bytes).c_str(), human_bytes(r.shared_tier_evicted_bytes).c_str(), r.ttft_mean,
+        r.ttft_p50, r.ttft_p99);
+  }
+  for (const auto& r : rs)
+    if (r.kind == policy_kind::opt && !opt_is_bound(r))
+      std::fprintf(f,
+                   "NOTE: opt is Belady's MIN per node, told when each session next comes to that node; across nodes "
+                   "(other than sticky routing without a shared tier) it is a heuristic, not an upper bound "
+                   "(\"opt_bound\": false)\n");
 }
 
 /// Storage and shared-prefix figures (traces with system prompts).
@@ -450,15 +532,32 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
       r.bytes_ssd_to_dram, r.bytes_dram_to_ssd, r.bytes_dropped, (unsigned long long)r.evicted_sessions,
       (unsigned long long)r.bypassed_blocks, (unsigned long long)r.truncations, (unsigned long long)r.prefetch_started,
       (unsigned long long)r.prefetch_cancelled, (unsigned long long)r.prefetch_waits, r.prefetch_peak_bytes,
-      r.prefetch_bound_bytes, r.dram_bytes, r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) / ws : 0.0,
+      r.prefetch_bound_bytes, r.dram_bytes, r.ssd_bytes, ws, ws > 0 ? (r.dram_bytes + r.ssd_bytes) * r.nodes / ws : 0.0,
       r.mean_queue, r.sim_seconds, r.wall_seconds, r.work_saved(), r.bytes_moved(), r.prefix_sharing ? "true" : "false",
       r.bytes_stored, r.bytes_stored_peak, r.bytes_stored_dram, r.bytes_stored_ssd, r.bytes_referenced,
       r.shared_hit_rate(), r.bytes_dedup, (unsigned long long)r.prefix_cuts, r.invariants_ok ? "true" : "false");
   o << buf;
+  // Several nodes and the shared tier (docs/sim.md, "Several nodes"); dram_bytes and
+  // ssd_bytes above are per node.
+  std::snprintf(buf, sizeof buf,
+                ", \"nodes\": %u, \"routing\": \"%s\", \"shared_tier_bytes\": %.0f, \"hit_rate_local\": %.6f, "
+                "\"hit_rate_shared\": %.6f, \"bytes_to_shared\": %.0f, \"bytes_from_shared\": %.0f, "
+                "\"bytes_shared_skipped\": %.0f, \"bytes_shared_touched\": %.0f, \"shared_tier_stored_bytes\": %.0f, "
+                "\"shared_tier_evicted_bytes\": %.0f, \"same_node_rate\": %.6f, \"later_turns\": %llu, "
+                "\"node_requests\": [",
+                r.nodes, std::string(sim::to_string(r.route)).c_str(), r.shared_tier_bytes, r.hit_rate_local(),
+                r.hit_rate_shared(), r.bytes_to_shared, r.bytes_from_shared, r.bytes_shared_skipped,
+                r.bytes_shared_touched, r.shared_tier_stored_bytes, r.shared_tier_evicted_bytes, r.same_node_rate(),
+                (unsigned long long)r.later_turns);
+  o << buf;
+  for (std::size_t i = 0; i < r.node_requests.size(); ++i) o << (i ? ", " : "") << r.node_requests[i];
+  o << "]";
   // OPT knows each session's next use; a block shared by several sessions is worth its
   // holders' and future sessions' earliest use, which it does not see: with sharing it
-  // is a heuristic, not a bound.
-  if (r.kind == policy_kind::opt) o << ", \"opt_bound\": " << (r.prefix_sharing ? "false" : "true");
+  // is a heuristic, not a bound. Across nodes it is MIN per node, told when the session
+  // next comes to that node: a bound only when every session stays on one node and no
+  // tier is shared (then each node is the one-node case).
+  if (r.kind == policy_kind::opt) o << ", \"opt_bound\": " << (opt_is_bound(r) ? "true" : "false");
 }
 
 // ---------------------------------------------------------------- sweep and plot
@@ -593,7 +692,7 @@ std::string sweep_markdown(const std::vector<sweep_point>& pts, double ws) {
                    " (timing differs per policy; see docs/sim.md)\n";
     char row[256];
     std::snprintf(row, sizeof row, "| %s | %.3f | %s | %s | ", k.first == 0 ? "total" : "dram",
-                  (any->dram_bytes + any->ssd_bytes) / ws, human_bytes(any->dram_bytes).c_str(),
+                  (any->dram_bytes + any->ssd_bytes) * any->nodes / ws, human_bytes(any->dram_bytes).c_str(),
                   human_bytes(any->ssd_bytes).c_str());
     md << row << per_policy(m, "%.2f%%", [](const sim::sim_result& r) { return 100 * r.hit_rate(); }) << " | " << diff
        << " | " << closed << " | "
@@ -622,7 +721,7 @@ std::string sweep_csv(const std::vector<sweep_point>& pts, double ws) {
     const double total_prefill = double(p.r.history_tokens + p.r.input_tokens);
     std::snprintf(b, sizeof b, "%s,%g,%s,%.4f,%.0f,%.0f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.0f,%.2f\n",
                   p.sweep.c_str(), p.x, std::string(sim::to_string(p.r.kind)).c_str(),
-                  (p.r.dram_bytes + p.r.ssd_bytes) / ws, p.r.dram_bytes, p.r.ssd_bytes, p.r.hit_rate(),
+                  (p.r.dram_bytes + p.r.ssd_bytes) * p.r.nodes / ws, p.r.dram_bytes, p.r.ssd_bytes, p.r.hit_rate(),
                   p.r.dram_hit_rate(), p.r.ssd_hit_rate(), p.r.reuse_rate(),
                   total_prefill ? double(p.r.reused_tokens) / total_prefill : 0.0, p.r.work_saved(), p.r.ttft_mean,
                   p.r.ttft_p99, p.r.bytes_moved(), p.r.mean_queue);
@@ -708,14 +807,24 @@ int main(int argc, char** argv) {
   sim::sim_config cfg = c.config;
   const double ws = working_set(w, cfg);
   if (c.capacity_ratio > 0) scale_capacity(cfg, c.capacity_ratio, ws);
-  const double ratio = ws > 0 ? (cfg.tiers.dram_bytes + cfg.tiers.ssd_bytes) / ws : 0;
+  if (c.shared_tier_ratio > 0) cfg.cluster.shared_tier_bytes = c.shared_tier_ratio * ws;
+  const double ratio = ws > 0 ? (cfg.tiers.dram_bytes + cfg.tiers.ssd_bytes) * cfg.cluster.nodes / ws : 0;
+  const bool cluster = cfg.cluster.nodes > 1 || cfg.cluster.shared_tier_bytes > 0;
   if (!c.quiet) {
     std::fprintf(stdout,
-                 "model %s (%.2f MiB/token KV), DRAM %s, SSD %s, working set %s (time average of the KV of "
+                 "model %s (%.2f MiB/token KV), DRAM %s, SSD %s%s, working set %s (time average of the KV of "
                  "sessions between turns): capacity / working set = %.3f\n",
                  cfg.model.name.c_str(), cfg.model.kv_bytes_per_token / 1048576.0,
                  human_bytes(cfg.tiers.dram_bytes).c_str(), human_bytes(cfg.tiers.ssd_bytes).c_str(),
-                 human_bytes(ws).c_str(), ratio);
+                 cfg.cluster.nodes > 1 ? " per node" : "", human_bytes(ws).c_str(), ratio);
+    if (cluster)
+      std::fprintf(stdout,
+                   "cluster: %u nodes, %s routing; shared tier %s (%.2f x working set), %.1f GB/s per node link and "
+                   "direction, %.0f us per request, %.1f GB write-behind in flight per node\n",
+                   cfg.cluster.nodes, std::string(sim::to_string(cfg.cluster.route)).c_str(),
+                   cfg.cluster.shared_tier_bytes > 0 ? human_bytes(cfg.cluster.shared_tier_bytes).c_str() : "none",
+                   ws > 0 ? cfg.cluster.shared_tier_bytes / ws : 0.0, cfg.cluster.shared_tier_bytes_per_s / 1e9,
+                   cfg.cluster.shared_tier_latency_s * 1e6, cfg.cluster.shared_write_bytes_in_flight / 1e9);
   }
 
   std::vector<sweep_point> points;
@@ -774,6 +883,7 @@ int main(int argc, char** argv) {
                    r.invariants_ok ? "" : ", INVARIANT BROKEN: ", r.invariant_error.c_str());
     }
     if (w.prefixes > 0) print_storage(results, stdout);
+    if (cluster) print_cluster(results, stdout);
   }
   const trace_truth truth = truth_of(w);
   if (!c.quiet) {
