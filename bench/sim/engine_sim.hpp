@@ -123,6 +123,11 @@ struct cluster_observer {
                  std::span<const hash128> keys) = nullptr;
   /// The shared tier evicted `key`.
   void (*evicted)(void* context, const hash128& key) = nullptr;
+  /// Turn `turn` (0-based) of `session` started on `node` at `at` with a history of
+  /// `history` tokens, of which the node's own tiers found `local` and the shared tier the
+  /// next `shared`.
+  void (*admitted)(void* context, double at, std::uint32_t node, std::uint32_t session, std::uint32_t turn,
+                   std::uint64_t history, std::uint64_t local, std::uint64_t shared) = nullptr;
 };
 
 struct model_config {
@@ -318,7 +323,6 @@ class engine_sim {
     if (k.shared_tier_bytes > 0 && kind != policy_kind::none && mode == run_mode::normal) {
       shared_.emplace(k.shared_tier_bytes, shared_tier::observer{this, &engine_sim::on_shared_evicted});
       model_ = make_model_id({"attnstore-sim", kv_geometry{1, 1, 1, dtype::f16, tpb_}.validated()});
-      keys_.reserve(max_session_blocks_ + 2);
     }
     rt_.resize(w.sessions());
     req_rt_.resize(w.requests.size());
@@ -476,6 +480,8 @@ class engine_sim {
     double arrival = 0;            // arrival of the turn in progress
     std::uint32_t prefix = 0;      // system prompt tokens at the front of tokens (0: none, or cut)
     std::uint32_t node = 0;        // the node that served its latest turn
+    std::vector<hash128> keys;     // shared tier: its manifest, the names of its blocks
+    std::uint64_t named = 0;       // tokens of `tokens` that `keys` names
   };
   struct request_rt {
     std::uint64_t ctx = 0;               // context tokens for the decode cost
@@ -650,39 +656,60 @@ class engine_sim {
     result_.learned.push_back(x);
   }
 
-  /// keys_[i] = chain hash of the session's history through block i (the last block may
-  /// be partial), for every block of `tokens`.
-  void chain_keys(std::span<const token_id> tokens) {
-    keys_.clear();
-    hash128 prev{};
-    for (std::size_t at = 0; at < tokens.size(); at += tpb_)
-      keys_.push_back(
-          prev = chain_hash(prev, model_, tokens.subspan(at, std::min<std::size_t>(tpb_, tokens.size() - at))));
+  /// The session's manifest: s.keys[i] names block i of its history in the shared tier
+  /// (the last block may be partial). A block is named when first written: the chain hash
+  /// of its tokens after the block before it, so until a truncation the names are content
+  /// addresses from the start of the history (sessions that start alike share them); a
+  /// truncation drops the names of the blocks it drops and keeps the others (the blocks
+  /// are immutable; the manifest's view changes), and later blocks chain on from them.
+  void name_blocks(session_rt& s) {
+    const std::size_t whole = s.named / tpb_;
+    s.keys.resize(whole);  // a partial last block gets a new name once it has grown
+    hash128 prev = whole ? s.keys.back() : hash128{};
+    for (std::size_t at = whole * tpb_; at < s.tokens.size(); at += tpb_)
+      s.keys.push_back(prev = chain_hash(prev, model_,
+                                         std::span<const token_id>(s.tokens).subspan(
+                                             at, std::min<std::size_t>(tpb_, s.tokens.size() - at))));
+    s.named = s.tokens.size();
   }
 
-  /// The history tokens after the first `local` that the shared tier holds: its blocks
-  /// from the one holding token `local` on, up to the first it lacks (each hit refreshes
-  /// the block, as a GET does under allkeys-lru).
-  std::uint64_t shared_lookup(const node& n, std::uint32_t session, std::span<const token_id> history,
-                              std::uint64_t local) {
-    if (!shared_ || local >= history.size()) return 0;
-    chain_keys(history);
+  /// The history tokens after the first `local` that the shared tier holds, by the
+  /// session's manifest: its blocks from the one holding token `local` on, up to the first
+  /// the tier lacks (each hit refreshes the block, as a GET does under allkeys-lru).
+  std::uint64_t shared_lookup(const node& n, std::uint32_t session, std::uint64_t local) {
+    session_rt& s = rt_[session];
+    if (!shared_ || local >= s.tokens.size()) return 0;
+    name_blocks(s);
     const std::uint32_t b0 = std::uint32_t(local / tpb_);
     std::uint64_t end = local;
     std::uint32_t b = b0;
-    for (; b < keys_.size() && shared_->get(keys_[b]); ++b)
-      end = std::max<std::uint64_t>(end, std::min<std::uint64_t>(history.size(), std::uint64_t(b + 1) * tpb_));
+    for (; b < s.keys.size() && shared_->get(s.keys[b]); ++b)
+      end = std::max<std::uint64_t>(end, std::min<std::uint64_t>(s.tokens.size(), std::uint64_t(b + 1) * tpb_));
     if (b > b0 && obs_.served)
-      obs_.served(obs_.context, now_, n.id, session, b0, std::span<const hash128>(keys_).subspan(b0, b - b0));
+      obs_.served(obs_.context, now_, n.id, session, b0, std::span<const hash128>(s.keys).subspan(b0, b - b0));
     return end - local;
   }
 
-  /// Write-behind after a save: the node sends the blocks of `history` that the shared
-  /// tier lacks (those it has are refreshed, as SET NX does), as far as its bound on bytes
-  /// in flight allows; they become visible when the write completes.
-  void publish(node& n, std::uint32_t session, std::span<const token_id> history) {
+  /// A truncation dropped blocks [first, first + count) of the session's history: the
+  /// manifest drops their names and keeps the others (whole blocks: alignment is kept).
+  void forget_names(session_rt& s, std::uint64_t first, std::uint64_t count) const {
+    if (first + count <= s.keys.size() && s.named >= (first + count) * tpb_) {
+      s.keys.erase(s.keys.begin() + std::ptrdiff_t(first), s.keys.begin() + std::ptrdiff_t(first + count));
+      s.named -= count * tpb_;
+    } else {  // the names end inside the cut: those before it stay
+      s.keys.resize(std::min<std::size_t>(s.keys.size(), first));
+      s.named = s.keys.size() * tpb_;
+    }
+  }
+
+  /// Write-behind after a save: the node sends the blocks of the session's history that
+  /// the shared tier lacks (those it has are refreshed, as SET NX does), as far as its
+  /// bound on bytes in flight allows; they become visible when the write completes.
+  void publish(node& n, std::uint32_t session) {
     const auto& k = c_.cluster;
-    chain_keys(history);
+    session_rt& s = rt_[session];
+    name_blocks(s);
+    const std::span<const token_id> history = s.tokens;
     const double kvb = c_.model.kv_bytes_per_token;
     const double in_flight = std::max(0.0, n.net_write_free - now_) * k.shared_tier_bytes_per_s;
     double room = std::max(0.0, k.shared_write_bytes_in_flight - in_flight);
@@ -701,9 +728,9 @@ class engine_sim {
     p.bytes.clear();
     double sent = 0, skipped = 0, touched = 0;
     bool gap = false;  // a block before was skipped: the blocks after it are unreachable
-    for (std::uint32_t b = 0; b < keys_.size(); ++b) {
+    for (std::uint32_t b = 0; b < s.keys.size(); ++b) {
       const double bytes = double(std::min<std::size_t>(tpb_, history.size() - std::size_t(b) * tpb_)) * kvb;
-      if (shared_->touch(keys_[b])) {  // stored already: refreshed, nothing sent
+      if (shared_->touch(s.keys[b])) {  // stored already: refreshed, nothing sent
         touched += bytes;
         continue;
       }
@@ -712,7 +739,7 @@ class engine_sim {
         gap = true;
         continue;
       }
-      p.keys.push_back(keys_[b]);
+      p.keys.push_back(s.keys[b]);
       p.bytes.push_back(std::uint64_t(bytes));
       room -= bytes;
       sent += bytes;
@@ -735,8 +762,9 @@ class engine_sim {
     const publish_event ev = publishes_.top();
     publishes_.pop();
     publish_data& p = publish_data_[ev.slot];
-    for (std::size_t i = 0; i < p.keys.size(); ++i) (void)shared_->put(p.keys[i], p.bytes[i], p.node);
-    if (obs_.published) obs_.published(obs_.context, now_, p.node, p.session, p.keys);
+    for (std::size_t i = 0; i < p.keys.size(); ++i)
+      if (shared_->put(p.keys[i], p.bytes[i], p.node) && obs_.published)
+        obs_.published(obs_.context, now_, p.node, p.session, std::span<const hash128>(&p.keys[i], 1));
     free_publish_.push_back(ev.slot);
   }
 
@@ -794,6 +822,7 @@ class engine_sim {
           hist -= drop;
           if (measuring()) ++result_.truncations;
           if (n.cache) n.cache->truncate(key, std::uint32_t(head / tpb_), std::uint32_t(drop / tpb_), s.tokens);
+          if (shared_) forget_names(s, head / tpb_, drop / tpb_);
         }
       }
       std::uint64_t hit = 0, dram = 0, ssd = 0, flying = 0, net = 0;
@@ -811,7 +840,7 @@ class engine_sim {
         if (h.waited_ticket && h.record < n.flight_done.size())
           flight_wait = std::max(0.0, n.flight_done[h.record] - now_);
         // What the node's own tiers lack, the shared tier may hold (by chain hash).
-        net = shared_lookup(n, r.session, s.tokens, hit);
+        net = shared_lookup(n, r.session, hit);
       }
       // Prefill: DRAM hits load over PCIe layer by layer, hidden behind compute; SSD hits
       // whose promotion is in flight are ready when it completes; other SSD hits are read
@@ -885,6 +914,7 @@ class engine_sim {
         if (q.time < best.time) best = q;
         if (!flying) break;
       }
+      if (obs_.admitted) obs_.admitted(obs_.context, now_, n.id, r.session, qi - w_.first[r.session], hist, hit, net);
       const std::uint64_t reused = best.reused, ssd_used = best.ssd_read, net_used = best.net_read;
       if (ssd_used) n.ssd_read_free = now_ + ssd_wait + double(ssd_used) * ssd_per_token;
       if (net_used) n.net_read_free = now_ + net_queue + double(net_used) * net_per_token;
@@ -984,11 +1014,13 @@ class engine_sim {
     if (n.cache) {
       n.cache->save(key, s.tokens, us(now_), next_use_after(qi, now_), shared_blocks_of(s));
       if (last && c_.close_on_last) n.cache->close(key);
-      if (shared_ && !(last && c_.close_on_last)) publish(n, r.session, s.tokens);
+      if (shared_ && !(last && c_.close_on_last)) publish(n, r.session);
       schedule_hint(qi, last);
     }
     if (last) {
       std::vector<token_id>().swap(s.tokens);
+      std::vector<hash128>().swap(s.keys);
+      s.named = 0;
       return;
     }
     s.live = s.tokens.size();
@@ -1134,7 +1166,6 @@ class engine_sim {
   // The shared tier: its contents, the writes in flight, and what the window saw.
   std::optional<shared_tier> shared_;
   model_id model_{};
-  std::vector<hash128> keys_;  // chain hashes of a history's blocks
   std::priority_queue<publish_event, std::vector<publish_event>, std::greater<>> publishes_;
   std::vector<publish_data> publish_data_;
   std::vector<std::uint32_t> free_publish_;
