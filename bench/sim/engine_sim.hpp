@@ -34,8 +34,9 @@
 // (sticky, round-robin or random: route_ is drawn once, so every policy sees the same
 // routes). A session's conversation is global; its KV is wherever nodes saved it. With a
 // shared tier (shared_tier.hpp: content-addressed blocks, LRU over bytes), a turn whose
-// node does not hold the whole history locally continues the lookup there by chain hash
-// (a missing block ends the reusable prefix), and reads those blocks over the node's link
+// node does not hold the whole history locally continues the lookup there by the
+// session's manifest (the names of its blocks; a missing block ends the reusable
+// prefix), and reads those blocks over the node's link
 // to the shared tier, a demand channel planned like the SSD's; after each turn the node
 // publishes the blocks the tier lacks (write-behind on the link's other direction,
 // visible when the write completes, bounded bytes in flight per node). Each node's state
