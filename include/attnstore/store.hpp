@@ -43,6 +43,16 @@ struct tenant_quota {
   std::uint64_t dram_bytes = 0, ssd_bytes = 0;
 };
 
+/// Which sessions hold one copy of the blocks they have in common (docs/design.md,
+/// "Shared prefixes"). Blocks are shared by chain hash, which covers the model, every
+/// token from the start of the history and the request keys (LoRA adapter, media, cache
+/// salt), so sessions share exactly the blocks whose KV is the same.
+enum class prefix_sharing : std::uint8_t {
+  off,             ///< every session stores its own copy of every block
+  within_tenant,   ///< sessions of one tenant share (the default)
+  across_tenants,  ///< any sessions share; only a cache salt keeps two tenants apart
+};
+
 struct store_config {
   // ---- identity: every field here is part of the model_id (model_descriptor), which the
   // MANIFEST records; a directory written under another one is refused at open.
@@ -71,6 +81,14 @@ struct store_config {
   std::uint32_t max_sessions = 4096;  ///< live sessions indexed at once
   std::uint32_t queue_window = 1024;  ///< entries of the engine queue set_queue() keeps
   unsigned staging_blocks = 0;        ///< SSD read staging slots (0: 4 x queue_depth)
+  /// Whole blocks with equal chain hashes are stored once per tier and reference-counted;
+  /// a new session finds the blocks other sessions hold of its prompt.
+  prefix_sharing share_prefixes = prefix_sharing::within_tenant;
+  /// Session blocks indexed at once, all tiers (each holds a slot, or shares one). 0:
+  /// twice the DRAM slots plus the SSD slots, times 4 with prefix sharing (blocks that
+  /// share a slot need entries of their own; a tenth of a percent of a tier's bytes
+  /// for blocks of 16 tokens of a 7B model).
+  std::uint64_t max_blocks = 0;
 
   // ---- policies (include/attnstore/policy/; docs/design.md "Policies")
   /// Which session gives up DRAM (to SSD) or SSD (dropped) first: "scheduler_aware" (the
@@ -150,6 +168,10 @@ struct store_stats {
   std::uint64_t watermark_demoted_blocks = 0, expired_sessions = 0;
   std::uint64_t dram_used_bytes = 0, dram_capacity_bytes = 0, ssd_used_bytes = 0, ssd_capacity_bytes = 0;
   std::uint64_t sessions = 0;
+  /// Shared prefixes: slots held by more than one session block (DRAM, SSD), and the
+  /// blocks that point at such a slot beyond its first holder (copies not stored).
+  std::uint64_t shared_dram_slots = 0, shared_ssd_slots = 0, dedup_dram_blocks = 0, dedup_ssd_blocks = 0;
+  std::uint64_t adopted_blocks = 0;  ///< blocks a session took from others' shared prefixes
 };
 
 /// One tenant's share of a store (store::tenant_usage).

@@ -38,10 +38,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attnstore/detail/checkpoint_name.hpp"
 #include "attnstore/format/block_header.hpp"
+#include "attnstore/format/links.hpp"
 #include "attnstore/format/manifest.hpp"
 #include "attnstore/hash.hpp"
 
@@ -357,16 +359,61 @@ int erase_matching(const store_dir& d, const std::string& verb, const std::strin
     int fd;
     ~unlock() { ::close(fd); }
   } held{lock};
+  auto matches = [&](const hash128& session, const hash128& tenant) {
+    return by_session ? session == key || (!companion_key.is_zero() && session == companion_key) : tenant == key;
+  };
+  // Shared prefixes (LINKS): a slot another session's block holds stays, and the
+  // sessions erased get a tombstone so recovery never brings them back from it (nor
+  // from their own links to others' slots).
+  struct content {
+    hash128 chain;
+    std::uint64_t checksum;
+    std::uint32_t index;
+    bool operator<(const content& o) const {
+      return std::tie(chain.hi, chain.lo, checksum, index) < std::tie(o.chain.hi, o.chain.lo, o.checksum, o.index);
+    }
+  };
+  std::map<content, bool> held_by_others;
+  std::map<std::pair<std::uint64_t, std::uint64_t>, bool> to_tombstone;  // sessions erased that links involve
+  std::uint64_t bound = 0;                                               // above every sequence seen
+  for (const format::link_record& l : format::read_links(d.path + "/LINKS")) {
+    bound = std::max(bound, l.sequence + 1);
+    if (matches(l.session, l.tenant))
+      to_tombstone[{l.session.lo, l.session.hi}] = true;
+    else
+      held_by_others[{l.chain, l.checksum, l.block_index}] = true;
+  }
   std::vector<std::uint64_t> victims;
-  std::uint64_t unreadable = 0;
+  std::uint64_t unreadable = 0, kept = 0;
   judge_all(d, false, [&](std::uint64_t s, int err, format::slot_verdict v, const format::block_header& h) {
-    if (err)
+    if (err) {
       ++unreadable;
-    else if (v == format::slot_verdict::ok &&
-             (by_session ? h.session == key || (!companion_key.is_zero() && h.session == companion_key)
-                         : h.tenant == key))
+      return;
+    }
+    if (v != format::slot_verdict::ok) return;
+    bound = std::max(bound, h.sequence + 1);
+    if (!matches(h.session, h.tenant)) return;
+    if (held_by_others.count({h.chain, h.payload_checksum, h.block_index})) {
+      ++kept;
+      to_tombstone[{h.session.lo, h.session.hi}] = true;
+    } else {
       victims.push_back(s);
+    }
   });
+  if (!to_tombstone.empty()) {
+    std::FILE* t = std::fopen((d.path + "/TOMBSTONES").c_str(), "ab");
+    bool ok = t != nullptr;
+    for (const auto& [sess, _] : to_tombstone) {
+      const std::uint64_t rec[3] = {sess.first, sess.second, bound};
+      ok = ok && std::fwrite(rec, sizeof(rec), 1, t) == 1;
+    }
+    ok = ok && std::fflush(t) == 0 && ::fdatasync(::fileno(t)) == 0;
+    if (t) std::fclose(t);
+    const int dirfd = ::open(d.path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    ok = ok && dirfd >= 0 && ::fsync(dirfd) == 0;
+    if (dirfd >= 0) ::close(dirfd);
+    if (!ok) throw std::runtime_error("cannot write " + d.path + "/TOMBSTONES; nothing was erased");
+  }
   void* zeros = nullptr;
   if (posix_memalign(&zeros, format::sector, d.slot_bytes) != 0) throw std::bad_alloc();
   std::memset(zeros, 0, d.slot_bytes);
@@ -400,6 +447,7 @@ int erase_matching(const store_dir& d, const std::string& verb, const std::strin
   std::free(zeros);
   std::printf("%s %s: %s: %zu blocks erased%s", verb.c_str(), d.path.c_str(), what.c_str(),
               victims.size() - std::size_t(failed > 0 ? failed : 0), failed ? ", some could not be" : "");
+  if (kept) std::printf("; %" PRIu64 " shared with other sessions kept (tombstoned)", kept);
   if (unreadable) std::printf(" (%" PRIu64 " slots could not be read: run verify)", unreadable);
   std::printf("\n");
   return failed || unreadable ? 1 : 0;

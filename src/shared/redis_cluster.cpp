@@ -212,7 +212,7 @@ class node_turn {
   node* n_;
 };
 
-enum class op_kind : std::uint8_t { get, set, del };
+enum class op_kind : std::uint8_t { get, set, del, exists, swap };
 
 /// One key of a call.
 struct op_state {
@@ -220,6 +220,7 @@ struct op_state {
   std::string_view key;
   std::span<const std::byte> value;
   std::int64_t ttl_ms = 0;
+  bool if_absent = false;  // SET ... NX
   std::uint16_t slot = 0;
   node* ask = nullptr;  // ASK target for the next round only
   bool done = false;
@@ -641,6 +642,7 @@ struct redis_cluster::impl {
     }
     switch (o.kind) {
       case op_kind::get:
+      case op_kind::swap:
         if (r->type == REDIS_REPLY_NIL) {
           o.status = redis_status::not_found;
         } else if (r->type == REDIS_REPLY_STRING && r->len <= cfg.max_value_bytes) {
@@ -650,9 +652,17 @@ struct redis_cluster::impl {
         }
         break;
       case op_kind::set:
-        o.status = r->type == REDIS_REPLY_STATUS && std::string_view(r->str, r->len) == "OK"
-                       ? redis_status::ok
-                       : redis_status::protocol_error;
+        if (o.if_absent && r->type == REDIS_REPLY_NIL) {
+          o.status = redis_status::exists;  // NX: the key was taken, nothing stored
+        } else {
+          o.status = r->type == REDIS_REPLY_STATUS && std::string_view(r->str, r->len) == "OK"
+                         ? redis_status::ok
+                         : redis_status::protocol_error;
+        }
+        break;
+      case op_kind::exists:
+        o.status = r->type == REDIS_REPLY_INTEGER ? (r->integer > 0 ? redis_status::ok : redis_status::not_found)
+                                                  : redis_status::protocol_error;
         break;
       case op_kind::del:
         o.status = r->type == REDIS_REPLY_INTEGER ? (r->integer > 0 ? redis_status::ok : redis_status::not_found)
@@ -674,11 +684,19 @@ struct redis_cluster::impl {
         out.bulk("DEL");
         out.bulk(o.key);
         break;
-      case op_kind::set: {
-        out.array(o.ttl_ms > 0 ? 5 : 3);
+      case op_kind::exists:
+        out.array(2);
+        out.bulk("EXISTS");
+        out.bulk(o.key);
+        break;
+      case op_kind::set:
+      case op_kind::swap: {
+        out.array((o.ttl_ms > 0 ? 5 : 3) + (o.kind == op_kind::swap ? 1 : 0) + (o.if_absent ? 1 : 0));
         out.bulk("SET");
         out.bulk(o.key);
         out.bulk(o.value.data(), o.value.size());
+        if (o.kind == op_kind::swap) out.bulk("GET");
+        if (o.if_absent) out.bulk("NX");
         if (o.ttl_ms > 0) {
           out.bulk("PX");
           char buf[24];
@@ -758,7 +776,9 @@ struct redis_cluster::impl {
         }
         interpret(j, o, reply, asking_failed, asking_status);
         asking_failed = false;
-        if (o.done && o.status == redis_status::ok && o.kind == op_kind::get) o.reply = std::move(j.replies[r - 1]);
+        if (o.done && o.status == redis_status::ok && (o.kind == op_kind::get || o.kind == op_kind::swap)) {
+          o.reply = std::move(j.replies[r - 1]);
+        }
       }
       if (j.close_after && j.failure == redis_status::ok) {
         j.n->close();
@@ -1064,6 +1084,7 @@ void redis_cluster::set_many(std::span<const redis_set_item> items, std::span<re
       ops[i].key = items[i].key;
       ops[i].value = items[i].value;
       ops[i].ttl_ms = items[i].ttl.count();
+      ops[i].if_absent = items[i].if_absent;
     }
     impl_->run(ops);
     for (std::size_t i = 0; i < items.size(); ++i) out[i] = ops[i].status;
@@ -1072,7 +1093,10 @@ void redis_cluster::set_many(std::span<const redis_set_item> items, std::span<re
   }
 }
 
-void redis_cluster::del_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept {
+namespace {
+/// The keys-only batches (DEL, EXISTS): one op of `kind` per key, a status per key.
+void run_key_ops(redis_cluster::impl& impl, op_kind kind, std::span<const std::string_view> keys,
+                 std::span<redis_status> out) noexcept {
   if (out.size() != keys.size()) {
     for (auto& r : out) r = redis_status::invalid_argument;
     return;
@@ -1080,14 +1104,42 @@ void redis_cluster::del_many(std::span<const std::string_view> keys, std::span<r
   try {
     std::vector<op_state> ops(keys.size());
     for (std::size_t i = 0; i < keys.size(); ++i) {
-      ops[i].kind = op_kind::del;
+      ops[i].kind = kind;
       ops[i].key = keys[i];
     }
-    impl_->run(ops);
+    impl.run(ops);
     for (std::size_t i = 0; i < keys.size(); ++i) out[i] = ops[i].status;
   } catch (...) {
     for (auto& r : out) r = redis_status::internal_error;
   }
+}
+}  // namespace
+
+void redis_cluster::del_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept {
+  run_key_ops(*impl_, op_kind::del, keys, out);
+}
+
+void redis_cluster::exists_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept {
+  run_key_ops(*impl_, op_kind::exists, keys, out);
+}
+
+redis_get_result redis_cluster::swap(std::string_view key, std::span<const std::byte> value,
+                                     std::chrono::milliseconds ttl) noexcept {
+  redis_get_result out;
+  try {
+    op_state op;
+    op.kind = op_kind::swap;
+    op.key = key;
+    op.value = value;
+    op.ttl_ms = ttl.count();
+    impl_->run({&op, 1});
+    out.status = op.status;
+    if (op.status == redis_status::ok) out.value = redis_value_access::make(op.reply.release());
+  } catch (...) {
+    out.value.reset();
+    out.status = redis_status::internal_error;
+  }
+  return out;
 }
 
 std::string redis_cluster::endpoint_of_slot(std::uint16_t slot) const {

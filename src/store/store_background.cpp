@@ -184,6 +184,7 @@ errc store::impl::hint(const session_key& key, policy::session_hint hint) noexce
 std::uint32_t store::impl::promote_locked(locked_session& s, std::uint32_t max_blocks, bool may_demote) noexcept {
   if (!ssd_) return 0;
   ssd_read_batch rb{&s, nullptr, 0};
+  const hash128 tenant = sharing_ ? tenant_hash_of(s.record_id()) : hash128{};
   std::uint32_t promoted = 0, asked = 0, batches = 0;
   bool stop = false;
   auto flush = [&] {
@@ -201,11 +202,13 @@ std::uint32_t store::impl::promote_locked(locked_session& s, std::uint32_t max_b
       const ssd_read_batch::pending_read& p = rb.pending[i];
       if (!stop && p.verdict == errc::ok) {
         s.meta(p.block).dram_slot = p.buffer_slot;
+        if (sharing_) offer_copy(s.meta(p.block), tenant, tier::dram);
         ++promoted;
         continue;
       }
       give_back_read_buffer(rb, i);
       if (!stop && p.verdict == errc::checksum_error) {
+        if (content_) content_->forget(tier::ssd, s.meta(p.block).ssd_slot);
         detail::bump(counters_->checksum_failures);
         release_chain(s.truncate(p.position));  // a corrupt block and all after it go
       }
@@ -215,7 +218,12 @@ std::uint32_t store::impl::promote_locked(locked_session& s, std::uint32_t max_b
   };
   std::uint32_t pos = 0;
   for (std::uint32_t b = s.first_block(); b != no_slot && asked < max_blocks && !stop; b = s.meta(b).next, ++pos) {
-    const block_meta& m = s.meta(b);
+    block_meta& m = s.meta(b);
+    if (m.dram_slot == no_slot && m.ssd_slot != no_slot && sharing_ && take_dram_copy(m, tenant)) {
+      ++promoted;  // another holder's DRAM copy: resident without a read
+      ++asked;
+      continue;
+    }
     if (m.dram_slot != no_slot || m.ssd_slot == no_slot) continue;
     // Likely returners (no demotion) take only the DRAM above what the watermark keeps
     // for saves.

@@ -32,34 +32,38 @@
 #include "attnstore/policy/watermark.hpp"
 #include "attnstore/store.hpp"
 #include "attnstore/tier/host_arena.hpp"
+#include "content_table.hpp"
+#include "link_log.hpp"
 #include "tenant_table.hpp"
 
 namespace attnstore {
 
-#define ATTNSTORE_STORE_COUNTERS(X)                                                                                    \
-  X(lookups)                                                                                                           \
-  X(lookup_hits)                                                                                                       \
-  X(lookup_misses)                                                                                                     \
-  X(tokens_reusable)                                                                                                   \
-  X(puts)                                                                                                              \
-  X(put_blocks)                                                                                                        \
-  X(put_rejected)                                                                                                      \
-  X(put_failed)                                                                                                        \
-  X(gets)                                                                                                              \
-  X(blocks_served_dram)                                                                                                \
-  X(blocks_served_ssd)                                                                                                 \
-  X(miss_not_found)                                                                                                    \
-  X(miss_prefix_mismatch)                                                                                              \
-  X(miss_checksum)                                                                                                     \
-  X(miss_io_error)                                                                                                     \
-  X(checksum_failures)                                                                                                 \
-  X(io_errors)                                                                                                         \
-  X(no_space)                                                                                                          \
-  X(demoted_blocks)                                                                                                    \
-  X(promoted_blocks) X(evicted_sessions) X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read)  \
-      X(recovered_sessions) X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(quarantined_buffers) \
-          X(deferred_frees) X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed)           \
-              X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)
+#define ATTNSTORE_STORE_COUNTERS(X)                                                                                \
+  X(lookups)                                                                                                       \
+  X(lookup_hits)                                                                                                   \
+  X(lookup_misses)                                                                                                 \
+  X(tokens_reusable)                                                                                               \
+  X(puts)                                                                                                          \
+  X(put_blocks)                                                                                                    \
+  X(put_rejected)                                                                                                  \
+  X(put_failed)                                                                                                    \
+  X(gets)                                                                                                          \
+  X(blocks_served_dram)                                                                                            \
+  X(blocks_served_ssd)                                                                                             \
+  X(miss_not_found)                                                                                                \
+  X(miss_prefix_mismatch)                                                                                          \
+  X(miss_checksum)                                                                                                 \
+  X(miss_io_error)                                                                                                 \
+  X(checksum_failures)                                                                                             \
+  X(io_errors)                                                                                                     \
+  X(no_space)                                                                                                      \
+  X(demoted_blocks)                                                                                                \
+  X(promoted_blocks)                                                                                               \
+  X(evicted_sessions)                                                                                              \
+  X(evicted_blocks) X(dropped_sessions) X(ssd_bytes_written) X(ssd_bytes_read) X(recovered_sessions)               \
+      X(recovered_blocks) X(recovery_dropped_blocks) X(quarantined_slots) X(quarantined_buffers) X(deferred_frees) \
+          X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed) X(prefetch_cancelled)   \
+              X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions) X(adopted_blocks)
 
 namespace detail {
 inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
@@ -145,8 +149,51 @@ struct store::impl {
   static constexpr std::uint32_t free_pending = 1u << 31;  // in dram_leases_: free when the last lease ends
   void lease_dram(std::uint32_t slot) noexcept;
   void unlease_dram(std::uint32_t slot) noexcept;
-  /// Frees a DRAM-tier slot now, or when the last read lease on it ends.
-  void free_dram(std::uint32_t slot) noexcept;
+  /// Lets go of a DRAM-tier slot: a slot other blocks still hold (a shared prefix)
+  /// stays; otherwise it is freed now, or when the last read lease on it ends. True
+  /// when the slot left the tier's use (freed or pending).
+  bool free_dram(std::uint32_t slot) noexcept;
+
+  // ---- shared prefixes (store_shared.cpp; content_table.hpp). A whole block's slot in
+  // either tier may be held by several sessions' blocks; content_ counts them.
+  /// Whether blocks like `m` are shared: sharing on and the block whole.
+  bool shareable(const block_meta& m) const noexcept { return sharing_ && m.tokens == geometry_.tokens_per_block; }
+  /// The content key of block `index` with chain `chain` for a session of `tenant`.
+  detail::content_table::key content_key(const hash128& chain, std::uint64_t index,
+                                         const hash128& tenant) const noexcept {
+    return {chain, config_.share_prefixes == prefix_sharing::across_tenants ? hash128{} : tenant, index};
+  }
+  detail::content_table::key content_key(const block_meta& m, const hash128& tenant) const noexcept {
+    return content_key(m.chain, m.saved_pos / geometry_.tokens_per_block, tenant);
+  }
+  /// Records that block `b` of `s` holds a slot another block's save wrote (LINKS).
+  errc link_borrowed(locked_session& s, std::uint32_t b, const hash128& tenant) noexcept;
+  /// Gives block `b` (no SSD copy) its content's SSD copy, when there is one: no write
+  /// needed. True when it did (ssd_slot set, borrowed, linked).
+  bool take_ssd_copy(locked_session& s, std::uint32_t b, const hash128& tenant) noexcept;
+  /// Gives a block with no DRAM copy its content's DRAM copy, when there is one: no
+  /// read needed. True when it did.
+  bool take_dram_copy(block_meta& m, const hash128& tenant) noexcept;
+  /// A copy just made (a verified read, a written slot) becomes its content's copy in
+  /// that tier, when the content has none there yet.
+  void offer_copy(const block_meta& m, const hash128& tenant, tier t) noexcept {
+    if (shareable(m))
+      (void)content_->offer(content_key(m, tenant), t, t == tier::ssd ? m.ssd_slot : m.dram_slot, m.checksum);
+  }
+  /// How many whole blocks at the start of `prompt` (at most max_blocks) the shared
+  /// copies hold, for a session of `tenant`; fills `out` like cache_index::lookup.
+  lookup_result match_shared(std::span<const token_id> prompt, const request_keys& keys, const hash128& tenant,
+                             std::uint32_t max_blocks, std::span<block_location> out = {}) noexcept;
+  /// A session that holds nothing takes the shared blocks its prompt starts with (up to
+  /// max_blocks), as blocks of its own holding the shared copies. Returns how many.
+  std::uint32_t adopt_shared_locked(locked_session& s, std::span<const token_id> prompt, const request_keys& keys,
+                                    std::uint32_t max_blocks) noexcept;
+  /// Opens `h` for a load: when it holds nothing (or does not exist) and the prompt
+  /// starts with shared blocks, creates it and adopts them. Empty when there is nothing.
+  locked_session open_for_load(const session_key& key, const session_hash& h, std::span<const token_id> prompt,
+                               const request_keys& keys, std::uint32_t max_blocks) noexcept;
+  /// Makes the LINKS file durable with the SSD writes (after device_->sync()).
+  errc sync_links() noexcept { return links_ ? links_->sync() : errc::ok; }
   /// A buffer an I/O may still write into: never reused.
   void quarantine_buffer() noexcept { detail::bump(counters_->quarantined_buffers); }
   std::byte* dram_payload(std::uint32_t slot) const noexcept { return dram_->data(slot) + header_bytes_; }
@@ -158,8 +205,10 @@ struct store::impl {
   std::uint32_t alloc_ssd(std::uint32_t exclude_a, std::uint32_t exclude_b, bool may_evict = true) noexcept;
   /// Demotes DRAM blocks at view positions < until_position to SSD. Returns ok,
   /// unsupported (no SSD), no_space (no SSD slot), device_error (the DRAM copies stay).
-  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
-                     bool may_evict = true) noexcept;
+  /// `freed` (when given) counts the DRAM slots that left use (a shared slot other
+  /// blocks still hold stays).
+  errc demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude, bool may_evict = true,
+                     std::uint32_t* freed = nullptr) noexcept;
   /// Demotes the policy's first DRAM victim; returns the DRAM blocks it freed (0: no
   /// victim or nothing freed). On the allocation path (`background` false) a victim
   /// that cannot be demoted for want of room (no SSD tier, SSD full of protected data)
@@ -167,8 +216,10 @@ struct store::impl {
   /// room, the watermark) only demotes, into free SSD slots (it evicts nobody), and
   /// never a queued session.
   /// `only_tenant`: victims of that tenant only (a cap being enforced).
-  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false,
-                                   const hash128* only_tenant = nullptr) noexcept;
+  /// `moved` (when given) says whether a victim let go of DRAM blocks, freeing slots
+  /// or not (blocks of a shared prefix others hold free none).
+  std::uint32_t demote_some_victim(std::uint32_t exclude, bool background = false, const hash128* only_tenant = nullptr,
+                                   bool* moved = nullptr) noexcept;
   /// Demotes a locked victim whole (drops it where it cannot be demoted for want of
   /// room, on the allocation path: then *dropped is set); returns the DRAM blocks freed.
   std::uint32_t demote_victim(locked_session& victim, std::uint32_t exclude, bool background, bool* dropped) noexcept;
@@ -179,7 +230,9 @@ struct store::impl {
   bool evict_some_ssd_victim(std::uint32_t exclude_a, std::uint32_t exclude_b) noexcept;
   /// Frees a detached chain of blocks: DRAM slots (deferred while leased), SSD copies
   /// (header area zeroed; whole slot when `wipe`), block table entries.
-  errc release_chain(std::uint32_t first, bool wipe = false) noexcept;
+  /// `kept_shared` (when given) is set when a slot stayed because other blocks hold it,
+  /// or a block held a borrowed slot: recovery could bring the session back from it.
+  errc release_chain(std::uint32_t first, bool wipe = false, bool* kept_shared = nullptr) noexcept;
   errc drop_locked(locked_session& s, bool wipe = false) noexcept;
   /// What drop() and purge() do to a session: erased from every tier, durably (wiped
   /// SSD slots, synced; a tombstone where an erase failed).
@@ -193,9 +246,21 @@ struct store::impl {
   void erase_slots(std::span<const std::uint32_t> slots, bool wipe, Outcome&& outcome) noexcept;
   /// Writes blocks of `s` (their DRAM copies, headers built from their metadata) to the
   /// given SSD slots, up to batch_max at a time: the one SSD write routine (saves,
-  /// demotions, close). results[i] is bytes or -errno (io_in_doubt: slot quarantined).
+  /// demotions, close). results[i] is bytes or -errno (io_in_doubt: slot quarantined),
+  /// or took_shared_copy: the block's content had an SSD copy by the time of the write,
+  /// which the block now holds (ssd_slot set, borrowed); its slot went back unwritten.
+  /// A whole block written becomes its content's SSD copy when there is none.
   errc write_ssd_blocks(locked_session& s, std::span<const std::uint32_t> blocks,
                         std::span<const std::uint32_t> ssd_slots, std::span<std::int32_t> results) noexcept;
+  static constexpr std::int32_t took_shared_copy = 1;
+  /// The header area of a DRAM slot is written by whoever writes the slot to SSD; a
+  /// slot several blocks hold could have two such writers at once: each claims it.
+  bool claim_header(std::uint32_t dram_slot) noexcept {
+    return !header_claims_[dram_slot].exchange(true, std::memory_order_acquire);
+  }
+  void unclaim_header(std::uint32_t dram_slot) noexcept {
+    header_claims_[dram_slot].store(false, std::memory_order_release);
+  }
   /// Sets the SSD copy of each block written whole; others give their slot back (or
   /// quarantine it when the write is in doubt). Returns how many were adopted.
   std::size_t adopt_written(locked_session& s, std::span<const std::uint32_t> blocks,
@@ -285,7 +350,11 @@ struct store::impl {
   std::unique_ptr<ssd_space> ssd_;
   std::unique_ptr<block_device> device_;
   std::unique_ptr<cache_index> index_;
-  std::int32_t staging_buffer_base_ = 0;  // registered-buffer index of staging region 0
+  std::unique_ptr<detail::content_table> content_;      // holder counts of shared slots (always made)
+  bool sharing_ = false;                                // new blocks are shared (share_prefixes, geometry)
+  std::unique_ptr<detail::link_log> links_;             // with an SSD tier and sharing
+  std::unique_ptr<std::atomic<bool>[]> header_claims_;  // per DRAM slot: its header area is being written
+  std::int32_t staging_buffer_base_ = 0;                // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
   /// Latency histograms (store::metrics). lookup/load/save are timed in store.cpp

@@ -53,6 +53,7 @@ constexpr counter_help counter_helps[] = {
     {"prefetched_blocks", "Blocks promoted by prefetch."},
     {"watermark_demoted_blocks", "Blocks demoted in the background by the DRAM watermark."},
     {"expired_sessions", "Sessions dropped by the idle TTL."},
+    {"adopted_blocks", "Blocks new sessions took from shared prefixes other sessions hold."},
 };
 
 std::string_view help_of(std::string_view name) {
@@ -93,6 +94,12 @@ void store::impl::write_metrics(std::string& out) const {
   gauge("attnstore_ssd_used_bytes", "SSD tier bytes holding blocks.", double(st.ssd_used_bytes));
   gauge("attnstore_ssd_capacity_bytes", "SSD tier capacity.", double(st.ssd_capacity_bytes));
   gauge("attnstore_sessions", "Sessions stored.", double(st.sessions));
+  gauge("attnstore_shared_dram_slots", "DRAM slots held by more than one session block (shared prefixes).",
+        double(st.shared_dram_slots));
+  gauge("attnstore_shared_ssd_slots", "SSD slots held by more than one session block (shared prefixes).",
+        double(st.shared_ssd_slots));
+  gauge("attnstore_dedup_blocks", "Session blocks held in a shared slot beyond its first holder: copies not stored.",
+        double(st.dedup_dram_blocks + st.dedup_ssd_blocks));
   gauge("attnstore_ssd_reads_waited_on", "SSD reads requests are waiting on now.",
         double(demand_reads_.load(std::memory_order_relaxed)));
   gauge("attnstore_recovery_seconds", "Time the opening recovery took.", double(st.recovery_ns) / 1e9);

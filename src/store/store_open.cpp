@@ -197,8 +197,21 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   queue_hashes_.resize(config_.queue_window);
   // A block always holds a slot; the extra DRAM-sized share covers blocks being
   // replaced (old and new both exist until the new ones are published).
-  const std::uint64_t max_blocks = std::uint64_t(dram_->capacity()) * 2 + ssd_slots + 64;
+  // The table exists without sharing too: slots shared before (recovered from LINKS)
+  // keep their holder counts until they are let go.
+  const bool sharing = config_.share_prefixes != prefix_sharing::off;
+  sharing_ = sharing;
+  content_ = std::make_unique<detail::content_table>(dram_->capacity(), ssd_slots);
+  if (ssd_) links_ = std::make_unique<detail::link_log>(config_.ssd_directory);
+  header_claims_ = std::make_unique<std::atomic<bool>[]>(dram_->capacity());
+  for (std::uint32_t i = 0; i < dram_->capacity(); ++i) header_claims_[i].store(false, std::memory_order_relaxed);
+  const std::uint64_t max_blocks = config_.max_blocks
+                                       ? config_.max_blocks
+                                       : (std::uint64_t(dram_->capacity()) * 2 + ssd_slots) * (sharing ? 4 : 1) + 64;
   if (max_blocks >= no_slot) fail("dram_bytes and ssd_bytes hold too many blocks (max 2^31)");
+  if (max_blocks < std::uint64_t(dram_->capacity()) + 1)
+    fail("max_blocks is " + std::to_string(max_blocks) + ", must be 0 (automatic) or more than the DRAM slots (" +
+         std::to_string(dram_->capacity()) + ")");
   index_ = std::make_unique<cache_index>(
       cache_index_options{config_.max_sessions, std::uint32_t(max_blocks), geometry_.tokens_per_block, 64});
   if (ssd_) {
@@ -242,10 +255,21 @@ store_stats store::impl::stats() const noexcept {
     s.ssd_capacity_bytes = std::uint64_t(ssd_->capacity()) * slot_bytes_;
   }
   s.sessions = index_->live_sessions();
+  if (content_) {
+    const detail::content_table::usage u = content_->count();
+    s.shared_dram_slots = u.shared_slots[0];
+    s.shared_ssd_slots = u.shared_slots[1];
+    s.dedup_dram_blocks = u.extra_holders[0];
+    s.dedup_ssd_blocks = u.extra_holders[1];
+  }
   return s;
 }
 
-errc store::impl::flush() noexcept { return device_ ? device_->sync() : errc::unsupported; }
+errc store::impl::flush() noexcept {
+  if (!device_) return errc::unsupported;
+  const errc e = device_->sync();
+  return e != errc::ok ? e : sync_links();
+}
 
 // ---------------------------------------------------------------- close
 
@@ -273,7 +297,7 @@ errc store::impl::close() noexcept {
   }
   const std::uint64_t flushed = counters_->demoted_blocks.load() - before;
   detail::bump(counters_->close_flushed_blocks, flushed);
-  if (device_->sync() != errc::ok) {
+  if (device_->sync() != errc::ok || sync_links() != errc::ok) {
     status = errc::device_error;
   } else if (!mark_clean()) {
     config_.log(log_level::warning,
@@ -439,6 +463,7 @@ void store::impl::recover() {
     std::uint32_t token_count;
     std::uint32_t put_first_block, put_blocks;
     bool usable = false;
+    bool borrowed = false;  // a link (LINKS): another candidate's slot, held by this session
     std::uint64_t put_id() const noexcept { return sequence - (index - put_first_block); }
   };
   std::vector<candidate> cands;
@@ -515,6 +540,42 @@ void store::impl::recover() {
     base += n;
   }
   for (auto b : buffers) staging_->release(b);
+
+  // ---- 1b. links: blocks of one session held in a slot another's save wrote. Each is
+  // a candidate of its holder, found as the slot with its chain, index and checksum
+  // (any such slot: equal chains and checksums are equal bytes).
+  std::uint64_t bad_links = 0;
+  const std::vector<format::link_record> links =
+      format::read_links(detail::link_log::path_in(config_.ssd_directory), &bad_links);
+  std::uint64_t unresolved_links = 0;
+  {
+    std::unordered_multimap<std::uint64_t, std::size_t> by_chain;
+    for (std::size_t i = 0; i < cands.size(); ++i) by_chain.emplace(cands[i].chain.lo, i);
+    const std::size_t real = cands.size();
+    for (const format::link_record& l : links) {
+      std::size_t found = real;
+      for (auto [it, end] = by_chain.equal_range(l.chain.lo); it != end && found == real; ++it) {
+        const candidate& c = cands[it->second];
+        if (c.chain == l.chain && c.checksum == l.checksum && c.index == l.block_index &&
+            c.token_count == geometry_.tokens_per_block)
+          found = it->second;
+      }
+      if (found == real || l.block_index < l.put_first_block || l.block_index - l.put_first_block >= l.put_blocks ||
+          l.sequence >= format::max_start_sequence) {
+        ++unresolved_links;  // its slot is gone (or the record is nonsense): the put lacks the block
+        continue;
+      }
+      candidate v = cands[found];
+      v.session = l.session;
+      v.tenant = l.tenant;
+      v.sequence = l.sequence;
+      v.put_first_block = l.put_first_block;
+      v.put_blocks = l.put_blocks;
+      v.borrowed = true;
+      cands.push_back(v);
+      max_sequence = std::max(max_sequence, l.sequence);
+    }
+  }
 
   // ---- 2. tombstones: a dropped session's blocks (sequence below the bound) are gone
   const std::string tomb_path = config_.ssd_directory + "/TOMBSTONES";
@@ -641,6 +702,7 @@ void store::impl::recover() {
   std::sort(order.begin(), order.end(),
             [&](std::size_t a, std::size_t b) { return picks[a].recency > picks[b].recency; });
   std::vector<std::uint8_t> kept(cands.size(), 0);
+  std::vector<std::uint32_t> holders(slots, 0);  // per slot: recovered blocks that hold it
   std::uint32_t too_many = 0;
   for (std::size_t oi = 0; oi < order.size(); ++oi) {
     session_pick& pick = picks[order[oi]];
@@ -668,8 +730,10 @@ void store::impl::recover() {
       m.put_first_block = c.put_first_block;
       m.put_blocks = c.put_blocks;
       m.ssd_slot = c.slot;
+      m.borrowed = c.borrowed;
       m.saved_pos = std::uint64_t(c.index) * geometry_.tokens_per_block;
       used[c.slot] = 1;
+      ++holders[c.slot];
       kept[ci] = 1;
       if (tail == no_slot)
         head = b;
@@ -691,7 +755,9 @@ void store::impl::recover() {
   const bool degraded = counters_->quarantined_slots.load() > 0;
   std::uint64_t held = 0;
   for (std::size_t i = 0; i < cands.size(); ++i) {
-    if (kept[i]) continue;
+    if (kept[i] || cands[i].borrowed) continue;  // a link has no slot of its own
+    tombstoned[i] = cands[i].sequence < tomb_bound(cands[i].session);
+    if (holders[cands[i].slot] > 0) continue;  // its slot is held by another session's block
     if (degraded) {
       used[cands[i].slot] = 1;
       ++held;
@@ -699,7 +765,6 @@ void store::impl::recover() {
       continue;
     }
     stale.push_back(cands[i].slot);
-    tombstoned[i] = cands[i].sequence < tomb_bound(cands[i].session);
     detail::bump(counters_->recovery_dropped_blocks);
   }
   if (held) {
@@ -720,6 +785,28 @@ void store::impl::recover() {
   for (std::size_t i = 0; i < cands.size(); ++i)
     if (tombstoned[i] && used[cands[i].slot]) tombstoned_all_erased = false;
   ssd_->rebuild(used);
+  // Shared slots get their holder counts back; whole blocks become their content's
+  // SSD copy (the first slot found for a content), so new sessions can share them.
+  // LINKS keeps only the links recovered.
+  std::vector<format::link_record> live_links;
+  for (std::size_t i = 0; i < cands.size(); ++i) {
+    if (!kept[i]) continue;
+    const candidate& c = cands[i];
+    if (c.borrowed)
+      live_links.push_back(format::link_record{c.session, c.tenant, c.chain, c.checksum, c.sequence, c.index,
+                                               c.put_first_block, c.put_blocks, 0, 0});
+    if (holders[c.slot] == 0) continue;  // done: one candidate per slot registers it
+    const bool whole = c.token_count == geometry_.tokens_per_block;
+    content_->recovered(sharing_ && whole, content_key(c.chain, c.index, c.tenant), c.slot, holders[c.slot],
+                        c.checksum);
+    holders[c.slot] = 0;
+  }
+  if (!degraded && (!links.empty() || bad_links > 0) && links_->rewrite(live_links) != errc::ok)
+    config_.log(log_level::warning, "store: cannot rewrite " + detail::link_log::path_in(config_.ssd_directory) +
+                                        "; it keeps links no longer used");
+  if (unresolved_links)
+    config_.log(log_level::info, "store: " + std::to_string(unresolved_links) +
+                                     " shared-block links name slots that are gone; their blocks are not recovered");
   // Every block a tombstone covered is erased now; the tombstones can go.
   if (!tombs.empty() && tombstoned_all_erased) {
     std::remove(tomb_path.c_str());

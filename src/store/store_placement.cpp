@@ -27,7 +27,7 @@ errc store::impl::invalidate_ssd(std::span<const std::uint32_t> slots, bool wipe
   return status;
 }
 
-errc store::impl::release_chain(std::uint32_t first, bool wipe) noexcept {
+errc store::impl::release_chain(std::uint32_t first, bool wipe, bool* kept_shared) noexcept {
   // The blocks are detached from their session (or never were in one).
   std::uint32_t ssd_slots[batch_max];
   std::size_t n = 0;
@@ -36,7 +36,12 @@ errc store::impl::release_chain(std::uint32_t first, bool wipe) noexcept {
     block_meta& m = index_->block(b);
     const std::uint32_t next = m.next;
     if (m.dram_slot != no_slot) free_dram(m.dram_slot);
-    if (m.ssd_slot != no_slot) {
+    if (m.ssd_slot != no_slot && kept_shared && m.borrowed) *kept_shared = true;  // its link names the session
+    // A slot other blocks still hold stays, header and all (its header may name this
+    // session: recovery is told by a tombstone that the session is gone).
+    if (m.ssd_slot != no_slot && content_ && !content_->release(tier::ssd, m.ssd_slot)) {
+      if (kept_shared) *kept_shared = true;
+    } else if (m.ssd_slot != no_slot) {
       ssd_slots[n++] = m.ssd_slot;
       if (n == batch_max) {
         if (invalidate_ssd(std::span(ssd_slots, n), wipe) != errc::ok) status = errc::device_error;
@@ -97,23 +102,28 @@ std::uint32_t store::impl::alloc_ssd(std::uint32_t exclude_a, std::uint32_t excl
 
 // ---------------------------------------------------------------- demotion
 
-errc store::impl::demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude,
-                                bool may_evict) noexcept {
+errc store::impl::demote_locked(locked_session& s, std::uint32_t until_position, std::uint32_t exclude, bool may_evict,
+                                std::uint32_t* freed) noexcept {
   if (!ssd_) return errc::unsupported;
   std::uint32_t blocks[batch_max], slots[batch_max];
   std::int32_t results[batch_max];
   errc status = errc::ok;
-  std::uint32_t pos = 0;
+  std::uint32_t pos = 0, let_go = 0;
+  const hash128 tenant = sharing_ ? tenant_hash_of(s.record_id()) : hash128{};
+  auto drop_dram_copy = [&](block_meta& m) {
+    if (free_dram(m.dram_slot)) ++let_go;
+    m.dram_slot = no_slot;
+    detail::bump(counters_->demoted_blocks);
+  };
   for (std::uint32_t b = s.first_block(); b != no_slot && pos < until_position && status == errc::ok;) {
     // Gather up to batch_max DRAM-only blocks, then write them as one batch.
     std::size_t n = 0;
     for (; b != no_slot && pos < until_position && n < batch_max; b = s.meta(b).next, ++pos) {
       block_meta& m = s.meta(b);
       if (m.dram_slot == no_slot) continue;
-      if (m.ssd_slot != no_slot) {  // already durable: the DRAM copy just goes
-        free_dram(m.dram_slot);
-        m.dram_slot = no_slot;
-        detail::bump(counters_->demoted_blocks);
+      // Already durable, or its content is (another holder's SSD copy): the DRAM copy just goes.
+      if (m.ssd_slot != no_slot || (content_ && take_ssd_copy(s, b, tenant))) {
+        drop_dram_copy(m);
         continue;
       }
       std::uint32_t ss = alloc_ssd(s.record_id(), exclude, may_evict);
@@ -130,14 +140,11 @@ errc store::impl::demote_locked(locked_session& s, std::uint32_t until_position,
     adopt_written(s, std::span(blocks, n), std::span(slots, n), std::span(results, n));
     for (std::size_t i = 0; i < n; ++i) {
       block_meta& m = s.meta(blocks[i]);
-      if (m.ssd_slot != no_slot) {  // written: the DRAM copy goes (the copy stays on failure)
-        free_dram(m.dram_slot);
-        m.dram_slot = no_slot;
-        detail::bump(counters_->demoted_blocks);
-      }
+      if (m.ssd_slot != no_slot) drop_dram_copy(m);  // written: the DRAM copy goes (the copy stays on failure)
     }
     if (e != errc::ok) status = e;
   }
+  if (freed) *freed += let_go;
   s.count_tiers();
   note(s, false);
   // What went to SSD counts against the tenant's SSD cap; only where data may be
@@ -146,8 +153,8 @@ errc store::impl::demote_locked(locked_session& s, std::uint32_t until_position,
   return status;
 }
 
-std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool background,
-                                              const hash128* only_tenant) noexcept {
+std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool background, const hash128* only_tenant,
+                                              bool* moved) noexcept {
   // `want` runs under the policy mutex, so it may ask the policy and the tenant table.
   // A tenant is matched by its hash: an entry index may be reused once its tenant is gone.
   auto of_tenant = [&](std::uint32_t rec) {
@@ -163,7 +170,9 @@ std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool backgr
       exclude, no_slot);
   if (!victim) return 0;
   bool dropped = false;
+  const std::uint32_t before = victim.dram_blocks();
   const std::uint32_t freed = demote_victim(victim, exclude, background, &dropped);
+  if (moved) *moved = dropped || victim.dram_blocks() < before;
   if (only_tenant && freed > 0) {
     std::lock_guard lock(policy_mutex_);
     if (const std::uint32_t t = tenants_->find(*only_tenant); t != no_slot) {
@@ -178,21 +187,24 @@ std::uint32_t store::impl::demote_some_victim(std::uint32_t exclude, bool backgr
 
 std::uint32_t store::impl::demote_victim(locked_session& victim, std::uint32_t exclude, bool background,
                                          bool* dropped) noexcept {
-  const std::uint32_t before = victim.dram_blocks();
+  // What counts is the DRAM slots that left use: a block of a shared prefix other
+  // sessions hold frees nothing when this one lets go.
+  std::uint32_t freed = 0;
   // Background work takes only free SSD slots: it must not drop data to make room.
-  const errc e = demote_locked(victim, no_slot, exclude, !background);
-  if (background) return before - victim.dram_blocks();
+  const errc e = demote_locked(victim, no_slot, exclude, !background, &freed);
+  if (background) return freed;
   if ((e == errc::no_space || e == errc::unsupported) && victim.dram_blocks() > 0) {
     // No SSD tier, or SSD full of protected data: the cache gives the victim up rather
     // than refusing the new blocks. An I/O error is not a reason to drop data: the
     // victim keeps its DRAM copies and the request finds no room.
     detail::bump(counters_->evicted_sessions);
     detail::bump(counters_->evicted_blocks, victim.block_count());
+    const std::uint32_t before = dram_->used();
     drop_locked(victim);
     *dropped = true;
-    return before;
+    return freed + (before > dram_->used() ? before - dram_->used() : 0);
   }
-  return before - victim.dram_blocks();
+  return freed;
 }
 
 void store::impl::make_room(std::uint32_t blocks, const session_hash& for_session, const hash128* tenant) noexcept {
@@ -207,15 +219,20 @@ void store::impl::make_room(std::uint32_t blocks, const session_hash& for_sessio
     if (demote_some_victim(self, false, tenant) == 0) break;
   }
   if (free_dram_slots() >= blocks) return;
-  for (int attempt = 0; attempt < 16 && free_dram_slots() < blocks; ++attempt)
-    if (demote_some_victim(self) == 0) break;
+  // A victim whose blocks are all shared with others frees nothing but moves: the
+  // next one is tried. One that could not move (an I/O error) ends it.
+  for (int attempt = 0; attempt < 16 && free_dram_slots() < blocks; ++attempt) {
+    bool moved = false;
+    if (demote_some_victim(self, false, nullptr, &moved) == 0 && !moved) break;
+  }
 }
 
 std::uint32_t store::impl::alloc_dram(locked_session& self, std::uint32_t self_keep_from) noexcept {
   for (int attempt = 0; attempt < 16; ++attempt) {
     std::uint32_t slot = dram_->allocate();
     if (slot != no_slot) return slot;
-    if (demote_some_victim(self ? self.record_id() : no_slot)) continue;
+    bool moved = false;
+    if (demote_some_victim(self ? self.record_id() : no_slot, false, nullptr, &moved) || moved) continue;
     // Nobody else to demote: move this session's own older blocks down.
     if (self && self_keep_from > 0 && self.dram_blocks() > 0 && ssd_) {
       const std::uint32_t before = dram_->used();
@@ -277,12 +294,16 @@ errc store::impl::drop_session_locked(locked_session& s) noexcept {
   // older history brought back by undone erasures.
   if (ssd_ && s.ssd_blocks() > 0 && device_->sync() != errc::ok) detail::bump(counters_->io_errors);
   // A deletion deletes: SSD slots are zeroed whole (KV and token ids), not just their
-  // headers, and the zeroes are made durable before this returns.
-  errc e = drop_locked(s, true);
+  // headers, and the zeroes are made durable before this returns. Slots of a shared
+  // prefix that other sessions still hold stay (their KV is theirs as much).
+  bool kept_shared = false;
+  errc e = release_chain(s.truncate(0), true, &kept_shared);
+  erase_record(s);
   detail::bump(counters_->dropped_sessions);
-  // A header that could not be zeroed would bring the session back at the next
-  // restart: a tombstone (session, sequence bound) tells recovery to ignore it.
-  if (e != errc::ok) e = write_tombstone(h) ? errc::ok : errc::device_error;
+  // A header that could not be zeroed, or a shared slot or link that names the
+  // session, would bring it back at the next restart: a tombstone (session, sequence
+  // bound) tells recovery to ignore them.
+  if (e != errc::ok || kept_shared) e = write_tombstone(h) ? errc::ok : errc::device_error;
   if (ssd_ && device_->sync() != errc::ok) {
     detail::bump(counters_->io_errors);
     if (!write_tombstone(h)) e = errc::device_error;

@@ -38,9 +38,12 @@ void store::impl::unlease_dram(std::uint32_t slot) noexcept {
   }
 }
 
-void store::impl::free_dram(std::uint32_t slot) noexcept {
+bool store::impl::free_dram(std::uint32_t slot) noexcept {
+  // Other blocks still hold a shared slot: this holder only lets go.
+  if (content_ && !content_->release(tier::dram, slot)) return false;
   // Leases are taken only under the owning record's lock on a published block, and the
   // caller has unlinked the slot from its block first: no lease can start after this.
+  // (A shared slot's last holder is the only one left to lease it.)
   const std::uint32_t was = dram_leases_[slot].fetch_or(free_pending, std::memory_order_acq_rel);
   if ((was & ~free_pending) == 0) {
     dram_leases_[slot].store(0, std::memory_order_relaxed);
@@ -48,6 +51,7 @@ void store::impl::free_dram(std::uint32_t slot) noexcept {
   } else {
     detail::bump(counters_->deferred_frees);
   }
+  return true;
 }
 
 void store::impl::end_lease(read_lease& lease) noexcept {
@@ -83,12 +87,18 @@ lookup_result store::impl::lookup(const session_key& key, std::span<const token_
     detail::bump(counters_->lookup_misses);  // nothing is reusable for keys that say nothing
     return r;
   }
-  if (locked_session s = index_->open(h, false)) {
+  locked_session s = index_->open(h, false);
+  if (s && s.block_count() > 0) {
     r = index_->lookup(s, model_, prompt, out, keys);
-    note(s, true, prompt.size());
-  } else {
-    note_miss(h);
+  } else if (sharing_) {
+    // A session that holds nothing (a new one) finds what other sessions hold of its
+    // prompt: its first load takes those blocks as its own (open_for_load).
+    r = match_shared(prompt, keys, tenant_of(key.tenant), ~0u, out);
   }
+  if (s)
+    note(s, true, prompt.size());
+  else
+    note_miss(h);
   if (r.tokens > 0) {
     detail::bump(counters_->lookup_hits);
     detail::bump(counters_->tokens_reusable, r.tokens);
@@ -112,7 +122,7 @@ get_result store::impl::get(const session_key& key, std::span<const token_id> pr
   }
   if (check_keys(keys, prompt.size(), "store::get") != errc::ok) return {errc::invalid_argument, 0, 0};
   const session_hash h = session_of(key);
-  locked_session s = index_->open(h, false);
+  locked_session s = open_for_load(key, h, prompt, keys, first_block + block_count);
   if (!s) {
     detail::bump(counters_->miss_not_found);
     note_miss(h);
@@ -143,7 +153,7 @@ get_result store::impl::acquire(const session_key& key, std::span<const token_id
     if (want.ssd_blocks > free_dram_slots())
       make_room(std::min<std::uint32_t>(want.ssd_blocks, std::uint32_t(views.size())), h);
   }
-  locked_session s = index_->open(h, false);
+  locked_session s = open_for_load(key, h, prompt, keys, std::uint32_t(views.size()));
   if (!s) {
     detail::bump(counters_->miss_not_found);
     note_miss(h);
@@ -192,11 +202,14 @@ void store::impl::read_ssd_batch(ssd_read_batch& rb) noexcept {
                                                   area + st.header_bytes_, bytes)
                              : checksum64(area + st.header_bytes_, bytes);
     format::block_header h;
-    bool ok =
+    const bool ok =
         format::read_header(area, st.header_bytes_, st.geometry_.tokens_per_block, &h) == format::header_status::ok &&
-        h.model == st.model_.value && h.session == b.session->key().value &&
-        h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) && h.sequence == m.sequence &&
-        h.chain == m.chain && h.keys == m.keys && h.payload_checksum == m.checksum && cs == m.checksum;
+        h.model == st.model_.value &&
+        // A borrowed slot's header names the save that wrote it; its content is what
+        // counts: chain (model, tokens, keys, the whole prefix), index, keys and checksum.
+        (m.borrowed || (h.session == b.session->key().value && h.sequence == m.sequence)) &&
+        h.block_index == std::uint32_t(m.saved_pos / st.geometry_.tokens_per_block) && h.chain == m.chain &&
+        h.keys == m.keys && h.payload_checksum == m.checksum && cs == m.checksum;
     p.verdict = ok ? errc::ok : errc::checksum_error;
   };
   // Each request's result is set whatever execute() returns; a request whose callback
@@ -235,6 +248,7 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
   // them in `views` and their slots in leased_slots (acquire: the caller leases them).
   const bool resident = out.empty();
   const std::size_t bb = geometry_.block_bytes();
+  const hash128 tenant = sharing_ ? tenant_hash_of(s.record_id()) : hash128{};
   get_result res;
   const std::uint32_t end = first_block + block_count;
 
@@ -275,12 +289,14 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
       bool keep = false;
       if (!failed) {
         if (p.verdict != errc::ok) {
+          if (p.verdict == errc::checksum_error && content_) content_->forget(tier::ssd, s.meta(p.block).ssd_slot);
           fail_at(p.position, p.verdict);
         } else {
           detail::bump(counters_->blocks_served_ssd);
           res.tokens += p.matched;
           if (p.promoted) {
             s.meta(p.block).dram_slot = p.buffer_slot;
+            if (sharing_) offer_copy(s.meta(p.block), tenant, tier::dram);
             detail::bump(counters_->promoted_blocks);
             keep = true;
             if (resident) {
@@ -303,6 +319,7 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
     if (bm.index < first_block) return true;
     block_meta& m = s.meta(bm.block);
     const std::uint32_t matched = bm.tokens;
+    if (m.dram_slot == no_slot && sharing_) take_dram_copy(m, tenant);  // another holder's copy: no read
     if (m.dram_slot != no_slot) {
       bool ok = true;
       if (resident) {
@@ -319,6 +336,7 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
       }
       if (!ok) {
         flush();
+        if (content_) content_->forget(tier::dram, m.dram_slot);
         fail_at(bm.index, errc::checksum_error);
         return false;
       }

@@ -27,46 +27,94 @@ errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint3
                                    std::span<const std::uint32_t> ssd_slots, std::span<std::int32_t> results) noexcept {
   errc first = errc::ok;
   const hash128 tenant = tenant_hash_of(s.record_id());
+  auto header_of = [&](const block_meta& m) {
+    format::block_header h{};
+    h.header_bytes = std::uint32_t(header_bytes_);
+    h.model = model_.value;
+    h.session = s.key().value;
+    h.tenant = tenant;
+    h.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
+    h.put_first_block = m.put_first_block;
+    h.put_blocks = m.put_blocks;
+    h.chain = m.chain;
+    h.keys = m.keys;
+    h.payload_bytes = std::uint32_t(geometry_.block_bytes());
+    h.payload_checksum = m.checksum;
+    h.sequence = m.sequence;
+    h.tokens_per_block = geometry_.tokens_per_block;
+    return h;
+  };
+  // A block whose content got an SSD copy meanwhile (another holder wrote it) takes it.
+  auto took_copy = [&](std::size_t i) {
+    if (!content_ || !take_ssd_copy(s, blocks[i], tenant)) return false;
+    ssd_->release(ssd_slots[i]);  // never written: still erased
+    results[i] = took_shared_copy;
+    return true;
+  };
+  auto finish = [&](std::size_t i, const io_request& req) {
+    results[i] = req.result;
+    if (req.result != std::int32_t(slot_bytes_)) {
+      detail::bump(counters_->io_errors);
+      return;
+    }
+    detail::bump(counters_->ssd_bytes_written, slot_bytes_);
+    // The content's SSD copy from now on, when it has none (before the header claim
+    // ends, so a second holder waiting on it finds this copy).
+    const block_meta& m = s.meta(blocks[i]);
+    if (shareable(m)) (void)content_->offer(content_key(m, tenant), tier::ssd, ssd_slots[i], m.checksum);
+  };
   for (std::size_t base = 0; base < blocks.size(); base += batch_max) {
     io_request reqs[batch_max];
-    const std::size_t n = std::min<std::size_t>(batch_max, blocks.size() - base);
-    for (std::size_t i = 0; i < n; ++i) {
-      const block_meta& m = s.meta(blocks[base + i]);
-      format::block_header h{};
-      h.header_bytes = std::uint32_t(header_bytes_);
-      h.model = model_.value;
-      h.session = s.key().value;
-      h.tenant = tenant;
-      h.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
-      h.put_first_block = m.put_first_block;
-      h.put_blocks = m.put_blocks;
-      h.chain = m.chain;
-      h.keys = m.keys;
-      h.payload_bytes = std::uint32_t(geometry_.block_bytes());
-      h.payload_checksum = m.checksum;
-      h.sequence = m.sequence;
-      h.tokens_per_block = geometry_.tokens_per_block;
-      // The header area is the slot's own (never leased: views point at the payload).
-      format::write_header(dram_->data(m.dram_slot), h, s.tokens_of(blocks[base + i]));
-      const std::uint32_t ss = ssd_slots[base + i];
-      reqs[i] = io_request{io_op::write,
+    std::size_t which[batch_max], waiting[batch_max];
+    std::size_t n = 0, w = 0;
+    const std::size_t count = std::min<std::size_t>(batch_max, blocks.size() - base);
+    for (std::size_t i = base; i < base + count; ++i) {
+      const block_meta& m = s.meta(blocks[i]);
+      if (took_copy(i)) continue;
+      // The header is built in the slot's own header area (views point at the payload,
+      // so no lease reads it); a slot another holder is writing now waits below.
+      if (!claim_header(m.dram_slot)) {
+        waiting[w++] = i;
+        continue;
+      }
+      format::write_header(dram_->data(m.dram_slot), header_of(m), s.tokens_of(blocks[i]));
+      const std::uint32_t ss = ssd_slots[i];
+      reqs[n] = io_request{io_op::write,
                            ssd_->file_of(ss),
                            ssd_->offset_of(ss),
                            dram_->data(m.dram_slot),
                            std::uint32_t(slot_bytes_),
                            dram_->region_of(m.dram_slot),
                            0};
+      which[n++] = i;
     }
     const std::uint64_t t0 = detail::ticks();
-    errc e = device_->execute(std::span(reqs, n), config_.queue_depth);
+    errc e = n ? device_->execute(std::span(reqs, n), config_.queue_depth) : errc::ok;
     latencies_->ssd_write.observe_ticks(detail::ticks() - t0);
     if (e != errc::ok && first == errc::ok) first = e;
-    for (std::size_t i = 0; i < n; ++i) {
-      results[base + i] = reqs[i].result;
-      if (reqs[i].result == std::int32_t(slot_bytes_))
-        detail::bump(counters_->ssd_bytes_written, slot_bytes_);
-      else
-        detail::bump(counters_->io_errors);
+    for (std::size_t k = 0; k < n; ++k) {
+      finish(which[k], reqs[k]);
+      unclaim_header(s.meta(blocks[which[k]]).dram_slot);
+    }
+    // Shared DRAM slots another holder was writing: one at a time once it is done,
+    // and most find that holder's copy and take it instead.
+    for (std::size_t k = 0; k < w; ++k) {
+      const std::size_t i = waiting[k];
+      const block_meta& m = s.meta(blocks[i]);
+      while (!claim_header(m.dram_slot)) std::this_thread::yield();
+      if (!took_copy(i)) {
+        format::write_header(dram_->data(m.dram_slot), header_of(m), s.tokens_of(blocks[i]));
+        io_request req{io_op::write,
+                       ssd_->file_of(ssd_slots[i]),
+                       ssd_->offset_of(ssd_slots[i]),
+                       dram_->data(m.dram_slot),
+                       std::uint32_t(slot_bytes_),
+                       dram_->region_of(m.dram_slot),
+                       0};
+        if (errc we = device_->execute(std::span(&req, 1)); we != errc::ok && first == errc::ok) first = we;
+        finish(i, req);
+      }
+      unclaim_header(m.dram_slot);
     }
   }
   return first;
@@ -77,7 +125,9 @@ std::size_t store::impl::adopt_written(locked_session& s, std::span<const std::u
                                        std::span<const std::int32_t> results) noexcept {
   std::size_t adopted = 0;
   for (std::size_t i = 0; i < blocks.size(); ++i) {
-    if (results[i] == std::int32_t(slot_bytes_)) {
+    if (results[i] == took_shared_copy) {
+      ++adopted;  // holds another holder's copy (set by write_ssd_blocks)
+    } else if (results[i] == std::int32_t(slot_bytes_)) {
       s.meta(blocks[i]).ssd_slot = ssd_slots[i];
       ++adopted;
     } else if (results[i] == io_in_doubt) {
@@ -241,24 +291,58 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
       m.put_blocks = r.blocks_;
     }
   }
+  // Whole blocks whose content another session holds in DRAM keep one copy: the
+  // reserved slot goes back. Others become their content's DRAM copy.
+  const hash128 tenant = sharing_ ? tenant_hash_of(s.record_id()) : hash128{};
+  if (sharing_)
+    for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next) {
+      block_meta& m = s.meta(b);
+      if (!shareable(m)) continue;
+      const detail::content_table::key k = content_key(m, tenant);
+      if (const std::uint32_t d = content_->share(k, tier::dram, m.checksum); d != no_slot) {
+        free_dram(m.dram_slot);
+        m.dram_slot = d;
+      } else {
+        (void)content_->offer(k, tier::dram, m.dram_slot, m.checksum);
+      }
+    }
   if (config_.write_through && ssd_) {
+    // Durable means the whole history: blocks taken from a shared prefix that has no
+    // SSD copy yet (a new session's) are written (or given a copy) with the new ones.
     std::uint32_t bl[batch_max], slots[batch_max];
     std::int32_t results[batch_max];
+    std::uint32_t earlier = s.first_block();
+    for (std::uint32_t i = 0; i < r.from_entry_ && earlier != no_slot; ++i) {
+      const std::uint32_t next = s.meta(earlier).next;
+      block_meta& m = s.meta(earlier);
+      if (m.ssd_slot == no_slot && m.dram_slot != no_slot && !(content_ && take_ssd_copy(s, earlier, tenant))) {
+        const std::uint32_t slot = alloc_ssd(s.record_id(), no_slot);
+        if (slot == no_slot) return fail(errc::no_space);
+        std::int32_t result = 0;
+        const errc e = write_ssd_blocks(s, std::span(&earlier, 1), std::span(&slot, 1), std::span(&result, 1));
+        if (adopt_written(s, std::span(&earlier, 1), std::span(&slot, 1), std::span(&result, 1)) != 1)
+          return fail(e != errc::ok ? e : errc::device_error);
+      }
+      earlier = next;
+    }
     for (std::uint32_t b = r.head_; b != no_slot;) {
       std::size_t n = 0;
-      for (; b != no_slot && n < batch_max; b = s.meta(b).next, ++n) {
+      for (; b != no_slot && n < batch_max; b = s.meta(b).next) {
+        if (content_ && take_ssd_copy(s, b, tenant)) continue;  // another holder's SSD copy
         slots[n] = alloc_ssd(s.record_id(), no_slot);
         if (slots[n] == no_slot) {
           for (std::size_t k = 0; k < n; ++k) ssd_->release(slots[k]);  // never written: still erased
           return fail(errc::no_space);
         }
-        bl[n] = b;
+        bl[n++] = b;
       }
+      if (n == 0) continue;
       errc e = write_ssd_blocks(s, std::span(bl, n), std::span(slots, n), std::span(results, n));
       if (adopt_written(s, std::span(bl, n), std::span(slots, n), std::span(results, n)) != n)
         return fail(e != errc::ok ? e : errc::device_error);
     }
     if (errc e = device_->sync(); e != errc::ok) return fail(e);
+    if (errc e = sync_links(); e != errc::ok) return fail(e);
   }
   // Replaced blocks go after the new ones are published: their SSD copies are erased,
   // their DRAM slots freed once no lease reads them.
@@ -294,6 +378,9 @@ errc store::impl::reserve(const session_key& key, std::span<const token_id> toke
   locked_session s = open_or_evict(h, &why);
   if (!s) return why == errc::ok ? errc::no_space : why;
   errc e = assign_tenant(s, tenant);
+  // A new session saving past a prefix it never stored (the engine reused shared
+  // blocks without loading them through this store) takes them first.
+  if (e == errc::ok && first_block > 0) adopt_shared_locked(s, tokens, keys, first_block);
   if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r, keys);
   if (e != errc::ok) {
     erase_if_empty(s);
@@ -374,6 +461,7 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
   }
   save_reservation r;
   errc e = assign_tenant(s, tenant);
+  if (e == errc::ok && first_block > 0) adopt_shared_locked(s, tokens, keys, first_block);  // as reserve() does
   if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r, keys);
   if (e != errc::ok) {
     erase_if_empty(s);

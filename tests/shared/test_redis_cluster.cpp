@@ -3,8 +3,9 @@
 //   ATTNSTORE_REDIS_SEED      host:port of a node of the running cluster
 //   ATTNSTORE_REDIS_PASSWORD  its password (requirepass), ATTNSTORE_REDIS_USER its ACL user
 // Exits 77 (skipped) when redis-server is not installed.
-//   [cluster]   3 masters: big values, batches, OOM, MOVED/ASK during a migration, a hung
-//               node, a killed and restarted master, threads sharing a client
+//   [cluster]   3 masters: big values, batches, write-once SET NX, EXISTS, SET ... GET, OOM,
+//               MOVED/ASK during a migration, a hung node, a killed and restarted master,
+//               threads sharing a client
 //   [failover]  3 masters + 3 replicas: a killed master's slots come back on its replica
 #define CATCH_CONFIG_RUNNER
 #include <hiredis/hiredis.h>
@@ -27,100 +28,14 @@
 #include <vector>
 
 #include "attnstore/shared/redis_cluster.hpp"
+#include "redis_test_support.hpp"
 
 using namespace attnstore::shared;
+using namespace redis_test;
 using std::chrono::milliseconds;
 using steady = std::chrono::steady_clock;
 
 namespace {
-
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? v : "";
-}
-
-bool on_path(const char* exe) {
-  const std::string path = env("PATH");
-  std::size_t start = 0;
-  while (start <= path.size()) {
-    const std::size_t end = path.find(':', start);
-    const std::string dir = path.substr(start, end == std::string::npos ? std::string::npos : end - start);
-    if (!dir.empty() && ::access((dir + "/" + exe).c_str(), X_OK) == 0) return true;
-    if (end == std::string::npos) break;
-    start = end + 1;
-  }
-  return false;
-}
-
-int seed_port() {
-  return std::atoi(env("ATTNSTORE_REDIS_SEED").substr(env("ATTNSTORE_REDIS_SEED").rfind(':') + 1).c_str());
-}
-
-// ---- an admin connection (plain blocking hiredis), to inspect and disturb the cluster
-struct reply_free {
-  void operator()(redisReply* r) const { freeReplyObject(r); }
-};
-using reply = std::unique_ptr<redisReply, reply_free>;
-
-struct admin {
-  explicit admin(int port) : port(port) {
-    ctx = redisConnectWithTimeout("127.0.0.1", port, timeval{2, 0});
-    REQUIRE(ctx);
-    REQUIRE(ctx->err == 0);
-    redisSetTimeout(ctx, timeval{5, 0});
-    const std::string pw = env("ATTNSTORE_REDIS_PASSWORD");
-    if (!pw.empty()) {
-      reply r(static_cast<redisReply*>(redisCommand(ctx, "AUTH %s", pw.c_str())));
-      REQUIRE(r);
-      REQUIRE(r->type == REDIS_REPLY_STATUS);
-    }
-  }
-  ~admin() { redisFree(ctx); }
-  admin(const admin&) = delete;
-  admin& operator=(const admin&) = delete;
-
-  template <class... A>
-  reply cmd(const char* fmt, A... args) {
-    reply r(static_cast<redisReply*>(redisCommand(ctx, fmt, args...)));
-    INFO("port " << port << ": " << fmt << (ctx->err ? std::string(" -> ") + ctx->errstr : ""));
-    REQUIRE(r);
-    return r;
-  }
-  std::string str(const char* fmt, const char* arg = nullptr) {
-    reply r = arg ? cmd(fmt, arg) : cmd(fmt);
-    return r->str ? std::string(r->str, r->len) : std::string();
-  }
-  std::string info_field(const char* section, const std::string& field) {
-    const std::string text = str("INFO %s", section);
-    const std::size_t at = text.find(field + ":");
-    if (at == std::string::npos) return {};
-    const std::size_t from = at + field.size() + 1;
-    return text.substr(from, text.find("\r\n", from) - from);
-  }
-  int port;
-  redisContext* ctx = nullptr;
-};
-
-/// slot -> port of the master serving it, from CLUSTER SLOTS on `port`.
-std::vector<int> slot_owners(int port) {
-  admin a(port);
-  reply r = a.cmd("CLUSTER SLOTS");
-  REQUIRE(r->type == REDIS_REPLY_ARRAY);
-  std::vector<int> owner(redis_slot_count, 0);
-  for (std::size_t i = 0; i < r->elements; ++i) {
-    const redisReply* e = r->element[i];
-    for (long long s = e->element[0]->integer; s <= e->element[1]->integer; ++s) {
-      owner[static_cast<std::size_t>(s)] = static_cast<int>(e->element[2]->element[1]->integer);
-    }
-  }
-  return owner;
-}
-
-std::vector<int> masters(const std::vector<int>& owner) {
-  std::set<int> s(owner.begin(), owner.end());
-  s.erase(0);
-  return {s.begin(), s.end()};
-}
 
 /// A key (with `prefix`) whose slot the master on `port` serves.
 std::string key_on(const std::vector<int>& owner, int port, const std::string& prefix) {
@@ -147,7 +62,7 @@ bool same(const redis_value& v, const std::vector<std::byte>& want) {
   return v.size() == want.size() && std::memcmp(v.data(), want.data(), want.size()) == 0;
 }
 
-redis_cluster_config base_config();
+redis_cluster_config base_config() { return test_cluster_config(); }
 
 /// The configuration of the tests of the time bounds.
 redis_cluster_config tight_config() {
@@ -158,67 +73,9 @@ redis_cluster_config tight_config() {
   return c;
 }
 
-/// What a call may take beyond request_timeout on a loaded machine (wake-up latency).
-constexpr double slack_ms = 400;
-
-redis_cluster_config base_config() {
-  redis_cluster_config c;
-  c.seeds = {env("ATTNSTORE_REDIS_SEED")};
-  c.user = env("ATTNSTORE_REDIS_USER");
-  c.password = env("ATTNSTORE_REDIS_PASSWORD");
-  // Generous: ctest runs other tests beside this one. The tests of the bounds tighten them.
-  c.connect_timeout = milliseconds{1000};
-  c.command_timeout = milliseconds{2000};
-  c.request_timeout = milliseconds{10000};
-  c.breaker_threshold = 2;
-  c.breaker_cooldown = milliseconds{500};
-  c.refresh_interval = milliseconds{50};
-  c.log.fn = &attnstore::logger::quiet;
-  return c;
-}
-
-double ms_since(steady::time_point t0) { return std::chrono::duration<double, std::milli>(steady::now() - t0).count(); }
-
-/// Every node answers PING and reports cluster_state:ok (within `limit`).
-bool wait_cluster_ok(const std::vector<int>& ports, milliseconds limit) {
-  const auto t0 = steady::now();
-  while (steady::now() - t0 < limit) {
-    bool all = true;
-    for (int p : ports) {
-      redisContext* c = redisConnectWithTimeout("127.0.0.1", p, timeval{0, 200000});
-      bool ok = c && !c->err;
-      if (ok) {
-        redisSetTimeout(c, timeval{1, 0});
-        const std::string pw = env("ATTNSTORE_REDIS_PASSWORD");
-        if (!pw.empty()) freeReplyObject(redisCommand(c, "AUTH %s", pw.c_str()));
-        auto* r = static_cast<redisReply*>(redisCommand(c, "CLUSTER INFO"));
-        ok = r && r->type == REDIS_REPLY_STRING && std::strstr(r->str, "cluster_state:ok");
-        if (r) freeReplyObject(r);
-      }
-      if (c) redisFree(c);
-      all = all && ok;
-    }
-    if (all) return true;
-    std::this_thread::sleep_for(milliseconds{100});
-  }
-  return false;
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (!on_path("redis-server")) {
-    std::fprintf(stderr, "test_redis_cluster: redis-server not installed (scripts/deps.sh): skipped\n");
-    return 77;
-  }
-  if (env("ATTNSTORE_REDIS_SEED").empty()) {
-    std::fprintf(stderr,
-                 "test_redis_cluster: ATTNSTORE_REDIS_SEED is not set; run it through ctest "
-                 "(its fixture starts the cluster with scripts/redis-cluster.sh)\n");
-    return 1;
-  }
-  return Catch::Session().run(argc, argv);
-}
+int main(int argc, char** argv) { return run_with_cluster(argc, argv, "test_redis_cluster"); }
 
 TEST_CASE("key_slot agrees with the server's CLUSTER KEYSLOT", "[cluster]") {
   admin a(seed_port());
@@ -309,6 +166,58 @@ TEST_CASE("pipelined batches span every node", "[cluster]") {
   client.get_many(views, got);
   for (auto& g : got) CHECK(g.status == redis_status::not_found);
   CHECK(client.stats().connects == ports.size());  // one connection per node, reused
+}
+
+TEST_CASE("write-once SET NX, EXISTS and SET ... GET across nodes", "[cluster]") {
+  redis_cluster client(base_config());
+  const auto owner = slot_owners(seed_port());
+  std::vector<std::string> keys;
+  std::set<int> ports;
+  for (int i = 0; i < 12; ++i) {
+    keys.push_back("nx:{" + std::to_string(i) + "}");
+    ports.insert(owner[key_slot(keys.back())]);
+  }
+  REQUIRE(ports.size() == masters(owner).size());
+  std::vector<std::string_view> views(keys.begin(), keys.end());
+  std::vector<redis_status> ex(keys.size());
+  client.exists_many(views, ex);
+  for (auto s : ex) CHECK(s == redis_status::not_found);
+  // The even keys get a first value; then every key is written with NX: the even ones
+  // keep their first value (exists), the odd ones take the new one.
+  std::vector<std::vector<std::byte>> first, second;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    first.push_back(pattern(keys[i] + "a", (1 << 20) + i));
+    second.push_back(pattern(keys[i] + "b", (1 << 20) + i));
+    if (i % 2 == 0) REQUIRE(client.set(keys[i], first[i], milliseconds{60000}) == redis_status::ok);
+  }
+  std::vector<redis_set_item> items;
+  for (std::size_t i = 0; i < keys.size(); ++i) items.push_back({keys[i], second[i], milliseconds{60000}, true});
+  std::vector<redis_status> st(keys.size());
+  client.set_many(items, st);
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    CAPTURE(i);
+    CHECK(st[i] == (i % 2 == 0 ? redis_status::exists : redis_status::ok));
+    const auto got = client.get(keys[i]);
+    REQUIRE(got.status == redis_status::ok);
+    CHECK(same(got.value, i % 2 == 0 ? first[i] : second[i]));
+  }
+  client.exists_many(views, ex);
+  for (auto s : ex) CHECK(s == redis_status::ok);
+  CHECK(to_errc(redis_status::exists) == attnstore::errc::rejected);
+
+  // SET ... GET: returns what it displaced and stores the new value (with its TTL).
+  const auto v1 = pattern("swap1", 3000);
+  const auto v2 = pattern("swap2", 5 << 20);
+  auto r = client.swap("swap:{k}", v1, milliseconds{60000});
+  CHECK(r.status == redis_status::not_found);
+  r = client.swap("swap:{k}", v2, milliseconds{60000});
+  REQUIRE(r.status == redis_status::ok);
+  CHECK(same(r.value, v1));
+  r = client.swap("swap:{k}", v1);
+  REQUIRE(r.status == redis_status::ok);
+  CHECK(same(r.value, v2));
+  admin a(owner[key_slot("swap:{k}")]);
+  CHECK(a.cmd("PTTL %s", "swap:{k}")->integer == -1);  // the last swap had no TTL
 }
 
 TEST_CASE("a wrong password or user is an auth_error value, fast", "[cluster]") {

@@ -358,6 +358,32 @@ struct snapshot {
   std::uint8_t adapter = 0;
 };
 
+/// Shared prefixes (issue 14): half the conversations start with one of two system
+/// prompts of three blocks, so sessions hold blocks with equal chains and the store
+/// keeps one copy of them. KV is a function of the prefix, so the oracle needs nothing
+/// new; only the bound on reuse grows: a prompt may also reuse the whole blocks it has
+/// in common with a system prompt (other sessions' copies), never more.
+const std::vector<token_id>& system_prompt(unsigned k) {
+  static const std::array<std::vector<token_id>, 2> prompts = [] {
+    std::array<std::vector<token_id>, 2> p{std::vector<token_id>(3 * tpb), std::vector<token_id>(3 * tpb)};
+    std::mt19937_64 g(0x5eed5);
+    for (auto& v : p)
+      for (auto& x : v) x = token_id(g() & 0x7FFFFFFFu);
+    return p;
+  }();
+  return prompts[k & 1];
+}
+inline std::size_t shared_bound(std::span<const token_id> toks) {
+  std::size_t best = 0;
+  for (unsigned k = 0; k < 2; ++k) {
+    const auto& sp = system_prompt(k);
+    std::size_t n = 0;
+    while (n < sp.size() && n < toks.size() && sp[n] == toks[n]) ++n;
+    best = std::max(best, n / tpb * tpb);
+  }
+  return best;
+}
+
 /// A prompt, what each of its positions must hold when served, and its common prefix
 /// with the model's history.
 struct prompt_t {
@@ -366,6 +392,9 @@ struct prompt_t {
   std::size_t cp = 0;
   std::uint8_t adapter = 0;  // the request's keys: keys_of(adapter)
   const request_keys& keys() const { return keys_of(adapter); }
+  /// What the store may reuse: the common prefix, or the whole blocks shared with a
+  /// system prompt (another session's copies), whichever is longer.
+  std::size_t reusable() const { return std::max(cp, shared_bound(toks)); }
 };
 
 /// `adapter`: the request's keys, when not the history's (then nothing is common).
@@ -867,7 +896,7 @@ class worker {
                   std::to_string(p.toks.size()));
       return p.toks.size();
     }
-    if (owns(s) && t > p.cp) {
+    if (owns(s) && t > p.reusable()) {
       ++w_.n.over_reuse;
       w_.fail(fail_over_reuse, s.id,
               where(op, s) + ": start_load reused " + std::to_string(t) + " tokens but the prompt shares only " +
@@ -927,7 +956,7 @@ class worker {
                   " tokens for a prompt of " + std::to_string(p.toks.size()));
       return;
     }
-    if (owns(s) && r.tokens && base + r.tokens > p.cp) {
+    if (owns(s) && r.tokens && base + r.tokens > p.reusable()) {
       ++w_.n.over_reuse;
       w_.fail(fail_over_reuse, s.id,
               where(op, s) + ": get reused up to position " + std::to_string(base + r.tokens) +
@@ -981,7 +1010,12 @@ class worker {
       edit_at = rnd(snap.tokens.size());
       edit_token = draw(s, 1)[0];
     }
-    const std::vector<token_id> fresh = draw(s, incoming);
+    std::vector<token_id> fresh = draw(s, incoming);
+    if (snap.tokens.empty() && rnd(2) == 0) {  // a new conversation under a system prompt
+      const auto& sp = system_prompt(rnd(2));
+      fresh.insert(fresh.begin(), sp.begin(), sp.end());
+      if (fresh.size() > context_limit) fresh.resize(context_limit);
+    }
     // Sometimes the turn runs under other request keys (another adapter): nothing of
     // the history may be reused, and the whole view is saved under the new keys.
     std::optional<std::uint8_t> switch_to;
@@ -1176,7 +1210,7 @@ class worker {
               where(op_lookup, s) + ": lookup of " + std::to_string(p.toks.size()) + " tokens found " +
                   std::to_string(r.tokens) + " tokens in " + std::to_string(r.blocks) + " blocks (" +
                   std::to_string(r.dram_blocks) + " DRAM, " + std::to_string(r.ssd_blocks) + " SSD)");
-    } else if (owns(s) && r.tokens > p.cp) {
+    } else if (owns(s) && r.tokens > p.reusable()) {
       ++w_.n.over_reuse;
       w_.fail(fail_over_reuse, s.id,
               where(op_lookup, s) + ": lookup found " + std::to_string(r.tokens) +
@@ -1404,6 +1438,8 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
     total.checksum_failures += x.checksum_failures;
     total.io_errors += x.io_errors;
     total.no_space += x.no_space;
+    total.adopted_blocks += x.adopted_blocks;
+    total.dedup_dram_blocks = std::max(total.dedup_dram_blocks, x.dedup_dram_blocks + x.dedup_ssd_blocks);  // peak seen
   };
   double thread_secs = 0;
   const std::uint64_t per_epoch = std::max<std::uint64_t>(1, ops_per_thread / sc.epochs);
@@ -1523,7 +1559,8 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
       "%llu saves ok / %llu failed, %llu truncations, %llu persisted, %llu restarts (%llu sessions back); checked "
       "%llu blocks, %llu positions, %.1f MiB; wrong blocks %llu (positions %llu), over-reuse %llu, lost commits "
       "%llu, bad codes %llu; store: %llu demoted (%llu by the watermark), %llu promoted (%llu prefetched), %llu "
-      "sessions evicted, %llu expired, %llu no_space, %llu io errors, %llu checksum failures\n      ops:%s\n",
+      "sessions evicted, %llu expired, %llu no_space, %llu io errors, %llu checksum failures; shared prefixes: %llu "
+      "blocks adopted, %llu held in shared slots at the last close\n      ops:%s\n",
       sc.name, (unsigned long long)seed, (unsigned long long)ops_run, secs, double(ops_run) / secs,
       (unsigned long long)w.n.loads.load(), (unsigned long long)w.n.loaded_tokens.load(),
       (unsigned long long)w.n.gets.load(), (unsigned long long)w.n.lookups.load(),
@@ -1537,7 +1574,8 @@ void run_scenario(const scenario& sc, std::uint64_t ops_per_thread, std::uint64_
       (unsigned long long)ss.demoted_blocks, (unsigned long long)ss.watermark_demoted_blocks,
       (unsigned long long)ss.promoted_blocks, (unsigned long long)ss.prefetched_blocks,
       (unsigned long long)ss.evicted_sessions, (unsigned long long)ss.expired_sessions, (unsigned long long)ss.no_space,
-      (unsigned long long)ss.io_errors, (unsigned long long)ss.checksum_failures, ops_line.c_str());
+      (unsigned long long)ss.io_errors, (unsigned long long)ss.checksum_failures, (unsigned long long)ss.adopted_blocks,
+      (unsigned long long)ss.dedup_dram_blocks, ops_line.c_str());
   close_store(st);
 
   std::string all;

@@ -155,7 +155,7 @@ TEST_CASE("async: a scheduler step's lookups in one call", "[async]") {
   std::vector<std::vector<token_id>> toks;
   for (const auto& c : convs) toks.push_back(c.toks());
   toks[2].resize(100);  // a shorter prompt: 100 of 129 reusable
-  const session_key keys[] = {key_of(convs[0]), key_of(convs[1]), key_of(convs[2]), {"t", "nobody"}};
+  const session_key keys[] = {key_of(convs[0]), key_of(convs[1]), key_of(convs[2]), {"elsewhere", "nobody"}};
   const std::span<const token_id> prompts[] = {toks[0], toks[1], toks[2], toks[0]};
   lookup_result r[4];
   io.lookup_batch(keys, prompts, r);

@@ -198,7 +198,7 @@ TEST_CASE("cli: stats sums up a running engine's metrics, from a file and over H
   REQUIRE(put_all(s, b) == errc::ok);
   const auto ta = a.toks();
   for (int i = 0; i < 3; ++i) (void)s.lookup({"t", a.name()}, ta);
-  (void)s.lookup({"t", "nobody"}, ta);  // 3 hits, 1 miss
+  (void)s.lookup({"elsewhere", "nobody"}, ta);  // 3 hits, 1 miss (another tenant: nothing shared)
   require_exact(s, a);
   REQUIRE(s.demote({"t", b.name()}) == errc::ok);
   require_exact(s, b);  // from SSD

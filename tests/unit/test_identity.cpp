@@ -313,9 +313,14 @@ TEST_CASE("identity: two tenants with the same salt and prompt share content add
     ha = s.session_of(a).value;
     hb = s.session_of(b).value;
     he = s.session_of(e).value;
-    // Sessions stay the tenants' own: the same salt gives no access to another tenant's.
+    // Sessions stay the tenants' own: the same salt gives no access to another tenant's
+    // blocks (prefix sharing is within a tenant by default); within one, a new session
+    // with the same prompt and keys finds its whole blocks, and with other keys nothing.
     CHECK(reusable(s, a, toks, shared) == prompt_tokens);
-    CHECK(reusable(s, {"tenant-a", "other"}, toks, shared) == 0);
+    CHECK(reusable(s, {"tenant-d", "chat"}, toks, shared) == 0);
+    const std::uint32_t tpb = test_geometry.tokens_per_block;
+    CHECK(reusable(s, {"tenant-a", "other"}, toks, shared) == prompt_tokens / tpb * tpb);
+    CHECK(reusable(s, {"tenant-a", "other"}, toks, request_keys{{}, "other-salt", {}}) == 0);
     REQUIRE(s.close() == errc::ok);  // everything on SSD
   }
   // The chains computed by hand are what the store wrote.

@@ -39,6 +39,10 @@ struct block_meta {
   std::uint64_t sequence = 0;
   std::uint32_t put_first_block = 0;  ///< first block index its put wrote
   std::uint32_t put_blocks = 0;       ///< blocks its put wrote
+  /// Its SSD copy is a slot another block's save wrote (a shared prefix): the slot's
+  /// header names that save's session and sequence, and the store's LINKS file names
+  /// this block (docs/format.md).
+  bool borrowed = false;
   std::uint32_t dram_slot = no_slot;
   std::uint32_t ssd_slot = no_slot;
   std::uint32_t tokens = 0;      ///< tokens stored in this block (last block may be partial)

@@ -83,21 +83,23 @@ enum class redis_status : std::uint8_t {
   protocol_error,    ///< a reply of the wrong type or shape, or larger than max_value_bytes
   invalid_argument,  ///< the caller's key, value or TTL is out of range
   internal_error,    ///< the client could not allocate what the call needed
+  exists,            ///< SET with if_absent: not stored, the key already holds a value
 };
 
 /// Stable lower-case name of a status, for logs and stats.
 constexpr std::string_view to_string(redis_status s) noexcept {
   constexpr std::string_view names[] = {
-      "ok",           "not_found",      "timeout",          "io_error",      "auth_error", "circuit_open",
-      "no_route",     "redirect_limit", "cluster_down",     "loading",       "oom",        "try_again",
-      "server_error", "protocol_error", "invalid_argument", "internal_error"};
+      "ok",           "not_found",      "timeout",          "io_error",       "auth_error", "circuit_open",
+      "no_route",     "redirect_limit", "cluster_down",     "loading",        "oom",        "try_again",
+      "server_error", "protocol_error", "invalid_argument", "internal_error", "exists"};
   const auto i = static_cast<std::size_t>(s);
   return i < std::size(names) ? names[i] : std::string_view("unknown");
 }
 
 /// The store's view of a status: ok and not_found as themselves; oom is no_space; the caller's
-/// mistakes are invalid_argument; auth_error is rejected; everything transient (timeouts,
-/// dead nodes, redirections, cluster down) is retry; malformed replies are device_error.
+/// mistakes are invalid_argument; auth_error and exists (a conditional SET that found the key
+/// taken) are rejected; everything transient (timeouts, dead nodes, redirections, cluster
+/// down) is retry; malformed replies are device_error.
 constexpr errc to_errc(redis_status s) noexcept {
   switch (s) {
     case redis_status::ok:
@@ -109,6 +111,7 @@ constexpr errc to_errc(redis_status s) noexcept {
     case redis_status::invalid_argument:
       return errc::invalid_argument;
     case redis_status::auth_error:
+    case redis_status::exists:
       return errc::rejected;
     case redis_status::server_error:
     case redis_status::protocol_error:
@@ -166,10 +169,13 @@ struct redis_get_result {
 
 /// One SET of a batch. `key` and `value` must stay valid for the call; the value is sent from
 /// where it lies (no copy). ttl 0 stores without expiry, else `SET key value PX ttl`.
+/// if_absent: `SET key value NX`: stored only when the key holds nothing, else the item's
+/// status is `exists` and the value already there is left as it is (write-once records).
 struct redis_set_item {
   std::string_view key;
   std::span<const std::byte> value;
   std::chrono::milliseconds ttl{0};
+  bool if_absent = false;
 };
 
 /// Configuration; the constructor validates every field and throws std::invalid_argument
@@ -270,6 +276,13 @@ class redis_cluster {
                                  std::chrono::milliseconds ttl = std::chrono::milliseconds{0}) noexcept;
   /// DEL. ok when the key was deleted, not_found when it did not exist, or a failure.
   [[nodiscard]] redis_status del(std::string_view key) noexcept;
+  /// `SET key value [PX ttl] GET` (Redis 6.2+, Valkey): stores `value` and returns what the
+  /// key held before: ok with the old value, not_found when it held nothing (the new value is
+  /// stored in both cases), or a failure (after timeout or io_error the SET may or may not
+  /// have been stored). A lock-free compare-and-set building block: the caller sees exactly
+  /// which value it displaced.
+  [[nodiscard]] redis_get_result swap(std::string_view key, std::span<const std::byte> value,
+                                      std::chrono::milliseconds ttl = std::chrono::milliseconds{0}) noexcept;
 
   /// GET of every key, pipelined per node. out[i] is keys[i]'s result; out must be as long as
   /// keys, else every out[i] gets invalid_argument.
@@ -278,6 +291,9 @@ class redis_cluster {
   void set_many(std::span<const redis_set_item> items, std::span<redis_status> out) noexcept;
   /// DEL of every key, pipelined per node; out[i] is keys[i]'s status (as del()).
   void del_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept;
+  /// EXISTS of every key, pipelined per node: out[i] is ok when keys[i] holds a value,
+  /// not_found when it does not, or a failure. Nothing but the answer crosses the network.
+  void exists_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept;
 
   /// "host:port" of the node that the slot map says serves `slot`; empty when none is known.
   std::string endpoint_of_slot(std::uint16_t slot) const;
