@@ -1,0 +1,102 @@
+// shared_tier reads: a session's manifest, and the blocks of a prefix, verified as they
+// are copied out. Everything read here is untrusted (records.hpp does the checking).
+#include <algorithm>
+#include <chrono>
+
+#include "shared_tier_impl.hpp"
+
+namespace attnstore::shared {
+
+shared_status shared_tier::fetch_manifest(const shared_session& session, session_manifest& out) noexcept {
+  impl& m = *impl_;
+  out.blocks.clear();
+  out.tokens.clear();
+  out.extra.clear();
+  out.sequence = 0;
+  const record_key key = manifest_key(m.cfg.model.value, session.session);
+  const redis_get_result got = m.reader.get(key.view());
+  shared_status s = from_redis(got.status);
+  if (s == shared_status::ok) {
+    detail::bump(m.st.bytes_read, got.value.size());
+    s = decode_manifest(got.value.bytes(), m.expectation(session), out);
+  }
+  if (s == shared_status::ok) {
+    detail::bump(m.st.manifest_hits);
+  } else {
+    m.st.manifest_misses.add(s);
+  }
+  return s;
+}
+
+fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::span<std::byte* const> out,
+                                       std::span<shared_status> status) noexcept {
+  impl& m = *impl_;
+  fetch_result res;
+  if (refs.size() != out.size() || refs.size() != status.size()) {
+    std::fill(status.begin(), status.end(), shared_status::invalid_argument);
+    res.first_miss = shared_status::invalid_argument;
+    return res;
+  }
+  std::fill(status.begin(), status.end(), shared_status::skipped);
+  const auto deadline = std::chrono::steady_clock::now() + m.cfg.cluster.request_timeout;
+  // The prefix ends at the first block that is not ok; `end` marks it.
+  auto end_at = [&](std::size_t i, shared_status why) {
+    status[i] = why;
+    res.prefix = std::uint32_t(i);
+    res.first_miss = why;
+    m.st.block_misses.add(why);
+    detail::bump(m.st.blocks_skipped, refs.size() - i - 1);
+  };
+  try {
+    std::vector<record_key> keys;
+    std::vector<std::string_view> views;
+    std::vector<redis_get_result> got;
+    keys.reserve(std::min(refs.size(), m.blocks_per_batch));
+    for (std::size_t base = 0; base < refs.size(); base += m.blocks_per_batch) {
+      const std::size_t n = std::min(m.blocks_per_batch, refs.size() - base);
+      // The caller's refs must describe one prefix: checked before any network time.
+      for (std::size_t i = base; i < base + n; ++i) {
+        const block_ref& r = refs[i];
+        const bool continues = i == 0 ? r.index == 0 && r.previous.is_zero()
+                                      : r.index == refs[i - 1].index + 1 && r.previous == refs[i - 1].chain;
+        if (!continues || r.tokens.empty() || r.tokens.size() > m.cfg.tokens_per_block || !out[i] ||
+            (i + 1 < refs.size() && r.tokens.size() != m.cfg.tokens_per_block)) {
+          end_at(i, shared_status::invalid_argument);
+          return res;
+        }
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        end_at(base, shared_status::timeout);
+        return res;
+      }
+      keys.clear();
+      views.clear();
+      for (std::size_t i = base; i < base + n; ++i) keys.push_back(block_key(m.cfg.model.value, refs[i].chain));
+      for (const record_key& k : keys) views.push_back(k.view());
+      got.resize(n);
+      m.reader.get_many(views, got);
+      for (std::size_t j = 0; j < n; ++j) {
+        if (got[j].status == redis_status::ok) detail::bump(m.st.bytes_read, got[j].value.size());
+      }
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t i = base + j;
+        shared_status s = from_redis(got[j].status);
+        if (s == shared_status::ok)
+          s = verify_block_record(got[j].value.bytes(), m.shape, m.cfg.model, refs[i], out[i]);
+        if (s != shared_status::ok) {
+          end_at(i, s);
+          return res;
+        }
+        status[i] = shared_status::ok;
+        res.prefix = std::uint32_t(i + 1);
+        detail::bump(m.st.block_hits);
+        got[j].value.reset();  // the reply's memory goes back at once, not at the batch's end
+      }
+    }
+  } catch (...) {  // no memory for the batch's keys
+    end_at(res.prefix, shared_status::error);
+  }
+  return res;
+}
+
+}  // namespace attnstore::shared
