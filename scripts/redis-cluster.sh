@@ -5,6 +5,10 @@
 #   scripts/redis-cluster.sh start  [options]   start (or find running) and print the seed host:port
 #   scripts/redis-cluster.sh status [options]   one line per node; exit 0 only if all are ok
 #   scripts/redis-cluster.sh stop   [options]   shut every node down and remove the directory
+#   scripts/redis-cluster.sh kill-node --node PORT [options]     SIGKILL one node (a crash; its data is gone)
+#   scripts/redis-cluster.sh restart-node --node PORT [options]  start a killed node again from its
+#                    config: it rejoins with its old role and slots (unless a replica took them
+#                    over: then it comes back as that replica's replica), empty
 #
 # Options (give stop/status the same --port-base or --dir as start):
 #   --masters N      masters (default 3, at least 3)
@@ -14,9 +18,11 @@
 #   --password PW    requirepass and masterauth on every node
 #   --user U         also an ACL user U with password PW (needs --password), all commands
 #   --maxmemory M    per node, with maxmemory-policy allkeys-lru (default 256mb)
+#   --bulk-len L     proto-max-bulk-len of every node (default 64mb; values are 1-4 MiB)
+#   --node PORT      kill-node, restart-node: the node (one of the cluster's ports)
 #
-# Every node: bind 127.0.0.1, protected-mode yes, proto-max-bulk-len 64mb (values of
-# 1-4 MiB), cluster-node-timeout 2000 (failover in seconds), cluster-require-full-coverage
+# Every node: bind 127.0.0.1, protected-mode yes, proto-max-bulk-len (--bulk-len),
+# cluster-node-timeout 2000 (failover in seconds), cluster-require-full-coverage
 # no (a dead master takes only its own slots down).
 # start is idempotent: a healthy cluster already running in D is reported, not restarted;
 # leftovers of a broken one in D are stopped first. A port in use by anything else is
@@ -26,8 +32,8 @@ set -euo pipefail
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift
-masters=3 replicas=0 port_base=7100 dir="" password="" user="" maxmemory=256mb
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+masters=3 replicas=0 port_base=7100 dir="" password="" user="" maxmemory=256mb bulk_len=64mb node=""
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --masters) masters=${2:?}; shift 2 ;;
@@ -37,11 +43,13 @@ while [ $# -gt 0 ]; do
     --password) password=${2:?}; shift 2 ;;
     --user) user=${2:?}; shift 2 ;;
     --maxmemory) maxmemory=${2:?}; shift 2 ;;
+    --bulk-len) bulk_len=${2:?}; shift 2 ;;
+    --node) node=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "redis-cluster.sh: unknown option '$1'" >&2; usage ;;
   esac
 done
-case $cmd in start|stop|status) ;; *) usage ;; esac
+case $cmd in start|stop|status|kill-node|restart-node) ;; *) usage ;; esac
 die() { echo "redis-cluster.sh: $*" >&2; exit 1; }
 [[ $masters =~ ^[0-9]+$ ]] && [ "$masters" -ge 3 ] || die "--masters must be a number >= 3 (redis-cli --cluster create needs 3), got '$masters'"
 [[ $replicas =~ ^[01]$ ]] || die "--replicas must be 0 or 1, got '$replicas'"
@@ -50,6 +58,7 @@ nodes=$((masters * (1 + replicas)))
 [ "$port_base" -ge 1024 ] && [ $((port_base + nodes - 1 + 10000)) -le 65535 ] ||
   die "--port-base must be in [1024, $((65535 - 10000 - nodes + 1))] (bus ports are port+10000), got $port_base"
 [ -z "$user" ] || [ -n "$password" ] || die "--user needs --password"
+[[ $bulk_len =~ ^[0-9]+(b|kb|mb|gb)?$ ]] || die "--bulk-len must be a size such as 64mb, got '$bulk_len'"
 [[ $user =~ ^[A-Za-z0-9_.-]*$ ]] || die "--user may hold only letters, digits, '_', '.', '-'"
 case $password in *[[:space:]\"\'\\]*) die "--password may not hold spaces, quotes or backslashes" ;; esac
 [ -n "$dir" ] || dir="${TMPDIR:-/tmp}/attnstore-redis-$(id -u)-$port_base"
@@ -85,7 +94,7 @@ node_pid() {  # port: pid of our redis-server on it, if it still runs
   [ -f "$f" ] || return 1
   pid=$(cat "$f" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "redis-server.*:$1" || return 1
+  tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q "redis-server.*:$1" || return 1
   echo "$pid"
 }
 node_state() { cli "$1" cluster info 2>/dev/null | tr -d '\r' | sed -n 's/^cluster_state://p'; }
@@ -112,6 +121,36 @@ stop_nodes() {
 }
 
 case $cmd in
+  kill-node|restart-node)
+    [ -f "$marker" ] || die "no cluster in $dir"
+    [[ $node =~ ^[0-9]+$ ]] || die "$cmd needs --node PORT"
+    known=0
+    for p in "${ports[@]}"; do [ "$p" = "$node" ] && known=1; done
+    [ $known = 1 ] || die "port $node is not a node of the cluster in $dir (${ports[*]})"
+    if [ "$cmd" = kill-node ]; then
+      pid=$(node_pid "$node") || die "node $node is not running"
+      kill -KILL "$pid"
+      for ((t = 0; t < 50; t++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      ! kill -0 "$pid" 2>/dev/null || die "node $node (pid $pid) survived SIGKILL for 5 s"
+      echo "redis-cluster.sh: killed node $node (pid $pid)" >&2
+    else
+      if node_pid "$node" >/dev/null; then
+        echo "redis-cluster.sh: node $node is already running" >&2
+        exit 0
+      fi
+      redis-server "$dir/$node/redis.conf" >/dev/null || die "redis-server on port $node failed to start; see $dir/$node/redis.log"
+      for ((t = 0; t < 100; t++)); do
+        [ "$(cli "$node" ping 2>/dev/null)" = PONG ] && break
+        sleep 0.1
+      done
+      [ "$(cli "$node" ping 2>/dev/null)" = PONG ] || die "node $node does not answer PING; see $dir/$node/redis.log"
+      echo "redis-cluster.sh: restarted node $node" >&2
+    fi
+    exit 0
+    ;;
   status)
     [ -f "$marker" ] || { echo "no cluster in $dir"; exit 1; }
     rc=0
@@ -185,7 +224,7 @@ for p in "${ports[@]}"; do
     echo "cluster-require-full-coverage no"
     echo "appendonly no"
     echo "save \"\""
-    echo "proto-max-bulk-len 64mb"
+    echo "proto-max-bulk-len $bulk_len"
     echo "maxmemory $maxmemory"
     echo "maxmemory-policy allkeys-lru"
     if [ -n "$password" ]; then
