@@ -735,11 +735,7 @@ void store::impl::recover() {
       used[c.slot] = 1;
       ++holders[c.slot];
       kept[ci] = 1;
-      if (tail == no_slot)
-        head = b;
-      else
-        s.meta(tail).next = b;
-      tail = b;
+      s.append(head, tail, b);
       ++count;
     }
     s.publish(0, head, count);

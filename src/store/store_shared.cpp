@@ -105,11 +105,7 @@ std::uint32_t store::impl::adopt_shared_locked(locked_session& s, std::span<cons
     m.dram_slot = dram;
     m.ssd_slot = ssd;
     m.borrowed = ssd != no_slot;
-    if (tail == no_slot)
-      head = b;
-    else
-      s.meta(tail).next = b;
-    tail = b;
+    s.append(head, tail, b);
     ++count;
   }
   if (count == 0) return 0;

@@ -218,11 +218,7 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
     const auto toks = tokens.subspan(begin, std::min<std::size_t>(tpb, tokens.size() - begin));
     std::uint32_t nb = s.new_block(toks);
     if (nb != no_slot) {
-      if (tail == no_slot)
-        head = nb;
-      else
-        s.meta(tail).next = nb;
-      tail = nb;
+      s.append(head, tail, nb);
       block_meta& m = s.meta(nb);
       m.saved_pos = begin;
       m.keys = keyed ? block_keys(keys, begin, std::uint32_t(toks.size())) : hash128{};

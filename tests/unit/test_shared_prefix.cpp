@@ -88,6 +88,17 @@ store_config sharing_config(const std::string& dir, std::size_t dram_blocks, std
   return c;
 }
 
+// Session 1 saves and goes to SSD (its headers on the prompt's slots); session 2 then
+// takes the prompt from SSD (holding session 1's slots: links) and saves after it.
+void second_session_borrows(store& s) {
+  const std::size_t bb = s.block_bytes();
+  REQUIRE(s.put(key_of(1), history(1), 0, kv(bb, 1)) == errc::ok);
+  REQUIRE(s.demote(key_of(1)) == errc::ok);
+  std::vector<std::byte> out(std::size_t(system_blocks) * bb);
+  REQUIRE(s.get(key_of(2), history(2), 0, system_blocks, out).tokens == system_tokens);
+  REQUIRE(s.put(key_of(2), history(2), system_blocks, kv(bb, 2, system_blocks)) == errc::ok);
+}
+
 }  // namespace
 
 TEST_CASE("shared prefix: 1,000 sessions hold a 2K-token system prompt once per tier; the last holder frees it",
@@ -184,12 +195,7 @@ TEST_CASE("shared prefix: restarts keep every holder's history; a dropped writer
   {
     store s(c);
     bb = s.block_bytes();
-    REQUIRE(s.put(key_of(1), history(1), 0, kv(bb, 1)) == errc::ok);
-    REQUIRE(s.demote(key_of(1)) == errc::ok);  // the prompt's SSD copy: written by session 1
-    // Session 2 takes the prompt while it is on SSD only: it holds session 1's slots.
-    std::vector<std::byte> out(std::size_t(system_blocks) * bb);
-    REQUIRE(s.get(key_of(2), history(2), 0, system_blocks, out).tokens == system_tokens);
-    REQUIRE(s.put(key_of(2), history(2), system_blocks, kv(bb, 2, system_blocks)) == errc::ok);
+    second_session_borrows(s);
     for (std::uint64_t i = 3; i <= 5; ++i) REQUIRE(s.put(key_of(i), history(i), 0, kv(bb, i)) == errc::ok);
     REQUIRE(s.close() == errc::ok);
   }
@@ -299,12 +305,7 @@ TEST_CASE("shared prefix: attnstore drop keeps the slots other sessions hold and
   const store_config c = sharing_config(dir.str(), 512, 512);
   {
     store s(c);
-    const std::size_t bb = s.block_bytes();
-    REQUIRE(s.put(key_of(1), history(1), 0, kv(bb, 1)) == errc::ok);
-    REQUIRE(s.demote(key_of(1)) == errc::ok);  // session 1's headers on the prompt's slots
-    std::vector<std::byte> out(std::size_t(system_blocks) * bb);
-    REQUIRE(s.get(key_of(2), history(2), 0, system_blocks, out).tokens == system_tokens);  // session 2 holds them
-    REQUIRE(s.put(key_of(2), history(2), system_blocks, kv(bb, 2, system_blocks)) == errc::ok);
+    second_session_borrows(s);
     REQUIRE(s.close() == errc::ok);
   }
   const std::string cli = std::string(ATTNSTORE_CLI) + " drop " + dir.str() + " --session t/s1 > /dev/null";

@@ -128,6 +128,14 @@ class locked_session {
   std::uint32_t new_block(std::span<const token_id> tokens) noexcept;
   /// Returns an unpublished (or detached) block entry to the table.
   void free_block(std::uint32_t block) noexcept;
+  /// Appends `block` to an unpublished chain (head, tail: no_slot while empty).
+  void append(std::uint32_t& head, std::uint32_t& tail, std::uint32_t block) const noexcept {
+    if (tail == no_slot)
+      head = block;
+    else
+      meta(tail).next = block;
+    tail = block;
+  }
   /// Replaces the session's blocks from position `from` on with the chain `first`
   /// (linked through next, `count` blocks). The old blocks from `from` on are detached
   /// and returned as a chain (their slots are still owned by the caller to release).
