@@ -294,6 +294,7 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
     for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next) {
       block_meta& m = s.meta(b);
       if (!shareable(m)) continue;
+      if (content_->holders(tier::dram, m.dram_slot) > 0) continue;  // holds a shared copy (put found it)
       const detail::content_table::key k = content_key(m, tenant);
       if (const std::uint32_t d = content_->share(k, tier::dram, m.checksum); d != no_slot) {
         free_dram(m.dram_slot);
@@ -465,9 +466,25 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
     if (e == errc::no_space) detail::bump(counters_->no_space);
     return e;
   }
-  const std::byte* src = blocks.data();
-  for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next, src += bb)
-    s.meta(b).checksum = copy_with_checksum(dram_payload(s.meta(b).dram_slot), src, bb);  // one pass: copy + hash
+  const std::byte* src = blocks.data();  // (tenant: the record's, which assign_tenant set from it)
+  for (std::uint32_t b = r.head_; b != no_slot; b = s.meta(b).next, src += bb) {
+    block_meta& m = s.meta(b);
+    // A whole block whose content is held in DRAM already is not copied: one hashing
+    // pass over the source, and the reserved slot goes back.
+    if (shareable(m)) {
+      const detail::content_table::key k = content_key(m, tenant);
+      const detail::content_table::copies c = content_->find(k);
+      std::uint32_t d = no_slot;
+      if (c.dram != no_slot && checksum64(src, bb) == c.checksum &&
+          (d = content_->share(k, tier::dram, c.checksum)) != no_slot) {
+        free_dram(m.dram_slot);
+        m.dram_slot = d;
+        m.checksum = c.checksum;
+        continue;
+      }
+    }
+    m.checksum = copy_with_checksum(dram_payload(m.dram_slot), src, bb);  // one pass: copy + hash
+  }
   return commit_locked(s, r, true);
 }
 
