@@ -19,6 +19,31 @@ bool shared_tier::impl::reserve(std::size_t bytes) noexcept {
   return true;
 }
 
+std::unique_ptr<std::byte[]> shared_tier::impl::take_record() {
+  {
+    std::lock_guard<std::mutex> l(pool_mu);
+    if (!pool.empty()) {
+      std::unique_ptr<std::byte[]> r = std::move(pool.back());
+      pool.pop_back();
+      return r;
+    }
+  }
+  return std::unique_ptr<std::byte[]>(new std::byte[shape.record_bytes()]);  // not zeroed: every byte is written
+}
+
+void shared_tier::impl::give_back(std::vector<std::unique_ptr<std::byte[]>>& records) noexcept {
+  std::lock_guard<std::mutex> l(pool_mu);
+  for (auto& r : records) {
+    if (!r) continue;
+    try {
+      pool.push_back(std::move(r));
+    } catch (...) {
+      r.reset();  // no room to keep it: freed
+    }
+  }
+  records.clear();
+}
+
 shared_status shared_tier::publish(const shared_session& session, const publish_request& req) noexcept {
   impl& m = *impl_;
   const std::uint32_t tpb = m.cfg.tokens_per_block;
@@ -62,7 +87,7 @@ shared_status shared_tier::publish(const shared_session& session, const publish_
     job->records.reserve(uploads);
     for (std::size_t i = 0; i < count; ++i) {
       if (!req.payloads[i]) continue;
-      std::unique_ptr<std::byte[]> rec(new std::byte[m.shape.record_bytes()]);  // not zeroed: every byte is written
+      std::unique_ptr<std::byte[]> rec = m.take_record();
       const std::uint64_t cs =
           copy_with_checksum(rec.get() + m.shape.header_bytes(), req.payloads[i], m.shape.block_bytes);
       write_block_header(rec.get(), m.shape, m.cfg.model, std::uint32_t(i), man.blocks[i].chain, man.blocks[i].keys,
@@ -73,6 +98,7 @@ shared_status shared_tier::publish(const shared_session& session, const publish_
     {
       std::lock_guard<std::mutex> l(m.mu);
       if (m.stopping) {
+        m.give_back(job->records);
         m.release(bytes);
         return shared_status::bad_state;
       }
@@ -118,7 +144,7 @@ void shared_tier::impl::write(detail::write_job& job) noexcept {
   try {
     shared_status why = shared_status::ok;
     const std::size_t good = write_blocks(job, &why);
-    job.records.clear();  // the payload copies are done with
+    give_back(job.records);  // the payload copies are done with
     session_manifest& man = job.manifest;
     if (good == 0) {
       if (cfg.log.fn != &logger::quiet) {
