@@ -125,9 +125,10 @@ struct shared_tier_stats {
 /// on a second client, so a large upload never holds a node's connection that a read
 /// waits for.
 ///
-/// Failure is a miss, never a stall: every call is bounded by the cluster client's
-/// request_timeout (fetch_blocks over several batches: by one request_timeout in all),
-/// a dead node's breaker fails its keys at once, and publish never waits for the network.
+/// Failure is a miss, never a stall: every cluster call is bounded by the client's
+/// request_timeout (fetch_blocks starts no batch once request_timeout has passed since the
+/// call began: at most two in all, one when the prefix fits a batch), a dead node's breaker
+/// fails its keys at once, and publish never waits for the network.
 ///
 /// Threads: every member may be called from any thread at once (reads to the same node
 /// serialize on its connection). The destructor must not run concurrently with a call.
