@@ -213,6 +213,9 @@ struct store_fixture : fixture {
     c.geometry = geom;
     c.model_name = "tier-bench";
     c.log = logger{&bench_log, nullptr};
+    // The tier's copy path: BM_DramPut saves each session's same blocks again, which with
+    // prefix sharing is a hashing pass and no copy (prefix_bench measures sharing).
+    c.share_prefixes = prefix_sharing::off;
     return c;
   }
   void put_or_throw(std::size_t s) {
