@@ -22,6 +22,7 @@
 #include "attnstore/io/block_device.hpp"
 #include "attnstore/log.hpp"
 #include "attnstore/policy/eviction_policy.hpp"
+#include "attnstore/remote_tier.hpp"
 #include "attnstore/status.hpp"
 #include "attnstore/tier/ssd_space.hpp"
 #include "attnstore/truncate.hpp"
@@ -84,6 +85,11 @@ struct store_config {
   /// Whole blocks with equal chain hashes are stored once per tier and reference-counted;
   /// a new session finds the blocks other sessions hold of its prompt.
   prefix_sharing share_prefixes = prefix_sharing::within_tenant;
+  /// A tier other stores share (include/attnstore/remote_tier.hpp; a Redis Cluster:
+  /// attnstore::shared::store_remote). A session this store holds nothing of is fetched
+  /// from it on its lookup or load and promoted into DRAM; after each save the session's
+  /// new blocks and its manifest are written behind. Null: none.
+  std::shared_ptr<remote_tier> remote;
   /// Session blocks indexed at once, all tiers (each holds a slot, or shares one). 0:
   /// twice the DRAM slots plus the SSD slots, times 4 with prefix sharing (blocks that
   /// share a slot need entries of their own; a tenth of a percent of a tier's bytes
@@ -172,6 +178,11 @@ struct store_stats {
   /// blocks that point at such a slot beyond its first holder (copies not stored).
   std::uint64_t shared_dram_slots = 0, shared_ssd_slots = 0, dedup_dram_blocks = 0, dedup_ssd_blocks = 0;
   std::uint64_t adopted_blocks = 0;  ///< blocks a session took from others' shared prefixes
+  /// The remote tier: fetches of sessions held nowhere here, blocks they brought into
+  /// DRAM, fetches that found nothing usable, write-behinds queued and skipped (the
+  /// tier over its bound or failing).
+  std::uint64_t remote_fetches = 0, remote_blocks_fetched = 0, remote_misses = 0;
+  std::uint64_t remote_publishes = 0, remote_publishes_skipped = 0;
 };
 
 /// One tenant's share of a store (store::tenant_usage).
@@ -185,6 +196,11 @@ struct tenant_stats {
 };
 
 class store;
+
+/// The model id a store opened with `config` has (what store::model() returns): for an
+/// embedder that needs it before the store exists (a remote tier's configuration).
+/// Throws std::invalid_argument for an invalid geometry.
+model_id store_model_id(const store_config& config);
 
 /// An open layer-wise save: DRAM blocks reserved for a session, filled by the caller
 /// (or its copy engine), then committed or aborted. Move-only; a reservation that is

@@ -81,6 +81,7 @@ void store::impl::note_miss(const session_hash& key) noexcept {
 }
 
 void store::impl::erase_record(locked_session& s) noexcept {
+  if (config_.remote) remote_ids_[s.record_id()] = {};  // the record may next hold another session
   {
     std::lock_guard lock(policy_mutex_);
     const std::uint32_t rec = s.record_id();

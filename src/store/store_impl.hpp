@@ -49,7 +49,8 @@ namespace attnstore {
   X(recovery_dropped_blocks) X(quarantined_slots) X(quarantined_buffers) X(deferred_frees)             \
   X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed)                     \
   X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)           \
-  X(adopted_blocks)
+  X(adopted_blocks) X(remote_fetches) X(remote_blocks_fetched) X(remote_misses) X(remote_publishes)  \
+  X(remote_publishes_skipped)
 // clang-format on
 
 namespace detail {
@@ -179,6 +180,20 @@ struct store::impl {
   /// starts with shared blocks, creates it and adopts them. Empty when there is nothing.
   locked_session open_for_load(const session_key& key, const session_hash& h, std::span<const token_id> prompt,
                                const request_keys& keys, std::uint32_t max_blocks) noexcept;
+  // ---- the remote tier (store_remote.cpp; remote_tier.hpp)
+  /// Notes how the remote tier names the session of record `s` (a call that has its key).
+  void remember_remote(locked_session& s, const session_key& key) noexcept {
+    if (config_.remote) remote_ids_[s.record_id()] = config_.remote->identify(key);
+  }
+  /// A session that holds nothing takes the leading blocks of its history that the
+  /// remote tier has and `prompt` starts with (at most max_blocks), into DRAM. Returns
+  /// how many.
+  std::uint32_t fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt, const request_keys& keys,
+                                        std::uint32_t max_blocks) noexcept;
+  /// Write-behind of the session's history after a save (whole blocks and a partial
+  /// last one, up to the first that is neither in DRAM nor published before).
+  void publish_remote_locked(locked_session& s) noexcept;
+
   /// Makes the LINKS file durable with the SSD writes (after device_->sync()).
   errc sync_links() noexcept { return links_ ? links_->sync() : errc::ok; }
   /// A buffer an I/O may still write into: never reused.
@@ -337,11 +352,16 @@ struct store::impl {
   std::unique_ptr<ssd_space> ssd_;
   std::unique_ptr<block_device> device_;
   std::unique_ptr<cache_index> index_;
-  std::unique_ptr<detail::content_table> content_;      // holder counts of shared slots (always made)
-  bool sharing_ = false;                                // new blocks are shared (share_prefixes, geometry)
-  std::unique_ptr<detail::link_log> links_;             // with an SSD tier and sharing
-  std::unique_ptr<std::atomic<bool>[]> header_claims_;  // per DRAM slot: its header area is being written
-  std::int32_t staging_buffer_base_ = 0;                // registered-buffer index of staging region 0
+  std::unique_ptr<detail::content_table> content_;  // holder counts of shared slots (always made)
+  bool sharing_ = false;                            // new blocks are shared (share_prefixes, geometry)
+  std::unique_ptr<detail::link_log> links_;         // with an SSD tier and sharing
+  std::unique_ptr<std::atomic<bool>[]> header_claims_;
+  std::vector<remote_session> remote_ids_;  // per record: the remote tier's name of its session
+  std::mutex remote_mutex_;                 // the scratch below (publish and fill are per request, not per layer)
+  std::vector<token_id> remote_tokens_;
+  std::vector<hash128> remote_keys_;
+  std::vector<const std::byte*> remote_payloads_;  // per DRAM slot: its header area is being written
+  std::int32_t staging_buffer_base_ = 0;           // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
   /// Latency histograms (store::metrics). lookup/load/save are timed in store.cpp

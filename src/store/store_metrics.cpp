@@ -54,6 +54,11 @@ constexpr counter_help counter_helps[] = {
     {"watermark_demoted_blocks", "Blocks demoted in the background by the DRAM watermark."},
     {"expired_sessions", "Sessions dropped by the idle TTL."},
     {"adopted_blocks", "Blocks new sessions took from shared prefixes other sessions hold."},
+    {"remote_fetches", "Sessions held nowhere here looked up in the remote tier."},
+    {"remote_blocks_fetched", "Blocks the remote tier brought into DRAM (verified)."},
+    {"remote_misses", "Remote fetches that brought nothing usable."},
+    {"remote_publishes", "Write-behinds of a session to the remote tier queued after a save."},
+    {"remote_publishes_skipped", "Write-behinds the remote tier refused (over its bound, or failing)."},
 };
 
 std::string_view help_of(std::string_view name) {

@@ -61,6 +61,20 @@ constexpr std::uint64_t max_file_bytes = std::uint64_t(16) << 30;
 
 }  // namespace
 
+model_id store_model_id(const store_config& config) {
+  return make_model_id(model_descriptor{.name = config.model_name,
+                                        .geometry = config.geometry.validated(),
+                                        .rope = config.rope,
+                                        .keys_pre_rope = config.keys_pre_rope,
+                                        .tp_rank = config.tp_rank,
+                                        .tp_size = config.tp_size,
+                                        .weights_revision = config.weights_revision,
+                                        .tokenizer = config.tokenizer,
+                                        .pp_rank = config.pp_rank,
+                                        .pp_size = config.pp_size,
+                                        .layout_version = config.layout_version});
+}
+
 store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::move(c)) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("store_config: " + m); };
   geometry_ = config_.geometry.validated();
@@ -74,17 +88,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   if (config_.queue_depth == 0 || config_.queue_depth > 1024)
     fail("queue_depth is " + std::to_string(config_.queue_depth) + ", allowed 1..1024");
   if (config_.max_sessions == 0) fail("max_sessions is 0, must be at least 1");
-  model_ = make_model_id(model_descriptor{.name = config_.model_name,
-                                          .geometry = geometry_,
-                                          .rope = config_.rope,
-                                          .keys_pre_rope = config_.keys_pre_rope,
-                                          .tp_rank = config_.tp_rank,
-                                          .tp_size = config_.tp_size,
-                                          .weights_revision = config_.weights_revision,
-                                          .tokenizer = config_.tokenizer,
-                                          .pp_rank = config_.pp_rank,
-                                          .pp_size = config_.pp_size,
-                                          .layout_version = config_.layout_version});
+  model_ = store_model_id(config_);
   header_bytes_ = format::header_bytes(geometry_.tokens_per_block);
   slot_bytes_ = format::slot_bytes(geometry_);
   if (config_.dram_bytes < slot_bytes_)
@@ -184,6 +188,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
     }
   }
   held_.assign(config_.max_sessions, 0);
+  if (config_.remote) remote_ids_.assign(config_.max_sessions, remote_session{});
   // A tenant entry lives while one of its sessions does, or while it has a quota of its
   // own: max_sessions plus the configured tenants can never run out.
   tenants_ = std::make_unique<detail::tenant_table>(config_.max_sessions +

@@ -88,6 +88,12 @@ lookup_result store::impl::lookup(const session_key& key, std::span<const token_
     return r;
   }
   locked_session s = index_->open(h, false);
+  if (config_.remote && (!s || s.block_count() == 0)) {
+    // Nothing here: the remote tier may have it (fetched into DRAM now, so the load that
+    // follows is local).
+    s.reset();
+    s = open_for_load(key, h, prompt, keys, ~0u);
+  }
   if (s && s.block_count() > 0) {
     r = index_->lookup(s, model_, prompt, out, keys);
   } else if (sharing_) {

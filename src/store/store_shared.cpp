@@ -145,9 +145,11 @@ locked_session store::impl::open_for_load(const session_key& key, const session_
                                           std::span<const token_id> prompt, const request_keys& keys,
                                           std::uint32_t max_blocks) noexcept {
   locked_session s = index_->open(h, false);
-  if ((s && s.block_count() > 0) || !sharing_) return s;
+  if (s && config_.remote) remember_remote(s, key);
+  if ((s && s.block_count() > 0) || (!sharing_ && !config_.remote)) return s;
   const hash128 tenant = tenant_of(key.tenant);
-  if (match_shared(prompt, keys, tenant, max_blocks).blocks == 0) return s;
+  // Without a remote tier a record is made only for what the shared copies hold.
+  if (!config_.remote && match_shared(prompt, keys, tenant, max_blocks).blocks == 0) return s;
   if (!s) {
     errc why = errc::ok;
     s = open_or_evict(h, &why);
@@ -156,8 +158,10 @@ locked_session store::impl::open_for_load(const session_key& key, const session_
       erase_if_empty(s);
       return {};
     }
+    remember_remote(s, key);
   }
-  adopt_shared_locked(s, prompt, keys, max_blocks);
+  // Shared copies here first; what they do not hold comes from the remote tier.
+  if (adopt_shared_locked(s, prompt, keys, max_blocks) == 0) fill_from_remote_locked(s, prompt, keys, max_blocks);
   if (s.block_count() == 0) {
     erase_if_empty(s);
     return {};

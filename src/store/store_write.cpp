@@ -351,6 +351,7 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
   open_saves_.fetch_sub(1, std::memory_order_relaxed);
   s.unpin();
   note(s, true);
+  publish_remote_locked(s);             // write-behind to the remote tier (copies the new blocks, never waits)
   trim_tenant(s, no_slot, true, true);  // back under its caps, from its own sessions
   // Demote ahead of need, so the next saves find free DRAM without waiting.
   want_demotion_if_low();
@@ -375,6 +376,7 @@ errc store::impl::reserve(const session_key& key, std::span<const token_id> toke
   locked_session s = open_or_evict(h, &why);
   if (!s) return why == errc::ok ? errc::no_space : why;
   errc e = assign_tenant(s, tenant);
+  remember_remote(s, key);
   // A new session saving past a prefix it never stored (the engine reused shared
   // blocks without loading them through this store) takes them first.
   if (e == errc::ok && first_block > 0) adopt_shared_locked(s, tokens, keys, first_block);
@@ -458,6 +460,7 @@ errc store::impl::put(const session_key& key, std::span<const token_id> tokens, 
   }
   save_reservation r;
   errc e = assign_tenant(s, tenant);
+  remember_remote(s, key);
   if (e == errc::ok && first_block > 0) adopt_shared_locked(s, tokens, keys, first_block);  // as reserve() does
   if (e == errc::ok) e = reserve_locked(s, tokens, first_block, r, keys);
   if (e != errc::ok) {

@@ -43,6 +43,9 @@ struct block_meta {
   /// header names that save's session and sequence, and the store's LINKS file names
   /// this block (docs/format.md).
   bool borrowed = false;
+  /// Its content is in the remote tier (this store published it there, or fetched it
+  /// from there): a later publish lists it without sending it again.
+  bool published = false;
   std::uint32_t dram_slot = no_slot;
   std::uint32_t ssd_slot = no_slot;
   std::uint32_t tokens = 0;      ///< tokens stored in this block (last block may be partial)

@@ -1,0 +1,62 @@
+// remote_tier: a tier below the SSD that other stores share, so a conversation's next
+// turn finds its history on whichever node it lands (issue 15). The store calls it; an
+// implementation does the network I/O: attnstore::shared::store_remote (a Redis Cluster,
+// include/attnstore/shared/store_remote.hpp), or an embedder's own.
+//
+// What comes back is untrusted until verified: an implementation verifies every block it
+// returns exactly (model, chain, token ids, payload checksum); the store then checks the
+// token ids against the prompt and the keys digests against the request's own, and keeps
+// only the prefix that agrees. A miss of any kind (not there, evicted, a node down, a
+// timeout, a bad value) is zero blocks, within the implementation's time bound.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "attnstore/status.hpp"
+#include "attnstore/types.hpp"
+
+namespace attnstore {
+
+/// Where fetch() puts what it found: room for payloads.size() blocks.
+struct remote_fetch {
+  std::span<std::byte* const> payloads;   ///< block_bytes each, written for the blocks returned
+  std::span<token_id> tokens;             ///< tokens_per_block x payloads.size(): the blocks' token ids, back to back
+  std::span<std::uint32_t> token_counts;  ///< per block: its tokens (tokens_per_block except perhaps the last)
+  std::span<hash128> keys;                ///< per block: its block_keys() digest (zero: saved without keys)
+  std::span<std::uint64_t> checksums;     ///< per block: checksum64 of its payload, as verified
+};
+
+/// A session as the remote tier names it: keyed hashes under a secret the stores of a
+/// fleet share (not a store's own), so every node names a session alike.
+struct remote_session {
+  session_hash session{};
+  hash128 tenant{};
+};
+
+class remote_tier {
+ public:
+  virtual ~remote_tier() = default;
+
+  /// The name of `key` in the tier. Allocation-free.
+  virtual remote_session identify(const session_key& key) const noexcept = 0;
+
+  /// The leading blocks of the session's history as some store published it whose token ids
+  /// are a prefix of `prompt` (all of the history, up to the room given, when `prompt` is
+  /// empty), each verified. Returns how many were written to `out` (0: a miss).
+  virtual std::uint32_t fetch(const remote_session& session, std::span<const token_id> prompt,
+                              const remote_fetch& out) noexcept = 0;
+
+  /// Write-behind of a session's history after a turn: every token, each block's keys
+  /// digest and payload (nullptr: a block this store published before, listed but not
+  /// sent). Copies what it keeps before returning and never waits for the network: ok
+  /// (queued), retry (over its bound on bytes in flight: nothing queued), or an error.
+  virtual errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const hash128> keys,
+                       std::span<const std::byte* const> payloads) noexcept = 0;
+
+  /// The session is gone: what names it in the tier goes too (best effort).
+  virtual void drop(const remote_session& session) noexcept = 0;
+};
+
+}  // namespace attnstore

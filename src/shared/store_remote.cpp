@@ -1,0 +1,74 @@
+// store_remote: remote_tier on shared_tier (include/attnstore/shared/store_remote.hpp).
+#include "attnstore/shared/store_remote.hpp"
+
+#include <algorithm>
+#include <vector>
+
+#include "attnstore/hash.hpp"
+
+namespace attnstore::shared {
+
+store_remote::store_remote(shared_tier_config config)
+    : tier_(std::make_unique<shared_tier>(config)), deleter_(std::make_unique<redis_cluster>(config.cluster)) {}
+
+store_remote::~store_remote() = default;
+
+remote_session store_remote::identify(const session_key& key) const noexcept {
+  const shared_session s = tier_->identify(key);
+  return {s.session, s.tenant};
+}
+
+std::uint32_t store_remote::fetch(const remote_session& session, std::span<const token_id> prompt,
+                                  const remote_fetch& out) noexcept {
+  const std::uint32_t tpb = tier_->config().tokens_per_block;
+  const std::size_t room = std::min(
+      {out.payloads.size(), out.token_counts.size(), out.keys.size(), out.checksums.size(), out.tokens.size() / tpb});
+  if (room == 0) return 0;
+  try {  // the vectors below grow once per fetch (a network round trip), never per layer
+    session_manifest m;
+    if (tier_->fetch_manifest({session.session, session.tenant}, m) != shared_status::ok) return 0;
+    // The blocks the prompt starts with (every block, when there is no prompt).
+    std::size_t n = 0, pos = 0;
+    for (; n < m.blocks.size() && n < room; ++n) {
+      const auto t = m.tokens_of(n);
+      if (!prompt.empty() &&
+          (pos + t.size() > prompt.size() || !std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))))
+        break;
+      pos += t.size();
+    }
+    if (n == 0) return 0;
+    std::vector<block_ref> refs(n);
+    std::vector<shared_status> status(n);
+    for (std::size_t i = 0; i < n; ++i) refs[i] = m.ref(i);
+    const fetch_result r = tier_->fetch_blocks(refs, out.payloads.first(n), status);
+    const std::size_t bb = tier_->config().block_bytes;
+    for (std::uint32_t i = 0; i < r.prefix; ++i) {
+      const auto t = m.tokens_of(i);
+      std::copy(t.begin(), t.end(), out.tokens.begin() + std::ptrdiff_t(std::size_t(i) * tpb));
+      out.token_counts[i] = std::uint32_t(t.size());
+      out.keys[i] = m.blocks[i].keys;
+      out.checksums[i] = checksum64(out.payloads[i], bb);
+    }
+    return r.prefix;
+  } catch (...) {
+    return 0;  // no memory for the manifest: a miss
+  }
+}
+
+errc store_remote::publish(const remote_session& session, std::span<const token_id> tokens,
+                           std::span<const hash128> keys, std::span<const std::byte* const> payloads) noexcept {
+  publish_request req;
+  req.sequence = next_manifest_sequence(0);  // the wall clock: a later turn on any node orders after
+  req.tokens = tokens;
+  req.keys = keys;
+  req.payloads = payloads;
+  const shared_status s = tier_->publish({session.session, session.tenant}, req);
+  return s == shared_status::ok ? errc::ok : s == shared_status::busy ? errc::retry : to_errc(s);
+}
+
+void store_remote::drop(const remote_session& session) noexcept {
+  const record_key k = manifest_key(tier_->config().model.value, session.session);
+  (void)deleter_->del(k.view());
+}
+
+}  // namespace attnstore::shared

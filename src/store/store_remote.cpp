@@ -1,0 +1,124 @@
+// The remote tier (remote_tier.hpp): a session this store holds nothing of is fetched
+// into DRAM; after each save the session is written behind.
+#include <algorithm>
+#include <vector>
+
+#include "store_impl.hpp"
+
+namespace attnstore {
+
+std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt,
+                                                   const request_keys& keys, std::uint32_t max_blocks) noexcept {
+  const remote_session& id = remote_ids_[s.record_id()];
+  if (!config_.remote || s.block_count() != 0 || id.session.value.is_zero()) return 0;
+  const std::uint32_t tpb = geometry_.tokens_per_block;
+  const std::uint32_t want = std::min(max_blocks, geometry_.blocks_for(prompt.size()));
+  if (want == 0) return 0;
+  // Allocations here are per fetch (a network round trip), never per layer.
+  std::vector<std::uint32_t> slots;
+  std::vector<std::byte*> payloads;
+  slots.reserve(want);
+  payloads.reserve(want);
+  for (std::uint32_t i = 0; i < want; ++i) {
+    const std::uint32_t slot = alloc_dram(s, 0);  // may demote other sessions, never this one
+    if (slot == no_slot) break;
+    slots.push_back(slot);
+    payloads.push_back(dram_payload(slot));
+  }
+  const std::size_t room = slots.size();
+  std::vector<token_id> tokens(room * tpb);
+  std::vector<std::uint32_t> counts(room);
+  std::vector<hash128> digests(room);
+  std::vector<std::uint64_t> checksums(room);
+  detail::bump(counters_->remote_fetches);
+  const std::uint32_t got =
+      room ? std::min<std::uint32_t>(std::uint32_t(room),
+                                     config_.remote->fetch(id, prompt, {payloads, tokens, counts, digests, checksums}))
+           : 0;
+  // What came back is checked again here: token ids a prefix of the prompt (whole blocks
+  // but a last partial one), the request's own keys digests, the payload's checksum.
+  const std::size_t bb = geometry_.block_bytes();
+  std::uint32_t keep = 0;
+  std::uint64_t pos = 0;
+  for (; keep < got; ++keep) {
+    const std::uint32_t n = counts[keep];
+    if (n == 0 || n > tpb || pos + n > prompt.size()) break;
+    const auto have = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb, n);
+    if (!std::equal(have.begin(), have.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
+    if (!(digests[keep] == (keys.empty() ? hash128{} : block_keys(keys, pos, n)))) break;
+    if (checksum64(payloads[keep], bb) != checksums[keep]) break;
+    pos += n;
+    if (n < tpb) {
+      ++keep;  // a partial block ends the history
+      break;
+    }
+  }
+  std::uint32_t head = no_slot, tail = no_slot, made = 0;
+  const std::uint64_t put_id = keep ? sequence_.fetch_add(keep, std::memory_order_relaxed) : 0;
+  hash128 prev{};
+  for (; made < keep; ++made) {
+    const std::uint32_t b =
+        s.new_block(std::span<const token_id>(tokens).subspan(std::size_t(made) * tpb, counts[made]));
+    if (b == no_slot) break;
+    block_meta& m = s.meta(b);
+    m.keys = digests[made];
+    m.chain = prev = chain_hash(prev, model_, s.tokens_of(b), m.keys);
+    m.checksum = checksums[made];
+    m.saved_pos = std::uint64_t(made) * tpb;
+    m.dram_slot = slots[made];
+    m.sequence = put_id + made;  // numbered as one put of blocks [0, made), like an adoption
+    m.put_first_block = 0;
+    m.put_blocks = keep;
+    m.published = true;
+    s.append(head, tail, b);
+  }
+  for (std::size_t i = made; i < room; ++i) free_dram(slots[i]);
+  if (made == 0) {
+    detail::bump(counters_->remote_misses);
+    return 0;
+  }
+  s.publish(0, head, made);
+  s.set_truncated(false);
+  if (sharing_) {
+    const hash128 tenant = tenant_hash_of(s.record_id());
+    for (std::uint32_t b = head; b != no_slot; b = s.meta(b).next) offer_copy(s.meta(b), tenant, tier::dram);
+  }
+  s.count_tiers();
+  note(s, false);
+  detail::bump(counters_->remote_blocks_fetched, made);
+  return made;
+}
+
+void store::impl::publish_remote_locked(locked_session& s) noexcept {
+  const remote_session& id = remote_ids_[s.record_id()];
+  // A truncated view is not a prefix of positions a manifest can list: not published.
+  if (!config_.remote || s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
+  std::vector<token_id> tokens;
+  std::vector<hash128> keys;
+  std::vector<const std::byte*> payloads;
+  tokens.reserve(s.token_count());
+  keys.reserve(s.block_count());
+  payloads.reserve(s.block_count());
+  // Up to the first block that is neither in DRAM nor published (only on SSD: not read
+  // back for this), and at most one partial block, the last.
+  for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) {
+    const block_meta& m = s.meta(b);
+    if (!m.published && m.dram_slot == no_slot) break;
+    const auto t = s.tokens_of(b);
+    tokens.insert(tokens.end(), t.begin(), t.end());
+    keys.push_back(m.keys);
+    payloads.push_back(m.published ? nullptr : dram_payload(m.dram_slot));
+    if (m.tokens < geometry_.tokens_per_block) break;
+  }
+  if (payloads.empty()) return;
+  if (config_.remote->publish(id, tokens, keys, payloads) != errc::ok) {
+    detail::bump(counters_->remote_publishes_skipped);  // over the tier's bound, or failing: local tiers only
+    return;
+  }
+  std::size_t i = 0;
+  for (std::uint32_t b = s.first_block(); b != no_slot && i < payloads.size(); b = s.meta(b).next, ++i)
+    s.meta(b).published = true;
+  detail::bump(counters_->remote_publishes);
+}
+
+}  // namespace attnstore

@@ -1,0 +1,146 @@
+// Stores on separate directories sharing one Redis Cluster through store_remote (issue
+// 15): a session saved on node A is served on node B byte-identically; B's next turn is
+// found by C; drops, another model, another tenant and hostile manifests are misses.
+// Runs against the [cluster] fixture (scripts/redis-cluster.sh, see CMakeLists.txt).
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attnstore/shared/records.hpp"
+#include "attnstore/shared/store_remote.hpp"
+#include "attnstore/store.hpp"
+#include "redis_test_support.hpp"
+#include "support/kv_data.hpp"
+#include "support/store_fixture.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace attnstore;
+using namespace attnstore::shared;
+using namespace attnstore::testing;
+using namespace redis_test;
+using std::chrono::milliseconds;
+
+namespace {
+
+const hash128 fleet{0xf1ee7f1ee7ull, 0x5707e5ull};
+
+// One node: its own DRAM and SSD, the shared cluster underneath.
+struct node {
+  temp_dir dir;
+  std::shared_ptr<store_remote> remote;
+  std::unique_ptr<store> kv;
+  explicit node(const std::string& tag, const std::string& model = "test-model") : dir(tag) {
+    store_config c = small_config(dir.str(), 64, 64);
+    c.model_name = model;
+    shared_tier_config t;
+    t.cluster = test_cluster_config();
+    t.model = store_model_id(c);
+    t.fleet_secret = fleet;
+    t.tokens_per_block = test_geometry.tokens_per_block;
+    t.block_bytes = test_geometry.validated().block_bytes();
+    t.block_ttl = milliseconds{600000};
+    t.manifest_ttl = milliseconds{600000};
+    remote = std::make_shared<store_remote>(t);
+    c.remote = remote;
+    kv = std::make_unique<store>(c);
+  }
+  // Waits for the write-behind to reach the cluster.
+  void settle() { REQUIRE(remote->tier().flush(milliseconds{10000}) == shared_status::ok); }
+};
+
+// A conversation under a unique name per run: the cluster outlives a test binary.
+std::string unique(const std::string& base) {
+  return base + "-" + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+std::uint64_t served(store& s, const session_key& key, const conversation& c, std::size_t tokens) {
+  const auto toks = c.toks();
+  const std::span<const token_id> prompt(toks.data(), tokens);
+  const std::uint32_t blocks = test_geometry.blocks_for(tokens);
+  std::vector<std::byte> out(std::size_t(blocks) * s.block_bytes());
+  const get_result g = s.get(key, prompt, 0, blocks, out);
+  const auto want = c.data(s.block_bytes());
+  REQUIRE(std::equal(out.begin(), out.begin() + std::ptrdiff_t(std::size_t(g.blocks) * s.block_bytes()),
+                     want.begin()));  // whatever is served is exact
+  return g.tokens;
+}
+
+}  // namespace
+
+TEST_CASE("store remote: a session saved on one node is served on another, byte for byte", "[cluster]") {
+  node a("remote-a"), b("remote-b"), c("remote-c");
+  const std::string name = unique("chat");
+  const session_key key{"acme", name};
+  const conversation conv{4242, 200};  // 7 blocks, the last partial
+  const auto toks = conv.toks();
+  const std::size_t bb = a.kv->block_bytes();
+
+  // Turn 1 on A: 130 tokens.
+  REQUIRE(a.kv->put(key, std::span(toks).first(130), 0, make_blocks(bb, conv.id, 0, 5)) == errc::ok);
+  a.settle();
+  CHECK(a.kv->stats().remote_publishes == 1);
+  // Turn 2 lands on B, which never saw the session: its lookup fetches it from the
+  // cluster into DRAM, and the load is served locally, exactly.
+  const lookup_result r = b.kv->lookup(key, std::span(toks).first(180));
+  CHECK(r.tokens == 130);
+  CHECK(r.dram_blocks == 5);
+  CHECK(served(*b.kv, key, conv, 130) == 130);
+  CHECK(b.kv->stats().remote_blocks_fetched == 5);
+  // B saves turn 2 (blocks 4.. of 200 tokens); C then finds the longer history.
+  REQUIRE(b.kv->put(key, toks, 4, make_blocks(bb, conv.id, 4, 3)) == errc::ok);
+  b.settle();
+  CHECK(c.kv->lookup(key, toks).tokens == 200);
+  CHECK(served(*c.kv, key, conv, 200) == 200);
+  // An edit inside block 2: C's next prompt reuses the blocks before it only.
+  auto edited = toks;
+  edited[2 * 32 + 3] ^= 1;
+  CHECK(c.kv->lookup(key, edited).tokens == 2 * 32 + 3);
+
+  // Another tenant with the same session name, another model: nothing.
+  CHECK(c.kv->lookup({"other", name}, toks).tokens == 0);
+  node m("remote-model", "another-model");
+  CHECK(m.kv->lookup(key, toks).tokens == 0);
+  CHECK(m.kv->stats().remote_misses + m.kv->stats().remote_fetches >= 1);
+
+  // A drop anywhere ends it for nodes that do not hold it locally.
+  REQUIRE(b.kv->drop(key) == errc::ok);
+  node d("remote-d");
+  CHECK(d.kv->lookup(key, toks).tokens == 0);
+}
+
+TEST_CASE("store remote: hostile manifests and blocks in the cluster are misses, never served", "[cluster]") {
+  node a("remote-hostile-a"), b("remote-hostile-b");
+  const conversation conv{777, 96};
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string name = unique("victim");
+  const session_key key{"acme", name};
+  REQUIRE(a.kv->put(key, conv.toks(), 0, conv.data(bb)) == errc::ok);
+  a.settle();
+  // Overwrite the session's manifest with garbage, then with another session's manifest.
+  redis_cluster raw(test_cluster_config());
+  const remote_session id = a.remote->identify(key);
+  const record_key mk = manifest_key(store_model_id(small_config("", 1, 0)).value, id.session);
+  std::vector<std::byte> junk(300, std::byte{0x5a});
+  REQUIRE(raw.set(mk.view(), junk) == redis_status::ok);
+  CHECK(b.kv->lookup(key, conv.toks()).tokens == 0);
+  CHECK(b.kv->stats().remote_misses >= 1);
+
+  const std::string other_name = unique("other");
+  const session_key other{"acme", other_name};
+  REQUIRE(a.kv->put(other, conv.toks(), 0, conv.data(bb)) == errc::ok);
+  a.settle();
+  const record_key ok = manifest_key(store_model_id(small_config("", 1, 0)).value, a.remote->identify(other).session);
+  const redis_get_result got = raw.get(ok.view());
+  REQUIRE(got.status == redis_status::ok);
+  REQUIRE(raw.set(mk.view(), got.value.bytes()) == redis_status::ok);  // other's manifest under the victim's key
+  node c("remote-hostile-c");
+  CHECK(c.kv->lookup(key, conv.toks()).tokens == 0);     // names another session: refused
+  CHECK(c.kv->lookup(other, conv.toks()).tokens == 96);  // the real one still serves
+}
+
+int main(int argc, char** argv) { return run_with_cluster(argc, argv, "test_store_remote"); }
