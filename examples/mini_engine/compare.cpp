@@ -14,6 +14,9 @@
 
 #include "driver.hpp"
 #include "metrics_server.hpp"
+#ifdef MINI_WITH_REDIS
+#include "attnstore/shared/store_remote.hpp"
+#endif
 
 namespace mini {
 
@@ -34,6 +37,34 @@ llama_config seeded_config(const compare_options& o) {
   c.validate();
   return c;
 }
+
+namespace {
+
+// One serving node of a mode: its store, hooks and engine (recompute and resident: the
+// engine alone).
+struct node {
+  std::unique_ptr<attnstore::store> kv;
+  std::unique_ptr<attnstore::copy_backend> copier;
+  std::unique_ptr<attnstore::hooks> hk;
+  std::unique_ptr<engine> eng;
+  std::string dir;
+#ifdef MINI_WITH_REDIS
+  std::shared_ptr<attnstore::shared::store_remote> remote;
+#endif
+  // The write-behind of the turns so far has reached the shared tier (between rounds: a
+  // conversation's next turn comes after its user read the reply and typed).
+  void settle() {
+#ifdef MINI_WITH_REDIS
+    if (remote) (void)remote->tier().flush(std::chrono::milliseconds{30000});
+#endif
+  }
+};
+
+bool store_mode(const std::string& mode) {
+  return mode == "store-dram" || mode == "store-ssd" || mode == "nodes-local" || mode == "nodes-shared";
+}
+
+}  // namespace
 
 compare_result run_compare(const compare_options& o) {
   if (!o.model_dir.empty() && o.attention != "full")
@@ -76,66 +107,116 @@ compare_result run_compare(const compare_options& o) {
     engine_options eo;
     eo.page_size = page_size;
     eo.num_pages = mode == "resident" ? std::uint32_t(pages * std::max(1, o.workload.sessions)) : pages;
-    std::unique_ptr<attnstore::store> kv;
-    std::unique_ptr<attnstore::copy_backend> copier;
-    std::unique_ptr<attnstore::hooks> hk;
-    std::string dir;
     if (mode == "recompute") {
       eo.mode = kv_mode::recompute;
     } else if (mode == "resident") {
       eo.mode = kv_mode::resident;
-    } else if (mode == "store-dram" || mode == "store-ssd") {
+    } else if (store_mode(mode)) {
       eo.mode = kv_mode::store;
+    } else {
+      throw std::invalid_argument("unknown mode '" + mode +
+                                  "' (recompute, resident, store-dram, store-ssd, nodes-local, nodes-shared)");
+    }
+    const bool multi = mode == "nodes-local" || mode == "nodes-shared";
+    const int n_nodes = multi ? std::max(1, o.nodes) : 1;
+    std::vector<node> nodes(static_cast<std::size_t>(n_nodes));
+    for (int ni = 0; ni < n_nodes && store_mode(mode); ++ni) {
+      node& nd = nodes[std::size_t(ni)];
       attnstore::store_config sc;
       sc.geometry = kv_geometry_of(cfg);
       sc.model_name = o.model_dir.empty() ? "mini-llama-seed-" + std::to_string(o.model_seed) : o.model_dir;
       if (cfg.attention != attention_kind::full) sc.model_name += "-" + o.attention;
       sc.rope = rope_spec_of(cfg).to_string();
       sc.dram_bytes = o.dram_mib << 20;
-      dir =
+      const std::string leaf = multi ? mode + "-" + std::to_string(ni) : mode;
+      nd.dir =
           o.ssd_dir.empty()
-              ? (std::filesystem::temp_directory_path() / ("attnstore-mini-" + std::to_string(::getpid()) + "-" + mode))
+              ? (std::filesystem::temp_directory_path() / ("attnstore-mini-" + std::to_string(::getpid()) + "-" + leaf))
                     .string()
-              : o.ssd_dir + "/" + mode;
-      std::filesystem::remove_all(dir);
-      sc.ssd_directory = dir;
+              : o.ssd_dir + "/" + leaf;
+      std::filesystem::remove_all(nd.dir);
+      sc.ssd_directory = nd.dir;
       sc.ssd_bytes = o.ssd_mib << 20;
       // store-ssd measures loads from SSD: the prefetcher would promote the demoted
       // sessions back while they wait in the queue (bench/micro/prefetch_bench measures that).
       sc.prefetch = mode != "store-ssd";
-      kv = std::make_unique<attnstore::store>(sc);
+      if (mode == "nodes-shared") {
+#ifdef MINI_WITH_REDIS
+        if (o.redis_seed.empty()) throw std::invalid_argument("nodes-shared needs --redis HOST:PORT");
+        attnstore::shared::shared_tier_config t;
+        t.cluster.seeds = {o.redis_seed};
+        if (const char* u = std::getenv("ATTNSTORE_REDIS_USER")) t.cluster.user = u;
+        if (const char* pw = std::getenv("ATTNSTORE_REDIS_PASSWORD")) t.cluster.password = pw;
+        t.model = attnstore::store_model_id(sc);
+        t.fleet_secret = attnstore::hash128{0x6d696e692d666c65ull, 0x6574ull};  // one fleet: every node's
+        t.tokens_per_block = sc.geometry.validated().tokens_per_block;
+        t.block_bytes = sc.geometry.validated().block_bytes();
+        t.cluster.max_value_bytes = std::max<std::size_t>(t.cluster.max_value_bytes, t.block_bytes + (1u << 20));
+        nd.remote = std::make_shared<attnstore::shared::store_remote>(t);
+        sc.remote = nd.remote;
+#else
+        throw std::invalid_argument("nodes-shared: built without hiredis (attnstore::redis)");
+#endif
+      }
+      nd.kv = std::make_unique<attnstore::store>(sc);
       std::string why;
-      copier = attnstore::make_copy_backend(&why);
+      nd.copier = attnstore::make_copy_backend(&why);
       attnstore::hooks_config hc;
       hc.preload_layers = o.preload_layers;
       hc.rope = rope_spec_of(cfg);
-      hk = std::make_unique<attnstore::hooks>(*kv, *copier, hc);
-      eo.hooks = hk.get();
-      eo.store = kv.get();
-      eo.demote_after_turn = mode == "store-ssd";
-      eo.overlap_next = o.overlap_next;
-      result.copy_backend = std::string(copier->name());
-      result.io_backend = std::string(kv->io_backend_name());
-      result.dram_pinning = std::string(kv->dram_pinning());
+      nd.hk = std::make_unique<attnstore::hooks>(*nd.kv, *nd.copier, hc);
+      result.copy_backend = std::string(nd.copier->name());
+      result.io_backend = std::string(nd.kv->io_backend_name());
+      result.dram_pinning = std::string(nd.kv->dram_pinning());
+    }
+    if (store_mode(mode)) {
       std::lock_guard lock(metrics_mutex);
-      metrics_store = kv.get();
-    } else {
-      throw std::invalid_argument("unknown mode '" + mode + "' (recompute, resident, store-dram, store-ssd)");
+      metrics_store = nodes[0].kv.get();
     }
     eo.context_limit = o.context_limit;
     eo.sink_tokens = o.sink_tokens;
     eo.forced_replies = o.context_limit > 0;  // same conversation in every mode, to compare logits
-    engine eng(model, eo);
-    if (o.verbose) std::printf("\n[%s]\n", mode.c_str());
+    for (node& nd : nodes) {
+      engine_options e = eo;
+      e.hooks = nd.hk.get();
+      e.store = nd.kv.get();
+      e.demote_after_turn = mode == "store-ssd";
+      e.overlap_next = o.overlap_next;
+      nd.eng = std::make_unique<engine>(model, e);
+    }
+    if (o.verbose)
+      std::printf("\n[%s%s]\n", mode.c_str(), multi ? (", " + std::to_string(n_nodes) + " nodes").c_str() : "");
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<turn_result> turns;
     std::vector<std::vector<std::uint32_t>> mode_replies;
+    // Round-robin: turn k of a conversation goes to node (its first-seen index + k) mod N.
+    std::map<std::string, int> home, turn_no;
     for (std::size_t i = 0; i < work.size();) {
       // One queue per round of turns: what a scheduler would hold at once.
       std::size_t j = i;
       std::map<std::string, int> in_round;
       while (j < work.size() && !in_round[work[j].session]++) ++j;
-      auto res = eng.run_queue(std::span(work).subspan(i, j - i));
+      std::vector<turn_result> res(j - i);
+      std::vector<std::vector<std::size_t>> by_node(nodes.size());
+      for (std::size_t k = i; k < j; ++k) {
+        const std::string& sn = work[k].session;
+        if (!home.count(sn)) home[sn] = int(home.size());
+        by_node[std::size_t((home[sn] + turn_no[sn]++) % n_nodes)].push_back(k);
+      }
+      for (std::size_t ni = 0; ni < nodes.size(); ++ni) {
+        if (by_node[ni].empty()) continue;
+        std::vector<request> q;
+        for (std::size_t k : by_node[ni]) q.push_back(work[k]);
+        auto part = nodes[ni].eng->run_queue(q);
+        for (std::size_t x = 0; x < part.size(); ++x) {
+          res[by_node[ni][x] - i] = std::move(part[x]);
+          // The front end holds the conversation: every node sees its whole history.
+          const std::string& sn = work[by_node[ni][x]].session;
+          for (std::size_t other = 0; other < nodes.size(); ++other)
+            if (other != ni) nodes[other].eng->edit_history(sn, nodes[ni].eng->history(sn));
+        }
+      }
+      for (node& nd : nodes) nd.settle();
       for (std::size_t k = 0; k < res.size(); ++k) {
         const auto& t = res[k];
         if (o.verbose)
@@ -165,15 +246,18 @@ compare_result run_compare(const compare_options& o) {
     replies.push_back(std::move(mode_replies));
     logits_by_mode.push_back({});
     for (const auto& t : result.runs.back().turns) logits_by_mode.back().push_back({t.first_logits, t.truncations});
-    if (kv) {
+    if (nodes[0].kv) {
       std::lock_guard lock(metrics_mutex);
       metrics_last.clear();
-      kv->metrics(metrics_last);
+      nodes[0].kv->metrics(metrics_last);
       metrics_store = nullptr;
     }
-    hk.reset();
-    kv.reset();
-    if (!dir.empty() && o.ssd_dir.empty()) std::filesystem::remove_all(dir);
+    for (node& nd : nodes) {
+      nd.eng.reset();
+      nd.hk.reset();
+      nd.kv.reset();
+      if (!nd.dir.empty() && o.ssd_dir.empty()) std::filesystem::remove_all(nd.dir);
+    }
   }
   if (metrics && o.metrics_hold) {
     // A scraper (tests/metrics/test_scrape.py) waits for this line, then scrapes once.
@@ -227,11 +311,14 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
                  "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
                  "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--context N [--sink N]]\n"
                  "          [--quiet] [--json] [--metrics-port N [--metrics-hold]]\n"
-                 "          [--attention full|window|latent] [--window N]\n"
+                 "          [--attention full|window|latent] [--window N] [--nodes N [--redis HOST:PORT]]\n"
                  "  --attention: the seeded model's layers: full (default), window (even layers attend the\n"
                  "    last --window tokens, default 128; odd ones all) or latent (MLA: one row per token);\n"
                  "  --metrics-port N: serve the store's metrics (Prometheus text) on 127.0.0.1:N/metrics;\n"
-                 "  --metrics-hold: at the end, wait (up to 60 s) until they are scraped once more\n",
+                 "  --metrics-hold: at the end, wait (up to 60 s) until they are scraped once more;\n"
+                 "  --nodes N: modes recompute, store-dram (one node), nodes-local (N nodes, each its own\n"
+                 "    store, turns round-robin) and, with --redis, nodes-shared (the same with a shared tier on\n"
+                 "    that Redis Cluster; ATTNSTORE_REDIS_USER/ATTNSTORE_REDIS_PASSWORD for AUTH)\n",
                  argv[0]);
   };
   for (int i = 1; i < argc; ++i) {
@@ -275,6 +362,11 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
         o.metrics_port = std::uint16_t(std::stoul(next()));
       else if (a == "--metrics-hold")
         o.metrics_hold = true;
+      else if (a == "--nodes") {
+        o.nodes = std::stoi(next());
+        if (o.nodes < 1 || o.nodes > 64) throw std::invalid_argument("--nodes must be 1..64");
+      } else if (a == "--redis")
+        o.redis_seed = next();
       else if (a == "--attention") {
         o.attention = next();
         if (o.attention != "full" && o.attention != "window" && o.attention != "latent")
@@ -304,6 +396,10 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
       code = 2;
       return false;
     }
+  }
+  if (o.nodes > 1 && o.modes == std::vector<std::string>{"recompute", "store-dram", "store-ssd"}) {
+    o.modes = {"recompute", "store-dram", "nodes-local"};
+    if (!o.redis_seed.empty()) o.modes.push_back("nodes-shared");
   }
   return true;
 }
@@ -348,10 +444,18 @@ void print_compare_json(const compare_result& r) {
   const run_summary* rc = find("recompute");
   const run_summary* rd = find("store-dram");
   const run_summary* rs = find("store-ssd");
+  const run_summary* nl = find("nodes-local");
+  const run_summary* ns = find("nodes-shared");
   auto num = [](const run_summary* s, double run_summary::*f) { return s ? s->*f : -1.0; };
   std::printf("{\"ttft_recompute_ms\": %.3f, \"ttft_reuse_dram_ms\": %.3f, \"ttft_reuse_ssd_ms\": %.3f, ",
               num(rc, &run_summary::ttft_median_long_ms), num(rd, &run_summary::ttft_median_long_ms),
               num(rs, &run_summary::ttft_median_long_ms));
+  if (nl || ns)  // several nodes, turns round-robin: local tiers only, and with the shared tier
+    std::printf(
+        "\"ttft_nodes_local_ms\": %.3f, \"ttft_nodes_shared_ms\": %.3f, \"reused_tokens_nodes_local\": %zu, "
+        "\"reused_tokens_nodes_shared\": %zu, \"reused_tokens_single_node\": %zu, ",
+        num(nl, &run_summary::ttft_median_long_ms), num(ns, &run_summary::ttft_median_long_ms),
+        nl ? nl->reused_tokens : 0, ns ? ns->reused_tokens : 0, rd ? rd->reused_tokens : 0);
   std::printf("\"prefill_tokens_recompute\": %zu, \"prefill_tokens_reuse\": %zu, ", rc ? rc->prefill_tokens : 0,
               rd ? rd->prefill_tokens : (rs ? rs->prefill_tokens : 0));
   std::printf(

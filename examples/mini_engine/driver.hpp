@@ -72,6 +72,11 @@ struct compare_options {
   bool verbose = true;             ///< per-turn lines
   std::uint16_t metrics_port = 0;  ///< serve store metrics on 127.0.0.1:port (0: off)
   bool metrics_hold = false;       ///< wait at the end for one more scrape
+  /// Several nodes (modes nodes-local, nodes-shared): each its own engine, DRAM and SSD;
+  /// a conversation's turns go round-robin over them. nodes-shared gives every store the
+  /// shared tier on the Redis Cluster at redis_seed (ATTNSTORE_REDIS_USER/PASSWORD).
+  int nodes = 1;
+  std::string redis_seed;
 };
 
 struct compare_result {

@@ -42,11 +42,13 @@ class remote_tier {
   /// The name of `key` in the tier. Allocation-free.
   virtual remote_session identify(const session_key& key) const noexcept = 0;
 
-  /// The leading blocks of the session's history as some store published it whose token ids
-  /// are a prefix of `prompt` (all of the history, up to the room given, when `prompt` is
-  /// empty), each verified. Returns how many were written to `out` (0: a miss).
+  /// Blocks first_block, first_block + 1, ... of the session's history as some store
+  /// published it, as long as the history's token ids from its start are a prefix of
+  /// `prompt` (every block, up to the room given, when `prompt` is empty), each verified.
+  /// out[i] is block first_block + i. Returns how many were written (0: a miss). With
+  /// first_block > 0 the caller holds blocks before it (the same tokens).
   virtual std::uint32_t fetch(const remote_session& session, std::span<const token_id> prompt,
-                              const remote_fetch& out) noexcept = 0;
+                              std::uint32_t first_block, const remote_fetch& out) noexcept = 0;
 
   /// Write-behind of a session's history after a turn: every token, each block's keys
   /// digest and payload (nullptr: a block this store published before, listed but not

@@ -57,7 +57,9 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
       // The caller's refs must describe one prefix: checked before any network time.
       for (std::size_t i = base; i < base + n; ++i) {
         const block_ref& r = refs[i];
-        const bool continues = i == 0 ? r.index == 0 && r.previous.is_zero()
+        // refs[0]: block 0, or a later block continuing a prefix the caller holds (its
+        // previous chain is the caller's; the chain recomputed from it must match).
+        const bool continues = i == 0 ? r.index > 0 || r.previous.is_zero()
                                       : r.index == refs[i - 1].index + 1 && r.previous == refs[i - 1].chain;
         if (!continues || r.tokens.empty() || r.tokens.size() > m.cfg.tokens_per_block || !out[i] ||
             (i + 1 < refs.size() && r.tokens.size() != m.cfg.tokens_per_block)) {

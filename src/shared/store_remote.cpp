@@ -19,7 +19,7 @@ remote_session store_remote::identify(const session_key& key) const noexcept {
 }
 
 std::uint32_t store_remote::fetch(const remote_session& session, std::span<const token_id> prompt,
-                                  const remote_fetch& out) noexcept {
+                                  std::uint32_t first_block, const remote_fetch& out) noexcept {
   const std::uint32_t tpb = tier_->config().tokens_per_block;
   const std::size_t room = std::min(
       {out.payloads.size(), out.token_counts.size(), out.keys.size(), out.checksums.size(), out.tokens.size() / tpb});
@@ -27,26 +27,27 @@ std::uint32_t store_remote::fetch(const remote_session& session, std::span<const
   try {  // the vectors below grow once per fetch (a network round trip), never per layer
     session_manifest m;
     if (tier_->fetch_manifest({session.session, session.tenant}, m) != shared_status::ok) return 0;
-    // The blocks the prompt starts with (every block, when there is no prompt).
-    std::size_t n = 0, pos = 0;
-    for (; n < m.blocks.size() && n < room; ++n) {
-      const auto t = m.tokens_of(n);
+    // The history's blocks the prompt starts with (every block, when there is no prompt).
+    std::size_t end = 0, pos = 0;
+    for (; end < m.blocks.size() && end < first_block + room; ++end) {
+      const auto t = m.tokens_of(end);
       if (!prompt.empty() &&
           (pos + t.size() > prompt.size() || !std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))))
         break;
       pos += t.size();
     }
-    if (n == 0) return 0;
+    if (end <= first_block) return 0;
+    const std::size_t n = end - first_block;
     std::vector<block_ref> refs(n);
     std::vector<shared_status> status(n);
-    for (std::size_t i = 0; i < n; ++i) refs[i] = m.ref(i);
+    for (std::size_t i = 0; i < n; ++i) refs[i] = m.ref(first_block + i);
     const fetch_result r = tier_->fetch_blocks(refs, out.payloads.first(n), status);
     const std::size_t bb = tier_->config().block_bytes;
     for (std::uint32_t i = 0; i < r.prefix; ++i) {
-      const auto t = m.tokens_of(i);
+      const auto t = m.tokens_of(first_block + i);
       std::copy(t.begin(), t.end(), out.tokens.begin() + std::ptrdiff_t(std::size_t(i) * tpb));
       out.token_counts[i] = std::uint32_t(t.size());
-      out.keys[i] = m.blocks[i].keys;
+      out.keys[i] = m.blocks[first_block + i].keys;
       out.checksums[i] = checksum64(out.payloads[i], bb);
     }
     return r.prefix;

@@ -87,12 +87,13 @@ lookup_result store::impl::lookup(const session_key& key, std::span<const token_
     detail::bump(counters_->lookup_misses);  // nothing is reusable for keys that say nothing
     return r;
   }
-  locked_session s = index_->open(h, false);
-  if (config_.remote && (!s || s.block_count() == 0)) {
-    // Nothing here: the remote tier may have it (fetched into DRAM now, so the load that
-    // follows is local).
-    s.reset();
+  locked_session s;
+  if (config_.remote) {
+    // The remote tier may hold more of it than this store (nothing, or turns that ran on
+    // other nodes): fetched into DRAM now, so the load that follows is local.
     s = open_for_load(key, h, prompt, keys, ~0u);
+  } else {
+    s = index_->open(h, false);
   }
   if (s && s.block_count() > 0) {
     r = index_->lookup(s, model_, prompt, out, keys);

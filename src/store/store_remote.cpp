@@ -10,17 +10,42 @@ namespace attnstore {
 std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt,
                                                    const request_keys& keys, std::uint32_t max_blocks) noexcept {
   const remote_session& id = remote_ids_[s.record_id()];
-  if (!config_.remote || s.block_count() != 0 || id.session.value.is_zero()) return 0;
+  if (!config_.remote || id.session.value.is_zero() || s.truncated()) return 0;
+  // A session held here may be behind the tier (its last turns ran on other nodes): the
+  // whole blocks of the prompt it holds stay, what follows them is asked for.
   const std::uint32_t tpb = geometry_.tokens_per_block;
-  const std::uint32_t want = std::min(max_blocks, geometry_.blocks_for(prompt.size()));
-  if (want == 0) return 0;
-  // Allocations here are per fetch (a network round trip), never per layer.
+  std::uint32_t have = 0;
+  hash128 prev{};
+  if (s.block_count() > 0) {
+    if (s.pins() > 0) return 0;  // a load or save is using its blocks now
+    std::uint64_t held = 0;
+    bool whole = true;
+    held = index_->match_prompt(
+        s, model_, prompt,
+        [&](const block_match& bm) {
+          if (whole && bm.whole && s.meta(bm.block).tokens == tpb) {
+            ++have;
+            prev = s.meta(bm.block).chain;
+          } else {
+            whole = false;
+          }
+          return true;
+        },
+        keys);
+    if (held >= prompt.size()) return 0;  // it holds the whole prompt
+  }
+  const std::uint32_t total = std::min(max_blocks, geometry_.blocks_for(prompt.size()));
+  if (total <= have) return 0;
+  const std::uint32_t want = total - have;
+  // Allocations here are per fetch (a network round trip), never per layer. DRAM is taken
+  // from what is free before the tier says what it has; only when none is free are others
+  // demoted, for a few blocks.
   std::vector<std::uint32_t> slots;
   std::vector<std::byte*> payloads;
   slots.reserve(want);
-  payloads.reserve(want);
   for (std::uint32_t i = 0; i < want; ++i) {
-    const std::uint32_t slot = alloc_dram(s, 0);  // may demote other sessions, never this one
+    std::uint32_t slot = dram_->allocate();
+    if (slot == no_slot && slots.size() < std::min<std::uint32_t>(want, 16)) slot = alloc_dram(s, have);
     if (slot == no_slot) break;
     slots.push_back(slot);
     payloads.push_back(dram_payload(slot));
@@ -32,19 +57,20 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   std::vector<std::uint64_t> checksums(room);
   detail::bump(counters_->remote_fetches);
   const std::uint32_t got =
-      room ? std::min<std::uint32_t>(std::uint32_t(room),
-                                     config_.remote->fetch(id, prompt, {payloads, tokens, counts, digests, checksums}))
+      room ? std::min<std::uint32_t>(
+                 std::uint32_t(room),
+                 config_.remote->fetch(id, prompt, have, {payloads, tokens, counts, digests, checksums}))
            : 0;
-  // What came back is checked again here: token ids a prefix of the prompt (whole blocks
-  // but a last partial one), the request's own keys digests, the payload's checksum.
+  // What came back is checked again here: token ids that continue the prompt (whole
+  // blocks but a last partial one), the request's own keys digests, the payload's checksum.
   const std::size_t bb = geometry_.block_bytes();
   std::uint32_t keep = 0;
-  std::uint64_t pos = 0;
+  std::uint64_t pos = std::uint64_t(have) * tpb;
   for (; keep < got; ++keep) {
     const std::uint32_t n = counts[keep];
     if (n == 0 || n > tpb || pos + n > prompt.size()) break;
-    const auto have = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb, n);
-    if (!std::equal(have.begin(), have.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
+    const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb, n);
+    if (!std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
     if (!(digests[keep] == (keys.empty() ? hash128{} : block_keys(keys, pos, n)))) break;
     if (checksum64(payloads[keep], bb) != checksums[keep]) break;
     pos += n;
@@ -55,7 +81,6 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   }
   std::uint32_t head = no_slot, tail = no_slot, made = 0;
   const std::uint64_t put_id = keep ? sequence_.fetch_add(keep, std::memory_order_relaxed) : 0;
-  hash128 prev{};
   for (; made < keep; ++made) {
     const std::uint32_t b =
         s.new_block(std::span<const token_id>(tokens).subspan(std::size_t(made) * tpb, counts[made]));
@@ -64,10 +89,10 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
     m.keys = digests[made];
     m.chain = prev = chain_hash(prev, model_, s.tokens_of(b), m.keys);
     m.checksum = checksums[made];
-    m.saved_pos = std::uint64_t(made) * tpb;
+    m.saved_pos = std::uint64_t(have + made) * tpb;
     m.dram_slot = slots[made];
-    m.sequence = put_id + made;  // numbered as one put of blocks [0, made), like an adoption
-    m.put_first_block = 0;
+    m.sequence = put_id + made;  // numbered as one put of blocks [have, have + made)
+    m.put_first_block = have;
     m.put_blocks = keep;
     m.published = true;
     s.append(head, tail, b);
@@ -77,8 +102,8 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
     detail::bump(counters_->remote_misses);
     return 0;
   }
-  s.publish(0, head, made);
-  s.set_truncated(false);
+  // The fetched blocks replace whatever this store held after the blocks it kept.
+  release_chain(s.publish(have, head, made));
   if (sharing_) {
     const hash128 tenant = tenant_hash_of(s.record_id());
     for (std::uint32_t b = head; b != no_slot; b = s.meta(b).next) offer_copy(s.meta(b), tenant, tier::dram);

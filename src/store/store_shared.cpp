@@ -146,7 +146,12 @@ locked_session store::impl::open_for_load(const session_key& key, const session_
                                           std::uint32_t max_blocks) noexcept {
   locked_session s = index_->open(h, false);
   if (s && config_.remote) remember_remote(s, key);
-  if ((s && s.block_count() > 0) || (!sharing_ && !config_.remote)) return s;
+  if (s && s.block_count() > 0) {
+    // Held here, perhaps behind the remote tier (the last turns ran on other nodes).
+    if (config_.remote) fill_from_remote_locked(s, prompt, keys, max_blocks);
+    return s;
+  }
+  if (!sharing_ && !config_.remote) return s;
   const hash128 tenant = tenant_of(key.tenant);
   // Without a remote tier a record is made only for what the shared copies hold.
   if (!config_.remote && match_shared(prompt, keys, tenant, max_blocks).blocks == 0) return s;

@@ -96,6 +96,12 @@ TEST_CASE("store remote: a session saved on one node is served on another, byte 
   b.settle();
   CHECK(c.kv->lookup(key, toks).tokens == 200);
   CHECK(served(*c.kv, key, conv, 200) == 200);
+  // Turn 3 lands on A again, which holds only turn 1: it keeps its blocks and takes the
+  // rest of the history from the cluster.
+  const auto fetched_before = a.kv->stats().remote_blocks_fetched;
+  CHECK(a.kv->lookup(key, toks).tokens == 200);
+  CHECK(a.kv->stats().remote_blocks_fetched - fetched_before == 3);  // blocks 4-6 only
+  CHECK(served(*a.kv, key, conv, 200) == 200);
   // An edit inside block 2: C's next prompt reuses the blocks before it only.
   auto edited = toks;
   edited[2 * 32 + 3] ^= 1;
@@ -141,6 +147,33 @@ TEST_CASE("store remote: hostile manifests and blocks in the cluster are misses,
   node c("remote-hostile-c");
   CHECK(c.kv->lookup(key, conv.toks()).tokens == 0);     // names another session: refused
   CHECK(c.kv->lookup(other, conv.toks()).tokens == 96);  // the real one still serves
+}
+
+TEST_CASE("store remote: a tier that does not answer is a miss within its bound; local work goes on", "[cluster]") {
+  temp_dir dir("remote-dead");
+  store_config c = small_config(dir.str(), 64, 64);
+  shared_tier_config t;
+  t.cluster = test_cluster_config();
+  t.cluster.seeds = {"127.0.0.1:1"};  // nothing listens there
+  t.cluster.connect_timeout = milliseconds{100};
+  t.cluster.command_timeout = milliseconds{100};
+  t.cluster.request_timeout = milliseconds{300};
+  t.model = store_model_id(c);
+  t.fleet_secret = fleet;
+  t.tokens_per_block = test_geometry.tokens_per_block;
+  t.block_bytes = test_geometry.validated().block_bytes();
+  c.remote = std::make_shared<store_remote>(t);
+  store s(c);
+  const conversation conv{99, 100};
+  const session_key key{"acme", unique("dead")};
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(s.lookup(key, conv.toks()).tokens == 0);  // not here, and the tier is a miss
+  REQUIRE(s.put(key, conv.toks(), 0, conv.data(s.block_bytes())) == errc::ok);
+  CHECK(s.lookup(key, conv.toks()).tokens == 100);  // local hits are not held up
+  CHECK(served(s, key, conv, 100) == 100);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(ms < 3 * 300 + 400);  // each remote call within request_timeout (and slack)
+  CHECK(s.stats().remote_misses >= 1);
 }
 
 int main(int argc, char** argv) { return run_with_cluster(argc, argv, "test_store_remote"); }

@@ -151,8 +151,9 @@ class shared_tier {
   /// not_found, verify_failed, timeout, node_down, auth_error or error with `out` cleared.
   [[nodiscard]] shared_status fetch_manifest(const shared_session& session, session_manifest& out) noexcept;
 
-  /// Reads blocks [0, refs.size()) of a prefix (refs[i].previous must be refs[i-1].chain; a
-  /// manifest's ref(i) gives them) and verifies each exactly (verify_block_record) while
+  /// Reads blocks of a prefix, from block 0 or from a later block that continues a prefix
+  /// the caller already holds (refs[i].previous must be refs[i-1].chain; a manifest's
+  /// ref(i) gives them) and verifies each exactly (verify_block_record) while
   /// copying its payload to out[i] (block_bytes each). status[i] is ok, a miss
   /// (not_found, verify_failed, timeout, node_down, auth_error, error), skipped for blocks
   /// after the first miss, or invalid_argument (a ref out of range or not continuing the one

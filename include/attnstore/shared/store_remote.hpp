@@ -24,7 +24,7 @@ class store_remote final : public remote_tier {
   ~store_remote() override;
 
   remote_session identify(const session_key& key) const noexcept override;
-  std::uint32_t fetch(const remote_session& session, std::span<const token_id> prompt,
+  std::uint32_t fetch(const remote_session& session, std::span<const token_id> prompt, std::uint32_t first_block,
                       const remote_fetch& out) noexcept override;
   errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const hash128> keys,
                std::span<const std::byte* const> payloads) noexcept override;
