@@ -183,6 +183,7 @@ struct store_stats {
   /// tier over its bound or failing).
   std::uint64_t remote_fetches = 0, remote_blocks_fetched = 0, remote_misses = 0;
   std::uint64_t remote_publishes = 0, remote_publishes_skipped = 0;
+  std::uint64_t remote_prefetches = 0;  ///< queued sessions fetched from the remote tier ahead of their turn
 };
 
 /// One tenant's share of a store (store::tenant_usage).

@@ -1,5 +1,6 @@
 // Policy events and background work: the engine queue, prefetch (SSD -> DRAM
 // promotion), watermark demotion, the TTL, and the store's thread.
+#include <algorithm>
 #include <chrono>
 
 #include "store_impl.hpp"
@@ -154,6 +155,24 @@ void store::impl::set_queue(std::span<const session_key> waiting) noexcept {
     queue_hashes_[k] = session_of(waiting[k]);
     queue_records_[k] = index_->find(queue_hashes_[k]);
   }
+  // Queued sessions held nowhere here may be in the remote tier: fetched ahead of their
+  // turn, as the prefetcher promotes from SSD (a bounded list; the strings are copied).
+  if (config_.remote) {
+    bool added = false;
+    {
+      std::lock_guard lock(work_mutex_);
+      for (std::size_t k = 0; k < n && remote_jobs_.size() < max_remote_jobs; ++k) {
+        if (queue_records_[k] != no_slot) continue;
+        const auto same = [&](const remote_job& j) {
+          return j.tenant == waiting[k].tenant && j.session == waiting[k].session;
+        };
+        if (std::find_if(remote_jobs_.begin(), remote_jobs_.end(), same) != remote_jobs_.end()) continue;
+        remote_jobs_.push_back({std::string(waiting[k].tenant), std::string(waiting[k].session)});
+        added = true;
+      }
+    }
+    if (added) work_cv_.notify_one();
+  }
   const std::uint64_t t = now();
   std::lock_guard lock(policy_mutex_);
   // A queued session that is not stored has come back: a policy that evicted it learns
@@ -276,6 +295,21 @@ void store::impl::run_promotion(const promotion_job& job) noexcept {
   }
 }
 
+void store::impl::prefetch_remote(const session_key& key) noexcept {
+  const session_hash h = session_of(key);
+  if (index_->find(h) != no_slot) return;  // here already (its turn came, or a fetch did)
+  errc why = errc::ok;
+  locked_session s = open_or_evict(h, &why);
+  if (!s) return;
+  if (s.block_count() == 0 && assign_tenant(s, tenant_of(key.tenant)) == errc::ok) {
+    remember_remote(s, key);
+    // Its whole history (no prompt yet), into free DRAM only: a prefetch demotes nobody.
+    if (fill_from_remote_locked(s, {}, {}, std::max<std::uint32_t>(1, free_dram_slots() / 2), false) > 0)
+      detail::bump(counters_->remote_prefetches);
+  }
+  erase_if_empty(s);
+}
+
 // ---------------------------------------------------------------- TTL, watermark, the thread
 
 std::uint32_t store::impl::expire_idle() noexcept {
@@ -326,6 +360,17 @@ std::uint32_t store::impl::run_background() noexcept {
     run_promotion(job);
     ++done;
   }
+  for (;;) {
+    remote_job job;
+    {
+      std::lock_guard lock(work_mutex_);
+      if (remote_jobs_.empty()) break;
+      job = std::move(remote_jobs_.front());
+      remote_jobs_.erase(remote_jobs_.begin());
+    }
+    prefetch_remote({job.tenant, job.session});
+    ++done;
+  }
   if (prefetcher_) {
     // Once a second: sessions skipped while busy, and (predictive) sessions that became
     // likely returners as they aged.
@@ -374,7 +419,8 @@ void store::impl::background_loop() noexcept {
       config_.session_ttl_ms ? std::clamp<std::uint64_t>(config_.session_ttl_ms / 4, 10, 1000) : 1000);
   std::unique_lock lock(work_mutex_);
   while (!stopping_) {
-    work_cv_.wait_for(lock, period, [&] { return stopping_ || job_count_ > 0 || demotion_wanted_; });
+    work_cv_.wait_for(lock, period,
+                      [&] { return stopping_ || job_count_ > 0 || demotion_wanted_ || !remote_jobs_.empty(); });
     if (stopping_) break;
     busy_ = true;
     lock.unlock();

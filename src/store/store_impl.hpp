@@ -50,7 +50,7 @@ namespace attnstore {
   X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed)                     \
   X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)           \
   X(adopted_blocks) X(remote_fetches) X(remote_blocks_fetched) X(remote_misses) X(remote_publishes)  \
-  X(remote_publishes_skipped)
+  X(remote_publishes_skipped) X(remote_prefetches)
 // clang-format on
 
 namespace detail {
@@ -188,8 +188,16 @@ struct store::impl {
   /// A session that holds nothing takes the leading blocks of its history that the
   /// remote tier has and `prompt` starts with (at most max_blocks), into DRAM. Returns
   /// how many.
+  /// An empty prompt takes the whole history (a prefetch: the request's keys are checked
+  /// when it comes). `may_demote`: when no DRAM is free, a few blocks' room is made.
   std::uint32_t fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt, const request_keys& keys,
-                                        std::uint32_t max_blocks) noexcept;
+                                        std::uint32_t max_blocks, bool may_demote = true) noexcept;
+  /// A queued session held nowhere here: its history fetched into free DRAM.
+  void prefetch_remote(const session_key& key) noexcept;
+  struct remote_job {
+    std::string tenant, session;
+  };
+  static constexpr std::size_t max_remote_jobs = 64;
   /// Write-behind of the session's history after a save (whole blocks and a partial
   /// last one, up to the first that is neither in DRAM nor published before).
   void publish_remote_locked(locked_session& s) noexcept;
@@ -416,7 +424,8 @@ struct store::impl {
   // Background work: promotions the prefetcher started, demotion, TTL.
   std::mutex work_mutex_;
   std::condition_variable work_cv_, idle_cv_;
-  std::vector<promotion_job> jobs_;  // ring, capacity max_sessions
+  std::vector<promotion_job> jobs_;      // ring, capacity max_sessions
+  std::vector<remote_job> remote_jobs_;  // queued sessions to fetch from the remote tier
   std::size_t job_head_ = 0, job_count_ = 0;
   bool demotion_wanted_ = false, stopping_ = false, busy_ = false;
   std::atomic<std::uint64_t> next_ttl_check_{0};

@@ -59,6 +59,7 @@ constexpr counter_help counter_helps[] = {
     {"remote_misses", "Remote fetches that brought nothing usable."},
     {"remote_publishes", "Write-behinds of a session to the remote tier queued after a save."},
     {"remote_publishes_skipped", "Write-behinds the remote tier refused (over its bound, or failing)."},
+    {"remote_prefetches", "Queued sessions fetched from the remote tier ahead of their turn."},
 };
 
 std::string_view help_of(std::string_view name) {

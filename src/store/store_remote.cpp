@@ -8,7 +8,8 @@
 namespace attnstore {
 
 std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt,
-                                                   const request_keys& keys, std::uint32_t max_blocks) noexcept {
+                                                   const request_keys& keys, std::uint32_t max_blocks,
+                                                   bool may_demote) noexcept {
   const remote_session& id = remote_ids_[s.record_id()];
   if (!config_.remote || id.session.value.is_zero() || s.truncated()) return 0;
   // A session held here may be behind the tier (its last turns ran on other nodes): the
@@ -34,7 +35,8 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
         keys);
     if (held >= prompt.size()) return 0;  // it holds the whole prompt
   }
-  const std::uint32_t total = std::min(max_blocks, geometry_.blocks_for(prompt.size()));
+  const bool whole_history = prompt.empty();
+  const std::uint32_t total = whole_history ? max_blocks : std::min(max_blocks, geometry_.blocks_for(prompt.size()));
   if (total <= have) return 0;
   const std::uint32_t want = total - have;
   // Allocations here are per fetch (a network round trip), never per layer. DRAM is taken
@@ -45,7 +47,7 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   slots.reserve(want);
   for (std::uint32_t i = 0; i < want; ++i) {
     std::uint32_t slot = dram_->allocate();
-    if (slot == no_slot && slots.size() < std::min<std::uint32_t>(want, 16)) slot = alloc_dram(s, have);
+    if (slot == no_slot && may_demote && slots.size() < std::min<std::uint32_t>(want, 16)) slot = alloc_dram(s, have);
     if (slot == no_slot) break;
     slots.push_back(slot);
     payloads.push_back(dram_payload(slot));
@@ -68,10 +70,13 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   std::uint64_t pos = std::uint64_t(have) * tpb;
   for (; keep < got; ++keep) {
     const std::uint32_t n = counts[keep];
-    if (n == 0 || n > tpb || pos + n > prompt.size()) break;
-    const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb, n);
-    if (!std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
-    if (!(digests[keep] == (keys.empty() ? hash128{} : block_keys(keys, pos, n)))) break;
+    if (n == 0 || n > tpb) break;
+    if (!whole_history) {
+      if (pos + n > prompt.size()) break;
+      const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb, n);
+      if (!std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
+      if (!(digests[keep] == (keys.empty() ? hash128{} : block_keys(keys, pos, n)))) break;
+    }
     if (checksum64(payloads[keep], bb) != checksums[keep]) break;
     pos += n;
     if (n < tpb) {

@@ -107,6 +107,17 @@ TEST_CASE("store remote: a session saved on one node is served on another, byte 
   edited[2 * 32 + 3] ^= 1;
   CHECK(c.kv->lookup(key, edited).tokens == 2 * 32 + 3);
 
+  // The engine's queue drives a prefetch from the cluster: a node that never saw the
+  // session has it in DRAM before its turn, and the turn's load fetches no block.
+  node e("remote-e");
+  e.kv->set_queue(std::vector<session_key>{key});
+  e.kv->run_background();
+  CHECK(e.kv->stats().remote_prefetches == 1);
+  CHECK(e.kv->stats().remote_blocks_fetched == 7);
+  CHECK(served(*e.kv, key, conv, 200) == 200);
+  CHECK(e.kv->stats().remote_blocks_fetched == 7);
+  CHECK(e.kv->stats().blocks_served_dram == 7);
+
   // Another tenant with the same session name, another model: nothing.
   CHECK(c.kv->lookup({"other", name}, toks).tokens == 0);
   node m("remote-model", "another-model");
@@ -165,7 +176,8 @@ TEST_CASE("store remote: a tier that does not answer is a miss within its bound;
   c.remote = std::make_shared<store_remote>(t);
   store s(c);
   const conversation conv{99, 100};
-  const session_key key{"acme", unique("dead")};
+  const std::string name = unique("dead");
+  const session_key key{"acme", name};
   const auto t0 = std::chrono::steady_clock::now();
   CHECK(s.lookup(key, conv.toks()).tokens == 0);  // not here, and the tier is a miss
   REQUIRE(s.put(key, conv.toks(), 0, conv.data(s.block_bytes())) == errc::ok);
