@@ -14,7 +14,7 @@
 #include "attnstore/shared/records.hpp"
 #include "attnstore/shared/store_remote.hpp"
 #include "attnstore/store.hpp"
-#include "redis_test_support.hpp"
+#include "store_remote_support.hpp"
 #include "support/kv_data.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
@@ -37,15 +37,7 @@ struct node {
   explicit node(const std::string& tag, const std::string& model = "test-model") : dir(tag) {
     store_config c = small_config(dir.str(), 64, 64);
     c.model_name = model;
-    shared_tier_config t;
-    t.cluster = test_cluster_config();
-    t.model = store_model_id(c);
-    t.fleet_secret = fleet;
-    t.tokens_per_block = test_geometry.tokens_per_block;
-    t.block_bytes = test_geometry.validated().block_bytes();
-    t.block_ttl = milliseconds{600000};
-    t.manifest_ttl = milliseconds{600000};
-    remote = std::make_shared<store_remote>(t);
+    remote = std::make_shared<store_remote>(remote_config(c, fleet));
     c.remote = remote;
     kv = std::make_unique<store>(c);
   }
@@ -163,16 +155,11 @@ TEST_CASE("store remote: hostile manifests and blocks in the cluster are misses,
 TEST_CASE("store remote: a tier that does not answer is a miss within its bound; local work goes on", "[cluster]") {
   temp_dir dir("remote-dead");
   store_config c = small_config(dir.str(), 64, 64);
-  shared_tier_config t;
-  t.cluster = test_cluster_config();
+  shared_tier_config t = remote_config(c, fleet);
   t.cluster.seeds = {"127.0.0.1:1"};  // nothing listens there
   t.cluster.connect_timeout = milliseconds{100};
   t.cluster.command_timeout = milliseconds{100};
   t.cluster.request_timeout = milliseconds{300};
-  t.model = store_model_id(c);
-  t.fleet_secret = fleet;
-  t.tokens_per_block = test_geometry.tokens_per_block;
-  t.block_bytes = test_geometry.validated().block_bytes();
   c.remote = std::make_shared<store_remote>(t);
   store s(c);
   const conversation conv{99, 100};
