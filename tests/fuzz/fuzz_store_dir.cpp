@@ -6,11 +6,13 @@
 // Only the public API is used, and the template directory is made at start-up by the
 // store itself, so the harness keeps working when the on-disk format or the MANIFEST
 // keys change. At start-up a store is created in a template directory, three sessions
-// are put (one in two puts) and written to SSD, and the store is closed. Each input is
+// are put (one in two puts) and written to SSD, a fourth takes the first two blocks of
+// one of them from SSD (a shared prefix: LINKS) and saves its own after them, and the
+// store is closed. Each input is
 // then a list of edits applied to a copy of that directory:
 //   0 write     file, offset (u32, modulo the file size + 64), n, n bytes
 //   1 header    slot, offset (u16, modulo 256), n, n bytes: into a block slot's header
-//   2 replace   file: the rest of the input becomes the file (TOMBSTONES, MANIFEST...)
+//   2 replace   file: the rest of the input becomes the file (TOMBSTONES, LINKS, MANIFEST...)
 //   3 copy      slot a, slot b: slot b becomes a copy of slot a
 //   4 reseal    slot: its header checksum is recomputed (format::compute_header_checksum),
 //               so edits to header fields reach the checks behind the checksum
@@ -98,9 +100,9 @@ struct fixture {
     store_config c;
     c.geometry = geometry;
     c.model_name = "fuzz";
-    c.dram_bytes = 8 * slot;
+    c.dram_bytes = 10 * slot;
     c.ssd_directory = dir.string();
-    c.ssd_bytes = 8 * slot;
+    c.ssd_bytes = 10 * slot;
     c.background_thread = false;
     c.direct_io = false;
     c.require_direct_io = false;
@@ -145,6 +147,17 @@ struct fixture {
         }
         require(s.demote(key) == errc::ok, "demote");
       }
+      // A fourth session that starts with s1's first two blocks takes them from SSD (a
+      // shared prefix: its blocks hold s1's slots, named in LINKS) and saves its own after.
+      session_data shared = make_session(5, 84, geometry);
+      std::copy(sessions[0].tokens.begin(), sessions[0].tokens.begin() + 64, shared.tokens.begin());
+      std::copy(sessions[0].blocks.begin(), sessions[0].blocks.begin() + std::ptrdiff_t(2 * bb), shared.blocks.begin());
+      const session_key key{"t", shared.name};
+      std::vector<std::byte> out(2 * bb);
+      require(s.get(key, shared.tokens, 0, 2, out).blocks == 2, "shared get");
+      require(s.put(key, shared.tokens, 2, std::span(shared.blocks).subspan(2 * bb)) == errc::ok, "shared put");
+      require(s.demote(key) == errc::ok, "demote");
+      sessions.push_back(std::move(shared));
       require(s.flush() == errc::ok, "flush");
     }
     for (const auto& e : fs::directory_iterator(template_dir)) {
@@ -156,6 +169,7 @@ struct fixture {
       if (largest.empty() || contents[name].size() > contents[largest].size()) largest = name;
     }
     if (!contents.count("TOMBSTONES")) files.push_back("TOMBSTONES");
+    require(contents.count("LINKS") == 1, "the template has a LINKS file");
     std::sort(files.begin(), files.end());
     std::string names;
     for (const auto& n : files) names += " " + n;
