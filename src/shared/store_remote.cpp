@@ -68,6 +68,9 @@ errc store_remote::publish(const remote_session& session, std::span<const token_
 }
 
 void store_remote::drop(const remote_session& session) noexcept {
+  // A write-behind still queued for the session would put its manifest back after the
+  // DEL: what is queued goes out first (bounded by the cluster's request timeout).
+  (void)tier_->flush(tier_->config().cluster.request_timeout);
   const record_key k = manifest_key(tier_->config().model.value, session.session);
   (void)deleter_->del(k.view());
 }

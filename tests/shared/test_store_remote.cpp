@@ -120,6 +120,13 @@ TEST_CASE("store remote: a session saved on one node is served on another, byte 
   REQUIRE(b.kv->drop(key) == errc::ok);
   node d("remote-d");
   CHECK(d.kv->lookup(key, toks).tokens == 0);
+  // Also when the drop comes right behind a save whose write-behind is still queued.
+  const std::string quick_name = unique("quick");
+  const session_key quick{"acme", quick_name};
+  REQUIRE(a.kv->put(quick, toks, 0, conv.data(bb)) == errc::ok);
+  REQUIRE(a.kv->drop(quick) == errc::ok);
+  a.settle();
+  CHECK(d.kv->lookup(quick, toks).tokens == 0);
 }
 
 TEST_CASE("store remote: hostile manifests and blocks in the cluster are misses, never served", "[cluster]") {

@@ -6,8 +6,8 @@
 // with, each verified by shared_tier exactly as an SSD block (model, chain, token ids,
 // payload checksum); the prefix ends at the first block that is missing or bad. publish:
 // shared_tier's write-behind (blocks not sent before, then the manifest, versioned by the
-// wall clock). drop: deletes the manifest (blocks are content: other sessions may list
-// them; their TTL and the servers' LRU retire them).
+// wall clock). drop: sends what is queued, then deletes the manifest (blocks are
+// content: other sessions may list them; their TTL and the servers' LRU retire them).
 #pragma once
 
 #include <memory>
