@@ -10,8 +10,9 @@ namespace attnstore {
 std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt,
                                                    const request_keys& keys, std::uint32_t max_blocks,
                                                    bool may_demote) noexcept {
+  if (!config_.remote) return 0;  // (remote_ids_ is empty then)
   const remote_session& id = remote_ids_[s.record_id()];
-  if (!config_.remote || id.session.value.is_zero() || s.truncated()) return 0;
+  if (id.session.value.is_zero() || s.truncated()) return 0;
   // A session held here may be behind the tier (its last turns ran on other nodes): the
   // whole blocks of the prompt it holds stay, what follows them is asked for.
   const std::uint32_t tpb = geometry_.tokens_per_block;
@@ -120,9 +121,10 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
 }
 
 void store::impl::publish_remote_locked(locked_session& s) noexcept {
+  if (!config_.remote) return;  // (remote_ids_ is empty then)
   const remote_session& id = remote_ids_[s.record_id()];
   // A truncated view is not a prefix of positions a manifest can list: not published.
-  if (!config_.remote || s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
+  if (s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
   std::vector<token_id> tokens;
   std::vector<hash128> keys;
   std::vector<const std::byte*> payloads;
