@@ -88,6 +88,8 @@ compare_result run_compare(const compare_options& o) {
   const std::uint32_t pages = std::uint32_t(4 * (max_tokens / page_size + 4));  // current + prefetched request + slack
 
   compare_result result;
+  [[maybe_unused]] const attnstore::hash128 run_fleet{
+      std::uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()) | 1, std::uint64_t(::getpid())};
   // --metrics-port: the store in use (or the last one's final text) on 127.0.0.1.
   std::mutex metrics_mutex;
   const attnstore::store* metrics_store = nullptr;
@@ -148,7 +150,9 @@ compare_result run_compare(const compare_options& o) {
         if (const char* u = std::getenv("ATTNSTORE_REDIS_USER")) t.cluster.user = u;
         if (const char* pw = std::getenv("ATTNSTORE_REDIS_PASSWORD")) t.cluster.password = pw;
         t.model = attnstore::store_model_id(sc);
-        t.fleet_secret = attnstore::hash128{0x6d696e692d666c65ull, 0x6574ull};  // one fleet: every node's
+        // One fleet per run (every node's): sessions of an earlier run on the same
+        // cluster are not found, so the figures are this run's alone.
+        t.fleet_secret = run_fleet;
         t.tokens_per_block = sc.geometry.validated().tokens_per_block;
         t.block_bytes = sc.geometry.validated().block_bytes();
         t.cluster.max_value_bytes = std::max<std::size_t>(t.cluster.max_value_bytes, t.block_bytes + (1u << 20));
