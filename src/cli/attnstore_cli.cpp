@@ -378,6 +378,7 @@ int erase_matching(const store_dir& d, const std::string& verb, const std::strin
   std::uint64_t bound = 0;                                               // above every sequence seen
   for (const format::link_record& l : format::read_links(d.path + "/LINKS")) {
     bound = std::max(bound, l.sequence + 1);
+    if (l.magic != format::link_magic) continue;  // a retirement: nobody holds the slot through it
     if (matches(l.session, l.tenant))
       to_tombstone[{l.session.lo, l.session.hi}] = true;
     else

@@ -88,10 +88,14 @@ void write_block_header(std::byte* area, const record_shape& shape, const model_
   format::write_header(area, h, tokens);
 }
 
-shared_status verify_block_record(std::span<const std::byte> value, const record_shape& shape, const model_id& model,
-                                  const block_ref& ref, std::byte* out) noexcept {
+namespace {
+
+/// Every check of a block record but its payload checksum, on its header area (exactly
+/// shape.header_bytes()). ok with *checksum the payload checksum the header claims.
+shared_status verify_block_header(std::span<const std::byte> area, const record_shape& shape, const model_id& model,
+                                  const block_ref& ref, std::uint64_t* checksum) noexcept {
   // The size first: judge_slot reads the whole header area.
-  if (value.size() != shape.record_bytes() || shape.block_bytes > 0xffffffffull || ref.tokens.empty() ||
+  if (area.size() != shape.header_bytes() || shape.block_bytes > 0xffffffffull || ref.tokens.empty() ||
       ref.tokens.size() > shape.tokens_per_block)
     return shared_status::verify_failed;
   const format::slot_expectation expect{.header_bytes = shape.header_bytes(),
@@ -100,7 +104,7 @@ shared_status verify_block_record(std::span<const std::byte> value, const record
                                         .payload_bytes = shape.block_bytes,
                                         .max_put_blocks = 1};
   format::block_header h;
-  if (format::judge_slot(value.data(), expect, false, &h) != format::slot_verdict::ok)
+  if (format::judge_slot(area.data(), expect, false, &h) != format::slot_verdict::ok)
     return shared_status::verify_failed;
   if (!h.session.is_zero() || !h.tenant.is_zero() || h.put_blocks != 1 || h.put_first_block != h.block_index ||
       h.sequence != 0)
@@ -108,13 +112,33 @@ shared_status verify_block_record(std::span<const std::byte> value, const record
   if (!(h.chain == ref.chain) || !(h.keys == ref.keys) || h.block_index != ref.index ||
       h.token_count != ref.tokens.size())
     return shared_status::verify_failed;
-  const std::byte* ids = value.data() + format::fixed_header_bytes;
+  const std::byte* ids = area.data() + format::fixed_header_bytes;
   if (std::memcmp(ids, ref.tokens.data(), ref.tokens.size_bytes()) != 0) return shared_status::verify_failed;
   // The chain continues from the block before (ref.previous) through these very tokens:
   // a block of another position, session history or key set does not.
   if (!(chain_hash(ref.previous, model, ref.tokens, h.keys) == h.chain)) return shared_status::verify_failed;
+  *checksum = h.payload_checksum;
+  return shared_status::ok;
+}
+
+}  // namespace
+
+shared_status verify_block_record(std::span<const std::byte> value, const record_shape& shape, const model_id& model,
+                                  const block_ref& ref, std::byte* out) noexcept {
+  if (value.size() != shape.record_bytes()) return shared_status::verify_failed;
+  std::uint64_t expected = 0;
+  const shared_status s = verify_block_header(value.first(shape.header_bytes()), shape, model, ref, &expected);
+  if (s != shared_status::ok) return s;
   const std::uint64_t cs = copy_with_checksum(out, value.data() + shape.header_bytes(), shape.block_bytes);
-  return cs == h.payload_checksum ? shared_status::ok : shared_status::verify_failed;
+  return cs == expected ? shared_status::ok : shared_status::verify_failed;
+}
+
+shared_status verify_block_parts(std::span<const std::byte> head, const std::byte* payload, const record_shape& shape,
+                                 const model_id& model, const block_ref& ref) noexcept {
+  std::uint64_t expected = 0;
+  const shared_status s = verify_block_header(head, shape, model, ref, &expected);
+  if (s != shared_status::ok) return s;
+  return checksum64(payload, shape.block_bytes) == expected ? shared_status::ok : shared_status::verify_failed;
 }
 
 // ------------------------------------------------------------------------- manifest records

@@ -27,8 +27,8 @@ class link_log {
 
   static std::string path_in(const std::string& directory) { return directory + "/LINKS"; }
 
-  errc append(format::link_record r) noexcept {
-    format::seal(r);
+  errc append(format::link_record r, std::uint32_t magic = format::link_magic) noexcept {
+    format::seal(r, magic);
     std::lock_guard lock(mutex_);
     if (!open_locked()) return errc::device_error;
     if (::write(fd_, &r, sizeof(r)) != ssize_t(sizeof(r))) return errc::device_error;
@@ -62,7 +62,7 @@ class link_log {
     if (fd < 0) return errc::device_error;
     bool ok = true;
     for (format::link_record r : records) {
-      format::seal(r);
+      format::seal(r, r.magic == format::retire_magic ? format::retire_magic : format::link_magic);
       ok = ok && ::write(fd, &r, sizeof(r)) == ssize_t(sizeof(r));
     }
     ok = ok && ::fsync(fd) == 0;

@@ -230,7 +230,8 @@ std::uint32_t store::impl::promote_locked(locked_session& s, std::uint32_t max_b
       if (!stop && p.verdict == errc::checksum_error) {
         if (content_) content_->forget(tier::ssd, s.meta(p.block).ssd_slot);
         detail::bump(counters_->checksum_failures);
-        release_chain(s.truncate(p.position));  // a corrupt block and all after it go
+        const session_hash owner = s.key();
+        release_chain(s.truncate(p.position), false, nullptr, &owner);  // a corrupt block and all after it go
       }
       stop = true;
     }

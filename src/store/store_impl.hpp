@@ -242,7 +242,13 @@ struct store::impl {
   /// (header area zeroed; whole slot when `wipe`), block table entries.
   /// `kept_shared` (when given) is set when a slot stayed because other blocks hold it,
   /// or a block held a borrowed slot: recovery could bring the session back from it.
-  errc release_chain(std::uint32_t first, bool wipe = false, bool* kept_shared = nullptr) noexcept;
+  /// `owner` (when given): the session the blocks were part of. A block whose SSD slot
+  /// stays (others hold it) or was borrowed is then retired in LINKS, so recovery does
+  /// not take that slot's header, or the session's link to it, as the session's block.
+  errc release_chain(std::uint32_t first, bool wipe = false, bool* kept_shared = nullptr,
+                     const session_hash* owner = nullptr) noexcept;
+  /// Appends the retirement of block `m` of `owner` to LINKS (see release_chain).
+  void retire_block(const session_hash& owner, const block_meta& m) noexcept;
   errc drop_locked(locked_session& s, bool wipe = false) noexcept;
   /// What drop() and purge() do to a session: erased from every tier, durably (wiped
   /// SSD slots, synced; a tombstone where an erase failed).
@@ -287,7 +293,7 @@ struct store::impl {
                       save_reservation& r, const request_keys& keys) noexcept;
   errc commit_locked(locked_session& s, save_reservation& r, bool checksums_known) noexcept;
   /// Gives a reservation's blocks back and empties it (the record is not touched).
-  void drop_reservation(save_reservation& r) noexcept;
+  void drop_reservation(save_reservation& r, const session_hash* owner = nullptr) noexcept;
   void zero_unused_tail(std::byte* payload, std::uint32_t tokens) const noexcept;
 
   // ---- read path (store_read.cpp)

@@ -13,7 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_map>
 
 #include "attnstore/format/manifest.hpp"
@@ -469,6 +471,7 @@ void store::impl::recover() {
     std::uint32_t put_first_block, put_blocks;
     bool usable = false;
     bool borrowed = false;  // a link (LINKS): another candidate's slot, held by this session
+    bool retired = false;   // its session let go of it (LINKS): content for links only
     std::uint64_t put_id() const noexcept { return sequence - (index - put_first_block); }
   };
   std::vector<candidate> cands;
@@ -550,14 +553,26 @@ void store::impl::recover() {
   // a candidate of its holder, found as the slot with its chain, index and checksum
   // (any such slot: equal chains and checksums are equal bytes).
   std::uint64_t bad_links = 0;
-  const std::vector<format::link_record> links =
+  const std::vector<format::link_record> records =
       format::read_links(detail::link_log::path_in(config_.ssd_directory), &bad_links);
+  // Retirements: blocks their sessions let go of while others still held the slot. A
+  // slot's header (or a link) that matches one is not the session's block any more.
+  auto retire_key = [](const hash128& session, const hash128& chain, std::uint32_t index, std::uint64_t sequence) {
+    return std::make_tuple(session.lo, session.hi, chain.lo, chain.hi, index, sequence);
+  };
+  std::set<decltype(retire_key(hash128{}, hash128{}, 0, 0))> retired_blocks;
+  for (const format::link_record& r : records)
+    if (r.magic == format::retire_magic)
+      retired_blocks.insert(retire_key(r.session, r.chain, r.block_index, r.sequence));
+  for (candidate& c : cands) c.retired = retired_blocks.count(retire_key(c.session, c.chain, c.index, c.sequence)) > 0;
   std::uint64_t unresolved_links = 0;
   {
     std::unordered_multimap<std::uint64_t, std::size_t> by_chain;
     for (std::size_t i = 0; i < cands.size(); ++i) by_chain.emplace(cands[i].chain.lo, i);
     const std::size_t real = cands.size();
-    for (const format::link_record& l : links) {
+    for (const format::link_record& l : records) {
+      if (l.magic != format::link_magic) continue;
+      if (retired_blocks.count(retire_key(l.session, l.chain, l.block_index, l.sequence))) continue;  // let go of
       std::size_t found = real;
       for (auto [it, end] = by_chain.equal_range(l.chain.lo); it != end && found == real; ++it) {
         const candidate& c = cands[it->second];
@@ -577,6 +592,7 @@ void store::impl::recover() {
       v.put_first_block = l.put_first_block;
       v.put_blocks = l.put_blocks;
       v.borrowed = true;
+      v.retired = false;
       cands.push_back(v);
       max_sequence = std::max(max_sequence, l.sequence);
     }
@@ -639,7 +655,7 @@ void store::impl::recover() {
     };
     for (std::size_t k = g; k < end; ++k) {
       const candidate& c = cands[k];
-      if (c.sequence < bound) continue;  // tombstoned
+      if (c.sequence < bound || c.retired) continue;  // tombstoned, or let go of
       put_info* p = put_of(c);
       if (!p) {
         bool clash = false;  // same id, other shape: a damaged header; ignore the block
@@ -674,7 +690,7 @@ void store::impl::recover() {
     }
     for (std::size_t k = g; k < end; ++k) {
       candidate& c = cands[k];
-      if (c.sequence < bound) continue;
+      if (c.sequence < bound || c.retired) continue;
       const put_info* p = nullptr;
       for (const auto& q : puts)
         if (q.id == c.put_id() && q.first == c.put_first_block && q.blocks == c.put_blocks) p = &q;
@@ -758,7 +774,15 @@ void store::impl::recover() {
   for (std::size_t i = 0; i < cands.size(); ++i) {
     if (kept[i] || cands[i].borrowed) continue;  // a link has no slot of its own
     tombstoned[i] = cands[i].sequence < tomb_bound(cands[i].session);
-    if (holders[cands[i].slot] > 0) continue;  // its slot is held by another session's block
+    if (holders[cands[i].slot] > 0) {  // its slot is held by another session's block
+      // Not judged (a slot could not be read): the block may still be its session's,
+      // so the slot must outlive the other holders too, as held slots do.
+      if (degraded && !cands[i].retired) {
+        ++holders[cands[i].slot];
+        tombstoned_all_erased = false;
+      }
+      continue;
+    }
     if (degraded) {
       used[cands[i].slot] = 1;
       ++held;
@@ -790,6 +814,13 @@ void store::impl::recover() {
   // SSD copy (the first slot found for a content), so new sessions can share them.
   // LINKS keeps only the links recovered.
   std::vector<format::link_record> live_links;
+  // A retirement stays while the slot it is about stays (held by another block).
+  for (std::size_t i = 0; i < cands.size(); ++i)
+    if (cands[i].retired && !cands[i].borrowed && holders[cands[i].slot] > 0) {
+      const candidate& c = cands[i];
+      live_links.push_back(format::link_record{c.session, c.tenant, c.chain, c.checksum, c.sequence, c.index,
+                                               c.put_first_block, c.put_blocks, format::retire_magic, 0});
+    }
   for (std::size_t i = 0; i < cands.size(); ++i) {
     if (!kept[i]) continue;
     const candidate& c = cands[i];
@@ -802,7 +833,7 @@ void store::impl::recover() {
                         c.checksum);
     holders[c.slot] = 0;
   }
-  if (!degraded && (!links.empty() || bad_links > 0) && links_->rewrite(live_links) != errc::ok)
+  if (!degraded && (!records.empty() || bad_links > 0) && links_->rewrite(live_links) != errc::ok)
     config_.log(log_level::warning, "store: cannot rewrite " + detail::link_log::path_in(config_.ssd_directory) +
                                         "; it keeps links no longer used");
   if (unresolved_links)

@@ -27,7 +27,20 @@ errc store::impl::invalidate_ssd(std::span<const std::uint32_t> slots, bool wipe
   return status;
 }
 
-errc store::impl::release_chain(std::uint32_t first, bool wipe, bool* kept_shared) noexcept {
+void store::impl::retire_block(const session_hash& owner, const block_meta& m) noexcept {
+  if (!links_) return;
+  format::link_record r{};
+  r.session = owner.value;
+  r.chain = m.chain;
+  r.checksum = m.checksum;
+  r.sequence = m.sequence;
+  r.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
+  r.put_first_block = m.put_first_block;
+  r.put_blocks = m.put_blocks;
+  if (links_->append(r, format::retire_magic) != errc::ok) detail::bump(counters_->io_errors);
+}
+
+errc store::impl::release_chain(std::uint32_t first, bool wipe, bool* kept_shared, const session_hash* owner) noexcept {
   // The blocks are detached from their session (or never were in one).
   std::uint32_t ssd_slots[batch_max];
   std::size_t n = 0;
@@ -38,8 +51,11 @@ errc store::impl::release_chain(std::uint32_t first, bool wipe, bool* kept_share
     if (m.dram_slot != no_slot) free_dram(m.dram_slot);
     if (m.ssd_slot != no_slot && kept_shared && m.borrowed) *kept_shared = true;  // its link names the session
     // A slot other blocks still hold stays, header and all (its header may name this
-    // session: recovery is told by a tombstone that the session is gone).
-    if (m.ssd_slot != no_slot && content_ && !content_->release(tier::ssd, m.ssd_slot)) {
+    // session: recovery is told by a tombstone that the session is gone, or by the
+    // block's retirement that this block of it is).
+    const bool stays = m.ssd_slot != no_slot && content_ && !content_->release(tier::ssd, m.ssd_slot);
+    if (owner && m.ssd_slot != no_slot && (stays || m.borrowed)) retire_block(*owner, m);
+    if (stays) {
       if (kept_shared) *kept_shared = true;
     } else if (m.ssd_slot != no_slot) {
       ssd_slots[n++] = m.ssd_slot;
@@ -56,7 +72,8 @@ errc store::impl::release_chain(std::uint32_t first, bool wipe, bool* kept_share
 }
 
 errc store::impl::drop_locked(locked_session& s, bool wipe) noexcept {
-  errc e = release_chain(s.truncate(0), wipe);
+  const session_hash owner = s.key();
+  errc e = release_chain(s.truncate(0), wipe, nullptr, &owner);
   erase_record(s);
   return e;
 }
@@ -368,7 +385,8 @@ errc store::impl::truncate(const session_key& key, std::span<const token_id> his
   }
   s.relink(kept_head);
   s.set_truncated(true);
-  (void)release_chain(gone_head);
+  const session_hash owner = s.key();
+  (void)release_chain(gone_head, false, nullptr, &owner);
   note(s, true);
   return errc::ok;
 }

@@ -279,7 +279,8 @@ get_result store::impl::serve_locked(locked_session& s, std::span<const token_id
     if (why == errc::checksum_error) {
       detail::bump(counters_->checksum_failures);
       detail::bump(counters_->miss_checksum);
-      release_chain(s.truncate(position));  // never served, never kept
+      const session_hash owner = s.key();
+      release_chain(s.truncate(position), false, nullptr, &owner);  // never served, never kept
     } else if (why == errc::device_error) {
       detail::bump(counters_->miss_io_error);
     }

@@ -109,7 +109,8 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
     return 0;
   }
   // The fetched blocks replace whatever this store held after the blocks it kept.
-  release_chain(s.publish(have, head, made));
+  const session_hash owner = s.key();
+  release_chain(s.publish(have, head, made), false, nullptr, &owner);
   if (sharing_) {
     const hash128 tenant = tenant_hash_of(s.record_id());
     for (std::uint32_t b = head; b != no_slot; b = s.meta(b).next) offer_copy(s.meta(b), tenant, tier::dram);

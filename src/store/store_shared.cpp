@@ -125,14 +125,16 @@ std::uint32_t store::impl::adopt_shared_locked(locked_session& s, std::span<cons
     if (kept == count && m.dram_slot == no_slot && m.ssd_slot == no_slot) kept = k;  // a block with no copy ends it
   }
   if (kept == 0) {
-    release_chain(head);
+    const session_hash owner = s.key();
+    release_chain(head, false, nullptr, &owner);  // its links go with it
     return 0;
   }
   std::uint32_t cut = head;
   for (std::uint32_t i = 0; i + 1 < kept; ++i) cut = s.meta(cut).next;
   const std::uint32_t rest = s.meta(cut).next;
   s.meta(cut).next = no_slot;
-  release_chain(rest);
+  const session_hash owner = s.key();
+  release_chain(rest, false, nullptr, &owner);
   s.publish(0, head, kept);
   s.set_truncated(false);
   s.count_tiers();

@@ -239,9 +239,9 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
   return errc::ok;
 }
 
-void store::impl::drop_reservation(save_reservation& r) noexcept {
+void store::impl::drop_reservation(save_reservation& r, const session_hash* owner) noexcept {
   if (r.head_ != no_slot) open_saves_.fetch_sub(1, std::memory_order_relaxed);
-  release_chain(r.head_);
+  release_chain(r.head_, false, nullptr, owner);
   r.head_ = no_slot;
   r.owner_ = nullptr;
 }
@@ -250,7 +250,8 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
   const std::uint32_t tpb = geometry_.tokens_per_block;
   const std::size_t bb = geometry_.block_bytes();
   auto fail = [&](errc e) {
-    drop_reservation(r);
+    const session_hash owner = s.key();  // links its blocks took this commit are retired
+    drop_reservation(r, &owner);
     s.unpin();
     erase_if_empty(s);
     if (e == errc::no_space) detail::bump(counters_->no_space);
@@ -343,7 +344,8 @@ errc store::impl::commit_locked(locked_session& s, save_reservation& r, bool che
   }
   // Replaced blocks go after the new ones are published: their SSD copies are erased,
   // their DRAM slots freed once no lease reads them.
-  release_chain(s.publish(r.from_entry_, r.head_, r.blocks_));
+  const session_hash owner = s.key();
+  release_chain(s.publish(r.from_entry_, r.head_, r.blocks_), false, nullptr, &owner);
   if (r.from_entry_ == 0) s.set_truncated(false);  // the whole view is new
   detail::bump(counters_->put_blocks, r.blocks_);
   r.head_ = no_slot;

@@ -54,6 +54,19 @@ std::vector<std::byte> make_record(const model_id& m, std::uint32_t index, const
   return rec;
 }
 
+/// verify_block_record, and verify_block_parts on the same bytes split as fetch_blocks
+/// receives them (the header area apart, the payload in the caller's buffer): the two
+/// must agree on every value. Returns the first's answer.
+shared_status verify_both(std::span<const std::byte> v, const model_id& m, const block_ref& r,
+                          std::vector<std::byte>& out) {
+  const shared_status whole = verify_block_record(v, shape, m, r, out.data());
+  if (v.size() == shape.record_bytes()) {
+    const std::vector<std::byte> payload(v.begin() + std::ptrdiff_t(shape.header_bytes()), v.end());
+    CHECK(verify_block_parts(v.first(shape.header_bytes()), payload.data(), shape, m, r) == whole);
+  }
+  return whole;
+}
+
 session_manifest make_manifest(const model_id& m, std::size_t tokens, std::uint32_t seed) {
   session_manifest man;
   man.session = session_hash{{seed * 3ull + 1, seed * 5ull + 2}};
@@ -105,8 +118,15 @@ TEST_CASE("a block record verifies exactly and is byte-identical whoever writes 
   CHECK(make_record(model_a, 1, c0, std::span(toks).subspan(16, 16), {}, p1, nullptr) == r1);
   std::vector<std::byte> out(shape.block_bytes);
   const block_ref ref1{c1, c0, {}, 1, std::span(toks).subspan(16, 16)};
-  REQUIRE(verify_block_record(r1, shape, model_a, ref1, out.data()) == shared_status::ok);
+  REQUIRE(verify_both(r1, model_a, ref1, out) == shared_status::ok);
   CHECK(out == p1);
+  // In two pieces (as fetch_blocks receives it): the header area must be exactly its size.
+  CHECK(verify_block_parts(std::span(r1).first(shape.header_bytes()), p1.data(), shape, model_a, ref1) ==
+        shared_status::ok);
+  CHECK(verify_block_parts(std::span(r1).first(shape.header_bytes() - 1), p1.data(), shape, model_a, ref1) ==
+        shared_status::verify_failed);
+  CHECK(verify_block_parts(std::span(r1).first(shape.header_bytes() + 1), p1.data(), shape, model_a, ref1) ==
+        shared_status::verify_failed);
   // The SSD rules accept it as a slot of this model (format::judge_slot with the payload).
   format::block_header h;
   CHECK(format::judge_slot(r1.data(),
@@ -115,7 +135,7 @@ TEST_CASE("a block record verifies exactly and is byte-identical whoever writes 
 
   SECTION("what does not match what was asked for is verify_failed") {
     auto fails = [&](const std::vector<std::byte>& v, block_ref r, const model_id& m = model_a) {
-      return verify_block_record(v, shape, m, r, out.data()) == shared_status::verify_failed;
+      return verify_both(v, m, r, out) == shared_status::verify_failed;
     };
     CHECK(fails(r1, ref1, model_b));  // another model
     CHECK(fails(r0, ref1));           // another block under this key
@@ -159,11 +179,11 @@ TEST_CASE("a block record verifies exactly and is byte-identical whoever writes 
     for (std::size_t n = 0; n < r1.size(); n += (n < 4300 ? 1 : 97)) {
       std::vector<std::byte> cut(r1.begin(), r1.begin() + std::ptrdiff_t(n));
       INFO("length " << n);
-      CHECK(verify_block_record(cut, shape, model_a, ref1, out.data()) == shared_status::verify_failed);
+      CHECK(verify_both(cut, model_a, ref1, out) == shared_status::verify_failed);
     }
     auto longer = r1;
     longer.push_back(std::byte{0});
-    CHECK(verify_block_record(longer, shape, model_a, ref1, out.data()) == shared_status::verify_failed);
+    CHECK(verify_both(longer, model_a, ref1, out) == shared_status::verify_failed);
   }
 
   SECTION("any byte changed in the fixed fields, the token ids or the payload is verify_failed") {
@@ -175,7 +195,7 @@ TEST_CASE("a block record verifies exactly and is byte-identical whoever writes 
       auto bad = r1;
       bad[i] ^= std::byte(1 + rng() % 255);
       INFO("byte " << i);
-      CHECK(verify_block_record(bad, shape, model_a, ref1, out.data()) == shared_status::verify_failed);
+      CHECK(verify_both(bad, model_a, ref1, out) == shared_status::verify_failed);
     }
   }
 
@@ -185,7 +205,7 @@ TEST_CASE("a block record verifies exactly and is byte-identical whoever writes 
       const std::size_t n = i % 3 == 0 ? r1.size() : rng() % (2 * r1.size());
       auto junk = make_payload(n, rng());
       if (i % 5 == 0 && n >= 16) std::memcpy(junk.data(), r1.data(), 16);  // a valid magic and version
-      CHECK(verify_block_record(junk, shape, model_a, ref1, out.data()) == shared_status::verify_failed);
+      CHECK(verify_both(junk, model_a, ref1, out) == shared_status::verify_failed);
     }
   }
 }

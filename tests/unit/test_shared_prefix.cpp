@@ -23,6 +23,7 @@
 
 #include "attnstore/format/block_header.hpp"
 #include "attnstore/store.hpp"
+#include "attnstore/truncate.hpp"
 #include "support/env.hpp"
 #include "support/kv_data.hpp"
 #include "support/store_fixture.hpp"
@@ -232,6 +233,41 @@ TEST_CASE("shared prefix: restarts keep every holder's history; a dropped writer
     CHECK(s.stats().recovered_sessions == 0);
     CHECK(slots_used(s.stats().ssd_used_bytes) == 0);
   }
+}
+
+// Found by test_model: a session that replaces blocks others still hold leaves its old
+// header on their slots; recovery took those as an older history of the session and, its
+// newest put being incomplete on disk (truncated), fell back to them: the session came
+// back with its old prompt instead of its new blocks. Retirements in LINKS prevent it.
+TEST_CASE("shared prefix: a session that let go of shared blocks does not get them back at a restart", "[unit]") {
+  temp_dir dir("shared-retire");
+  const store_config c = sharing_config(dir.str(), 512, 512);
+  const auto replaced = make_tokens(99, 6 * tpb);
+  {
+    store s(c);
+    second_session_borrows(s);  // session 2 holds the prompt slots session 1 wrote
+    const std::size_t bb = s.block_bytes();
+    // Session 1 starts over with other tokens (blocks 0-5), then a truncation cuts 2-3.
+    REQUIRE(s.put(key_of(1), replaced, 0, make_blocks(bb, 99, 0, 6)) == errc::ok);
+    truncation_plan plan;
+    plan.needed = true;
+    plan.history = replaced.size();
+    plan.sink = 2 * tpb;
+    plan.drop = 2 * tpb;
+    plan.kept = plan.history - plan.drop;
+    plan.shift = -std::int64_t(plan.drop);
+    REQUIRE(s.truncate(key_of(1), replaced, plan) == errc::ok);
+    REQUIRE(s.close() == errc::ok);
+  }
+  store s(c);
+  // Session 1 comes back as the untruncated prefix of its new history (its sink), not
+  // as the prompt it let go of; session 2 still has the prompt.
+  CHECK(s.lookup(key_of(1), replaced).tokens == 2 * tpb);
+  std::vector<std::byte> out(2 * s.block_bytes());
+  const get_result g = s.get(key_of(1), replaced, 0, 2, out);
+  CHECK(g.tokens == 2 * tpb);
+  CHECK(out == make_blocks(s.block_bytes(), 99, 0, 2));
+  CHECK(load_exact(s, 2) == system_tokens + message_tokens);
 }
 
 TEST_CASE("shared prefix: tenants share only when the store says so, and then only under one salt", "[unit]") {

@@ -16,11 +16,14 @@
 
 namespace attnstore::format {
 
-inline constexpr std::uint32_t link_magic = 0x4b4e4c41;  // "ALNK" little-endian
+inline constexpr std::uint32_t link_magic = 0x4b4e4c41;    // "ALNK" little-endian
+inline constexpr std::uint32_t retire_magic = 0x52545241;  // "ARTR": a block its session let go of
 
-/// One block of `session` held in another block's slot: found again at recovery as the
-/// slot whose header has `chain`, `block_index` and `checksum` (and, for a store that
-/// shares within tenants only, was written by a session of `tenant`).
+/// A link (magic ALNK): one block of `session` held in another block's slot, found again
+/// at recovery as the slot whose header has `chain`, `block_index` and `checksum`.
+/// A retirement (magic ARTR): `session` let go of its block (chain, block_index,
+/// sequence) while other sessions still hold its slot, so the slot outlives the block;
+/// recovery must not take the slot's header (or the session's link) as the session's.
 struct link_record {
   hash128 session;                //   0: the holder (hash_session)
   hash128 tenant;                 //  16: the holder's tenant (hash_tenant)
@@ -35,13 +38,14 @@ struct link_record {
 };
 static_assert(sizeof(link_record) == 88);
 
-inline void seal(link_record& r) noexcept {
-  r.magic = link_magic;
+inline void seal(link_record& r, std::uint32_t magic = link_magic) noexcept {
+  r.magic = magic;
   r.record_checksum = checksum64(&r, offsetof(link_record, record_checksum));
 }
 
 inline bool sealed(const link_record& r) noexcept {
-  return r.magic == link_magic && r.record_checksum == checksum64(&r, offsetof(link_record, record_checksum));
+  return (r.magic == link_magic || r.magic == retire_magic) &&
+         r.record_checksum == checksum64(&r, offsetof(link_record, record_checksum));
 }
 
 /// The well-formed records of `path` in file order; none when it does not exist. Bad
