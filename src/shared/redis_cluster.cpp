@@ -197,11 +197,63 @@ struct reply_deleter {
 };
 using reply_ptr = std::unique_ptr<redisReply, reply_deleter>;
 
-constexpr std::size_t read_chunk = 64 * 1024;    // one recv
-constexpr std::size_t read_burst = 1024 * 1024;  // recv per node per wake-up, then the others' turn
-constexpr std::size_t reader_keep = 16u << 20;   // reader buffer kept between replies
-constexpr std::size_t inline_arg_max = 4096;     // larger arguments are sent from the caller's memory
-constexpr unsigned refresh_tries = 3;            // nodes asked for CLUSTER SLOTS per refresh
+constexpr std::size_t read_chunk = 64 * 1024;       // one recv
+constexpr std::size_t read_burst = 1024 * 1024;     // recv per node per wake-up, then the others' turn
+constexpr std::size_t reader_keep = 16u << 20;      // reader buffer kept between replies
+constexpr std::size_t inline_arg_max = 4096;        // larger arguments are sent from the caller's memory
+constexpr unsigned refresh_tries = 3;               // nodes asked for CLUSTER SLOTS per refresh
+constexpr std::size_t direct_in_bytes = 64 * 1024;  // get_many_into: a node's framing buffer
+constexpr std::size_t direct_line_max = 4096;       // get_many_into: longest reply line accepted
+constexpr std::size_t direct_peek = 64;             // recv into the framing buffer before a value: its `$len` line
+
+/// A reply object as the reader functions build it (free_reply frees it), for the replies
+/// get_many_into frames itself. A value received into the caller's memory is a string reply
+/// without bytes (str null, len its length).
+reply_ptr make_reply(int type, const char* text, std::size_t len, long long integer = 0) {
+  auto* r = static_cast<redisReply*>(std::calloc(1, sizeof(redisReply)));
+  if (!r) throw std::bad_alloc();
+  reply_ptr out(r);
+  r->type = type;
+  r->integer = integer;
+  r->len = len;
+  if (text) {
+    r->str = static_cast<char*>(std::malloc(len + 1));
+    if (!r->str) throw std::bad_alloc();
+    std::memcpy(r->str, text, len);
+    r->str[len] = '\0';
+  }
+  return out;
+}
+
+/// After a recv that returned r <= 0: true when it was interrupted (try again); else eof
+/// is set when the peer closed, err on an error other than would-block.
+bool interrupted(ssize_t r, bool& eof, bool& err) noexcept {
+  if (r == 0) {
+    eof = true;
+  } else if (errno == EINTR) {
+    return true;
+  } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+    err = true;
+  }
+  return false;
+}
+
+/// Parses a RESP integer ("-1", "1052672") strictly: an optional '-', 1..18 digits, nothing else.
+bool parse_resp_integer(std::string_view s, long long& v) noexcept {
+  bool neg = false;
+  if (!s.empty() && s.front() == '-') {
+    neg = true;
+    s.remove_prefix(1);
+  }
+  if (s.empty() || s.size() > 18) return false;
+  long long x = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    x = x * 10 + (c - '0');
+  }
+  v = neg ? -x : x;
+  return true;
+}
 
 /// One cluster node: its connection and its breaker.
 struct node {
@@ -217,6 +269,11 @@ struct node {
   bool busy = false;
   int fd = -1;
   redisReader* reader = nullptr;
+  // get_many_into's framing buffer (direct_in_bytes, made on first use): reply lines and
+  // whatever arrived with them; values bypass it. [in_pos, in_len) is unparsed.
+  std::unique_ptr<char[]> in;
+  std::size_t in_pos = 0;
+  std::size_t in_len = 0;
   std::atomic<unsigned> failures{0};        // consecutive
   std::atomic<std::int64_t> open_until{0};  // steady_clock ticks; breaker open while now < this
 
@@ -239,6 +296,7 @@ struct node {
     fd = -1;
     if (reader) redisReaderFree(reader);
     reader = nullptr;
+    in_pos = in_len = 0;
   }
 };
 
@@ -347,7 +405,7 @@ class node_turn {
   node* n_;
 };
 
-enum class op_kind : std::uint8_t { get, set, del, exists, swap };
+enum class op_kind : std::uint8_t { get, set, del, exists, swap, get_into };
 
 /// One key of a call.
 struct op_state {
@@ -361,6 +419,15 @@ struct op_state {
   bool done = false;
   redis_status status = redis_status::internal_error;
   reply_ptr reply;  // GET ok: the value
+  // get_into: where the value goes, and its length once it arrived
+  std::span<std::byte> head, tail;
+  std::size_t size = 0;
+};
+
+/// get_many_into's per-value callback.
+struct read_hook {
+  redis_read_done fn = nullptr;
+  void* ctx = nullptr;
 };
 
 enum class cmd : std::uint8_t { asking, op, slots };
@@ -381,6 +448,15 @@ struct job {
   bool close_after = false;                 // auth or protocol trouble seen in a reply
   bool blameless = false;                   // failed without trying the node (no time left)
   clock::time_point last_progress{};
+  // get_many_into (direct): replies framed by read_direct, values received into the ops'
+  // memory. ops and hook are the call's.
+  bool direct = false;
+  std::span<op_state> ops;
+  read_hook hook;
+  enum class rx : std::uint8_t { line, value, crlf } state = rx::line;
+  op_state* value_op = nullptr;  // the op whose value is arriving; nullptr: discarded
+  std::size_t value_size = 0;    // its length
+  std::size_t value_got = 0;     // bytes of it received
 };
 
 std::int64_t ticks(clock::time_point t) noexcept { return t.time_since_epoch().count(); }
@@ -556,6 +632,10 @@ struct redis_cluster::impl {
 
   /// Reads what is there into the node's reader and moves complete replies to the job.
   void read_some(job& j, char* buf) {
+    if (j.direct) {
+      read_direct(j, buf);
+      return;
+    }
     node& n = *j.n;
     std::size_t total = 0;
     bool eof = false;
@@ -570,13 +650,7 @@ struct redis_cluster::impl {
         total += static_cast<std::size_t>(r);
         continue;
       }
-      if (r == 0) {
-        eof = true;
-      } else if (errno == EINTR) {
-        continue;
-      } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        err = true;
-      }
+      if (interrupted(r, eof, err)) continue;
       break;
     }
     if (total > 0) j.last_progress = clock::now();
@@ -595,6 +669,172 @@ struct redis_cluster::impl {
       } else if (n.reader->len - n.reader->pos > cfg.max_value_bytes + 2 * read_burst) {
         fail(j, redis_status::protocol_error);  // a reply larger than any value we accept
       }
+    }
+  }
+
+  // ---- get_many_into: replies framed here, values received into the caller's memory
+
+  /// The op that a direct job's next reply answers; nullptr for the AUTH and ASKING replies.
+  static op_state* next_op(job& j) noexcept {
+    const std::size_t lead = j.auth ? 1 : 0;
+    if (j.replies.size() < lead) return nullptr;
+    const std::size_t k = j.replies.size() - lead;
+    if (k >= j.entries.size() || j.entries[k].kind != cmd::op) return nullptr;
+    return &j.ops[j.entries[k].op];
+  }
+
+  /// Where the next bytes of the value arriving for `j` go: [*len] bytes at the result.
+  static std::byte* value_dest(const job& j, std::size_t* len) noexcept {
+    const op_state& o = *j.value_op;
+    if (j.value_got < o.head.size()) {
+      *len = o.head.size() - j.value_got;
+      return o.head.data() + j.value_got;
+    }
+    *len = j.value_size - j.value_got;
+    return o.tail.data() + (j.value_got - o.head.size());
+  }
+
+  /// The value has arrived with its CRLF: a string reply without bytes, and the hook.
+  void finish_value(job& j) {
+    j.replies.push_back(make_reply(REDIS_REPLY_STRING, nullptr, j.value_size));
+    j.state = job::rx::line;
+    if (j.value_op && j.hook.fn) j.hook.fn(j.hook.ctx, static_cast<std::size_t>(j.value_op - j.ops.data()));
+    j.value_op = nullptr;
+  }
+
+  /// Frames what the node's buffer holds into replies (values into their places). false: the
+  /// bytes are not RESP that a GET, ASKING or AUTH may answer (protocol_error).
+  bool parse_direct(job& j) {
+    node& n = *j.n;
+    while (j.replies.size() < j.expected) {
+      const char* p = n.in.get() + n.in_pos;
+      const std::size_t avail = n.in_len - n.in_pos;
+      if (j.state == job::rx::value) {
+        if (avail == 0) return true;
+        std::size_t take = std::min(avail, j.value_size - j.value_got);
+        if (j.value_op) {
+          for (std::size_t left = take; left > 0;) {  // may span head and tail
+            std::size_t room = 0;
+            std::byte* d = value_dest(j, &room);
+            const std::size_t k = std::min(left, room);
+            std::memcpy(d, p, k);
+            p += k;
+            left -= k;
+            j.value_got += k;
+          }
+        } else {
+          j.value_got += take;
+        }
+        n.in_pos += take;
+        if (j.value_got == j.value_size) j.state = job::rx::crlf;
+        continue;
+      }
+      if (j.state == job::rx::crlf) {
+        if (avail < 2) return true;
+        if (p[0] != '\r' || p[1] != '\n') return false;
+        n.in_pos += 2;
+        finish_value(j);
+        continue;
+      }
+      const void* nl = std::memchr(p, '\n', std::min(avail, direct_line_max));
+      if (!nl) return avail < direct_line_max;
+      const std::size_t line = static_cast<std::size_t>(static_cast<const char*>(nl) - p);  // before '\n'
+      if (line < 2 || p[line - 1] != '\r') return false;
+      const std::string_view body(p + 1, line - 2);
+      const char type = p[0];
+      n.in_pos += line + 1;
+      long long v = 0;
+      switch (type) {
+        case '$': {
+          if (!parse_resp_integer(body, v) || v < -1) return false;
+          if (v == -1) {
+            j.replies.push_back(make_reply(REDIS_REPLY_NIL, nullptr, 0));
+            break;
+          }
+          if (static_cast<std::uint64_t>(v) > cfg.max_value_bytes) return false;
+          op_state* o = next_op(j);
+          const bool fits =
+              o && o->kind == op_kind::get_into && static_cast<std::size_t>(v) == o->head.size() + o->tail.size();
+          j.value_op = fits ? o : nullptr;
+          j.value_size = static_cast<std::size_t>(v);
+          j.value_got = 0;
+          j.state = v > 0 ? job::rx::value : job::rx::crlf;
+          break;
+        }
+        case '+':
+          j.replies.push_back(make_reply(REDIS_REPLY_STATUS, body.data(), body.size()));
+          break;
+        case '-':
+          j.replies.push_back(make_reply(REDIS_REPLY_ERROR, body.data(), body.size()));
+          break;
+        case ':':
+          if (!parse_resp_integer(body, v)) return false;
+          j.replies.push_back(make_reply(REDIS_REPLY_INTEGER, nullptr, 0, v));
+          break;
+        default:  // arrays, or not RESP: nothing a GET, ASKING or AUTH answers
+          return false;
+      }
+    }
+    return true;
+  }
+
+  /// read_some for a direct job: reply lines through the node's small framing buffer, each
+  /// value's bytes straight from the socket into the op's head and tail (a value of another
+  /// length into `scratch`, discarded).
+  void read_direct(job& j, char* scratch) {
+    node& n = *j.n;
+    if (!n.in) n.in = std::make_unique<char[]>(direct_in_bytes);
+    std::size_t total = 0;
+    bool eof = false;
+    bool err = false;
+    for (;;) {
+      if (!parse_direct(j)) {
+        fail(j, redis_status::protocol_error);
+        return;
+      }
+      if (j.replies.size() >= j.expected || total >= read_burst) break;
+      char* dst = nullptr;
+      std::size_t want = 0;
+      const bool into_value = j.state == job::rx::value;  // then the framing buffer is empty
+      if (into_value) {
+        if (j.value_op) {
+          dst = reinterpret_cast<char*>(value_dest(j, &want));
+        } else {
+          dst = scratch;
+          want = std::min(read_chunk, j.value_size - j.value_got);
+        }
+      } else {
+        if (n.in_pos == n.in_len) {
+          n.in_pos = n.in_len = 0;
+        } else if (n.in_pos > 0 && direct_in_bytes - n.in_len < direct_line_max) {
+          std::memmove(n.in.get(), n.in.get() + n.in_pos, n.in_len - n.in_pos);
+          n.in_len -= n.in_pos;
+          n.in_pos = 0;
+        }
+        dst = n.in.get() + n.in_len;
+        want = direct_in_bytes - n.in_len;
+        // Before a value: its `$len` line and a little more; the value then goes to its place.
+        if (j.state == job::rx::line) want = std::min(want, direct_peek);
+      }
+      const ssize_t r = ::recv(n.fd, dst, want, MSG_DONTWAIT);
+      if (r > 0) {
+        total += static_cast<std::size_t>(r);
+        if (into_value) {
+          j.value_got += static_cast<std::size_t>(r);
+          if (j.value_got == j.value_size) j.state = job::rx::crlf;
+        } else {
+          n.in_len += static_cast<std::size_t>(r);
+        }
+        continue;
+      }
+      if (interrupted(r, eof, err)) continue;
+      break;
+    }
+    if (total > 0) j.last_progress = clock::now();
+    if (j.replies.size() < j.expected) {
+      if (eof || err) fail(j, redis_status::io_error);
+    } else if (n.in_pos != n.in_len) {
+      j.close_after = true;  // bytes that answer nothing asked: the stream cannot be trusted
     }
   }
 
@@ -778,10 +1018,12 @@ struct redis_cluster::impl {
     switch (o.kind) {
       case op_kind::get:
       case op_kind::swap:
+      case op_kind::get_into:
         if (r->type == REDIS_REPLY_NIL) {
           o.status = redis_status::not_found;
         } else if (r->type == REDIS_REPLY_STRING && r->len <= cfg.max_value_bytes) {
           o.status = redis_status::ok;
+          o.size = r->len;
         } else {
           o.status = redis_status::protocol_error;
         }
@@ -810,6 +1052,7 @@ struct redis_cluster::impl {
   void encode_op(out_queue& out, const op_state& o) {
     switch (o.kind) {
       case op_kind::get:
+      case op_kind::get_into:
         out.array(2);
         out.bulk("GET");
         out.bulk(o.key);
@@ -844,7 +1087,7 @@ struct redis_cluster::impl {
   }
 
   /// One round: every pending op to its node (or ASK target), all nodes at once.
-  void round(std::span<op_state> ops, clock::time_point deadline) {
+  void round(std::span<op_state> ops, clock::time_point deadline, read_hook hook) {
     std::vector<job> jobs;
     {
       std::lock_guard<std::mutex> l(map_mu);
@@ -877,6 +1120,11 @@ struct redis_cluster::impl {
       }
     }
     if (jobs.empty()) return;
+    for (job& j : jobs) {  // a call's ops are all of one kind
+      j.direct = ops[j.entries.front().op].kind == op_kind::get_into;
+      j.ops = ops;
+      j.hook = hook;
+    }
     auto turns = run_jobs(jobs, deadline, [&](job& j) {
       for (const entry& e : j.entries) {
         if (e.kind == cmd::asking) {
@@ -1075,11 +1323,12 @@ struct redis_cluster::impl {
   }
 
   /// The whole call: validation, refresh, rounds until every op is done.
-  void run(std::span<op_state> ops) {
+  void run(std::span<op_state> ops, read_hook hook = {}) {
     const auto deadline = clock::now() + cfg.request_timeout;
     bump(st.keys, ops.size());
     for (op_state& o : ops) {
-      if (o.key.empty() || o.key.size() > cfg.max_key_bytes || o.value.size() > cfg.max_value_bytes || o.ttl_ms < 0) {
+      if (o.key.empty() || o.key.size() > cfg.max_key_bytes || o.value.size() > cfg.max_value_bytes || o.ttl_ms < 0 ||
+          o.head.size() + o.tail.size() > cfg.max_value_bytes) {
         o.done = true;
         o.status = redis_status::invalid_argument;
         continue;
@@ -1089,7 +1338,7 @@ struct redis_cluster::impl {
     if (std::all_of(ops.begin(), ops.end(), [](const op_state& o) { return o.done; })) return;
     maybe_refresh(deadline);
     for (unsigned r = 0;; ++r) {
-      round(ops, deadline);
+      round(ops, deadline, hook);
       const bool pending = std::any_of(ops.begin(), ops.end(), [](const op_state& o) { return !o.done; });
       if (!pending) return;
       const bool late = clock::now() >= deadline;
@@ -1204,6 +1453,29 @@ void redis_cluster::get_many(std::span<const std::string_view> keys, std::span<r
       r.value.reset();
       r.status = redis_status::internal_error;
     }
+  }
+}
+
+void redis_cluster::get_many_into(std::span<redis_read_item> items, redis_read_done done, void* ctx) noexcept {
+  for (auto& it : items) {
+    it.status = redis_status::internal_error;
+    it.size = 0;
+  }
+  try {
+    std::vector<op_state> ops(items.size());
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      ops[i].kind = op_kind::get_into;
+      ops[i].key = items[i].key;
+      ops[i].head = items[i].head;
+      ops[i].tail = items[i].tail;
+    }
+    impl_->run(ops, read_hook{done, ctx});
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      items[i].status = ops[i].status;
+      if (ops[i].status == redis_status::ok) items[i].size = ops[i].size;
+    }
+  } catch (...) {
+    for (auto& it : items) it.status = redis_status::internal_error;
   }
 }
 

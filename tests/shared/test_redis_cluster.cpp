@@ -64,6 +64,38 @@ bool same(const redis_value& v, const std::vector<std::byte>& want) {
 
 redis_cluster_config base_config() { return test_cluster_config(); }
 
+/// get_many_into of `keys`, each expected `size` bytes long, received as a head of
+/// min(size, 4096) bytes and a tail: per key, its status, its size and, when it fitted, its
+/// bytes; `arrived` lists the callback's indexes in call order.
+struct read_into_result {
+  std::vector<redis_status> status;
+  std::vector<std::size_t> size;
+  std::vector<std::vector<std::byte>> bytes;  // head + tail as they are after the call
+  std::vector<std::size_t> arrived;
+};
+read_into_result read_into(redis_cluster& c, const std::vector<std::string>& keys,
+                           const std::vector<std::size_t>& sizes, std::byte fill = std::byte{0xa5}) {
+  const std::size_t n = keys.size();
+  std::vector<std::vector<std::byte>> heads(n), tails(n);
+  std::vector<redis_read_item> items(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    heads[i].assign(std::min<std::size_t>(sizes[i], 4096), fill);
+    tails[i].assign(sizes[i] - heads[i].size(), fill);
+    items[i] = redis_read_item{keys[i], heads[i], tails[i]};
+  }
+  read_into_result r;
+  c.get_many_into(
+      items, [](void* ctx, std::size_t i) noexcept { static_cast<read_into_result*>(ctx)->arrived.push_back(i); }, &r);
+  for (std::size_t i = 0; i < n; ++i) {
+    r.status.push_back(items[i].status);
+    r.size.push_back(items[i].size);
+    std::vector<std::byte> all = heads[i];
+    all.insert(all.end(), tails[i].begin(), tails[i].end());
+    r.bytes.push_back(std::move(all));
+  }
+  return r;
+}
+
 /// The configuration of the tests of the time bounds.
 redis_cluster_config tight_config() {
   redis_cluster_config c = base_config();
@@ -266,6 +298,88 @@ TEST_CASE("-OOM from a full node is an oom value for its keys only", "[cluster]"
   CHECK(client.set(k_full, v) == redis_status::ok);
 }
 
+TEST_CASE("get_many_into receives values straight into the caller's memory, over every node", "[cluster]") {
+  redis_cluster client(base_config());
+  const auto owner = slot_owners(seed_port());
+  constexpr int n = 60;
+  std::vector<std::string> keys;
+  std::vector<std::vector<std::byte>> values;
+  std::set<int> ports;
+  for (int i = 0; i < n; ++i) {
+    keys.push_back("into:{" + std::to_string(i) + "}");
+    // 1 MiB + 4 KiB records, a few 4 MiB values, small ones (smaller than the head), one empty
+    const std::size_t size = i == 7 ? 0 : i % 10 == 3 ? 100 + i : i % 8 == 0 ? (4u << 20) : (1u << 20) + 4096;
+    values.push_back(pattern(keys.back(), size));
+    ports.insert(owner[key_slot(keys.back())]);
+  }
+  REQUIRE(ports.size() == masters(owner).size());
+  std::vector<redis_set_item> items;
+  for (int i = 0; i < n; ++i) items.push_back({keys[i], values[i], milliseconds{60000}});
+  std::vector<redis_status> st(n, redis_status::internal_error);
+  client.set_many(items, st);
+  for (int i = 0; i < n; ++i) REQUIRE(st[i] == redis_status::ok);
+  admin(owner[key_slot("into:{hash}")]).cmd("HSET into:{hash} f v");  // WRONGTYPE for GET
+
+  std::vector<std::string> ask = keys;
+  std::vector<std::size_t> sizes;
+  for (auto& v : values) sizes.push_back(v.size());
+  ask.push_back("into:missing");  // not_found
+  sizes.push_back(1 << 20);
+  ask.push_back(keys[1]);  // expected longer than it is: discarded
+  sizes.push_back(values[1].size() + 1);
+  ask.push_back(keys[2]);  // expected shorter: discarded
+  sizes.push_back(values[2].size() - 1);
+  ask.push_back("into:{hash}");  // an error reply in the middle of a pipeline
+  sizes.push_back(10);
+  const auto t0 = steady::now();
+  const auto r = read_into(client, ask, sizes);
+  const double get_ms = ms_since(t0);
+  std::set<std::size_t> arrived(r.arrived.begin(), r.arrived.end());
+  CHECK(arrived.size() == r.arrived.size());  // at most once each
+  for (int i = 0; i < n; ++i) {
+    CAPTURE(i);
+    REQUIRE(r.status[i] == redis_status::ok);
+    CHECK(r.size[i] == values[i].size());
+    CHECK(r.bytes[i] == values[i]);
+    CHECK(arrived.count(i) == 1);
+  }
+  CHECK(r.status[n] == redis_status::not_found);
+  for (int i : {n + 1, n + 2}) {  // ok with the true size; nothing written, no callback
+    CAPTURE(i);
+    CHECK(r.status[i] == redis_status::ok);
+    CHECK(r.size[i] == values[i - n].size());
+    CHECK(std::all_of(r.bytes[i].begin(), r.bytes[i].end(), [](std::byte b) { return b == std::byte{0xa5}; }));
+    CHECK(arrived.count(i) == 0);
+  }
+  CHECK(r.status[n + 3] == redis_status::server_error);
+  CHECK(arrived.count(n) == 0);
+  CHECK(arrived.count(n + 3) == 0);
+  WARN(n << " values received in place over " << ports.size() << " nodes in " << get_ms << " ms");
+  // The connections are in step afterwards: hiredis-framed and in-place calls alternate.
+  const auto got = client.get(keys[5]);
+  REQUIRE(got.status == redis_status::ok);
+  CHECK(same(got.value, values[5]));
+  const auto again = read_into(client, {keys[0], keys[5]}, {values[0].size(), values[5].size()});
+  CHECK(again.status == std::vector<redis_status>{redis_status::ok, redis_status::ok});
+  CHECK(again.bytes[0] == values[0]);
+  CHECK(again.bytes[1] == values[5]);
+  CHECK(client.stats().connects == ports.size());  // nothing was closed
+  CHECK(client.stats().io_errors == 0);
+  // A head and tail larger than max_value_bytes is the caller's mistake.
+  redis_cluster_config small = base_config();
+  small.max_value_bytes = 1000;
+  redis_cluster limited(small);
+  const auto big = read_into(limited, {keys[3], keys[0]}, {values[3].size(), 1001});
+  CHECK(big.status[0] == redis_status::ok);
+  CHECK(big.bytes[0] == values[3]);
+  CHECK(big.status[1] == redis_status::invalid_argument);
+  // A value longer than max_value_bytes is a protocol_error (and the connection is closed).
+  const auto over = read_into(limited, {keys[0]}, {1000});
+  CHECK(over.status[0] == redis_status::protocol_error);
+  for (int i = 0; i < n; ++i) CHECK(client.del(keys[i]) == redis_status::ok);
+  CHECK(client.del("into:{hash}") == redis_status::ok);
+}
+
 TEST_CASE("MOVED and ASK are followed while a slot migrates", "[cluster]") {
   const auto owner = slot_owners(seed_port());
   const auto ms = masters(owner);
@@ -319,6 +433,13 @@ TEST_CASE("MOVED and ASK are followed while a slot migrates", "[cluster]") {
   got = client.get(k_old);
   REQUIRE(got.status == redis_status::ok);
   CHECK(same(got.value, v_old));
+  redis_cluster into(base_config());  // values into the caller's memory, behind ASKING
+  const auto s_into = into.stats();
+  auto r = read_into(into, {k_old, k_new}, {v_old.size(), v_new.size()});
+  CHECK(r.status == std::vector<redis_status>{redis_status::ok, redis_status::ok});
+  CHECK(r.bytes[0] == v_old);
+  CHECK(r.bytes[1] == v_new);
+  CHECK(into.stats().ask == s_into.ask + 2);
   CHECK(client.endpoint_of_slot(slot) == "127.0.0.1:" + std::to_string(src));  // ASK leaves the map alone
 
   // The migration ends: every master learns the new owner. The client's map is now stale:
@@ -334,6 +455,12 @@ TEST_CASE("MOVED and ASK are followed while a slot migrates", "[cluster]") {
     INFO(p << ": " << (r->str ? r->str : ""));
     CHECK(r->type == REDIS_REPLY_STATUS);
   }
+  const auto s_moved = into.stats();  // `into` still has the old map: MOVED for in-place reads
+  r = read_into(into, {k_new, k_old}, {v_new.size(), v_old.size()});
+  CHECK(r.status == std::vector<redis_status>{redis_status::ok, redis_status::ok});
+  CHECK(r.bytes[0] == v_new);
+  CHECK(r.bytes[1] == v_old);
+  CHECK(into.stats().moved >= s_moved.moved + 1);
   const auto s1 = client.stats();
   got = client.get(k_old);
   REQUIRE(got.status == redis_status::ok);

@@ -1,10 +1,21 @@
 // The Redis Cluster client's pure parts: CRC16 and hash slots as the cluster specification
-// defines them, endpoint and error-reply parsing, configuration checks. No server needed.
+// defines them, endpoint and error-reply parsing, configuration checks. No server needed:
+// get_many_into's own reply framing is fed hostile bytes by a scripted node in this process.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attnstore/shared/detail/redis_protocol.hpp"
@@ -208,4 +219,213 @@ TEST_CASE("bad arguments and unreachable nodes are values, not exceptions or han
   CHECK(std::chrono::steady_clock::now() - t0 < milliseconds{700});
   CHECK(client.endpoint_of_slot(0).empty());
   CHECK(client.stats().connect_failures >= 2);
+}
+
+namespace {
+
+/// A fake cluster node on loopback, one connection at a time: it answers CLUSTER SLOTS with
+/// itself as the master of every slot and, once a pipeline of `gets` GETs has arrived,
+/// sends `script` as it is (in pieces of `piece` bytes, 1 ms apart, so that replies are
+/// cut anywhere), then `close_after`: closes the connection.
+class scripted_node {
+ public:
+  scripted_node(std::string script, std::size_t gets, std::size_t piece = 0, bool close_after = false)
+      : script_(std::move(script)), gets_(gets), piece_(piece), close_after_(close_after) {
+    lfd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(lfd_ >= 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(lfd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(lfd_, 4) == 0);
+    socklen_t len = sizeof a;
+    REQUIRE(::getsockname(lfd_, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~scripted_node() {
+    stop_ = true;
+    thread_.join();
+    ::close(lfd_);
+  }
+  std::string seed() const { return "127.0.0.1:" + std::to_string(port_); }
+  int connections() const { return connections_.load(); }
+
+ private:
+  bool wait_readable(int fd) {
+    pollfd p{fd, POLLIN, 0};
+    while (!stop_) {
+      if (::poll(&p, 1, 20) > 0) return true;
+    }
+    return false;
+  }
+  void send_all(int fd, std::string_view bytes) {
+    while (!bytes.empty()) {
+      const ssize_t w = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (w <= 0) return;
+      bytes.remove_prefix(std::size_t(w));
+    }
+  }
+  void serve() {
+    while (wait_readable(lfd_)) {
+      const int fd = ::accept(lfd_, nullptr, nullptr);
+      if (fd < 0) continue;
+      ++connections_;
+      const int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      std::string in;
+      std::size_t seen = 0;
+      char buf[4096];
+      while (wait_readable(fd)) {
+        const ssize_t r = ::recv(fd, buf, sizeof buf, 0);
+        if (r <= 0) break;
+        in.append(buf, std::size_t(r));
+        const std::size_t at = in.find("SLOTS\r\n");
+        if (at != std::string::npos) {
+          in.erase(0, at + 7);
+          send_all(fd, "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:" + std::to_string(port_) + "\r\n");
+        }
+        for (std::size_t p; (p = in.find("\r\nGET\r\n")) != std::string::npos; in.erase(0, p + 7)) ++seen;
+        if (seen < gets_ || in.size() < 2 || in.compare(in.size() - 2, 2, "\r\n") != 0) continue;
+        seen = 0;
+        in.clear();
+        if (piece_ == 0) {
+          send_all(fd, script_);
+        } else {
+          for (std::size_t o = 0; o < script_.size(); o += piece_) {
+            send_all(fd, std::string_view(script_).substr(o, piece_));
+            std::this_thread::sleep_for(std::chrono::milliseconds{1});
+          }
+        }
+        if (close_after_) break;
+      }
+      ::close(fd);
+    }
+  }
+  std::string script_;
+  std::size_t gets_, piece_;
+  bool close_after_;
+  int lfd_ = -1;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> connections_{0};
+  std::thread thread_;
+};
+
+struct into_outcome {
+  std::vector<redis_status> status;
+  std::vector<std::size_t> size;
+  std::vector<std::string> bytes;  // head + tail after the call
+  std::vector<std::size_t> arrived;
+};
+
+/// get_many_into of keys "k{0}", "k{1}", ... with values of `sizes`, heads of `head` bytes.
+into_outcome read_into(redis_cluster& c, const std::vector<std::size_t>& sizes, std::size_t head = 3) {
+  const std::size_t n = sizes.size();
+  std::vector<std::string> keys(n), heads(n), tails(n);
+  std::vector<redis_read_item> items(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    keys[i] = "k{" + std::to_string(i) + "}";
+    heads[i].assign(std::min(head, sizes[i]), '.');
+    tails[i].assign(sizes[i] - heads[i].size(), '.');
+    items[i].key = keys[i];
+    items[i].head = std::as_writable_bytes(std::span(heads[i]));
+    items[i].tail = std::as_writable_bytes(std::span(tails[i]));
+  }
+  into_outcome o;
+  c.get_many_into(
+      items, [](void* ctx, std::size_t i) noexcept { static_cast<into_outcome*>(ctx)->arrived.push_back(i); }, &o);
+  for (std::size_t i = 0; i < n; ++i) {
+    o.status.push_back(items[i].status);
+    o.size.push_back(items[i].size);
+    o.bytes.push_back(heads[i] + tails[i]);
+  }
+  return o;
+}
+
+redis_cluster_config scripted_config(const scripted_node& node) {
+  redis_cluster_config c;
+  c.seeds = {node.seed()};
+  c.log.fn = &attnstore::logger::quiet;
+  c.command_timeout = milliseconds{1000};
+  c.request_timeout = milliseconds{2000};
+  c.max_value_bytes = 1 << 20;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("get_many_into frames replies cut anywhere, values split over head and tail", "[redis][into]") {
+  for (std::size_t piece : {std::size_t(0), std::size_t(1), std::size_t(3)}) {
+    CAPTURE(piece);
+    scripted_node node("$8\r\nABCDEFGH\r\n$-1\r\n$0\r\n\r\n-ERR no\r\n$4\r\nWXYZ\r\n$8\r\n12345678\r\n", 6, piece);
+    redis_cluster c(scripted_config(node));
+    const auto o = read_into(c, {8, 8, 0, 8, 8, 8});
+    CHECK(o.status == std::vector<redis_status>{redis_status::ok, redis_status::not_found, redis_status::ok,
+                                                redis_status::server_error, redis_status::ok, redis_status::ok});
+    CHECK(o.bytes[0] == "ABCDEFGH");
+    CHECK(o.size[0] == 8);
+    CHECK(o.size[2] == 0);
+    CHECK(o.size[4] == 4);            // another length: discarded,
+    CHECK(o.bytes[4] == "........");  // nothing written
+    CHECK(o.bytes[5] == "12345678");
+    CHECK(o.arrived == std::vector<std::size_t>{0, 2, 5});
+    CHECK(node.connections() == 1);
+  }
+  // A value much larger than a recv, cut in pieces, straight into head and tail.
+  std::string big(300000, 'x');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = char('a' + i * 7 % 26);
+  scripted_node node("$300000\r\n" + big + "\r\n$300000\r\n" + big + "\r\n", 2, 7001);
+  redis_cluster c(scripted_config(node));
+  const auto o = read_into(c, {300000, 299999}, 4096);
+  CHECK(o.status == std::vector<redis_status>{redis_status::ok, redis_status::ok});
+  CHECK(o.bytes[0] == big);
+  CHECK(o.size[1] == 300000);
+  CHECK(o.bytes[1] == std::string(299999, '.'));
+  CHECK(o.arrived == std::vector<std::size_t>{0});
+}
+
+TEST_CASE("get_many_into: hostile framing is protocol_error, a cut stream io_error, never a hang", "[redis][into]") {
+  const std::string huge = std::string(5000, 'E');
+  const struct {
+    const char* what;
+    std::string script;
+    redis_status first;
+  } cases[] = {
+      {"length not a number", "$abc\r\n", redis_status::protocol_error},
+      {"length below -1", "$-2\r\n", redis_status::protocol_error},
+      {"length with a sign and digits", "$+8\r\nABCDEFGH\r\n", redis_status::protocol_error},
+      {"length over max_value_bytes", "$1048577\r\n", redis_status::protocol_error},
+      {"length of 19 digits", "$9999999999999999999\r\n", redis_status::protocol_error},
+      {"empty length", "$\r\n", redis_status::protocol_error},
+      {"no CR before LF", "$8\nABCDEFGH\r\n", redis_status::protocol_error},
+      {"no CRLF after the value", "$8\r\nABCDEFGHxx", redis_status::protocol_error},
+      {"an array", "*1\r\n$1\r\nA\r\n", redis_status::protocol_error},
+      {"an integer", ":5\r\n", redis_status::protocol_error},
+      {"a status", "+OK\r\n", redis_status::protocol_error},
+      {"an integer that is not one", ":5x\r\n", redis_status::protocol_error},
+      {"not RESP", "HTTP/1.1 400\r\n", redis_status::protocol_error},
+      {"a line without end", "-" + huge, redis_status::protocol_error},
+      {"cut inside the value", "$8\r\nABCD", redis_status::io_error},
+      {"cut inside the length", "$8", redis_status::io_error},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.what);
+    scripted_node node(k.script, 2, 0, true);
+    redis_cluster c(scripted_config(node));
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto o = read_into(c, {8, 8});
+    CHECK(std::chrono::steady_clock::now() - t0 < milliseconds{1500});
+    CHECK(o.status[0] == k.first);
+    CHECK(o.status[1] != redis_status::ok);
+  }
+  // Bytes after the last reply: the answers stand, the connection is not used again.
+  scripted_node node("$8\r\nABCDEFGH\r\n$-1\r\nJUNK", 2);
+  redis_cluster c(scripted_config(node));
+  auto o = read_into(c, {8, 8});
+  CHECK(o.status == std::vector<redis_status>{redis_status::ok, redis_status::not_found});
+  CHECK(o.bytes[0] == "ABCDEFGH");
+  o = read_into(c, {8, 8});
+  CHECK(o.status[0] == redis_status::ok);
+  CHECK(c.stats().connects == 2);
 }

@@ -178,6 +178,31 @@ struct redis_set_item {
   bool if_absent = false;
 };
 
+/// One GET of get_many_into: its value is received from the socket straight into the
+/// caller's memory, `head` first and then `tail` (for a block record: the header area into
+/// a scratch buffer, the payload into its final place), with no copy in between.
+struct redis_read_item {
+  std::string_view key;       ///< in: valid for the call
+  std::span<std::byte> head;  ///< in: where the value's first head.size() bytes go
+  std::span<std::byte> tail;  ///< in: where the rest goes
+  /// Out: ok (the value arrived: `size` is its length), not_found, or a failure. Only with ok
+  /// and size == head.size() + tail.size() do head and tail hold the value; otherwise they
+  /// hold unspecified bytes (a connection lost halfway through a value leaves part of it).
+  redis_status status = redis_status::internal_error;
+  /// Out, with ok: the value's length. A value of any other length than head.size() +
+  /// tail.size() (at most max_value_bytes) is read off the connection and discarded: nothing
+  /// of it is written to head or tail.
+  std::size_t size = 0;
+};
+
+/// get_many_into's completion callback: items[i]'s value has just arrived whole in its
+/// head and tail (its length fits), while the rest of the batch may still be in flight. At
+/// most once per item. Runs in the calling thread, inside the call, holding the batch's
+/// node connections: it should do its per-value work (verifying) and return, and must not
+/// call the client. The item's final status is what counts: it is ok after the call for
+/// every item reported here unless the connection's AUTH was refused.
+using redis_read_done = void (*)(void* ctx, std::size_t i) noexcept;
+
 /// Configuration; the constructor validates every field and throws std::invalid_argument
 /// naming the field and its allowed range.
 struct redis_cluster_config {
@@ -287,6 +312,14 @@ class redis_cluster {
   /// GET of every key, pipelined per node. out[i] is keys[i]'s result; out must be as long as
   /// keys, else every out[i] gets invalid_argument.
   void get_many(std::span<const std::string_view> keys, std::span<redis_get_result> out) noexcept;
+  /// GET of every item, pipelined per node like get_many, each value received straight into
+  /// the item's head and tail (see redis_read_item): no reply object, no copy. `done`
+  /// (optional) is called with ctx and i as each items[i] arrives whole, so the caller can
+  /// check one value while the others are still on the wire. The replies' framing (the
+  /// `$len` line, one-line errors and redirections) is parsed here rather than by hiredis,
+  /// with the same bounds: lengths above max_value_bytes, malformed lines and other reply
+  /// types are protocol_error and close the connection.
+  void get_many_into(std::span<redis_read_item> items, redis_read_done done = nullptr, void* ctx = nullptr) noexcept;
   /// SET of every item, pipelined per node; out[i] is items[i]'s status (as set()).
   void set_many(std::span<const redis_set_item> items, std::span<redis_status> out) noexcept;
   /// DEL of every key, pipelined per node; out[i] is keys[i]'s status (as del()).
