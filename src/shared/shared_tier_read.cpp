@@ -1,7 +1,9 @@
-// shared_tier reads: a session's manifest, and the blocks of a prefix, verified as they
-// are copied out. Everything read here is untrusted (records.hpp does the checking).
+// shared_tier reads: a session's manifest, and the blocks of a prefix, received straight into
+// the caller's buffers and verified where they land. Everything read here is untrusted
+// (records.hpp does the checking).
 #include <algorithm>
 #include <chrono>
+#include <memory>
 
 #include "shared_tier_impl.hpp"
 
@@ -28,6 +30,28 @@ shared_status shared_tier::fetch_manifest(const shared_session& session, session
   return s;
 }
 
+namespace {
+
+/// One batch of fetch_blocks, for the per-block callback: block j's header area lands in
+/// heads[j x header_bytes, ...), its payload in out[j]; verdict[j] is set when it arrived.
+struct fetch_batch {
+  const record_shape* shape;
+  const model_id* model;
+  std::span<const block_ref> refs;
+  std::span<std::byte* const> out;
+  std::byte* heads;
+  shared_status* verdict;
+};
+
+/// Verifies block j as soon as it has arrived, while the rest of the batch is on the wire.
+void verify_arrived(void* ctx, std::size_t j) noexcept {
+  const fetch_batch& b = *static_cast<const fetch_batch*>(ctx);
+  const std::size_t hb = b.shape->header_bytes();
+  b.verdict[j] = verify_block_parts({b.heads + j * hb, hb}, b.out[j], *b.shape, *b.model, b.refs[j]);
+}
+
+}  // namespace
+
 fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::span<std::byte* const> out,
                                        std::span<shared_status> status) noexcept {
   impl& m = *impl_;
@@ -48,10 +72,14 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
     detail::bump(m.st.blocks_skipped, refs.size() - i - 1);
   };
   try {
-    std::vector<record_key> keys;
-    std::vector<std::string_view> views;
-    std::vector<redis_get_result> got;
-    keys.reserve(std::min(refs.size(), m.blocks_per_batch));
+    const std::size_t hb = m.shape.header_bytes();
+    const std::size_t per_batch = std::min(refs.size(), m.blocks_per_batch);
+    std::vector<record_key> keys(per_batch);
+    std::vector<redis_read_item> items(per_batch);
+    std::vector<shared_status> verdict(per_batch);
+    // Header areas: received here and checked; payloads go straight to out[i] and are
+    // checksummed where they land (verify_block_parts), so a block is copied by nobody.
+    auto heads = std::make_unique<std::byte[]>(per_batch * hb);
     for (std::size_t base = 0; base < refs.size(); base += m.blocks_per_batch) {
       const std::size_t n = std::min(m.blocks_per_batch, refs.size() - base);
       // The caller's refs must describe one prefix: checked before any network time.
@@ -71,20 +99,24 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
         end_at(base, shared_status::timeout);
         return res;
       }
-      keys.clear();
-      views.clear();
-      for (std::size_t i = base; i < base + n; ++i) keys.push_back(block_key(m.cfg.model.value, refs[i].chain));
-      for (const record_key& k : keys) views.push_back(k.view());
-      got.resize(n);
-      m.reader.get_many(views, got);
       for (std::size_t j = 0; j < n; ++j) {
-        if (got[j].status == redis_status::ok) detail::bump(m.st.bytes_read, got[j].value.size());
+        keys[j] = block_key(m.cfg.model.value, refs[base + j].chain);
+        items[j] = redis_read_item{keys[j].view(), {heads.get() + j * hb, hb}, {out[base + j], m.cfg.block_bytes}};
+        verdict[j] = shared_status::error;  // not arrived
+      }
+      fetch_batch batch{&m.shape,    &m.cfg.model,  refs.subspan(base, n), out.subspan(base, n),
+                        heads.get(), verdict.data()};
+      m.reader.get_many_into(std::span(items).first(n), &verify_arrived, &batch);
+      for (std::size_t j = 0; j < n; ++j) {
+        if (items[j].status == redis_status::ok) detail::bump(m.st.bytes_read, items[j].size);
       }
       for (std::size_t j = 0; j < n; ++j) {
         const std::size_t i = base + j;
-        shared_status s = from_redis(got[j].status);
+        shared_status s = from_redis(items[j].status);
+        // A value of another length was never written to out[i]; one that fits was verified
+        // when it arrived (verdict).
         if (s == shared_status::ok)
-          s = verify_block_record(got[j].value.bytes(), m.shape, m.cfg.model, refs[i], out[i]);
+          s = items[j].size != m.shape.record_bytes() ? shared_status::verify_failed : verdict[j];
         if (s != shared_status::ok) {
           end_at(i, s);
           return res;
@@ -92,7 +124,6 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
         status[i] = shared_status::ok;
         res.prefix = std::uint32_t(i + 1);
         detail::bump(m.st.block_hits);
-        got[j].value.reset();  // the reply's memory goes back at once, not at the batch's end
       }
     }
   } catch (...) {  // no memory for the batch's keys
