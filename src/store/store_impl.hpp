@@ -154,6 +154,8 @@ struct store::impl {
   detail::content_table::key content_key(const block_meta& m, const hash128& tenant) const noexcept {
     return content_key(m.chain, m.saved_pos / geometry_.tokens_per_block, tenant);
   }
+  /// The LINKS record of block `m` of `owner` (tenant: the owner's, for a link).
+  format::link_record link_of(const session_hash& owner, const hash128& tenant, const block_meta& m) const noexcept;
   /// Records that block `b` of `s` holds a slot another block's save wrote (LINKS).
   errc link_borrowed(locked_session& s, std::uint32_t b, const hash128& tenant) noexcept;
   /// Gives block `b` (no SSD copy) its content's SSD copy, when there is one: no write

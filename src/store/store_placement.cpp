@@ -28,16 +28,8 @@ errc store::impl::invalidate_ssd(std::span<const std::uint32_t> slots, bool wipe
 }
 
 void store::impl::retire_block(const session_hash& owner, const block_meta& m) noexcept {
-  if (!links_) return;
-  format::link_record r{};
-  r.session = owner.value;
-  r.chain = m.chain;
-  r.checksum = m.checksum;
-  r.sequence = m.sequence;
-  r.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
-  r.put_first_block = m.put_first_block;
-  r.put_blocks = m.put_blocks;
-  if (links_->append(r, format::retire_magic) != errc::ok) detail::bump(counters_->io_errors);
+  if (links_ && links_->append(link_of(owner, hash128{}, m), format::retire_magic) != errc::ok)
+    detail::bump(counters_->io_errors);
 }
 
 errc store::impl::release_chain(std::uint32_t first, bool wipe, bool* kept_shared, const session_hash* owner) noexcept {

@@ -5,11 +5,10 @@
 
 namespace attnstore {
 
-errc store::impl::link_borrowed(locked_session& s, std::uint32_t b, const hash128& tenant) noexcept {
-  if (!links_) return errc::unsupported;
-  const block_meta& m = s.meta(b);
+format::link_record store::impl::link_of(const session_hash& owner, const hash128& tenant,
+                                         const block_meta& m) const noexcept {
   format::link_record r{};
-  r.session = s.key().value;
+  r.session = owner.value;
   r.tenant = tenant;
   r.chain = m.chain;
   r.checksum = m.checksum;
@@ -17,7 +16,12 @@ errc store::impl::link_borrowed(locked_session& s, std::uint32_t b, const hash12
   r.block_index = std::uint32_t(m.saved_pos / geometry_.tokens_per_block);
   r.put_first_block = m.put_first_block;
   r.put_blocks = m.put_blocks;
-  const errc e = links_->append(r);
+  return r;
+}
+
+errc store::impl::link_borrowed(locked_session& s, std::uint32_t b, const hash128& tenant) noexcept {
+  if (!links_) return errc::unsupported;
+  const errc e = links_->append(link_of(s.key(), tenant, s.meta(b)));
   if (e != errc::ok) {
     detail::bump(counters_->io_errors);
     config_.log(log_level::error, "store: cannot append to " + detail::link_log::path_in(config_.ssd_directory) +
