@@ -78,6 +78,9 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
   for (std::size_t i = 0; i < nodes.size(); ++i) {
     nodes[i].dir = root.str() + "/node" + std::to_string(i);
     nodes[i].cfg = small_config(nodes[i].dir, 24, 48);  // small: demotion and eviction happen
+    // A model of its own: blocks are content-addressed by (model, chain), and other tests
+    // on the cluster store other bytes for some of the same tokens under "test-model".
+    nodes[i].cfg.model_name = "remote-model-oracle";
     nodes[i].open();
   }
   const std::size_t bb = nodes[0].kv->block_bytes();
