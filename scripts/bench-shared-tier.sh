@@ -106,6 +106,10 @@ out = {
     "runs": len(tier),
     "shared_tier": {k: round(v, 3) for k, v in t.items()},
     "redis_benchmark": {"set_per_s": b_set, "get_per_s": b_get},
+    # each run's shared_tier against the redis-benchmark run right after it: on a shared
+    # machine the load drifts between runs, less within one
+    "get_ratio_per_run": [ratio(x["tier_get_per_s"], g) for x, g in zip(tier, rb["GET"])],
+    "set_ratio_per_run": [ratio(x["tier_set_per_s"], g) for x, g in zip(tier, rb["SET"])],
     "raw_client_get_ratio": ratio(t["raw_get_per_s"], b_get),
     "raw_client_set_ratio": ratio(t["raw_set_per_s"], b_set),
     "failures": failures,

@@ -813,8 +813,9 @@ struct redis_cluster::impl {
         }
         dst = n.in.get() + n.in_len;
         want = direct_in_bytes - n.in_len;
-        // Before a value: its `$len` line and a little more; the value then goes to its place.
-        if (j.state == job::rx::line) want = std::min(want, direct_peek);
+        // Before a value (and after one: its CRLF), only its `$len` line and a little more:
+        // the value itself then goes to its place, not through this buffer.
+        want = std::min(want, direct_peek);
       }
       const ssize_t r = ::recv(n.fd, dst, want, MSG_DONTWAIT);
       if (r > 0) {
