@@ -79,7 +79,7 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
     std::vector<shared_status> verdict(per_batch);
     // Header areas: received here and checked; payloads go straight to out[i] and are
     // checksummed where they land (verify_block_parts), so a block is copied by nobody.
-    auto heads = std::make_unique<std::byte[]>(per_batch * hb);
+    auto heads = std::make_unique_for_overwrite<std::byte[]>(per_batch * hb);
     for (std::size_t base = 0; base < refs.size(); base += m.blocks_per_batch) {
       const std::size_t n = std::min(m.blocks_per_batch, refs.size() - base);
       // The caller's refs must describe one prefix: checked before any network time.

@@ -153,13 +153,15 @@ class shared_tier {
 
   /// Reads blocks of a prefix, from block 0 or from a later block that continues a prefix
   /// the caller already holds (refs[i].previous must be refs[i-1].chain; a manifest's
-  /// ref(i) gives them) and verifies each exactly (verify_block_record) while
-  /// copying its payload to out[i] (block_bytes each). status[i] is ok, a miss
+  /// ref(i) gives them): each payload is received from the network straight into out[i]
+  /// (block_bytes each) and verified there exactly (verify_block_parts: the checks of
+  /// verify_block_record) as soon as it has arrived. status[i] is ok, a miss
   /// (not_found, verify_failed, timeout, node_down, auth_error, error), skipped for blocks
   /// after the first miss, or invalid_argument (a ref out of range or not continuing the one
   /// before). Blocks are read in pipelined batches of up to max_batch_bytes over every node
   /// at once; the prefix ends at the first block that is not ok and later batches are not
-  /// read. out[i] holds the block only when status[i] is ok. refs, out and status must be
+  /// read. out[i] holds the block only when status[i] is ok (after a miss, the buffers of
+  /// later blocks of its batch may have been written). refs, out and status must be
   /// equally long (else every status is invalid_argument and the prefix is 0).
   [[nodiscard]] fetch_result fetch_blocks(std::span<const block_ref> refs, std::span<std::byte* const> out,
                                           std::span<shared_status> status) noexcept;
