@@ -8,7 +8,8 @@
 #
 # The last line is one JSON object:
 #   {"get_ratio": x, "set_ratio": y, "e2e": {...}, ...}
-# get_ratio and set_ratio: shared_tier values/s over redis-benchmark requests/s. The e2e
+# get_ratio and set_ratio: shared_tier values/s over redis-benchmark requests/s (medians);
+# get_ratio_per_run and set_ratio_per_run: each run over the redis-benchmark run after it. The e2e
 # TTFT figures need the store integration (a store that fetches from the shared tier on a
 # miss); until then they are null, and "e2e_note" says so.
 #
