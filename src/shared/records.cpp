@@ -134,11 +134,14 @@ shared_status verify_block_record(std::span<const std::byte> value, const record
 }
 
 shared_status verify_block_parts(std::span<const std::byte> head, const std::byte* payload, const record_shape& shape,
-                                 const model_id& model, const block_ref& ref) noexcept {
+                                 const model_id& model, const block_ref& ref,
+                                 std::uint64_t* payload_checksum) noexcept {
   std::uint64_t expected = 0;
   const shared_status s = verify_block_header(head, shape, model, ref, &expected);
   if (s != shared_status::ok) return s;
-  return checksum64(payload, shape.block_bytes) == expected ? shared_status::ok : shared_status::verify_failed;
+  if (checksum64(payload, shape.block_bytes) != expected) return shared_status::verify_failed;
+  if (payload_checksum) *payload_checksum = expected;
+  return shared_status::ok;
 }
 
 // ------------------------------------------------------------------------- manifest records

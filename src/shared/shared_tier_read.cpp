@@ -41,22 +41,24 @@ struct fetch_batch {
   std::span<std::byte* const> out;
   std::byte* heads;
   shared_status* verdict;
+  std::uint64_t* checksums;  // per block of the batch: the payload's, once verified
 };
 
 /// Verifies block j as soon as it has arrived, while the rest of the batch is on the wire.
 void verify_arrived(void* ctx, std::size_t j) noexcept {
   const fetch_batch& b = *static_cast<const fetch_batch*>(ctx);
   const std::size_t hb = b.shape->header_bytes();
-  b.verdict[j] = verify_block_parts({b.heads + j * hb, hb}, b.out[j], *b.shape, *b.model, b.refs[j]);
+  b.verdict[j] = verify_block_parts({b.heads + j * hb, hb}, b.out[j], *b.shape, *b.model, b.refs[j], &b.checksums[j]);
 }
 
 }  // namespace
 
 fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::span<std::byte* const> out,
-                                       std::span<shared_status> status) noexcept {
+                                       std::span<shared_status> status, std::span<std::uint64_t> checksums) noexcept {
   impl& m = *impl_;
   fetch_result res;
-  if (refs.size() != out.size() || refs.size() != status.size()) {
+  if (refs.size() != out.size() || refs.size() != status.size() ||
+      (!checksums.empty() && checksums.size() != refs.size())) {
     std::fill(status.begin(), status.end(), shared_status::invalid_argument);
     res.first_miss = shared_status::invalid_argument;
     return res;
@@ -77,6 +79,7 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
     std::vector<record_key> keys(per_batch);
     std::vector<redis_read_item> items(per_batch);
     std::vector<shared_status> verdict(per_batch);
+    std::vector<std::uint64_t> sums(per_batch);
     // Header areas: received here and checked; payloads go straight to out[i] and are
     // checksummed where they land (verify_block_parts), so a block is copied by nobody.
     auto heads = std::make_unique_for_overwrite<std::byte[]>(per_batch * hb);
@@ -104,8 +107,8 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
         items[j] = redis_read_item{keys[j].view(), {heads.get() + j * hb, hb}, {out[base + j], m.cfg.block_bytes}};
         verdict[j] = shared_status::error;  // not arrived
       }
-      fetch_batch batch{&m.shape,    &m.cfg.model,  refs.subspan(base, n), out.subspan(base, n),
-                        heads.get(), verdict.data()};
+      fetch_batch batch{&m.shape,       &m.cfg.model, refs.subspan(base, n), out.subspan(base, n), heads.get(),
+                        verdict.data(), sums.data()};
       m.reader.get_many_into(std::span(items).first(n), &verify_arrived, &batch);
       for (std::size_t j = 0; j < n; ++j) {
         if (items[j].status == redis_status::ok) detail::bump(m.st.bytes_read, items[j].size);
@@ -122,6 +125,7 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
           return res;
         }
         status[i] = shared_status::ok;
+        if (!checksums.empty()) checksums[i] = sums[j];
         res.prefix = std::uint32_t(i + 1);
         detail::bump(m.st.block_hits);
       }

@@ -41,14 +41,13 @@ std::uint32_t store_remote::fetch(const remote_session& session, std::span<const
     std::vector<block_ref> refs(n);
     std::vector<shared_status> status(n);
     for (std::size_t i = 0; i < n; ++i) refs[i] = m.ref(first_block + i);
-    const fetch_result r = tier_->fetch_blocks(refs, out.payloads.first(n), status);
-    const std::size_t bb = tier_->config().block_bytes;
+    // The checksums are the ones the tier verified each payload against where it landed.
+    const fetch_result r = tier_->fetch_blocks(refs, out.payloads.first(n), status, out.checksums.first(n));
     for (std::uint32_t i = 0; i < r.prefix; ++i) {
       const auto t = m.tokens_of(first_block + i);
       std::copy(t.begin(), t.end(), out.tokens.begin() + std::ptrdiff_t(std::size_t(i) * tpb));
       out.token_counts[i] = std::uint32_t(t.size());
       out.keys[i] = m.blocks[first_block + i].keys;
-      out.checksums[i] = checksum64(out.payloads[i], bb);
     }
     return r.prefix;
   } catch (...) {

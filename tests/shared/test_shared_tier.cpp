@@ -122,7 +122,17 @@ fetched fetch(shared_tier& t, const session_key& key) {
     ptrs.push_back(f.out[i].data());
   }
   f.status.assign(refs.size(), shared_status::error);
-  f.res = t.fetch_blocks(refs, ptrs, f.status);
+  std::vector<std::uint64_t> sums(refs.size(), 0);
+  f.res = t.fetch_blocks(refs, ptrs, f.status, sums);
+  // The checksums handed back are those of the payloads served.
+  for (std::size_t i = 0; i < f.res.prefix; ++i) CHECK(sums[i] == checksum64(f.out[i].data(), f.out[i].size()));
+  if (!refs.empty()) {  // a checksums span of another length is the caller's mistake
+    std::vector<std::uint64_t> longer(refs.size() + 1);
+    std::vector<shared_status> st(refs.size());
+    const fetch_result bad = t.fetch_blocks(refs, ptrs, st, longer);
+    CHECK(bad.prefix == 0);
+    CHECK(bad.first_miss == shared_status::invalid_argument);
+  }
   return f;
 }
 

@@ -176,11 +176,11 @@ void write_block_header(std::byte* area, const record_shape& shape, const model_
 /// verify_block_record for a record that arrived in two pieces and is verified where it
 /// lies: its header area `head` (exactly shape.header_bytes()) and its payload, already in
 /// the caller's buffer at `payload` (shape.block_bytes). The same checks, in the same order;
-/// the payload's checksum is computed in place (no copy). ok, or verify_failed (never serve
-/// the payload then).
+/// the payload's checksum is computed in place (no copy). ok (with *payload_checksum, when
+/// given, the payload's checksum64), or verify_failed (never serve the payload then).
 [[nodiscard]] shared_status verify_block_parts(std::span<const std::byte> head, const std::byte* payload,
-                                               const record_shape& shape, const model_id& model,
-                                               const block_ref& ref) noexcept;
+                                               const record_shape& shape, const model_id& model, const block_ref& ref,
+                                               std::uint64_t* payload_checksum = nullptr) noexcept;
 
 // ------------------------------------------------------------------------ manifest records
 

@@ -161,10 +161,13 @@ class shared_tier {
   /// before). Blocks are read in pipelined batches of up to max_batch_bytes over every node
   /// at once; the prefix ends at the first block that is not ok and later batches are not
   /// read. out[i] holds the block only when status[i] is ok (after a miss, the buffers of
-  /// later blocks of its batch may have been written). refs, out and status must be
-  /// equally long (else every status is invalid_argument and the prefix is 0).
+  /// later blocks of its batch may have been written). `checksums` (optional): for every
+  /// ok block, checksums[i] is its payload's checksum64, the one just verified (so the
+  /// caller need not hash the payload again). refs, out, status and a non-empty checksums
+  /// must be equally long (else every status is invalid_argument and the prefix is 0).
   [[nodiscard]] fetch_result fetch_blocks(std::span<const block_ref> refs, std::span<std::byte* const> out,
-                                          std::span<shared_status> status) noexcept;
+                                          std::span<shared_status> status,
+                                          std::span<std::uint64_t> checksums = {}) noexcept;
 
   /// Queues a write-behind of the request's blocks (each block with a payload: skipped when
   /// its record exists, else SET NX with block_ttl) and then of the session's manifest. Copies
