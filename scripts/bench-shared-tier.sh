@@ -10,8 +10,10 @@
 #   {"get_ratio": x, "set_ratio": y, "e2e": {...}, ...}
 # get_ratio and set_ratio: shared_tier values/s over redis-benchmark requests/s (medians);
 # get_ratio_per_run and set_ratio_per_run: each run over the redis-benchmark run after it. The e2e
-# TTFT figures need the store integration (a store that fetches from the shared tier on a
-# miss); until then they are null, and "e2e_note" says so.
+# figures come from bench/e2e/e2e_bench --nodes 3 --redis on the same cluster: the mini engine's
+# conversations with every turn recomputed, on one node from DRAM, and round-robin over 3
+# nodes with local tiers only and with the shared tier (median TTFT of the turns with >= 2K
+# history tokens; docs/benchmarks.md, "Several nodes on a shared tier").
 #
 # Usage: scripts/bench-shared-tier.sh
 # Environment:
@@ -47,7 +49,7 @@ if ! grep -q '^CMAKE_BUILD_TYPE:STRING=Release$' "$build/CMakeCache.txt"; then
   echo "bench-shared-tier: $build is not a Release build; set BUILD_DIR to another directory" >&2
   exit 1
 fi
-cmake --build "$build" --target shared_tier_bench >/dev/null
+cmake --build "$build" --target shared_tier_bench e2e_bench >/dev/null
 bin=$build/bench/shared_tier_bench
 
 # ---- the cluster: 3 masters on loopback, values of 1 MiB + 4 KiB
@@ -85,9 +87,16 @@ for ((r = 1; r <= reps; r++)); do
 done
 flushall
 
-python3 - "$out/shared_tier.jsonl" "$out/redis_benchmark.csv" "$reps" <<'EOF'
+# ---- end to end: 3 mini-engine nodes, round-robin, on this cluster
+echo "== e2e_bench --nodes 3 (recompute, store-dram, nodes-local, nodes-shared)" >&2
+"$build/bench/e2e_bench" --nodes 3 --redis "127.0.0.1:$port" --json 2>>"$out/e2e.log" | tee -a "$out/e2e.log" |
+  tail -1 >"$out/e2e.json"
+flushall
+
+python3 - "$out/shared_tier.jsonl" "$out/redis_benchmark.csv" "$reps" "$out/e2e.json" <<'EOF'
 import json, statistics, sys
 tier = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+e2e = json.load(open(sys.argv[4]))
 rb = {"SET": [], "GET": []}
 for line in open(sys.argv[2]).read().splitlines():
     f = [x.strip('"') for x in line.split(",")]
@@ -100,9 +109,10 @@ ratio = lambda a, b: round(a / b, 3) if a and b else None
 out = {
     "get_ratio": ratio(t["tier_get_per_s"], b_get),
     "set_ratio": ratio(t["tier_set_per_s"], b_set),
-    "e2e": {"ttft_recompute_ms": None, "ttft_shared_ms": None, "ttft_local_only_ms": None,
-            "ttft_single_node_dram_ms": None},
-    "e2e_note": "the TTFT figures come with the store integration (a store that reads the shared tier on a local miss)",
+    "e2e": {"ttft_recompute_ms": e2e["ttft_recompute_ms"], "ttft_shared_ms": e2e["ttft_nodes_shared_ms"],
+            "ttft_local_only_ms": e2e["ttft_nodes_local_ms"], "ttft_single_node_dram_ms": e2e["ttft_reuse_dram_ms"],
+            "shared_over_single_node": ratio(e2e["ttft_nodes_shared_ms"], e2e["ttft_reuse_dram_ms"]),
+            "outputs_identical": e2e["outputs_identical"]},
     "record_bytes": tier[0]["record_bytes"], "blocks": tier[0]["blocks"], "batch": tier[0]["batch"],
     "runs": len(tier),
     "shared_tier": {k: round(v, 3) for k, v in t.items()},
@@ -118,6 +128,8 @@ out = {
 print(f"shared_tier  GET {t['tier_get_per_s']:8.1f}/s  SET {t['tier_set_per_s']:8.1f}/s  (median of {len(tier)})", file=sys.stderr)
 print(f"raw client   GET {t['raw_get_per_s']:8.1f}/s  SET {t['raw_set_per_s']:8.1f}/s", file=sys.stderr)
 print(f"redis-bench  GET {b_get:8.1f}/s  SET {b_set:8.1f}/s", file=sys.stderr)
+print(f"e2e TTFT     recompute {e2e['ttft_recompute_ms']:.1f} ms, one node DRAM {e2e['ttft_reuse_dram_ms']:.1f} ms, "
+      f"3 nodes local {e2e['ttft_nodes_local_ms']:.1f} ms, 3 nodes shared {e2e['ttft_nodes_shared_ms']:.1f} ms", file=sys.stderr)
 print(json.dumps(out))
-sys.exit(1 if failures else 0)
+sys.exit(1 if failures or not e2e["outputs_identical"] else 0)
 EOF
