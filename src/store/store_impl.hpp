@@ -368,16 +368,12 @@ struct store::impl {
   std::unique_ptr<ssd_space> ssd_;
   std::unique_ptr<block_device> device_;
   std::unique_ptr<cache_index> index_;
-  std::unique_ptr<detail::content_table> content_;  // holder counts of shared slots (always made)
-  bool sharing_ = false;                            // new blocks are shared (share_prefixes, geometry)
-  std::unique_ptr<detail::link_log> links_;         // with an SSD tier and sharing
-  std::unique_ptr<std::atomic<bool>[]> header_claims_;
-  std::vector<remote_session> remote_ids_;  // per record: the remote tier's name of its session
-  std::mutex remote_mutex_;                 // the scratch below (publish and fill are per request, not per layer)
-  std::vector<token_id> remote_tokens_;
-  std::vector<hash128> remote_keys_;
-  std::vector<const std::byte*> remote_payloads_;  // per DRAM slot: its header area is being written
-  std::int32_t staging_buffer_base_ = 0;           // registered-buffer index of staging region 0
+  std::unique_ptr<detail::content_table> content_;      // holder counts of shared slots (always made)
+  bool sharing_ = false;                                // new blocks are shared (share_prefixes)
+  std::unique_ptr<detail::link_log> links_;             // with an SSD tier
+  std::unique_ptr<std::atomic<bool>[]> header_claims_;  // per DRAM slot: its header area is being written
+  std::vector<remote_session> remote_ids_;              // per record: the remote tier's name of its session
+  std::int32_t staging_buffer_base_ = 0;                // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
   /// Latency histograms (store::metrics). lookup/load/save are timed in store.cpp

@@ -64,9 +64,10 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
                  std::uint32_t(room),
                  config_.remote->fetch(id, prompt, have, {payloads, tokens, counts, digests, checksums}))
            : 0;
-  // What came back is checked again here: token ids that continue the prompt (whole
-  // blocks but a last partial one), the request's own keys digests, the payload's checksum.
-  const std::size_t bb = geometry_.block_bytes();
+  // What came back is checked again against this request: token ids that continue the
+  // prompt (whole blocks but a last partial one) and its own keys digests. The payloads
+  // were verified by the tier against their records (remote_tier::fetch's contract);
+  // their checksums come back with them, so no second pass over the bytes here.
   std::uint32_t keep = 0;
   std::uint64_t pos = std::uint64_t(have) * tpb;
   for (; keep < got; ++keep) {
@@ -78,7 +79,6 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
       if (!std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
       if (!(digests[keep] == (keys.empty() ? hash128{} : block_keys(keys, pos, n)))) break;
     }
-    if (checksum64(payloads[keep], bb) != checksums[keep]) break;
     pos += n;
     if (n < tpb) {
       ++keep;  // a partial block ends the history

@@ -46,7 +46,7 @@ errc store::impl::write_ssd_blocks(locked_session& s, std::span<const std::uint3
   };
   // A block whose content got an SSD copy meanwhile (another holder wrote it) takes it.
   auto took_copy = [&](std::size_t i) {
-    if (!content_ || !take_ssd_copy(s, blocks[i], tenant)) return false;
+    if (!take_ssd_copy(s, blocks[i], tenant)) return false;
     ssd_->release(ssd_slots[i]);  // never written: still erased
     results[i] = took_shared_copy;
     return true;
