@@ -92,8 +92,8 @@ struct store_config {
   std::shared_ptr<remote_tier> remote;
   /// Session blocks indexed at once, all tiers (each holds a slot, or shares one). 0:
   /// twice the DRAM slots plus the SSD slots, times 4 with prefix sharing (blocks that
-  /// share a slot need entries of their own; a tenth of a percent of a tier's bytes
-  /// for blocks of 16 tokens of a 7B model).
+  /// share a slot need entries of their own: an entry is its block_meta and
+  /// tokens_per_block token ids, next to a whole slot for a block of its own).
   std::uint64_t max_blocks = 0;
 
   // ---- policies (include/attnstore/policy/; docs/design.md "Policies")
