@@ -4,8 +4,10 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <mutex>
 #include <span>
 #include <string>
@@ -18,7 +20,10 @@ namespace attnstore::detail {
 class link_log {
  public:
   /// The file of `directory` (created on the first append).
-  explicit link_log(std::string directory) : directory_(std::move(directory)), path_(directory_ + "/LINKS") {}
+  explicit link_log(std::string directory) : directory_(std::move(directory)), path_(directory_ + "/LINKS") {
+    struct stat st;
+    if (::stat(path_.c_str(), &st) == 0) bytes_.store(std::uint64_t(st.st_size), std::memory_order_relaxed);
+  }
   link_log(const link_log&) = delete;
   link_log& operator=(const link_log&) = delete;
   ~link_log() {
@@ -27,11 +32,19 @@ class link_log {
 
   static std::string path_in(const std::string& directory) { return directory + "/LINKS"; }
 
+  /// Past this size no new link is taken (blocks write SSD copies of their own): links
+  /// come from what clients do (sessions adopting and dropping prompts), and the file is
+  /// compacted only at an open. Retirements are still written (each follows a link or a
+  /// slot some link holds), so the file stays within a small multiple of it.
+  static constexpr std::uint64_t max_link_bytes = std::uint64_t(64) << 20;
+  bool full() const noexcept { return bytes_.load(std::memory_order_relaxed) >= max_link_bytes; }
+
   errc append(format::link_record r, std::uint32_t magic = format::link_magic) noexcept {
     format::seal(r, magic);
     std::lock_guard lock(mutex_);
     if (!open_locked()) return errc::device_error;
     if (::write(fd_, &r, sizeof(r)) != ssize_t(sizeof(r))) return errc::device_error;
+    bytes_.fetch_add(sizeof(r), std::memory_order_relaxed);
     dirty_ = true;
     return errc::ok;
   }
@@ -55,6 +68,7 @@ class link_log {
     fd_ = -1;
     if (records.empty()) {
       if (::unlink(path_.c_str()) != 0 && errno != ENOENT) return errc::device_error;
+      bytes_.store(0, std::memory_order_relaxed);
       return sync_dir() ? errc::ok : errc::device_error;
     }
     const std::string tmp = path_ + ".tmp";
@@ -68,6 +82,7 @@ class link_log {
     ok = ok && ::fsync(fd) == 0;
     ::close(fd);
     ok = ok && ::rename(tmp.c_str(), path_.c_str()) == 0 && sync_dir();
+    if (ok) bytes_.store(records.size() * sizeof(format::link_record), std::memory_order_relaxed);
     return ok ? errc::ok : errc::device_error;
   }
 
@@ -93,6 +108,7 @@ class link_log {
   std::mutex mutex_;
   int fd_ = -1;
   bool dirty_ = false, created_ = false;
+  std::atomic<std::uint64_t> bytes_{0};  // appended since the last rewrite (and what that kept)
 };
 
 }  // namespace attnstore::detail

@@ -32,7 +32,7 @@ errc store::impl::link_borrowed(locked_session& s, std::uint32_t b, const hash12
 
 bool store::impl::take_ssd_copy(locked_session& s, std::uint32_t b, const hash128& tenant) noexcept {
   block_meta& m = s.meta(b);
-  if (!shareable(m) || !links_ || m.ssd_slot != no_slot) return false;
+  if (!shareable(m) || !links_ || links_->full() || m.ssd_slot != no_slot) return false;
   const std::uint32_t slot = content_->share(content_key(m, tenant), tier::ssd, m.checksum);
   if (slot == no_slot) return false;
   m.ssd_slot = slot;
@@ -94,7 +94,8 @@ std::uint32_t store::impl::adopt_shared_locked(locked_session& s, std::span<cons
     const detail::content_table::copies c = content_->find(k);
     // Each copy is taken (one more holder) or found gone since: what is left decides.
     const std::uint32_t dram = c.dram != no_slot ? content_->share(k, tier::dram, c.checksum) : no_slot;
-    const std::uint32_t ssd = c.ssd != no_slot && links_ ? content_->share(k, tier::ssd, c.checksum) : no_slot;
+    const std::uint32_t ssd =
+        c.ssd != no_slot && links_ && !links_->full() ? content_->share(k, tier::ssd, c.checksum) : no_slot;
     const std::uint32_t b = dram == no_slot && ssd == no_slot ? no_slot : s.new_block(toks);
     if (b == no_slot) {
       if (dram != no_slot) free_dram(dram);
