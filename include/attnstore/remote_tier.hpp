@@ -59,6 +59,11 @@ class remote_tier {
 
   /// The session is gone: what names it in the tier goes too (best effort).
   virtual void drop(const remote_session& session) noexcept = 0;
+
+  /// About how long the tier keeps a block it was given, in seconds (a TTL; under memory
+  /// pressure it may keep it less): the policy weighs a session's chance of returning
+  /// within it before publishing (policy::eviction_policy::worth_sharing).
+  virtual double retention_s() const noexcept { return 86400; }
 };
 
 }  // namespace attnstore

@@ -180,9 +180,10 @@ struct store_stats {
   std::uint64_t adopted_blocks = 0;  ///< blocks a session took from others' shared prefixes
   /// The remote tier: fetches of sessions held nowhere here, blocks they brought into
   /// DRAM, fetches that found nothing usable, write-behinds queued and skipped (the
-  /// tier over its bound or failing).
+  /// tier over its bound or failing), saves not published because the eviction policy
+  /// judged a return unlikely (policy::eviction_policy::worth_sharing).
   std::uint64_t remote_fetches = 0, remote_blocks_fetched = 0, remote_misses = 0;
-  std::uint64_t remote_publishes = 0, remote_publishes_skipped = 0;
+  std::uint64_t remote_publishes = 0, remote_publishes_skipped = 0, remote_publishes_declined = 0;
   std::uint64_t remote_prefetches = 0;  ///< queued sessions fetched from the remote tier ahead of their turn
 };
 

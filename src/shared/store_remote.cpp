@@ -74,4 +74,12 @@ void store_remote::drop(const remote_session& session) noexcept {
   (void)deleter_->del(k.view());
 }
 
+double store_remote::retention_s() const noexcept {
+  const auto& c = tier_->config();
+  auto ttl = std::chrono::milliseconds::max();
+  for (const auto t : {c.block_ttl, c.manifest_ttl})
+    if (t.count() > 0) ttl = std::min(ttl, t);
+  return ttl == std::chrono::milliseconds::max() ? 86400.0 : double(ttl.count()) / 1000;
+}
+
 }  // namespace attnstore::shared

@@ -82,7 +82,10 @@ void store::impl::note_miss(const session_hash& key) noexcept {
 }
 
 void store::impl::erase_record(locked_session& s) noexcept {
-  if (config_.remote) remote_ids_[s.record_id()] = {};  // the record may next hold another session
+  if (config_.remote) {  // the record may next hold another session
+    remote_ids_[s.record_id()] = {};
+    remote_declined_[s.record_id()] = 0;
+  }
   {
     std::lock_guard lock(policy_mutex_);
     const std::uint32_t rec = s.record_id();
@@ -191,11 +194,16 @@ errc store::impl::hint(const session_key& key, policy::session_hint hint) noexce
   const session_hash h = session_of(key);  // outside the policy mutex
   const std::uint64_t t = now();
   const std::uint32_t found = index_->find(h);
-  std::lock_guard lock(policy_mutex_);
-  if (found == no_slot || !policy_->live(found)) return errc::not_found;
-  policy_->on_hint(found, hint, t);
-  // A user about to send may be worth bringing up from SSD now.
-  if (hint == policy::session_hint::composing) plan_prefetch_locked(true);
+  {
+    std::lock_guard lock(policy_mutex_);
+    if (found == no_slot || !policy_->live(found)) return errc::not_found;
+    policy_->on_hint(found, hint, t);
+    if (hint != policy::session_hint::composing) return errc::ok;
+    // A user about to send may be worth bringing up from SSD now.
+    plan_prefetch_locked(true);
+  }
+  // ... and the turn may be routed to another node.
+  if (config_.remote) publish_declined(h);
   return errc::ok;
 }
 

@@ -50,7 +50,7 @@ namespace attnstore {
   X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed)                     \
   X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)           \
   X(adopted_blocks) X(remote_fetches) X(remote_blocks_fetched) X(remote_misses) X(remote_publishes)  \
-  X(remote_publishes_skipped) X(remote_prefetches)
+  X(remote_publishes_skipped) X(remote_publishes_declined) X(remote_prefetches)
 // clang-format on
 
 namespace detail {
@@ -194,6 +194,9 @@ struct store::impl {
   /// when it comes). `may_demote`: when no DRAM is free, a few blocks' room is made.
   std::uint32_t fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt, const request_keys& keys,
                                         std::uint32_t max_blocks, bool may_demote = true) noexcept;
+  /// A session whose last save the policy did not publish: published now if the policy
+  /// has come to think it worth it (its user is typing).
+  void publish_declined(const session_hash& h) noexcept;
   /// A queued session held nowhere here: its history fetched into free DRAM.
   void prefetch_remote(const session_key& key) noexcept;
   struct remote_job {
@@ -373,6 +376,7 @@ struct store::impl {
   std::unique_ptr<detail::link_log> links_;             // with an SSD tier
   std::unique_ptr<std::atomic<bool>[]> header_claims_;  // per DRAM slot: its header area is being written
   std::vector<remote_session> remote_ids_;              // per record: the remote tier's name of its session
+  std::vector<std::uint8_t> remote_declined_;           // per record: its last save was not published (policy)
   std::int32_t staging_buffer_base_ = 0;                // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;

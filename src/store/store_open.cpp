@@ -181,6 +181,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
       po.capacity_blocks = capacity_blocks;
       po.ticks_per_second = 1e9;  // now() is in nanoseconds
       po.tokens_per_block = geometry_.tokens_per_block;
+      if (config_.remote) po.share_horizon_s = std::max(1.0, config_.remote->retention_s());
       auto p = std::make_unique<policy::predictive>(po);
       predictive_ = p.get();
       policy_ = std::move(p);
@@ -190,7 +191,10 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
     }
   }
   held_.assign(config_.max_sessions, 0);
-  if (config_.remote) remote_ids_.assign(config_.max_sessions, remote_session{});
+  if (config_.remote) {
+    remote_ids_.assign(config_.max_sessions, remote_session{});
+    remote_declined_.assign(config_.max_sessions, 0);
+  }
   // A tenant entry lives while one of its sessions does, or while it has a quota of its
   // own: max_sessions plus the configured tenants can never run out.
   tenants_ = std::make_unique<detail::tenant_table>(config_.max_sessions +

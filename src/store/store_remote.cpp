@@ -126,6 +126,18 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   const remote_session& id = remote_ids_[s.record_id()];
   // A truncated view is not a prefix of positions a manifest can list: not published.
   if (s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
+  // A session unlikely to return is not worth the network and the tier's space; it is
+  // published later if its user is seen typing (publish_declined).
+  bool worth;
+  {
+    std::lock_guard lock(policy_mutex_);
+    worth = policy_->worth_sharing(s.record_id());
+  }
+  remote_declined_[s.record_id()] = worth ? 0 : 1;
+  if (!worth) {
+    detail::bump(counters_->remote_publishes_declined);
+    return;
+  }
   std::vector<token_id> tokens;
   std::vector<hash128> keys;
   std::vector<const std::byte*> payloads;
@@ -152,6 +164,11 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   for (std::uint32_t b = s.first_block(); b != no_slot && i < payloads.size(); b = s.meta(b).next, ++i)
     s.meta(b).published = true;
   detail::bump(counters_->remote_publishes);
+}
+
+void store::impl::publish_declined(const session_hash& h) noexcept {
+  locked_session s = index_->open(h, false);
+  if (s && remote_declined_[s.record_id()]) publish_remote_locked(s);
 }
 
 }  // namespace attnstore

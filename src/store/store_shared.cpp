@@ -172,8 +172,10 @@ locked_session store::impl::open_for_load(const session_key& key, const session_
     }
     remember_remote(s, key);
   }
-  // Shared copies here first; what they do not hold comes from the remote tier.
-  if (adopt_shared_locked(s, prompt, keys, max_blocks) == 0) fill_from_remote_locked(s, prompt, keys, max_blocks);
+  // Shared copies here first (a system prompt, say); what follows them, the turns that
+  // ran on other nodes, comes from the remote tier.
+  (void)adopt_shared_locked(s, prompt, keys, max_blocks);
+  fill_from_remote_locked(s, prompt, keys, max_blocks);
   if (s.block_count() == 0) {
     erase_if_empty(s);
     return {};

@@ -176,8 +176,10 @@ using event_queue = std::priority_queue<timed_event, std::vector<timed_event>, s
 /// are left to the test), its first event (kind 0) 20 s after its save. `play(event, t,
 /// queue)` plays each event in time order, may schedule more, and returns true when it
 /// erased the record. Returns the time reached.
-template <class Play>
-double train_sessions(predictive& p, std::uint32_t reserved, double until, Play&& play) {
+/// The same, each new session started by `start(record, t, queue)` (which schedules its
+/// first event) instead.
+template <class Play, class Start>
+double train_sessions_from(predictive& p, std::uint32_t reserved, double until, Play&& play, Start&& start) {
   event_queue q;
   std::vector<std::uint32_t> free;
   for (std::uint32_t r = p.max_sessions(); r-- > reserved;) free.push_back(r);
@@ -195,10 +197,47 @@ double train_sessions(predictive& p, std::uint32_t reserved, double until, Play&
     REQUIRE(!free.empty());
     const std::uint32_t r = free.back();
     free.pop_back();
-    save_once(p, r, t);
-    q.push({t + 20, r, 0});
+    start(r, t, q);
   }
   return t;
+}
+
+template <class Play>
+double train_sessions(predictive& p, std::uint32_t reserved, double until, Play&& play) {
+  return train_sessions_from(p, reserved, until, play, [&](std::uint32_t r, double t, event_queue& q) {
+    save_once(p, r, t);
+    q.push({t + 20, r, 0});
+  });
+}
+
+/// Hint training: a new one-turn session every 0.5 s (records 0-2 left to the test). 20 s
+/// after its turn ends its user is seen either typing (3 in 4: the next turn comes 5 s
+/// later, is saved, then the session is closed) or leaving (closed an hour later, never
+/// back). `pos` numbers the queue. Returns the time reached.
+double train_typing_or_leaving(predictive& p, std::uint64_t& pos) {
+  // Event kinds: 0 hint, 1 return, 2 second save, 3 close.
+  const double trained = train_sessions(p, 3, 20000, [&](const timed_event& e, double now, event_queue& q) {
+    const bool typing = (e.r / 2 + std::uint32_t(now)) % 4 != 0;  // 3 in 4, by record and time
+    if (e.kind == 0) {
+      p.on_hint(e.r, typing ? session_hint::composing : session_hint::left, ticks(now));
+      q.push({typing ? now + 5 : now + 3600, e.r, typing ? 1 : 3});
+    } else if (e.kind == 1) {
+      p.enqueue(e.r, ++pos, ticks(now));
+      p.dequeue(e.r);
+      p.on_access(e.r, ticks(now));
+      q.push({now + 1, e.r, 2});
+    } else if (e.kind == 2) {
+      p.on_blocks(e.r, level::ssd, 6);
+      p.on_access(e.r, ticks(now));
+      q.push({now + 1, e.r, 3});
+    } else {
+      p.on_erase(e.r);
+      return true;
+    }
+    return false;
+  });
+  REQUIRE(p.learned());
+  return trained;
 }
 
 }  // namespace
@@ -353,36 +392,13 @@ TEST_CASE("predictive: the ghost ring censors what leaves it, and keeps its inde
 }
 
 TEST_CASE("predictive: hints are learned like think times: a user seen typing is kept, one who left goes first") {
-  // Training: a new one-turn session every 0.5 s. 20 s after its turn ends its user is
-  // seen either typing (3 in 4: the next turn comes 5 s later, then the session is
-  // closed) or leaving (closed an hour later, never back).
+  // Training: train_typing_or_leaving (3 in 4 users seen typing, the others leaving).
   predictive_options o = small_options(16384);
   o.min_samples = 200;
   o.refit_every = 256;
   predictive p(o);
   std::uint64_t pos = 0;
-  // Event kinds: 0 hint, 1 return, 2 second save, 3 close.
-  const double trained = train_sessions(p, 3, 20000, [&](const timed_event& e, double now, event_queue& q) {
-    const bool typing = (e.r / 2 + std::uint32_t(now)) % 4 != 0;  // 3 in 4, by record and time
-    if (e.kind == 0) {
-      p.on_hint(e.r, typing ? session_hint::composing : session_hint::left, ticks(now));
-      q.push({typing ? now + 5 : now + 3600, e.r, typing ? 1 : 3});
-    } else if (e.kind == 1) {
-      p.enqueue(e.r, ++pos, ticks(now));
-      p.dequeue(e.r);
-      p.on_access(e.r, ticks(now));
-      q.push({now + 1, e.r, 2});
-    } else if (e.kind == 2) {
-      p.on_blocks(e.r, level::ssd, 6);
-      p.on_access(e.r, ticks(now));
-      q.push({now + 1, e.r, 3});
-    } else {
-      p.on_erase(e.r);
-      return true;
-    }
-    return false;
-  });
-  REQUIRE(p.learned());
+  const double trained = train_typing_or_leaving(p, pos);
   const double t = trained + 30;  // the policy's clock never goes back: the scenario starts after training
   // Three sessions like those: Y and Z saved 22 s ago, Y's user seen typing 2 s ago and
   // Z's seen leaving; X saved 10 s ago, no hint yet. Z goes first (nobody who left came
@@ -466,6 +482,96 @@ TEST_CASE("predictive: told each turn's prompt, it ranks by the reply's length (
   const double mixed = not_told->return_probability(0, level::ssd);
   CHECK(mixed < told->return_probability(0, level::ssd));
   CHECK(mixed > told->return_probability(1, level::ssd));
+}
+
+TEST_CASE("predictive: worth sharing is a session's learned chance of returning within the shared tier's TTL") {
+  // One-turn sessions, a new one every 0.5 s: short histories (3 blocks) come back 20 s
+  // after their save, long ones (60 blocks, over 3,072 tokens) never do (closed an hour
+  // later). Then the users of a third kind are seen typing or leaving.
+  predictive_options o = small_options(16384);
+  o.min_samples = 200;
+  o.refit_every = 256;
+  o.share_horizon_s = 600;
+  predictive p(o);
+  // Before anything is learned every session is worth sharing.
+  save_once(p, 0, 0);
+  CHECK(p.share_probability(0) == 1);
+  CHECK(p.worth_sharing(0));
+  p.on_erase(0);
+  CHECK_FALSE(p.worth_sharing(0));  // not live
+  std::uint64_t pos = 0;
+  std::uint32_t made = 0;
+  // Event kinds: 0 return, 1 close.
+  double t = train_sessions_from(
+      p, 3, 20000,
+      [&](const timed_event& e, double now, event_queue& q) {
+        if (e.kind == 1) {
+          p.on_erase(e.r);
+          return true;
+        }
+        p.enqueue(e.r, ++pos, ticks(now));
+        p.dequeue(e.r);
+        p.on_access(e.r, ticks(now));
+        q.push({now + 1, e.r, 1});
+        return false;
+      },
+      [&](std::uint32_t r, double now, event_queue& q) {
+        const bool long_history = made++ % 2 == 1;
+        p.on_insert(r, ticks(now));
+        p.on_blocks(r, level::ssd, long_history ? 60 : 3);
+        p.on_access(r, ticks(now));
+        q.push({now + (long_history ? 3600 : 20), r, long_history ? 1 : 0});
+      });
+  REQUIRE(p.learned());
+  t += 10;
+  // Just saved: the short history is worth sharing, the long one is not.
+  p.on_insert(0, ticks(t));
+  p.on_blocks(0, level::ssd, 3);
+  p.on_access(0, ticks(t));
+  p.on_insert(1, ticks(t));
+  p.on_blocks(1, level::ssd, 60);
+  p.on_access(1, ticks(t));
+  CHECK(p.share_probability(0) > 0.9);
+  CHECK(p.share_probability(1) < 0.1);
+  CHECK(p.worth_sharing(0));
+  CHECK_FALSE(p.worth_sharing(1));
+  // Queued, it is (its turn is coming, wherever it runs).
+  p.enqueue(1, ++pos, ticks(t + 1));
+  CHECK(p.worth_sharing(1));
+  p.dequeue(1);
+  CHECK_FALSE(p.worth_sharing(1));
+  // The threshold is the embedder's: 0 shares every session.
+  predictive_options all = o;
+  all.share_min_probability = 0;
+  CHECK(predictive(all).options().share_min_probability == 0);
+  CHECK(p.check_cells());
+}
+
+TEST_CASE("predictive: a user seen typing makes a session worth sharing, one who left does not") {
+  // train_typing_or_leaving, with a share horizon of 10 minutes: 3 in 4 users are seen
+  // typing 20 s after their save (back 5 s later), the others leave.
+  predictive_options o = small_options(16384);
+  o.min_samples = 200;
+  o.refit_every = 256;
+  o.share_horizon_s = 600;
+  o.share_min_probability = 0.8;  // the 3 in 4 who return, before a hint, fall short of it
+  predictive p(o);
+  std::uint64_t pos = 0;
+  const double trained = train_typing_or_leaving(p, pos);
+  const double t = trained + 30;
+  for (std::uint32_t r : {0u, 1u, 2u}) save_once(p, r, t);
+  const double before = p.share_probability(0);
+  CHECK(before > 0.5);  // about 3 in 4 come back (the model, smoothed toward its prior, says less)
+  CHECK(before < 0.8);
+  CHECK_FALSE(p.worth_sharing(0));
+  p.on_hint(0, session_hint::composing, ticks(t + 20));
+  p.on_hint(1, session_hint::left, ticks(t + 20));
+  p.advance(ticks(t + 20));
+  CHECK(p.share_probability(0) > 0.95);
+  CHECK(p.worth_sharing(0));
+  CHECK(p.share_probability(1) < 0.05);
+  CHECK_FALSE(p.worth_sharing(1));
+  CHECK_FALSE(p.worth_sharing(2));  // no hint yet: 3 in 4
 }
 
 TEST_CASE("return_model: the prior at start, censoring, and decay by the start of a period") {
@@ -674,6 +780,8 @@ TEST_CASE("predictive: random events keep every invariant; bad options throw") {
   bad([](predictive_options& o) { o.prefill_linear = o.prefill_quadratic = 0; });
   bad([](predictive_options& o) { o.refit_every = 0; });
   bad([](predictive_options& o) { o.prefetch_min_probability = 2; });
+  bad([](predictive_options& o) { o.share_min_probability = -0.5; });
+  bad([](predictive_options& o) { o.share_horizon_s = 0; });
   bad([](predictive_options& o) { o.ghosts = (1u << 30) + 1; });
 }
 

@@ -6,7 +6,9 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,9 +36,12 @@ struct node {
   temp_dir dir;
   std::shared_ptr<store_remote> remote;
   std::unique_ptr<store> kv;
-  explicit node(const std::string& tag, const std::string& model = "test-model") : dir(tag) {
+  explicit node(const std::string& tag, const std::string& model = "test-model",
+                std::function<void(store_config&)> tweak = {})
+      : dir(tag) {
     store_config c = small_config(dir.str(), 64, 64);
     c.model_name = model;
+    if (tweak) tweak(c);
     remote = std::make_shared<store_remote>(remote_config(c, fleet));
     c.remote = remote;
     kv = std::make_unique<store>(c);
@@ -61,6 +66,27 @@ std::uint64_t served(store& s, const session_key& key, const conversation& c, st
                      want.begin()));  // whatever is served is exact
   return g.tokens;
 }
+
+/// An embedder's policy that shares a session only when told to (`share`); victims in
+/// record order (the test makes no room).
+class choosy final : public policy::eviction_policy {
+ public:
+  choosy(std::uint32_t n, std::shared_ptr<std::atomic<bool>> share) : eviction_policy(n), share_(std::move(share)) {}
+  std::string_view name() const noexcept override { return "choosy"; }
+
+ protected:
+  void reposition(std::uint32_t) noexcept override {}
+  void forget(std::uint32_t) noexcept override {}
+  std::uint32_t victim(policy::level l, policy::victim_filter accept, void* context) noexcept override {
+    for (std::uint32_t r = 0; r < max_sessions(); ++r)
+      if (live(r) && blocks(r, l) > 0 && accept(context, r)) return r;
+    return policy::no_record;
+  }
+  bool sharing_worth(std::uint32_t) const noexcept override { return share_->load(); }
+
+ private:
+  std::shared_ptr<std::atomic<bool>> share_;
+};
 
 }  // namespace
 
@@ -127,6 +153,75 @@ TEST_CASE("store remote: a session saved on one node is served on another, byte 
   REQUIRE(a.kv->drop(quick) == errc::ok);
   a.settle();
   CHECK(d.kv->lookup(quick, toks).tokens == 0);
+}
+
+TEST_CASE("store remote: the policy decides which sessions are published; a user seen typing is", "[cluster]") {
+  auto share = std::make_shared<std::atomic<bool>>(false);
+  node a("remote-choosy-a", "test-model", [&](store_config& c) {
+    c.make_policy = [share](std::uint32_t n) { return std::make_unique<choosy>(n, share); };
+  });
+  node b("remote-choosy-b");
+  const conversation conv{5150, 130};
+  const auto toks = conv.toks();
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string name = unique("choosy"), second_name = unique("choosy-second"), nobody = unique("nobody");
+  const session_key key{"acme", name};  // (a session_key views its strings)
+  REQUIRE(a.kv->policy_name() == "choosy");
+
+  // Not worth it: the save is local only.
+  REQUIRE(a.kv->put(key, toks, 0, conv.data(bb)) == errc::ok);
+  a.settle();
+  CHECK(a.kv->stats().remote_publishes == 0);
+  CHECK(a.kv->stats().remote_publishes_declined == 1);
+  CHECK(b.kv->lookup(key, toks).tokens == 0);
+  // A user seen leaving changes nothing; one seen typing is asked about again (still no).
+  CHECK(a.kv->hint(key, policy::session_hint::left) == errc::ok);
+  CHECK(a.kv->hint(key, policy::session_hint::composing) == errc::ok);
+  a.settle();
+  CHECK(a.kv->stats().remote_publishes == 0);
+  CHECK(a.kv->stats().remote_publishes_declined == 2);
+  // Now worth it: the typing user's session goes out ahead of the turn, and the node the
+  // turn lands on serves it, exactly.
+  share->store(true);
+  CHECK(a.kv->hint(key, policy::session_hint::composing) == errc::ok);
+  a.settle();
+  CHECK(a.kv->stats().remote_publishes == 1);
+  node c("remote-choosy-c");
+  CHECK(c.kv->lookup(key, toks).tokens == 130);
+  CHECK(served(*c.kv, key, conv, 130) == 130);
+  // Once published, another hint sends nothing more.
+  CHECK(a.kv->hint(key, policy::session_hint::composing) == errc::ok);
+  CHECK(a.kv->stats().remote_publishes == 1);
+  // A save the policy finds worth it is published at once.
+  const session_key second{"acme", second_name};
+  REQUIRE(a.kv->put(second, toks, 0, conv.data(bb)) == errc::ok);
+  a.settle();
+  CHECK(a.kv->stats().remote_publishes == 2);
+  CHECK(c.kv->lookup(second, toks).tokens == 130);
+  // A hint for a session this store does not hold is not_found.
+  CHECK(a.kv->hint({"acme", nobody}, policy::session_hint::composing) == errc::not_found);
+}
+
+TEST_CASE("store remote: a new session whose opening is shared here takes the rest of its history from the tier",
+          "[cluster]") {
+  node a("remote-opening-a"), c("remote-opening-c");
+  const conversation conv{6060, 224};  // 7 whole blocks; the first 4 are an app's system prompt
+  const auto toks = conv.toks();
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string name = unique("opening"), other_name = unique("opening-other");
+  const session_key key{"acme", name}, other{"acme", other_name};
+  // C holds another session of the app: only the system prompt.
+  REQUIRE(c.kv->put(other, std::span(toks).first(128), 0, make_blocks(bb, conv.id, 0, 4)) == errc::ok);
+  // The conversation ran on A.
+  REQUIRE(a.kv->put(key, toks, 0, conv.data(bb)) == errc::ok);
+  a.settle();
+  // Its next turn lands on C: the system prompt is taken from C's own copy, the turns
+  // after it from the tier; all of it is served, exactly.
+  CHECK(c.kv->lookup(key, toks).tokens == 224);
+  CHECK(c.kv->stats().adopted_blocks == 4);
+  CHECK(c.kv->stats().remote_blocks_fetched == 3);
+  CHECK(served(*c.kv, key, conv, 224) == 224);
+  CHECK(c.kv->stats().blocks_served_dram == 7);
 }
 
 TEST_CASE("store remote: hostile manifests and blocks in the cluster are misses, never served", "[cluster]") {

@@ -21,6 +21,8 @@ inline predictive::predictive(const predictive_options& o)
   if (!(o.half_life_s >= 1)) fail("half_life_s must be >= 1 (seconds)");
   if (!(o.prefetch_min_probability >= 0 && o.prefetch_min_probability <= 1))
     fail("prefetch_min_probability must be in [0, 1]");
+  if (!(o.share_horizon_s > 0)) fail("share_horizon_s must be > 0 (seconds the shared tier keeps a block)");
+  if (!(o.share_min_probability >= 0 && o.share_min_probability <= 1)) fail("share_min_probability must be in [0, 1]");
   for (auto& c : lv_) {
     std::fill(std::begin(c.head), std::end(c.head), none);
     std::fill(std::begin(c.tail), std::end(c.tail), none);
@@ -356,6 +358,11 @@ inline void predictive::refit() noexcept {
   work_ += ghost_size_;
   model_.refit(refit_idle_, dt);
   learned_ = model_.periods_seen() >= o_.min_samples;
+  if (learned_) {
+    for (std::uint32_t cls = 0; cls < return_model::classes; ++cls)
+      for (std::uint32_t b = 0; b < bins; ++b)
+        share_p_[cls * bins + b] = model_.p_return_within(cls, return_model::middle(b), o_.share_horizon_s);
+  }
   if (learned_ && o_.horizon_s <= 0) {  // the index does not depend on the level
     for (std::uint32_t cls = 0; cls < return_model::classes; ++cls)
       for (std::uint32_t b = 0; b < bins; ++b)
@@ -424,6 +431,12 @@ inline double predictive::return_probability(std::uint32_t r, level l) const noe
   if (!live(r)) return 0;
   if (queued(r)) return 1;
   return lv_[std::size_t(l)].p[std::uint32_t(r_[r].cls) * bins + r_[r].bin];
+}
+
+inline double predictive::share_probability(std::uint32_t r) const noexcept {
+  if (!live(r)) return 0;
+  if (queued(r) || !learned_) return 1;
+  return share_p_[std::uint32_t(r_[r].cls) * bins + r_[r].bin];
 }
 
 // ---- decisions

@@ -11,7 +11,7 @@
 //              on_hint                                      (the engine knows the user is typing, or left)
 //              on_prompt                                    (a turn starts: its prompt's length)
 //              enqueue, dequeue, set_queue, set_window      (the engine's waiting queue)
-//   decisions  pick_victim(level, accept), next_expired(now, ttl)
+//   decisions  pick_victim(level, accept), next_expired(now, ttl), worth_sharing(record)
 // Every event and every decision is O(1) or O(log n) (plus one step per candidate that
 // `accept` rejects) and allocates nothing: all tables are sized at construction.
 //
@@ -178,6 +178,11 @@ class eviction_policy {
   /// least `ttl` at `now`; else no_record. The caller drops it and calls on_erase, then
   /// asks again. O(1) (plus queued sessions skipped, which a queue refresh makes rare).
   std::uint32_t next_expired(std::uint64_t now, std::uint64_t ttl) const noexcept;
+  /// Whether the session's KV is worth writing to a tier other nodes share (the store
+  /// asks after each turn's save, and again when its user is seen typing): a session
+  /// unlikely to return is not worth the network and the tier's space. Every session
+  /// is, unless the policy learns returns (predictive). O(1).
+  bool worth_sharing(std::uint32_t record) const noexcept { return live(record) && sharing_worth(record); }
 
   // ---- queries
 
@@ -278,6 +283,11 @@ class eviction_policy {
   /// dequeue, and set_queue for each record of the queue it replaces (before the new
   /// queue is built): the session's request left the queue.
   virtual void dequeued(std::uint32_t record) noexcept { (void)record; }
+  /// worth_sharing() for a live record; the default shares every session.
+  virtual bool sharing_worth(std::uint32_t record) const noexcept {
+    (void)record;
+    return true;
+  }
   /// The paper's automatic eviction window: (DRAM + SSD) / mean stored session, at least
   /// 1; no change while nothing is stored. For derived classes' refresh_window().
   void fit_window(std::uint64_t capacity_blocks) noexcept {

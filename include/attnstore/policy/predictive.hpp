@@ -119,6 +119,12 @@ struct predictive_options {
   /// this. The DRAM horizon is how long a block stays in DRAM: blocks held / blocks
   /// leaving per second (Little's law), measured between refits.
   double prefetch_min_probability = 0.5;
+  /// worth_sharing(): a session is written to a shared tier when P(it returns within
+  /// share_horizon_s | its class, idle age) is at least share_min_probability (queued
+  /// sessions always are; so is every session until the scores are learned). The
+  /// horizon is how long the shared tier keeps a block (shared_tier_config::block_ttl).
+  double share_horizon_s = 86400;
+  double share_min_probability = 0.1;
 };
 
 class predictive final : public eviction_policy {
@@ -143,6 +149,9 @@ class predictive final : public eviction_policy {
   double score(std::uint32_t r, level l) const noexcept;
   /// P(the session returns within level l's horizon), from its cell; 1 when queued.
   double return_probability(std::uint32_t r, level l) const noexcept;
+  /// P(the session returns within share_horizon_s), from its cell; 1 when queued, and
+  /// while the scores are not learned yet.
+  double share_probability(std::uint32_t r) const noexcept;
 
   /// Prefetch candidates: sessions holding SSD blocks, outside the window, most likely
   /// to return within the DRAM horizon first (at least prefetch_min_probability), at most
@@ -184,6 +193,9 @@ class predictive final : public eviction_policy {
   void accessed(std::uint32_t r, std::uint64_t previous, std::uint64_t now) noexcept override;
   void enqueued(std::uint32_t r, std::uint64_t now) noexcept override;
   void dequeued(std::uint32_t r) noexcept override { place(r); }
+  bool sharing_worth(std::uint32_t r) const noexcept override {
+    return share_probability(r) >= o_.share_min_probability;
+  }
 
  private:
   static constexpr std::uint32_t none = no_record;
@@ -266,6 +278,7 @@ class predictive final : public eviction_policy {
   double outflow_[level_count] = {}, outflow_sum_[level_count] = {}, time_sum_ = 0;
   double value_[return_model::size_classes] = {};
   double index_[cells] = {};
+  double share_p_[cells] = {};  // P(return within share_horizon_s) by cell, as of the last refit
   std::uint64_t refits_ = 0, work_ = 0;
   std::vector<ghost> ghost_;                // ring, oldest eviction at ghost_head_
   std::vector<std::uint32_t> ghost_index_;  // open addressing by id: ring slot + 1; 0 empty

@@ -29,6 +29,8 @@ class store_remote final : public remote_tier {
   errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const hash128> keys,
                std::span<const std::byte* const> payloads) noexcept override;
   void drop(const remote_session& session) noexcept override;
+  /// The shorter of block_ttl and manifest_ttl (a day when neither expires).
+  double retention_s() const noexcept override;
 
   /// The shared tier underneath: its stats, flush (tests).
   shared_tier& tier() noexcept { return *tier_; }
