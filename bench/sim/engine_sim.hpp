@@ -108,6 +108,10 @@ struct cluster_config {
   /// Write-behind: a node sends at most this many bytes ahead of its link; blocks of a
   /// publish beyond it are skipped (counted in bytes_shared_skipped).
   double shared_write_bytes_in_flight = 8e9;
+  /// Which sessions are published: every one after each turn (false), or those the
+  /// node's eviction policy finds worth it (eviction_policy::worth_sharing, as the store
+  /// asks), and a declined one again when its user is seen typing.
+  bool share_by_policy = false;
 };
 
 /// What passes through the shared tier, for tests (function pointers and a context; any
@@ -252,6 +256,9 @@ struct sim_result {
   double bytes_from_shared = 0;              ///< read from the shared tier into HBM
   double bytes_shared_skipped = 0;           ///< not published: over the bound on bytes in flight
   double bytes_shared_touched = 0;           ///< already there when published: refreshed, not sent
+  bool share_by_policy = false;              ///< cluster_config::share_by_policy
+  std::uint64_t publishes_declined = 0;      ///< saves the policy did not publish (share_by_policy)
+  std::uint64_t publishes_after_hint = 0;    ///< declined ones published when their user was seen typing
   double shared_tier_stored_bytes = 0;       ///< time average over the window
   double shared_tier_evicted_bytes = 0;      ///< evicted by LRU over the window
   std::vector<std::uint64_t> node_requests;  ///< measured turns per node
@@ -387,6 +394,13 @@ class engine_sim {
         touched = nodes_[rt_[ev.session].node].get();
         advance_node(*touched, t);
         touched->cache->hint(sim_session_hash(ev.session), ev.hint, us(now_));
+        session_rt& hs = rt_[ev.session];
+        if (shared_ && hs.declined && ev.hint == policy::session_hint::composing &&
+            touched->cache->worth_sharing(sim_session_hash(ev.session))) {
+          hs.declined = false;
+          if (measuring()) ++result_.publishes_after_hint;
+          publish(*touched, ev.session);
+        }
       } else if (t_io <= t_arrival && t_io <= t_engine) {
         touched = io_node;
         advance_node(*touched, t);
@@ -483,6 +497,7 @@ class engine_sim {
     std::uint32_t node = 0;        // the node that served its latest turn
     std::vector<hash128> keys;     // shared tier: its manifest, the names of its blocks
     std::uint64_t named = 0;       // tokens of `tokens` that `keys` names
+    bool declined = false;         // its latest save was not published (share_by_policy)
   };
   struct request_rt {
     std::uint64_t ctx = 0;               // context tokens for the decode cost
@@ -1015,7 +1030,15 @@ class engine_sim {
     if (n.cache) {
       n.cache->save(key, s.tokens, us(now_), next_use_after(qi, now_), shared_blocks_of(s));
       if (last && c_.close_on_last) n.cache->close(key);
-      if (shared_ && !(last && c_.close_on_last)) publish(n, r.session);
+      s.declined = false;
+      if (shared_ && !(last && c_.close_on_last)) {
+        if (!c_.cluster.share_by_policy || n.cache->worth_sharing(key)) {
+          publish(n, r.session);
+        } else {
+          s.declined = true;
+          if (measuring()) ++result_.publishes_declined;
+        }
+      }
       schedule_hint(qi, last);
     }
     if (last) {
@@ -1085,6 +1108,7 @@ class engine_sim {
     result_.nodes = std::uint32_t(nodes_.size());
     result_.route = c_.cluster.route;
     result_.shared_tier_bytes = shared_ ? c_.cluster.shared_tier_bytes : 0;
+    result_.share_by_policy = c_.cluster.share_by_policy;
     if (shared_) {
       if (!shared_snap_start_) shared_evicted0_ = shared_->evicted_bytes();
       if (!shared_snap_end_) shared_evicted1_ = shared_->evicted_bytes();

@@ -100,6 +100,11 @@ struct cli {
                "  --shared-tier-gbps X    each node's link to it, per direction (default 12.5: 100 Gb/s)\n"
                "  --shared-tier-latency-us X  per request to it (default 200)\n"
                "  --shared-write-inflight-gb X  write-behind: bytes a node may have in flight (default 8)\n"
+               "  --share-policy P        all (default: every session after each turn) or policy (those the\n"
+               "                          eviction policy finds worth it: predictive's P(return within the\n"
+               "                          share horizon) >= --share-min-p; a declined one when seen typing)\n"
+               "  --share-min-p X         predictive's share_min_probability (default 0.1)\n"
+               "  --share-horizon-s X     predictive's share_horizon_s (default 86400)\n"
                "  --sweep                 capacity sweeps (total and DRAM); with --svg/--csv/--markdown\n"
                "  --ratios a,b,...        total sweep points, (DRAM+SSD) / working set\n"
                "                          (default 0.05,0.075,0.1,0.15,0.25,0.5,1,2 and the configured point)\n"
@@ -234,6 +239,14 @@ cli parse(int argc, char** argv) {
       c.config.tiers.predictive.min_samples = std::uint32_t(number(val(), a.c_str()));
     else if (a == "--prefetch-min-p")
       c.config.tiers.predictive.prefetch_min_probability = number(val(), a.c_str());
+    else if (a == "--share-policy") {
+      const std::string v = val();
+      if (v != "all" && v != "policy") usage("--share-policy must be all or policy");
+      c.config.cluster.share_by_policy = v == "policy";
+    } else if (a == "--share-min-p")
+      c.config.tiers.predictive.share_min_probability = number(val(), a.c_str());
+    else if (a == "--share-horizon-s")
+      c.config.tiers.predictive.share_horizon_s = number(val(), a.c_str());
     else if (a == "--prefetch-likely")
       c.config.tiers.prefetch_likely = std::uint32_t(number(val(), a.c_str()));
     else if (a == "--ratios") {
@@ -400,18 +413,20 @@ void print_cluster(const std::vector<sim::sim_result>& rs, std::FILE* f) {
                "\ncluster (hits / history; same node: turns after the first routed to the node that served the "
                "turn before; bytes over the measured window):\n"
                "| policy | hit rate | local | shared tier | same node | turns per node | to shared | from shared | "
-               "skipped | shared stored mean | shared evicted | TTFT mean | TTFT p50 | TTFT p99 |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+               "skipped | declined (typing) | shared stored mean | shared evicted | TTFT mean | TTFT p50 | TTFT p99 |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& r : rs) {
     std::string per;
     for (auto n : r.node_requests) per += (per.empty() ? "" : " / ") + std::to_string(n);
-    std::fprintf(
-        f, "| %s | %.2f%% | %.2f%% | %.2f%% | %.1f%% | %s | %s | %s | %s | %s | %s | %.3f s | %.3f s | %.3f s |\n",
-        std::string(sim::to_string(r.kind)).c_str(), 100 * r.hit_rate(), 100 * r.hit_rate_local(),
-        100 * r.hit_rate_shared(), 100 * r.same_node_rate(), per.c_str(), human_bytes(r.bytes_to_shared).c_str(),
-        human_bytes(r.bytes_from_shared).c_str(), human_bytes(r.bytes_shared_skipped).c_str(),
-        human_bytes(r.shared_tier_stored_bytes).c_str(), human_bytes(r.shared_tier_evicted_bytes).c_str(), r.ttft_mean,
-        r.ttft_p50, r.ttft_p99);
+    std::fprintf(f,
+                 "| %s | %.2f%% | %.2f%% | %.2f%% | %.1f%% | %s | %s | %s | %s | %llu (%llu) | %s | %s | %.3f s | %.3f "
+                 "s | %.3f s |\n",
+                 std::string(sim::to_string(r.kind)).c_str(), 100 * r.hit_rate(), 100 * r.hit_rate_local(),
+                 100 * r.hit_rate_shared(), 100 * r.same_node_rate(), per.c_str(),
+                 human_bytes(r.bytes_to_shared).c_str(), human_bytes(r.bytes_from_shared).c_str(),
+                 human_bytes(r.bytes_shared_skipped).c_str(), (unsigned long long)r.publishes_declined,
+                 (unsigned long long)r.publishes_after_hint, human_bytes(r.shared_tier_stored_bytes).c_str(),
+                 human_bytes(r.shared_tier_evicted_bytes).c_str(), r.ttft_mean, r.ttft_p50, r.ttft_p99);
   }
   for (const auto& r : rs)
     if (r.kind == policy_kind::opt && !opt_is_bound(r))
@@ -544,11 +559,13 @@ void json_result(std::ostream& o, const sim::sim_result& r, double ws) {
                 "\"hit_rate_shared\": %.6f, \"bytes_to_shared\": %.0f, \"bytes_from_shared\": %.0f, "
                 "\"bytes_shared_skipped\": %.0f, \"bytes_shared_touched\": %.0f, \"shared_tier_stored_bytes\": %.0f, "
                 "\"shared_tier_evicted_bytes\": %.0f, \"same_node_rate\": %.6f, \"later_turns\": %llu, "
+                "\"share_by_policy\": %s, \"publishes_declined\": %llu, \"publishes_after_hint\": %llu, "
                 "\"node_requests\": [",
                 r.nodes, std::string(sim::to_string(r.route)).c_str(), r.shared_tier_bytes, r.hit_rate_local(),
                 r.hit_rate_shared(), r.bytes_to_shared, r.bytes_from_shared, r.bytes_shared_skipped,
                 r.bytes_shared_touched, r.shared_tier_stored_bytes, r.shared_tier_evicted_bytes, r.same_node_rate(),
-                (unsigned long long)r.later_turns);
+                (unsigned long long)r.later_turns, r.share_by_policy ? "true" : "false",
+                (unsigned long long)r.publishes_declined, (unsigned long long)r.publishes_after_hint);
   o << buf;
   for (std::size_t i = 0; i < r.node_requests.size(); ++i) o << (i ? ", " : "") << r.node_requests[i];
   o << "]";

@@ -458,6 +458,13 @@ class tiered_cache {
     return s ? s.record_id() : no_slot;
   }
 
+  /// Whether the policy finds the session worth publishing to a shared tier (store's
+  /// publish_remote_locked asks the same); false when not stored.
+  bool worth_sharing(const session_hash& key) {
+    const std::uint32_t r = record_of(key);
+    return r != no_slot && policy_->worth_sharing(r);
+  }
+
   /// A hint about the user of a stored session (store::hint); nothing when not stored.
   void hint(const session_hash& key, policy::session_hint h, std::uint64_t now) {
     const std::uint32_t r = record_of(key);

@@ -213,6 +213,43 @@ TEST_CASE("sim cluster: a shared tier larger than the working set gives round-ro
   CHECK(double(whole) >= 0.995 * double(later));
 }
 
+TEST_CASE("sim cluster: with share_by_policy only the sessions the policy finds worth it are published") {
+  trace::generator_options g = trace::preset("think");  // users who read and type: typing times for hints
+  g.requests = 6000;
+  const trace::workload w = trace::generate(g);
+  sim::sim_config c = config(16, 0.2, 3, sim::routing::random);
+  c.cluster.shared_tier_bytes = 2e12;
+  c.hint_composing = 1;
+  const sim::sim_result all = run(w, sim::policy_kind::predictive, c);
+  CHECK(all.publishes_declined == 0);
+  CHECK(all.bytes_to_shared > 0);
+  c.cluster.share_by_policy = true;
+  {  // A policy that does not learn returns finds every session worth it: the same run.
+    sim::sim_config every = c;
+    every.cluster.share_by_policy = false;
+    const sim::sim_result a = run(w, sim::policy_kind::scheduler_aware, every);
+    const sim::sim_result b = run(w, sim::policy_kind::scheduler_aware, c);
+    CHECK(b.publishes_declined == 0);
+    CHECK(b.bytes_to_shared == a.bytes_to_shared);
+    CHECK(b.hit_rate() == a.hit_rate());
+  }
+  // predictive with no bar: the same as publishing all.
+  c.tiers.predictive.share_min_probability = 0;
+  const sim::sim_result no_bar = run(w, sim::policy_kind::predictive, c);
+  CHECK(no_bar.publishes_declined == 0);
+  CHECK(no_bar.bytes_to_shared == all.bytes_to_shared);
+  CHECK(no_bar.hit_rate() == all.hit_rate());
+  // A bar no return clears once the returns are learned: most saves stay local, fewer
+  // bytes go out, and fewer turns find their history in the shared tier.
+  c.tiers.predictive.share_min_probability = 1;
+  const sim::sim_result high_bar = run(w, sim::policy_kind::predictive, c);
+  INFO("all: " << all.bytes_to_shared << " B, " << all.hit_rate_shared() << "; high bar: " << high_bar.bytes_to_shared
+               << " B, " << high_bar.hit_rate_shared() << ", declined " << high_bar.publishes_declined);
+  CHECK(high_bar.publishes_declined > 0);
+  CHECK(high_bar.bytes_to_shared < 0.5 * all.bytes_to_shared);
+  CHECK(high_bar.hit_rate_shared() < all.hit_rate_shared());
+}
+
 TEST_CASE("sim cluster: one node with a shared tier uses it below SSD") {
   const trace::workload w = paper_trace(4000, 1.0);
   sim::sim_config c = config(8, 0.05, 1, sim::routing::sticky);
