@@ -76,8 +76,11 @@ struct setup {
   std::string path = model_path();
   model_ptr model = load(path);
   llama_context_params params() const { return llama_chat::context_params(opts); }
+  /// A new context, or null: no Catch assertion, for threads other than the test's (Catch
+  /// is not thread-safe).
+  context_ptr context_quiet() const { return context_ptr(llama_init_from_model(model.get(), params())); }
   context_ptr context() const {
-    context_ptr c(llama_init_from_model(model.get(), params()));
+    context_ptr c = context_quiet();
     REQUIRE(c);
     return c;
   }
@@ -117,23 +120,39 @@ struct conversation {
 struct step_out {
   std::vector<float> logits;
   std::vector<llama_token> reply;
+  const char* failed = nullptr;  // the decode that failed (run_turn_quiet), null when none did
 };
-step_out run_turn(llama_context* ctx, llama_seq_id seq, const conversation& c, std::size_t from,
-                  std::size_t reply_len) {
+/// run_turn with no Catch assertion, for threads other than the test's (Catch is not
+/// thread-safe): a failed decode ends the turn there and is named in `failed`.
+step_out run_turn_quiet(llama_context* ctx, llama_seq_id seq, const conversation& c, std::size_t from,
+                        std::size_t reply_len) {
   step_out out;
   const std::size_t end = c.tokens.size();
-  REQUIRE(llama_chat::decode_span(ctx, seq, c.tokens, from, end, c.cuts));
+  if (!llama_chat::decode_span(ctx, seq, c.tokens, from, end, c.cuts)) {
+    out.failed = "decode_span";
+    return out;
+  }
   std::vector<float> l;
   llama_token t = llama_chat::greedy(ctx, &l);
   out.logits.insert(out.logits.end(), l.begin(), l.end());
   for (std::size_t i = 0; i < reply_len; ++i) {
     out.reply.push_back(t);
     if (i + 1 == reply_len) break;
-    REQUIRE(llama_chat::decode_one(ctx, seq, t, llama_pos(end + i)));
+    if (!llama_chat::decode_one(ctx, seq, t, llama_pos(end + i))) {
+      out.failed = "decode_one";
+      return out;
+    }
     t = llama_chat::greedy(ctx, &l);
     out.logits.insert(out.logits.end(), l.begin(), l.end());
   }
   llama_memory_seq_rm(llama_get_memory(ctx), seq, llama_pos(end), -1);
+  return out;
+}
+step_out run_turn(llama_context* ctx, llama_seq_id seq, const conversation& c, std::size_t from,
+                  std::size_t reply_len) {
+  step_out out = run_turn_quiet(ctx, seq, c, from, reply_len);
+  INFO("failed: " << (out.failed ? out.failed : "none"));
+  REQUIRE(out.failed == nullptr);
   return out;
 }
 
@@ -439,10 +458,13 @@ TEST_CASE("llama.cpp: two engines racing on one session get only KV of their own
   constexpr int turns = 6;
   const float tolerance = std::getenv("DEBUG_RACE") ? 0.0f : 0.05f;
 
+  // The threads make no Catch assertion (Catch is not thread-safe): a worker notes what
+  // failed and stops; the test's thread checks after the join.
   struct worker {
     conversation conv;
     std::vector<step_out> want;
     std::uint64_t restored = 0, mismatches = 0;
+    const char* failed = nullptr;  // the call that failed and stopped it, null when none did
   };
   worker w[2];
   for (int i = 0; i < 2; ++i) {
@@ -458,7 +480,11 @@ TEST_CASE("llama.cpp: two engines racing on one session get only KV of their own
     }
   }
   auto run = [&](worker& me) {
-    context_ptr ctx = s.context();
+    context_ptr ctx = s.context_quiet();
+    if (!ctx) {
+      me.failed = "llama_init_from_model";
+      return;
+    }
     lc::session_cache cache(kv, ctx.get(), b, 1);
     for (int round = 0; round < 3; ++round)
       for (int turn = 0; turn < turns; ++turn) {
@@ -468,7 +494,11 @@ TEST_CASE("llama.cpp: two engines racing on one session get only KV of their own
         llama_memory_clear(llama_get_memory(ctx.get()), true);
         const lc::restore_result r = cache.restore(key, upto.tokens, 0);
         me.restored += r.tokens;
-        step_out got = run_turn(ctx.get(), 0, upto, r.tokens, reply_len);
+        step_out got = run_turn_quiet(ctx.get(), 0, upto, r.tokens, reply_len);
+        if (got.failed) {
+          me.failed = got.failed;
+          return;
+        }
         if (got.reply != me.want[turn].reply || max_diff(got.logits, me.want[turn].logits) > tolerance) {
           ++me.mismatches;
           if (std::getenv("DEBUG_RACE"))
@@ -482,6 +512,10 @@ TEST_CASE("llama.cpp: two engines racing on one session get only KV of their own
   std::thread t0(run, std::ref(w[0])), t1(run, std::ref(w[1]));
   t0.join();
   t1.join();
+  for (const worker& x : w) {
+    INFO("worker of conversation " << x.conv.seed << ": " << (x.failed ? x.failed : "nothing") << " failed");
+    CHECK(x.failed == nullptr);
+  }
   CHECK(w[0].mismatches == 0);
   CHECK(w[1].mismatches == 0);
   CHECK(w[0].restored + w[1].restored > 0);
