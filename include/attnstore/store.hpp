@@ -413,7 +413,10 @@ class store {
   /// turn (policy::session_hint::composing), or gone (left). The "predictive" policy
   /// learns what each hint is followed by and keeps, drops and prefetches by it (a
   /// composing user's session is promoted from SSD ahead of its turn); the other
-  /// policies ignore hints. Returns ok, or not_found when the session is not stored.
+  /// policies ignore hints. With a remote tier, a composing user's session whose last
+  /// save the policy did not publish is asked about again by the background work
+  /// (run_background), since the turn may land on another node. Never waits for the
+  /// session. Returns ok, or not_found when the session is not stored.
   errc hint(const session_key& key, policy::session_hint hint) noexcept;
 
   /// Spare HBM lent by the engine: after a turn the engine may keep `blocks` blocks of the

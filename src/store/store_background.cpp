@@ -164,15 +164,8 @@ void store::impl::set_queue(std::span<const session_key> waiting) noexcept {
     bool added = false;
     {
       std::lock_guard lock(work_mutex_);
-      for (std::size_t k = 0; k < n && remote_jobs_.size() < max_remote_jobs; ++k) {
-        if (queue_records_[k] != no_slot) continue;
-        const auto same = [&](const remote_job& j) {
-          return j.tenant == waiting[k].tenant && j.session == waiting[k].session;
-        };
-        if (std::find_if(remote_jobs_.begin(), remote_jobs_.end(), same) != remote_jobs_.end()) continue;
-        remote_jobs_.push_back({std::string(waiting[k].tenant), std::string(waiting[k].session)});
-        added = true;
-      }
+      for (std::size_t k = 0; k < n; ++k)
+        if (queue_records_[k] == no_slot) added |= queue_remote_job_locked(waiting[k]);
     }
     if (added) work_cv_.notify_one();
   }
@@ -202,8 +195,16 @@ errc store::impl::hint(const session_key& key, policy::session_hint hint) noexce
     // A user about to send may be worth bringing up from SSD now.
     plan_prefetch_locked(true);
   }
-  // ... and the turn may be routed to another node.
-  if (config_.remote) publish_declined(h);
+  // ... and the turn may be routed to another node: a save the policy declined to
+  // publish is asked about again, by the background (a hint never waits for a session).
+  if (config_.remote) {
+    bool added;
+    {
+      std::lock_guard lock(work_mutex_);
+      added = queue_remote_job_locked(key);
+    }
+    if (added) work_cv_.notify_one();
+  }
   return errc::ok;
 }
 
@@ -304,9 +305,21 @@ void store::impl::run_promotion(const promotion_job& job) noexcept {
   }
 }
 
-void store::impl::prefetch_remote(const session_key& key) noexcept {
+bool store::impl::queue_remote_job_locked(const session_key& key) {
+  if (remote_jobs_.size() >= max_remote_jobs) return false;
+  const auto same = [&](const remote_job& j) { return j.tenant == key.tenant && j.session == key.session; };
+  if (std::find_if(remote_jobs_.begin(), remote_jobs_.end(), same) != remote_jobs_.end()) return false;
+  remote_jobs_.push_back({std::string(key.tenant), std::string(key.session)});
+  return true;
+}
+
+void store::impl::run_remote_job(const session_key& key) noexcept {
   const session_hash h = session_of(key);
-  if (index_->find(h) != no_slot) return;  // here already (its turn came, or a fetch did)
+  if (index_->find(h) != no_slot) {  // here already (its turn came, a fetch did, or it was saved here)
+    locked_session s = index_->open(h, false);
+    if (s && remote_declined_[s.record_id()]) publish_remote_locked(s);  // asks the policy again
+    return;
+  }
   errc why = errc::ok;
   locked_session s = open_or_evict(h, &why);
   if (!s) return;
@@ -377,7 +390,7 @@ std::uint32_t store::impl::run_background() noexcept {
       job = std::move(remote_jobs_.front());
       remote_jobs_.erase(remote_jobs_.begin());
     }
-    prefetch_remote({job.tenant, job.session});
+    run_remote_job({job.tenant, job.session});
     ++done;
   }
   if (prefetcher_) {
@@ -420,7 +433,8 @@ std::uint32_t store::impl::run_background() noexcept {
 void store::impl::drain() noexcept {
   if (!worker_.joinable()) return;
   std::unique_lock lock(work_mutex_);
-  idle_cv_.wait(lock, [&] { return stopping_ || (job_count_ == 0 && !demotion_wanted_ && !busy_); });
+  idle_cv_.wait(lock,
+                [&] { return stopping_ || (job_count_ == 0 && !demotion_wanted_ && remote_jobs_.empty() && !busy_); });
 }
 
 void store::impl::background_loop() noexcept {

@@ -194,15 +194,18 @@ struct store::impl {
   /// when it comes). `may_demote`: when no DRAM is free, a few blocks' room is made.
   std::uint32_t fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt, const request_keys& keys,
                                         std::uint32_t max_blocks, bool may_demote = true) noexcept;
-  /// A session whose last save the policy did not publish: published now if the policy
-  /// has come to think it worth it (its user is typing).
-  void publish_declined(const session_hash& h) noexcept;
-  /// A queued session held nowhere here: its history fetched into free DRAM.
-  void prefetch_remote(const session_key& key) noexcept;
+  /// The background's remote work for a session the engine will serve soon (queued, or
+  /// its user typing): held nowhere here, its history is fetched into free DRAM; held
+  /// here with its last save declined by the policy, it is published if the policy now
+  /// finds it worth it.
+  void run_remote_job(const session_key& key) noexcept;
   struct remote_job {
     std::string tenant, session;
   };
   static constexpr std::size_t max_remote_jobs = 64;
+  /// Queues a remote job unless it is queued already or the queue is full; the caller
+  /// holds work_mutex_ and notifies the thread when this returns true.
+  bool queue_remote_job_locked(const session_key& key);
   /// Write-behind of the session's history after a save (whole blocks and a partial
   /// last one, up to the first that is neither in DRAM nor published before).
   void publish_remote_locked(locked_session& s) noexcept;

@@ -245,7 +245,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
     watermark_ =
         policy::demotion_watermark::of(dram_->capacity(), config_.demote_low_watermark, config_.demote_high_watermark);
   }
-  const bool work = prefetcher_ || watermark_.low > 0 || config_.session_ttl_ms > 0;
+  const bool work = prefetcher_ || watermark_.low > 0 || config_.session_ttl_ms > 0 || config_.remote;
   if (config_.background_thread && work) worker_ = std::thread([this] { background_loop(); });
 }
 

@@ -127,7 +127,7 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   // A truncated view is not a prefix of positions a manifest can list: not published.
   if (s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
   // A session unlikely to return is not worth the network and the tier's space; it is
-  // published later if its user is seen typing (publish_declined).
+  // published later if its user is seen typing (run_remote_job).
   bool worth;
   {
     std::lock_guard lock(policy_mutex_);
@@ -164,11 +164,6 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   for (std::uint32_t b = s.first_block(); b != no_slot && i < payloads.size(); b = s.meta(b).next, ++i)
     s.meta(b).published = true;
   detail::bump(counters_->remote_publishes);
-}
-
-void store::impl::publish_declined(const session_hash& h) noexcept {
-  locked_session s = index_->open(h, false);
-  if (s && remote_declined_[s.record_id()]) publish_remote_locked(s);
 }
 
 }  // namespace attnstore
