@@ -500,28 +500,31 @@ TEST_CASE("predictive: worth sharing is a session's learned chance of returning 
   p.on_erase(0);
   CHECK_FALSE(p.worth_sharing(0));  // not live
   std::uint64_t pos = 0;
-  std::uint32_t made = 0;
   // Event kinds: 0 return, 1 close.
-  double t = train_sessions_from(
-      p, 3, 20000,
-      [&](const timed_event& e, double now, event_queue& q) {
-        if (e.kind == 1) {
-          p.on_erase(e.r);
-          return true;
-        }
-        p.enqueue(e.r, ++pos, ticks(now));
-        p.dequeue(e.r);
-        p.on_access(e.r, ticks(now));
-        q.push({now + 1, e.r, 1});
-        return false;
-      },
-      [&](std::uint32_t r, double now, event_queue& q) {
-        const bool long_history = made++ % 2 == 1;
-        p.on_insert(r, ticks(now));
-        p.on_blocks(r, level::ssd, long_history ? 60 : 3);
-        p.on_access(r, ticks(now));
-        q.push({now + (long_history ? 3600 : 20), r, long_history ? 1 : 0});
-      });
+  const auto train = [&](predictive& p) {
+    std::uint32_t made = 0;
+    return train_sessions_from(
+        p, 3, 20000,
+        [&](const timed_event& e, double now, event_queue& q) {
+          if (e.kind == 1) {
+            p.on_erase(e.r);
+            return true;
+          }
+          p.enqueue(e.r, ++pos, ticks(now));
+          p.dequeue(e.r);
+          p.on_access(e.r, ticks(now));
+          q.push({now + 1, e.r, 1});
+          return false;
+        },
+        [&](std::uint32_t r, double now, event_queue& q) {
+          const bool long_history = made++ % 2 == 1;
+          p.on_insert(r, ticks(now));
+          p.on_blocks(r, level::ssd, long_history ? 60 : 3);
+          p.on_access(r, ticks(now));
+          q.push({now + (long_history ? 3600 : 20), r, long_history ? 1 : 0});
+        });
+  };
+  double t = train(p);
   REQUIRE(p.learned());
   t += 10;
   // Just saved: the short history is worth sharing, the long one is not.
@@ -540,11 +543,18 @@ TEST_CASE("predictive: worth sharing is a session's learned chance of returning 
   CHECK(p.worth_sharing(1));
   p.dequeue(1);
   CHECK_FALSE(p.worth_sharing(1));
-  // The threshold is the embedder's: 0 shares every session.
+  CHECK(p.check_cells());
+  // The threshold is the embedder's: 0 shares every session, the long one too.
   predictive_options all = o;
   all.share_min_probability = 0;
-  CHECK(predictive(all).options().share_min_probability == 0);
-  CHECK(p.check_cells());
+  predictive shares_all(all);
+  const double u = train(shares_all) + 10;
+  REQUIRE(shares_all.learned());
+  shares_all.on_insert(1, ticks(u));
+  shares_all.on_blocks(1, level::ssd, 60);
+  shares_all.on_access(1, ticks(u));
+  CHECK(shares_all.share_probability(1) < 0.1);
+  CHECK(shares_all.worth_sharing(1));
 }
 
 TEST_CASE("predictive: a user seen typing makes a session worth sharing, one who left does not") {
