@@ -64,6 +64,15 @@ class remote_tier {
   /// pressure it may keep it less): the policy weighs a session's chance of returning
   /// within it before publishing (policy::eviction_policy::worth_sharing).
   virtual double retention_s() const noexcept { return 86400; }
+
+  /// Whether the tier may lack blocks of the session that an earlier publish gave it (a
+  /// write failed, a block was evicted or its server restarted): the store's next publish
+  /// then carries every payload it still holds in DRAM, not only the new blocks. A tier
+  /// that cannot tell says false; a false "true" costs one publish the copies.
+  virtual bool incomplete(const remote_session& session) const noexcept {
+    (void)session;
+    return false;
+  }
 };
 
 }  // namespace attnstore

@@ -184,6 +184,9 @@ struct store_stats {
   /// judged a return unlikely (policy::eviction_policy::worth_sharing).
   std::uint64_t remote_fetches = 0, remote_blocks_fetched = 0, remote_misses = 0;
   std::uint64_t remote_publishes = 0, remote_publishes_skipped = 0, remote_publishes_declined = 0;
+  /// Write-behinds that carried the session's DRAM blocks again: the tier had lost some
+  /// of what it was given (remote_tier::incomplete).
+  std::uint64_t remote_resends = 0;
   std::uint64_t remote_prefetches = 0;  ///< queued sessions fetched from the remote tier ahead of their turn
 };
 

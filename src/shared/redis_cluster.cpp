@@ -405,7 +405,7 @@ class node_turn {
   node* n_;
 };
 
-enum class op_kind : std::uint8_t { get, set, del, exists, swap, get_into };
+enum class op_kind : std::uint8_t { get, set, del, exists, touch, swap, get_into };
 
 /// One key of a call.
 struct op_state {
@@ -1039,6 +1039,7 @@ struct redis_cluster::impl {
         }
         break;
       case op_kind::exists:
+      case op_kind::touch:  // PEXPIRE and TOUCH: 1 when the key was there
         o.status = r->type == REDIS_REPLY_INTEGER ? (r->integer > 0 ? redis_status::ok : redis_status::not_found)
                                                   : redis_status::protocol_error;
         break;
@@ -1067,6 +1068,16 @@ struct redis_cluster::impl {
         out.array(2);
         out.bulk("EXISTS");
         out.bulk(o.key);
+        break;
+      case op_kind::touch:
+        out.array(o.ttl_ms > 0 ? 3 : 2);
+        out.bulk(o.ttl_ms > 0 ? "PEXPIRE" : "TOUCH");
+        out.bulk(o.key);
+        if (o.ttl_ms > 0) {
+          char buf[24];
+          const auto r = std::to_chars(buf, buf + sizeof buf, o.ttl_ms);
+          out.bulk(buf, static_cast<std::size_t>(r.ptr - buf));
+        }
         break;
       case op_kind::set:
       case op_kind::swap: {
@@ -1504,7 +1515,7 @@ void redis_cluster::set_many(std::span<const redis_set_item> items, std::span<re
 namespace {
 /// The keys-only batches (DEL, EXISTS): one op of `kind` per key, a status per key.
 void run_key_ops(redis_cluster::impl& impl, op_kind kind, std::span<const std::string_view> keys,
-                 std::span<redis_status> out) noexcept {
+                 std::span<redis_status> out, std::int64_t ttl_ms = 0) noexcept {
   if (out.size() != keys.size()) {
     for (auto& r : out) r = redis_status::invalid_argument;
     return;
@@ -1514,6 +1525,7 @@ void run_key_ops(redis_cluster::impl& impl, op_kind kind, std::span<const std::s
     for (std::size_t i = 0; i < keys.size(); ++i) {
       ops[i].kind = kind;
       ops[i].key = keys[i];
+      ops[i].ttl_ms = ttl_ms;
     }
     impl.run(ops);
     for (std::size_t i = 0; i < keys.size(); ++i) out[i] = ops[i].status;
@@ -1529,6 +1541,15 @@ void redis_cluster::del_many(std::span<const std::string_view> keys, std::span<r
 
 void redis_cluster::exists_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept {
   run_key_ops(*impl_, op_kind::exists, keys, out);
+}
+
+void redis_cluster::touch_many(std::span<const std::string_view> keys, std::chrono::milliseconds ttl,
+                               std::span<redis_status> out) noexcept {
+  if (ttl.count() < 0) {
+    for (auto& r : out) r = redis_status::invalid_argument;
+    return;
+  }
+  run_key_ops(*impl_, op_kind::touch, keys, out, ttl.count());
 }
 
 redis_get_result redis_cluster::swap(std::string_view key, std::span<const std::byte> value,

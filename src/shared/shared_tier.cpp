@@ -88,6 +88,10 @@ shared_session shared_tier::identify(const session_key& key) const noexcept {
   return shared_session{hash_session(key, impl_->cfg.fleet_secret), hash_tenant(key.tenant, impl_->cfg.fleet_secret)};
 }
 
+bool shared_tier::incomplete(const shared_session& session) const noexcept {
+  return impl_->incomplete.test(session.session);
+}
+
 shared_tier_stats shared_tier::stats() const noexcept {
   const auto& c = impl_->st;
   auto v = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };

@@ -114,8 +114,28 @@ struct shared_tier::impl {
   /// Uploads the job's block records; returns the first block index (in block order) whose
   /// upload failed, or the block count, and that failure's reason in *why.
   std::size_t write_blocks(detail::write_job& job, shared_status* why);
-  /// The versioned manifest write (SET ... GET, newer ones put back).
-  void write_manifest(const detail::write_job& job, std::span<const std::byte> record);
+  /// The versioned manifest write (SET ... GET, newer ones put back). True when the key
+  /// holds this manifest or a newer one of the session.
+  bool write_manifest(const detail::write_job& job, std::span<const std::byte> record);
+
+  /// Sessions whose last publish did not land whole, as bits by session hash: bounded
+  /// whatever ids clients choose. Two sessions may share a bit: a false "incomplete"
+  /// costs a store one resend; a false "complete" a shorter manifest (a miss, never wrong KV).
+  struct session_bits {
+    static constexpr std::size_t words = 1024;  // 65,536 bits, 8 KiB
+    std::unique_ptr<std::atomic<std::uint64_t>[]> w { new std::atomic<std::uint64_t>[ words ]() };
+    static std::size_t bit(const session_hash& s) noexcept { return std::size_t(s.value.lo % (words * 64)); }
+    void set(const session_hash& s, bool on) noexcept {
+      const std::uint64_t mask = std::uint64_t(1) << (bit(s) % 64);
+      if (on)
+        w[bit(s) / 64].fetch_or(mask, std::memory_order_relaxed);
+      else
+        w[bit(s) / 64].fetch_and(~mask, std::memory_order_relaxed);
+    }
+    bool test(const session_hash& s) const noexcept {
+      return (w[bit(s) / 64].load(std::memory_order_relaxed) >> (bit(s) % 64)) & 1;
+    }
+  } incomplete;
 };
 
 }  // namespace attnstore::shared

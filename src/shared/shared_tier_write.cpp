@@ -1,6 +1,7 @@
 // shared_tier writes: publish() copies a session's new blocks into records and queues
-// them; one writer thread uploads them (EXISTS, then SET NX for the absent ones) and then
-// the manifest, versioned with SET ... GET.
+// them; one writer thread keeps every block the manifest lists (PEXPIRE or TOUCH: there,
+// and kept), uploads the absent ones it has records for (SET NX) and then writes the
+// manifest, versioned with SET ... GET.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -141,11 +142,15 @@ void shared_tier::impl::run_writer() noexcept {
 }
 
 void shared_tier::impl::write(detail::write_job& job) noexcept {
+  // Until a publish of the session lands whole, the tier may lack blocks its store
+  // believes published: the store is told to carry them again (shared_tier::incomplete).
+  bool whole = false;
   try {
     shared_status why = shared_status::ok;
     const std::size_t good = write_blocks(job, &why);
     give_back(job.records);  // the payload copies are done with
     session_manifest& man = job.manifest;
+    whole = good == man.blocks.size();
     if (good == 0) {
       if (cfg.log.fn != &logger::quiet) {
         char msg[160];
@@ -153,6 +158,7 @@ void shared_tier::impl::write(detail::write_job& job) noexcept {
                       int(to_string(why).size()), to_string(why).data());
         cfg.log(log_level::debug, msg);
       }
+      incomplete.set(job.session.session, true);
       return;
     }
     if (good < man.blocks.size()) {
@@ -161,14 +167,17 @@ void shared_tier::impl::write(detail::write_job& job) noexcept {
       man.tokens.resize(good * std::size_t(cfg.tokens_per_block));
       if (encode_manifest(man, job.manifest_record) != shared_status::ok) {
         st.write_failures.add(shared_status::error);
+        incomplete.set(job.session.session, true);
         return;
       }
       detail::bump(st.manifests_truncated);
     }
-    write_manifest(job, job.manifest_record);
+    whole = write_manifest(job, job.manifest_record) && whole;
   } catch (...) {
     st.write_failures.add(shared_status::error);
+    whole = false;
   }
+  incomplete.set(job.session.session, !whole);
 }
 
 std::size_t shared_tier::impl::write_blocks(detail::write_job& job, shared_status* why) {
@@ -183,55 +192,58 @@ std::size_t shared_tier::impl::write_blocks(detail::write_job& job, shared_statu
   };
   std::vector<record_key> keys;
   std::vector<std::string_view> views;
-  std::vector<redis_status> exist;
+  std::vector<redis_status> there;
   std::vector<redis_set_item> items;
-  std::vector<std::uint32_t> item_of;  // items[k] uploads job.upload[item_of[k]]
+  std::vector<std::uint32_t> item_of;  // items[k] uploads block item_of[k]
   std::vector<redis_status> set_st;
-  for (std::size_t base = 0; base < job.upload.size(); base += blocks_per_batch) {
-    const std::size_t n = std::min(blocks_per_batch, job.upload.size() - base);
+  std::size_t next_upload = 0;  // into job.upload (ascending) and job.records
+  for (std::size_t base = 0; base < count; base += blocks_per_batch) {
+    const std::size_t n = std::min(blocks_per_batch, count - base);
     keys.clear();
     views.clear();
-    for (std::size_t j = 0; j < n; ++j)
-      keys.push_back(block_key(cfg.model.value, job.manifest.blocks[job.upload[base + j]].chain));
+    for (std::size_t j = 0; j < n; ++j) keys.push_back(block_key(cfg.model.value, job.manifest.blocks[base + j].chain));
     for (const record_key& k : keys) views.push_back(k.view());
-    // Blocks are content-addressed: a record already there is this very record (a reader
-    // verifies it anyway). Only the answer crosses the network for those.
-    exist.assign(n, redis_status::internal_error);
-    writer.exists_many(views, exist);
+    // Every block the manifest lists is kept (its TTL and LRU age start again) and found
+    // there or not. Blocks are content-addressed: a record there is this very record (a
+    // reader verifies it anyway); only the answer crosses the network for those. A block
+    // published before and lost since (evicted, expired, its node restarted) ends the
+    // manifest here unless this publish carries it again.
+    there.assign(n, redis_status::internal_error);
+    writer.touch_many(views, cfg.block_ttl, there);
     items.clear();
     item_of.clear();
     for (std::size_t j = 0; j < n; ++j) {
-      const std::uint32_t block = job.upload[base + j];
-      if (exist[j] == redis_status::ok) {
+      const std::uint32_t block = std::uint32_t(base + j);
+      const bool carried = next_upload < job.upload.size() && job.upload[next_upload] == block;
+      const std::byte* record = carried ? job.records[next_upload++].get() : nullptr;
+      if (there[j] == redis_status::ok) {
         detail::bump(st.blocks_present);
-      } else if (exist[j] == redis_status::not_found) {
-        items.push_back(redis_set_item{views[j],
-                                       std::span<const std::byte>(job.records[base + j].get(), shape.record_bytes()),
-                                       cfg.block_ttl, true});
-        item_of.push_back(std::uint32_t(base + j));
+      } else if (there[j] == redis_status::not_found && record) {
+        items.push_back(
+            redis_set_item{views[j], std::span<const std::byte>(record, shape.record_bytes()), cfg.block_ttl, true});
+        item_of.push_back(block);
       } else {
-        failed(block, from_redis(exist[j]));
+        failed(block, from_redis(there[j]));
       }
     }
     if (items.empty()) continue;
     set_st.assign(items.size(), redis_status::internal_error);
     writer.set_many(items, set_st);  // NX: a record written meanwhile by another store stays
     for (std::size_t k = 0; k < items.size(); ++k) {
-      const std::uint32_t block = job.upload[item_of[k]];
       if (set_st[k] == redis_status::ok) {
         detail::bump(st.blocks_written);
         detail::bump(st.bytes_written, items[k].value.size());
       } else if (set_st[k] == redis_status::exists) {
         detail::bump(st.blocks_present);
       } else {
-        failed(block, from_redis(set_st[k]));
+        failed(item_of[k], from_redis(set_st[k]));
       }
     }
   }
   return first_bad;
 }
 
-void shared_tier::impl::write_manifest(const detail::write_job& job, std::span<const std::byte> record) {
+bool shared_tier::impl::write_manifest(const detail::write_job& job, std::span<const std::byte> record) {
   const record_key key = manifest_key(cfg.model.value, job.session.session);
   const manifest_expectation expect = expectation(job.session);
   // `cur` is what this writer wants the key to hold: its own manifest, or a newer one it
@@ -246,7 +258,7 @@ void shared_tier::impl::write_manifest(const detail::write_job& job, std::span<c
     redis_get_result r = writer.swap(key.view(), cur, cfg.manifest_ttl);
     if (r.status != redis_status::ok && r.status != redis_status::not_found) {
       st.write_failures.add(from_redis(r.status));
-      return;
+      return false;
     }
     detail::bump(st.bytes_written, cur.size());
     if (r.status == redis_status::not_found) break;  // nothing was displaced
@@ -259,13 +271,14 @@ void shared_tier::impl::write_manifest(const detail::write_job& job, std::span<c
     ours = false;
     if (round >= cfg.manifest_retries) {
       st.write_failures.add(shared_status::error);
-      return;
+      return false;
     }
     held.assign(r.value.data(), r.value.data() + r.value.size());
     cur = held;
     cur_seq = displaced.sequence;
   }
   if (ours) detail::bump(st.manifests_written);
+  return true;  // the key holds this manifest, or a newer one of the session
 }
 
 }  // namespace attnstore::shared

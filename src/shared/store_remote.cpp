@@ -82,4 +82,8 @@ double store_remote::retention_s() const noexcept {
   return ttl == std::chrono::milliseconds::max() ? 86400.0 : double(ttl.count()) / 1000;
 }
 
+bool store_remote::incomplete(const remote_session& session) const noexcept {
+  return tier_->incomplete({session.session, session.tenant});
+}
+
 }  // namespace attnstore::shared

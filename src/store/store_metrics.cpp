@@ -60,6 +60,7 @@ constexpr counter_help counter_helps[] = {
     {"remote_publishes", "Write-behinds of a session to the remote tier queued after a save."},
     {"remote_publishes_skipped", "Write-behinds the remote tier refused (over its bound, or failing)."},
     {"remote_publishes_declined", "Saves the policy did not publish to the remote tier (a return unlikely)."},
+    {"remote_resends", "Write-behinds that carried a session's DRAM blocks again: the remote tier had lost some."},
     {"remote_prefetches", "Queued sessions fetched from the remote tier ahead of their turn."},
 };
 

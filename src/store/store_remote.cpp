@@ -138,6 +138,9 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
     detail::bump(counters_->remote_publishes_declined);
     return;
   }
+  // The tier may have lost blocks published before (a failed write, eviction, a server
+  // restarted): every block still in DRAM goes again; the tier sends only the absent ones.
+  const bool resend = config_.remote->incomplete(id);
   std::vector<token_id> tokens;
   std::vector<hash128> keys;
   std::vector<const std::byte*> payloads;
@@ -152,7 +155,7 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
     const auto t = s.tokens_of(b);
     tokens.insert(tokens.end(), t.begin(), t.end());
     keys.push_back(m.keys);
-    payloads.push_back(m.published ? nullptr : dram_payload(m.dram_slot));
+    payloads.push_back(m.dram_slot != no_slot && (resend || !m.published) ? dram_payload(m.dram_slot) : nullptr);
     if (m.tokens < geometry_.tokens_per_block) break;
   }
   if (payloads.empty()) return;
@@ -160,6 +163,7 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
     detail::bump(counters_->remote_publishes_skipped);  // over the tier's bound, or failing: local tiers only
     return;
   }
+  if (resend) detail::bump(counters_->remote_resends);
   std::size_t i = 0;
   for (std::uint32_t b = s.first_block(); b != no_slot && i < payloads.size(); b = s.meta(b).next, ++i)
     s.meta(b).published = true;

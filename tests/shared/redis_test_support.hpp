@@ -155,6 +155,12 @@ inline double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+/// scripts/redis-cluster.sh with `args` on the fixture's cluster (kill-node, restart-node).
+inline int script(const std::string& args) {
+  const std::string cmd = env("ATTNSTORE_REDIS_SCRIPT") + " " + args + " --dir " + env("ATTNSTORE_REDIS_DIR");
+  return std::system(cmd.c_str());
+}
+
 /// Every node answers PING and reports cluster_state:ok (within `limit`).
 inline bool wait_cluster_ok(const std::vector<int>& ports, std::chrono::milliseconds limit) {
   const auto t0 = std::chrono::steady_clock::now();

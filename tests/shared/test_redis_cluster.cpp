@@ -237,6 +237,29 @@ TEST_CASE("write-once SET NX, EXISTS and SET ... GET across nodes", "[cluster]")
   for (auto s : ex) CHECK(s == redis_status::ok);
   CHECK(to_errc(redis_status::exists) == attnstore::errc::rejected);
 
+  // touch_many: PEXPIRE starts a key's time to live again, TOUCH (ttl 0) leaves it; both
+  // answer whether the key is there, and a missing key stays missing.
+  const std::string short_lived = "touch:{short}", missing = "touch:{missing}";
+  REQUIRE(client.set(short_lived, first[0], milliseconds{3000}) == redis_status::ok);
+  const std::string_view touched[] = {short_lived, missing};
+  std::vector<redis_status> tst(2);
+  const auto pttl = [&](const std::string& k) {
+    admin a(owner[key_slot(k)]);
+    return a.cmd("PTTL %s", k.c_str())->integer;
+  };
+  client.touch_many(touched, milliseconds{600000}, tst);
+  CHECK(tst[0] == redis_status::ok);
+  CHECK(tst[1] == redis_status::not_found);
+  CHECK(pttl(short_lived) > 500000);
+  CHECK(pttl(missing) == -2);  // no such key
+  REQUIRE(client.set(short_lived, first[0], milliseconds{3000}) == redis_status::ok);
+  client.touch_many(touched, milliseconds{0}, tst);
+  CHECK(tst[0] == redis_status::ok);
+  CHECK(tst[1] == redis_status::not_found);
+  CHECK(pttl(short_lived) <= 3000);
+  client.touch_many(touched, milliseconds{-1}, tst);
+  CHECK(tst[0] == redis_status::invalid_argument);
+
   // SET ... GET: returns what it displaced and stores the new value (with its TTL).
   const auto v1 = pattern("swap1", 3000);
   const auto v2 = pattern("swap2", 5 << 20);

@@ -171,11 +171,6 @@ std::string unique(const char* what) {
   return std::string(what) + "-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
 }
 
-int script(const std::string& args) {
-  const std::string cmd = env("ATTNSTORE_REDIS_SCRIPT") + " " + args + " --dir " + env("ATTNSTORE_REDIS_DIR");
-  return std::system(cmd.c_str());
-}
-
 }  // namespace
 
 int main(int argc, char** argv) { return run_with_cluster(argc, argv, "test_shared_tier"); }
@@ -394,6 +389,65 @@ TEST_CASE("hostile values planted in the cluster are misses, never served", "[cl
     CHECK(f.res.prefix == 6);
     CHECK(prefix_matches(f, h));
   }
+}
+
+TEST_CASE("a listed block is kept; one lost ends the manifest and marks the session until a publish carries it",
+          "[cluster]") {
+  const auto owner = slot_owners(seed_port());
+  auto brief = tier_config();
+  brief.block_ttl = milliseconds{20000};
+  shared_tier first(brief), t(tier_config());
+  history h("tenant-l", unique("lost"), tpb * 4, 41);  // 4 whole blocks
+  const shared_session id = t.identify(h.key());
+  REQUIRE(h.publish(first, 1) == shared_status::ok);
+  REQUIRE(first.flush(milliseconds{30000}) == shared_status::ok);
+  CHECK_FALSE(first.incomplete(id));
+  fetched f = fetch(t, h.key());
+  REQUIRE(f.res.prefix == 4);
+  const auto pttl = [&](std::size_t block) {
+    const record_key k = block_key(model_a.value, f.m.blocks[block].chain);
+    admin a(owner[key_slot(k.view())]);
+    return a.cmd("PTTL %b", k.view().data(), k.view().size())->integer;
+  };
+  CHECK(pttl(1) <= 20000);
+  // The next turn lists the four blocks without payloads: each is kept for the tier's
+  // block_ttl again (here 600 s), not sent.
+  h.append(tpb, 42);
+  REQUIRE(h.publish(t, 2, 4) == shared_status::ok);
+  REQUIRE(t.flush(milliseconds{30000}) == shared_status::ok);
+  CHECK(pttl(1) > 500000);
+  CHECK(t.stats().blocks_present == 4);
+  CHECK(t.stats().blocks_written == 1);
+  CHECK_FALSE(t.incomplete(id));
+  f = fetch(t, h.key());
+  CHECK(f.res.prefix == 5);
+  // Block 2 is lost (evicted, expired, or its server restarted empty).
+  {
+    const record_key k = block_key(model_a.value, f.m.blocks[2].chain);
+    admin a(owner[key_slot(k.view())]);
+    REQUIRE(a.cmd("DEL %b", k.view().data(), k.view().size())->integer == 1);
+  }
+  // A turn that does not carry it: the manifest ends before it, and the session is marked.
+  h.append(tpb, 43);
+  REQUIRE(h.publish(t, 3, 5) == shared_status::ok);
+  REQUIRE(t.flush(milliseconds{30000}) == shared_status::ok);
+  CHECK(t.incomplete(id));
+  CHECK(t.stats().write_failures.not_found == 1);
+  f = fetch(t, h.key());
+  CHECK(f.m.blocks.size() == 2);
+  CHECK(f.res.prefix == 2);
+  CHECK(prefix_matches(f, h));
+  // The store's answer: the next publish carries every payload; the tier sends only the
+  // lost one, and the session is whole again.
+  const auto written = t.stats().blocks_written;
+  h.append(tpb, 44);
+  REQUIRE(h.publish(t, 4, 0) == shared_status::ok);
+  REQUIRE(t.flush(milliseconds{30000}) == shared_status::ok);
+  CHECK_FALSE(t.incomplete(id));
+  CHECK(t.stats().blocks_written == written + 2);  // block 2 and the new block 6
+  f = fetch(t, h.key());
+  CHECK(f.res.prefix == 7);
+  CHECK(prefix_matches(f, h));
 }
 
 TEST_CASE("a stale manifest never replaces a newer one", "[cluster]") {

@@ -327,6 +327,11 @@ class redis_cluster {
   /// EXISTS of every key, pipelined per node: out[i] is ok when keys[i] holds a value,
   /// not_found when it does not, or a failure. Nothing but the answer crosses the network.
   void exists_many(std::span<const std::string_view> keys, std::span<redis_status> out) noexcept;
+  /// EXISTS that also keeps each key: `PEXPIRE key ttl` (ttl > 0: its time to live starts
+  /// again) or `TOUCH key` (ttl 0), pipelined per node. Either makes the key recently used
+  /// for the servers' LRU. out[i] as exists_many; invalid_argument for every key when ttl < 0.
+  void touch_many(std::span<const std::string_view> keys, std::chrono::milliseconds ttl,
+                  std::span<redis_status> out) noexcept;
 
   /// "host:port" of the node that the slot map says serves `slot`; empty when none is known.
   std::string endpoint_of_slot(std::uint16_t slot) const;

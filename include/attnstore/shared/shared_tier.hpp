@@ -108,7 +108,7 @@ struct shared_tier_stats {
   std::uint64_t publishes_refused = 0;     ///< publish calls refused as busy
   std::uint64_t publishes_dropped = 0;     ///< queued publishes dropped unsent at destruction
   std::uint64_t blocks_written = 0;        ///< block records stored by this tier
-  std::uint64_t blocks_present = 0;        ///< block uploads skipped: the record was there (EXISTS or NX)
+  std::uint64_t blocks_present = 0;        ///< listed blocks found there, and kept (not sent)
   shared_miss_counts write_failures;       ///< block and manifest writes that failed, by reason
   std::uint64_t manifests_written = 0;     ///< manifests stored (and not displaced by this tier again)
   std::uint64_t manifests_truncated = 0;   ///< of them, cut at the first block that failed to upload
@@ -169,21 +169,31 @@ class shared_tier {
                                           std::span<shared_status> status,
                                           std::span<std::uint64_t> checksums = {}) noexcept;
 
-  /// Queues a write-behind of the request's blocks (each block with a payload: skipped when
-  /// its record exists, else SET NX with block_ttl) and then of the session's manifest. Copies
+  /// Queues a write-behind of the request's blocks and then of the session's manifest: every
+  /// listed block is kept in the tier (PEXPIRE with block_ttl, or TOUCH: the servers' LRU
+  /// sees it used); those absent are stored with SET NX when the request carries their
+  /// payload, and otherwise end the manifest there. Copies
   /// the payloads into block records (computing their checksums) before returning; never
   /// waits for the network. ok (queued), busy (the bytes would exceed max_bytes_in_flight:
   /// nothing queued), invalid_argument (sizes, counts, sequence 0; see publish_request),
   /// error (no memory), bad_state (shutting down).
   ///
   /// The writer stores blocks first and the manifest after them. When a block upload fails
-  /// (oom, timeout, node down), the manifest is cut before that block (nothing is written
+  /// (oom, timeout, node down) or a listed block is missing, the manifest is cut before
+  /// that block (nothing is written
   /// when it is block 0). Manifests are versioned by `sequence`: the write is
   /// `SET ... GET`; when the value it displaced is a valid manifest of the same session with
   /// a larger sequence, that one is put back (again with SET ... GET, up to
   /// manifest_retries rounds, keeping the largest seen), so a stale write-behind never
   /// leaves an older manifest over a newer one for longer than those round trips.
   [[nodiscard]] shared_status publish(const shared_session& session, const publish_request& request) noexcept;
+
+  /// Whether the last publish of the session that the writer finished did not land whole
+  /// (a block or the manifest failed, or a block listed without a payload was not in the
+  /// tier any more: evicted, expired, its node restarted): the tier may lack blocks the
+  /// caller believes published, and its next publish should carry every payload it still
+  /// has. False positives are possible (sessions share bits of a fixed table); O(1).
+  bool incomplete(const shared_session& session) const noexcept;
 
   /// Waits until every queued publish has been sent (or failed). ok, or timeout after
   /// `limit`. For tests and orderly shutdown; the store's paths never call it.

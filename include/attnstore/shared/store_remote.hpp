@@ -31,6 +31,7 @@ class store_remote final : public remote_tier {
   void drop(const remote_session& session) noexcept override;
   /// The shorter of block_ttl and manifest_ttl (a day when neither expires).
   double retention_s() const noexcept override;
+  bool incomplete(const remote_session& session) const noexcept override;
 
   /// The shared tier underneath: its stats, flush (tests).
   shared_tier& tier() noexcept { return *tier_; }
