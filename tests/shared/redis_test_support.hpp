@@ -155,6 +155,21 @@ inline double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+/// The port of a replica of master `port` that is online and has caught up with it
+/// (waits up to 5 s for its offset), or 0 when it has none.
+inline int synced_replica(int port) {
+  admin a(port);
+  const std::string slave0 = a.info_field("replication", "slave0");
+  if (slave0.empty() || slave0.find("online") == std::string::npos) return 0;
+  const std::string offset = a.info_field("replication", "master_repl_offset");
+  const int rport = std::atoi(slave0.substr(slave0.find("port=") + 5).c_str());
+  admin r(rport);
+  const auto t0 = std::chrono::steady_clock::now();
+  while (r.info_field("replication", "slave_repl_offset") != offset && ms_since(t0) < 5000)
+    std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  return r.info_field("replication", "slave_repl_offset") == offset ? rport : 0;
+}
+
 /// scripts/redis-cluster.sh with `args` on the fixture's cluster (kill-node, restart-node).
 inline int script(const std::string& args) {
   const std::string cmd = env("ATTNSTORE_REDIS_SCRIPT") + " " + args + " --dir " + env("ATTNSTORE_REDIS_DIR");

@@ -706,18 +706,8 @@ TEST_CASE("with replicas, hits resume after a master fails over", "[failover]") 
   for (int p : ms) {
     bool holds = false;
     for (const auto& b : f.m.blocks) holds = holds || owner[key_slot(block_key(model_a.value, b.chain).view())] == p;
-    admin a(p);
-    const std::string slave0 = a.info_field("replication", "slave0");
-    if (!holds || slave0.empty() || slave0.find("online") == std::string::npos) continue;
-    const std::string offset = a.info_field("replication", "master_repl_offset");
-    const int rport = std::atoi(slave0.substr(slave0.find("port=") + 5).c_str());
-    admin r(rport);
-    const auto t0 = steady::now();
-    while (r.info_field("replication", "slave_repl_offset") != offset && ms_since(t0) < 5000)
-      std::this_thread::sleep_for(milliseconds{20});
-    if (r.info_field("replication", "slave_repl_offset") != offset) continue;
+    if (!holds || (replica = synced_replica(p)) == 0) continue;
     dead = p;
-    replica = rport;
     break;
   }
   REQUIRE(dead != 0);

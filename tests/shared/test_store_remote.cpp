@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attnstore/shared/records.hpp"
@@ -72,6 +73,27 @@ std::uint64_t served(store& s, const session_key& key, const conversation& c, st
                      want.begin()));  // whatever is served is exact
   return g.tokens;
 }
+
+/// Where a session whose history is `toks` lives in the cluster: the hash slot of its
+/// manifest, then of each of its blocks (as the node's store names them).
+std::vector<std::uint16_t> slots_of(const node& n, const session_key& k, std::span<const token_id> toks) {
+  const model_id model = store_model_id(small_config("", 1, 0));
+  std::vector<std::uint16_t> slots{key_slot(manifest_key(model.value, n.remote->identify(k).session).view())};
+  session_manifest m;
+  m.tokens.assign(toks.begin(), toks.end());
+  m.tokens_per_block = test_geometry.tokens_per_block;
+  REQUIRE(build_manifest_blocks(m, model, {}) == shared_status::ok);
+  for (const auto& b : m.blocks) slots.push_back(key_slot(block_key(model.value, b.chain).view()));
+  return slots;
+}
+
+/// The tier timeouts of the tests of failures.
+void tight(shared_tier_config& t) {
+  t.cluster.connect_timeout = milliseconds{200};
+  t.cluster.command_timeout = milliseconds{300};
+  t.cluster.request_timeout = milliseconds{600};
+}
+constexpr double tight_bound_ms = 2 * 600 + slack_ms;  // a manifest and a batch of blocks
 
 /// An embedder's policy that shares a session only when told to (`share`); victims in
 /// record order (the test makes no room).
@@ -292,28 +314,18 @@ TEST_CASE(
   const auto ms = masters(owner);
   REQUIRE(ms.size() == 3);
   const int dead = ms[1];
-  const auto tight = [](shared_tier_config& t) {
-    t.cluster.connect_timeout = milliseconds{200};
-    t.cluster.command_timeout = milliseconds{300};
-    t.cluster.request_timeout = milliseconds{600};
-  };
-  const double bound_ms = 2 * 600 + slack_ms;  // a manifest and a batch of blocks
+  const double bound_ms = tight_bound_ms;
   node a("remote-kill-a", "test-model", {}, tight);
   const std::size_t bb = a.kv->block_bytes();
-  const model_id model = store_model_id(small_config("", 1, 0));
-  constexpr std::uint32_t tpb = 32;
+  const std::uint32_t tpb = test_geometry.tokens_per_block;
   constexpr std::size_t first_turn = 96, outage_turn = 128, longest = 224;
   // Where the history of the outage's turn first touches the node to kill: -1 its
   // manifest, else its first block there, else its block count (4).
   const auto first_dead = [&](const session_key& k, std::span<const token_id> toks) {
-    if (owner[key_slot(manifest_key(model.value, a.remote->identify(k).session).view())] == dead) return -1;
-    session_manifest m;
-    m.tokens.assign(toks.begin(), toks.end());
-    m.tokens_per_block = tpb;
-    REQUIRE(build_manifest_blocks(m, model, {}) == shared_status::ok);
-    for (std::size_t b = 0; b < m.blocks.size(); ++b)
-      if (owner[key_slot(block_key(model.value, m.blocks[b].chain).view())] == dead) return int(b);
-    return int(m.blocks.size());
+    const auto slots = slots_of(a, k, toks);
+    for (std::size_t i = 0; i < slots.size(); ++i)
+      if (owner[slots[i]] == dead) return int(i) - 1;
+    return int(slots.size()) - 1;
   };
   // Eight conversations: 3 that never touch the node, 3 whose manifest is there, 2 with a
   // block there (so the manifest on another node must end before it).
@@ -401,6 +413,66 @@ TEST_CASE(
                                               << " turn(s), " << a.kv->stats().remote_resends << " resends");
   CHECK(whole == sessions.size());
   CHECK(a.kv->stats().remote_resends >= std::uint64_t(manifest_there + block_there));
+}
+
+TEST_CASE("store remote: with replicas, a session is served again, exactly, once its master has failed over",
+          "[failover]") {
+  const auto owner = slot_owners(seed_port());
+  const auto ms = masters(owner);
+  REQUIRE(ms.size() == 3);
+  node a("remote-failover-a", "test-model", {}, tight);
+  const conversation conv{9700, 224};  // 7 blocks
+  const auto toks = conv.toks();
+  const std::string name = unique("failover");
+  const session_key key{"acme", name};
+  REQUIRE(a.kv->put(key, toks, 0, conv.data(a.kv->block_bytes())) == errc::ok);
+  a.settle();
+  // The master to kill: one that holds the manifest or a block, with a replica caught up.
+  const auto slots = slots_of(a, key, toks);
+  int dead = 0, replica = 0;
+  for (int p : ms) {
+    const bool holds = std::any_of(slots.begin(), slots.end(), [&](std::uint16_t s) { return owner[s] == p; });
+    if (!holds || (replica = synced_replica(p)) == 0) continue;
+    dead = p;
+    break;
+  }
+  REQUIRE(dead != 0);
+  REQUIRE(script("kill-node --node " + std::to_string(dead)) == 0);
+  const auto killed = std::chrono::steady_clock::now();
+  // A node that never saw the session looks it up until the replica serves its slots:
+  // short lookups first, then the whole history; each within the bound, all bytes exact.
+  double slowest = 0;
+  int probes = 0, short_ones = 0;
+  std::uint64_t found = 0;
+  // Its client is seeded with every master and the replica, as a deployment would be
+  // (a single seed that is the dead master could not find the cluster).
+  const auto seeded = [&](shared_tier_config& t) {
+    tight(t);
+    t.cluster.seeds.clear();
+    for (int p : ms) t.cluster.seeds.push_back("127.0.0.1:" + std::to_string(p));
+    t.cluster.seeds.push_back("127.0.0.1:" + std::to_string(replica));
+  };
+  while (ms_since(killed) < 20000) {
+    node b("remote-failover-b" + std::to_string(probes), "test-model", {}, seeded);
+    const auto t0 = std::chrono::steady_clock::now();
+    found = b.kv->lookup(key, toks).tokens;
+    slowest = std::max(slowest, ms_since(t0));
+    ++probes;
+    CHECK(served(*b.kv, key, conv, found) == found);
+    if (found == toks.size()) break;
+    ++short_ones;
+    std::this_thread::sleep_for(milliseconds{100});
+  }
+  WARN("failover through the store: whole again " << ms_since(killed) << " ms after the kill, " << probes
+                                                  << " lookups (" << short_ones << " short), slowest " << slowest
+                                                  << " ms");
+  CHECK(found == toks.size());
+  CHECK(short_ones > 0);  // the dead master's slots missed until the failover
+  CHECK(slowest < tight_bound_ms);
+  REQUIRE(script("restart-node --node " + std::to_string(dead)) == 0);
+  std::vector<int> all = ms;
+  all.push_back(replica);
+  CHECK(wait_cluster_ok(all, milliseconds{15000}));
 }
 
 int main(int argc, char** argv) { return run_with_cluster(argc, argv, "test_store_remote"); }
