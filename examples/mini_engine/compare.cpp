@@ -126,6 +126,7 @@ compare_result run_compare(const compare_options& o) {
       node& nd = nodes[std::size_t(ni)];
       attnstore::store_config sc;
       sc.geometry = kv_geometry_of(cfg);
+      sc.geometry.window_tails = o.window_tails;
       sc.model_name = o.model_dir.empty() ? "mini-llama-seed-" + std::to_string(o.model_seed) : o.model_dir;
       if (cfg.attention != attention_kind::full) sc.model_name += "-" + o.attention;
       sc.rope = rope_spec_of(cfg).to_string();
@@ -315,9 +316,11 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
                  "          [--modes recompute,resident,store-dram,store-ssd] [--dram-mib N] [--ssd-mib N]\n"
                  "          [--ssd-dir DIR] [--preload-layers N] [--seed N] [--no-overlap] [--context N [--sink N]]\n"
                  "          [--quiet] [--json] [--metrics-port N [--metrics-hold]]\n"
-                 "          [--attention full|window|latent] [--window N] [--nodes N [--redis HOST:PORT]]\n"
+                 "          [--attention full|window|latent] [--window N] [--window-tails]\n"
+                 "          [--nodes N [--redis HOST:PORT]]\n"
                  "  --attention: the seeded model's layers: full (default), window (even layers attend the\n"
                  "    last --window tokens, default 128; odd ones all) or latent (MLA: one row per token);\n"
+                 "  --window-tails: window layers stored only as their last window (a checkpoint per session);\n"
                  "  --metrics-port N: serve the store's metrics (Prometheus text) on 127.0.0.1:N/metrics;\n"
                  "  --metrics-hold: at the end, wait (up to 60 s) until they are scraped once more;\n"
                  "  --nodes N: modes recompute, store-dram (one node), nodes-local (N nodes, each its own\n"
@@ -378,6 +381,8 @@ bool parse_compare_args(int argc, char** argv, compare_options& o, int& code) {
       } else if (a == "--window") {
         o.window = std::stoi(next());
         if (o.window < 1) throw std::invalid_argument("--window must be >= 1");
+      } else if (a == "--window-tails") {
+        o.window_tails = true;
       } else if (a == "--modes") {
         o.modes.clear();
         std::string m = next();

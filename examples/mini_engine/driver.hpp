@@ -57,9 +57,12 @@ struct compare_options {
   /// Seeded weights only: "full" (the Llama), "window" (gpt-oss's alternating
   /// sliding-window and full layers) or "latent" (MLA: one compressed row per token).
   std::string attention = "full";
-  int window = 128;       ///< --window: tokens a windowed layer attends
-  int kv_lora_rank = 64;  ///< latent: c_kv dimensions
-  int rope_dims = 16;     ///< latent: k_rope dimensions
+  int window = 128;  ///< --window: tokens a windowed layer attends
+  /// --window-tails: the store keeps a windowed layer's KV only as its last window,
+  /// in a checkpoint beside the session (kv_geometry::window_tails)
+  bool window_tails = false;
+  int kv_lora_rank = 64;                                                   ///< latent: c_kv dimensions
+  int rope_dims = 16;                                                      ///< latent: k_rope dimensions
   std::vector<std::string> modes{"recompute", "store-dram", "store-ssd"};  ///< also "resident"
   std::uint64_t dram_mib = 512;
   std::uint64_t ssd_mib = 2048;
