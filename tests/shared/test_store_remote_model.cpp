@@ -3,10 +3,10 @@
 // (issue 15; the model-based test of the correctness issue, extended to several nodes).
 // KV is a function of the tokens before it (a rolling hash seeds each block), so every
 // byte any node serves can be checked, whatever node, tier, manifest version or shared
-// prefix it came from. Edits, drops, demotions, restarts of a node and unsettled
-// write-behind (a turn that lands elsewhere before the last one's upload finished) are
-// mixed in. Asserts: no byte served differs from the oracle; no load claims more than
-// the prompt; cross-node turns are served warm.
+// prefix it came from. Edits, drops, demotions, restarts of a node, unsettled
+// write-behind (a turn that lands elsewhere before the last one's upload finished) and
+// blocks the tier loses (deleted, as eviction would) are mixed in. Asserts: no byte served differs from the oracle; no
+// load claims more than the prompt; cross-node turns are served warm.
 //
 //   ATTNSTORE_REMOTE_MODEL_OPS=N  operations (default 400), ATTNSTORE_REMOTE_MODEL_SEED=S
 #define CATCH_CONFIG_RUNNER
@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "attnstore/shared/records.hpp"
 #include "attnstore/shared/store_remote.hpp"
 #include "attnstore/store.hpp"
 #include "store_remote_support.hpp"
@@ -91,7 +92,19 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
   std::vector<std::vector<token_id>> hist(n_sessions);
   const auto system = make_tokens(777, 2 * tpb);
   for (int s = 0; s < n_sessions; ++s) names[s] = "m" + run + "-" + std::to_string(s);
-  std::uint64_t served_tokens = 0, warm_cross_node = 0, wrong = 0, over = 0;
+  std::uint64_t served_tokens = 0, warm_cross_node = 0, wrong = 0, over = 0, lost = 0;
+  redis_cluster raw(test_cluster_config());
+  // Counters over the whole run (a restart opens a new store, whose counters start at 0).
+  std::uint64_t fetched = 0, publishes = 0, prefetch_misses = 0, resends = 0, skipped = 0;
+  const auto absorb = [&](node& nd) {
+    const store_stats st = nd.kv->stats();
+    fetched += st.remote_blocks_fetched;
+    publishes += st.remote_publishes;
+    prefetch_misses += st.remote_misses;
+    resends += st.remote_resends;
+    skipped += st.remote_publishes_skipped;
+  };
+  const model_id model = store_model_id(nodes[0].cfg);
   std::vector<int> last_node(n_sessions, -1);
   for (std::uint64_t op = 0; op < ops; ++op) {
     const int s = int(rnd(n_sessions));
@@ -110,12 +123,22 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
       continue;
     }
     if (what == 2) {  // a node restarts: recovery, then its published flags are gone
+      absorb(nodes[std::size_t(n)]);
       (void)nodes[std::size_t(n)].kv->close();
       nodes[std::size_t(n)].open();
       continue;
     }
     if (what == 3) {
       for (auto& nd : nodes) (void)nd.remote->tier().flush(milliseconds{10000});
+      continue;
+    }
+    if (what == 4 && !h.empty()) {  // the tier loses a block of the session (LRU, TTL, a restart)
+      session_manifest m;
+      m.tokens = h;
+      m.tokens_per_block = tpb;
+      REQUIRE(build_manifest_blocks(m, model, {}) == shared_status::ok);
+      const record_key k = block_key(model.value, m.blocks[rnd(m.blocks.size())].chain);
+      lost += raw.del(k.view()) == redis_status::ok;
       continue;
     }
     // A turn: the history (perhaps edited at a random place), then new tokens.
@@ -159,13 +182,7 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
       }
     }
   }
-  std::uint64_t fetched = 0, publishes = 0, prefetch_misses = 0;
-  for (auto& nd : nodes) {
-    const store_stats st = nd.kv->stats();
-    fetched += st.remote_blocks_fetched;
-    publishes += st.remote_publishes;
-    prefetch_misses += st.remote_misses;
-  }
+  for (auto& nd : nodes) absorb(nd);
   INFO("seed " << seed << ": " << ops << " ops, " << served_tokens << " tokens served, " << warm_cross_node
                << " cross-node turns served warm, " << fetched << " blocks fetched from the tier, " << publishes
                << " write-behinds, " << prefetch_misses << " remote misses");
@@ -175,7 +192,8 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
   CHECK(fetched > 0);
   WARN("remote model: seed " << seed << ", " << ops << " ops, " << served_tokens << " tokens served, "
                              << warm_cross_node << " cross-node turns warm, " << fetched
-                             << " blocks fetched from the tier, " << publishes << " write-behinds");
+                             << " blocks fetched from the tier, " << publishes << " write-behinds (" << skipped
+                             << " skipped), " << lost << " blocks lost from the tier, " << resends << " resends");
 }
 
 int main(int argc, char** argv) { return run_with_cluster(argc, argv, "test_store_remote_model"); }
