@@ -67,8 +67,9 @@ class remote_tier {
 
   /// Whether the tier may lack blocks of the session that an earlier publish gave it (a
   /// write failed, a block was evicted or its server restarted): the store's next publish
-  /// then carries every payload it still holds in DRAM, not only the new blocks. A tier
-  /// that cannot tell says false; a false "true" costs one publish the copies.
+  /// then carries every payload it still holds in DRAM, not only the new blocks (copied
+  /// under the session's lock; while the tier stays incomplete, the store backs off). A
+  /// tier that cannot tell says false.
   virtual bool incomplete(const remote_session& session) const noexcept {
     (void)session;
     return false;

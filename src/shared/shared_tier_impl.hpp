@@ -114,9 +114,8 @@ struct shared_tier::impl {
   /// Uploads the job's block records; returns the first block index (in block order) whose
   /// upload failed, or the block count, and that failure's reason in *why.
   std::size_t write_blocks(detail::write_job& job, shared_status* why);
-  /// The versioned manifest write (SET ... GET, newer ones put back). True when the key
-  /// holds this manifest or a newer one of the session.
-  bool write_manifest(const detail::write_job& job, std::span<const std::byte> record);
+  /// The versioned manifest write (SET ... GET, newer ones put back).
+  void write_manifest(const detail::write_job& job, std::span<const std::byte> record);
 
   /// Sessions whose last publish did not land whole, as bits by session hash: bounded
   /// whatever ids clients choose. Two sessions may share a bit: a false "incomplete"

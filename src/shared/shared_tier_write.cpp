@@ -142,8 +142,10 @@ void shared_tier::impl::run_writer() noexcept {
 }
 
 void shared_tier::impl::write(detail::write_job& job) noexcept {
-  // Until a publish of the session lands whole, the tier may lack blocks its store
-  // believes published: the store is told to carry them again (shared_tier::incomplete).
+  // Until a publish of the session finds or stores every block it lists, the tier may
+  // lack blocks its store believes published: the store is told to carry them again
+  // (shared_tier::incomplete). A failed manifest write needs no blocks again: the next
+  // publish writes the manifest anyway.
   bool whole = false;
   try {
     shared_status why = shared_status::ok;
@@ -161,23 +163,22 @@ void shared_tier::impl::write(detail::write_job& job) noexcept {
       incomplete.set(job.session.session, true);
       return;
     }
+    incomplete.set(job.session.session, !whole);
     if (good < man.blocks.size()) {
       // Cut before the first block that is not in the tier: blocks before it are full.
       man.blocks.resize(good);
       man.tokens.resize(good * std::size_t(cfg.tokens_per_block));
       if (encode_manifest(man, job.manifest_record) != shared_status::ok) {
         st.write_failures.add(shared_status::error);
-        incomplete.set(job.session.session, true);
         return;
       }
       detail::bump(st.manifests_truncated);
     }
-    whole = write_manifest(job, job.manifest_record) && whole;
+    write_manifest(job, job.manifest_record);
   } catch (...) {
     st.write_failures.add(shared_status::error);
-    whole = false;
+    if (!whole) incomplete.set(job.session.session, true);
   }
-  incomplete.set(job.session.session, !whole);
 }
 
 std::size_t shared_tier::impl::write_blocks(detail::write_job& job, shared_status* why) {
@@ -243,7 +244,7 @@ std::size_t shared_tier::impl::write_blocks(detail::write_job& job, shared_statu
   return first_bad;
 }
 
-bool shared_tier::impl::write_manifest(const detail::write_job& job, std::span<const std::byte> record) {
+void shared_tier::impl::write_manifest(const detail::write_job& job, std::span<const std::byte> record) {
   const record_key key = manifest_key(cfg.model.value, job.session.session);
   const manifest_expectation expect = expectation(job.session);
   // `cur` is what this writer wants the key to hold: its own manifest, or a newer one it
@@ -258,7 +259,7 @@ bool shared_tier::impl::write_manifest(const detail::write_job& job, std::span<c
     redis_get_result r = writer.swap(key.view(), cur, cfg.manifest_ttl);
     if (r.status != redis_status::ok && r.status != redis_status::not_found) {
       st.write_failures.add(from_redis(r.status));
-      return false;
+      return;
     }
     detail::bump(st.bytes_written, cur.size());
     if (r.status == redis_status::not_found) break;  // nothing was displaced
@@ -271,14 +272,13 @@ bool shared_tier::impl::write_manifest(const detail::write_job& job, std::span<c
     ours = false;
     if (round >= cfg.manifest_retries) {
       st.write_failures.add(shared_status::error);
-      return false;
+      return;
     }
     held.assign(r.value.data(), r.value.data() + r.value.size());
     cur = held;
     cur_seq = displaced.sequence;
   }
   if (ours) detail::bump(st.manifests_written);
-  return true;  // the key holds this manifest, or a newer one of the session
 }
 
 }  // namespace attnstore::shared

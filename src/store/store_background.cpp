@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "attnstore/detail/checkpoint_name.hpp"
 #include "store_impl.hpp"
 
 namespace attnstore {
@@ -84,7 +85,9 @@ void store::impl::note_miss(const session_hash& key) noexcept {
 void store::impl::erase_record(locked_session& s) noexcept {
   if (config_.remote) {  // the record may next hold another session
     remote_ids_[s.record_id()] = {};
-    remote_declined_[s.record_id()] = 0;
+    remote_record& rr = remote_state_[s.record_id()];
+    rr.declined.store(false, std::memory_order_relaxed);
+    rr.resend_wait = rr.resend_round = 0;
   }
   {
     std::lock_guard lock(policy_mutex_);
@@ -196,12 +199,20 @@ errc store::impl::hint(const session_key& key, policy::session_hint hint) noexce
     plan_prefetch_locked(true);
   }
   // ... and the turn may be routed to another node: a save the policy declined to
-  // publish is asked about again, by the background (a hint never waits for a session).
+  // publish (the session's, or its checkpoint's) is asked about again, by the
+  // background: a hint never waits for a session.
   if (config_.remote) {
-    bool added;
-    {
+    detail::checkpoint_name companion;
+    const bool checkpointed = geometry_.checkpoint_bytes() > 0 && detail::checkpoint_key(key, companion);
+    const std::uint32_t companion_record = checkpointed ? index_->find(session_of(companion.key)) : no_slot;
+    const auto declined = [&](std::uint32_t rec) {
+      return rec != no_slot && remote_state_[rec].declined.load(std::memory_order_relaxed);
+    };
+    bool added = false;
+    if (declined(found) || declined(companion_record)) {
       std::lock_guard lock(work_mutex_);
       added = queue_remote_job_locked(key);
+      if (checkpointed) added = queue_remote_job_locked(companion.key) || added;
     }
     if (added) work_cv_.notify_one();
   }
@@ -317,7 +328,8 @@ void store::impl::run_remote_job(const session_key& key) noexcept {
   const session_hash h = session_of(key);
   if (index_->find(h) != no_slot) {  // here already (its turn came, a fetch did, or it was saved here)
     locked_session s = index_->open(h, false);
-    if (s && remote_declined_[s.record_id()]) publish_remote_locked(s);  // asks the policy again
+    if (s && remote_state_[s.record_id()].declined.load(std::memory_order_relaxed))
+      publish_remote_locked(s);  // asks the policy again
     return;
   }
   errc why = errc::ok;

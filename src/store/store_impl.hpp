@@ -379,8 +379,13 @@ struct store::impl {
   std::unique_ptr<detail::link_log> links_;             // with an SSD tier
   std::unique_ptr<std::atomic<bool>[]> header_claims_;  // per DRAM slot: its header area is being written
   std::vector<remote_session> remote_ids_;              // per record: the remote tier's name of its session
-  std::vector<std::uint8_t> remote_declined_;           // per record: its last save was not published (policy)
-  std::int32_t staging_buffer_base_ = 0;                // registered-buffer index of staging region 0
+  struct remote_record {                                // per record, under its session's lock
+    std::atomic<bool> declined{false};                  // its last save was not published (policy); hint reads it
+    std::uint8_t resend_wait = 0;                       // publishes of an incomplete session before the next resend
+    std::uint8_t resend_round = 0;                      // resends since the tier last had it whole (the wait doubles)
+  };
+  std::unique_ptr<remote_record[]> remote_state_;  // with a remote tier
+  std::int32_t staging_buffer_base_ = 0;           // registered-buffer index of staging region 0
   std::atomic<std::uint64_t> sequence_{1};
   std::unique_ptr<counters> counters_;
   /// Latency histograms (store::metrics). lookup/load/save are timed in store.cpp

@@ -193,7 +193,7 @@ store::impl::impl(store& owner, store_config c) : owner_(owner), config_(std::mo
   held_.assign(config_.max_sessions, 0);
   if (config_.remote) {
     remote_ids_.assign(config_.max_sessions, remote_session{});
-    remote_declined_.assign(config_.max_sessions, 0);
+    remote_state_ = std::make_unique<remote_record[]>(config_.max_sessions);
   }
   // A tenant entry lives while one of its sessions does, or while it has a quota of its
   // own: max_sessions plus the configured tenants can never run out.

@@ -284,16 +284,18 @@ locked_session store::impl::open_or_evict(const session_hash& key, errc* why) no
 
 errc store::impl::drop(const session_key& key) noexcept {
   errc e = errc::not_found;
-  if (config_.remote) config_.remote->drop(config_.remote->identify(key));  // (and its checkpoint's below)
+  if (config_.remote) config_.remote->drop(config_.remote->identify(key));  // (its checkpoint's: below)
   if (locked_session s = index_->open(session_of(key), false)) e = drop_session_locked(s);
   // A model that keeps a checkpoint (state groups, window tails): the hooks save it as a
   // companion session; a drop of the session deletes it too.
   detail::checkpoint_name companion;
-  if (geometry_.checkpoint_bytes() > 0 && detail::checkpoint_key(key, companion))
+  if (geometry_.checkpoint_bytes() > 0 && detail::checkpoint_key(key, companion)) {
+    if (config_.remote) config_.remote->drop(config_.remote->identify(companion.key));
     if (locked_session c = index_->open(session_of(companion.key), false)) {
       const errc ce = drop_session_locked(c);
       if (e == errc::not_found) e = ce;
     }
+  }
   return e;
 }
 

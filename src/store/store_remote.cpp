@@ -127,20 +127,32 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   // A truncated view is not a prefix of positions a manifest can list: not published.
   if (s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
   // A session unlikely to return is not worth the network and the tier's space; it is
-  // published later if its user is seen typing (run_remote_job).
+  // published later if its user is seen typing (run_remote_job). Marked declined before
+  // the policy is asked: a hint that races this save then always finds it to re-ask.
+  remote_record& rr = remote_state_[s.record_id()];
+  rr.declined.store(true, std::memory_order_relaxed);
   bool worth;
   {
     std::lock_guard lock(policy_mutex_);
     worth = policy_->worth_sharing(s.record_id());
   }
-  remote_declined_[s.record_id()] = worth ? 0 : 1;
   if (!worth) {
     detail::bump(counters_->remote_publishes_declined);
     return;
   }
+  rr.declined.store(false, std::memory_order_relaxed);
   // The tier may have lost blocks published before (a failed write, eviction, a server
-  // restarted): every block still in DRAM goes again; the tier sends only the absent ones.
-  const bool resend = config_.remote->incomplete(id);
+  // restarted): every block still in DRAM goes again, and the tier sends only the absent
+  // ones. A lost block that is only on SSD here cannot be sent, and the tier stays
+  // incomplete: resends then back off (after 1, 3, 7, ... 63 publishes).
+  bool resend = false;
+  if (!config_.remote->incomplete(id)) {
+    rr.resend_wait = rr.resend_round = 0;
+  } else if (rr.resend_wait > 0) {
+    --rr.resend_wait;
+  } else {
+    resend = true;
+  }
   std::vector<token_id> tokens;
   std::vector<hash128> keys;
   std::vector<const std::byte*> payloads;
@@ -149,21 +161,38 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   payloads.reserve(s.block_count());
   // Up to the first block that is neither in DRAM nor published (only on SSD: not read
   // back for this), and at most one partial block, the last.
-  for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) {
-    const block_meta& m = s.meta(b);
-    if (!m.published && m.dram_slot == no_slot) break;
-    const auto t = s.tokens_of(b);
-    tokens.insert(tokens.end(), t.begin(), t.end());
-    keys.push_back(m.keys);
-    payloads.push_back(m.dram_slot != no_slot && (resend || !m.published) ? dram_payload(m.dram_slot) : nullptr);
-    if (m.tokens < geometry_.tokens_per_block) break;
-  }
+  const auto collect = [&](bool all_in_dram) {
+    tokens.clear();
+    keys.clear();
+    payloads.clear();
+    for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) {
+      const block_meta& m = s.meta(b);
+      if (!m.published && m.dram_slot == no_slot) break;
+      const auto t = s.tokens_of(b);
+      tokens.insert(tokens.end(), t.begin(), t.end());
+      keys.push_back(m.keys);
+      const bool send = m.dram_slot != no_slot && (all_in_dram || !m.published);
+      payloads.push_back(send ? dram_payload(m.dram_slot) : nullptr);
+      if (m.tokens < geometry_.tokens_per_block) break;
+    }
+  };
+  collect(resend);
   if (payloads.empty()) return;
-  if (config_.remote->publish(id, tokens, keys, payloads) != errc::ok) {
+  errc e = config_.remote->publish(id, tokens, keys, payloads);
+  if (e != errc::ok && resend) {  // all of it is over the tier's bound: the new blocks at least
+    resend = false;
+    collect(false);
+    e = config_.remote->publish(id, tokens, keys, payloads);
+  }
+  if (e != errc::ok) {
     detail::bump(counters_->remote_publishes_skipped);  // over the tier's bound, or failing: local tiers only
     return;
   }
-  if (resend) detail::bump(counters_->remote_resends);
+  if (resend) {
+    detail::bump(counters_->remote_resends);
+    rr.resend_wait = std::uint8_t((2u << std::min<std::uint8_t>(rr.resend_round, 5)) - 1);
+    if (rr.resend_round < 5) ++rr.resend_round;
+  }
   std::size_t i = 0;
   for (std::uint32_t b = s.first_block(); b != no_slot && i < payloads.size(); b = s.meta(b).next, ++i)
     s.meta(b).published = true;

@@ -176,6 +176,24 @@ inline int script(const std::string& args) {
   return std::system(cmd.c_str());
 }
 
+/// A master killed (kill-node) for a test: restarted when this goes out of scope unless
+/// the test restarted it (restart()), so a failed assertion in between never leaves the
+/// fixture's cluster without it for the tests after.
+struct killed_node {
+  int port;
+  bool down = false;
+  explicit killed_node(int p) : port(p) { down = script("kill-node --node " + std::to_string(port)) == 0; }
+  int restart() {
+    down = false;
+    return script("restart-node --node " + std::to_string(port));
+  }
+  ~killed_node() {
+    if (down) (void)script("restart-node --node " + std::to_string(port));
+  }
+  killed_node(const killed_node&) = delete;
+  killed_node& operator=(const killed_node&) = delete;
+};
+
 /// Every node answers PING and reports cluster_state:ok (within `limit`).
 inline bool wait_cluster_ok(const std::vector<int>& ports, std::chrono::milliseconds limit) {
   const auto t0 = std::chrono::steady_clock::now();

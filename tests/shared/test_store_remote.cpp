@@ -47,12 +47,17 @@ struct node {
     if (tier_tweak) tier_tweak(t);
     remote = std::make_shared<store_remote>(t);
     c.remote = remote;
+    threaded = c.background_thread;
     kv = std::make_unique<store>(c);
   }
-  // Runs the store's background work (small_config has no thread of its own: a publish
-  // a hint asked for is done there) and waits for the write-behind to reach the cluster.
+  bool threaded = false;
+  // Runs the store's background work, or waits for its thread to finish it (a publish a
+  // hint asked for is done there), then for the write-behind to reach the cluster.
   void settle() {
-    (void)kv->run_background();
+    if (threaded)
+      kv->drain();
+    else
+      (void)kv->run_background();
     REQUIRE(remote->tier().flush(milliseconds{10000}) == shared_status::ok);
   }
 };
@@ -187,6 +192,7 @@ TEST_CASE("store remote: the policy decides which sessions are published; a user
   auto share = std::make_shared<std::atomic<bool>>(false);
   node a("remote-choosy-a", "test-model", [&](store_config& c) {
     c.make_policy = [share](std::uint32_t n) { return std::make_unique<choosy>(n, share); };
+    c.background_thread = true;  // a hint's publish is the store thread's work
   });
   node b("remote-choosy-b");
   const conversation conv{5150, 130};
@@ -251,6 +257,84 @@ TEST_CASE("store remote: a new session whose opening is shared here takes the re
   CHECK(c.kv->stats().remote_blocks_fetched == 3);
   CHECK(served(*c.kv, key, conv, 224) == 224);
   CHECK(c.kv->stats().blocks_served_dram == 7);
+}
+
+TEST_CASE("store remote: a block the tier lost is sent again; one only on SSD here backs off", "[cluster]") {
+  node a("remote-lost-a");
+  const std::size_t bb = a.kv->block_bytes();
+  const std::uint32_t tpb = test_geometry.tokens_per_block;
+  const conversation conv{6500, 20 * 32};
+  const auto toks = conv.toks();
+  redis_cluster raw(test_cluster_config());
+  // Deletes block `b` of the history from the cluster, as eviction or a restart would
+  // (blocks are named by content: the same for every session holding them).
+  const auto lose = [&](std::uint32_t b) {
+    session_manifest m;
+    m.tokens.assign(toks.begin(), toks.begin() + std::ptrdiff_t(std::size_t(b + 1) * tpb));
+    m.tokens_per_block = tpb;
+    REQUIRE(build_manifest_blocks(m, store_model_id(small_config("", 1, 0)), {}) == shared_status::ok);
+    REQUIRE(raw.del(block_key(store_model_id(small_config("", 1, 0)).value, m.blocks[b].chain).view()) ==
+            redis_status::ok);
+  };
+  const auto turn = [&](const session_key& k, std::size_t to) {  // one more block, settled
+    const std::uint32_t first = std::uint32_t(to / tpb) - 1;
+    REQUIRE(a.kv->put(k, std::span(toks).first(to), first, make_blocks(bb, conv.id, first, 1)) == errc::ok);
+    a.settle();
+  };
+  const auto found_elsewhere = [&](const session_key& k, std::size_t to, const std::string& tag) {
+    node c(tag);
+    const std::uint64_t got = c.kv->lookup(k, std::span(toks).first(to)).tokens;
+    CHECK(served(*c.kv, k, conv, got) == got);
+    return got;
+  };
+  const std::string name = unique("lost");
+  const session_key key{"acme", name};
+  REQUIRE(a.kv->put(key, std::span(toks).first(4 * tpb), 0, make_blocks(bb, conv.id, 0, 4)) == errc::ok);
+  a.settle();
+  lose(1);
+  // The next turn finds it gone: the manifest ends before it.
+  turn(key, 5 * tpb);
+  CHECK(a.remote->incomplete(a.remote->identify(key)));
+  CHECK(found_elsewhere(key, 5 * tpb, "remote-lost-c1") == tpb);
+  CHECK(a.kv->stats().remote_resends == 0);
+  // The turn after carries the session's DRAM blocks again: whole.
+  turn(key, 6 * tpb);
+  CHECK(a.kv->stats().remote_resends == 1);
+  CHECK_FALSE(a.remote->incomplete(a.remote->identify(key)));
+  CHECK(found_elsewhere(key, 6 * tpb, "remote-lost-c2") == 6 * tpb);
+
+  // A block lost while this node holds it only on SSD cannot be sent: the session stays
+  // incomplete, and resends back off (the 1st, 3rd and 7th publishes of 8).
+  REQUIRE(a.kv->demote(key) == errc::ok);
+  lose(0);
+  turn(key, 7 * tpb);  // finds it gone
+  const auto before = a.kv->stats().remote_resends;
+  for (std::size_t to = 8 * tpb; to <= 15 * tpb; to += tpb) turn(key, to);
+  CHECK(a.kv->stats().remote_resends - before == 3);
+  CHECK(a.remote->incomplete(a.remote->identify(key)));
+  CHECK(found_elsewhere(key, 15 * tpb, "remote-lost-c3") == 0);  // never a wrong byte: a miss
+
+  // A resend larger than the tier's bound on bytes in flight still sends the new blocks.
+  node small("remote-lost-small", "test-model", {}, [](shared_tier_config& t) {
+    t.max_bytes_in_flight = 3 * (t.block_bytes + (64 << 10));  // about three block records
+  });
+  const std::string other_name = unique("lost-bound");
+  const session_key other{"acme", other_name};
+  for (std::uint32_t b = 0; b < 6; ++b) {
+    REQUIRE(small.kv->put(other, std::span(toks).first(std::size_t(b + 1) * tpb), b, make_blocks(bb, conv.id, b, 1)) ==
+            errc::ok);
+    small.settle();
+  }
+  lose(2);
+  for (std::uint32_t b = 6; b < 8; ++b) {
+    REQUIRE(small.kv->put(other, std::span(toks).first(std::size_t(b + 1) * tpb), b, make_blocks(bb, conv.id, b, 1)) ==
+            errc::ok);
+    small.settle();
+  }
+  CHECK(small.kv->stats().remote_publishes_skipped == 0);
+  CHECK(small.kv->stats().remote_publishes == 8);
+  CHECK(small.kv->stats().remote_resends == 0);  // 8 blocks do not fit: only the new one went
+  CHECK(found_elsewhere(other, 8 * tpb, "remote-lost-c4") == 2 * tpb);
 }
 
 TEST_CASE("store remote: hostile manifests and blocks in the cluster are misses, never served", "[cluster]") {
@@ -359,7 +443,8 @@ TEST_CASE(
 
   // The node dies; the next turn of every session is saved on A all the same, at local
   // speed (the write-behind is queued; its writes to the dead node fail behind it).
-  REQUIRE(script("kill-node --node " + std::to_string(dead)) == 0);
+  killed_node killed(dead);
+  REQUIRE(killed.down);
   double slowest_put = 0;
   for (const auto& s : sessions) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -388,7 +473,7 @@ TEST_CASE(
   }
   // The node comes back empty. A's next turns carry again what the tier lost (the first
   // write after the restart may meet a stale connection: up to three turns).
-  REQUIRE(script("restart-node --node " + std::to_string(dead)) == 0);
+  REQUIRE(killed.restart() == 0);
   REQUIRE(wait_cluster_ok(ms, milliseconds{15000}));
   CHECK(slowest_lookup < bound_ms);
   std::size_t upto = outage_turn;
@@ -437,7 +522,8 @@ TEST_CASE("store remote: with replicas, a session is served again, exactly, once
     break;
   }
   REQUIRE(dead != 0);
-  REQUIRE(script("kill-node --node " + std::to_string(dead)) == 0);
+  killed_node down(dead);
+  REQUIRE(down.down);
   const auto killed = std::chrono::steady_clock::now();
   // A node that never saw the session looks it up until the replica serves its slots:
   // short lookups first, then the whole history; each within the bound, all bytes exact.
@@ -469,7 +555,7 @@ TEST_CASE("store remote: with replicas, a session is served again, exactly, once
   CHECK(found == toks.size());
   CHECK(short_ones > 0);  // the dead master's slots missed until the failover
   CHECK(slowest < tight_bound_ms);
-  REQUIRE(script("restart-node --node " + std::to_string(dead)) == 0);
+  REQUIRE(down.restart() == 0);
   std::vector<int> all = ms;
   all.push_back(replica);
   CHECK(wait_cluster_ok(all, milliseconds{15000}));

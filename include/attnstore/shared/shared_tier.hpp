@@ -188,11 +188,11 @@ class shared_tier {
   /// leaves an older manifest over a newer one for longer than those round trips.
   [[nodiscard]] shared_status publish(const shared_session& session, const publish_request& request) noexcept;
 
-  /// Whether the last publish of the session that the writer finished did not land whole
-  /// (a block or the manifest failed, or a block listed without a payload was not in the
-  /// tier any more: evicted, expired, its node restarted): the tier may lack blocks the
-  /// caller believes published, and its next publish should carry every payload it still
-  /// has. False positives are possible (sessions share bits of a fixed table); O(1).
+  /// Whether the last publish of the session that the writer finished lacked a block it
+  /// listed (an upload failed, or a block listed without a payload was not in the tier any
+  /// more: evicted, expired, its node restarted): the tier may lack blocks the caller
+  /// believes published, and its next publish should carry every payload it still has.
+  /// False positives are possible (sessions share bits of a fixed table); O(1).
   bool incomplete(const shared_session& session) const noexcept;
 
   /// Waits until every queued publish has been sent (or failed). ok, or timeout after
