@@ -397,7 +397,9 @@ TEST_CASE("a listed block is kept; one lost ends the manifest and marks the sess
   auto brief = tier_config();
   brief.block_ttl = milliseconds{20000};
   shared_tier first(brief), t(tier_config());
-  history h("tenant-l", unique("lost"), tpb * 4, 41);  // 4 whole blocks
+  // 4 whole blocks, of tokens of this run's own (the exact counts below need blocks that
+  // no earlier run on the same cluster left there)
+  history h("tenant-l", unique("lost"), tpb * 4, std::uint32_t(::getpid()) * 4 + 41);
   const shared_session id = t.identify(h.key());
   REQUIRE(h.publish(first, 1) == shared_status::ok);
   REQUIRE(first.flush(milliseconds{30000}) == shared_status::ok);
@@ -412,7 +414,7 @@ TEST_CASE("a listed block is kept; one lost ends the manifest and marks the sess
   CHECK(pttl(1) <= 20000);
   // The next turn lists the four blocks without payloads: each is kept for the tier's
   // block_ttl again (here 600 s), not sent.
-  h.append(tpb, 42);
+  h.append(tpb, std::uint32_t(::getpid()) * 4 + 42);
   REQUIRE(h.publish(t, 2, 4) == shared_status::ok);
   REQUIRE(t.flush(milliseconds{30000}) == shared_status::ok);
   CHECK(pttl(1) > 500000);
@@ -428,7 +430,7 @@ TEST_CASE("a listed block is kept; one lost ends the manifest and marks the sess
     REQUIRE(a.cmd("DEL %b", k.view().data(), k.view().size())->integer == 1);
   }
   // A turn that does not carry it: the manifest ends before it, and the session is marked.
-  h.append(tpb, 43);
+  h.append(tpb, std::uint32_t(::getpid()) * 4 + 43);
   REQUIRE(h.publish(t, 3, 5) == shared_status::ok);
   REQUIRE(t.flush(milliseconds{30000}) == shared_status::ok);
   CHECK(t.incomplete(id));
@@ -440,7 +442,7 @@ TEST_CASE("a listed block is kept; one lost ends the manifest and marks the sess
   // The store's answer: the next publish carries every payload; the tier sends only the
   // lost one, and the session is whole again.
   const auto written = t.stats().blocks_written;
-  h.append(tpb, 44);
+  h.append(tpb, std::uint32_t(::getpid()) * 4 + 44);
   REQUIRE(h.publish(t, 4, 0) == shared_status::ok);
   REQUIRE(t.flush(milliseconds{30000}) == shared_status::ok);
   CHECK_FALSE(t.incomplete(id));
