@@ -188,6 +188,9 @@ struct store_stats {
   /// of what it was given (remote_tier::incomplete).
   std::uint64_t remote_resends = 0;
   std::uint64_t remote_prefetches = 0;  ///< queued sessions fetched from the remote tier ahead of their turn
+  /// Remote jobs (a queued session's prefetch, a typing user's declined save) not taken:
+  /// 64 were waiting for the background already.
+  std::uint64_t remote_jobs_dropped = 0;
 };
 
 /// One tenant's share of a store (store::tenant_usage).

@@ -317,9 +317,12 @@ void store::impl::run_promotion(const promotion_job& job) noexcept {
 }
 
 bool store::impl::queue_remote_job_locked(const session_key& key) {
-  if (remote_jobs_.size() >= max_remote_jobs) return false;
   const auto same = [&](const remote_job& j) { return j.tenant == key.tenant && j.session == key.session; };
   if (std::find_if(remote_jobs_.begin(), remote_jobs_.end(), same) != remote_jobs_.end()) return false;
+  if (remote_jobs_.size() >= max_remote_jobs) {
+    detail::bump(counters_->remote_jobs_dropped);
+    return false;
+  }
   remote_jobs_.push_back({std::string(key.tenant), std::string(key.session)});
   return true;
 }

@@ -50,7 +50,7 @@ namespace attnstore {
   X(close_flushed_blocks) X(recovery_ns) X(prefetch_started) X(prefetch_completed)                     \
   X(prefetch_cancelled) X(prefetched_blocks) X(watermark_demoted_blocks) X(expired_sessions)           \
   X(adopted_blocks) X(remote_fetches) X(remote_blocks_fetched) X(remote_misses) X(remote_publishes)  \
-  X(remote_publishes_skipped) X(remote_publishes_declined) X(remote_resends) X(remote_prefetches)
+  X(remote_publishes_skipped) X(remote_publishes_declined) X(remote_resends) X(remote_prefetches) X(remote_jobs_dropped)
 // clang-format on
 
 namespace detail {

@@ -62,6 +62,7 @@ constexpr counter_help counter_helps[] = {
     {"remote_publishes_declined", "Saves the policy did not publish to the remote tier (a return unlikely)."},
     {"remote_resends", "Write-behinds that carried a session's DRAM blocks again: the remote tier had lost some."},
     {"remote_prefetches", "Queued sessions fetched from the remote tier ahead of their turn."},
+    {"remote_jobs_dropped", "Remote prefetches and republishes not queued: the background had 64 waiting."},
 };
 
 std::string_view help_of(std::string_view name) {
