@@ -321,6 +321,12 @@ class out_queue {
     owned("\r\n");
   }
   void bulk(std::string_view s) { bulk(s.data(), s.size()); }
+  /// A decimal argument (a TTL in milliseconds).
+  void bulk_number(std::int64_t v) {
+    char buf[24];
+    const auto r = std::to_chars(buf, buf + sizeof buf, v);
+    bulk(buf, static_cast<std::size_t>(r.ptr - buf));
+  }
   bool empty() const noexcept { return cur_ == segs_.size(); }
 
   /// Sends what the socket takes now. Bytes sent (0: it would block), or -1 with errno.
@@ -1073,11 +1079,7 @@ struct redis_cluster::impl {
         out.array(o.ttl_ms > 0 ? 3 : 2);
         out.bulk(o.ttl_ms > 0 ? "PEXPIRE" : "TOUCH");
         out.bulk(o.key);
-        if (o.ttl_ms > 0) {
-          char buf[24];
-          const auto r = std::to_chars(buf, buf + sizeof buf, o.ttl_ms);
-          out.bulk(buf, static_cast<std::size_t>(r.ptr - buf));
-        }
+        if (o.ttl_ms > 0) out.bulk_number(o.ttl_ms);
         break;
       case op_kind::set:
       case op_kind::swap: {
@@ -1089,9 +1091,7 @@ struct redis_cluster::impl {
         if (o.if_absent) out.bulk("NX");
         if (o.ttl_ms > 0) {
           out.bulk("PX");
-          char buf[24];
-          const auto r = std::to_chars(buf, buf + sizeof buf, o.ttl_ms);
-          out.bulk(buf, static_cast<std::size_t>(r.ptr - buf));
+          out.bulk_number(o.ttl_ms);
         }
         break;
       }
