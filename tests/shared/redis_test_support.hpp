@@ -7,6 +7,7 @@
 #pragma once
 
 #include <hiredis/hiredis.h>
+#include <signal.h>
 #include <unistd.h>
 #include <catch2/catch.hpp>
 
@@ -192,6 +193,25 @@ struct killed_node {
   }
   killed_node(const killed_node&) = delete;
   killed_node& operator=(const killed_node&) = delete;
+};
+
+/// A node stopped with SIGSTOP (it accepts nothing and answers nothing; below
+/// cluster-node-timeout no failure is declared): continued when this goes out of scope
+/// unless the test did (resume()), so later tests always find it answering.
+struct hung_node {
+  pid_t pid = 0;
+  bool stopped = false;
+  explicit hung_node(int port) {
+    pid = std::atoi(admin(port).info_field("server", "process_id").c_str());
+    stopped = pid > 0 && ::kill(pid, SIGSTOP) == 0;
+  }
+  void resume() {
+    if (stopped) ::kill(pid, SIGCONT);
+    stopped = false;
+  }
+  ~hung_node() { resume(); }
+  hung_node(const hung_node&) = delete;
+  hung_node& operator=(const hung_node&) = delete;
 };
 
 /// Every node answers PING and reports cluster_state:ok (within `limit`).

@@ -522,14 +522,8 @@ TEST_CASE("publish is bounded and never waits for the network, even with a hung 
       on_hung = id;
   }
   const auto probe = tier.identify(session_key{"tenant-1", on_hung});
-  admin hung(ms[0]);
-  const pid_t pid = std::atoi(hung.info_field("server", "process_id").c_str());
-  REQUIRE(pid > 0);
-  struct resume {  // SIGCONT whatever happens: later tests need the node
-    pid_t pid;
-    ~resume() { ::kill(pid, SIGCONT); }
-  } resume_guard{pid};
-  REQUIRE(::kill(pid, SIGSTOP) == 0);  // below cluster-node-timeout: no failure is declared
+  hung_node hung(ms[0]);
+  REQUIRE(hung.stopped);
   auto t0 = steady::now();
   const shared_status first = h.publish(tier, 1);
   const shared_status second = h2.publish(tier, 1);  // 4 records in flight > 3: refused
@@ -538,7 +532,7 @@ TEST_CASE("publish is bounded and never waits for the network, even with a hung 
   t0 = steady::now();
   const shared_status read = tier.fetch_manifest(probe, m);
   const double read_ms = ms_since(t0);
-  ::kill(pid, SIGCONT);
+  hung.resume();
   CHECK(first == shared_status::ok);
   CHECK(second == shared_status::busy);
   CHECK(publish_ms < 100);  // copies 2 MiB and queues; never the network

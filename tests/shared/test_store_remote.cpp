@@ -557,14 +557,8 @@ TEST_CASE("store remote: a hung master: its sessions miss within the bound, save
   // through a hung seed waits for it; seeds should name several nodes).
   const std::string warm_name = base + "-warm";
   CHECK(b.kv->lookup({"acme", warm_name}, conv_else.toks()).tokens == 0);
-  admin hung(hung_port);
-  const pid_t pid = std::atoi(hung.info_field("server", "process_id").c_str());
-  REQUIRE(pid > 0);
-  struct resume {  // SIGCONT whatever happens: later tests need the node
-    pid_t pid;
-    ~resume() { ::kill(pid, SIGCONT); }
-  } resume_guard{pid};
-  REQUIRE(::kill(pid, SIGSTOP) == 0);  // below cluster-node-timeout: no failover
+  hung_node hung(hung_port);
+  REQUIRE(hung.stopped);
   // The next turn is saved on A at local speed: the write-behind waits, not the engine.
   double slowest_put = 0;
   for (const auto& [k, c] : {std::pair{hung_key, conv_hung}, std::pair{else_key, conv_else}}) {
@@ -584,7 +578,7 @@ TEST_CASE("store remote: a hung master: its sessions miss within the bound, save
   t0 = std::chrono::steady_clock::now();
   const std::uint64_t other = b.kv->lookup(else_key, conv_else.toks()).tokens;
   const double other_ms = ms_since(t0);
-  ::kill(pid, SIGCONT);
+  hung.resume();
   WARN("hung master through the store: slowest put " << slowest_put << " ms, local lookup " << local_ms
                                                      << " ms, lookup of its session " << hung_ms << " ms, of another "
                                                      << other_ms << " ms (" << other << " tokens)");
