@@ -153,6 +153,7 @@ void shared_tier::impl::write(detail::write_job& job) noexcept {
     give_back(job.records);  // the payload copies are done with
     session_manifest& man = job.manifest;
     whole = good == man.blocks.size();
+    incomplete.set(job.session.session, !whole);
     if (good == 0) {
       if (cfg.log.fn != &logger::quiet) {
         char msg[160];
@@ -160,11 +161,9 @@ void shared_tier::impl::write(detail::write_job& job) noexcept {
                       int(to_string(why).size()), to_string(why).data());
         cfg.log(log_level::debug, msg);
       }
-      incomplete.set(job.session.session, true);
       return;
     }
-    incomplete.set(job.session.session, !whole);
-    if (good < man.blocks.size()) {
+    if (!whole) {
       // Cut before the first block that is not in the tier: blocks before it are full.
       man.blocks.resize(good);
       man.tokens.resize(good * std::size_t(cfg.tokens_per_block));
