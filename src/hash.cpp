@@ -114,6 +114,18 @@ struct field_writer {
 };
 }  // namespace
 
+hash128 view_link(const hash128& view, const hash128& chain, std::uint64_t saved_block, std::uint32_t view_first,
+                  std::uint32_t view_count) noexcept {
+  const std::uint64_t fields[7] = {0x56'49'45'57'4c'49'4e'4bull,  // domain tag: view links
+                                   view.lo,
+                                   view.hi,
+                                   chain.lo,
+                                   chain.hi,
+                                   saved_block,
+                                   std::uint64_t(view_first) << 32 | view_count};
+  return detail::kernels().hash_bytes128(fields, sizeof(fields));
+}
+
 session_hash hash_session(const session_key& key, const hash128& secret) noexcept {
   field_writer w;
   w.u64(0x5e55'10'4e'4b'45'59ull);  // domain tag: session keys

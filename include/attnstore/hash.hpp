@@ -29,6 +29,49 @@ hash128 hash_bytes128(const void* data, std::size_t bytes) noexcept;
 hash128 chain_hash(hash128 previous, const model_id& model, std::span<const token_id> tokens,
                    const hash128& keys_digest = {}) noexcept;
 
+/// One step of a truncated view's digest: `view` (zero before the first entry) followed
+/// by a block with chain `chain`, saved as block `saved_block` of its history, of which
+/// the view keeps tokens [view_first, view_first + view_count). A block saved after a
+/// view that is not its history as saved continues this digest instead of the last
+/// block's chain (view_continuation, below): its KV was computed over the view,
+/// so two different views never give its chain one value. Domain-tagged XXH3-128.
+hash128 view_link(const hash128& view, const hash128& chain, std::uint64_t saved_block, std::uint32_t view_first,
+                  std::uint32_t view_count) noexcept;
+
+/// What a block saved after the leading entries of a session's view continues (its
+/// `previous` chain), fed those entries in order. While they are the history as it was
+/// saved (straight: whole blocks at their saved positions, each after the one before), the
+/// last one's chain, as a chain of blocks always was. After a truncation they are not: the
+/// KV saved after them was computed over the view, so it continues a digest of the whole
+/// view (view_link over every entry), and never shares a chain (hence a shared slot, or a
+/// key in the remote tier) with a block saved after another view. Every block a save
+/// writes continues what is before it, the blocks of that save included.
+class view_continuation {
+ public:
+  /// The next entry: a block with chain `chain` continuing `previous`, saved at position
+  /// `saved_pos` with `tokens` tokens, of which the view keeps [view_first, view_first +
+  /// view_count).
+  void add(const hash128& chain, const hash128& previous, std::uint64_t saved_pos, std::uint32_t tokens,
+           std::uint32_t view_first, std::uint32_t view_count, std::uint32_t tokens_per_block) noexcept {
+    straight_ = straight_ && view_first == 0 && view_count == tokens && saved_pos == position_ && previous == chain_ &&
+                tokens_per_block > 0 && saved_pos % tokens_per_block == 0;
+    digest_ = view_link(digest_, chain, tokens_per_block ? saved_pos / tokens_per_block : 0, view_first, view_count);
+    chain_ = chain;
+    position_ += view_count;
+  }
+  /// The `previous` of a block saved after the entries added so far.
+  hash128 previous() const noexcept { return straight_ ? chain_ : digest_; }
+  /// Whether the entries so far are the history as saved.
+  bool straight() const noexcept { return straight_; }
+  /// View position after them.
+  std::uint64_t position() const noexcept { return position_; }
+
+ private:
+  hash128 chain_{}, digest_{};
+  std::uint64_t position_ = 0;
+  bool straight_ = true;
+};
+
 /// What a request's keys contribute to the block holding tokens
 /// [block_first_token, block_first_token + tokens): zero when the request has no lora,
 /// no salt and no media span overlapping the block (its KV is then that of the plain

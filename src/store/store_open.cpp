@@ -743,12 +743,14 @@ void store::impl::recover() {
       continue;
     }
     std::uint32_t head = no_slot, tail = no_slot, count = 0;
+    hash128 previous{};
     for (std::size_t ci : pick.chosen) {
       const candidate& c = cands[ci];
       std::uint32_t b = s.new_block(std::span<const token_id>(token_store.data() + c.token_offset, c.token_count));
       if (b == no_slot) break;
       block_meta& m = s.meta(b);
-      m.chain = c.chain;
+      m.previous = previous;
+      m.chain = previous = c.chain;
       m.keys = c.keys;
       m.checksum = c.checksum;
       m.sequence = c.sequence;

@@ -103,6 +103,7 @@ std::uint32_t store::impl::adopt_shared_locked(locked_session& s, std::span<cons
       break;
     }
     block_meta& m = s.meta(b);
+    m.previous = prev;
     m.chain = prev = chain;
     m.keys = digest;
     m.checksum = c.checksum;

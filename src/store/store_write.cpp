@@ -173,6 +173,7 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
   const bool keyed = !keys.empty();
   const std::uint64_t boundary = std::uint64_t(first_block) * tpb;
   hash128 prev{};
+  view_continuation after;  // what the new blocks continue
   std::uint64_t pos = 0;
   std::uint32_t from = 0;
   std::uint32_t b = s.first_block();
@@ -189,6 +190,7 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
       return errc::rejected;
     }
     prev = m.chain;
+    continue_view(after, m, tpb);
     pos += m.view_count;
   }
   if (pos != boundary) return errc::rejected;
@@ -212,6 +214,7 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
   r.blocks_ = total - first_block;
   r.prev_chain_ = prev;
   r.from_entry_ = from;
+  prev = after.previous();
   std::uint32_t tail = no_slot, head = no_slot;
   for (std::uint32_t i = first_block; i < total; ++i) {
     const std::size_t begin = std::size_t(i) * tpb;
@@ -222,7 +225,10 @@ errc store::impl::reserve_locked(locked_session& s, std::span<const token_id> to
       block_meta& m = s.meta(nb);
       m.saved_pos = begin;
       m.keys = keyed ? block_keys(keys, begin, std::uint32_t(toks.size())) : hash128{};
-      m.chain = prev = chain_hash(prev, model_, toks, m.keys);
+      m.previous = prev;
+      m.chain = chain_hash(prev, model_, toks, m.keys);
+      continue_view(after, m, tpb);
+      prev = after.previous();
       m.dram_slot = alloc_dram(s, no_slot);  // may demote any of this session's published blocks
       if (m.dram_slot != no_slot) zero_unused_tail(dram_payload(m.dram_slot), std::uint32_t(toks.size()));
     }

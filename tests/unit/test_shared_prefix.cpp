@@ -434,3 +434,59 @@ TEST_CASE("shared prefix: SIGKILL mid-save keeps every acknowledged holder and d
   }
   CHECK(committed.size() > 10);
 }
+
+// A block saved after a truncated view is KV computed over that view (its tokens, at their
+// moved positions). Two sessions with one history, cut differently (another sink) to views
+// of one length that end in the same block, then given the same next tokens, save blocks
+// with different KV. Each must be served its own: the blocks continue a digest of their
+// views (view_continuation), so their chains differ; before, they had one chain and only
+// the shared-copy table's checksum comparison kept them apart here (the remote tier, whose
+// records are keyed by chain, had no such guard).
+TEST_CASE("shared prefix: blocks saved after differently truncated views never share a slot", "[unit]") {
+  temp_dir dir("shared-trunc-views");
+  store s(sharing_config(dir.str(), 256, 256));
+  const std::size_t bb = s.block_bytes();
+  const auto hist = make_tokens(4242, 6 * tpb);  // the same history for sessions 1 and 2
+  REQUIRE(s.put(key_of(1), hist, 0, make_blocks(bb, 4242, 0, 6)) == errc::ok);
+  REQUIRE(s.put(key_of(2), hist, 0, make_blocks(bb, 4242, 0, 6)) == errc::ok);
+  auto cut = [&](std::uint64_t session, std::uint64_t sink) {
+    truncation_plan plan;
+    plan.needed = true;
+    plan.history = hist.size();
+    plan.sink = sink;
+    plan.drop = 2 * tpb;
+    plan.kept = plan.history - plan.drop;
+    plan.shift = -std::int64_t(plan.drop);
+    REQUIRE(s.truncate(key_of(session), hist, plan) == errc::ok);
+    // The view: hist without positions [sink, sink + 2 blocks).
+    std::vector<token_id> view(hist.begin(), hist.begin() + std::ptrdiff_t(sink));
+    view.insert(view.end(), hist.begin() + std::ptrdiff_t(sink + plan.drop), hist.end());
+    return view;
+  };
+  // Views of 4 blocks' length, both ending in block 5 of the history.
+  auto view1 = cut(1, 0);
+  auto view2 = cut(2, 5);
+  REQUIRE(view1.size() == 4 * tpb);
+  REQUIRE(view2.size() == 4 * tpb);
+  REQUIRE(view1 != view2);
+  // The same next block of tokens for both, with each session's own KV for it.
+  const auto next = make_tokens(77, tpb);
+  view1.insert(view1.end(), next.begin(), next.end());
+  view2.insert(view2.end(), next.begin(), next.end());
+  REQUIRE(s.put(key_of(1), view1, 4, make_blocks(bb, 1001, 4, 1)) == errc::ok);
+  REQUIRE(s.put(key_of(2), view2, 4, make_blocks(bb, 1002, 4, 1)) == errc::ok);
+  // Each session's new block is its own KV.
+  for (const std::uint64_t i : {1ull, 2ull}) {
+    INFO("session " << i);
+    const auto& view = i == 1 ? view1 : view2;
+    block_view views[8];
+    read_lease lease(8);
+    const get_result g = s.acquire(key_of(i), view, views, lease);
+    REQUIRE(g.status == errc::ok);
+    REQUIRE(g.tokens == view.size());
+    const block_view& last = views[g.blocks - 1];
+    REQUIRE(last.position == 4 * tpb);
+    const auto want = make_blocks(bb, 1000 + i, 4, 1);
+    CHECK(std::memcmp(last.payload, want.data(), bb) == 0);
+  }
+}

@@ -29,7 +29,12 @@ enum class tier : std::uint8_t { none = 0, dram = 1, ssd = 2 };
 
 /// One stored block of a session.
 struct block_meta {
-  hash128 chain;  ///< chain hash through this block
+  hash128 chain;  ///< chain hash through this block: chain_hash(previous, model, its tokens, keys)
+  /// What its KV was computed after: the chain of the block before it when it was saved
+  /// (zero for the first), or the digest of a truncated view it was saved after
+  /// (view_continuation). Kept for a block that truncation moved away from its
+  /// predecessor, so its chain can still be checked (the remote tier's manifests).
+  hash128 previous{};
   /// block_keys() of the request that saved the block (zero: none): what its chain hash
   /// was computed with, and what a partial or token-wise match must present too.
   hash128 keys{};
@@ -62,6 +67,11 @@ struct block_meta {
     return dram_slot != no_slot ? tier::dram : ssd_slot != no_slot ? tier::ssd : tier::none;
   }
 };
+
+/// Feeds block `m`, the next entry of a session's view, to `v`.
+inline void continue_view(view_continuation& v, const block_meta& m, std::uint32_t tokens_per_block) noexcept {
+  v.add(m.chain, m.previous, m.saved_pos, m.tokens, m.view_first, m.view_count, tokens_per_block);
+}
 
 /// Where one reusable block lives (filled by lookup()).
 struct block_location {
