@@ -171,7 +171,7 @@ int main(int argc, char** argv) {
     for (std::size_t s = 0; s < sessions; ++s) {
       const std::string id = key_of(s);
       const shared_session ss = tier->identify(session_key{"bench", id});
-      const publish_request req{.sequence = 1, .tokens = toks[s], .keys = {}, .payloads = payload_ptrs, .extra = {}};
+      const publish_request req{.sequence = 1, .tokens = toks[s], .keys = {}, .payloads = payload_ptrs};
       shared_status st;
       while ((st = tier->publish(ss, req)) == shared_status::busy)
         std::this_thread::sleep_for(std::chrono::microseconds{200});

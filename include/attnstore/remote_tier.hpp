@@ -19,13 +19,32 @@
 
 namespace attnstore {
 
+/// One block of a session's view as the remote tier carries it: what it stores and the
+/// part of it the view keeps. Untruncated, every block is whole (view_first 0, view_count
+/// = tokens), saved at its view position, after the block before it. After a truncation
+/// (truncate.hpp) a block may keep a sub-range and sit before its saved position; its view
+/// position is where the blocks before it in the view end.
+struct remote_block {
+  hash128 previous;              ///< what its KV continues (block_meta::previous; zero: saved at position 0)
+  hash128 keys;                  ///< its block_keys() digest (zero: saved without keys)
+  std::uint32_t index = 0;       ///< its block index when saved (saved position / tokens_per_block)
+  std::uint32_t tokens = 0;      ///< tokens it stores: tokens_per_block, except perhaps the last
+  std::uint32_t view_first = 0;  ///< the view keeps its tokens [view_first, view_first + view_count)
+  std::uint32_t view_count = 0;
+};
+
 /// Where fetch() puts what it found: room for payloads.size() blocks.
 struct remote_fetch {
-  std::span<std::byte* const> payloads;   ///< block_bytes each, written for the blocks returned
-  std::span<token_id> tokens;             ///< tokens_per_block x payloads.size(): the blocks' token ids, back to back
-  std::span<std::uint32_t> token_counts;  ///< per block: its tokens (tokens_per_block except perhaps the last)
-  std::span<hash128> keys;                ///< per block: its block_keys() digest (zero: saved without keys)
-  std::span<std::uint64_t> checksums;     ///< per block: checksum64 of its payload, as verified
+  std::span<std::byte* const> payloads;  ///< block_bytes each, written for the blocks returned
+  std::span<token_id> tokens;            ///< tokens_per_block x payloads.size(): the blocks' stored token ids
+  std::span<remote_block> blocks;        ///< per block: what it is and what the view keeps of it
+  std::span<std::uint64_t> checksums;    ///< per block: checksum64 of its payload, as verified
+};
+
+/// What fetch() found: view entries [first, first + blocks), in out[0, blocks).
+struct remote_found {
+  std::uint32_t first = 0;
+  std::uint32_t blocks = 0;
 };
 
 /// A session as the remote tier names it: keyed hashes under a secret the stores of a
@@ -42,20 +61,23 @@ class remote_tier {
   /// The name of `key` in the tier. Allocation-free.
   virtual remote_session identify(const session_key& key) const noexcept = 0;
 
-  /// Blocks first_block, first_block + 1, ... of the session's history as some store
-  /// published it, as long as the history's token ids from its start are a prefix of
-  /// `prompt` (every block, up to the room given, when `prompt` is empty), each verified.
-  /// out[i] is block first_block + i. Returns how many were written (0: a miss). With
-  /// first_block > 0 the caller holds blocks before it (the same tokens).
-  virtual std::uint32_t fetch(const remote_session& session, std::span<const token_id> prompt,
-                              std::uint32_t first_block, const remote_fetch& out) noexcept = 0;
+  /// The leading blocks of the session's view as some store published it, as long as the
+  /// view's token ids from its start are a prefix of `prompt` (every block, up to the room
+  /// given, when `prompt` is empty), each verified. `held`: the chains of the whole blocks
+  /// the caller holds at the start of its own view, untruncated; the view entries that are
+  /// those very blocks (whole, at their saved positions, with those chains) are skipped:
+  /// the answer starts at the first entry that is not one of them (first <= held.size()).
+  /// A miss is 0 blocks.
+  virtual remote_found fetch(const remote_session& session, std::span<const token_id> prompt,
+                             std::span<const hash128> held, const remote_fetch& out) noexcept = 0;
 
-  /// Write-behind of a session's history after a turn: every token, each block's keys
-  /// digest and payload (nullptr: a block this store published before, listed but not
-  /// sent). Copies what it keeps before returning and never waits for the network: ok
-  /// (queued), retry (over its bound on bytes in flight: nothing queued), or an error.
-  virtual errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const hash128> keys,
-                       std::span<const std::byte* const> payloads) noexcept = 0;
+  /// Write-behind of a session's view after a turn: per block, its stored tokens (back
+  /// to back; every block full but the last), what it is and keeps (`blocks`), and its
+  /// payload (nullptr: a block this store published before, listed but not sent). Copies
+  /// what it keeps before returning and never waits for the network: ok (queued), retry
+  /// (over its bound on bytes in flight: nothing queued), or an error.
+  virtual errc publish(const remote_session& session, std::span<const token_id> tokens,
+                       std::span<const remote_block> blocks, std::span<const std::byte* const> payloads) noexcept = 0;
 
   /// The session is gone: what names it in the tier goes too (best effort).
   virtual void drop(const remote_session& session) noexcept = 0;

@@ -54,8 +54,8 @@ void store(std::byte* p, const T& v) noexcept {
 
 // Offsets of the manifest's fixed fields (docs/shared_tier.md).
 constexpr std::size_t off_magic = 0, off_version = 8, off_tpb = 12, off_model = 16, off_session = 32, off_tenant = 48,
-                      off_sequence = 64, off_blocks = 72, off_tokens = 76, off_extra = 80, off_reserved = 84;
-static_assert(off_reserved + 4 == manifest_fixed_bytes);
+                      off_sequence = 64, off_blocks = 72, off_tokens = 76, off_reserved0 = 80, off_reserved1 = 84;
+static_assert(off_reserved1 + 4 == manifest_fixed_bytes);
 static_assert(sizeof(hash128) == 16 && sizeof(token_id) == 4);
 
 }  // namespace
@@ -162,6 +162,10 @@ shared_status build_manifest_blocks(session_manifest& m, const model_id& model,
     manifest_block& b = m.blocks[i];
     b.tokens = std::uint32_t(std::min<std::size_t>(tpb, m.tokens.size() - i * tpb));
     b.keys = keys.empty() ? hash128{} : keys[i];
+    b.previous = previous;
+    b.index = std::uint32_t(i);
+    b.view_first = 0;
+    b.view_count = b.tokens;
     b.chain = chain_hash(previous, model, m.tokens_of(i), b.keys);
     previous = b.chain;
   }
@@ -169,20 +173,78 @@ shared_status build_manifest_blocks(session_manifest& m, const model_id& model,
   return shared_status::ok;
 }
 
+namespace {
+
+/// Computes every block's chain and checks that each block at its saved position continues
+/// the view before it. A manifest can name only blocks of this model holding exactly its
+/// token ids. A block at its saved position was saved after the view before it, and
+/// continues it as a store's save makes it (view_continuation: the block before it while
+/// the view is the history as saved, else the view's digest): a manifest that claims other
+/// context for it is refused. (A block that truncation moved continues its own dropped
+/// predecessor, which no reader can see.)
+bool chain_view(session_manifest& m, const model_id& model) noexcept {
+  const std::uint32_t tpb = m.tokens_per_block;
+  view_continuation view;
+  for (std::size_t i = 0; i < m.blocks.size(); ++i) {
+    manifest_block& b = m.blocks[i];
+    b.chain = chain_hash(b.previous, model, m.tokens_of(i), b.keys);
+    const std::uint64_t saved = std::uint64_t(b.index) * tpb;
+    if (saved == view.position() && !(b.previous == view.previous())) return false;
+    view.add(b.chain, b.previous, saved, b.tokens, b.view_first, b.view_count, tpb);
+  }
+  return true;
+}
+
+}  // namespace
+
+shared_status build_view_blocks(session_manifest& m, const model_id& model,
+                                std::span<const remote_block> blocks) noexcept {
+  const std::uint32_t tpb = m.tokens_per_block;
+  if (tpb == 0 || blocks.empty() || m.tokens.size() != (blocks.size() - 1) * std::size_t(tpb) + blocks.back().tokens)
+    return shared_status::invalid_argument;
+  try {
+    m.blocks.resize(blocks.size());
+  } catch (...) {
+    return shared_status::error;
+  }
+  for (std::size_t i = 0; i < blocks.size(); ++i) static_cast<remote_block&>(m.blocks[i]) = blocks[i];
+  if (check_view(m) != shared_status::ok || !chain_view(m, model)) return shared_status::invalid_argument;
+  m.model = model.value;
+  return shared_status::ok;
+}
+
+shared_status check_view(const session_manifest& m) noexcept {
+  const std::uint64_t tpb = m.tokens_per_block;
+  if (tpb == 0 || m.blocks.empty() || m.tokens.size() != (m.blocks.size() - 1) * tpb + m.blocks.back().tokens)
+    return shared_status::invalid_argument;
+  std::uint64_t position = 0;  // view position of the block's first kept token
+  for (std::size_t i = 0; i < m.blocks.size(); ++i) {
+    const manifest_block& b = m.blocks[i];
+    const bool last = i + 1 == m.blocks.size();
+    if (b.tokens == 0 || b.tokens > tpb || (!last && b.tokens != tpb)) return shared_status::invalid_argument;
+    if (b.view_count == 0 || b.view_first >= b.tokens || b.view_count > b.tokens - b.view_first)
+      return shared_status::invalid_argument;
+    // Only a block saved at position 0 continues nothing.
+    if ((b.index == 0) != b.previous.is_zero()) return shared_status::invalid_argument;
+    // Truncation moves kept tokens back by whole blocks, never forward: the view position
+    // of its first kept token is where that token was saved, or whole blocks before it. A
+    // block not moved is kept from its start (only the block a cut ends in keeps a tail,
+    // and it moves).
+    const std::uint64_t saved = std::uint64_t(b.index) * tpb + b.view_first;
+    if (position > saved || (saved - position) % tpb != 0 || (position == saved && b.view_first != 0))
+      return shared_status::invalid_argument;
+    position += b.view_count;
+  }
+  return shared_status::ok;
+}
+
 std::size_t manifest_record_bytes(const session_manifest& m) noexcept {
   return manifest_fixed_bytes + m.blocks.size() * manifest_block_bytes + m.tokens.size() * sizeof(token_id) +
-         m.extra.size() + manifest_trailer_bytes;
+         manifest_trailer_bytes;
 }
 
 shared_status encode_manifest(const session_manifest& m, std::vector<std::byte>& out) noexcept {
-  const std::uint32_t tpb = m.tokens_per_block;
-  if (tpb == 0 || m.tokens.empty() || m.blocks.size() != (m.tokens.size() + tpb - 1) / tpb ||
-      m.tokens.size() > 0xffffffffull || m.extra.size() > 0xffffffffull)
-    return shared_status::invalid_argument;
-  for (std::size_t i = 0; i < m.blocks.size(); ++i) {
-    const std::size_t want = std::min<std::size_t>(tpb, m.tokens.size() - i * tpb);
-    if (m.blocks[i].tokens != want) return shared_status::invalid_argument;
-  }
+  if (m.tokens.size() > 0xffffffffull || check_view(m) != shared_status::ok) return shared_status::invalid_argument;
   try {
     out.resize(manifest_record_bytes(m));
   } catch (...) {
@@ -191,27 +253,27 @@ shared_status encode_manifest(const session_manifest& m, std::vector<std::byte>&
   std::byte* p = out.data();
   store(p + off_magic, manifest_magic);
   store(p + off_version, manifest_version);
-  store(p + off_tpb, tpb);
+  store(p + off_tpb, m.tokens_per_block);
   store(p + off_model, m.model);
   store(p + off_session, m.session.value);
   store(p + off_tenant, m.tenant);
   store(p + off_sequence, m.sequence);
   store(p + off_blocks, std::uint32_t(m.blocks.size()));
   store(p + off_tokens, std::uint32_t(m.tokens.size()));
-  store(p + off_extra, std::uint32_t(m.extra.size()));
-  store(p + off_reserved, std::uint32_t(0));
+  store(p + off_reserved0, std::uint32_t(0));
+  store(p + off_reserved1, std::uint32_t(0));
   std::byte* q = p + manifest_fixed_bytes;
-  for (const manifest_block& b : m.blocks) {
-    store(q, b.chain);
+  for (const manifest_block& b : m.blocks) {  // the chain is not stored: readers compute it
+    store(q, b.previous);
     store(q + 16, b.keys);
     store(q + 32, b.tokens);
-    store(q + 36, std::uint32_t(0));
+    store(q + 36, b.index);
+    store(q + 40, b.view_first);
+    store(q + 44, b.view_count);
     q += manifest_block_bytes;
   }
   std::memcpy(q, m.tokens.data(), m.tokens.size() * sizeof(token_id));
   q += m.tokens.size() * sizeof(token_id);
-  if (!m.extra.empty()) std::memcpy(q, m.extra.data(), m.extra.size());
-  q += m.extra.size();
   store(q, checksum64(p, std::size_t(q - p)));
   return shared_status::ok;
 }
@@ -221,7 +283,6 @@ shared_status decode_manifest(std::span<const std::byte> value, const manifest_e
   auto fail = [&] {
     out.blocks.clear();
     out.tokens.clear();
-    out.extra.clear();
     out.sequence = 0;
     return shared_status::verify_failed;
   };
@@ -233,14 +294,13 @@ shared_status decode_manifest(std::span<const std::byte> value, const manifest_e
   const std::uint32_t tpb = load<std::uint32_t>(p + off_tpb);
   const std::uint64_t blocks = load<std::uint32_t>(p + off_blocks);
   const std::uint64_t tokens = load<std::uint32_t>(p + off_tokens);
-  const std::uint64_t extra = load<std::uint32_t>(p + off_extra);
   if (tpb == 0 || tpb != expect.tokens_per_block || tokens == 0 || tokens > expect.limits.max_tokens ||
-      extra > expect.limits.max_extra_bytes || blocks != (tokens + tpb - 1) / tpb ||
-      load<std::uint32_t>(p + off_reserved) != 0)
+      blocks != (tokens + tpb - 1) / tpb || load<std::uint32_t>(p + off_reserved0) != 0 ||
+      load<std::uint32_t>(p + off_reserved1) != 0)
     return fail();
   // Counts are bounded above, so this cannot overflow.
   const std::uint64_t want =
-      manifest_fixed_bytes + blocks * manifest_block_bytes + tokens * sizeof(token_id) + extra + manifest_trailer_bytes;
+      manifest_fixed_bytes + blocks * manifest_block_bytes + tokens * sizeof(token_id) + manifest_trailer_bytes;
   if (want != size) return fail();
   if (checksum64(p, size - manifest_trailer_bytes) != load<std::uint64_t>(p + size - manifest_trailer_bytes))
     return fail();
@@ -251,7 +311,6 @@ shared_status decode_manifest(std::span<const std::byte> value, const manifest_e
   try {
     out.blocks.resize(blocks);
     out.tokens.resize(tokens);
-    out.extra.resize(extra);
   } catch (...) {
     fail();
     return shared_status::error;
@@ -263,20 +322,18 @@ shared_status decode_manifest(std::span<const std::byte> value, const manifest_e
   out.sequence = load<std::uint64_t>(p + off_sequence);
   const std::byte* ids = p + manifest_fixed_bytes + blocks * manifest_block_bytes;
   std::memcpy(out.tokens.data(), ids, tokens * sizeof(token_id));
-  if (extra) std::memcpy(out.extra.data(), ids + tokens * sizeof(token_id), extra);
-  hash128 previous{};
   for (std::size_t i = 0; i < blocks; ++i) {
     const std::byte* e = p + manifest_fixed_bytes + i * manifest_block_bytes;
     manifest_block& b = out.blocks[i];
-    b.chain = load<hash128>(e);
+    b.previous = load<hash128>(e);
     b.keys = load<hash128>(e + 16);
     b.tokens = load<std::uint32_t>(e + 32);
-    const std::uint64_t full = std::min<std::uint64_t>(tpb, tokens - std::uint64_t(i) * tpb);
-    if (b.tokens != full || load<std::uint32_t>(e + 36) != 0) return fail();
-    // A manifest can name only blocks of this model holding exactly its token ids.
-    if (!(chain_hash(previous, expect.model, out.tokens_of(i), b.keys) == b.chain)) return fail();
-    previous = b.chain;
+    b.index = load<std::uint32_t>(e + 36);
+    b.view_first = load<std::uint32_t>(e + 40);
+    b.view_count = load<std::uint32_t>(e + 44);
   }
+  if (check_view(out) != shared_status::ok) return fail();
+  if (!chain_view(out, expect.model)) return fail();
   return shared_status::ok;
 }
 

@@ -43,12 +43,10 @@ const shared_tier_config& validated(const shared_tier_config& c) {
     bad_config("manifest_retries", std::to_string(c.manifest_retries) + " is outside [0, 16]");
   if (c.limits.max_tokens < 1 || c.limits.max_tokens > (std::size_t(1) << 28))
     bad_config("limits.max_tokens", std::to_string(c.limits.max_tokens) + " is outside [1, 268435456]");
-  if (c.limits.max_extra_bytes > (std::size_t(1) << 24))
-    bad_config("limits.max_extra_bytes", std::to_string(c.limits.max_extra_bytes) + " is outside [0, 16777216]");
   const std::size_t largest_manifest =
       manifest_fixed_bytes +
       (c.limits.max_tokens + c.tokens_per_block - 1) / c.tokens_per_block * manifest_block_bytes +
-      c.limits.max_tokens * sizeof(token_id) + c.limits.max_extra_bytes + manifest_trailer_bytes;
+      c.limits.max_tokens * sizeof(token_id) + manifest_trailer_bytes;
   if (largest_manifest > c.cluster.max_value_bytes)
     bad_config("limits", "allow manifests of " + std::to_string(largest_manifest) +
                              " bytes, more than cluster.max_value_bytes (" + std::to_string(c.cluster.max_value_bytes) +

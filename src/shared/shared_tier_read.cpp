@@ -13,7 +13,6 @@ shared_status shared_tier::fetch_manifest(const shared_session& session, session
   impl& m = *impl_;
   out.blocks.clear();
   out.tokens.clear();
-  out.extra.clear();
   out.sequence = 0;
   const record_key key = manifest_key(m.cfg.model.value, session.session);
   const redis_get_result got = m.reader.get(key.view());
@@ -85,14 +84,11 @@ fetch_result shared_tier::fetch_blocks(std::span<const block_ref> refs, std::spa
     auto heads = std::make_unique_for_overwrite<std::byte[]>(per_batch * hb);
     for (std::size_t base = 0; base < refs.size(); base += m.blocks_per_batch) {
       const std::size_t n = std::min(m.blocks_per_batch, refs.size() - base);
-      // The caller's refs must describe one prefix: checked before any network time.
+      // The caller's refs must be blocks of a view: checked before any network time. (Each
+      // block's chain is checked against its own previous chain when it arrives.)
       for (std::size_t i = base; i < base + n; ++i) {
         const block_ref& r = refs[i];
-        // refs[0]: block 0, or a later block continuing a prefix the caller holds (its
-        // previous chain is the caller's; the chain recomputed from it must match).
-        const bool continues = i == 0 ? r.index > 0 || r.previous.is_zero()
-                                      : r.index == refs[i - 1].index + 1 && r.previous == refs[i - 1].chain;
-        if (!continues || r.tokens.empty() || r.tokens.size() > m.cfg.tokens_per_block || !out[i] ||
+        if (r.tokens.empty() || r.tokens.size() > m.cfg.tokens_per_block || !out[i] ||
             (i + 1 < refs.size() && r.tokens.size() != m.cfg.tokens_per_block)) {
           end_at(i, shared_status::invalid_argument);
           return res;

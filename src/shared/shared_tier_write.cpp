@@ -48,11 +48,11 @@ void shared_tier::impl::give_back(std::vector<std::unique_ptr<std::byte[]>>& rec
 shared_status shared_tier::publish(const shared_session& session, const publish_request& req) noexcept {
   impl& m = *impl_;
   const std::uint32_t tpb = m.cfg.tokens_per_block;
-  if (req.sequence == 0 || req.tokens.empty() || req.tokens.size() > m.cfg.limits.max_tokens ||
-      req.extra.size() > m.cfg.limits.max_extra_bytes)
+  if (req.sequence == 0 || req.tokens.empty() || req.tokens.size() > m.cfg.limits.max_tokens)
     return shared_status::invalid_argument;
   const std::size_t count = (req.tokens.size() + tpb - 1) / tpb;
-  if (req.payloads.size() != count || (!req.keys.empty() && req.keys.size() != count))
+  if (req.payloads.size() != count || (!req.keys.empty() && req.keys.size() != count) ||
+      (!req.blocks.empty() && (req.blocks.size() != count || !req.keys.empty())))
     return shared_status::invalid_argument;
   {
     std::lock_guard<std::mutex> l(m.mu);
@@ -61,7 +61,7 @@ shared_status shared_tier::publish(const shared_session& session, const publish_
   const std::size_t uploads =
       std::size_t(std::count_if(req.payloads.begin(), req.payloads.end(), [](const std::byte* p) { return p; }));
   const std::size_t manifest_bytes = manifest_fixed_bytes + count * manifest_block_bytes +
-                                     req.tokens.size() * sizeof(token_id) + req.extra.size() + manifest_trailer_bytes;
+                                     req.tokens.size() * sizeof(token_id) + manifest_trailer_bytes;
   const std::size_t bytes = uploads * m.shape.record_bytes() + manifest_bytes;
   if (!m.reserve(bytes)) {
     detail::bump(m.st.publishes_refused);
@@ -77,8 +77,8 @@ shared_status shared_tier::publish(const shared_session& session, const publish_
     man.tokens_per_block = tpb;
     man.sequence = req.sequence;
     man.tokens.assign(req.tokens.begin(), req.tokens.end());
-    man.extra.assign(req.extra.begin(), req.extra.end());
-    shared_status s = build_manifest_blocks(man, m.cfg.model, req.keys);
+    shared_status s = req.blocks.empty() ? build_manifest_blocks(man, m.cfg.model, req.keys)
+                                         : build_view_blocks(man, m.cfg.model, req.blocks);
     if (s == shared_status::ok) s = encode_manifest(man, job->manifest_record);
     if (s != shared_status::ok) {
       m.release(bytes);
@@ -91,7 +91,7 @@ shared_status shared_tier::publish(const shared_session& session, const publish_
       std::unique_ptr<std::byte[]> rec = m.take_record();
       const std::uint64_t cs =
           copy_with_checksum(rec.get() + m.shape.header_bytes(), req.payloads[i], m.shape.block_bytes);
-      write_block_header(rec.get(), m.shape, m.cfg.model, std::uint32_t(i), man.blocks[i].chain, man.blocks[i].keys,
+      write_block_header(rec.get(), m.shape, m.cfg.model, man.blocks[i].index, man.blocks[i].chain, man.blocks[i].keys,
                          man.tokens_of(i), cs);
       job->upload.push_back(std::uint32_t(i));
       job->records.push_back(std::move(rec));

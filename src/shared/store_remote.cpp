@@ -18,49 +18,69 @@ remote_session store_remote::identify(const session_key& key) const noexcept {
   return {s.session, s.tenant};
 }
 
-std::uint32_t store_remote::fetch(const remote_session& session, std::span<const token_id> prompt,
-                                  std::uint32_t first_block, const remote_fetch& out) noexcept {
+remote_found store_remote::fetch(const remote_session& session, std::span<const token_id> prompt,
+                                 std::span<const hash128> held, const remote_fetch& out) noexcept {
   const std::uint32_t tpb = tier_->config().tokens_per_block;
-  const std::size_t room = std::min(
-      {out.payloads.size(), out.token_counts.size(), out.keys.size(), out.checksums.size(), out.tokens.size() / tpb});
-  if (room == 0) return 0;
+  const std::size_t room =
+      std::min({out.payloads.size(), out.blocks.size(), out.checksums.size(), out.tokens.size() / tpb});
+  remote_found found;
+  if (room == 0) return found;
   try {  // the vectors below grow once per fetch (a network round trip), never per layer
     session_manifest m;
-    if (tier_->fetch_manifest({session.session, session.tenant}, m) != shared_status::ok) return 0;
-    // The history's blocks the prompt starts with (every block, when there is no prompt).
-    std::size_t end = 0, pos = 0;
-    for (; end < m.blocks.size() && end < first_block + room; ++end) {
-      const auto t = m.tokens_of(end);
-      if (!prompt.empty() &&
-          (pos + t.size() > prompt.size() || !std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))))
-        break;
+    if (tier_->fetch_manifest({session.session, session.tenant}, m) != shared_status::ok) return found;
+    // The view's blocks whose kept tokens the prompt starts with (every block, when there is
+    // no prompt), and the one it leaves inside (the KV of its tokens before the first
+    // difference is valid); the leading ones that are the caller's own blocks are not read
+    // again.
+    std::size_t end = 0, pos = 0, first = 0;
+    bool same = true;
+    for (; end < m.blocks.size(); ++end) {
+      const manifest_block& b = m.blocks[end];
+      const auto t = m.view_tokens_of(end);
+      std::size_t matched = t.size();
+      if (!prompt.empty()) {
+        const std::size_t limit = std::min(t.size(), prompt.size() - std::min(pos, prompt.size()));
+        matched = 0;
+        while (matched < limit && t[matched] == prompt[pos + matched]) ++matched;
+        if (matched == 0) break;
+      }
+      same = same && matched == t.size() && end < held.size() && b.chain == held[end] && b.index == end &&
+             b.view_first == 0 && b.view_count == tpb;
+      if (same) first = end + 1;
+      if (end >= first + room) break;
       pos += t.size();
+      if (matched < t.size()) {
+        ++end;
+        break;
+      }
     }
-    if (end <= first_block) return 0;
-    const std::size_t n = end - first_block;
+    if (end <= first) return found;
+    const std::size_t n = end - first;
     std::vector<block_ref> refs(n);
     std::vector<shared_status> status(n);
-    for (std::size_t i = 0; i < n; ++i) refs[i] = m.ref(first_block + i);
+    for (std::size_t i = 0; i < n; ++i) refs[i] = m.ref(first + i);
     // The checksums are the ones the tier verified each payload against where it landed.
     const fetch_result r = tier_->fetch_blocks(refs, out.payloads.first(n), status, out.checksums.first(n));
     for (std::uint32_t i = 0; i < r.prefix; ++i) {
-      const auto t = m.tokens_of(first_block + i);
+      const manifest_block& b = m.blocks[first + i];
+      const auto t = m.tokens_of(first + i);
       std::copy(t.begin(), t.end(), out.tokens.begin() + std::ptrdiff_t(std::size_t(i) * tpb));
-      out.token_counts[i] = std::uint32_t(t.size());
-      out.keys[i] = m.blocks[first_block + i].keys;
+      out.blocks[i] = b;  // what it is and keeps; the chain is the caller's to compute
     }
-    return r.prefix;
+    found.first = std::uint32_t(first);
+    found.blocks = r.prefix;
+    return found;
   } catch (...) {
-    return 0;  // no memory for the manifest: a miss
+    return {};  // no memory for the manifest: a miss
   }
 }
 
 errc store_remote::publish(const remote_session& session, std::span<const token_id> tokens,
-                           std::span<const hash128> keys, std::span<const std::byte* const> payloads) noexcept {
+                           std::span<const remote_block> blocks, std::span<const std::byte* const> payloads) noexcept {
   publish_request req;
   req.sequence = next_manifest_sequence(0);  // the wall clock: a later turn on any node orders after
   req.tokens = tokens;
-  req.keys = keys;
+  req.blocks = blocks;
   req.payloads = payloads;
   const shared_status s = tier_->publish({session.session, session.tenant}, req);
   return s == shared_status::ok ? errc::ok : s == shared_status::busy ? errc::retry : to_errc(s);

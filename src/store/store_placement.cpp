@@ -328,10 +328,25 @@ errc store::impl::truncate(const session_key& key, std::span<const token_id> his
   const std::uint32_t tpb = geometry_.tokens_per_block;
   if (!plan.needed || plan.drop == 0 || plan.drop % tpb || plan.sink + plan.drop > plan.history)
     return errc::invalid_argument;
-  locked_session s = index_->open(session_of(key), false);
+  if (history.size() < plan.history) return errc::invalid_argument;
+  const session_hash h = session_of(key);
+  locked_session s = index_->open(h, false);
+  // Held nowhere here, or behind the remote tier (its last turns ran on other nodes): the
+  // view to cut comes from the tier first, so a turn that overflows the context window on
+  // any node keeps its saved KV. (Without the request's keys: a keyed view is taken whole,
+  // and its keys are checked when the load comes.)
+  if (config_.remote && (!s || s.token_count() != plan.history)) {
+    const std::uint32_t most = geometry_.blocks_for(plan.history) + 8;
+    if (!s) {
+      s = open_for_load(key, h, {}, {}, most);
+    } else if (s.pins() == 0) {
+      remember_remote(s, key);
+      (void)fill_from_remote_locked(s, history.first(plan.history), {}, most);
+    }
+  }
   if (!s) return errc::not_found;
   if (s.pins() > 0) return errc::rejected;
-  if (s.token_count() != plan.history || history.size() < plan.history) return errc::invalid_argument;
+  if (s.token_count() != plan.history) return errc::invalid_argument;
   // The view must be `history` (token by token) before any of it is cut.
   {
     std::uint64_t pos = 0;

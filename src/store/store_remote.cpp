@@ -12,96 +12,116 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
                                                    bool may_demote) noexcept {
   if (!config_.remote) return 0;  // (remote_ids_ is empty then)
   const remote_session& id = remote_ids_[s.record_id()];
-  if (id.session.value.is_zero() || s.truncated()) return 0;
-  // A session held here may be behind the tier (its last turns ran on other nodes): the
-  // whole blocks of the prompt it holds stay, what follows them is asked for.
+  if (id.session.value.is_zero()) return 0;
+  // A session held here may be behind the tier (its last turns ran on other nodes). The
+  // tier is told the chains of the whole blocks of the prompt it holds as they were saved;
+  // its answer starts after those of them its view has too, and replaces what this store
+  // holds from there when it covers more of the prompt. Allocations here are per fetch (a
+  // network round trip), never per layer.
   const std::uint32_t tpb = geometry_.tokens_per_block;
-  std::uint32_t have = 0;
-  hash128 prev{};
+  std::vector<hash128> held;
+  std::uint64_t matched = 0;
   if (s.block_count() > 0) {
     if (s.pins() > 0) return 0;  // a load or save is using its blocks now
-    std::uint64_t held = 0;
-    bool whole = true;
-    held = index_->match_prompt(
+    view_continuation view;
+    matched = index_->match_prompt(
         s, model_, prompt,
         [&](const block_match& bm) {
-          if (whole && bm.whole && s.meta(bm.block).tokens == tpb) {
-            ++have;
-            prev = s.meta(bm.block).chain;
-          } else {
-            whole = false;
-          }
+          const block_meta& m = s.meta(bm.block);
+          continue_view(view, m, tpb);
+          if (view.straight() && bm.whole && m.tokens == tpb && held.size() == bm.index) held.push_back(m.chain);
           return true;
         },
         keys);
-    if (held >= prompt.size()) return 0;  // it holds the whole prompt
+    if (matched >= prompt.size()) return 0;  // it holds the whole prompt
   }
   const bool whole_history = prompt.empty();
-  const std::uint32_t total = whole_history ? max_blocks : std::min(max_blocks, geometry_.blocks_for(prompt.size()));
-  if (total <= have) return 0;
-  const std::uint32_t want = total - have;
-  // Allocations here are per fetch (a network round trip), never per layer. DRAM is taken
-  // from what is free before the tier says what it has; only when none is free are others
-  // demoted, for a few blocks.
+  // A truncated view may have a few more blocks than its tokens fill (each cut can leave
+  // a partial block at either side of it).
+  const std::uint32_t total =
+      whole_history ? max_blocks : std::min<std::uint32_t>(max_blocks, geometry_.blocks_for(prompt.size()) + 8);
+  if (total == 0) return 0;
+  const std::uint32_t want = total;
+  // DRAM is taken from what is free before the tier says what it has; only when none is
+  // free are others demoted, for a few blocks.
   std::vector<std::uint32_t> slots;
   std::vector<std::byte*> payloads;
   slots.reserve(want);
   for (std::uint32_t i = 0; i < want; ++i) {
     std::uint32_t slot = dram_->allocate();
-    if (slot == no_slot && may_demote && slots.size() < std::min<std::uint32_t>(want, 16)) slot = alloc_dram(s, have);
+    if (slot == no_slot && may_demote && slots.size() < std::min<std::uint32_t>(want, 16))
+      slot = alloc_dram(s, std::uint32_t(held.size()));
     if (slot == no_slot) break;
     slots.push_back(slot);
     payloads.push_back(dram_payload(slot));
   }
   const std::size_t room = slots.size();
   std::vector<token_id> tokens(room * tpb);
-  std::vector<std::uint32_t> counts(room);
-  std::vector<hash128> digests(room);
+  std::vector<remote_block> blocks(room);
   std::vector<std::uint64_t> checksums(room);
   detail::bump(counters_->remote_fetches);
-  const std::uint32_t got =
-      room ? std::min<std::uint32_t>(
-                 std::uint32_t(room),
-                 config_.remote->fetch(id, prompt, have, {payloads, tokens, counts, digests, checksums}))
-           : 0;
-  // What came back is checked again against this request: token ids that continue the
-  // prompt (whole blocks but a last partial one) and its own keys digests. The payloads
-  // were verified by the tier against their records (remote_tier::fetch's contract);
-  // their checksums come back with them, so no second pass over the bytes here.
+  remote_found found{};
+  if (room) found = config_.remote->fetch(id, prompt, held, {payloads, tokens, blocks, checksums});
+  const std::uint32_t first = std::min<std::uint32_t>(found.first, std::uint32_t(held.size()));
+  const std::uint32_t got = found.first <= held.size() ? std::min<std::uint32_t>(std::uint32_t(room), found.blocks) : 0;
+  // What came back is checked again against this request: kept token ids that continue
+  // the prompt (the last block's at least in part), at most one partial block (the last),
+  // kept ranges inside their blocks, nothing moved forward, and the request's own keys
+  // digests at the view's positions.
+  // The payloads were verified by the tier against their records (remote_tier::fetch's
+  // contract); their checksums come back with them, so no second pass over the bytes.
   std::uint32_t keep = 0;
-  std::uint64_t pos = std::uint64_t(have) * tpb;
+  const std::uint64_t start = std::uint64_t(first) * tpb;
+  std::uint64_t pos = start, reach = start;
   for (; keep < got; ++keep) {
-    const std::uint32_t n = counts[keep];
-    if (n == 0 || n > tpb) break;
+    const remote_block& r = blocks[keep];
+    if (r.tokens == 0 || r.tokens > tpb || r.view_count == 0 || r.view_first >= r.tokens ||
+        r.view_count > r.tokens - r.view_first || pos > std::uint64_t(r.index) * tpb + r.view_first ||
+        (r.index == 0) != r.previous.is_zero())
+      break;
+    std::uint32_t same = r.view_count;  // kept tokens that are the prompt's
     if (!whole_history) {
-      if (pos + n > prompt.size()) break;
-      const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb, n);
-      if (!std::equal(t.begin(), t.end(), prompt.begin() + std::ptrdiff_t(pos))) break;
-      if (!(digests[keep] == (keys.empty() ? hash128{} : block_keys(keys, pos, n)))) break;
+      const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb + r.view_first, r.view_count);
+      const std::size_t limit = std::min<std::size_t>(r.view_count, prompt.size() - std::min(pos, prompt.size()));
+      same = 0;
+      while (same < limit && t[same] == prompt[pos + same]) ++same;
+      const hash128 digest =
+          keys.empty() ? hash128{} : detail::block_keys_at(keys, std::int64_t(pos) - r.view_first, r.tokens);
+      if (same == 0 || !(r.keys == digest)) break;
     }
-    pos += n;
-    if (n < tpb) {
-      ++keep;  // a partial block ends the history
+    reach = pos + same;
+    pos += r.view_count;
+    // A partial block ends the view; a block the prompt leaves inside ends what is reused.
+    if (r.tokens < tpb || same < r.view_count) {
+      ++keep;
       break;
     }
   }
+  // Worth taking only when it covers more of the prompt than what this store holds.
+  if (!whole_history && reach <= matched) keep = 0;
   std::uint32_t head = no_slot, tail = no_slot, made = 0;
   const std::uint64_t put_id = keep ? sequence_.fetch_add(keep, std::memory_order_relaxed) : 0;
+  pos = start;
   for (; made < keep; ++made) {
-    const std::uint32_t b =
-        s.new_block(std::span<const token_id>(tokens).subspan(std::size_t(made) * tpb, counts[made]));
+    const remote_block& r = blocks[made];
+    const std::uint32_t b = s.new_block(std::span<const token_id>(tokens).subspan(std::size_t(made) * tpb, r.tokens));
     if (b == no_slot) break;
     block_meta& m = s.meta(b);
-    m.keys = digests[made];
-    m.chain = prev = chain_hash(prev, model_, s.tokens_of(b), m.keys);
+    m.keys = r.keys;
+    m.previous = r.previous;
+    m.chain = chain_hash(r.previous, model_, s.tokens_of(b), m.keys);
     m.checksum = checksums[made];
-    m.saved_pos = std::uint64_t(have + made) * tpb;
+    m.saved_pos = std::uint64_t(r.index) * tpb;
+    m.view_first = r.view_first;
+    m.view_count = r.view_count;
+    m.shift = std::int64_t(pos) - std::int64_t(r.view_first) - std::int64_t(m.saved_pos);
     m.dram_slot = slots[made];
-    m.sequence = put_id + made;  // numbered as one put of blocks [have, have + made)
-    m.put_first_block = have;
+    m.sequence = put_id + made;  // numbered as one put of blocks [first, first + made)
+    m.put_first_block = first;
     m.put_blocks = keep;
     m.published = true;
     s.append(head, tail, b);
+    pos += r.view_count;
   }
   for (std::size_t i = made; i < room; ++i) free_dram(slots[i]);
   if (made == 0) {
@@ -110,7 +130,11 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   }
   // The fetched blocks replace whatever this store held after the blocks it kept.
   const session_hash owner = s.key();
-  release_chain(s.publish(have, head, made), false, nullptr, &owner);
+  release_chain(s.publish(first, head, made), false, nullptr, &owner);
+  // A view that is not the history as saved is matched token by token (truncate.hpp).
+  view_continuation view;
+  for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) continue_view(view, s.meta(b), tpb);
+  s.set_truncated(!view.straight());
   if (sharing_) {
     const hash128 tenant = tenant_hash_of(s.record_id());
     for (std::uint32_t b = head; b != no_slot; b = s.meta(b).next) offer_copy(s.meta(b), tenant, tier::dram);
@@ -124,8 +148,7 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
 void store::impl::publish_remote_locked(locked_session& s) noexcept {
   if (!config_.remote) return;  // (remote_ids_ is empty then)
   const remote_session& id = remote_ids_[s.record_id()];
-  // A truncated view is not a prefix of positions a manifest can list: not published.
-  if (s.truncated() || s.block_count() == 0 || id.session.value.is_zero()) return;
+  if (s.block_count() == 0 || id.session.value.is_zero()) return;
   // A session unlikely to return is not worth the network and the tier's space; it is
   // published later if its user is seen typing (run_remote_job). Marked declined before
   // the policy is asked: a hint that races this save then always finds it to re-ask.
@@ -154,23 +177,24 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
     resend = true;
   }
   std::vector<token_id> tokens;
-  std::vector<hash128> keys;
+  std::vector<remote_block> blocks;
   std::vector<const std::byte*> payloads;
-  tokens.reserve(s.token_count());
-  keys.reserve(s.block_count());
+  tokens.reserve(std::size_t(s.block_count()) * geometry_.tokens_per_block);
+  blocks.reserve(s.block_count());
   payloads.reserve(s.block_count());
   // Up to the first block that is neither in DRAM nor published (only on SSD: not read
   // back for this), and at most one partial block, the last.
   const auto collect = [&](bool all_in_dram) {
     tokens.clear();
-    keys.clear();
+    blocks.clear();
     payloads.clear();
     for (std::uint32_t b = s.first_block(); b != no_slot; b = s.meta(b).next) {
       const block_meta& m = s.meta(b);
       if (!m.published && m.dram_slot == no_slot) break;
       const auto t = s.tokens_of(b);
       tokens.insert(tokens.end(), t.begin(), t.end());
-      keys.push_back(m.keys);
+      blocks.push_back(remote_block{m.previous, m.keys, std::uint32_t(m.saved_pos / geometry_.tokens_per_block),
+                                    m.tokens, m.view_first, m.view_count});
       const bool send = m.dram_slot != no_slot && (all_in_dram || !m.published);
       payloads.push_back(send ? dram_payload(m.dram_slot) : nullptr);
       if (m.tokens < geometry_.tokens_per_block) break;
@@ -178,11 +202,11 @@ void store::impl::publish_remote_locked(locked_session& s) noexcept {
   };
   collect(resend);
   if (payloads.empty()) return;
-  errc e = config_.remote->publish(id, tokens, keys, payloads);
+  errc e = config_.remote->publish(id, tokens, blocks, payloads);
   if (e != errc::ok && resend) {  // all of it is over the tier's bound: the new blocks at least
     resend = false;
     collect(false);
-    e = config_.remote->publish(id, tokens, keys, payloads);
+    e = config_.remote->publish(id, tokens, blocks, payloads);
   }
   if (e != errc::ok) {
     detail::bump(counters_->remote_publishes_skipped);  // over the tier's bound, or failing: local tiers only

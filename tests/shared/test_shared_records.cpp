@@ -74,7 +74,6 @@ session_manifest make_manifest(const model_id& m, std::size_t tokens, std::uint3
   man.tokens_per_block = shape.tokens_per_block;
   man.sequence = 42 + seed;
   man.tokens = make_tokens(tokens, seed);
-  man.extra = {std::byte{1}, std::byte{2}, std::byte{3}};
   REQUIRE(build_manifest_blocks(man, m, {}) == shared_status::ok);
   return man;
 }
@@ -221,7 +220,6 @@ TEST_CASE("a manifest round-trips and names only its own session, tenant and mod
   REQUIRE(decode_manifest(rec, expect_of(man, model_a), got) == shared_status::ok);
   CHECK(got.sequence == man.sequence);
   CHECK(got.tokens == man.tokens);
-  CHECK(got.extra == man.extra);
   REQUIRE(got.blocks.size() == man.blocks.size());
   for (std::size_t i = 0; i < got.blocks.size(); ++i) {
     CHECK(got.blocks[i].chain == man.blocks[i].chain);
@@ -274,9 +272,9 @@ TEST_CASE("a manifest round-trips and names only its own session, tenant and mod
     std::vector<std::byte> f;
     REQUIRE(encode_manifest(forged, f) == shared_status::ok);
     CHECK(fails(f, e));
-    // A chain that does not continue: block 3's chain from another history.
+    // A chain that does not continue: block 3 after block 2 of another history.
     forged = man;
-    forged.blocks[3].chain = make_manifest(model_a, 16 * 5 + 7, 2).blocks[3].chain;
+    forged.blocks[3].previous = make_manifest(model_a, 16 * 5 + 7, 2).blocks[2].chain;
     REQUIRE(encode_manifest(forged, f) == shared_status::ok);
     CHECK(fails(f, e));
     // Keys digests changed without the chains: they no longer hash.
@@ -312,6 +310,117 @@ TEST_CASE("a manifest round-trips and names only its own session, tenant and mod
     CHECK(back.blocks[2].keys == keys[2]);
     CHECK(build_manifest_blocks(k, model_a, std::span(keys).first(2)) == shared_status::invalid_argument);
   }
+}
+
+// A truncated view (truncate.hpp): 6 blocks of 16 tokens, cut after a sink of 5 tokens by
+// 2 blocks, then 2 blocks saved after the view (the last partial). What the store publishes.
+struct truncated_view {
+  session_manifest man;
+  std::vector<remote_block> blocks;
+  explicit truncated_view(const model_id& m) {
+    man.session = session_hash{{91, 92}};
+    man.tenant = hash128{93, 94};
+    man.tokens_per_block = 16;
+    man.sequence = 7;
+    const auto hist = make_tokens(6 * 16, 21);
+    std::vector<hash128> chain(6);
+    hash128 prev{};
+    for (std::uint32_t i = 0; i < 6; ++i) prev = chain[i] = chain_hash(prev, m, std::span(hist).subspan(i * 16, 16));
+    auto add = [&](std::span<const token_id> t, const hash128& previous, std::uint32_t index, std::uint32_t first,
+                   std::uint32_t count) {
+      man.tokens.insert(man.tokens.end(), t.begin(), t.end());
+      blocks.push_back(remote_block{previous, {}, index, std::uint32_t(t.size()), first, count});
+    };
+    add(std::span(hist).first(16), {}, 0, 0, 5);               // the sink: block 0's first 5 tokens
+    add(std::span(hist).subspan(32, 16), chain[1], 2, 5, 11);  // block 2 from its token 5 (view 5..15)
+    for (std::uint32_t i = 3; i < 6; ++i) add(std::span(hist).subspan(i * 16, 16), chain[i - 1], i, 0, 16);
+    // Saved after the view (at view positions 64 and 80: blocks 4 and 5 again), continuing
+    // its digest.
+    const auto more = make_tokens(20, 22);
+    hash128 digest{};
+    const std::uint32_t kept[][3] = {{0, 0, 5}, {2, 5, 11}, {3, 0, 16}, {4, 0, 16}, {5, 0, 16}};
+    for (const auto& k : kept) digest = view_link(digest, chain[k[0]], k[0], k[1], k[2]);
+    add(std::span(more).first(16), digest, 4, 0, 16);
+    const hash128 next = view_link(digest, chain_hash(digest, m, std::span(more).first(16)), 4, 0, 16);
+    add(std::span(more).subspan(16, 4), next, 5, 0, 4);
+    REQUIRE(build_view_blocks(man, m, blocks) == shared_status::ok);
+  }
+};
+
+TEST_CASE("a truncated view's manifest round-trips; hostile view metadata is verify_failed", "[records]") {
+  const truncated_view tv(model_a);
+  const session_manifest& man = tv.man;
+  std::vector<std::byte> rec;
+  REQUIRE(encode_manifest(man, rec) == shared_status::ok);
+  CHECK(rec.size() == manifest_record_bytes(man));
+  const manifest_expectation e{model_a, man.session, man.tenant, 16, {}};
+  session_manifest got;
+  REQUIRE(decode_manifest(rec, e, got) == shared_status::ok);
+  REQUIRE(got.blocks.size() == 7);
+  for (std::size_t i = 0; i < 7; ++i) {
+    INFO("block " << i);
+    CHECK(got.blocks[i].chain == man.blocks[i].chain);
+    CHECK(got.ref(i).previous == tv.blocks[i].previous);
+    CHECK(got.ref(i).index == tv.blocks[i].index);
+    CHECK(got.blocks[i].view_first == tv.blocks[i].view_first);
+    CHECK(got.blocks[i].view_count == tv.blocks[i].view_count);
+  }
+  CHECK(got.view_tokens_of(1).size() == 11);
+  CHECK(got.view_tokens_of(1)[0] == man.tokens[16 + 5]);
+
+  // An entry's field set to a hostile value, the record's checksum made right again: only
+  // the view's own checks stand between it and a load at wrong positions.
+  auto patched = [&](std::size_t block, std::size_t offset, std::uint32_t value) {
+    auto v = rec;
+    std::memcpy(v.data() + manifest_fixed_bytes + block * manifest_block_bytes + offset, &value, 4);
+    const std::uint64_t cs = checksum64(v.data(), v.size() - manifest_trailer_bytes);
+    std::memcpy(v.data() + v.size() - manifest_trailer_bytes, &cs, 8);
+    return v;
+  };
+  auto fails = [&](const std::vector<std::byte>& v) {
+    session_manifest m = got;
+    return decode_manifest(v, e, m) == shared_status::verify_failed && m.blocks.empty();
+  };
+  constexpr std::size_t tokens_at = 32, index_at = 36, first_at = 40, count_at = 44;
+  CHECK(fails(patched(1, first_at, 16)));           // a kept range that starts past the block
+  CHECK(fails(patched(1, count_at, 0)));            // nothing kept
+  CHECK(fails(patched(1, count_at, 12)));           // a kept range that ends past the block
+  CHECK(fails(patched(1, first_at, 0xffffffffu)));  // wraps around
+  CHECK(fails(patched(2, index_at, 0)));            // block 0 (after nothing) with a previous chain
+  CHECK(fails(patched(3, index_at, 1)));            // moved forward: view position 32, saved at 16
+  CHECK(fails(patched(2, index_at, 1)));            // not moved, but not after the view before it
+  CHECK(fails(patched(0, count_at, 4)));            // then block 2 would move by 33 tokens: not whole blocks
+  CHECK(fails(patched(1, first_at, 4)));            // a kept tail that moved by 31 tokens
+  CHECK(fails(patched(3, tokens_at, 15)));          // a partial block before the last
+  CHECK(fails(patched(6, tokens_at, 17)));          // more tokens than a block holds
+  // A block said to be saved at 0 but continuing something, or the reverse.
+  {
+    auto v = rec;
+    std::memset(v.data() + manifest_fixed_bytes + 0, 1, 1);  // block 0's previous not zero
+    const std::uint64_t cs = checksum64(v.data(), v.size() - manifest_trailer_bytes);
+    std::memcpy(v.data() + v.size() - manifest_trailer_bytes, &cs, 8);
+    CHECK(fails(v));
+  }
+  // A block saved after the view that claims to continue anything but the view's digest
+  // (here: the chain of the block before it, as if the view were untruncated).
+  {
+    auto v = rec;
+    std::memcpy(v.data() + manifest_fixed_bytes + 5 * manifest_block_bytes, &man.blocks[4].chain, 16);
+    const std::uint64_t cs = checksum64(v.data(), v.size() - manifest_trailer_bytes);
+    std::memcpy(v.data() + v.size() - manifest_trailer_bytes, &cs, 8);
+    CHECK(fails(v));
+  }
+  // The writer's side refuses the same views before anything is queued.
+  session_manifest m = man;
+  auto blocks = tv.blocks;
+  blocks[1].view_first = 4;
+  CHECK(build_view_blocks(m, model_a, blocks) == shared_status::invalid_argument);
+  blocks = tv.blocks;
+  blocks[5].previous = man.blocks[4].chain;
+  CHECK(build_view_blocks(m, model_a, blocks) == shared_status::invalid_argument);
+  blocks = tv.blocks;
+  blocks.pop_back();  // tokens for 7 blocks, 6 described
+  CHECK(build_view_blocks(m, model_a, blocks) == shared_status::invalid_argument);
 }
 
 TEST_CASE("manifest sequences increase and follow the clock", "[records]") {
@@ -372,7 +481,7 @@ TEST_CASE("shared_tier checks its configuration and bounds publish without a ser
   const auto p = make_payload(shape.block_bytes, 1);
   const std::byte* two[] = {p.data(), p.data()};
   const std::byte* one[] = {p.data(), nullptr};
-  publish_request req{.sequence = 1, .tokens = toks, .keys = {}, .payloads = two, .extra = {}};
+  publish_request req{.sequence = 1, .tokens = toks, .keys = {}, .payloads = two};
   CHECK(tier.publish(s, req) == shared_status::busy);  // two records exceed the bound: refused at once
   req.sequence = 0;
   CHECK(tier.publish(s, req) == shared_status::invalid_argument);

@@ -97,7 +97,7 @@ struct history {
     std::vector<const std::byte*> p(blocks(), nullptr);
     for (std::size_t b = upload_from; b < blocks(); ++b) p[b] = payloads[b].data();
     return t.publish(t.identify(key()),
-                     publish_request{.sequence = sequence, .tokens = tokens, .keys = {}, .payloads = p, .extra = {}});
+                     publish_request{.sequence = sequence, .tokens = tokens, .keys = {}, .payloads = p});
   }
 };
 
@@ -488,7 +488,7 @@ TEST_CASE("a stale manifest never replaces a newer one", "[cluster]") {
     std::shuffle(seqs.begin(), seqs.end(), std::mt19937_64(parity + 17));
     while (!go.load()) std::this_thread::yield();
     for (std::uint64_t seq : seqs) {
-      const publish_request r{.sequence = seq, .tokens = newer.tokens, .keys = {}, .payloads = none, .extra = {}};
+      const publish_request r{.sequence = seq, .tokens = newer.tokens, .keys = {}, .payloads = none};
       while (t.publish(t.identify(newer.key()), r) == shared_status::busy) std::this_thread::yield();
     }
   };

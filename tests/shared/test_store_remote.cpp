@@ -18,6 +18,7 @@
 #include "attnstore/shared/records.hpp"
 #include "attnstore/shared/store_remote.hpp"
 #include "attnstore/store.hpp"
+#include "attnstore/truncate.hpp"
 #include "store_remote_support.hpp"
 #include "support/kv_data.hpp"
 #include "support/store_fixture.hpp"
@@ -187,6 +188,179 @@ TEST_CASE("store remote: a session saved on one node is served on another, byte 
   REQUIRE(a.kv->drop(quick) == errc::ok);
   a.settle();
   CHECK(d.kv->lookup(quick, toks).tokens == 0);
+}
+
+namespace {
+
+constexpr std::uint32_t tpb = 32;  // test_geometry's
+
+// A cut of `drop` tokens after `sink` of a history of `history` tokens.
+truncation_plan cut(std::size_t history, std::size_t sink, std::size_t drop) {
+  truncation_plan p;
+  p.needed = true;
+  p.history = history;
+  p.sink = sink;
+  p.drop = drop;
+  p.kept = history - drop;
+  p.shift = -std::int64_t(drop);
+  return p;
+}
+
+// `hist` without positions [sink, sink + drop).
+std::vector<token_id> cut_view(const std::vector<token_id>& hist, std::size_t sink, std::size_t drop) {
+  std::vector<token_id> v(hist.begin(), hist.begin() + std::ptrdiff_t(sink));
+  v.insert(v.end(), hist.begin() + std::ptrdiff_t(sink + drop), hist.end());
+  return v;
+}
+
+// One piece of a view as a load must get it: block `block` of make_blocks(session), its
+// tokens [first, first + tokens) at view position `position`, moved by `shift`.
+struct piece {
+  std::uint64_t session;
+  std::uint32_t block, first, tokens;
+  std::uint64_t position;
+  std::int64_t shift;
+};
+
+// Acquires `prompt` and checks the whole view against `want`, every payload byte.
+void served_view(store& s, const session_key& key, std::span<const token_id> prompt, const std::vector<piece>& want) {
+  std::vector<block_view> views(16);
+  read_lease lease(16);
+  const get_result g = s.acquire(key, prompt, views, lease);
+  REQUIRE(g.status == errc::ok);
+  CHECK(g.tokens == prompt.size());
+  REQUIRE(g.blocks == want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    INFO("piece " << i);
+    const block_view& v = views[i];
+    CHECK(v.first == want[i].first);
+    CHECK(v.tokens == want[i].tokens);
+    CHECK(v.position == want[i].position);
+    CHECK(v.shift == want[i].shift);
+    const auto bytes = make_blocks(s.block_bytes(), want[i].session, want[i].block, 1);
+    CHECK(std::memcmp(v.payload, bytes.data(), bytes.size()) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("store remote: a truncated view is served on another node at its moved positions, exactly", "[cluster]") {
+  node a("trunc-a"), b("trunc-b"), c("trunc-c");
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string name = unique("cut");
+  const session_key key{"acme", name};
+  // Six blocks on A; the context window overflows: a sink of 5 tokens stays, 2 blocks go;
+  // the turn then saves 40 tokens after the view (blocks 4 and 5 of the view).
+  const auto hist = make_tokens(31, 6 * tpb);
+  REQUIRE(a.kv->put(key, hist, 0, make_blocks(bb, 31, 0, 6)) == errc::ok);
+  REQUIRE(a.kv->truncate(key, hist, cut(hist.size(), 5, 2 * tpb)) == errc::ok);
+  auto prompt = cut_view(hist, 5, 2 * tpb);
+  REQUIRE(prompt.size() == 4 * tpb);
+  const auto more = make_tokens(32, 40);
+  prompt.insert(prompt.end(), more.begin(), more.end());
+  REQUIRE(a.kv->put(key, prompt, 4, make_blocks(bb, 32, 4, 2)) == errc::ok);
+  a.settle();
+  CHECK(a.kv->stats().remote_publishes == 2);
+  const std::vector<piece> view = {{31, 0, 0, 5, 0, 0},     {31, 2, 5, 27, 5, -64},  {31, 3, 0, 32, 32, -64},
+                                   {31, 4, 0, 32, 64, -64}, {31, 5, 0, 32, 96, -64}, {32, 4, 0, 32, 128, 0},
+                                   {32, 5, 0, 8, 160, 0}};
+  served_view(*a.kv, key, prompt, view);
+  // The next turn lands on B, which never saw the session: the view comes from the
+  // cluster, every piece at its place, moved as on A.
+  served_view(*b.kv, key, prompt, view);
+  CHECK(b.kv->stats().remote_blocks_fetched == 7);
+  // A load of whole blocks cannot place it (store::get refuses a truncated view), on B as on A.
+  std::vector<std::byte> out(6 * bb);
+  CHECK(b.kv->get(key, prompt, 0, 6, out).status == errc::unsupported);
+  CHECK(a.kv->get(key, prompt, 0, 6, out).status == errc::unsupported);
+  // A prompt that leaves the view inside its second piece reuses up to there, nowhere else.
+  auto edited = prompt;
+  edited[20] ^= 1;
+  node d("trunc-d");
+  CHECK(d.kv->lookup(key, edited).tokens == 20);
+  // B saves the turn after (from view block 5, its partial block): C then gets the longer view.
+  auto longer = prompt;
+  const auto third = make_tokens(33, 50);
+  longer.insert(longer.end(), third.begin(), third.end());
+  REQUIRE(b.kv->put(key, longer, 5, make_blocks(bb, 33, 5, 2)) == errc::ok);
+  b.settle();
+  auto view2 = view;
+  view2.back() = {33, 5, 0, 32, 160, 0};
+  view2.push_back({33, 6, 0, 26, 192, 0});
+  served_view(*c.kv, key, longer, view2);
+  // A, which holds the older view, takes the newer one from the cluster too.
+  served_view(*a.kv, key, longer, view2);
+}
+
+TEST_CASE("store remote: a node truncates a session it never held; the nodes behind take the cut view", "[cluster]") {
+  node a("cutnew-a"), c("cutnew-c");
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string name = unique("cutnew");
+  const session_key key{"acme", name};
+  const auto hist = make_tokens(41, 8 * tpb);
+  REQUIRE(a.kv->put(key, hist, 0, make_blocks(bb, 41, 0, 8)) == errc::ok);
+  a.settle();
+  // The overflowing turn lands on C: the truncation takes the history from the cluster and
+  // cuts it there (sink of one whole block, 4 blocks go), then the turn saves after it.
+  REQUIRE(c.kv->truncate(key, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::ok);
+  CHECK(c.kv->stats().remote_blocks_fetched == 8);
+  auto prompt = cut_view(hist, tpb, 4 * tpb);
+  const auto more = make_tokens(42, tpb);
+  prompt.insert(prompt.end(), more.begin(), more.end());
+  REQUIRE(c.kv->put(key, prompt, 4, make_blocks(bb, 42, 4, 1)) == errc::ok);
+  c.settle();
+  const std::vector<piece> view = {{41, 0, 0, 32, 0, 0},
+                                   {41, 5, 0, 32, 32, -128},
+                                   {41, 6, 0, 32, 64, -128},
+                                   {41, 7, 0, 32, 96, -128},
+                                   {42, 4, 0, 32, 128, 0}};
+  served_view(*c.kv, key, prompt, view);
+  // A holds the untruncated history: only block 0 of it is in the prompt. It takes the cut
+  // view from the cluster.
+  const auto fetched = a.kv->stats().remote_blocks_fetched;
+  served_view(*a.kv, key, prompt, view);
+  CHECK(a.kv->stats().remote_blocks_fetched - fetched == 4);  // block 0 is its own
+  // A truncation of a history no node has is not_found; a stale one is refused.
+  CHECK(c.kv->truncate({"acme", unique("none")}, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::not_found);
+  CHECK(c.kv->truncate(key, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::invalid_argument);
+}
+
+// Two sessions with one history, cut to views of one length that end in the same block
+// (another sink), then given the same next tokens: their next blocks hold different KV.
+// Block records are keyed by chain, so those chains must differ (they continue a digest of
+// the view, view_continuation). With the chain of the view's last block instead, both
+// blocks had one key: the second record was never written (SET NX) and a node serving the
+// second session got the first one's KV, verified (same chain, index, tokens and keys).
+TEST_CASE("store remote: blocks saved after differently cut views are other records", "[cluster]") {
+  node a("views-a"), b("views-b");
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string base = unique("views");
+  const auto hist = make_tokens(51, 6 * tpb);
+  const auto next = make_tokens(52, tpb);
+  std::vector<std::vector<token_id>> prompts;
+  for (const std::size_t sink : {std::size_t(0), std::size_t(5)}) {
+    const std::string name = base + std::to_string(sink);
+    const session_key key{"acme", name};
+    REQUIRE(a.kv->put(key, hist, 0, make_blocks(bb, 51, 0, 6)) == errc::ok);
+    REQUIRE(a.kv->truncate(key, hist, cut(hist.size(), sink, 2 * tpb)) == errc::ok);
+    auto prompt = cut_view(hist, sink, 2 * tpb);
+    prompt.insert(prompt.end(), next.begin(), next.end());
+    REQUIRE(a.kv->put(key, prompt, 4, make_blocks(bb, 60 + sink, 4, 1)) == errc::ok);
+    prompts.push_back(prompt);
+  }
+  a.settle();
+  for (std::size_t i = 0; i < 2; ++i) {
+    const std::size_t sink = i ? 5 : 0;
+    INFO("sink " << sink);
+    const std::string name = base + std::to_string(sink);
+    const session_key key{"acme", name};
+    std::vector<block_view> views(16);
+    read_lease lease(16);
+    const get_result g = b.kv->acquire(key, prompts[i], views, lease);
+    REQUIRE(g.tokens == prompts[i].size());
+    const auto want = make_blocks(bb, 60 + sink, 4, 1);
+    CHECK(std::memcmp(views[g.blocks - 1].payload, want.data(), bb) == 0);
+  }
 }
 
 TEST_CASE("store remote: the policy decides which sessions are published; a user seen typing is", "[cluster]") {

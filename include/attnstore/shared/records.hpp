@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attnstore/format/block_header.hpp"
+#include "attnstore/remote_tier.hpp"
 #include "attnstore/shared/redis_cluster.hpp"
 #include "attnstore/status.hpp"
 #include "attnstore/types.hpp"
@@ -147,9 +148,9 @@ struct record_shape {
 /// What the reader expects of one block: where it sits in the session and what it holds.
 struct block_ref {
   hash128 chain;                     ///< the block's chain hash (its key)
-  hash128 previous;                  ///< the chain of the block before it (zero for block 0)
+  hash128 previous;                  ///< what its KV continues (the block before it when saved; zero for block 0)
   hash128 keys;                      ///< its block_keys() digest (zero: a request without keys)
-  std::uint32_t index = 0;           ///< block index in the session (first token / tokens_per_block)
+  std::uint32_t index = 0;           ///< its block index when saved (saved position / tokens_per_block)
   std::span<const token_id> tokens;  ///< its token ids (1..tokens_per_block)
 };
 
@@ -184,21 +185,24 @@ void write_block_header(std::byte* area, const record_shape& shape, const model_
 
 // ------------------------------------------------------------------------ manifest records
 
-inline constexpr std::uint64_t manifest_magic = 0x314e4d5353544e41ull;  // "ANTSSMN1" little-endian
-inline constexpr std::uint32_t manifest_version = 1;
+inline constexpr std::uint64_t manifest_magic = 0x324e4d5353544e41ull;  // "ANTSSMN2" little-endian
+inline constexpr std::uint32_t manifest_version = 2;
 inline constexpr std::size_t manifest_fixed_bytes = 88;   ///< fields before the block list
-inline constexpr std::size_t manifest_block_bytes = 40;   ///< one block entry
+inline constexpr std::size_t manifest_block_bytes = 48;   ///< one block entry
 inline constexpr std::size_t manifest_trailer_bytes = 8;  ///< the XXH3-64 checksum
 
-/// One block of a manifest.
-struct manifest_block {
-  hash128 chain;             ///< chain_hash(previous block's chain, model, its tokens, keys)
-  hash128 keys;              ///< block_keys() digest of the request that saved it
-  std::uint32_t tokens = 0;  ///< token count: tokens_per_block, except the last (1..tokens_per_block)
+/// One block of a manifest: a stored block and the part of it the session's view keeps
+/// (remote_block's fields: previous, keys, index, tokens, view_first, view_count), and its
+/// chain. Untruncated, every block is whole, at its saved position, after the block before
+/// it. After a truncation (truncate.hpp) a block may keep a sub-range, at a view position
+/// before its saved one, after a block that is not its predecessor.
+struct manifest_block : remote_block {
+  hash128 chain;  ///< chain_hash(previous, model, its tokens, keys): its key (computed, never stored)
 };
 
-/// A session's history in the shared tier: its blocks in order and its token ids. A turn
-/// appends (a new manifest with a larger sequence replaces the old one).
+/// A session's view in the shared tier: its blocks in order, the part of each it keeps,
+/// and their token ids. A turn appends (a new manifest with a larger sequence replaces
+/// the old one).
 struct session_manifest {
   hash128 model;         ///< model_id::value
   session_hash session;  ///< hash_session(key, fleet secret)
@@ -206,40 +210,53 @@ struct session_manifest {
   std::uint32_t tokens_per_block = 0;
   std::uint64_t sequence = 0;  ///< version: a manifest never replaces one with a larger sequence
   std::vector<manifest_block> blocks;
-  std::vector<token_id> tokens;  ///< every block's token ids, back to back
-  std::vector<std::byte> extra;  ///< the store's own view metadata, opaque here (covered by the checksum)
+  std::vector<token_id> tokens;  ///< every block's stored token ids, back to back
 
-  /// Block i's token ids (blocks before the last are full, so they start at i x tokens_per_block).
+  /// Block i's stored token ids (blocks before the last are full, so they start at i x tokens_per_block).
   std::span<const token_id> tokens_of(std::size_t i) const noexcept {
     return std::span<const token_id>(tokens).subspan(std::size_t(i) * tokens_per_block, blocks[i].tokens);
   }
+  /// The ones block i has in the view.
+  std::span<const token_id> view_tokens_of(std::size_t i) const noexcept {
+    return tokens_of(i).subspan(blocks[i].view_first, blocks[i].view_count);
+  }
   /// What fetch_blocks needs for block i.
   block_ref ref(std::size_t i) const noexcept {
-    return block_ref{blocks[i].chain, i ? blocks[i - 1].chain : hash128{}, blocks[i].keys, std::uint32_t(i),
-                     tokens_of(i)};
+    return block_ref{blocks[i].chain, blocks[i].previous, blocks[i].keys, blocks[i].index, tokens_of(i)};
   }
 };
 
 /// Bounds a reader puts on a manifest before it believes any count in it.
 struct manifest_limits {
   std::size_t max_tokens = std::size_t(1) << 22;  ///< 4 Mi tokens (16 MiB of token ids)
-  std::size_t max_extra_bytes = 64 << 10;
 };
 
-/// Fills `m.blocks` (chains and token counts) from m.tokens, m.tokens_per_block and the
-/// per-block keys digests `keys` (empty: zero for every block; else one per block) under
-/// `model`. invalid_argument when tokens are empty, tokens_per_block is 0 or keys has the
+/// Fills `m.blocks` from m.tokens and m.tokens_per_block under `model`, as an untruncated
+/// history (every block whole, at its position, after the one before): token counts,
+/// chains, the per-block keys digests `keys` (empty: zero for every block; else one per
+/// block). invalid_argument when tokens are empty, tokens_per_block is 0 or keys has the
 /// wrong length.
 [[nodiscard]] shared_status build_manifest_blocks(session_manifest& m, const model_id& model,
                                                   std::span<const hash128> keys) noexcept;
+
+/// Fills `m.blocks` from m.tokens and a view's blocks as the store describes them
+/// (remote_block: previous, keys, saved index, tokens, kept range); chains are computed.
+/// invalid_argument when they do not describe a view check_view accepts.
+[[nodiscard]] shared_status build_view_blocks(session_manifest& m, const model_id& model,
+                                              std::span<const remote_block> blocks) noexcept;
+
+/// Whether m.blocks (chains computed) describe a view: counts against m.tokens (every block
+/// full but the last), a kept range of at least one token inside each block, a block saved
+/// at 0 after nothing and every other after something, and no block further along than it
+/// was saved (truncation only moves tokens back). ok or invalid_argument.
+[[nodiscard]] shared_status check_view(const session_manifest& m) noexcept;
 
 /// Size of m's record.
 std::size_t manifest_record_bytes(const session_manifest& m) noexcept;
 
 /// Serializes `m` into `out` (resized to manifest_record_bytes): fixed fields, block
-/// entries, token ids, extra, then XXH3-64 of everything before. invalid_argument when m is
-/// inconsistent (token counts against tokens_per_block and the token ids, empty), error when
-/// `out` cannot grow.
+/// entries, token ids, then XXH3-64 of everything before. invalid_argument when m is not a
+/// view check_view accepts, error when `out` cannot grow.
 [[nodiscard]] shared_status encode_manifest(const session_manifest& m, std::vector<std::byte>& out) noexcept;
 
 /// What a reader expects of a manifest.
@@ -253,10 +270,10 @@ struct manifest_expectation {
 
 /// Parses and checks a manifest record read from the network: magic, version, exact size
 /// for its counts (within `limits`), checksum, model, session, tenant and tokens_per_block
-/// equal to `expect`'s, every block's token count in range (full except the last) and
-/// every chain recomputed from the token ids and keys digests (so a manifest can point only
-/// at blocks of this model holding exactly these tokens). ok with `out` filled (its vectors'
-/// capacity is reused), verify_failed with `out` cleared, or error when `out` cannot grow.
+/// equal to `expect`'s, and a view check_view accepts. Every chain is computed from the
+/// block's previous chain, token ids and keys digest (so a manifest can point only at blocks
+/// of this model holding exactly these tokens). ok with `out` filled (its vectors' capacity
+/// is reused), verify_failed with `out` cleared, or error when `out` cannot grow.
 [[nodiscard]] shared_status decode_manifest(std::span<const std::byte> value, const manifest_expectation& expect,
                                             session_manifest& out) noexcept;
 

@@ -64,23 +64,24 @@ struct shared_session {
   hash128 tenant;        ///< hash_tenant(key.tenant, fleet_secret)
 };
 
-/// What publish() takes: a session's whole history as the manifest will list it, and the
+/// What publish() takes: a session's whole view as the manifest will list it, and the
 /// payloads of the blocks to upload. Views: publish copies what it keeps before returning.
 struct publish_request {
   /// The manifest's version, > 0: a manifest is never replaced by one with a smaller
   /// sequence (next_manifest_sequence gives one).
   std::uint64_t sequence = 0;
-  /// Every token of the history the manifest covers (blocks of tokens_per_block; the last
-  /// may be partial). 1..limits.max_tokens.
+  /// Every stored token of the blocks the manifest lists, back to back (blocks of
+  /// tokens_per_block; the last may be partial). 1..limits.max_tokens.
   std::span<const token_id> tokens;
-  /// Per block, its block_keys() digest; empty: every block is keyless (zero).
+  /// An untruncated history: per block, its block_keys() digest; empty: every block is
+  /// keyless (zero). Empty when `blocks` is given.
   std::span<const hash128> keys;
   /// Per block (as many as blocks), its payload (block_bytes) to upload, or nullptr for a
   /// block that is already in the tier: listed in the manifest, not sent.
   std::span<const std::byte* const> payloads;
-  /// The store's own view metadata, stored in the manifest as it is (at most
-  /// limits.max_extra_bytes).
-  std::span<const std::byte> extra;
+  /// A view (truncated or not): per block, what it is and keeps (check_view must accept
+  /// it). Empty: the untruncated history of `tokens` under `keys`.
+  std::span<const remote_block> blocks;
 };
 
 /// fetch_blocks' answer.
@@ -151,14 +152,13 @@ class shared_tier {
   /// not_found, verify_failed, timeout, node_down, auth_error or error with `out` cleared.
   [[nodiscard]] shared_status fetch_manifest(const shared_session& session, session_manifest& out) noexcept;
 
-  /// Reads blocks of a prefix, from block 0 or from a later block that continues a prefix
-  /// the caller already holds (refs[i].previous must be refs[i-1].chain; a manifest's
-  /// ref(i) gives them): each payload is received from the network straight into out[i]
+  /// Reads the blocks of a view (a manifest's ref(i), from any entry on; each is verified
+  /// against its own previous chain): each payload is received from the network straight into out[i]
   /// (block_bytes each) and verified there exactly (verify_block_parts: the checks of
   /// verify_block_record) as soon as it has arrived. status[i] is ok, a miss
   /// (not_found, verify_failed, timeout, node_down, auth_error, error), skipped for blocks
-  /// after the first miss, or invalid_argument (a ref out of range or not continuing the one
-  /// before). Blocks are read in pipelined batches of up to max_batch_bytes over every node
+  /// after the first miss, or invalid_argument (a ref's tokens out of range, or a block
+  /// before the last that is not full). Blocks are read in pipelined batches of up to max_batch_bytes over every node
   /// at once; the prefix ends at the first block that is not ok and later batches are not
   /// read. out[i] holds the block only when status[i] is ok (after a miss, the buffers of
   /// later blocks of its batch may have been written). `checksums` (optional): for every

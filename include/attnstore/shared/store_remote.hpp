@@ -2,8 +2,8 @@
 // Redis Cluster (shared_tier.hpp). Give it to store_config::remote; every store of a fleet
 // uses the same fleet secret and model, so a session saved on one node is found on any.
 //
-// fetch: the session's manifest, the leading blocks whose token ids the prompt starts
-// with, each verified by shared_tier exactly as an SSD block (model, chain, token ids,
+// fetch: the session's manifest, the leading blocks of its view whose kept token ids the
+// prompt starts with, each verified by shared_tier exactly as an SSD block (model, chain, token ids,
 // payload checksum); the prefix ends at the first block that is missing or bad. publish:
 // shared_tier's write-behind (blocks not sent before, then the manifest, versioned by the
 // wall clock). drop: sends what is queued, then deletes the manifest (blocks are
@@ -24,9 +24,9 @@ class store_remote final : public remote_tier {
   ~store_remote() override;
 
   remote_session identify(const session_key& key) const noexcept override;
-  std::uint32_t fetch(const remote_session& session, std::span<const token_id> prompt, std::uint32_t first_block,
-                      const remote_fetch& out) noexcept override;
-  errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const hash128> keys,
+  remote_found fetch(const remote_session& session, std::span<const token_id> prompt, std::span<const hash128> held,
+                     const remote_fetch& out) noexcept override;
+  errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const remote_block> blocks,
                std::span<const std::byte* const> payloads) noexcept override;
   void drop(const remote_session& session) noexcept override;
   /// The shorter of block_ttl and manifest_ttl (a day when neither expires).
