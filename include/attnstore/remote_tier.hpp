@@ -33,6 +33,39 @@ struct remote_block {
   std::uint32_t view_count = 0;
 };
 
+/// Whether `b`, the entry of a view after entries that keep `position` tokens, can be what
+/// a store's view holds: its tokens (tokens_per_block unless it is the `last`), a kept
+/// range of at least one token inside it, saved at position 0 exactly when it continues
+/// nothing, and placed where truncation can place it: where its first kept token was
+/// saved, or whole blocks before (truncation drops whole blocks, and moves tokens only
+/// back); a block not moved is kept from its start. What the tier's readers and the
+/// store check of every entry a fetch returns.
+constexpr bool valid_view_entry(const remote_block& b, std::uint64_t position, std::uint32_t tokens_per_block,
+                                bool last) noexcept {
+  const std::uint64_t tpb = tokens_per_block;
+  if (tpb == 0 || b.tokens == 0 || b.tokens > tpb || (!last && b.tokens != tpb)) return false;
+  if (b.view_count == 0 || b.view_first >= b.tokens || b.view_count > b.tokens - b.view_first) return false;
+  if ((b.index == 0) != b.previous.is_zero()) return false;
+  const std::uint64_t saved = std::uint64_t(b.index) * tpb + b.view_first;
+  return position <= saved && (saved - position) % tpb == 0 && (position != saved || b.view_first == 0);
+}
+
+/// One leading entry of a view the caller holds: fetch() skips the tier's entries that are
+/// these very ones.
+struct remote_held_block {
+  hash128 chain;
+  std::uint32_t index = 0, view_first = 0, view_count = 0;
+};
+
+/// What the caller holds of the session's view, for fetch().
+struct remote_held {
+  /// Its leading entries the prompt matches whole.
+  std::span<const remote_held_block> blocks;
+  /// How many of the prompt's tokens its view gives: a view in the tier that gives no
+  /// more is not read.
+  std::uint64_t tokens = 0;
+};
+
 /// Where fetch() puts what it found: room for payloads.size() blocks.
 struct remote_fetch {
   std::span<std::byte* const> payloads;  ///< block_bytes each, written for the blocks returned
@@ -62,14 +95,14 @@ class remote_tier {
   virtual remote_session identify(const session_key& key) const noexcept = 0;
 
   /// The leading blocks of the session's view as some store published it, as long as the
-  /// view's token ids from its start are a prefix of `prompt` (every block, up to the room
-  /// given, when `prompt` is empty), each verified. `held`: the chains of the whole blocks
-  /// the caller holds at the start of its own view, untruncated; the view entries that are
-  /// those very blocks (whole, at their saved positions, with those chains) are skipped:
-  /// the answer starts at the first entry that is not one of them (first <= held.size()).
-  /// A miss is 0 blocks.
-  virtual remote_found fetch(const remote_session& session, std::span<const token_id> prompt,
-                             std::span<const hash128> held, const remote_fetch& out) noexcept = 0;
+  /// view's kept token ids from its start are a prefix of `prompt` (the last block's at
+  /// least in part; every block, up to the room given, when `prompt` is empty), each
+  /// verified. The answer starts at the first entry that is not held.blocks[i] (same
+  /// chain, saved index and kept range): first <= held.blocks.size(). When the view gives
+  /// no more of a non-empty prompt than held.tokens, nothing is read: 0 blocks. A miss is
+  /// 0 blocks.
+  virtual remote_found fetch(const remote_session& session, std::span<const token_id> prompt, const remote_held& held,
+                             const remote_fetch& out) noexcept = 0;
 
   /// Write-behind of a session's view after a turn: per block, its stored tokens (back
   /// to back; every block full but the last), what it is and keeps (`blocks`), and its

@@ -219,21 +219,9 @@ shared_status check_view(const session_manifest& m) noexcept {
     return shared_status::invalid_argument;
   std::uint64_t position = 0;  // view position of the block's first kept token
   for (std::size_t i = 0; i < m.blocks.size(); ++i) {
-    const manifest_block& b = m.blocks[i];
-    const bool last = i + 1 == m.blocks.size();
-    if (b.tokens == 0 || b.tokens > tpb || (!last && b.tokens != tpb)) return shared_status::invalid_argument;
-    if (b.view_count == 0 || b.view_first >= b.tokens || b.view_count > b.tokens - b.view_first)
+    if (!valid_view_entry(m.blocks[i], position, m.tokens_per_block, i + 1 == m.blocks.size()))
       return shared_status::invalid_argument;
-    // Only a block saved at position 0 continues nothing.
-    if ((b.index == 0) != b.previous.is_zero()) return shared_status::invalid_argument;
-    // Truncation moves kept tokens back by whole blocks, never forward: the view position
-    // of its first kept token is where that token was saved, or whole blocks before it. A
-    // block not moved is kept from its start (only the block a cut ends in keeps a tail,
-    // and it moves).
-    const std::uint64_t saved = std::uint64_t(b.index) * tpb + b.view_first;
-    if (position > saved || (saved - position) % tpb != 0 || (position == saved && b.view_first != 0))
-      return shared_status::invalid_argument;
-    position += b.view_count;
+    position += m.blocks[i].view_count;
   }
   return shared_status::ok;
 }

@@ -19,7 +19,7 @@ remote_session store_remote::identify(const session_key& key) const noexcept {
 }
 
 remote_found store_remote::fetch(const remote_session& session, std::span<const token_id> prompt,
-                                 std::span<const hash128> held, const remote_fetch& out) noexcept {
+                                 const remote_held& held, const remote_fetch& out) noexcept {
   const std::uint32_t tpb = tier_->config().tokens_per_block;
   const std::size_t room =
       std::min({out.payloads.size(), out.blocks.size(), out.checksums.size(), out.tokens.size() / tpb});
@@ -31,8 +31,8 @@ remote_found store_remote::fetch(const remote_session& session, std::span<const 
     // The view's blocks whose kept tokens the prompt starts with (every block, when there is
     // no prompt), and the one it leaves inside (the KV of its tokens before the first
     // difference is valid); the leading ones that are the caller's own blocks are not read
-    // again.
-    std::size_t end = 0, pos = 0, first = 0;
+    // again, nor anything when the caller's view gives as much of the prompt.
+    std::size_t end = 0, pos = 0, first = 0, reach = 0;
     bool same = true;
     for (; end < m.blocks.size(); ++end) {
       const manifest_block& b = m.blocks[end];
@@ -44,17 +44,19 @@ remote_found store_remote::fetch(const remote_session& session, std::span<const 
         while (matched < limit && t[matched] == prompt[pos + matched]) ++matched;
         if (matched == 0) break;
       }
-      same = same && matched == t.size() && end < held.size() && b.chain == held[end] && b.index == end &&
-             b.view_first == 0 && b.view_count == tpb;
+      same = same && matched == t.size() && end < held.blocks.size() && b.chain == held.blocks[end].chain &&
+             b.index == held.blocks[end].index && b.view_first == held.blocks[end].view_first &&
+             b.view_count == held.blocks[end].view_count;
       if (same) first = end + 1;
       if (end >= first + room) break;
+      reach = pos + matched;
       pos += t.size();
       if (matched < t.size()) {
         ++end;
         break;
       }
     }
-    if (end <= first) return found;
+    if (end <= first || (!prompt.empty() && reach <= held.tokens)) return found;
     const std::size_t n = end - first;
     std::vector<block_ref> refs(n);
     std::vector<shared_status> status(n);

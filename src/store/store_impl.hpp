@@ -192,8 +192,11 @@ struct store::impl {
   /// how many.
   /// An empty prompt takes the whole history (a prefetch: the request's keys are checked
   /// when it comes). `may_demote`: when no DRAM is free, a few blocks' room is made.
+  /// `keys_known` false: the caller has no request keys (a truncation); keys digests are
+  /// then taken as the tier gives them, and checked when a request comes (match_prompt).
   std::uint32_t fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt, const request_keys& keys,
-                                        std::uint32_t max_blocks, bool may_demote = true) noexcept;
+                                        std::uint32_t max_blocks, bool may_demote = true,
+                                        bool keys_known = true) noexcept;
   /// The background's remote work for a session the engine will serve soon (queued, or
   /// its user typing): held nowhere here, its history is fetched into free DRAM; held
   /// here with its last save declined by the policy, it is published if the policy now

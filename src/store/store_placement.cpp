@@ -333,15 +333,15 @@ errc store::impl::truncate(const session_key& key, std::span<const token_id> his
   locked_session s = index_->open(h, false);
   // Held nowhere here, or behind the remote tier (its last turns ran on other nodes): the
   // view to cut comes from the tier first, so a turn that overflows the context window on
-  // any node keeps its saved KV. (Without the request's keys: a keyed view is taken whole,
-  // and its keys are checked when the load comes.)
+  // any node keeps its saved KV. (Truncation has no request keys: the keys digests are
+  // taken as the tier gives them and checked when the load comes.)
   if (config_.remote && (!s || s.token_count() != plan.history)) {
     const std::uint32_t most = geometry_.blocks_for(plan.history) + 8;
     if (!s) {
       s = open_for_load(key, h, {}, {}, most);
     } else if (s.pins() == 0) {
       remember_remote(s, key);
-      (void)fill_from_remote_locked(s, history.first(plan.history), {}, most);
+      (void)fill_from_remote_locked(s, history.first(plan.history), {}, most, true, false);
     }
   }
   if (!s) return errc::not_found;
@@ -397,6 +397,9 @@ errc store::impl::truncate(const session_key& key, std::span<const token_id> his
   const session_hash owner = s.key();
   (void)release_chain(gone_head, false, nullptr, &owner);
   note(s, true);
+  // The cut view goes to the tier now (a manifest: its blocks are there already), so a
+  // node the next turn lands on finds it even if this node never saves again.
+  publish_remote_locked(s);
   return errc::ok;
 }
 

@@ -8,48 +8,50 @@
 namespace attnstore {
 
 std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<const token_id> prompt,
-                                                   const request_keys& keys, std::uint32_t max_blocks,
-                                                   bool may_demote) noexcept {
+                                                   const request_keys& keys, std::uint32_t max_blocks, bool may_demote,
+                                                   bool keys_known) noexcept {
   if (!config_.remote) return 0;  // (remote_ids_ is empty then)
   const remote_session& id = remote_ids_[s.record_id()];
   if (id.session.value.is_zero()) return 0;
   // A session held here may be behind the tier (its last turns ran on other nodes). The
-  // tier is told the chains of the whole blocks of the prompt it holds as they were saved;
-  // its answer starts after those of them its view has too, and replaces what this store
-  // holds from there when it covers more of the prompt. Allocations here are per fetch (a
-  // network round trip), never per layer.
+  // tier is told which leading entries of the view it holds the prompt matches whole, and
+  // how much of the prompt they give: its answer starts after those of them its view has
+  // too, and is read only when it gives more of the prompt. Allocations here are per
+  // fetch (a network round trip), never per layer.
   const std::uint32_t tpb = geometry_.tokens_per_block;
-  std::vector<hash128> held;
+  std::vector<remote_held_block> held;
+  std::vector<std::uint64_t> held_end;  // view position after held[i]
   std::uint64_t matched = 0;
   if (s.block_count() > 0) {
     if (s.pins() > 0) return 0;  // a load or save is using its blocks now
-    view_continuation view;
     matched = index_->match_prompt(
         s, model_, prompt,
         [&](const block_match& bm) {
           const block_meta& m = s.meta(bm.block);
-          continue_view(view, m, tpb);
-          if (view.straight() && bm.whole && m.tokens == tpb && held.size() == bm.index) held.push_back(m.chain);
+          if (bm.whole && m.tokens == tpb && held.size() == bm.index) {
+            held.push_back({m.chain, std::uint32_t(m.saved_pos / tpb), m.view_first, m.view_count});
+            held_end.push_back(bm.position + m.view_count);
+          }
           return true;
         },
-        keys);
+        keys_known ? keys : request_keys{});
     if (matched >= prompt.size()) return 0;  // it holds the whole prompt
   }
   const bool whole_history = prompt.empty();
-  // A truncated view may have a few more blocks than its tokens fill (each cut can leave
-  // a partial block at either side of it).
-  const std::uint32_t total =
-      whole_history ? max_blocks : std::min<std::uint32_t>(max_blocks, geometry_.blocks_for(prompt.size()) + 8);
-  if (total == 0) return 0;
-  const std::uint32_t want = total;
-  // DRAM is taken from what is free before the tier says what it has; only when none is
-  // free are others demoted, for a few blocks.
+  // Room for the blocks the prompt needs past those held (demoting others for 16 at
+  // most when none is free) and, from free DRAM only, a few more: a truncated view may
+  // have more blocks than its tokens fill (each cut can leave a partial block at either
+  // side of it).
+  const std::uint32_t needed =
+      whole_history ? max_blocks : std::min<std::uint32_t>(max_blocks, geometry_.blocks_for(prompt.size()));
+  const std::uint32_t base = needed > held.size() ? needed - std::uint32_t(held.size()) : 0;
+  const std::uint32_t want = whole_history ? base : std::min<std::uint32_t>(max_blocks, base + 8);
   std::vector<std::uint32_t> slots;
   std::vector<std::byte*> payloads;
   slots.reserve(want);
   for (std::uint32_t i = 0; i < want; ++i) {
     std::uint32_t slot = dram_->allocate();
-    if (slot == no_slot && may_demote && slots.size() < std::min<std::uint32_t>(want, 16))
+    if (slot == no_slot && may_demote && i < std::min<std::uint32_t>(base, 16))
       slot = alloc_dram(s, std::uint32_t(held.size()));
     if (slot == no_slot) break;
     slots.push_back(slot);
@@ -61,33 +63,31 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   std::vector<std::uint64_t> checksums(room);
   detail::bump(counters_->remote_fetches);
   remote_found found{};
-  if (room) found = config_.remote->fetch(id, prompt, held, {payloads, tokens, blocks, checksums});
-  const std::uint32_t first = std::min<std::uint32_t>(found.first, std::uint32_t(held.size()));
-  const std::uint32_t got = found.first <= held.size() ? std::min<std::uint32_t>(std::uint32_t(room), found.blocks) : 0;
-  // What came back is checked again against this request: kept token ids that continue
-  // the prompt (the last block's at least in part), at most one partial block (the last),
-  // kept ranges inside their blocks, nothing moved forward, and the request's own keys
-  // digests at the view's positions.
-  // The payloads were verified by the tier against their records (remote_tier::fetch's
-  // contract); their checksums come back with them, so no second pass over the bytes.
+  if (room) found = config_.remote->fetch(id, prompt, {held, matched}, {payloads, tokens, blocks, checksums});
+  const std::uint32_t first = found.first;
+  const std::uint32_t got = first <= held.size() ? std::min<std::uint32_t>(std::uint32_t(room), found.blocks) : 0;
+  // What came back is checked again against this request: entries a view can hold
+  // (valid_view_entry, where this view places them), kept token ids that continue the
+  // prompt (the last block's at least in part), and the request's own keys digests at
+  // the view's positions (when it gave them). The payloads were verified by the tier
+  // against their records (remote_tier::fetch's contract); their checksums come back
+  // with them, so no second pass over the bytes.
   std::uint32_t keep = 0;
-  const std::uint64_t start = std::uint64_t(first) * tpb;
+  const std::uint64_t start = first ? held_end[first - 1] : 0;
   std::uint64_t pos = start, reach = start;
   for (; keep < got; ++keep) {
     const remote_block& r = blocks[keep];
-    if (r.tokens == 0 || r.tokens > tpb || r.view_count == 0 || r.view_first >= r.tokens ||
-        r.view_count > r.tokens - r.view_first || pos > std::uint64_t(r.index) * tpb + r.view_first ||
-        (r.index == 0) != r.previous.is_zero())
-      break;
+    if (!valid_view_entry(r, pos, tpb, r.tokens < tpb)) break;
     std::uint32_t same = r.view_count;  // kept tokens that are the prompt's
     if (!whole_history) {
       const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb + r.view_first, r.view_count);
       const std::size_t limit = std::min<std::size_t>(r.view_count, prompt.size() - std::min(pos, prompt.size()));
       same = 0;
       while (same < limit && t[same] == prompt[pos + same]) ++same;
+      if (same == 0) break;
       const hash128 digest =
           keys.empty() ? hash128{} : detail::block_keys_at(keys, std::int64_t(pos) - r.view_first, r.tokens);
-      if (same == 0 || !(r.keys == digest)) break;
+      if (keys_known && !(r.keys == digest)) break;
     }
     reach = pos + same;
     pos += r.view_count;
@@ -99,6 +99,11 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   }
   // Worth taking only when it covers more of the prompt than what this store holds.
   if (!whole_history && reach <= matched) keep = 0;
+  // Blocks in place (each at its entry's index, as one save writes them) are numbered as
+  // one put of blocks [first, first + keep); a view's moved blocks each as a put of its
+  // own, so every block's SSD header stays one recovery and reads accept.
+  bool one_put = true;
+  for (std::uint32_t i = 0; i < keep; ++i) one_put = one_put && blocks[i].index == first + i;
   std::uint32_t head = no_slot, tail = no_slot, made = 0;
   const std::uint64_t put_id = keep ? sequence_.fetch_add(keep, std::memory_order_relaxed) : 0;
   pos = start;
@@ -116,9 +121,9 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
     m.view_count = r.view_count;
     m.shift = std::int64_t(pos) - std::int64_t(r.view_first) - std::int64_t(m.saved_pos);
     m.dram_slot = slots[made];
-    m.sequence = put_id + made;  // numbered as one put of blocks [first, first + made)
-    m.put_first_block = first;
-    m.put_blocks = keep;
+    m.sequence = put_id + made;
+    m.put_first_block = one_put ? first : r.index;
+    m.put_blocks = one_put ? keep : 1;
     m.published = true;
     s.append(head, tail, b);
     pos += r.view_count;

@@ -260,7 +260,7 @@ TEST_CASE("store remote: a truncated view is served on another node at its moved
   prompt.insert(prompt.end(), more.begin(), more.end());
   REQUIRE(a.kv->put(key, prompt, 4, make_blocks(bb, 32, 4, 2)) == errc::ok);
   a.settle();
-  CHECK(a.kv->stats().remote_publishes == 2);
+  CHECK(a.kv->stats().remote_publishes == 3);  // the save, the cut (its manifest), the next save
   const std::vector<piece> view = {{31, 0, 0, 5, 0, 0},     {31, 2, 5, 27, 5, -64},  {31, 3, 0, 32, 32, -64},
                                    {31, 4, 0, 32, 64, -64}, {31, 5, 0, 32, 96, -64}, {32, 4, 0, 32, 128, 0},
                                    {32, 5, 0, 8, 160, 0}};
@@ -269,6 +269,20 @@ TEST_CASE("store remote: a truncated view is served on another node at its moved
   // cluster, every piece at its place, moved as on A.
   served_view(*b.kv, key, prompt, view);
   CHECK(b.kv->stats().remote_blocks_fetched == 7);
+  // Fetched moved blocks go to SSD and come back like any (their headers are ones reads
+  // and recovery accept: each a put of its own).
+  REQUIRE(b.kv->demote(key) == errc::ok);
+  served_view(*b.kv, key, prompt, view);
+  CHECK(b.kv->stats().blocks_served_ssd == 7);
+  CHECK(b.kv->stats().checksum_failures == 0);
+  // A node that holds the view the tier has reads no block of it again: the next turn's
+  // prompt (the view and new tokens) is answered from its own DRAM.
+  auto next_prompt = prompt;
+  next_prompt.push_back(7);
+  const auto blocks_read = a.remote->tier().stats().block_hits;
+  served_view(*a.kv, key, std::span(next_prompt).first(prompt.size()), view);
+  CHECK(a.kv->lookup(key, next_prompt).tokens == prompt.size());
+  CHECK(a.remote->tier().stats().block_hits == blocks_read);
   // A load of whole blocks cannot place it (store::get refuses a truncated view), on B as on A.
   std::vector<std::byte> out(6 * bb);
   CHECK(b.kv->get(key, prompt, 0, 6, out).status == errc::unsupported);
@@ -320,6 +334,11 @@ TEST_CASE("store remote: a node truncates a session it never held; the nodes beh
   const auto fetched = a.kv->stats().remote_blocks_fetched;
   served_view(*a.kv, key, prompt, view);
   CHECK(a.kv->stats().remote_blocks_fetched - fetched == 4);  // block 0 is its own
+  // The fetched blocks, saved at indexes 5-7 and 4, go to SSD and come back: each has a
+  // header reads accept (numbered as one put of blocks 1-4, blocks 5-7 had none).
+  REQUIRE(a.kv->demote(key) == errc::ok);
+  served_view(*a.kv, key, prompt, view);
+  CHECK(a.kv->stats().checksum_failures == 0);
   // A truncation of a history no node has is not_found; a stale one is refused.
   CHECK(c.kv->truncate({"acme", unique("none")}, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::not_found);
   CHECK(c.kv->truncate(key, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::invalid_argument);

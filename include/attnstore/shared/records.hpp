@@ -245,10 +245,9 @@ struct manifest_limits {
 [[nodiscard]] shared_status build_view_blocks(session_manifest& m, const model_id& model,
                                               std::span<const remote_block> blocks) noexcept;
 
-/// Whether m.blocks (chains computed) describe a view: counts against m.tokens (every block
-/// full but the last), a kept range of at least one token inside each block, a block saved
-/// at 0 after nothing and every other after something, and no block further along than it
-/// was saved (truncation only moves tokens back). ok or invalid_argument.
+/// Whether m.blocks describe a view: their token counts against m.tokens, and every entry
+/// one valid_view_entry (remote_tier.hpp) accepts where the view places it. ok or
+/// invalid_argument.
 [[nodiscard]] shared_status check_view(const session_manifest& m) noexcept;
 
 /// Size of m's record.

@@ -24,7 +24,7 @@ class store_remote final : public remote_tier {
   ~store_remote() override;
 
   remote_session identify(const session_key& key) const noexcept override;
-  remote_found fetch(const remote_session& session, std::span<const token_id> prompt, std::span<const hash128> held,
+  remote_found fetch(const remote_session& session, std::span<const token_id> prompt, const remote_held& held,
                      const remote_fetch& out) noexcept override;
   errc publish(const remote_session& session, std::span<const token_id> tokens, std::span<const remote_block> blocks,
                std::span<const std::byte* const> payloads) noexcept override;
