@@ -16,6 +16,7 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -85,7 +86,9 @@ struct view {
   }
 };
 
-// The seed of a block saved after pieces [0, n) of `v`, ending at token `end` of `prompt`.
+// The seed of a block saved after pieces [0, n) of `v`, ending at token `end` of `prompt`:
+// a function of its context only (every piece before it, the blocks of its own save
+// included, and the tokens), however the saves were split, as an engine's KV is.
 std::uint64_t saved_seed(const view& v, std::size_t n, std::span<const token_id> prompt, std::size_t end) {
   return v.straight(n) ? prefix_seed(prompt, end) : mix(v.digest(n) ^ prefix_seed(prompt, end));
 }
@@ -142,18 +145,21 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
   std::mt19937_64 rng(seed);
   auto rnd = [&](std::uint64_t n) { return std::uint64_t(rng() % n); };
   temp_dir root("remote-model");
+  // Sessions and the model under a fresh name per run (the cluster outlives a run).
+  const std::string run = std::to_string(std::chrono::steady_clock::now().time_since_epoch().count());
   std::vector<node> nodes(3);
   for (std::size_t i = 0; i < nodes.size(); ++i) {
     nodes[i].dir = root.str() + "/node" + std::to_string(i);
     nodes[i].cfg = small_config(nodes[i].dir, 24, 48);  // small: demotion and eviction happen
-    // A model of its own: blocks are content-addressed by (model, chain), and other tests
-    // on the cluster store other bytes for some of the same tokens under "test-model".
-    nodes[i].cfg.model_name = "remote-model-oracle";
+    // A model of its own, per run: blocks are content-addressed by (model, chain), and the
+    // cluster keeps the first bytes written for a chain: other tests (under "test-model"),
+    // and runs of this one with the same seed but another oracle, store other bytes for
+    // some of the same tokens.
+    nodes[i].cfg.model_name = "remote-model-oracle-" + run;
     nodes[i].open();
   }
   const std::size_t bb = nodes[0].kv->block_bytes();
-  // Sessions: a fresh name per run (the cluster outlives a run); half start with a shared prompt.
-  const std::string run = std::to_string(std::chrono::steady_clock::now().time_since_epoch().count());
+  // Half the sessions start with a shared prompt.
   constexpr int n_sessions = 10;
   std::vector<std::string> names(n_sessions);
   // Per session: its view now, and every version since its last drop (a node may serve an
@@ -267,7 +273,14 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
         if (got[b].tokens < tpb && end < prompt.size()) continue;  // matched in part
         std::vector<std::byte> want(bb);
         fill_block(want, prefix_seed(prompt, end));
-        if (std::memcmp(got[b].payload, want.data(), bb) != 0) ++wrong;
+        if (std::memcmp(got[b].payload, want.data(), bb) != 0) {
+          ++wrong;
+          std::fprintf(
+              stderr,
+              "WRONG straight op %llu node %d session %d block %u of %u tokens %u prompt %zu cur %zu straight %d\n",
+              (unsigned long long)op, n, s, b, g.blocks, got[b].tokens, prompt.size(), v.toks.size(),
+              int(v.straight(v.pieces.size())));
+        }
       }
     } else {
       for (auto it = versions.rbegin(); it != versions.rend() && !source; ++it) {
@@ -288,7 +301,25 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
         }
         if (same) source = &*it;
       }
-      if (!source) ++wrong;
+      if (!source) {
+        ++wrong;
+        std::fprintf(stderr, "WRONG view op %llu node %d session %d served %u pieces, %llu tokens; versions %zu\n",
+                     (unsigned long long)op, n, s, g.blocks, (unsigned long long)g.tokens, versions.size());
+        for (std::uint32_t b = 0; b < g.blocks; ++b)
+          std::fprintf(stderr, "  got %u: first %u tokens %u pos %llu shift %lld\n", b, got[b].first, got[b].tokens,
+                       (unsigned long long)got[b].position, (long long)got[b].shift);
+        const view& last = versions.back();
+        std::size_t pos = 0;
+        for (std::size_t b = 0; b < last.pieces.size(); ++b) {
+          std::vector<std::byte> want(bb);
+          fill_block(want, last.pieces[b].seed);
+          std::fprintf(stderr, "  cur %zu: first %u count %u tokens %u pos %zu shift %lld bytes-eq %d\n", b,
+                       last.pieces[b].first, last.pieces[b].count, last.pieces[b].tokens, pos,
+                       (long long)last.pieces[b].shift,
+                       b < g.blocks ? int(std::memcmp(got[b].payload, want.data(), bb) == 0) : -1);
+          pos += last.pieces[b].count;
+        }
+      }
       ++cut_views_served;
     }
     served_tokens += g.tokens;
@@ -315,12 +346,11 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
       next.toks = prompt;
       next.pieces.assign(loaded.pieces.begin(),
                          loaded.pieces.begin() + std::ptrdiff_t(first ? loaded.pieces.size() : 0));
-      const view& before = first ? loaded : view{};
       std::vector<std::byte> data(std::size_t(blocks - first) * bb);
       for (std::uint32_t b = first; b < blocks; ++b) {
         const std::size_t end = std::min<std::size_t>(prompt.size(), std::size_t(b + 1) * tpb);
         const std::uint32_t n_tokens = std::uint32_t(end - std::size_t(b) * tpb);
-        const std::uint64_t seed = saved_seed(before, before.pieces.size(), prompt, end);
+        const std::uint64_t seed = saved_seed(next, next.pieces.size(), prompt, end);
         fill_block(std::span(data).subspan(std::size_t(b - first) * bb, bb), seed);
         next.pieces.push_back({seed, n_tokens, 0, n_tokens, 0});
       }
