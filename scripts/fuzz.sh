@@ -2,7 +2,7 @@
 # Runs one libFuzzer harness of tests/fuzz for a while.
 #
 #   scripts/fuzz.sh NAME SECONDS [--merge]
-#     NAME     trace_import | safetensors | store_dir  (tests/fuzz/fuzz_NAME.cpp)
+#     NAME     trace_import | safetensors | store_dir | manifest  (tests/fuzz/fuzz_NAME.cpp)
 #     SECONDS  how long to fuzz (libFuzzer -max_total_time); 0 with --merge: only merge
 #              the scratch corpus of earlier runs
 #     --merge  afterwards, add the inputs that reach new code to the committed corpus
@@ -17,7 +17,7 @@
 # Environment: FUZZ_JOBS (build jobs, default nproc), FUZZ_ARGS (more libFuzzer flags).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-usage() { echo "usage: $0 trace_import|safetensors|store_dir SECONDS [--merge]" >&2; exit 2; }
+usage() { echo "usage: $0 trace_import|safetensors|store_dir|manifest SECONDS [--merge]" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 name=$1 seconds=$2 merge=0
 [ "${3:-}" = "--merge" ] && merge=1
