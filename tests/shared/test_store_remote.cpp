@@ -344,6 +344,36 @@ TEST_CASE("store remote: a node truncates a session it never held; the nodes beh
   CHECK(c.kv->truncate(key, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::invalid_argument);
 }
 
+// A node whose DRAM is full, holding 10 blocks of a session, gets the next turn after
+// another node added one block: it makes room for that block only. (It used to reserve
+// room for the whole prompt and 8 more before asking the tier, demoting other sessions
+// and then the very blocks it held.)
+TEST_CASE("store remote: a node behind the tier by one block makes room for one block", "[cluster]") {
+  const auto small_dram = [](store_config& c) { c.dram_bytes = 16 * format::slot_bytes(c.geometry.validated()); };
+  node a("room-a", "test-model", small_dram), b("room-b");
+  const std::size_t bb = a.kv->block_bytes();
+  const std::string name = unique("room"), other = unique("room-other");
+  const session_key key{"acme", name}, filler{"acme", other};
+  const conversation conv{61, 11 * tpb};
+  const auto toks = conv.toks();
+  REQUIRE(a.kv->put(key, std::span(toks).first(10 * tpb), 0, make_blocks(bb, conv.id, 0, 10)) == errc::ok);
+  a.settle();
+  const conversation fill{62, 6 * tpb};
+  REQUIRE(a.kv->put(filler, fill.toks(), 0, fill.data(bb)) == errc::ok);  // DRAM now full
+  REQUIRE(b.kv->lookup(key, toks).tokens == 10 * tpb);
+  REQUIRE(b.kv->put(key, toks, 10, make_blocks(bb, conv.id, 10, 1)) == errc::ok);
+  b.settle();
+  const auto demoted = a.kv->stats().demoted_blocks;
+  const lookup_result r = a.kv->lookup(key, toks);
+  CHECK(r.tokens == toks.size());
+  CHECK(a.kv->stats().remote_blocks_fetched == 1);
+  // The other session (its whole DRAM share, as a victim goes) made the room; the 10
+  // blocks held stay in DRAM.
+  CHECK(r.dram_blocks == 11);
+  CHECK(a.kv->stats().demoted_blocks - demoted <= fill.blocks());
+  CHECK(served(*a.kv, key, conv, toks.size()) == toks.size());
+}
+
 // Two sessions with one history, cut to views of one length that end in the same block
 // (another sink), then given the same next tokens: their next blocks hold different KV.
 // Block records are keyed by chain, so those chains must differ (they continue a digest of
