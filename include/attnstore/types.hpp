@@ -18,6 +18,14 @@ inline constexpr std::uint32_t no_slot = ~0u;
 /// One token id as the engine's tokenizer produced it.
 using token_id = std::uint32_t;
 
+/// How many leading token ids `a` and `b` share.
+constexpr std::size_t common_prefix(std::span<const token_id> a, std::span<const token_id> b) noexcept {
+  const std::size_t n = a.size() < b.size() ? a.size() : b.size();
+  std::size_t i = 0;
+  while (i < n && a[i] == b[i]) ++i;
+  return i;
+}
+
 /// Element type of the stored K and V tensors. `bytes`: rows the engine lays out itself
 /// (quantized KV such as llama.cpp's q8_0 blocks); stored and served as they are, never
 /// re-rotated (a truncated view of them cannot move its keys).

@@ -152,25 +152,22 @@ shared_status build_manifest_blocks(session_manifest& m, const model_id& model,
   if (tpb == 0 || m.tokens.empty()) return shared_status::invalid_argument;
   const std::size_t count = (m.tokens.size() + tpb - 1) / tpb;
   if (!keys.empty() && keys.size() != count) return shared_status::invalid_argument;
+  // The untruncated view of these tokens: every block whole, in place, after the one
+  // before.
+  std::vector<remote_block> blocks;
   try {
-    m.blocks.resize(count);
+    blocks.resize(count);
   } catch (...) {
     return shared_status::error;
   }
   hash128 previous{};
   for (std::size_t i = 0; i < count; ++i) {
-    manifest_block& b = m.blocks[i];
-    b.tokens = std::uint32_t(std::min<std::size_t>(tpb, m.tokens.size() - i * tpb));
-    b.keys = keys.empty() ? hash128{} : keys[i];
-    b.previous = previous;
-    b.index = std::uint32_t(i);
-    b.view_first = 0;
-    b.view_count = b.tokens;
-    b.chain = chain_hash(previous, model, m.tokens_of(i), b.keys);
-    previous = b.chain;
+    const std::uint32_t n = std::uint32_t(std::min<std::size_t>(tpb, m.tokens.size() - i * tpb));
+    const hash128 k = keys.empty() ? hash128{} : keys[i];
+    blocks[i] = remote_block{previous, k, std::uint32_t(i), n, 0, n};
+    previous = chain_hash(previous, model, std::span<const token_id>(m.tokens).subspan(i * tpb, n), k);
   }
-  m.model = model.value;
-  return shared_status::ok;
+  return build_view_blocks(m, model, blocks);
 }
 
 namespace {

@@ -37,13 +37,9 @@ remote_found store_remote::fetch(const remote_session& session, std::span<const 
     for (; end < m.blocks.size(); ++end) {
       const manifest_block& b = m.blocks[end];
       const auto t = m.view_tokens_of(end);
-      std::size_t matched = t.size();
-      if (!prompt.empty()) {
-        const std::size_t limit = std::min(t.size(), prompt.size() - std::min(pos, prompt.size()));
-        matched = 0;
-        while (matched < limit && t[matched] == prompt[pos + matched]) ++matched;
-        if (matched == 0) break;
-      }
+      const std::size_t matched =
+          prompt.empty() ? t.size() : common_prefix(t, prompt.subspan(std::min(pos, prompt.size())));
+      if (matched == 0) break;
       same = same && matched == t.size() && end < held.blocks.size() && b.chain == held.blocks[end].chain &&
              b.index == held.blocks[end].index && b.view_first == held.blocks[end].view_first &&
              b.view_count == held.blocks[end].view_count;

@@ -20,7 +20,6 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   // fetch (a network round trip), never per layer.
   const std::uint32_t tpb = geometry_.tokens_per_block;
   std::vector<remote_held_block> held;
-  std::vector<std::uint64_t> held_end;  // view position after held[i]
   std::uint64_t matched = 0;
   if (s.block_count() > 0) {
     if (s.pins() > 0) return 0;  // a load or save is using its blocks now
@@ -28,10 +27,8 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
         s, model_, prompt,
         [&](const block_match& bm) {
           const block_meta& m = s.meta(bm.block);
-          if (bm.whole && m.tokens == tpb && held.size() == bm.index) {
+          if (bm.whole && m.tokens == tpb && held.size() == bm.index)
             held.push_back({m.chain, std::uint32_t(m.saved_pos / tpb), m.view_first, m.view_count});
-            held_end.push_back(bm.position + m.view_count);
-          }
           return true;
         },
         keys_known ? keys : request_keys{});
@@ -73,17 +70,17 @@ std::uint32_t store::impl::fill_from_remote_locked(locked_session& s, std::span<
   // against their records (remote_tier::fetch's contract); their checksums come back
   // with them, so no second pass over the bytes.
   std::uint32_t keep = 0;
-  const std::uint64_t start = first ? held_end[first - 1] : 0;
+  std::uint64_t start = 0;  // the view position the answer starts at: after the held entries it skipped
+  for (std::uint32_t i = 0; i < first && i < held.size(); ++i) start += held[i].view_count;
   std::uint64_t pos = start, reach = start;
   for (; keep < got; ++keep) {
     const remote_block& r = blocks[keep];
     if (!valid_view_entry(r, pos, tpb, r.tokens < tpb)) break;
     std::uint32_t same = r.view_count;  // kept tokens that are the prompt's
     if (!whole_history) {
-      const auto t = std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb + r.view_first, r.view_count);
-      const std::size_t limit = std::min<std::size_t>(r.view_count, prompt.size() - std::min(pos, prompt.size()));
-      same = 0;
-      while (same < limit && t[same] == prompt[pos + same]) ++same;
+      same = std::uint32_t(
+          common_prefix(std::span<const token_id>(tokens).subspan(std::size_t(keep) * tpb + r.view_first, r.view_count),
+                        prompt.subspan(std::min<std::size_t>(pos, prompt.size()))));
       if (same == 0) break;
       const hash128 digest =
           keys.empty() ? hash128{} : detail::block_keys_at(keys, std::int64_t(pos) - r.view_first, r.tokens);

@@ -209,8 +209,7 @@ std::uint64_t cache_index::match_prompt(locked_session& s, const model_id& model
       // The block differs (an edit), the prompt ends inside it, or the view is
       // truncated: its KV is valid for the tokens before the first difference, since
       // KV of a token depends only on the tokens up to it (and the keys, which match).
-      const std::size_t limit = std::min<std::size_t>(remaining, m.view_count);
-      while (matched < limit && stored[matched] == prompt[pos + matched]) ++matched;
+      matched = std::uint32_t(common_prefix(stored, prompt.subspan(pos)));
     }
     if (matched == 0) break;
     // Past a chain-hash mismatch nothing further can match (untruncated views).
