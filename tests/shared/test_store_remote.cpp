@@ -194,25 +194,6 @@ namespace {
 
 constexpr std::uint32_t tpb = 32;  // test_geometry's
 
-// A cut of `drop` tokens after `sink` of a history of `history` tokens.
-truncation_plan cut(std::size_t history, std::size_t sink, std::size_t drop) {
-  truncation_plan p;
-  p.needed = true;
-  p.history = history;
-  p.sink = sink;
-  p.drop = drop;
-  p.kept = history - drop;
-  p.shift = -std::int64_t(drop);
-  return p;
-}
-
-// `hist` without positions [sink, sink + drop).
-std::vector<token_id> cut_view(const std::vector<token_id>& hist, std::size_t sink, std::size_t drop) {
-  std::vector<token_id> v(hist.begin(), hist.begin() + std::ptrdiff_t(sink));
-  v.insert(v.end(), hist.begin() + std::ptrdiff_t(sink + drop), hist.end());
-  return v;
-}
-
 // One piece of a view as a load must get it: block `block` of make_blocks(session), its
 // tokens [first, first + tokens) at view position `position`, moved by `shift`.
 struct piece {
@@ -253,8 +234,8 @@ TEST_CASE("store remote: a truncated view is served on another node at its moved
   // the turn then saves 40 tokens after the view (blocks 4 and 5 of the view).
   const auto hist = make_tokens(31, 6 * tpb);
   REQUIRE(a.kv->put(key, hist, 0, make_blocks(bb, 31, 0, 6)) == errc::ok);
-  REQUIRE(a.kv->truncate(key, hist, cut(hist.size(), 5, 2 * tpb)) == errc::ok);
-  auto prompt = cut_view(hist, 5, 2 * tpb);
+  REQUIRE(a.kv->truncate(key, hist, explicit_cut(hist.size(), 5, 2 * tpb)) == errc::ok);
+  auto prompt = cut_tokens(hist, 5, 2 * tpb);
   REQUIRE(prompt.size() == 4 * tpb);
   const auto more = make_tokens(32, 40);
   prompt.insert(prompt.end(), more.begin(), more.end());
@@ -316,9 +297,9 @@ TEST_CASE("store remote: a node truncates a session it never held; the nodes beh
   a.settle();
   // The overflowing turn lands on C: the truncation takes the history from the cluster and
   // cuts it there (sink of one whole block, 4 blocks go), then the turn saves after it.
-  REQUIRE(c.kv->truncate(key, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::ok);
+  REQUIRE(c.kv->truncate(key, hist, explicit_cut(hist.size(), tpb, 4 * tpb)) == errc::ok);
   CHECK(c.kv->stats().remote_blocks_fetched == 8);
-  auto prompt = cut_view(hist, tpb, 4 * tpb);
+  auto prompt = cut_tokens(hist, tpb, 4 * tpb);
   const auto more = make_tokens(42, tpb);
   prompt.insert(prompt.end(), more.begin(), more.end());
   REQUIRE(c.kv->put(key, prompt, 4, make_blocks(bb, 42, 4, 1)) == errc::ok);
@@ -340,8 +321,8 @@ TEST_CASE("store remote: a node truncates a session it never held; the nodes beh
   served_view(*a.kv, key, prompt, view);
   CHECK(a.kv->stats().checksum_failures == 0);
   // A truncation of a history no node has is not_found; a stale one is refused.
-  CHECK(c.kv->truncate({"acme", unique("none")}, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::not_found);
-  CHECK(c.kv->truncate(key, hist, cut(hist.size(), tpb, 4 * tpb)) == errc::invalid_argument);
+  CHECK(c.kv->truncate({"acme", unique("none")}, hist, explicit_cut(hist.size(), tpb, 4 * tpb)) == errc::not_found);
+  CHECK(c.kv->truncate(key, hist, explicit_cut(hist.size(), tpb, 4 * tpb)) == errc::invalid_argument);
 }
 
 // A node whose DRAM is full, holding 10 blocks of a session, gets the next turn after
@@ -391,8 +372,8 @@ TEST_CASE("store remote: blocks saved after differently cut views are other reco
     const std::string name = base + std::to_string(sink);
     const session_key key{"acme", name};
     REQUIRE(a.kv->put(key, hist, 0, make_blocks(bb, 51, 0, 6)) == errc::ok);
-    REQUIRE(a.kv->truncate(key, hist, cut(hist.size(), sink, 2 * tpb)) == errc::ok);
-    auto prompt = cut_view(hist, sink, 2 * tpb);
+    REQUIRE(a.kv->truncate(key, hist, explicit_cut(hist.size(), sink, 2 * tpb)) == errc::ok);
+    auto prompt = cut_tokens(hist, sink, 2 * tpb);
     prompt.insert(prompt.end(), next.begin(), next.end());
     REQUIRE(a.kv->put(key, prompt, 4, make_blocks(bb, 60 + sink, 4, 1)) == errc::ok);
     prompts.push_back(prompt);

@@ -96,8 +96,7 @@ std::uint64_t saved_seed(const view& v, std::size_t n, std::span<const token_id>
 // `v` cut as store::truncate cuts it: positions [sink, sink + drop) go.
 view cut_view(const view& v, std::size_t sink, std::size_t drop) {
   view t;
-  t.toks.assign(v.toks.begin(), v.toks.begin() + std::ptrdiff_t(sink));
-  t.toks.insert(t.toks.end(), v.toks.begin() + std::ptrdiff_t(sink + drop), v.toks.end());
+  t.toks = cut_tokens(v.toks, sink, drop);
   std::size_t pos = 0;
   for (piece p : v.pieces) {
     const std::size_t vs = pos, ve = pos + p.count;
@@ -228,15 +227,8 @@ TEST_CASE("store remote model: random turns on random nodes never serve a wrong 
       const std::size_t sink = rnd(2 * tpb + 1);
       const std::size_t drop = tpb * (1 + rnd(std::min<std::size_t>(3, (v.toks.size() - sink) / tpb)));
       if (sink + drop > v.toks.size()) continue;
-      truncation_plan plan;
-      plan.needed = true;
-      plan.history = v.toks.size();
-      plan.sink = sink;
-      plan.drop = drop;
-      plan.kept = plan.history - drop;
-      plan.shift = -std::int64_t(drop);
       // Refused when this node holds another version and the tier has no newer one for it.
-      if (kv.truncate(key, v.toks, plan) == errc::ok) {
+      if (kv.truncate(key, v.toks, explicit_cut(v.toks.size(), sink, drop)) == errc::ok) {
         remember(cut_view(v, sink, drop));
         ++cuts;
       }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attnstore/store.hpp"
+#include "attnstore/truncate.hpp"
 #include "support/kv_data.hpp"
 
 namespace attnstore::testing {
@@ -30,6 +31,26 @@ inline store_config small_config(const std::string& dir, std::size_t dram_blocks
   // calls run_background(); the tests of the thread itself turn it back on.
   c.background_thread = false;
   return c;
+}
+
+// A truncation plan that cuts `drop` tokens (whole blocks) after `sink` of a view of
+// `history` tokens: what plan_truncation gives, with the cut chosen by the test.
+inline truncation_plan explicit_cut(std::size_t history, std::size_t sink, std::size_t drop) {
+  truncation_plan p;
+  p.needed = true;
+  p.history = history;
+  p.sink = sink;
+  p.drop = drop;
+  p.kept = history - drop;
+  p.shift = -std::int64_t(drop);
+  return p;
+}
+
+// `tokens` without positions [sink, sink + drop): the view's tokens after that cut.
+inline std::vector<token_id> cut_tokens(const std::vector<token_id>& tokens, std::size_t sink, std::size_t drop) {
+  std::vector<token_id> v(tokens.begin(), tokens.begin() + std::ptrdiff_t(sink));
+  v.insert(v.end(), tokens.begin() + std::ptrdiff_t(sink + drop), tokens.end());
+  return v;
 }
 
 // A session's whole history: tokens and the blocks holding their KV.

@@ -249,14 +249,7 @@ TEST_CASE("shared prefix: a session that let go of shared blocks does not get th
     const std::size_t bb = s.block_bytes();
     // Session 1 starts over with other tokens (blocks 0-5), then a truncation cuts 2-3.
     REQUIRE(s.put(key_of(1), replaced, 0, make_blocks(bb, 99, 0, 6)) == errc::ok);
-    truncation_plan plan;
-    plan.needed = true;
-    plan.history = replaced.size();
-    plan.sink = 2 * tpb;
-    plan.drop = 2 * tpb;
-    plan.kept = plan.history - plan.drop;
-    plan.shift = -std::int64_t(plan.drop);
-    REQUIRE(s.truncate(key_of(1), replaced, plan) == errc::ok);
+    REQUIRE(s.truncate(key_of(1), replaced, explicit_cut(replaced.size(), 2 * tpb, 2 * tpb)) == errc::ok);
     REQUIRE(s.close() == errc::ok);
   }
   store s(c);
@@ -450,18 +443,8 @@ TEST_CASE("shared prefix: blocks saved after differently truncated views never s
   REQUIRE(s.put(key_of(1), hist, 0, make_blocks(bb, 4242, 0, 6)) == errc::ok);
   REQUIRE(s.put(key_of(2), hist, 0, make_blocks(bb, 4242, 0, 6)) == errc::ok);
   auto cut = [&](std::uint64_t session, std::uint64_t sink) {
-    truncation_plan plan;
-    plan.needed = true;
-    plan.history = hist.size();
-    plan.sink = sink;
-    plan.drop = 2 * tpb;
-    plan.kept = plan.history - plan.drop;
-    plan.shift = -std::int64_t(plan.drop);
-    REQUIRE(s.truncate(key_of(session), hist, plan) == errc::ok);
-    // The view: hist without positions [sink, sink + 2 blocks).
-    std::vector<token_id> view(hist.begin(), hist.begin() + std::ptrdiff_t(sink));
-    view.insert(view.end(), hist.begin() + std::ptrdiff_t(sink + plan.drop), hist.end());
-    return view;
+    REQUIRE(s.truncate(key_of(session), hist, explicit_cut(hist.size(), sink, 2 * tpb)) == errc::ok);
+    return cut_tokens(hist, sink, 2 * tpb);
   };
   // Views of 4 blocks' length, both ending in block 5 of the history.
   auto view1 = cut(1, 0);
